@@ -1,0 +1,130 @@
+"""Decoder-only language model (GPT-2, Llama, Mistral, Qwen2, SmolLM2...), read top to bottom:
+
+    tokens -> embedding (+ learned positions) -> n_layers x Block -> final norm -> LM head -> logits
+
+Variants (norm, MLP, position scheme, biases, GQA, tied head) are `Config` fields.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.nn.attention import AttentionContext, AttentionKernel, KVCache
+from llmkit.nn.block import build_block
+from llmkit.nn.norm import build_norm
+from llmkit.nn.position import alibi_bias, position_inputs, rope_cos_sin
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
+        self.final_norm = build_norm(config)
+        # A tied head reuses embed.weight (GPT-2, SmolLM2): one matrix, no copy to keep in sync.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for name, tensor in position_inputs(config).items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.kernel: AttentionKernel = "sdpa"
+        self.apply(self._init_weights)
+        for name, parameter in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream's
+                # variance does not grow with depth.
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_token_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with `last_token_only`.
+
+        `attention_mask` (B, T) marks real tokens with 1 and left padding with 0. With a `cache`
+        the new tokens are appended to it and attend to everything stored before them.
+        """
+        B, T = input_ids.shape
+        context = self._attention_context(B, T, cache, attention_mask, input_ids.device)
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(context.positions)
+        for block in self.blocks:
+            x = block(x, context)
+        if last_token_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+
+    def _attention_context(
+        self, B: int, T: int, cache: KVCache | None, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> AttentionContext:
+        """Positions, rotary tables and the attention mask for T new tokens, built once per forward."""
+        if attention_mask is not None and attention_mask.shape != (B, T):
+            raise LlmkitError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, tokens) = {(B, T)}")
+        if cache is not None:
+            if cache.batch_size != B:
+                raise LlmkitError(f"KV cache was made for batch size {cache.batch_size}, got a batch of {B}")
+            start, end = cache.reserve(T, attention_mask)
+            valid, padded = cache.valid[:, :end], cache.has_padding
+        else:
+            start, end = 0, T
+            valid = attention_mask.bool() if attention_mask is not None else None
+            padded = valid is not None and not bool(valid.all())
+        if end > self.config.max_seq_len:
+            raise LlmkitError(
+                f"sequence of {end} tokens exceeds {self.config.name}'s context window of {self.config.max_seq_len}; "
+                "shorten the input"
+            )
+        if padded:
+            # Left padding: each row counts positions from its first real token.
+            all_positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        else:
+            all_positions = torch.arange(end, device=device)[None]  # (1, S)
+        positions = all_positions[:, start:end]  # (B or 1, T)
+
+        context = AttentionContext(positions=positions, cache=cache, start=start, kernel=self.kernel)
+        dtype = self.embed.weight.dtype
+        if self.config.position == "rope":
+            context.cos, context.sin = rope_cos_sin(positions, self.inv_freq, dtype)
+
+        needs_mask = padded or self.config.position == "alibi" or (start > 0 and T > 1)
+        if not needs_mask:
+            context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
+            return context
+        query_slots = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+        key_slots = torch.arange(end, device=device)[None]  # (1, S)
+        allowed = (key_slots <= query_slots)[None, None]  # (1, 1, T, S)
+        if valid is not None:
+            # Padding keys are hidden; a padding query still sees itself so no softmax row is empty.
+            allowed = allowed & (valid[:, None, None, :] | (key_slots == query_slots)[None, None])
+        if self.config.position == "alibi":
+            bias = alibi_bias(self.alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
+            context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
+        else:
+            context.mask = allowed
+        return context
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache on this model's device and dtype."""
+        weight = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,150 @@
+"""Causal self-attention for MHA / GQA / MQA with a preallocated KV cache.
+
+attention(Q, K, V) = softmax(Q K^T / sqrt(d) + bias) V  (Vaswani et al. 2017). With grouped-query
+attention (Ainslie et al. 2023) n_kv_heads < n_heads and each key/value head serves
+n_heads / n_kv_heads query heads (n_kv_heads = 1 is multi-query attention).
+
+Two interchangeable kernels: "sdpa" calls `torch.nn.functional.scaled_dot_product_attention`
+(FlashAttention / memory-efficient kernels on GPU, a fused kernel on CPU); "reference" writes
+the softmax out by hand, for reading and for testing the fast path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.nn.position import apply_rope
+
+AttentionKernel = Literal["sdpa", "reference"]
+
+
+class KVCache:
+    """Keys and values of every layer in fixed-size buffers (B, n_kv_heads, max_len, head_dim).
+
+    Preallocated once, so decoding writes in place and never reallocates. `valid[b, s]` marks
+    which slots hold real tokens (False for left padding), `length` is the number of slots filled.
+    """
+
+    def __init__(
+        self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        if max_len > config.max_seq_len and config.position == "learned":
+            raise LlmkitError(
+                f"KV cache of {max_len} tokens exceeds {config.name}'s {config.max_seq_len} learned positions; "
+                "ask for fewer tokens"
+            )
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    def reserve(self, n_tokens: int, attention_mask: torch.Tensor | None) -> tuple[int, int]:
+        """Claim the next `n_tokens` slots (recording their padding mask); returns (start, end)."""
+        start, end = self.length, self.length + n_tokens
+        if end > self.max_len:
+            raise LlmkitError(
+                f"KV cache is full: {start} tokens stored + {n_tokens} new > {self.max_len} slots; "
+                "create the cache with a larger max_len or generate fewer tokens"
+            )
+        if attention_mask is not None:
+            self.valid[:, start:end] = attention_mask.bool()
+            self.has_padding = self.has_padding or not bool(attention_mask.all())
+        self.length = end
+        return start, end
+
+    def store(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values (B, n_kv, T, D) at slots start..start+T; return all filled slots."""
+        end = start + keys.shape[2]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs shared by every layer: rotary tables, mask or bias, cache slots."""
+
+    positions: torch.Tensor | None = None  # (B or 1, T) position of each new token
+    cos: torch.Tensor | None = None  # (B, 1, T, D)
+    sin: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # bool (B, 1, T, S): True = may attend; or float additive bias (B, H, T, S)
+    is_causal: bool = False  # plain causal attention over the T new tokens, no mask tensor needed
+    cache: KVCache | None = None
+    start: int = 0  # cache slot of the first new token
+    kernel: AttentionKernel = "sdpa"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/o projections (names match Llama checkpoints)."""
+
+    def __init__(self, config: Config, layer_index: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.layer_index = layer_index
+        self.q_proj = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
+
+    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if context.cos is not None:
+            q = apply_rope(q, context.cos, context.sin)
+            k = apply_rope(k, context.cos, context.sin)
+        if context.cache is not None:
+            k, v = context.cache.store(self.layer_index, context.start, k, v)  # (B, Hkv, S, D)
+        if context.kernel == "reference":
+            y = reference_attention(q, k, v, context.mask, context.is_causal)
+        else:
+            y = sdpa_attention(q, k, v, context.mask, context.is_causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """Fused attention. q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    if n_kv != H and mask is None and not is_causal:
+        # Every query sees every key (one-token decode): fold each query group into the time axis
+        # so the kernel reads each shared key/value head once, without materialising copies.
+        group = H // n_kv
+        y = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, D), k, v)  # (B, Hkv, G*T, D)
+        return y.view(B, H, T, D)
+    if n_kv != H:
+        k = k.repeat_interleave(H // n_kv, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(H // n_kv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V written out; same shapes as `sdpa_attention`."""
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / D**0.5  # (B, H, T, S)
+    if is_causal:
+        S = k.shape[2]
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return (scores.softmax(dim=-1).to(v.dtype)) @ v
