@@ -41,6 +41,16 @@ class Decoder(nn.Module):
                 # variance does not grow with depth.
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
+        module = super()._apply(fn, recurse)
+        self.reset_position_buffers()  # `model.to(torch.bfloat16)` must never round RoPE frequencies
+        return module
+
+    def reset_position_buffers(self) -> None:
+        """Rebuild the position tables (derived from the config) in float32 on the weights' device."""
+        for name, tensor in position_inputs(self.config).items():
+            setattr(self, name, tensor.to(self.embed.weight.device))
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

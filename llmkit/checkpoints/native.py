@@ -1,0 +1,54 @@
+"""llmkit's own checkpoint directory: config.json (a `Config`), model.safetensors, tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_KEY = "llmkit_format"  # stored in the safetensors metadata, marks files llmkit wrote
+FORMAT_VERSION = "1"
+
+
+def is_native_dir(path: Path) -> bool:
+    """A directory whose config.json is an llmkit Config (not a Hugging Face config)."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "d_model" in data and "model_type" not in data
+
+
+def save_native(config: Config, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+    """Write config.json and model.safetensors into `out_dir`, each atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={FORMAT_KEY: FORMAT_VERSION}))
+    config.save(out_dir / CONFIG_FILE)
+
+
+def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Read an llmkit checkpoint directory; errors name the file and the fix."""
+    path = Path(path)
+    config = Config.load(path / CONFIG_FILE)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise LlmkitError(f"{weights} is missing; the checkpoint directory is incomplete (re-save or re-convert it)")
+    try:
+        state_dict = load_file(str(weights))
+    except (SafetensorError, OSError) as error:
+        raise LlmkitError(f"{weights} is not a readable safetensors file ({error}); re-save or re-convert it") from None
+    return config, state_dict
