@@ -36,7 +36,8 @@ def save_native(config: Config, state_dict: dict[str, torch.Tensor], out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
-    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={FORMAT_KEY: FORMAT_VERSION}))
+    metadata = {FORMAT_KEY: FORMAT_VERSION}
+    atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     config.save(out_dir / CONFIG_FILE)
 
 

@@ -1,0 +1,71 @@
+"""The `llmkit` command: help texts, readable errors, and the verbs end to end."""
+
+import pytest
+import torch
+
+from llmkit.checkpoints import default_model_path, load_model
+from llmkit.cli import COMMANDS, main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("verb", sorted(COMMANDS))
+def test_every_verb_has_help_with_an_example(capsys, verb):
+    code, out, _ = run_cli(capsys, verb, "--help")
+    assert code == 0
+    assert "Example:" in out and f"llmkit {verb}" in out
+
+
+def test_info_on_a_preset(capsys):
+    code, out, _ = run_cli(capsys, "info", "--model", "gpt2")
+    assert code == 0
+    assert "124,439,808" in out and "learned" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("info", "--model", "no/such/dir"), "no/such/dir does not exist"),
+        (("generate", "--prompt", "[hi]", "--model", "README.md"), "is a file but not a .gguf file"),
+        (("convert", "--source", "tests", "--out", "x"), "holds no config.json"),
+        (("generate", "--prompt", "[hi]", "--device", "cuda:0"), "CUDA is not available"),
+    ],
+)
+def test_bad_input_prints_one_line_and_exits_2(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA error must show on GPU machines too
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_chat_answers_a_factual_question(capsys):
+    code, out, _ = run_cli(capsys, "chat", "--message", "What is the capital of France?", "--max_new_tokens", "30")
+    assert code == 0
+    assert "Paris" in out
+
+
+@pytest.mark.slow
+def test_convert_gguf_to_native_and_hf(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "convert", "--source", str(default_model_path()), "--out", str(tmp_path / "native"))
+    assert code == 0 and "134,515,008 parameters" in out
+    code, _, _ = run_cli(capsys, "convert", "--source", str(tmp_path / "native"), "--out", str(tmp_path / "hf"),
+                         "--to", "hf")
+    assert code == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "native")
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "hf")("The weather today is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        # same fp32 weights in both; 1e-3 covers summation-order differences over 30 layers
+        assert (reference(tokens).logits - ours(tokens)).abs().max() < 1e-3
