@@ -1,0 +1,467 @@
+"""Tokenizer: a Hugging Face `tokenizers` byte-level BPE plus the model's rules (BOS, stop tokens, chat template).
+
+The `tokenizers` library does the BPE; llmkit builds its pipeline from a GGUF file's metadata the way llama.cpp
+reads it (`tokenizer.ggml.pre` picks the pre-tokenizer regexes) or loads a Hugging Face `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.models import BPE
+
+from llmkit.errors import LlmkitError
+from llmkit.io import atomic_write_text
+
+# Hugging Face tokenizer directory files.
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+# GGUF metadata keys (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md, "Tokenizer").
+GGUF_MODEL = "tokenizer.ggml.model"
+GGUF_PRE = "tokenizer.ggml.pre"
+GGUF_TOKENS = "tokenizer.ggml.tokens"
+GGUF_MERGES = "tokenizer.ggml.merges"
+GGUF_TOKEN_TYPE = "tokenizer.ggml.token_type"
+GGUF_BOS_ID = "tokenizer.ggml.bos_token_id"
+GGUF_EOS_ID = "tokenizer.ggml.eos_token_id"
+GGUF_UNK_ID = "tokenizer.ggml.unknown_token_id"
+GGUF_PAD_ID = "tokenizer.ggml.padding_token_id"
+GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
+GGUF_CHAT_TEMPLATE = "tokenizer.chat_template"
+GGUF_BYTE_LEVEL_BPE = "gpt2"
+GGUF_TOKEN_TYPE_CONTROL = 3  # special tokens (<|im_start|>): matched in text, skipped by skip_special_tokens
+GGUF_TOKEN_TYPE_USER_DEFINED = 4  # added tokens: matched in text, kept when decoding
+
+# Pre-tokenizer regexes, as llama.cpp's llm_tokenizer_bpe uses them (src/llama-vocab.cpp).
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+# llama.cpp's "default" pre-type applies these in turn, each splitting the pieces of the previous one.
+DEFAULT_REGEXES = (r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]")
+
+# tokenizer.ggml.pre value -> pre-tokenizer family (the names llama.cpp maps to the same regexes).
+PRE_FAMILIES = {
+    "default": "default",
+    "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    "smollm": "smollm", "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3",
+    "qwen2": "qwen2", "stablelm2": "qwen2", "deepseek-r1-qwen": "qwen2",
+}  # fmt: skip
+
+# Token texts llama.cpp treats as end of generation wherever they are in the vocabulary (llama-vocab.cpp).
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>",
+    "<|end_of_text|>", "<end_of_utterance>",
+)  # fmt: skip
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+
+
+class Tokenizer:
+    """A BPE tokenizer with the model's BOS rule, stop tokens and chat template."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend  # the `tokenizers.Tokenizer` doing the work
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos  # whether encode() prepends BOS by default (the model's rule)
+        self.chat_template = chat_template
+        if add_bos and bos_id is None:
+            raise LlmkitError("add_bos=True but the tokenizer has no BOS token: pass bos_id or add_bos=False")
+
+    # ---- loading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a .gguf file or a Hugging Face directory with tokenizer.json."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_dir(path)
+        return cls.from_gguf(path)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Build the tokenizer a GGUF file describes (byte-level BPE, 'gpt2' model) as llama.cpp would."""
+        path = _existing(path)
+        if path.is_dir():
+            raise LlmkitError(f"{path} is a directory, not a GGUF file: use Tokenizer.from_dir for a HF directory")
+        fields = _read_gguf_tokenizer_fields(path)
+
+        def required(key: str) -> Any:
+            if key not in fields:
+                raise LlmkitError(f"{path} has no '{key}' metadata: it is not a GGUF file with a tokenizer")
+            return fields[key]
+
+        tokenizer_model = required(GGUF_MODEL)
+        if tokenizer_model != GGUF_BYTE_LEVEL_BPE:
+            raise LlmkitError(
+                f"{path}: {GGUF_MODEL} = '{tokenizer_model}' is not supported; llmkit reads byte-level BPE ('gpt2') "
+                "tokenizers: use the model's Hugging Face tokenizer.json with Tokenizer.from_dir instead"
+            )
+        tokens: list[str] = required(GGUF_TOKENS)
+        merges = [tuple(merge.split(" ", 1)) for merge in required(GGUF_MERGES)]
+        token_types = fields.get(GGUF_TOKEN_TYPE, [1] * len(tokens))
+        pre_tokenizer, ignore_merges, pre_adds_bos = _pre_tokenizer(fields.get(GGUF_PRE, "default"), path)
+
+        vocab: dict[str, int] = {}
+        for token_id, token in enumerate(tokens):
+            vocab.setdefault(token, token_id)
+        try:
+            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False)
+        except Exception as error:  # a merge naming a token missing from the vocabulary
+            raise LlmkitError(f"{path}: {GGUF_MERGES} do not fit {GGUF_TOKENS} ({error}): the file is damaged") from error
+        backend = BackendTokenizer(bpe)
+        backend.pre_tokenizer = pre_tokenizer
+        backend.decoder = decoders.ByteLevel()
+        control = [_added(tokens[i]) for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_CONTROL]
+        user_defined = [_added(tokens[i], False) for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_USER_DEFINED]
+        backend.add_special_tokens(control)
+        backend.add_tokens(user_defined)
+
+        bos_id = fields.get(GGUF_BOS_ID)
+        add_bos = bool(fields.get(GGUF_ADD_BOS, pre_adds_bos)) and bos_id is not None
+        _sync_post_processor(backend, add_bos, bos_id)
+        eos_id, pad_id, chat_template = fields.get(GGUF_EOS_ID), fields.get(GGUF_PAD_ID), fields.get(GGUF_CHAT_TEMPLATE)
+        return cls(backend, bos_id, eos_id, pad_id, add_bos, chat_template)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load a Hugging Face tokenizer directory: tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+        path = _existing(path)
+        if not path.is_dir():
+            raise LlmkitError(f"{path} is not a directory: pass the directory holding {TOKENIZER_FILE}")
+        tokenizer_file = path / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise LlmkitError(
+                f"{path} has no {TOKENIZER_FILE}: pass a Hugging Face tokenizer directory (one saved by "
+                "save_pretrained or Tokenizer.save), or a .gguf file to Tokenizer.from_gguf"
+            )
+        try:
+            backend = BackendTokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # tokenizers raises a bare Exception on bad JSON
+            raise LlmkitError(
+                f"{tokenizer_file} is not a valid tokenizer file ({error}): save the tokenizer again"
+            ) from error
+        config = _read_json(path / TOKENIZER_CONFIG_FILE)
+        special_map = _read_json(path / SPECIAL_TOKENS_MAP_FILE)
+
+        def token_id(name: str) -> int | None:
+            text = _token_text(config.get(name, special_map.get(name)))
+            if text is None:
+                return None
+            found = backend.token_to_id(text)
+            if found is None:
+                raise LlmkitError(
+                    f"{path}: {name} '{text}' is not in {TOKENIZER_FILE}'s vocabulary: fix {TOKENIZER_CONFIG_FILE}"
+                )
+            return found
+
+        bos_id = token_id("bos_token")
+        if "add_bos_token" in config:
+            add_bos = bool(config["add_bos_token"]) and bos_id is not None
+        else:  # no explicit rule: BOS is added when the post-processor adds it
+            add_bos = bos_id is not None and _post_processor_adds(backend, bos_id)
+        template_file = path / CHAT_TEMPLATE_FILE
+        if template_file.is_file():
+            chat_template = template_file.read_text(encoding="utf-8")
+        else:
+            chat_template = _template_text(config.get("chat_template"))
+        return cls(backend, bos_id, token_id("eos_token"), token_id("pad_token"), add_bos, chat_template)
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json that llmkit and transformers both load to the same ids."""
+        path = Path(path)
+        backend = BackendTokenizer.from_str(self.backend.to_str())  # a copy: saving leaves self unchanged
+        _sync_post_processor(backend, self.add_bos, self.bos_id)
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # decode must give back the text exactly
+        }
+        for name, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            config[name] = None if token_id is None else self.id_to_token(token_id)
+        config["chat_template"] = self.chat_template
+        atomic_write_text(path / TOKENIZER_FILE, backend.to_str())
+        atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        template_file = path / CHAT_TEMPLATE_FILE
+        if template_file.exists():  # an older template file would win over the config on loading
+            if self.chat_template is None:
+                template_file.unlink()
+            else:
+                atomic_write_text(template_file, self.chat_template)
+
+    # ---- vocabulary ----------------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of special (control) tokens: the ones decode(skip_special_tokens=True) drops."""
+        return {token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special}
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """EOS plus end-of-turn tokens (<|im_end|>, <|eot_id|>, ...): generation stops at any of them."""
+        found = {self.backend.token_to_id(text) for text in END_OF_TURN_TOKENS}
+        return {token_id for token_id in found | {self.eos_id} if token_id is not None}
+
+    # ---- encoding and decoding -----------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; BOS first when `add_bos` (default: the model's rule `self.add_bos`)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._with_bos(ids, add_bos)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
+        """encode() of each text, run in parallel by the library."""
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [self._with_bos(encoding.ids, add_bos) for encoding in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; incomplete UTF-8 at the end shows as U+FFFD (use StreamDecoder while generating)."""
+        ids = [int(token_id) for token_id in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(token_id for token_id in ids if not 0 <= token_id < self.vocab_size)
+            raise LlmkitError(
+                f"token id {bad} is outside the vocabulary ({self.vocab_size} tokens): "
+                "the ids come from a different model or the logits cover padding rows; slice them to vocab_size"
+            )
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
+        add = self.add_bos if add_bos is None else add_bos
+        if not add:
+            return list(ids)
+        if self.bos_id is None:
+            raise LlmkitError("add_bos=True but this tokenizer has no BOS token: call encode with add_bos=False")
+        return [self.bos_id, *ids]
+
+    # ---- chat ----------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
+        """Render `messages` ([{'role': ..., 'content': ...}]) with the model's jinja chat template."""
+        if self.chat_template is None:
+            raise LlmkitError(
+                "this tokenizer has no chat template: pass one (Tokenizer.chat_template = '...jinja...') "
+                "or use generate with a plain prompt"
+            )
+        for index, message in enumerate(messages):
+            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+                raise LlmkitError(
+                    f"message {index} ({message!r:.80}) needs 'role' and 'content' keys, "
+                    "e.g. {'role': 'user', 'content': 'Hello'}"
+                )
+        special = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        variables = {name: self.id_to_token(i) for name, i in special.items() if i is not None}
+        variables.update(template_kwargs)
+        template = _compile_template(self.chat_template)
+        try:
+            return template.render(
+                messages=[dict(message) for message in messages],
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as error:
+            raise LlmkitError(f"the chat template failed on these messages: {error}") from error
+
+
+class StreamDecoder:
+    """Turn token ids fed one at a time into text pieces that never end in half a UTF-8 character.
+
+    Byte-level BPE can split one character (an emoji, a CJK ideograph) over several tokens; a piece is
+    released only once its text no longer ends in U+FFFD. Joined, the pieces equal decode(all ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] were already printed; decoded again for context
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new complete text ('' while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Return whatever is left (invalid bytes show as U+FFFD, as in decode) and start over."""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        rest = self._decode(self.ids[self.prefix_offset :])[len(prefix_text) :]
+        self.ids, self.prefix_offset, self.read_offset = [], 0, 0
+        return rest
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def stream_decode(tokenizer: Tokenizer, ids: Iterable[int], skip_special_tokens: bool = False) -> Iterator[str]:
+    """Yield the non-empty text pieces of `ids` as they complete (StreamDecoder over an iterable)."""
+    decoder = StreamDecoder(tokenizer, skip_special_tokens)
+    for token_id in ids:
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise LlmkitError(
+            f"tokenizer not found: {path}: pass a .gguf file or a Hugging Face directory with {TOKENIZER_FILE}"
+        )
+    return path
+
+
+def _read_gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` metadata of a GGUF file as Python values."""
+    try:
+        reader = gguf.GGUFReader(path)
+        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    except Exception as error:  # gguf raises ValueError, struct.error, IndexError... on a bad file
+        raise LlmkitError(
+            f"{path} is not a readable GGUF file ({type(error).__name__}: {error}): "
+            "download it again or pass a Hugging Face directory with tokenizer.json"
+        ) from error
+
+
+def _pre_tokenizer(pre: str, path: Path) -> tuple[pre_tokenizers.PreTokenizer, bool, bool]:
+    """(pre-tokenizer, ignore_merges, adds BOS by default) for a GGUF `tokenizer.ggml.pre` value."""
+    family = PRE_FAMILIES.get(pre)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+    def splits(*regexes: str) -> pre_tokenizers.PreTokenizer:
+        parts = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes]
+        return pre_tokenizers.Sequence([*parts, byte_level])
+
+    if family == "gpt2":  # ByteLevel's own regex is GPT-2's
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), False, False
+    if family == "smollm":  # each digit on its own, then GPT-2's regex
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)]), False, False
+    if family == "llama3":  # llama.cpp: whole words found in the vocab skip merging, BOS added
+        return splits(LLAMA3_REGEX), True, True
+    if family == "qwen2":
+        return splits(QWEN2_REGEX), False, False
+    if family == "default":
+        return splits(*DEFAULT_REGEXES), False, False
+    raise LlmkitError(
+        f"{path}: {GGUF_PRE} = '{pre}' is not a pre-tokenizer llmkit knows (known: {', '.join(sorted(PRE_FAMILIES))}): "
+        "use the model's Hugging Face tokenizer.json with Tokenizer.from_dir"
+    )
+
+
+def _sync_post_processor(backend: BackendTokenizer, add_bos: bool, bos_id: int | None) -> None:
+    """Make the post-processor add BOS exactly when `add_bos`, so loaders of tokenizer.json get llmkit's ids."""
+    if add_bos == (bos_id is not None and _post_processor_adds(backend, bos_id)):
+        return
+    if add_bos:
+        bos = backend.id_to_token(bos_id)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+
+def _added(content: str, special: bool = True) -> AddedToken:
+    return AddedToken(content, special=special, normalized=False)
+
+
+def _post_processor_adds(backend: BackendTokenizer, token_id: int) -> bool:
+    """Whether the post-processor puts `token_id` in front of an encoding (e.g. Llama 3's TemplateProcessing)."""
+    with_special = backend.encode("a", add_special_tokens=True).ids
+    return len(with_special) > len(backend.encode("a", add_special_tokens=False).ids) and with_special[0] == token_id
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LlmkitError(f"{path} is not valid JSON ({error}): fix or delete it") from error
+    if not isinstance(data, dict):
+        raise LlmkitError(f"{path} should hold a JSON object: fix or delete it")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token in tokenizer_config.json is a string or an AddedToken dict with 'content'."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_text(value: Any) -> str | None:
+    """tokenizer_config.json's chat_template is a string or a list of {'name', 'template'}; take 'default'."""
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, Mapping)}
+        return named.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _raise_template_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+    # Like transformers: no HTML escaping (jinja's own tojson would turn '<' into '\u003c').
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template in a sandbox with the settings transformers uses, so both render alike."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_exception
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise LlmkitError(f"the chat template is not valid jinja (line {error.lineno}: {error.message})") from error
