@@ -234,12 +234,38 @@ def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep
 COMMANDS = {"chat": chat, "generate": generate, "convert": convert, "info": info}
 
 
+def build_parser():  # noqa: ANN201 (jsonargparse.ArgumentParser, imported lazily)
+    """One sub-command per verb; each verb's docstring (with its example) is its `--help` text."""
+    import inspect
+
+    from jsonargparse import ArgumentParser
+    from jsonargparse import DefaultHelpFormatter as Formatter
+
+    class HelpFormatter(Formatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:  # keep the examples' line breaks
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    parser = ArgumentParser(
+        prog="llmkit", formatter_class=HelpFormatter, description="llmkit: build, load, run and convert language models."
+    )
+    verbs = parser.add_subcommands(dest="verb")
+    for name, function in COMMANDS.items():
+        doc = inspect.getdoc(function) or ""
+        description = doc.split("\n\nArgs:")[0]
+        verb = ArgumentParser(description=description, formatter_class=HelpFormatter)
+        verb.add_function_arguments(function, as_positional=False)
+        verbs.add_subcommand(name, verb, help=description.splitlines()[0])
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run one verb; a bad input prints one line and exits with status 2."""
-    from jsonargparse import auto_cli
-
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    verb = arguments.verb
+    options = {key: value for key, value in vars(arguments[verb]).items() if key not in ("config", "__path__")}
     try:
-        auto_cli(COMMANDS, args=argv, as_positional=False)
+        COMMANDS[verb](**options)
     except LlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
