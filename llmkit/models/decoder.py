@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.attention import AttentionContext, AttentionKernel, KVCache
 from llmkit.nn.block import build_block
+from llmkit.nn.linear import Linear, linear
 from llmkit.nn.norm import build_norm
 from llmkit.nn.position import alibi_bias, position_inputs, rope_cos_sin
 
@@ -30,7 +30,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config)
         # A tied head reuses embed.weight (GPT-2, SmolLM2): one matrix, no copy to keep in sync.
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         for name, tensor in position_inputs(config).items():
             self.register_buffer(name, tensor, persistent=False)
         self.kernel: AttentionKernel = "sdpa"
@@ -80,7 +80,7 @@ class Decoder(nn.Module):
         if last_token_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
     def _attention_context(
         self, B: int, T: int, cache: KVCache | None, attention_mask: torch.Tensor | None, device: torch.device

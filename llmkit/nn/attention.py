@@ -20,6 +20,7 @@ from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.nn.linear import Linear
 from llmkit.nn.position import apply_rope
 
 AttentionKernel = Literal["sdpa", "reference"]
@@ -92,10 +93,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.layer_index = layer_index
-        self.q_proj = nn.Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_dim, config.d_model, bias=config.out_bias)
+        self.q_proj = Linear(config.d_model, config.q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(config.q_dim, config.d_model, bias=config.out_bias)
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.config import Config
+from llmkit.nn.linear import Linear
 
 
 class GeluMLP(nn.Module):
@@ -14,8 +15,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,9 +28,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.gate_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
