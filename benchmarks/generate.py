@@ -24,19 +24,17 @@ PROMPT_FILE = Path(__file__).resolve().parents[1] / "../shared/data/tinyshakespe
 
 
 def measure_bandwidth(threads: int) -> float:
-    """Memory read bandwidth in bytes/s: best of 5 sums over a 1 GiB float32 tensor."""
+    """Memory read bandwidth in bytes/s: median of 7 sums over a 1 GiB float32 tensor."""
     torch.set_num_threads(threads)
     x = torch.ones(2**28)
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best
+    return x.numel() * 4 / statistics.median(_timed(lambda: x.sum()) for _ in range(7))
 
 
 def measure_matmul_flops(threads: int, dtype: torch.dtype) -> float:
-    """Dense matmul FLOP/s: best of 5 products of 2048x2048 matrices."""
+    """Dense matmul FLOP/s: median of 7 products of 2048x2048 matrices."""
     torch.set_num_threads(threads)
     a = torch.randn(2048, 2048, dtype=dtype)
-    best = min(_timed(lambda: a @ a) for _ in range(5))
-    return 2 * 2048**3 / best
+    return 2 * 2048**3 / statistics.median(_timed(lambda: a @ a) for _ in range(7))
 
 
 def _timed(fn) -> float:  # noqa: ANN001

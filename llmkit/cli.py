@@ -109,7 +109,7 @@ def chat(
 
 
 def generate(
-    prompt: list[str],
+    prompt: list[str] | str,
     model: str | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -129,7 +129,7 @@ def generate(
              llmkit generate --model model.gguf --prompt "[A, B]" --temperature 0.8 --top_p 0.95 --seed 1
 
     Args:
-        prompt: the text(s) to continue.
+        prompt: the text to continue, or a list "[text one, text two]" to run as one batch.
         model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
         max_new_tokens: tokens to generate per prompt.
         temperature: 0 is greedy decoding; higher samples more freely.
@@ -151,6 +151,7 @@ def generate(
     tokenizer = load_tokenizer(path)
     llm = load_model(path, dtype=dtype, device=device)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    prompt = [prompt] if isinstance(prompt, str) else prompt
     if chat_template:
         prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
     options = dict(max_new_tokens=max_new_tokens, settings=settings, stop_strings=tuple(stop or ()),

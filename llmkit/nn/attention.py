@@ -119,19 +119,9 @@ class Attention(nn.Module):
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
-    """Fused attention. q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D)."""
-    B, H, T, D = q.shape
-    n_kv = k.shape[1]
-    if n_kv != H and mask is None and not is_causal:
-        # Every query sees every key (one-token decode): fold each query group into the time axis
-        # so the kernel reads each shared key/value head once, without materialising copies.
-        group = H // n_kv
-        y = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, D), k, v)  # (B, Hkv, G*T, D)
-        return y.view(B, H, T, D)
-    if n_kv != H:
-        k = k.repeat_interleave(H // n_kv, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(H // n_kv, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    """Fused attention; `enable_gqa` lets each key/value head serve its query group without copies.
+    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def reference_attention(
