@@ -105,8 +105,19 @@ def _summary(n_parameters: int, prefill: list[float], total: list[float], n_prom
         "decode_tps": n_new / decode_s,
         "decode_range": (min(n_new / (t - p) for t, p in zip(total, prefill)),
                          max(n_new / (t - p) for t, p in zip(total, prefill))),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss would carry
+    the parent's peak into a spawned child."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_child(fn, *args) -> dict:  # noqa: ANN001
@@ -130,10 +141,10 @@ def main() -> None:
 
     model_path = str(args.model or default_model_path())
     dtype = getattr(torch, args.dtype)
-    bandwidth = measure_bandwidth(args.threads)
-    flops = measure_matmul_flops(args.threads, dtype)
     common = (model_path, args.dtype, args.threads, args.prompt_tokens, args.new_tokens, args.rounds)
     results = {"llmkit": in_child(run_llmkit, *common), "transformers": in_child(run_transformers, *common)}
+    bandwidth = measure_bandwidth(args.threads)
+    flops = measure_matmul_flops(args.threads, dtype)
 
     bytes_per_parameter = dtype.itemsize
     print(f"\n{Path(model_path).name}, {args.dtype}, {args.threads} threads, {platform.processor() or platform.machine()}")

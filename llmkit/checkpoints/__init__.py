@@ -113,16 +113,17 @@ def build_model(
             )
     model.load_state_dict({name: t.to(dtype) for name, t in state_dict.items()}, assign=True)
     model.reset_position_buffers()  # buffers are not in the state dict: leave the meta device
-    model = model.to(device=resolve_device(device)).eval()
-    if model.embed.weight.device.type == "cpu":
-        use_column_major_weights(model)  # thread-parallel decode steps (see llmkit/nn/linear.py)
-    return model
+    return model.to(device=resolve_device(device)).eval()
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Decoder:
     """A ready-to-run model from a .gguf file, a Hugging Face directory or an llmkit directory."""
     config, state_dict = load_weights(path)
-    return build_model(config, state_dict, resolve_dtype(dtype), device)
+    model = build_model(config, state_dict, resolve_dtype(dtype), device)
+    del state_dict  # the model now holds the only reference, so the relayout below copies one tensor at a time
+    if model.embed.weight.device.type == "cpu":
+        use_column_major_weights(model)  # thread-parallel decode steps (see llmkit/nn/linear.py)
+    return model
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -8,7 +8,8 @@ S contiguous slabs along the input axis, and
     y = x W^T = sum_s x[s-th input slice] @ W^T[s-th slab]
 
 is one batched matmul over S slabs that the threads share, then a sum over s. Same numbers up to
-summation order; prefill and training (many rows) use the ordinary `F.linear`.
+summation order; prefill and training (many rows) use the ordinary `F.linear`. float32 only: the
+CPU bf16/fp16 matrix-vector kernels are no faster split (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (
         x.numel() != in_features
         or x.device.type != "cpu"
+        or weight.dtype != torch.float32  # CPU bf16/fp16 matrix-vector kernels gain nothing from slabs
         or n_slabs < 2
         or in_features % n_slabs
         or weight.stride() != (1, out_features)  # column-major: weight.t() is contiguous (in, out)
@@ -44,10 +46,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def use_column_major_weights(model: nn.Module) -> nn.Module:
-    """Store every 2-D weight of `model` column-major (same values and shapes, transposed memory layout),
-    which `linear` turns into thread-parallel decode steps. In place; returns the model."""
+    """Store every 2-D float32 weight of `model` column-major (same values and shapes, transposed memory
+    layout), which `linear` turns into thread-parallel decode steps. In place; returns the model."""
     with torch.no_grad():
         for parameter in model.parameters():
-            if parameter.dim() == 2 and parameter.is_contiguous():
+            if parameter.dim() == 2 and parameter.is_contiguous() and parameter.dtype == torch.float32:
                 parameter.data = parameter.data.t().contiguous().t()
     return model
