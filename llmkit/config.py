@@ -135,7 +135,7 @@ class Config:
     @classmethod
     def from_hf_config(cls, path: str | Path) -> Config:
         """Read a Hugging Face `config.json` (file or directory holding it)."""
-        from llmkit.checkpoints.hf import config_from_hf
+        from llmkit.checkpoints.hf_config import config_from_hf
 
         return config_from_hf(path)
 
@@ -157,11 +157,6 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LlmkitError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise LlmkitError(f"config file {path} is not valid JSON ({error}); re-save or re-convert the model") from None
-        return cls.from_dict(data)
+        from llmkit.io import read_json_object
+
+        return cls.from_dict(read_json_object(Path(path)))

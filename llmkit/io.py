@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from llmkit.errors import LlmkitError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -24,3 +27,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object stored in `path`; a readable error names the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmkitError(f"{path} does not exist; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LlmkitError(f"{path} is not valid JSON ({error}): fix it, or re-download or re-export the model") from None
+    if not isinstance(data, dict):
+        raise LlmkitError(f"{path} should hold a JSON object, not a {type(data).__name__}: fix it, or re-download or "
+                          "re-export the model")
+    return data

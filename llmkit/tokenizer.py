@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import gguf
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
+from llmkit.chat_template import render_chat_template
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_write_text
+from llmkit.io import atomic_write_text, read_json_object
 
 # Hugging Face tokenizer directory files.
 TOKENIZER_FILE = "tokenizer.json"
@@ -279,24 +276,9 @@ class Tokenizer:
                 "this tokenizer has no chat template: pass one (Tokenizer.chat_template = '...jinja...') "
                 "or use generate with a plain prompt"
             )
-        for index, message in enumerate(messages):
-            if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-                raise LlmkitError(
-                    f"message {index} ({message!r:.80}) needs 'role' and 'content' keys, "
-                    "e.g. {'role': 'user', 'content': 'Hello'}"
-                )
         special = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         variables = {name: self.id_to_token(i) for name, i in special.items() if i is not None}
-        variables.update(template_kwargs)
-        template = _compile_template(self.chat_template)
-        try:
-            return template.render(
-                messages=[dict(message) for message in messages],
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
-        except jinja2.TemplateError as error:
-            raise LlmkitError(f"the chat template failed on these messages: {error}") from error
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **{**variables, **template_kwargs})
 
 
 class StreamDecoder:
@@ -420,15 +402,8 @@ def _post_processor_adds(backend: BackendTokenizer, token_id: int) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise LlmkitError(f"{path} is not valid JSON ({error}): fix or delete it") from error
-    if not isinstance(data, dict):
-        raise LlmkitError(f"{path} should hold a JSON object: fix or delete it")
-    return data
+    """A tokenizer directory's optional JSON file: {} when absent."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
@@ -444,24 +419,3 @@ def _template_text(value: Any) -> str | None:
         named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, Mapping)}
         return named.get("default")
     return value if isinstance(value, str) else None
-
-
-def _raise_template_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
-    # Like transformers: no HTML escaping (jinja's own tojson would turn '<' into '\u003c').
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template in a sandbox with the settings transformers uses, so both render alike."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_template_exception
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as error:
-        raise LlmkitError(f"the chat template is not valid jinja (line {error.lineno}: {error.message})") from error

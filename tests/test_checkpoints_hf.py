@@ -26,7 +26,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from llmkit.checkpoints.hf import config_from_hf, export_hf, hf_architecture, load_hf
+from llmkit.checkpoints.hf import export_hf, load_hf
+from llmkit.checkpoints.hf_config import config_from_hf, hf_architecture
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder

@@ -400,7 +400,7 @@ def test_bad_tokenizer_dirs(tiny_bpe, tmp_path):
     with pytest.raises(LlmkitError, match="bos_token '<s>' is not in tokenizer.json's vocabulary: fix tokenizer_conf"):
         Tokenizer.from_dir(tmp_path / "dir")
     config_file.write_text("{not json")
-    with pytest.raises(LlmkitError, match=f"{TOKENIZER_CONFIG_FILE} is not valid JSON .*: fix or delete it"):
+    with pytest.raises(LlmkitError, match=f"{TOKENIZER_CONFIG_FILE} is not valid JSON .*: fix it"):
         Tokenizer.from_dir(tmp_path / "dir")
     config_file.write_text("[]")
     with pytest.raises(LlmkitError, match="should hold a JSON object"):
