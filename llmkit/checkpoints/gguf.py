@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
+from tqdm import tqdm
 
 from llmkit.config import Config, RopeScaling
 from llmkit.errors import LlmkitError
@@ -288,7 +289,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
     expected = expected_shapes(config)
 
     state_dict: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    # a bar on a terminal only (disable=None): a 7B file takes minutes to dequantize
+    for tensor in tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor", leave=False, disable=None):
         if tensor.name == ROPE_FREQS_TENSOR:
             continue  # read into config.rope_scaling
         name = llmkit_name(tensor.name)
