@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from llmkit.errors import LlmkitError
+from llmkit.eval.cli_verb import evaluate
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1"
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -66,9 +67,9 @@ def chat(
     from llmkit.generate import stream
 
     path = _model_path(model)
-    tokenizer = load_tokenizer(path)
-    llm = load_model(path, dtype=dtype, device=device)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    llm = load_model(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def reply(text: str) -> None:
@@ -148,9 +149,9 @@ def generate(
     from llmkit.generate import stream
 
     path = _model_path(model)
-    tokenizer = load_tokenizer(path)
-    llm = load_model(path, dtype=dtype, device=device)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    llm = load_model(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
     prompt = [prompt] if isinstance(prompt, str) else prompt
     if chat_template:
         prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
@@ -232,7 +233,7 @@ def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep
     return "\n".join(lines)
 
 
-COMMANDS = {"chat": chat, "generate": generate, "convert": convert, "info": info}
+COMMANDS = {"chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate}
 
 
 def build_parser():  # noqa: ANN201 (jsonargparse.ArgumentParser, imported lazily)

@@ -62,8 +62,10 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' picks CUDA when present, else CPU."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -92,7 +94,10 @@ def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
 
 
 def build_model(
-    config: Config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, device: str = "cpu"
+    config: Config,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> Decoder:
     """A Decoder holding `state_dict`, checked name by name and shape by shape against `config`."""
     with torch.device("meta"):
@@ -118,8 +123,9 @@ def build_model(
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Decoder:
     """A ready-to-run model from a .gguf file, a Hugging Face directory or an llmkit directory."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)  # fail on a bad dtype or device before reading weights
     config, state_dict = load_weights(path)
-    model = build_model(config, state_dict, resolve_dtype(dtype), device)
+    model = build_model(config, state_dict, dtype, device)
     del state_dict  # the model now holds the only reference, so the relayout below copies one tensor at a time
     if model.embed.weight.device.type == "cpu":
         use_column_major_weights(model)  # thread-parallel decode steps (see llmkit/nn/linear.py)

@@ -70,6 +70,16 @@ class Decoder(nn.Module):
         `attention_mask` (B, T) marks real tokens with 1 and left padding with 0. With a `cache`
         the new tokens are appended to it and attend to everything stored before them.
         """
+        x = self.hidden_states(input_ids, cache, attention_mask)
+        if last_token_only:
+            x = x[:, -1:]
+        return self.head(x)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last block's output (B, T, C), before the final norm: `head` of any slice of it gives those logits
+        (scoring computes the LM head only where a token is scored)."""
         B, T = input_ids.shape
         context = self._attention_context(B, T, cache, attention_mask, input_ids.device)
         x = self.embed(input_ids)  # (B, T, C)
@@ -77,8 +87,10 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(context.positions)
         for block in self.blocks:
             x = block(x, context)
-        if last_token_only:
-            x = x[:, -1:]
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of hidden states (..., C): final norm, then the LM head (tied or not)."""
         x = self.final_norm(x)
         return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 

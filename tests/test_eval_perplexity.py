@@ -1,0 +1,223 @@
+"""Sliding-window perplexity against hand-written loops on a tiny random Decoder; SmolLM2 against transformers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.models import BPE
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.eval.perplexity import PerplexityResult, file_perplexity, perplexity, sliding_windows
+from llmkit.models.decoder import Decoder
+from llmkit.tokenizer import Tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3  # 258 bytes
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+BOS = "<s>"
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP's hand-offs would dominate their time."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def byte_tokenizer(add_bos: bool = False) -> Tokenizer:
+    """GPT-2 byte-level tokens with no merges (id = byte value, one token per byte) and BOS = id 256."""
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(BOS, special=True)])
+    return Tokenizer(backend, bos_id=backend.token_to_id(BOS), add_bos=add_bos)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model() -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(Config.from_name("tiny-llama", vocab_size=257, max_seq_len=64)).eval()
+    with torch.no_grad():  # larger weights: log-probs far from uniform, so a wrong window shows
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(10)
+    return model
+
+
+def token_nlls(model: Decoder, ids: list[int]) -> list[float]:
+    """-log p(ids[t] | ids[:t]) for t = 1..len-1 from one forward, as an explicit loop."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V)
+    return [-logprobs[t - 1, ids[t]].item() for t in range(1, len(ids))]
+
+
+def hf_sliding_window_nlls(model: Decoder, ids: list[int], window: int, stride: int) -> list[float]:
+    """The loop of Hugging Face's "Perplexity of fixed-length models" guide, one window at a time."""
+    nlls, previous_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + window, len(ids))
+        target_length = end - previous_end  # only tokens the previous window did not score
+        window_nlls = token_nlls(model, ids[begin:end])  # predicts ids[begin + 1 : end]
+        nlls += window_nlls[len(window_nlls) - min(target_length, len(window_nlls)) :]
+        previous_end = end
+        if end == len(ids):
+            break
+    return nlls
+
+
+def test_single_window_perplexity_is_exp_mean_nll(model: Decoder, tokenizer: Tokenizer) -> None:
+    text = TEXT[:60]
+    ids = tokenizer.encode(text)
+    nlls = token_nlls(model, ids)
+    result = perplexity(model, tokenizer, text, window=64, stride=64)
+    assert result.n_tokens == len(ids) - 1 == 59 and result.n_windows == 1
+    # float32 logits vs the float64 log-softmax of the hand loop: 1e-5 relative.
+    assert result.mean_nll == pytest.approx(sum(nlls) / len(nlls), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+    assert result.perplexity > 2  # the scaled random model is far from certain
+
+
+@pytest.mark.parametrize(("window", "stride"), [(16, 5), (16, 8), (16, 15), (32, 1), (64, 40)])
+def test_sliding_window_equals_the_hugging_face_loop(model: Decoder, tokenizer: Tokenizer, window: int, stride: int) -> None:
+    ids = tokenizer.encode(TEXT[:120])
+    expected = hf_sliding_window_nlls(model, ids, window, stride)
+    assert len(expected) == len(ids) - 1  # every token but the first is scored once
+    for batch_size in (1, 3):
+        result = perplexity(model, tokenizer, TEXT[:120], window=window, stride=stride, batch_size=batch_size)
+        assert result.n_tokens == len(expected)
+        assert result.nll_sum == pytest.approx(sum(expected), rel=1e-5)
+
+
+def test_stride_equal_to_window_scores_non_overlapping_chunks(model: Decoder, tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(TEXT)
+    window = 32
+    chunks = [ids[start : start + window] for start in range(0, len(ids), window)]
+    nlls = [nll for chunk in chunks for nll in token_nlls(model, chunk)]  # each chunk on its own, first token unscored
+    result = perplexity(model, tokenizer, TEXT, window=window, stride=window, batch_size=4)
+    assert result.n_windows == len(chunks) == 9 and result.n_tokens == len(ids) - len(chunks)
+    assert result.perplexity == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+
+
+def test_bits_per_byte_and_byte_perplexity(model: Decoder, tokenizer: Tokenizer) -> None:
+    text = "naïve café: 日本 🤖 " * 4  # multi-byte characters: bytes != characters
+    result = perplexity(model, tokenizer, text, window=32, stride=16)
+    n_bytes = len(text.encode("utf-8")) - 1  # the first byte-token is only context
+    assert result.n_bytes == n_bytes and result.n_tokens == n_bytes  # one token per byte here
+    assert result.bits_per_byte == pytest.approx(result.nll_sum / (n_bytes * math.log(2)), rel=1e-12)
+    assert result.byte_perplexity == pytest.approx(math.exp(result.nll_sum / n_bytes), rel=1e-12)
+    assert result.to_dict() == {
+        "n_tokens": n_bytes, "n_bytes": n_bytes, "nll_sum": result.nll_sum, "mean_nll": result.mean_nll,
+        "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+        "byte_perplexity": result.byte_perplexity, "window": 32, "stride": 16, "n_windows": result.n_windows,
+    }  # fmt: skip
+
+
+def test_bos_tokenizer_scores_every_text_byte(model: Decoder) -> None:
+    tokenizer = byte_tokenizer(add_bos=True)
+    text = TEXT[:50]
+    result = perplexity(model, tokenizer, text, window=64)
+    assert result.n_tokens == result.n_bytes == 50  # BOS is the unscored first token
+    assert result.nll_sum == pytest.approx(sum(token_nlls(model, tokenizer.encode(text))), rel=1e-5)
+
+
+def test_max_tokens_keeps_the_first_tokens(model: Decoder, tokenizer: Tokenizer) -> None:
+    result = perplexity(model, tokenizer, TEXT, window=16, stride=16, max_tokens=40)
+    expected = perplexity(model, tokenizer, TEXT[:40], window=16, stride=16)
+    assert result.n_bytes == 39 and result.to_dict() == pytest.approx(expected.to_dict(), rel=1e-6)
+
+
+def test_sliding_windows_cover_each_token_once() -> None:
+    assert sliding_windows(10, 4, 4) == [(0, 1, 4), (4, 5, 8), (8, 9, 10)]
+    assert sliding_windows(10, 4, 2) == [(0, 1, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert sliding_windows(9, 4, 4) == [(0, 1, 4), (4, 5, 8)]  # a last 1-token chunk has nothing to score
+    for n, window, stride in [(100, 16, 5), (37, 8, 8), (50, 64, 3)]:
+        scored = [t for _, first, end in sliding_windows(n, window, stride) for t in range(first, end)]
+        assert len(scored) == len(set(scored))
+
+
+def test_file_perplexity_equals_text_perplexity(model: Decoder, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    assert file_perplexity(model, tokenizer, path, window=32, stride=16) == perplexity(model, tokenizer, TEXT, 32, 16)
+
+
+def test_errors(model: Decoder, tokenizer: Tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(LlmkitError, match=r"the text has 0 token\(s\)"):
+        perplexity(model, tokenizer, "", window=16)
+    with pytest.raises(LlmkitError, match=r"the text has 1 token\(s\)"):
+        perplexity(model, tokenizer, "a", window=16)
+    with pytest.raises(LlmkitError, match="window is 65 tokens but tiny-llama's context is 64"):
+        perplexity(model, tokenizer, TEXT, window=65)
+    with pytest.raises(LlmkitError, match="window is 1 tokens"):
+        perplexity(model, tokenizer, TEXT, window=1)
+    with pytest.raises(LlmkitError, match=r"stride is 17; pass a stride from 1 to the window \(16\)"):
+        perplexity(model, tokenizer, TEXT, window=16, stride=17)
+    with pytest.raises(LlmkitError, match="stride is 0"):
+        perplexity(model, tokenizer, TEXT, window=16, stride=0)
+    with pytest.raises(LlmkitError, match="batch_size is 0"):
+        perplexity(model, tokenizer, TEXT, window=16, batch_size=0)
+    with pytest.raises(LlmkitError, match="max_tokens is 1"):
+        perplexity(model, tokenizer, TEXT, window=16, max_tokens=1)
+    with pytest.raises(LlmkitError, match="text file not found: .*missing.txt"):
+        file_perplexity(model, tokenizer, tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(LlmkitError, match="empty.txt is empty"):
+        file_perplexity(model, tokenizer, tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(LlmkitError, match="latin1.txt is not UTF-8"):
+        file_perplexity(model, tokenizer, tmp_path / "latin1.txt")
+
+
+def test_progress_bar(model: Decoder, tokenizer: Tokenizer, capsys: pytest.CaptureFixture) -> None:
+    assert isinstance(perplexity(model, tokenizer, TEXT, window=32, progress=True), PerplexityResult)
+    assert "perplexity" in capsys.readouterr().err
+
+
+# ---- real weights ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_transformers() -> None:
+    """SmolLM2-135M-Instruct on the first ~2,048 tokens of tinyshakespeare, context 512, stride 512: llmkit vs the
+    transformers model's own logits on the same ids and the same windows."""
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+
+    path = default_model_path()
+    tokenizer = load_tokenizer(path)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:8000]
+    ids = tokenizer.encode(text)[:2048]
+    assert len(ids) == 2048
+    result = perplexity(load_model(path), tokenizer, text, window=512, stride=512, batch_size=2, max_tokens=2048)
+
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    nll_sum, n_tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), 512):
+            window = torch.tensor([ids[start : start + 512]])
+            logprobs = torch.log_softmax(reference(window).logits[0, :-1], dim=-1)  # (511, V)
+            nll_sum -= logprobs.gather(-1, window[0, 1:, None]).double().sum().item()
+            n_tokens += window.shape[1] - 1
+    expected = math.exp(nll_sum / n_tokens)
+    assert result.n_tokens == n_tokens == 2044
+    assert result.perplexity == pytest.approx(expected, rel=5e-3)  # the issue's bar: within 0.5%
+    print(f"SmolLM2-135M-Instruct tinyshakespeare[:2048 tokens] ppl: llmkit {result.perplexity:.4f}, "
+          f"transformers {expected:.4f}, bits/byte {result.bits_per_byte:.4f}")
