@@ -19,6 +19,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
+from llmkit.checkpoints.hf import to_hf_state_dict
+from llmkit.checkpoints.hf_config import LLAMA
 from llmkit.eval.lm_eval_adapter import LlmkitLM
 from llmkit.eval.scoring import continuation_logprobs, rolling_loglikelihood
 from llmkit.generate import SamplingSettings, generate, generate_tokens
@@ -38,17 +40,6 @@ MC_ROWS = [
 ]
 GEN_ROWS = [{"prompt": "Once upon a time"}, {"prompt": "Q: hello\nA:"}, {"prompt": "abc"}]
 CONTEXT = "Question: {{question}}\nAnswer:"
-# transformers Llama -> llmkit names: a straight key map (as the checkpoint importer uses)
-HF_KEY_MAP = {
-    "model.embed_tokens.": "embed.",
-    "model.layers.": "blocks.",
-    ".self_attn.": ".attn.",
-    ".input_layernorm.": ".attn_norm.",
-    ".post_attention_layernorm.": ".mlp_norm.",
-    "model.norm.": "final_norm.",
-}
-
-
 def byte_tokenizer() -> Tokenizer:
     """Byte-level tokens with no merges (id = byte value) plus <|endoftext|> = 256 as EOS."""
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}
@@ -297,13 +288,9 @@ def hf_llama_copy(model: Decoder):
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
     )).eval()  # fmt: skip
-    ours = model.state_dict()
-    with torch.no_grad():
-        for hf_name, tensor in hf.state_dict().items():
-            name = hf_name
-            for old, new in HF_KEY_MAP.items():
-                name = name.replace(old, new)
-            tensor.copy_(ours["embed.weight" if name == "lm_head.weight" and c.tie_embeddings else name])
+    # the importer's own key map, run in the export direction
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(c, model.state_dict(), LLAMA), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head is the embedding
     return hf
 
 

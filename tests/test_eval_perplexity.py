@@ -18,21 +18,11 @@ from llmkit.eval.perplexity import PerplexityResult, file_perplexity, perplexity
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3  # 258 bytes
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 BOS = "<s>"
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request: pytest.FixtureRequest):  # noqa: ANN201
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's hand-offs would dominate their time."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def byte_tokenizer(add_bos: bool = False) -> Tokenizer:

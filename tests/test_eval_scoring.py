@@ -19,6 +19,8 @@ from llmkit.eval.scoring import (
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CORPUS = [
     "Review: a charming and often affecting journey.\nSentiment: positive",
     "Review: unflinchingly bleak and desperate.\nSentiment: negative",
@@ -34,18 +36,6 @@ REQUESTS = [
     ("", "hello world"),  # empty context: conditioned on the prefix token (EOS here)
     ("Review:", " ü 日本 🤖"),  # multi-byte characters split over byte-level tokens
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request: pytest.FixtureRequest):  # noqa: ANN201
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's hand-offs would dominate their time."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_tokenizer(with_eos: bool = True) -> Tokenizer:

@@ -19,6 +19,8 @@ from transformers.generation.logits_process import (
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+from llmkit.checkpoints.hf import to_hf_state_dict
+from llmkit.checkpoints.hf_config import LLAMA
 from llmkit.generate import (
     SamplingSettings,
     StopStringFilter,
@@ -34,16 +36,6 @@ from llmkit.generate import (
 )
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
-
-# HF -> llmkit names for Llama: a straight key map (the same one the checkpoint importer uses).
-HF_KEY_MAP = {
-    "model.embed_tokens.": "embed.",
-    "model.layers.": "blocks.",
-    ".self_attn.": ".attn.",
-    ".input_layernorm.": ".attn_norm.",
-    ".post_attention_layernorm.": ".mlp_norm.",
-    "model.norm.": "final_norm.",
-}
 
 
 def tiny_model(preset: str = "tiny-llama", seed: int = 0, **overrides) -> Decoder:
@@ -70,13 +62,9 @@ def hf_llama_copy(model: Decoder) -> LlamaForCausalLM:
         pad_token_id=None,
     )
     hf = LlamaForCausalLM(hf_config).eval()
-    ours = model.state_dict()
-    with torch.no_grad():
-        for hf_name, tensor in hf.state_dict().items():
-            name = hf_name
-            for old, new in HF_KEY_MAP.items():
-                name = name.replace(old, new)
-            tensor.copy_(ours[name])
+    # the importer's own key map, run in the export direction
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(c, model.state_dict(), LLAMA), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head is the embedding
     return hf
 
 
