@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from llmkit.config import Config, RopeScaling
 from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
 from llmkit.nn.position import rope_inverse_frequencies
 
 # --- metadata keys (architecture-specific ones are prefixed with "{architecture}.")
@@ -256,24 +257,9 @@ def _dequantized(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
 
 
 def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """llmkit parameter name -> shape of the Decoder `config` describes (the GGUF families: RMSNorm, SwiGLU, RoPE).
-
-    Written out rather than read from a meta-device Decoder, whose random init costs a second at 135M."""
-    d, q, kv, ff = config.d_model, config.q_dim, config.kv_dim, config.d_ff
-    shapes = {"embed.weight": (config.vocab_size, d), "final_norm.weight": (d,)}
-    if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
-    linears = {"attn.q_proj": (q, d, config.qkv_bias), "attn.k_proj": (kv, d, config.qkv_bias),
-               "attn.v_proj": (kv, d, config.qkv_bias), "attn.o_proj": (d, q, config.out_bias),
-               "mlp.gate_proj": (ff, d, config.mlp_bias), "mlp.up_proj": (ff, d, config.mlp_bias),
-               "mlp.down_proj": (d, ff, config.mlp_bias)}
-    for i in range(config.n_layers):
-        shapes[f"blocks.{i}.attn_norm.weight"] = shapes[f"blocks.{i}.mlp_norm.weight"] = (d,)
-        for name, (rows, columns, bias) in linears.items():
-            shapes[f"blocks.{i}.{name}.weight"] = (rows, columns)  # (out, in) like nn.Linear
-            if bias:
-                shapes[f"blocks.{i}.{name}.bias"] = (rows,)
-    return shapes
+    """llmkit parameter name -> shape of the Decoder `config` describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(tensor.shape) for name, tensor in Decoder(config).state_dict().items()}
 
 
 def _shape_facts(config: Config, arch: str) -> str:

@@ -34,6 +34,8 @@ class Decoder(nn.Module):
         for name, tensor in position_inputs(config).items():
             self.register_buffer(name, tensor, persistent=False)
         self.kernel: AttentionKernel = "sdpa"
+        if self.embed.weight.is_meta:
+            return  # shapes only (checkpoint loading assigns the real weights): nothing to initialise
         self.apply(self._init_weights)
         for name, parameter in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
