@@ -1,0 +1,179 @@
+"""Data-parallel training under `torchrun`: DDP (replicated weights) or FSDP2 (`fully_shard`: weights,
+gradients and optimizer states sharded across ranks). One code path: a single process is world_size 1.
+NCCL on CUDA, gloo on CPU; nothing else changes between the two."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmkit.errors import LlmkitError
+
+Strategy = Literal["auto", "ddp", "fsdp"]
+OPTIMIZER_DIR = "optimizer"
+
+
+@dataclass
+class Cluster:
+    """Where this process sits: rank among world_size processes, its device, and how weights are shared."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_cluster(device: torch.device, strategy: Strategy = "auto") -> Cluster:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); a single process otherwise.
+
+    `auto` picks DDP; pass `fsdp` to shard. CUDA ranks use cuda:LOCAL_RANK and NCCL; CPU ranks use gloo."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy not in ("auto", "ddp", "fsdp"):
+        raise LlmkitError(f"unknown distributed strategy {strategy!r}; use auto, ddp or fsdp")
+    if world_size == 1:
+        return Cluster(device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Cluster(rank=dist.get_rank(), world_size=world_size, device=device,
+                   strategy="fsdp" if strategy == "fsdp" else "ddp")
+
+
+def shut_down(cluster: Cluster) -> None:
+    if cluster.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, cluster: Cluster, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP-wrap, or shard every block and then the root with FSDP2 (params cast to `param_dtype` for compute,
+    gradients reduced in fp32). A single process gets the model back unchanged."""
+    if cluster.strategy == "single":
+        return model
+    if cluster.strategy == "ddp":
+        device_ids = [cluster.device.index] if cluster.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    options = {"mp_policy": policy} if policy else {}
+    for block in model.blocks:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile and DDP wrappers (FSDP2 shards in place and needs no unwrapping)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, cluster: Cluster, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps; sync on the last one."""
+    inner = getattr(model, "_orig_mod", model)
+    if cluster.strategy == "ddp" and not enabled:
+        with inner.no_sync():
+            yield
+        return
+    if cluster.strategy == "fsdp":
+        inner.set_requires_gradient_sync(enabled)
+    yield
+
+
+def all_reduce_mean(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    """The mean of a tensor over ranks (the tensor itself in a single process)."""
+    if cluster.world_size == 1:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / cluster.world_size
+
+
+def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    if cluster.world_size == 1:
+        return values
+    values = values.detach().clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(cluster: Cluster) -> None:
+    if cluster.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, cluster: Cluster) -> bool:
+    """Rank 0's decision, shared with every rank (so all ranks take the same branch)."""
+    if cluster.world_size == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=cluster.device if cluster.device.type == "cuda" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def full_state_dict(model: nn.Module, cluster: Cluster) -> dict[str, torch.Tensor]:
+    """Every weight, whole and on the CPU (gathered from the shards under FSDP; every rank must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    plain = unwrap(model)
+    if cluster.strategy != "fsdp":
+        return {name: tensor.detach().cpu() for name, tensor in plain.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(plain, options=options)
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], cluster: Cluster) -> None:
+    """Load whole weights into a plain, DDP or FSDP2-sharded model (each rank keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    plain = unwrap(model)
+    if cluster.strategy != "fsdp":
+        plain.load_state_dict(state_dict)
+        return
+    set_model_state_dict(plain, state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Optimizer states with torch.distributed.checkpoint: each rank writes its shard; any number of
+    ranks (one included) can load them back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(unwrap(model), optimizer)
+    with _single_process_is_intended():
+        dcp.save({"optimizer": state}, checkpoint_id=str(directory / OPTIMIZER_DIR))
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    plain = unwrap(model)
+    state = {"optimizer": get_optimizer_state_dict(plain, optimizer)}
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(directory / OPTIMIZER_DIR))
+    set_optimizer_state_dict(plain, optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """torch.distributed.checkpoint warns when no process group exists; for a single process that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -1,0 +1,260 @@
+"""The one training loop. It knows nothing about what is trained or on what: an *objective* turns
+(model, batch) into a loss and a *batch source* returns the batch at a data position. Every lever
+(accumulation, clipping, precision, compile, activation checkpointing, DDP/FSDP2, evaluation,
+checkpoints and exact resume) is a field of `TrainSettings`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmkit.errors import LlmkitError
+from llmkit.tokenizer import Tokenizer
+from llmkit.train.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    remove_incomplete,
+    save_checkpoint,
+)
+from llmkit.train.distributed import (
+    Cluster,
+    Strategy,
+    all_reduce_mean,
+    all_reduce_sum,
+    gradient_sync,
+    init_cluster,
+    unwrap,
+    wrap_model,
+)
+from llmkit.train.metrics import MetricsLog
+from llmkit.train.objectives import Batch, Objective
+from llmkit.train.optim import Schedule, build_optimizer, build_scheduler
+from llmkit.train.precision import Precision, autocast, compute_dtype, grad_scaler
+from llmkit.train.recompute import enable_activation_checkpointing
+
+# batch(position, batch_size, rank, world_size): the rank's slice of the global batch starting at sample `position`
+BatchSource = Callable[[int, int, int, int], Batch]
+EvalCallback = Callable[[nn.Module, int], dict | None]
+
+
+@dataclass
+class TrainSettings:
+    """How to train (what to train on is the caller's). Batch sizes count sequences."""
+
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch on each rank
+    accumulation_steps: int = 1  # micro-batches per optimizer step (global batch = batch_size x this x ranks)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to lr x this
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global gradient norm; None turns clipping off
+    precision: Precision = "fp32"  # bf16-mixed halves activation memory and is fastest on recent GPUs
+    compile: bool = False  # torch.compile the model (slow first steps, faster after)
+    activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, ~30% more compute
+    distributed: Strategy = "auto"  # under torchrun: auto (DDP) or fsdp
+    eval_every: int = 200  # steps between validation runs (and samples); 0 turns them off
+    eval_batches: int = 20  # validation batches per run
+    log_every: int = 10  # steps between metric rows
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # checkpoints kept besides the best one
+    resume: Literal["auto", "never"] = "auto"  # auto continues from the run directory's latest checkpoint
+    seed: int = 1337
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: float
+    val_loss: float | None
+    checkpoint: Path | None
+    best_checkpoint: Path | None
+    plot: Path | None
+    losses: list[float] = field(default_factory=list)
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    train_batches: BatchSource,
+    settings: TrainSettings,
+    run_dir: str | Path,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    on_eval: EvalCallback | None = None,
+    tokenizer: Tokenizer | None = None,
+    cluster: Cluster | None = None,
+) -> TrainResult:
+    """Train `model` for `settings.max_steps` optimizer steps; resumes from `run_dir` when it holds checkpoints."""
+    from llmkit.checkpoints import resolve_device
+
+    check_settings(settings)
+    run_dir = Path(run_dir)
+    cluster = cluster or init_cluster(resolve_device(settings.device), settings.distributed)
+    if settings.precision == "fp16-mixed" and cluster.strategy == "fsdp":
+        raise LlmkitError("fp16-mixed is not supported with FSDP; use --precision bf16-mixed")
+    model.to(cluster.device)
+    if settings.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    dtype = compute_dtype(settings.precision)
+    model = wrap_model(model, cluster, param_dtype=dtype if dtype != torch.float32 else None)
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas)
+    scheduler = build_scheduler(optimizer, settings.schedule, settings.warmup_steps, settings.max_steps,
+                                settings.min_lr_ratio)
+    scaler = grad_scaler(settings.precision, cluster.device)
+
+    state = TrainerState()
+    if cluster.is_main:
+        remove_incomplete(run_dir)
+    existing = list_checkpoints(run_dir)
+    if existing and settings.resume == "auto":
+        state = load_checkpoint(existing[-1], model, optimizer, scheduler, scaler, cluster)
+        if cluster.is_main:
+            print(f"resuming from {existing[-1]} (step {state.step})")
+    elif existing:
+        raise LlmkitError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run, or choose "
+                          "another output directory")
+    if state.step >= settings.max_steps and cluster.is_main:
+        print(f"{run_dir} is already trained to step {state.step} (max_steps={settings.max_steps}); raise max_steps "
+              "to train further")
+
+    # FSDP applies the parameter dtype itself; single/DDP processes use autocast.
+    autocast_precision = "fp32" if cluster.strategy == "fsdp" else settings.precision
+    step_model = torch.compile(model) if settings.compile else model
+    metrics = MetricsLog(run_dir, enabled=cluster.is_main, resume_step=state.step)
+    rank, world = cluster.rank, cluster.world_size
+    progress = tqdm(total=settings.max_steps, initial=state.step, disable=not cluster.is_main or None,
+                    desc="train", unit="step", dynamic_ncols=True)
+    losses, val_loss, last_checkpoint = [], None, None
+    started, tokens_at_start = time.perf_counter(), state.tokens
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    while state.step < settings.max_steps:
+        step_model.train()
+        loss_sum = torch.zeros((), device=cluster.device)
+        step_tokens = 0
+        for micro_step in range(settings.accumulation_steps):
+            batch = train_batches(state.position, settings.batch_size, rank, world)
+            batch = {name: tensor.to(cluster.device, non_blocking=True) for name, tensor in batch.items()}
+            state.position += settings.batch_size * world
+            step_tokens += batch["input_ids"].numel() * world
+            with gradient_sync(step_model, cluster, micro_step == settings.accumulation_steps - 1):
+                with autocast(autocast_precision, cluster.device):
+                    loss = objective(step_model, batch) / settings.accumulation_steps
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += loss.detach()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = clip_gradients(parameters, settings.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        state.tokens += step_tokens
+
+        loss_value = all_reduce_mean(loss_sum, cluster).item()
+        if not math.isfinite(loss_value):
+            raise LlmkitError(f"the loss became {loss_value} at step {state.step}; lower --lr, use a longer warmup, "
+                              "or bf16 instead of fp16")
+        losses.append(loss_value)
+        elapsed = time.perf_counter() - started
+        tokens_per_second = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+        if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
+            metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed})
+
+        is_last = state.step == settings.max_steps
+        if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):
+            val_loss = evaluate_loss(step_model, objective, eval_batches, settings, cluster, autocast_precision)
+            row = {"kind": "eval", "step": state.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
+            if on_eval is not None:
+                row.update(on_eval(unwrap(model), state.step) or {})
+            metrics.log(row)
+            progress.write(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {row['val_perplexity']:.2f}")
+            improved = state.best_val_loss is None or val_loss < state.best_val_loss
+            if improved:
+                state.best_val_loss, state.best_step = val_loss, state.step
+        else:
+            improved = False
+        # A new best validation loss is checkpointed too, so the best model is always on disk.
+        if state.step % settings.checkpoint_every == 0 or is_last or improved:
+            last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster, tokenizer,
+                                              settings.keep_last)
+    progress.close()
+    plot = metrics.close(plot_title=f"{unwrap(model).config.name}: loss")
+    checkpoints = list_checkpoints(run_dir)
+    best = next((path for path in checkpoints if state.best_step is not None and path.name.endswith(
+        f"{state.best_step:08d}")), None)
+    return TrainResult(steps=state.step, tokens=state.tokens, train_loss=losses[-1] if losses else float("nan"),
+                       val_loss=val_loss, checkpoint=last_checkpoint or (checkpoints[-1] if checkpoints else None),
+                       best_checkpoint=best, plot=plot, losses=losses)
+
+
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float | None) -> float:
+    """Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor over the shards
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    objective: Objective,
+    eval_batches: Callable[[], Iterable[Batch]],
+    settings: TrainSettings,
+    cluster: Cluster,
+    precision: Precision,
+) -> float:
+    """Mean objective over the validation batches; ranks take turns, so each batch is scored once."""
+    model.eval()
+    total = torch.zeros(2, device=cluster.device)  # (loss sum, batches)
+    for index, batch in enumerate(eval_batches()):
+        if index >= settings.eval_batches:
+            break
+        if index % cluster.world_size != cluster.rank:
+            continue
+        batch = {name: tensor.to(cluster.device) for name, tensor in batch.items()}
+        with autocast(precision, cluster.device):
+            total[0] += objective(model, batch).float()
+        total[1] += 1
+    total = all_reduce_sum(total, cluster)
+    if total[1] == 0:
+        raise LlmkitError("the validation data has no batches; prepare more validation data or set --eval_every 0")
+    return (total[0] / total[1]).item()
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Refuse impossible settings before any work, naming the field."""
+    positive = ("max_steps", "batch_size", "accumulation_steps", "log_every", "checkpoint_every", "eval_batches",
+                "keep_last")
+    for name in positive:
+        if getattr(settings, name) < 1:
+            raise LlmkitError(f"{name}={getattr(settings, name)} must be at least 1")
+    if settings.lr <= 0:
+        raise LlmkitError(f"lr={settings.lr} must be positive")
+    if settings.grad_clip is not None and settings.grad_clip <= 0:
+        raise LlmkitError(f"grad_clip={settings.grad_clip} must be positive (or None to turn clipping off)")
+    if settings.eval_every < 0:
+        raise LlmkitError(f"eval_every={settings.eval_every} must be 0 (off) or positive")

@@ -1,0 +1,72 @@
+"""AdamW with the usual parameter groups, and learning-rate schedules (warmup, then cosine, linear or constant)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+
+Schedule = Literal["cosine", "linear", "constant"]
+NO_DECAY_NAMES = ("embed", "pos_embed")  # embeddings are lookup tables: decaying them only shrinks rare tokens
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; norms, biases and embeddings do not. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        is_embedding = name.split(".")[0] in NO_DECAY_NAMES
+        (no_decay if parameter.ndim < 2 or is_embedding else decay).append(parameter)
+    if not decay and not no_decay:
+        raise LlmkitError("the model has no trainable parameters; unfreeze some (or check the fine-tuning method)")
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
+) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`; the fused kernel when every parameter sits on a device that has one."""
+    groups = parameter_groups(model, weight_decay)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = devices <= {"cuda", "cpu"} and not _has_dtensor(groups)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+
+
+def _has_dtensor(groups: list[dict]) -> bool:
+    """FSDP2 parameters are DTensors; the foreach path handles them everywhere, the fused one not on every backend."""
+    return any(type(p).__name__ == "DTensor" for group in groups for p in group["params"])
+
+
+def lr_multiplier(step: int, schedule: Schedule, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Fraction of the peak learning rate at `step`: linear warmup, then decay to `min_lr_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise LlmkitError(f"unknown learning-rate schedule {schedule!r}; use cosine, linear or constant")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over `lr_multiplier`; its state (the step) goes into training checkpoints."""
+    if schedule not in ("cosine", "linear", "constant"):
+        raise LlmkitError(f"unknown learning-rate schedule {schedule!r}; use cosine, linear or constant")
+    if warmup_steps < 0 or warmup_steps > max_steps:
+        raise LlmkitError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}")
+    multiplier = partial(lr_multiplier, schedule=schedule, warmup_steps=warmup_steps, max_steps=max_steps,
+                         min_lr_ratio=min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
