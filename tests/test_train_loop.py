@@ -1,0 +1,188 @@
+"""The training loop: determinism, accumulation, clipping, checkpoints, exact resume after SIGKILL, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
+from llmkit.train.checkpoint import list_checkpoints
+from llmkit.train.loop import TrainSettings, clip_gradients, train
+from llmkit.train.metrics import METRICS_FILE
+from llmkit.train.objectives import IGNORE_INDEX, causal_lm_loss, token_cross_entropy
+from tests.train_script import token_source
+
+SCRIPT = Path(__file__).with_name("train_script.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(seed: int = 1) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(Config.from_name("tiny-llama"))
+
+
+def quiet_settings(**overrides) -> TrainSettings:
+    values = dict(max_steps=6, batch_size=4, warmup_steps=2, eval_every=0, log_every=1, checkpoint_every=100, lr=3e-3)
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row["kind"] == "train"}
+
+
+def test_loss_decreases_and_outputs_are_written(tmp_path, one_thread):
+    result = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(max_steps=30), tmp_path)
+    assert result.steps == 30 and result.tokens == 30 * 4 * 32
+    # Random tokens over 64 symbols: ln(64) = 4.16 is the floor; the model starts near ln(vocab 256) = 5.55.
+    assert result.losses[0] > 5.3 and result.losses[-1] < 4.6
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "metrics.csv").read_text().startswith("kind,step,loss")
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-00000030"]
+
+
+def test_same_seed_gives_same_losses(tmp_path, one_thread):
+    first = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(), tmp_path / "a").losses
+    second = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(), tmp_path / "b").losses
+    assert first == second
+
+
+def test_accumulating_four_micro_batches_equals_one_four_times_larger_batch(tmp_path, one_thread):
+    one_big = tiny_model()
+    train(one_big, causal_lm_loss, token_source(), quiet_settings(max_steps=2, batch_size=8), tmp_path / "big")
+    accumulated = tiny_model()
+    settings = quiet_settings(max_steps=2, batch_size=2, accumulation_steps=4)
+    train(accumulated, causal_lm_loss, token_source(), settings, tmp_path / "accumulated")
+    for (name, big), small in zip(one_big.named_parameters(), accumulated.parameters()):
+        # Same samples, same mean loss; only the float32 summation order differs, and Adam's division by
+        # sqrt(v) magnifies that for near-zero gradients: 1e-5 is still 300x below one step's size (lr 3e-3).
+        torch.testing.assert_close(big, small, atol=1e-5, rtol=0, msg=name)
+
+
+def test_clipping_scales_the_global_norm_to_the_limit():
+    parameters = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))]
+    parameters[0].grad, parameters[1].grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
+    before = clip_gradients(parameters, max_norm=1.0)
+    assert before == pytest.approx((9 * 3 + 16 * 4) ** 0.5)
+    after = torch.cat([p.grad for p in parameters]).norm()
+    assert after.item() == pytest.approx(1.0, rel=1e-5)
+    assert clip_gradients(parameters, max_norm=None) == pytest.approx(1.0, rel=1e-5)  # no clipping: norm unchanged
+
+
+def test_ignored_labels_contribute_nothing():
+    logits = torch.randn(1, 4, 10)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], labels[0, :2])
+    torch.testing.assert_close(token_cross_entropy(logits, labels), expected)
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses_exactly(tmp_path, one_thread):
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    uninterrupted = tmp_path / "uninterrupted"
+    subprocess.run([sys.executable, str(SCRIPT), str(uninterrupted)], check=True, env=environment,
+                   capture_output=True, timeout=120)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), str(interrupted), "--step_delay", "0.3"], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    # Kill once the step-3 checkpoint exists and step 4 has been logged: the dying run is past its checkpoint.
+    while time.time() < deadline and not (list_checkpoints(interrupted) and 4 in _logged_steps(interrupted)):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(_logged_steps(interrupted)) < 8, "the run finished before it could be killed"
+    assert [path.name for path in list_checkpoints(interrupted)] == ["step-00000003"]
+
+    resumed = subprocess.run([sys.executable, str(SCRIPT), str(interrupted)], check=True, env=environment,
+                             capture_output=True, text=True, timeout=120)
+    assert "resuming from" in resumed.stdout
+    expected, got = run_losses(uninterrupted), run_losses(interrupted)
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # bit-identical, step by step
+
+
+def _logged_steps(run_dir: Path) -> set[int]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return set()
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return {json.loads(line)["step"] for line in lines}
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(tmp_path, one_thread):
+    scores = iter([1.0, 0.5, 0.9, 0.8, 0.7, 0.6])  # best at the second evaluation (step 2)
+
+    def eval_batches():
+        yield {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+
+    def fake_objective(model, batch):  # validation score from the list; training uses the real loss
+        if model.training:
+            return causal_lm_loss(model, batch)
+        return torch.tensor(next(scores))
+
+    settings = quiet_settings(max_steps=6, eval_every=1, checkpoint_every=1, keep_last=2)
+    result = train(tiny_model(), fake_objective, token_source(), settings, tmp_path, eval_batches=eval_batches)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000005", "step-00000006"]
+    assert result.best_checkpoint.name == "step-00000002"
+
+
+def test_a_finished_checkpoint_is_a_usable_model_directory(tmp_path, one_thread):
+    from llmkit.checkpoints import load_model
+
+    model = tiny_model()
+    result = train(model, causal_lm_loss, token_source(), quiet_settings(max_steps=2), tmp_path)
+    loaded = load_model(result.checkpoint)
+    ids = torch.randint(0, 64, (1, 8))
+    torch.testing.assert_close(loaded(ids), model.eval()(ids))
+
+
+def test_existing_checkpoints_without_resume_are_refused(tmp_path, one_thread):
+    train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(max_steps=1, warmup_steps=0), tmp_path)
+    with pytest.raises(LlmkitError, match="already holds checkpoints"):
+        train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(max_steps=2, resume="never"), tmp_path)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path, one_thread):
+    train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(max_steps=1, warmup_steps=0), tmp_path)
+    other = Decoder(Config.from_name("tiny-llama", n_layers=3))
+    with pytest.raises(LlmkitError, match="different config"):
+        train(other, causal_lm_loss, token_source(), quiet_settings(max_steps=2), tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("batch_size", 0, "batch_size=0 must be at least 1"),
+    ("lr", -1.0, "lr=-1.0 must be positive"),
+    ("warmup_steps", 50, "warmup_steps=50 must be between 0 and max_steps=6"),
+    ("precision", "fp8", "unknown precision 'fp8'"),
+])
+def test_impossible_settings_are_refused_before_training(tmp_path, field, value, message):
+    with pytest.raises(LlmkitError, match=message):
+        train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(**{field: value}), tmp_path)
+    assert not list_checkpoints(tmp_path)
+
+
+def test_a_diverging_loss_stops_with_advice(tmp_path, one_thread):
+    def exploding(model, batch):
+        return causal_lm_loss(model, batch) * float("inf")
+
+    with pytest.raises(LlmkitError, match="loss became inf at step 1; lower --lr"):
+        train(tiny_model(), exploding, token_source(), quiet_settings(), tmp_path)
+
+
+def test_bf16_autocast_trains(tmp_path, one_thread):
+    model = tiny_model()
+    result = train(model, causal_lm_loss, token_source(), quiet_settings(max_steps=20, precision="bf16-mixed"), tmp_path)
+    assert result.losses[-1] < result.losses[0] - 0.5
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay float32
