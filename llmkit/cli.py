@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from llmkit.data.filter_cli import filter_data
+from llmkit.data.prepare import prepare_data
+from llmkit.data.tokenizer_train import tokenizer_train
 from llmkit.errors import LlmkitError
+from llmkit.estimate_cli import estimate
 from llmkit.eval.cli_verb import evaluate
+from llmkit.train.pretrain import pretrain
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1"
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -233,14 +238,18 @@ def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep
     return "\n".join(lines)
 
 
-COMMANDS = {"chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate}
+COMMANDS: dict[str, Any] = {
+    "chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate,
+    "pretrain": pretrain, "prepare": prepare_data, "filter": filter_data, "tokenizer": {"train": tokenizer_train},
+    "estimate": estimate,
+}
 
 
 def build_parser():  # noqa: ANN201 (jsonargparse.ArgumentParser, imported lazily)
     """One sub-command per verb; each verb's docstring (with its example) is its `--help` text."""
     import inspect
 
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
     from jsonargparse import DefaultHelpFormatter as Formatter
 
     class HelpFormatter(Formatter):
@@ -250,24 +259,37 @@ def build_parser():  # noqa: ANN201 (jsonargparse.ArgumentParser, imported lazil
     parser = ArgumentParser(
         prog="llmkit", formatter_class=HelpFormatter, description="llmkit: build, load, run and convert language models."
     )
-    verbs = parser.add_subcommands(dest="verb")
-    for name, function in COMMANDS.items():
-        doc = inspect.getdoc(function) or ""
-        description = doc.split("\n\nArgs:")[0]
-        verb = ArgumentParser(description=description, formatter_class=HelpFormatter)
-        verb.add_function_arguments(function, as_positional=False)
-        verbs.add_subcommand(name, verb, help=description.splitlines()[0])
+    def add_verbs(parent: ArgumentParser, commands: dict[str, Any], dest: str) -> None:
+        verbs = parent.add_subcommands(dest=dest)
+        for name, function in commands.items():
+            if isinstance(function, dict):  # a verb group: `llmkit tokenizer train`
+                group = ArgumentParser(description=f"llmkit {name} commands.", formatter_class=HelpFormatter)
+                verbs.add_subcommand(name, group, help=f"{name} commands: {', '.join(function)}")
+                add_verbs(group, function, "action")  # jsonargparse wants the parent level added first
+                continue
+            doc = inspect.getdoc(function) or ""
+            description = doc.split("\n\nArgs:")[0]
+            verb = ArgumentParser(description=description, formatter_class=HelpFormatter)
+            verb.add_argument("--config", action=ActionConfigFile, help="YAML recipe whose keys are this verb's options")
+            verb.add_function_arguments(function, as_positional=False)
+            verbs.add_subcommand(name, verb, help=description.splitlines()[0])
+
+    add_verbs(parser, COMMANDS, "verb")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run one verb; a bad input prints one line and exits with status 2."""
     parser = build_parser()
-    arguments = parser.parse_args(argv)
+    arguments = parser.instantiate_classes(parser.parse_args(argv))  # dataclass options become instances
     verb = arguments.verb
-    options = {key: value for key, value in vars(arguments[verb]).items() if key not in ("config", "__path__")}
+    function, arguments = COMMANDS[verb], arguments[verb]
+    if isinstance(function, dict):
+        action = arguments.action
+        function, arguments = function[action], arguments[action]
+    options = {key: value for key, value in vars(arguments).items() if key not in ("config", "__path__")}
     try:
-        COMMANDS[verb](**options)
+        function(**options)
     except LlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -45,6 +45,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=151936, n_layers=24, n_heads=14, n_kv_heads=2, d_model=896, d_ff=4864, max_seq_len=32768,
         norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True, tie_embeddings=True, bos_id=151643, eos_id=151643,
     ),
+    # llmkit's own small Llama-style model: `llmkit pretrain`'s default (3.4M parameters with a 2,048-token vocabulary)
+    "mini": dict(vocab_size=2048, n_layers=4, n_heads=8, n_kv_heads=4, d_model=256, d_ff=688, max_seq_len=256,
+                 tie_embeddings=True, bos_id=None, eos_id=0),
     # tiny shapes for tests and quick experiments
     "tiny-llama": dict(vocab_size=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_ff=128, max_seq_len=256),
     "tiny-gpt2": dict(_GPT2, vocab_size=256, n_layers=2, n_heads=4, d_model=64, max_seq_len=256, bos_id=None, eos_id=None),

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.train.settings import Strategy
 
-Strategy = Literal["auto", "ddp", "fsdp"]
 OPTIMIZER_DIR = "optimizer"
 
 

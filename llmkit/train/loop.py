@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -28,7 +27,6 @@ from llmkit.train.checkpoint import (
 )
 from llmkit.train.distributed import (
     Cluster,
-    Strategy,
     all_reduce_mean,
     all_reduce_sum,
     gradient_sync,
@@ -38,41 +36,14 @@ from llmkit.train.distributed import (
 )
 from llmkit.train.metrics import MetricsLog
 from llmkit.train.objectives import Batch, Objective
-from llmkit.train.optim import Schedule, build_optimizer, build_scheduler
-from llmkit.train.precision import Precision, autocast, compute_dtype, grad_scaler
+from llmkit.train.optim import build_optimizer, build_scheduler
+from llmkit.train.precision import autocast, compute_dtype, grad_scaler
 from llmkit.train.recompute import enable_activation_checkpointing
+from llmkit.train.settings import Precision, TrainSettings
 
 # batch(position, batch_size, rank, world_size): the rank's slice of the global batch starting at sample `position`
 BatchSource = Callable[[int, int, int, int], Batch]
 EvalCallback = Callable[[nn.Module, int], dict | None]
-
-
-@dataclass
-class TrainSettings:
-    """How to train (what to train on is the caller's). Batch sizes count sequences."""
-
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch on each rank
-    accumulation_steps: int = 1  # micro-batches per optimizer step (global batch = batch_size x this x ranks)
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the schedule decays to lr x this
-    schedule: Schedule = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0  # max global gradient norm; None turns clipping off
-    precision: Precision = "fp32"  # bf16-mixed halves activation memory and is fastest on recent GPUs
-    compile: bool = False  # torch.compile the model (slow first steps, faster after)
-    activation_checkpointing: bool = False  # recompute blocks in the backward pass: less memory, ~30% more compute
-    distributed: Strategy = "auto"  # under torchrun: auto (DDP) or fsdp
-    eval_every: int = 200  # steps between validation runs (and samples); 0 turns them off
-    eval_batches: int = 20  # validation batches per run
-    log_every: int = 10  # steps between metric rows
-    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_last: int = 2  # checkpoints kept besides the best one
-    resume: Literal["auto", "never"] = "auto"  # auto continues from the run directory's latest checkpoint
-    seed: int = 1337
-    device: str = "auto"
 
 
 @dataclass
@@ -139,7 +110,7 @@ def train(
     progress = tqdm(total=settings.max_steps, initial=state.step, disable=not cluster.is_main or None,
                     desc="train", unit="step", dynamic_ncols=True)
     losses, val_loss, last_checkpoint = [], None, None
-    started, tokens_at_start = time.perf_counter(), state.tokens
+    started, tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     while state.step < settings.max_steps:
@@ -180,6 +151,10 @@ def train(
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
         if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
+            if progress.disable and cluster.is_main:  # no terminal (a log file, CI): one line per logged step
+                eta = (settings.max_steps - state.step) * elapsed / max(1, state.step - start_step)
+                print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                      f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
             metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                          "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed})
 
@@ -190,7 +165,8 @@ def train(
             if on_eval is not None:
                 row.update(on_eval(unwrap(model), state.step) or {})
             metrics.log(row)
-            progress.write(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {row['val_perplexity']:.2f}")
+            if cluster.is_main:
+                progress.write(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {row['val_perplexity']:.2f}")
             improved = state.best_val_loss is None or val_loss < state.best_val_loss
             if improved:
                 state.best_val_loss, state.best_step = val_loss, state.step

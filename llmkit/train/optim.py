@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.train.settings import Schedule
 
-Schedule = Literal["cosine", "linear", "constant"]
 NO_DECAY_NAMES = ("embed", "pos_embed")  # embeddings are lookup tables: decaying them only shrinks rare tokens
 
 

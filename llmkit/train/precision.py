@@ -4,13 +4,12 @@ GradScaler, whose loss scaling keeps small fp16 gradients from flushing to zero)
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.train.settings import Precision
 
-Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
