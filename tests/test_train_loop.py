@@ -181,8 +181,21 @@ def test_a_diverging_loss_stops_with_advice(tmp_path, one_thread):
         train(tiny_model(), exploding, token_source(), quiet_settings(), tmp_path)
 
 
-def test_bf16_autocast_trains(tmp_path, one_thread):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_trains_with_float32_master_weights(tmp_path, one_thread, precision):
     model = tiny_model()
-    result = train(model, causal_lm_loss, token_source(), quiet_settings(max_steps=20, precision="bf16-mixed"), tmp_path)
+    result = train(model, causal_lm_loss, token_source(), quiet_settings(max_steps=20, precision=precision), tmp_path)
     assert result.losses[-1] < result.losses[0] - 0.5
-    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    trainer_state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    if precision == "fp16-mixed":  # the loss scale is part of the state, so a resumed run scales the same way
+        assert trainer_state["scaler"]["scale"] > 1
+    else:
+        assert trainer_state["scaler"] is None
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_thread):
+    plain = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(), tmp_path / "plain").losses
+    recomputed = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(activation_checkpointing=True),
+                       tmp_path / "recomputed").losses
+    assert recomputed == pytest.approx(plain, abs=1e-6)

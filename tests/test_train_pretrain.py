@@ -30,7 +30,7 @@ def test_loss_on_tiny_shakespeare_falls_below_the_threshold(short_run):
     rows = [json.loads(line) for line in (short_run / "metrics.jsonl").read_text().splitlines()]
     train = [row["loss"] for row in rows if row["kind"] == "train"]
     evals = [row for row in rows if row["kind"] == "eval"]
-    # A uniform guess over 512 tokens is ln(512) = 6.24 nats; 80 steps of the 2-layer model reach ~4.6.
+    # A uniform guess over 512 tokens is ln(512) = 6.24 nats; 80 steps of the 2-layer model reach ~4.78 (seen here).
     assert train[0] > 6.0
     assert evals[-1]["val_loss"] < 5.0
     assert [row["step"] for row in evals] == [40, 80]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from llmkit.train.recompute import enable_activation_checkpointing
 from llmkit.train.settings import Precision, TrainSettings
 
 # batch(position, batch_size, rank, world_size): the rank's slice of the global batch starting at sample `position`
+THROUGHPUT_WINDOW = 20  # steps over which tokens/s and the ETA are measured (not since the start: compile, resume)
 BatchSource = Callable[[int, int, int, int], Batch]
 EvalCallback = Callable[[nn.Module, int], dict | None]
 
@@ -110,7 +112,8 @@ def train(
     progress = tqdm(total=settings.max_steps, initial=state.step, disable=not cluster.is_main or None,
                     desc="train", unit="step", dynamic_ncols=True)
     losses, val_loss, last_checkpoint = [], None, None
-    started, tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
+    started = time.perf_counter()
+    recent = deque([(started, state.tokens)], maxlen=THROUGHPUT_WINDOW + 1)  # (time, tokens) of the last steps
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     while state.step < settings.max_steps:
@@ -146,13 +149,15 @@ def train(
             raise LlmkitError(f"the loss became {loss_value} at step {state.step}; lower --lr, use a longer warmup, "
                               "or bf16 instead of fp16")
         losses.append(loss_value)
-        elapsed = time.perf_counter() - started
-        tokens_per_second = (state.tokens - tokens_at_start) / max(elapsed, 1e-9)
+        now = time.perf_counter()
+        recent.append((now, state.tokens))
+        elapsed, window = now - started, now - recent[0][0]
+        tokens_per_second = (state.tokens - recent[0][1]) / max(window, 1e-9)
+        eta = (settings.max_steps - state.step) * window / (len(recent) - 1)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
         if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
             if progress.disable and cluster.is_main:  # no terminal (a log file, CI): one line per logged step
-                eta = (settings.max_steps - state.step) * elapsed / max(1, state.step - start_step)
                 print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
             metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
