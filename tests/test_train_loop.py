@@ -17,7 +17,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.train.checkpoint import list_checkpoints
-from llmkit.train.loop import TrainSettings, clip_gradients, train
+from llmkit.train.loop import TrainSettings, clip_gradients, peak_flops_of, train
 from llmkit.train.metrics import METRICS_FILE
 from llmkit.train.objectives import IGNORE_INDEX, causal_lm_loss, token_cross_entropy
 from tests.train_script import token_source
@@ -199,3 +199,11 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_thread):
     recomputed = train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(activation_checkpointing=True),
                        tmp_path / "recomputed").losses
     assert recomputed == pytest.approx(plain, abs=1e-6)
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA GeForce RTX 4090", 165.0), ("NVIDIA L40S", None),
+])
+def test_mfu_uses_the_datasheet_peak_of_the_gpu_it_recognises(name, tflops):
+    assert peak_flops_of(name) == (tflops * 1e12 if tflops else None)

@@ -7,6 +7,7 @@ checkpoints and exact resume) is a field of `TrainSettings`.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmkit import estimate
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.checkpoint import (
@@ -43,6 +45,9 @@ from llmkit.train.recompute import enable_activation_checkpointing
 from llmkit.train.settings import Precision, TrainSettings
 
 # batch(position, batch_size, rank, world_size): the rank's slice of the global batch starting at sample `position`
+# torch.cuda.get_device_name -> llmkit.estimate.GPU_PEAK_TFLOPS key ("NVIDIA H100 80GB HBM3" is the SXM part)
+GPU_NAME_PATTERNS = [(r"H200", "H200"), (r"H100.*PCIE", "H100-PCIe"), (r"H100", "H100-SXM"), (r"A100", "A100"),
+                     (r"\bL4\b", "L4"), (r"4090", "RTX-4090"), (r"V100", "V100")]
 THROUGHPUT_WINDOW = 20  # steps over which tokens/s and the ETA are measured (not since the start: compile, resume)
 BatchSource = Callable[[int, int, int, int], Batch]
 EvalCallback = Callable[[nn.Module, int], dict | None]
@@ -115,6 +120,8 @@ def train(
     started = time.perf_counter()
     recent = deque([(started, state.tokens)], maxlen=THROUGHPUT_WINDOW + 1)  # (time, tokens) of the last steps
     parameters = [p for p in model.parameters() if p.requires_grad]
+    peak_flops = gpu_peak_flops(cluster.device)
+    flops_per_token = None
 
     while state.step < settings.max_steps:
         step_model.train()
@@ -125,6 +132,8 @@ def train(
             batch = {name: tensor.to(cluster.device, non_blocking=True) for name, tensor in batch.items()}
             state.position += settings.batch_size * world
             step_tokens += batch["input_ids"].numel() * world
+            if flops_per_token is None and peak_flops is not None:
+                flops_per_token = estimate.flops_per_token(unwrap(model).config, batch["input_ids"].shape[1], attention=True)
             with gradient_sync(step_model, cluster, micro_step == settings.accumulation_steps - 1):
                 with autocast(autocast_precision, cluster.device):
                     loss = objective(step_model, batch) / settings.accumulation_steps
@@ -154,14 +163,17 @@ def train(
         elapsed, window = now - started, now - recent[0][0]
         tokens_per_second = (state.tokens - recent[0][1]) / max(window, 1e-9)
         eta = (settings.max_steps - state.step) * window / (len(recent) - 1)
+        # Model FLOPs utilisation on a known GPU: achieved training FLOP/s over the datasheet's dense bf16 peak.
+        mfu = {"mfu": tokens_per_second * flops_per_token / peak_flops} if flops_per_token else {}
         progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",
+                             **{key: f"{value:.1%}" for key, value in mfu.items()}, refresh=False)
         if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
             if progress.disable and cluster.is_main:  # no terminal (a log file, CI): one line per logged step
                 print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
             metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed})
+                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed, **mfu})
 
         is_last = state.step == settings.max_steps
         if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):
@@ -189,6 +201,17 @@ def train(
     return TrainResult(steps=state.step, tokens=state.tokens, train_loss=losses[-1] if losses else float("nan"),
                        val_loss=val_loss, checkpoint=last_checkpoint or (checkpoints[-1] if checkpoints else None),
                        best_checkpoint=best, plot=plot, losses=losses)
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of this CUDA device when llmkit.estimate knows it (None on CPU or an unknown GPU)."""
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU from its CUDA device name, or None when llmkit.estimate does not list it."""
+    key = next((key for pattern, key in GPU_NAME_PATTERNS if re.search(pattern, gpu_name.upper())), None)
+    return estimate.GPU_PEAK_TFLOPS[key] * 1e12 if key else None
 
 
 def clip_gradients(parameters: list[torch.Tensor], max_norm: float | None) -> float:
