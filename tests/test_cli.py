@@ -17,9 +17,17 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("verb", sorted(COMMANDS))
+VERBS = sorted([f"{group} {name}" for group, verbs in COMMANDS.items() if isinstance(verbs, dict) for name in verbs]
+               + [verb for verb, function in COMMANDS.items() if not isinstance(function, dict)])
+
+
+def test_verb_groups_are_listed():
+    assert "tokenizer train" in VERBS and "pretrain" in VERBS
+
+
+@pytest.mark.parametrize("verb", VERBS)
 def test_every_verb_has_help_with_an_example(capsys, verb):
-    code, out, _ = run_cli(capsys, verb, "--help")
+    code, out, _ = run_cli(capsys, *verb.split(), "--help")
     assert code == 0
     assert "Example:" in out and f"llmkit {verb}" in out
 
