@@ -133,7 +133,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer that belongs to a model path (from GGUF metadata or the directory's tokenizer files)."""
+    """The tokenizer of a model path (GGUF metadata or the directory's tokenizer files), or of a tokenizer-only
+    directory (what `llmkit tokenizer train` writes)."""
+    from llmkit.tokenizer import TOKENIZER_FILE
+
+    if Path(path).is_dir() and (Path(path) / TOKENIZER_FILE).is_file():
+        return Tokenizer.from_dir(path)
     if detect_format(path) == "gguf":
         return Tokenizer.from_gguf(path)
     return Tokenizer.from_dir(path)

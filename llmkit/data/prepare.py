@@ -161,6 +161,7 @@ def prepare_data(
         seed: seed of the document-level train/validation split.
         progress: show progress bars.
     """
+    from llmkit.checkpoints import load_tokenizer
     from llmkit.data.sources import builtin_corpus_path
     from llmkit.data.tokenizer_train import reusable_tokenizer, save_trained, train_tokenizer, training_record
 
@@ -174,21 +175,10 @@ def prepare_data(
             save_trained(loaded, tokenizer_path, record)
             print(f"trained a {loaded.vocab_size:,}-token byte-level BPE tokenizer -> {tokenizer_path}")
     else:
-        tokenizer_path, loaded = tokenizer, load_any_tokenizer(tokenizer)
+        tokenizer_path, loaded = tokenizer, load_tokenizer(tokenizer)
     manifest = prepare(paths, output, loaded, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
                        shard_tokens=shard_tokens, document_separator=document_separator, seed=seed, show_progress=progress)
     print(summary(manifest, output))
-
-
-def load_any_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a tokenizer directory (tokenizer.json), or from anything llmkit's load_tokenizer accepts."""
-    from llmkit.tokenizer import TOKENIZER_FILE
-
-    if Path(path).is_dir() and (Path(path) / TOKENIZER_FILE).is_file():
-        return Tokenizer.from_dir(path)
-    from llmkit.checkpoints import load_tokenizer
-
-    return load_tokenizer(path)
 
 
 def summary(manifest: dict[str, Any], output: str | Path) -> str:

@@ -72,8 +72,8 @@ def pretrain(
     """
     import torch
 
-    from llmkit.checkpoints import resolve_device
-    from llmkit.data.prepare import load_any_tokenizer, load_manifest, manifest_tokenizer_path, prepare_data
+    from llmkit.checkpoints import load_tokenizer, resolve_device
+    from llmkit.data.prepare import load_manifest, manifest_tokenizer_path, prepare_data
     from llmkit.data.shards import SequenceStream, TokenShards, validation_batches
     from llmkit.train.distributed import barrier, init_cluster
     from llmkit.train.loop import train as train_loop
@@ -90,7 +90,7 @@ def pretrain(
     tokenizer_path = manifest_tokenizer_path(data_dir, manifest)
     if tokenizer_path is None:
         raise LlmkitError(f"{data_dir}/manifest.json names no tokenizer; re-run `llmkit prepare` with --tokenizer")
-    text_tokenizer = load_any_tokenizer(tokenizer_path)
+    text_tokenizer = load_tokenizer(tokenizer_path)
 
     torch.manual_seed(train.seed)
     network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
