@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from llmkit.config import Config
+from llmkit.config import GATED_MLPS, Config
 from llmkit.errors import LlmkitError
 
 Precision = Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"]
@@ -141,17 +141,21 @@ def block_tensor_sizes(config: Config) -> list[int]:
         sizes += [q, kv, kv]
     if config.out_bias:
         sizes.append(d)
-    n_mlp_in = 2 if config.mlp == "swiglu" else 1
-    sizes += [d * f] * (n_mlp_in + 1)
+    n_mlp_in = 2 if config.mlp in GATED_MLPS else 1
+    mlp = [d * f] * (n_mlp_in + 1)
     if config.mlp_bias:
-        sizes += [f] * n_mlp_in + [d]
-    return sizes
+        mlp += [f] * n_mlp_in + [d]
+    if config.n_experts:  # mixture of experts: n_experts whole MLPs and the router's (n_experts, d) matrix
+        mlp = mlp * config.n_experts + [config.n_experts * d]
+    return sizes + mlp
 
 
 def outside_tensor_sizes(config: Config) -> list[int]:
-    """Parameter tensors outside the blocks: token embedding, learned positions, final norm, untied head."""
+    """Parameter tensors outside the blocks: token embedding, its norm (BLOOM), learned positions, final norm,
+    untied head."""
     d = config.d_model
-    sizes = [config.vocab_size * d] + [d] * (2 if config.norm == "layernorm" else 1)
+    norm = [d] * (2 if config.norm == "layernorm" else 1)
+    sizes = [config.vocab_size * d] + norm * (2 if config.embed_norm else 1)
     if config.position == "learned":
         sizes.append(config.max_seq_len * d)
     if not config.tie_embeddings:
@@ -162,7 +166,7 @@ def outside_tensor_sizes(config: Config) -> list[int]:
 def matmul_weights(config: Config) -> int:
     """Parameters used as matmul weights (what autocast copies to low precision): block linears and the LM head."""
     d, f, q, kv = config.d_model, config.d_ff, config.q_dim, config.kv_dim
-    n_mlp_in = 2 if config.mlp == "swiglu" else 1
+    n_mlp_in = 2 if config.mlp in GATED_MLPS else 1
     return config.n_layers * (2 * d * q + 2 * d * kv + (n_mlp_in + 1) * d * f) + config.vocab_size * d
 
 
@@ -200,16 +204,16 @@ def activation_memory(
     _check_shape(config, batch_size, seq_len)
     tokens = batch_size * seq_len
     d, f, q, kv = config.d_model, config.d_ff, config.q_dim, config.kv_dim
-    mlp_inputs = 2 if config.mlp == "swiglu" else 1
+    mlp_inputs = 2 if config.mlp in GATED_MLPS else 1
     block_per_token = (
         _norm_bytes(config, p, consumers=3)
         + p.compute * (2 * q + 2 * kv) + FLOAT32 * config.n_heads
         + _norm_bytes(config, p, consumers=mlp_inputs)
-        + p.compute * f * (4 if config.mlp == "swiglu" else 2)
+        + p.compute * f * (4 if config.mlp in GATED_MLPS else 2)
     )
     per_block = tokens * block_per_token
     if config.position == "rope":
-        positions = 2 * seq_len * config.head_dim * p.residual  # cos and sin (1, 1, T, D)
+        positions = 2 * seq_len * config.rope_dim * p.residual  # cos and sin (1, 1, T, D)
     elif config.position == "learned":
         positions = seq_len * INT64
     else:
@@ -237,7 +241,7 @@ def activation_memory(
         # - with checkpointing, recomputing the last block: the head's tensors are gone and its weight gradient exists;
         #   the block's tensors are back (its input was kept anyway) with the gradient flowing into it, and the MLP
         #   backward adds two (SwiGLU) or one (GELU) d_ff-wide gradients.
-        mlp_gradients = tokens * p.compute * f * (2 if config.mlp == "swiglu" else 1)
+        mlp_gradients = tokens * p.compute * f * (2 if config.mlp in GATED_MLPS else 1)
         head_gradient = p.weight * config.vocab_size * d
         transient = max(transient, per_block + mlp_gradients + head_gradient - head)
     return ActivationMemory(per_block=per_block, blocks=blocks, outside_blocks=outside, weight_copies=weight_copies,

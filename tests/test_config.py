@@ -64,8 +64,8 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(LlmkitError, match="is not valid JSON"):
         Config.load(tmp_path / "bad.json")
-    (tmp_path / "extra.json").write_text('{"d_model": 64, "n_experts": 8}')
-    with pytest.raises(LlmkitError, match=r"unknown fields \['n_experts'\]"):
+    (tmp_path / "extra.json").write_text('{"d_model": 64, "n_shared_experts": 8}')
+    with pytest.raises(LlmkitError, match=r"unknown fields \['n_shared_experts'\]"):
         Config.load(tmp_path / "extra.json")
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral and Qwen2.
+"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral, Qwen2, BLOOM, Phi-3, Gemma, StableLM.
 
 Each family has one explicit key map between Hugging Face tensor names and llmkit's, chosen by
 the architecture the checkpoint's config.json declares (never guessed from the tensor names).
@@ -18,11 +18,16 @@ from torch import nn
 
 from llmkit.checkpoints.hf_config import (
     ARCHITECTURE_KEY,
+    BLOOM,
     CONFIG_FILE,
+    GEMMA,
     GPT2,
     LLAMA,
     MISTRAL,
+    MIXTRAL,
+    PHI3,
     QWEN2,
+    STABLELM,
     config_from_hf,
     hf_architecture,
     hf_config_dict,
@@ -65,65 +70,129 @@ GPT2_MODULES = {
     "transformer.ln_f": "final_norm",
     "lm_head": "lm_head",
 }
-GPT2_PREFIX = "transformer."  # checkpoints saved from GPT2Model (openai-community/gpt2) lack it
-GPT2_FUSED_QKV = "transformer.h.{i}.attn.c_attn"
+BLOOM_MODULES = {
+    "transformer.word_embeddings": "embed",
+    "transformer.word_embeddings_layernorm": "embed_norm",
+    "transformer.h.{i}.input_layernorm": "blocks.{i}.attn_norm",
+    # transformer.h.{i}.self_attention.query_key_value holds q, k and v per head (see FUSED)
+    "transformer.h.{i}.self_attention.dense": "blocks.{i}.attn.o_proj",
+    "transformer.h.{i}.post_attention_layernorm": "blocks.{i}.mlp_norm",
+    "transformer.h.{i}.mlp.dense_h_to_4h": "blocks.{i}.mlp.up_proj",
+    "transformer.h.{i}.mlp.dense_4h_to_h": "blocks.{i}.mlp.down_proj",
+    "transformer.ln_f": "final_norm",
+    "lm_head": "lm_head",
+}
+# Phi-3 is Llama with q, k, v in one qkv_proj and gate, up in one gate_up_proj (see FUSED)
+PHI3_MODULES = {hf_name: name for hf_name, name in LLAMA_MODULES.items()
+                if not hf_name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
+# Mixtral is Llama with a mixture of SwiGLU experts (w1 = gate, w3 = up, w2 = down; "{j}" is the expert) and a router
+MIXTRAL_MODULES = {
+    **{hf_name: name for hf_name, name in LLAMA_MODULES.items() if ".mlp." not in hf_name},
+    "model.layers.{i}.block_sparse_moe.gate": "blocks.{i}.mlp.router",
+    "model.layers.{i}.block_sparse_moe.experts.{j}.w1": "blocks.{i}.mlp.experts.{j}.gate_proj",
+    "model.layers.{i}.block_sparse_moe.experts.{j}.w3": "blocks.{i}.mlp.experts.{j}.up_proj",
+    "model.layers.{i}.block_sparse_moe.experts.{j}.w2": "blocks.{i}.mlp.experts.{j}.down_proj",
+}
+MODULES = {GPT2: GPT2_MODULES, BLOOM: BLOOM_MODULES, PHI3: PHI3_MODULES, MIXTRAL: MIXTRAL_MODULES}  # else Llama's
+# Fused HF linears: HF module -> the llmkit modules whose output rows it holds, in order.
+QKV = ("blocks.{i}.attn.q_proj", "blocks.{i}.attn.k_proj", "blocks.{i}.attn.v_proj")
+FUSED = {
+    GPT2: {"transformer.h.{i}.attn.c_attn": QKV},
+    BLOOM: {"transformer.h.{i}.self_attention.query_key_value": QKV},
+    PHI3: {"model.layers.{i}.self_attn.qkv_proj": QKV,
+           "model.layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate_proj", "blocks.{i}.mlp.up_proj")},
+}
+INTERLEAVED_PER_HEAD = (BLOOM,)  # rows are [q_h; k_h; v_h] for each head h, not [q; k; v]
+# Checkpoints saved from the base model (openai-community/gpt2, bigscience/bloom-560m) lack the prefix
+BASE_PREFIX = {GPT2: "transformer.", BLOOM: "transformer."}
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D stores weights (in, out)
 # Non-persistent buffers some exporters saved anyway (causal masks, rotary tables): not weights.
 ROTARY_BUFFER = (".rotary_emb.inv_freq",)
 BUFFER_SUFFIXES = {GPT2: (".attn.bias", ".attn.masked_bias"), LLAMA: ROTARY_BUFFER, MISTRAL: ROTARY_BUFFER,
-                   QWEN2: ROTARY_BUFFER}
+                   QWEN2: ROTARY_BUFFER, BLOOM: (), PHI3: ROTARY_BUFFER, GEMMA: ROTARY_BUFFER, MIXTRAL: ROTARY_BUFFER,
+                   STABLELM: ROTARY_BUFFER}
 
 
 # --------------------------------------------------------------------------- key maps (both directions)
 
 
-def _module_map(architecture: str, n_layers: int) -> dict[str, str]:
-    """HF module name -> llmkit module name for every layer of this model."""
-    table = GPT2_MODULES if architecture == GPT2 else LLAMA_MODULES
+def _module_map(architecture: str, n_layers: int, n_experts: int = 0) -> dict[str, str]:
+    """HF module name -> llmkit module name for every layer (and expert) of this model."""
     modules = {}
-    for hf_name, name in table.items():
+    for hf_name, name in MODULES.get(architecture, LLAMA_MODULES).items():
         for i in range(n_layers) if "{i}" in hf_name else [None]:
-            modules[hf_name.format(i=i)] = name.format(i=i)
+            for j in range(n_experts) if "{j}" in hf_name else [None]:
+                modules[hf_name.format(i=i, j=j)] = name.format(i=i, j=j)
     return modules
 
 
+def _fused_map(architecture: str, n_layers: int) -> dict[str, tuple[str, ...]]:
+    """Fused HF module name -> the llmkit modules it holds, for every layer of this model."""
+    return {hf_name.format(i=i): tuple(part.format(i=i) for part in parts)
+            for hf_name, parts in FUSED.get(architecture, {}).items() for i in range(n_layers)}
+
+
+def _rows(config: Config, module: str) -> int:
+    """Output rows of an llmkit projection that HF may fuse with others."""
+    if module.endswith("q_proj"):
+        return config.q_dim
+    return config.kv_dim if module.endswith(("k_proj", "v_proj")) else config.d_ff
+
+
+def _join(config: Config, architecture: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack the parts' rows into one fused tensor: [q; k; v] (or per head [q_h; k_h; v_h] for BLOOM)."""
+    if architecture in INTERLEAVED_PER_HEAD:
+        per_head = [part.reshape(config.n_heads, config.head_dim, *part.shape[1:]) for part in parts]  # (H, D, ...)
+        return torch.stack(per_head, dim=1).reshape(-1, *parts[0].shape[1:])  # (H, 3, D, ...) -> (3HD, ...)
+    return torch.cat(parts, dim=0)
+
+
+def _split(config: Config, architecture: str, modules: tuple[str, ...], tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of `_join`: one fused tensor -> one tensor per llmkit module."""
+    if architecture in INTERLEAVED_PER_HEAD:
+        per_head = tensor.reshape(config.n_heads, len(modules), config.head_dim, *tensor.shape[1:])  # (H, 3, D, ...)
+        return [per_head[:, j].reshape(-1, *tensor.shape[1:]) for j in range(len(modules))]  # 3 x (HD, ...)
+    return list(tensor.split([_rows(config, module) for module in modules], dim=0))
+
+
 def to_hf_state_dict(config: Config, state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
-    """Rename (and for GPT-2 fuse and transpose) llmkit tensors into `architecture`'s HF names."""
-    to_hf = {name: hf_name for hf_name, name in _module_map(architecture, config.n_layers).items()}
+    """Rename (and where HF fuses or transposes, fuse and transpose) llmkit tensors into `architecture`'s HF names."""
+    to_hf = {name: hf_name for hf_name, name in _module_map(architecture, config.n_layers, config.n_experts).items()}
+    fused = _fused_map(architecture, config.n_layers)
+    in_fused = {module for modules in fused.values() for module in modules}
     hf_state = {}
     for name, tensor in state.items():
         module, parameter = name.rsplit(".", 1)
-        if architecture == GPT2 and module.endswith(("attn.q_proj", "attn.k_proj", "attn.v_proj")):
-            continue  # fused into c_attn below
+        if module in in_fused:
+            continue  # joined below
         if module not in to_hf:
             raise LlmkitError(f"parameter {name} has no place in a {architecture} checkpoint; merge or remove "
                               "adapters and other added modules before exporting")
-        hf_name = to_hf[module]
-        if architecture == GPT2 and parameter == "weight" and hf_name.endswith(GPT2_CONV1D):
-            tensor = tensor.t()  # (out, in) -> Conv1D (in, out)
-        hf_state[f"{hf_name}.{parameter}"] = tensor
+        hf_state[f"{to_hf[module]}.{parameter}"] = tensor
+    for hf_name, modules in fused.items():
+        for parameter in ("weight", "bias"):
+            if f"{modules[0]}.{parameter}" in state:
+                parts = [state[f"{module}.{parameter}"] for module in modules]
+                hf_state[f"{hf_name}.{parameter}"] = _join(config, architecture, parts)
     if architecture == GPT2:
-        for i in range(config.n_layers):
-            fused = GPT2_FUSED_QKV.format(i=i)
-            q, k, v = (state[f"blocks.{i}.attn.{p}_proj.weight"] for p in "qkv")
-            hf_state[f"{fused}.weight"] = torch.cat((q, k, v), dim=0).t()  # (3C, C) -> (C, 3C)
-            hf_state[f"{fused}.bias"] = torch.cat([state[f"blocks.{i}.attn.{p}_proj.bias"] for p in "qkv"])
+        for hf_name, tensor in hf_state.items():
+            if hf_name.endswith(tuple(f"{module}.weight" for module in GPT2_CONV1D)):
+                hf_state[hf_name] = tensor.t()  # (out, in) -> Conv1D (in, out)
     return hf_state
 
 
 def from_hf_state_dict(config: Config, hf_state: dict[str, torch.Tensor], architecture: str) -> dict[str, torch.Tensor]:
     """The inverse of `to_hf_state_dict`: HF-named tensors (already checked) -> llmkit names."""
-    modules = _module_map(architecture, config.n_layers)
-    fused = {GPT2_FUSED_QKV.format(i=i): i for i in range(config.n_layers)} if architecture == GPT2 else {}
+    modules = _module_map(architecture, config.n_layers, config.n_experts)
+    fused = _fused_map(architecture, config.n_layers)
     state = {}
     for hf_name, tensor in hf_state.items():
         module, parameter = hf_name.rsplit(".", 1)
         if architecture == GPT2 and parameter == "weight" and module.endswith(GPT2_CONV1D):
             tensor = tensor.t()  # Conv1D (in, out) -> (out, in)
         if module in fused:
-            parts = tensor.split([config.q_dim, config.kv_dim, config.kv_dim], dim=0)  # (3C, ...) -> 3 x (C, ...)
-            for projection, part in zip("qkv", parts):
-                state[f"blocks.{fused[module]}.attn.{projection}_proj.{parameter}"] = part.contiguous()
+            for part, piece in zip(fused[module], _split(config, architecture, fused[module], tensor)):
+                state[f"{part}.{parameter}"] = piece.contiguous()
         else:
             state[f"{modules[module]}.{parameter}"] = tensor.contiguous()
     return state
@@ -154,8 +223,9 @@ def load_hf(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     where = {}  # expected HF name -> (file, name inside the file)
     for stored, file in locations.items():
         name = stored
-        if architecture == GPT2 and not name.startswith(GPT2_PREFIX) and not name.startswith("lm_head."):
-            name = GPT2_PREFIX + name
+        prefix = BASE_PREFIX.get(architecture)
+        if prefix and not name.startswith(prefix) and not name.startswith("lm_head."):
+            name = prefix + name
         if name.endswith(BUFFER_SUFFIXES[architecture]):
             continue
         if name == "lm_head.weight" and config.tie_embeddings:

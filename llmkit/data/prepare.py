@@ -136,6 +136,7 @@ def prepare_data(
     document_separator: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    special_tokens: list[str] | None = None,
 ) -> None:
     """Tokenize text into token shards for pretraining (training a tokenizer first unless you give one).
 
@@ -160,18 +161,28 @@ def prepare_data(
         document_separator: split .txt/.md files into documents at this string (bash: $'\\n\\n\\n').
         seed: seed of the document-level train/validation split.
         progress: show progress bars.
+        special_tokens: special tokens of the tokenizer trained when --tokenizer is not given; the first is EOS
+            (default: <|endoftext|>; masked-LM pretraining adds [MASK]).
     """
     from llmkit.checkpoints import load_tokenizer
     from llmkit.data.sources import builtin_corpus_path
-    from llmkit.data.tokenizer_train import reusable_tokenizer, save_trained, train_tokenizer, training_record
+    from llmkit.data.tokenizer_train import (
+        DEFAULT_SPECIAL_TOKENS,
+        reusable_tokenizer,
+        save_trained,
+        train_tokenizer,
+        training_record,
+    )
 
     paths = list(inputs) if inputs else [builtin_corpus_path()]
     if tokenizer is None:
         tokenizer_path = str(Path(output) / TOKENIZER_DIR)
-        record = training_record(paths, vocab_size, text_field, min_frequency)
+        special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
+        record = training_record(paths, vocab_size, text_field, min_frequency, special)
         loaded = reusable_tokenizer(tokenizer_path, record)
         if loaded is None:
-            loaded = train_tokenizer(paths, vocab_size, text_field, min_frequency=min_frequency, show_progress=progress)
+            loaded = train_tokenizer(paths, vocab_size, text_field, special_tokens=special, min_frequency=min_frequency,
+                                     show_progress=progress)
             save_trained(loaded, tokenizer_path, record)
             print(f"trained a {loaded.vocab_size:,}-token byte-level BPE tokenizer -> {tokenizer_path}")
     else:

@@ -1,6 +1,6 @@
 """Decoder-only language model (GPT-2, Llama, Mistral, Qwen2, SmolLM2...), read top to bottom:
 
-    tokens -> embedding (+ learned positions) -> n_layers x Block -> final norm -> LM head -> logits
+    tokens -> embedding (x sqrt(d), norm; + learned positions) -> n_layers x Block -> final norm -> LM head -> logits
 
 Variants (norm, MLP, position scheme, biases, GQA, tied head) are `Config` fields.
 """
@@ -26,6 +26,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_norm = build_norm(config) if config.embed_norm else None  # BLOOM's word_embeddings_layernorm
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config)
@@ -85,6 +86,11 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         context = self._attention_context(B, T, cache, attention_mask, input_ids.device)
         x = self.embed(input_ids)  # (B, T, C)
+        if self.config.scale_embeddings:
+            # Gemma: times sqrt(d_model), a factor first rounded to the embedding dtype as its checkpoints expect
+            x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed(context.positions)
         for block in self.blocks:

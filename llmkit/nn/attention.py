@@ -1,4 +1,4 @@
-"""Causal self-attention for MHA / GQA / MQA with a preallocated KV cache.
+"""Self-attention (causal, or as masked) and cross-attention for MHA / GQA / MQA with a preallocated KV cache.
 
 attention(Q, K, V) = softmax(Q K^T / sqrt(d) + bias) V  (Vaswani et al. 2017). With grouped-query
 attention (Ainslie et al. 2023) n_kv_heads < n_heads and each key/value head serves
@@ -97,41 +97,57 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.v_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.o_proj = Linear(config.q_dim, config.d_model, bias=config.out_bias)
+        self.scale = config.attention_scale  # None: 1/sqrt(head_dim)
 
-    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: AttentionContext, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Self-attention over x (B, T, C); cross-attention when `keys_values` holds another sequence's keys and
+        values (from `project_keys_values`, e.g. of the encoder states; the context then has no rotary tables or cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k, v = self.project_keys_values(x) if keys_values is None else keys_values  # (B, Hkv, S, D)
         if context.cos is not None:
             q = apply_rope(q, context.cos, context.sin)
             k = apply_rope(k, context.cos, context.sin)
         if context.cache is not None:
             k, v = context.cache.store(self.layer_index, context.start, k, v)  # (B, Hkv, S, D)
         if context.kernel == "reference":
-            y = reference_attention(q, k, v, context.mask, context.is_causal)
+            y = reference_attention(q, k, v, context.mask, context.is_causal, self.scale)
         else:
-            y = sdpa_attention(q, k, v, context.mask, context.is_causal)
+            y = sdpa_attention(q, k, v, context.mask, context.is_causal, self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
+    def project_keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, Hkv, S, D) of states (B, S, C)."""
+        B, S, _ = states.shape
+        k = self.k_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        return k, v
+
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Fused attention; `enable_gqa` lets each key/value head serve its query group without copies.
-    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1])
+    q (B, H, T, D); k, v (B, Hkv, S, D) -> (B, H, T, D). `scale` None is 1/sqrt(D)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + mask) V written out; same shapes as `sdpa_attention`."""
+    """softmax(Q K^T / sqrt(d) + mask) V written out (Q K^T * scale when a scale is given); same shapes as
+    `sdpa_attention`."""
     H, T, D = q.shape[1], q.shape[2], q.shape[3]
     k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() / D**0.5  # (B, H, T, S)
+    scores = (q @ k.transpose(-2, -1)).float()  # (B, H, T, S)
+    scores = scores / D**0.5 if scale is None else scores * scale
     if is_causal:
         S = k.shape[2]
         causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)

@@ -25,11 +25,54 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class PostNormBlock(Block):
+    """Post-norm (original Transformer, BERT): x = norm(x + attn(x)), then x = norm(x + ffn(x)).
+    Same parts and parameter names as `Block`; only where the norms sit differs."""
+
+    def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn(x, context))
+        return self.mlp_norm(x + self.mlp(x))
+
+
 def build_block(config: Config, layer_index: int) -> Block:
-    """The standard decoder block for `config`."""
-    return Block(
+    """The standard block for `config`: pre-norm, or post-norm when `config.post_norm` (BERT)."""
+    return (PostNormBlock if config.post_norm else Block)(
         attn=Attention(config, layer_index),
         mlp=build_mlp(config),
         attn_norm=build_norm(config),
+        mlp_norm=build_norm(config),
+    )
+
+
+class CrossAttentionBlock(nn.Module):
+    """The decoder block of an encoder-decoder (T5): x + self_attn(norm(x)), then x + cross_attn(norm(x)) over
+    the encoder's keys/values, then x + ffn(norm(x))."""
+
+    def __init__(
+        self, attn: nn.Module, cross_attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, cross_attn_norm: nn.Module,
+        mlp_norm: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = attn_norm, attn
+        self.cross_attn_norm, self.cross_attn = cross_attn_norm, cross_attn
+        self.mlp_norm, self.mlp = mlp_norm, mlp
+
+    def forward(
+        self, x: torch.Tensor, context: AttentionContext, cross_context: AttentionContext,
+        encoder_keys_values: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), context)
+        x = x + self.cross_attn(self.cross_attn_norm(x), cross_context, encoder_keys_values)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def build_cross_attention_block(config: Config, layer_index: int) -> CrossAttentionBlock:
+    """A decoder block with cross-attention for `config` (pre-norm)."""
+    return CrossAttentionBlock(
+        attn=Attention(config, layer_index),
+        cross_attn=Attention(config, layer_index),
+        mlp=build_mlp(config),
+        attn_norm=build_norm(config),
+        cross_attn_norm=build_norm(config),
         mlp_norm=build_norm(config),
     )

@@ -1,4 +1,5 @@
-"""Feed-forward layers: GELU MLP (GPT-2) and SwiGLU (Llama; Shazeer 2020, "GLU Variants")."""
+"""Feed-forward layers: GELU MLP (GPT-2), ReLU MLP (T5 v1.0), SwiGLU (Llama) and GeGLU (Gemma, T5 v1.1);
+the gated ones are from Shazeer 2020, "GLU Variants Improve Transformer"."""
 
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeGLU(nn.Module):
+    """y = down(gelu(gate(x)) * up(x)); Gemma uses the tanh approximation of GELU."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+
+
+class ReluMLP(nn.Module):
+    """y = down(relu(up(x))): the original Transformer's and T5 v1.0's feed-forward layer."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.up_proj = Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)))
+
+
+MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "geglu": GeGLU, "relu": ReluMLP}
+
+
 def build_mlp(config: Config) -> nn.Module:
-    """The block's feed-forward layer, chosen by `config.mlp` (a later MoE layer plugs in here)."""
-    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+    """The block's feed-forward layer, chosen by `config.mlp`; a mixture of such layers when `config.n_experts`."""
+    if config.n_experts:
+        from llmkit.nn.moe import MoE  # moe.py builds its experts from this module's classes
+
+        return MoE(config)
+    return MLP_CLASSES[config.mlp](config)

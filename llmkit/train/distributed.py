@@ -66,7 +66,9 @@ def wrap_model(model: nn.Module, cluster: Cluster, param_dtype: torch.dtype | No
         return model
     if cluster.strategy == "ddp":
         device_ids = [cluster.device.index] if cluster.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # A mixture-of-experts layer may route no token to some expert in a step: DDP must expect unused parameters.
+        has_experts = getattr(getattr(model, "config", None), "n_experts", 0) > 0
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=has_experts)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from llmkit import estimate
 from llmkit.errors import LlmkitError
+from llmkit.nn.moe import expert_utilisation
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.checkpoint import (
     TrainerState,
@@ -173,7 +174,8 @@ def train(
                 print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
                       f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
             metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed, **mfu})
+                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed, **mfu,
+                         **expert_utilisation(unwrap(model))})  # routing of the last micro-batch (MoE models only)
 
         is_last = state.step == settings.max_steps
         if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.errors import LlmkitError
+from llmkit.nn.moe import moe_aux_loss, moe_layers
+
 IGNORE_INDEX = -100  # label value that contributes nothing to the loss (prompt tokens, padding)
 
 Batch = dict[str, torch.Tensor]
@@ -21,9 +24,13 @@ def causal_lm_batch(tokens: torch.Tensor) -> Batch:
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32)."""
+    """Mean next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32); while training,
+    plus the load-balancing and z-losses of mixture-of-experts layers (validation reports cross-entropy alone)."""
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return token_cross_entropy(logits, batch["labels"])
+    loss = token_cross_entropy(logits, batch["labels"])
+    if model.training and moe_layers(model):
+        loss = loss + moe_aux_loss(model)
+    return loss
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,3 +39,158 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 OBJECTIVES: dict[str, Objective] = {"causal_lm": causal_lm_loss}
+
+
+# --------------------------------------------------------------------------- masked language modelling (BERT)
+
+MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens: 80% -> [MASK], 10% -> a random token, 10% kept
+
+
+def masked_lm_batch(
+    tokens: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: set[int] | list[int],
+    generator: torch.Generator | None = None,
+    mask_probability: float = 0.15,
+) -> Batch:
+    """BERT's corruption (Devlin et al. 2019) of token ids (B, T): each non-special token is chosen with
+    `mask_probability`; a chosen token becomes [MASK] (80%), a random non-special token (10%) or stays (10%).
+    Labels hold the original id where chosen and IGNORE_INDEX elsewhere, so the loss sees only chosen tokens."""
+    if not 0 < mask_probability <= 1:
+        raise LlmkitError(f"mask_probability={mask_probability} must be in (0, 1]; BERT uses 0.15")
+    special = torch.zeros(vocab_size, dtype=torch.bool)
+    for token_id in {*special_ids, mask_id}:
+        if not 0 <= token_id < vocab_size:
+            raise LlmkitError(f"special token id {token_id} is outside the vocabulary of {vocab_size} tokens; pass "
+                              "the tokenizer's ids and its vocab_size")
+        special[token_id] = True
+    ordinary = (~special).nonzero().squeeze(1)  # ids a random replacement may take
+    if len(ordinary) == 0:
+        raise LlmkitError(f"every one of the {vocab_size} token ids is special; nothing is left to predict")
+    device = tokens.device
+    chosen = (torch.rand(tokens.shape, generator=generator) < mask_probability).to(device) & ~special.to(device)[tokens]
+    action = torch.rand(tokens.shape, generator=generator).to(device)  # one draw picks mask / random / keep
+    replacements = ordinary[torch.randint(len(ordinary), tokens.shape, generator=generator)].to(device)
+    input_ids = torch.where(chosen & (action < MASK_SHARE), mask_id, tokens)
+    input_ids = torch.where(chosen & (action >= MASK_SHARE) & (action < MASK_SHARE + RANDOM_SHARE), replacements,
+                            input_ids)
+    return {"input_ids": input_ids, "labels": torch.where(chosen, tokens, IGNORE_INDEX)}
+
+
+def masked_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy at the chosen tokens only; the model (models.encoder.MaskedLM) computes its vocabulary
+    projection just there (`selected`), not over the whole sequence."""
+    selected = batch["labels"] != IGNORE_INDEX  # (B, T)
+    if not bool(selected.any()):
+        raise LlmkitError("this masked-LM batch has no chosen token to predict; use longer sequences, a bigger batch "
+                          "or a larger mask_probability")
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), selected=selected)  # (N, V)
+    return F.cross_entropy(logits.float(), batch["labels"][selected])
+
+
+OBJECTIVES["masked_lm"] = masked_lm_loss
+
+
+# --------------------------------------------------------------------------- span corruption (T5)
+
+
+def random_spans_noise_mask(
+    length: int, noise_density: float, mean_span_length: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """T5's `random_spans_noise_mask` (Raffel et al. 2020): a bool mask (length,) with round(length * density)
+    noise tokens in round(noise / mean_span_length) spans, span lengths a uniformly random segmentation. It
+    starts with kept tokens and ends with noise: kept span 0, noise span 0, ..., kept span k, noise span k."""
+    n_noise = min(max(round(length * noise_density), 1), length - 1)
+    n_spans = max(round(n_noise / mean_span_length), 1)
+    n_kept = length - n_noise
+    if n_kept < n_spans:
+        raise LlmkitError(f"{length} tokens with noise_density={noise_density} leave {n_kept} kept tokens for {n_spans} "
+                          "spans; use longer sequences or a smaller noise_density")
+
+    def segment_lengths(n_items: int, n_segments: int) -> torch.Tensor:
+        cuts = torch.randperm(n_items - 1, generator=generator)[: n_segments - 1].sort().values + 1  # distinct, in 1..n-1
+        return torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([n_items])]))  # (n_segments,) each >= 1
+
+    spans = torch.stack([segment_lengths(n_kept, n_spans), segment_lengths(n_noise, n_spans)], dim=1)  # (k, 2)
+    is_noise = torch.tensor([False, True]).repeat(n_spans)  # kept, noise, kept, noise, ...
+    return is_noise.repeat_interleave(spans.flatten())  # (length,)
+
+
+def replace_spans_with_sentinels(tokens: torch.Tensor, mask: torch.Tensor, sentinel_ids: torch.Tensor) -> torch.Tensor:
+    """Each run of masked tokens in tokens (B, T) becomes one sentinel: sentinel_ids[k] for the k-th run of its row.
+    Every row must hold the same number of runs and masked tokens (span corruption's rows do)."""
+    first = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)  # (B, T) first token of each run
+    runs, kept = first.sum(dim=1), (~mask | first).sum(dim=1)  # (B,) each
+    if int(runs.max()) > len(sentinel_ids):
+        raise LlmkitError(f"a row has {int(runs.max())} spans to replace but only {len(sentinel_ids)} sentinel ids were "
+                          "given; add sentinel tokens (e.g. <extra_id_0>..<extra_id_99>) or use shorter sequences")
+    if bool((runs != runs[0]).any() or (kept != kept[0]).any()):
+        raise LlmkitError("rows have different numbers of spans or masked tokens, so their outputs differ in length; "
+                          "corrupt rows of different shapes one at a time")
+    run_index = (first.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T) k of the run a token is in
+    replaced = torch.where(first, sentinel_ids[run_index], tokens)
+    keep = ~mask | first
+    return replaced[keep].view(tokens.shape[0], -1)  # (B, T - masked + runs)
+
+
+def span_corruption_batch(
+    tokens: torch.Tensor,
+    sentinel_ids: list[int] | torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise_density: float = 0.15,
+    mean_span_length: float = 3.0,
+    eos_id: int | None = None,
+    decoder_start_id: int | None = None,
+) -> Batch:
+    """T5's span corruption of token ids (B, L): spans of noise (`random_spans_noise_mask`, drawn per row) are
+    each replaced by one sentinel in the inputs; the targets are, per span, its sentinel then its tokens. Both end
+    with `eos_id` when given. With `decoder_start_id` the batch also holds the decoder inputs (labels shifted right).
+
+        tokens  The  cute dog walks in the park        inputs  The <X> walks in <Y> park
+        labels  <X> cute dog <Y> the
+    """
+    if not 0 < noise_density < 1 or mean_span_length < 1:
+        raise LlmkitError(f"noise_density={noise_density} must be in (0, 1) and mean_span_length={mean_span_length} "
+                          "at least 1; T5 uses 0.15 and 3.0")
+    batch_size, length = tokens.shape
+    if length < 2:
+        raise LlmkitError(f"span corruption needs at least 2 tokens per row, got {length}; use longer sequences")
+    masks = torch.stack([random_spans_noise_mask(length, noise_density, mean_span_length, generator)
+                         for _ in range(batch_size)]).to(tokens.device)  # (B, L)
+    sentinels = torch.as_tensor(sentinel_ids, dtype=tokens.dtype, device=tokens.device)
+    inputs = replace_spans_with_sentinels(tokens, masks, sentinels)  # (B, L - noise + spans)
+    labels = replace_spans_with_sentinels(tokens, ~masks, sentinels)  # (B, noise + spans)
+    if eos_id is not None:
+        eos = torch.full((batch_size, 1), eos_id, dtype=tokens.dtype, device=tokens.device)
+        inputs, labels = torch.cat([inputs, eos], dim=1), torch.cat([labels, eos], dim=1)
+    batch = {"input_ids": inputs, "labels": labels}
+    if decoder_start_id is not None:
+        batch["decoder_input_ids"] = shift_right(labels, decoder_start_id)
+    return batch
+
+
+def shift_right(labels: torch.Tensor, decoder_start_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: labels (B, T) shifted one to the right after the start token (ignored
+    labels become the start token: they only ever feed positions whose own labels are ignored)."""
+    shifted = torch.cat([torch.full_like(labels[:, :1], decoder_start_id), labels[:, :-1]], dim=1)  # (B, T)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, decoder_start_id)
+
+
+def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids`,
+    decoder inputs being the labels shifted right (`decoder_input_ids`, or made here from the config's start id)."""
+    decoder_input_ids = batch.get("decoder_input_ids")
+    if decoder_input_ids is None:
+        from llmkit.train.distributed import unwrap
+
+        start = unwrap(model).config.decoder_start_id
+        if start is None:
+            raise LlmkitError("the model's config has no decoder_start_id and the batch no decoder_input_ids; set "
+                              "decoder_start_id (T5: 0)")
+        decoder_input_ids = shift_right(batch["labels"], start)
+    logits = model(batch["input_ids"], decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
+    return token_cross_entropy(logits, batch["labels"])
+
+
+OBJECTIVES["span_corruption"] = seq2seq_loss

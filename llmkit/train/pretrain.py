@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings
@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from llmkit.train.loop import TrainResult
 
 DATA_DIR = "data"  # inside the run directory when the recipe prepares the data itself
+DEFAULT_PRESETS = {"decoder": "mini", "encoder": "mini-bert", "seq2seq": "mini-t5"}  # --model when none is given
+MASK_TOKEN = "[MASK]"
+ENCODER_SPECIAL_TOKENS = ["<|endoftext|>", MASK_TOKEN]  # the tokenizer trained for masked-LM pretraining
+SENTINEL_TOKENS = [f"<extra_id_{i}>" for i in range(100)]  # span corruption: one per replaced span, as in T5
+SEQ2SEQ_SPECIAL_TOKENS = ["<|endoftext|>", *SENTINEL_TOKENS]
+SPECIAL_TOKENS = {"encoder": ENCODER_SPECIAL_TOKENS, "seq2seq": SEQ2SEQ_SPECIAL_TOKENS}  # per --arch; default otherwise
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,8 @@ PRETRAIN_DEFAULTS = TrainSettings(max_steps=300, batch_size=16, lr=2e-3, warmup_
 
 
 def pretrain(
-    model: str = "mini",
+    model: str | None = None,
+    arch: Literal["decoder", "encoder", "seq2seq"] = "decoder",
     data: str | None = None,
     inputs: list[str] | None = None,
     tokenizer: str | None = None,
@@ -50,6 +57,7 @@ def pretrain(
 
     Example: llmkit pretrain                                 (mini model on Tiny Shakespeare, a few minutes on a CPU)
              llmkit pretrain --train.max_steps 2000 --train.precision bf16-mixed --output runs/big
+             llmkit pretrain --arch seq2seq --output runs/t5   (mini-t5 encoder-decoder, T5 span corruption)
              llmkit pretrain --config recipes/pretrain_gpt2_124m.yaml
              torchrun --nproc_per_node 8 -m llmkit.cli pretrain --config recipes/pretrain_gpt2_124m.yaml
 
@@ -59,7 +67,10 @@ def pretrain(
     command again resumes from the latest checkpoint (after a crash or a kill, exactly where it was).
 
     Args:
-        model: preset name (mini, gpt2, smollm2-135m, tiny-llama, ...); its vocabulary is resized to the tokenizer's.
+        model: preset name (mini, gpt2, smollm2-135m, tiny-llama, mini-bert, ...); its vocabulary is resized to the
+            tokenizer's (default: mini, or mini-bert with --arch encoder, mini-t5 with --arch seq2seq).
+        arch: decoder (next-token prediction), encoder (BERT masked-LM: 15% of the tokens are hidden and predicted)
+            or seq2seq (T5 span corruption: 15% of the tokens, in spans, become sentinels the decoder fills in).
         data: folder made by `llmkit prepare` (default: prepare INPUTS into OUTPUT/data).
         inputs: text/JSONL/Parquet files to prepare when --data is not given (default: built-in Tiny Shakespeare).
         tokenizer: tokenizer for preparing INPUTS (default: train a BPE tokenizer of VOCAB_SIZE tokens on them).
@@ -79,12 +90,15 @@ def pretrain(
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
 
+    if arch not in DEFAULT_PRESETS:
+        raise LlmkitError(f"arch={arch!r} cannot be pretrained by this recipe; choose one of {', '.join(DEFAULT_PRESETS)}")
+    model = model or DEFAULT_PRESETS[arch]
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     run_dir = Path(output)
     data_dir = Path(data) if data else run_dir / DATA_DIR
     if data is None and cluster.is_main:
         prepare_data(inputs=inputs, output=str(data_dir), tokenizer=tokenizer, vocab_size=vocab_size,
-                     progress=cluster.is_main)
+                     progress=cluster.is_main, special_tokens=SPECIAL_TOKENS.get(arch))
     barrier(cluster)
     manifest = load_manifest(data_dir)
     tokenizer_path = manifest_tokenizer_path(data_dir, manifest)
@@ -93,7 +107,13 @@ def pretrain(
     text_tokenizer = load_tokenizer(tokenizer_path)
 
     torch.manual_seed(train.seed)
-    network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
+    if arch == "encoder":
+        network, objective, to_batch = masked_lm_parts(model, init, manifest, text_tokenizer, seq_len, train.seed)
+    elif arch == "seq2seq":
+        network, objective, to_batch = span_corruption_parts(model, init, manifest, text_tokenizer, train.seed)
+    else:
+        network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
+        objective, to_batch = causal_lm_loss, lambda tokens, key: causal_lm_batch(tokens)
     stream = SequenceStream(TokenShards(data_dir, "train"), seq_len, seed=train.seed)
     has_validation = manifest["splits"].get("val", {}).get("n_tokens", 0) > seq_len
     if not has_validation and train.eval_every:
@@ -102,14 +122,15 @@ def pretrain(
     validation = TokenShards(data_dir, "val") if has_validation else None
 
     def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-        return causal_lm_batch(stream.batch(position, batch_size, rank, world_size))
+        return to_batch(stream.batch(position, batch_size, rank, world_size), (position, rank))
 
     def eval_batches():
-        for tokens in validation_batches(validation, seq_len, train.batch_size, max_batches=train.eval_batches):
-            yield causal_lm_batch(tokens)
+        batches = validation_batches(validation, seq_len, train.batch_size, max_batches=train.eval_batches)
+        for index, tokens in enumerate(batches):
+            yield to_batch(tokens, (index, -1))  # the same masks at every evaluation
 
     def on_eval(trained: torch.nn.Module, step: int) -> dict:
-        text = sample_text(trained, text_tokenizer, sample)
+        text = (sample_span_fill if arch == "seq2seq" else sample_text)(trained, text_tokenizer, sample)
         if cluster.is_main:
             print(f"--- sample at step {step} ---\n{sample.prompt}{text}\n---")
         return {"sample": text}
@@ -117,13 +138,16 @@ def pretrain(
     if cluster.is_main:
         print(f"{network.config.name}: {network.num_parameters():,} parameters; {len(stream):,} training sequences of "
               f"{seq_len} tokens; run directory {run_dir}")
-    result = train_loop(network, causal_lm_loss, batches, train, run_dir,
+    result = train_loop(network, objective, batches, train, run_dir,
                         eval_batches=eval_batches if validation is not None else None,
-                        on_eval=on_eval if sample.max_new_tokens > 0 else None, tokenizer=text_tokenizer, cluster=cluster)
+                        on_eval=on_eval if sample.max_new_tokens > 0 and arch != "encoder" else None,
+                        tokenizer=text_tokenizer, cluster=cluster)
     if cluster.is_main:
         print(f"done: {result.steps} steps, {result.tokens:,} tokens, train loss {result.train_loss:.4f}"
               + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
-        print(f"model: {result.checkpoint}  (chat: llmkit generate --model {result.checkpoint} --prompt ...)")
+        usage = {"encoder": "llmkit.checkpoints.hf_bert.load_encoder", "seq2seq": "llmkit.checkpoints.hf_t5.load_seq2seq"
+                 }.get(arch, f"chat: llmkit generate --model {result.checkpoint} --prompt ...")
+        print(f"model: {result.checkpoint}  ({usage})")
         if result.plot is not None:
             print(f"loss curve: {result.plot}")
     return result
@@ -150,6 +174,108 @@ def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | N
         raise LlmkitError(f"seq_len={seq_len} exceeds {config.name}'s context window of {config.max_seq_len}; "
                           "pass a smaller --seq_len")
     return network
+
+
+def masked_lm_parts(
+    model: str, init: str | None, manifest: dict, tokenizer: Any, seq_len: int, seed: int
+) -> tuple[torch.nn.Module, Any, Any]:
+    """Masked-LM pretraining (BERT): the MaskedLM to train, its objective, and a batch function that hides 15% of
+    each window's tokens. The encoder sees the window's first seq_len tokens as they are (no next-token shift)."""
+    import torch
+
+    from llmkit.config import Config
+    from llmkit.models.encoder import TASK_KEY, MaskedLM
+    from llmkit.train.objectives import masked_lm_batch, masked_lm_loss
+
+    mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    if mask_id is None:
+        raise LlmkitError(f"the tokenizer has no {MASK_TOKEN} token, which masked-LM pretraining hides words with; "
+                          "leave out --tokenizer and --data so pretrain trains one, or pass a tokenizer that has it")
+    vocab_size = manifest["vocab_size"]
+    if init is not None:
+        from llmkit.checkpoints.hf_bert import load_encoder
+
+        network, _ = load_encoder(init)
+        if not isinstance(network, MaskedLM) or network.config.vocab_size < vocab_size:
+            raise LlmkitError(f"{init} is not a masked-LM encoder covering the data's {vocab_size} token ids; pass a "
+                              "BertForMaskedLM or an llmkit encoder checkpoint and prepare the data with its tokenizer")
+        network.train()
+    else:
+        config = Config.from_name(model, vocab_size=vocab_size, eos_id=manifest["eos_id"], bos_id=None,
+                                  extra={TASK_KEY: "masked_lm"})
+        if config.arch != "encoder":
+            raise LlmkitError(f"--model {model} is a {config.arch}; --arch encoder needs an encoder preset such as "
+                              "mini-bert")
+        network = MaskedLM(config)
+    if seq_len > network.config.max_seq_len:
+        raise LlmkitError(f"seq_len={seq_len} exceeds {network.config.name}'s {network.config.max_seq_len} positions; "
+                          "pass a smaller --seq_len")
+    special_ids = tokenizer.special_ids
+
+    def to_batch(tokens: torch.Tensor, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((seed, *key)) % 2**63)  # the same masks on a resumed run
+        return masked_lm_batch(tokens[:, :-1], mask_id, vocab_size, special_ids, generator)  # (B, T)
+
+    return network, masked_lm_loss, to_batch
+
+
+def span_corruption_parts(
+    model: str, init: str | None, manifest: dict, tokenizer: Any, seed: int
+) -> tuple[torch.nn.Module, Any, Any]:
+    """Span-corruption pretraining (T5): the Seq2Seq to train, its objective, and a batch function that replaces 15%
+    of each window's tokens, in spans of 3 on average, by sentinels; the decoder learns to write the spans."""
+    import torch
+
+    from llmkit.config import Config
+    from llmkit.models.seq2seq import Seq2Seq
+    from llmkit.train.objectives import seq2seq_loss, span_corruption_batch
+
+    sentinel_ids = [tokenizer.token_to_id(token) for token in SENTINEL_TOKENS]
+    if None in sentinel_ids:
+        raise LlmkitError(f"the tokenizer lacks the sentinel tokens {SENTINEL_TOKENS[0]}..{SENTINEL_TOKENS[-1]} that "
+                          "span corruption replaces spans with; leave out --tokenizer and --data so pretrain trains "
+                          "one, or pass a T5 tokenizer")
+    vocab_size, eos_id = manifest["vocab_size"], manifest["eos_id"]
+    if init is not None:
+        from llmkit.checkpoints.hf_t5 import load_seq2seq
+
+        network = load_seq2seq(init)
+        if network.config.vocab_size < vocab_size:
+            raise LlmkitError(f"{init} has a vocabulary of {network.config.vocab_size} tokens but the data uses ids up "
+                              f"to {vocab_size - 1}; prepare the data with that model's tokenizer (--tokenizer {init})")
+        network.train()
+    else:
+        config = Config.from_name(model, vocab_size=vocab_size, eos_id=eos_id, decoder_start_id=eos_id, bos_id=None)
+        if config.arch != "seq2seq":
+            raise LlmkitError(f"--model {model} is a {config.arch}; --arch seq2seq needs an encoder-decoder preset "
+                              "such as mini-t5")
+        network = Seq2Seq(config)
+    start_id = network.config.decoder_start_id
+
+    def to_batch(tokens: torch.Tensor, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((seed, *key)) % 2**63)  # the same spans on a resumed run
+        return span_corruption_batch(tokens[:, :-1], sentinel_ids, generator, eos_id=eos_id, decoder_start_id=start_id)
+
+    return network, seq2seq_loss, to_batch
+
+
+def sample_span_fill(model: torch.nn.Module, tokenizer: Any, sample: SampleSettings) -> str:
+    """What a seq2seq model writes for a gap (<extra_id_0>) after the sample prompt (back in training mode after)."""
+    import torch
+
+    from llmkit.generate import SamplingSettings
+    from llmkit.models.seq2seq import generate_seq2seq
+
+    sentinel_ids = [tokenizer.token_to_id(token) for token in SENTINEL_TOKENS]
+    ids = tokenizer.encode(sample.prompt, add_bos=False) + [sentinel_ids[0], tokenizer.eos_id]
+    was_training = model.training
+    model.eval()
+    settings = SamplingSettings(temperature=sample.temperature, seed=sample.seed)
+    source = torch.tensor([ids], device=next(model.parameters()).device)  # (1, S)
+    new = generate_seq2seq(model, source, sample.max_new_tokens, settings=settings,
+                           stop_ids={tokenizer.eos_id, sentinel_ids[1]})[0]
+    model.train(was_training)
+    return tokenizer.decode([token for token in new.tolist() if token not in {*sentinel_ids, tokenizer.eos_id}])
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, sample: SampleSettings) -> str:

