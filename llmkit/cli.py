@@ -13,6 +13,7 @@ from llmkit.data.tokenizer_train import tokenizer_train
 from llmkit.errors import LlmkitError
 from llmkit.estimate_cli import estimate
 from llmkit.eval.cli_verb import evaluate
+from llmkit.models.verbs import embed, moe_upcycle
 from llmkit.train.pretrain import pretrain
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1"
@@ -241,7 +242,7 @@ def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep
 COMMANDS: dict[str, Any] = {
     "chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate,
     "pretrain": pretrain, "prepare": prepare_data, "filter": filter_data, "tokenizer": {"train": tokenizer_train},
-    "estimate": estimate,
+    "estimate": estimate, "embed": embed, "moe": {"upcycle": moe_upcycle},
 }
 
 

@@ -162,6 +162,10 @@ class Tokenizer:
             raise LlmkitError(
                 f"{tokenizer_file} is not a valid tokenizer file ({error}): save the tokenizer again"
             ) from error
+        # Some tokenizer.json files pad or truncate every text to a fixed length (all-MiniLM-L6-v2: 128);
+        # llmkit pads its own batches and refuses over-long prompts with a message instead.
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(path / TOKENIZER_CONFIG_FILE)
         special_map = _read_json(path / SPECIAL_TOKENS_MAP_FILE)
 

@@ -5,7 +5,7 @@ import torch
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import build_model, detect_format, load_model, save_model
-from llmkit.checkpoints.native import WEIGHTS_FILE
+from llmkit.checkpoints.native import WEIGHTS_FILE, save_native
 from llmkit.models.decoder import Decoder
 
 
@@ -43,3 +43,18 @@ def test_corrupt_and_incomplete_native_dirs(tmp_path):
 def test_save_leaves_no_temporary_files(tmp_path):
     save_model(Decoder(Config.from_name("tiny-gpt2")), tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_encoder_and_seq2seq_checkpoints_name_their_own_loader(tmp_path):
+    from llmkit.checkpoints import load_model
+    from llmkit.checkpoints.hf_bert import default_encoder_path
+    from llmkit.models.seq2seq import Seq2Seq
+
+    model = Seq2Seq(Config.from_name("mini-t5"))
+    save_native(model.config, model.state_dict(), tmp_path)
+    with pytest.raises(LlmkitError, match="is a seq2seq model, not a decoder-only language model; load it with "
+                                          "llmkit.checkpoints.hf_t5.load_seq2seq"):
+        load_model(tmp_path)
+    with pytest.raises(LlmkitError, match="is a bert model, not a decoder-only language model; load it with "
+                                          "llmkit.checkpoints.hf_bert.load_encoder"):
+        load_model(default_encoder_path())

@@ -26,10 +26,10 @@ from llmkit.models.encoder import (
     SequenceClassifier,
     TokenClassifier,
     build_encoder_model,
-    embed,
     embed_texts,
     mean_pool,
 )
+from llmkit.models.verbs import embed
 from llmkit.nn.attention import AttentionContext
 from llmkit.nn.block import Block, PostNormBlock, build_block
 from llmkit.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer

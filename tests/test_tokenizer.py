@@ -415,3 +415,16 @@ def test_bos_needed_but_missing(tiny_bpe, tmp_path):
         tokenizer.encode("hi", add_bos=True)
     with pytest.raises(LlmkitError, match="add_bos=True but the tokenizer has no BOS token: pass bos_id"):
         Tokenizer(tokenizer.backend, bos_id=None, add_bos=True)
+
+
+def test_a_fixed_padding_and_truncation_in_tokenizer_json_is_dropped(tmp_path):
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    backend = BackendTokenizer(models.WordLevel({"[PAD]": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.enable_padding(length=8, pad_id=0, pad_token="[PAD]")
+    backend.enable_truncation(max_length=2)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    # llmkit pads its own batches and refuses over-long inputs; a fixed length from the file would corrupt both.
+    assert Tokenizer.from_dir(tmp_path).encode("a b a") == [1, 2, 1]

@@ -207,3 +207,19 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_thread):
 ])
 def test_mfu_uses_the_datasheet_peak_of_the_gpu_it_recognises(name, tflops):
     assert peak_flops_of(name) == (tflops * 1e12 if tflops else None)
+
+
+def test_activation_checkpointing_covers_encoder_decoder_blocks():
+    from llmkit.models.seq2seq import Seq2Seq
+    from llmkit.train.recompute import enable_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = Seq2Seq(Config.from_name("mini-t5", n_layers=2, n_decoder_layers=3))
+    inputs, targets = torch.randint(0, 100, (2, 12)), torch.randint(0, 100, (2, 6))
+    model(inputs, targets).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert enable_activation_checkpointing(model) == 5
+    model(inputs, targets).sum().backward()
+    for before, parameter in zip(expected, model.parameters()):
+        torch.testing.assert_close(parameter.grad, before)

@@ -100,6 +100,11 @@ def build_model(
     device: str | torch.device = "cpu",
 ) -> Decoder:
     """A Decoder holding `state_dict`, checked name by name and shape by shape against `config`."""
+    if config.arch != "decoder":
+        loader = {"encoder": "llmkit.checkpoints.hf_bert.load_encoder", "seq2seq": "llmkit.checkpoints.hf_t5.load_seq2seq"}
+        article = "an" if config.arch == "encoder" else "a"
+        raise LlmkitError(f"{config.name!r} is {article} {config.arch} model, not a decoder-only language model; "
+                          f"load it with {loader[config.arch]}")
     with torch.device("meta"):
         model = Decoder(config)
     expected = model.state_dict()

@@ -192,10 +192,6 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
                               f"{tuple(expected[name].shape)}; use the config.json that came with the weights")
     model.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, assign=True)
     tokenizer = Tokenizer.from_dir(directory)
-    # tokenizer.json may pad and truncate every text to a fixed length (all-MiniLM-L6-v2: 128 tokens); llmkit pads
-    # each batch itself, so encode() gives the text's own tokens
-    tokenizer.backend.no_padding()
-    tokenizer.backend.no_truncation()
     return model.to(resolve_device(device)).eval(), tokenizer
 
 

@@ -62,6 +62,11 @@ def config_from_hf(path: str | Path) -> Config:
                   extra=extra, **fields)
 
 
+# Families llmkit loads with their own model classes rather than the Decoder.
+OTHER_LOADERS = {"bert": "llmkit.checkpoints.hf_bert.load_encoder (or `llmkit embed`)",
+                 "t5": "llmkit.checkpoints.hf_t5.load_seq2seq"}
+
+
 def _declared_architecture(data: dict[str, Any], config_file: Path) -> str:
     declared = data.get("architectures") or []
     for architecture in declared:
@@ -71,6 +76,10 @@ def _declared_architecture(data: dict[str, Any], config_file: Path) -> str:
     if not declared and data.get("model_type") in by_model_type:
         return by_model_type[data["model_type"]]
     named = ", ".join(declared) or f"model_type {data.get('model_type')!r}"
+    other_loader = OTHER_LOADERS.get(data.get("model_type"))
+    if other_loader:
+        raise LlmkitError(f"{config_file} is a {data['model_type']} model, not a decoder-only language model; load it "
+                          f"with {other_loader}")
     raise LlmkitError(
         f"{config_file} declares architecture {named}, which llmkit cannot import; supported architectures: "
         f"{', '.join(MODEL_TYPES)}"

