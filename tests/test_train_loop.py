@@ -223,3 +223,26 @@ def test_activation_checkpointing_covers_encoder_decoder_blocks():
     model(inputs, targets).sum().backward()
     for before, parameter in zip(expected, model.parameters()):
         torch.testing.assert_close(parameter.grad, before)
+
+
+def test_a_partly_frozen_model_checkpoints_only_its_trained_part_and_resumes(tmp_path, one_thread):
+    def half_frozen() -> Decoder:
+        model = tiny_model()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("blocks.1."))
+        return model
+
+    uninterrupted = train(half_frozen(), causal_lm_loss, token_source(), quiet_settings(max_steps=6), tmp_path / "a")
+    checkpoint = uninterrupted.checkpoint
+    assert not (checkpoint / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    assert all(name.startswith("blocks.1.") for name in load_file(str(checkpoint / "trainable.safetensors")))
+    train(half_frozen(), causal_lm_loss, token_source(), quiet_settings(max_steps=6, checkpoint_every=3), tmp_path / "b")
+    # Drop the last checkpoint: the next run resumes from step 3 and must repeat steps 4-6 exactly.
+    import shutil
+
+    shutil.rmtree(list_checkpoints(tmp_path / "b")[-1])
+    resumed = train(half_frozen(), causal_lm_loss, token_source(), quiet_settings(max_steps=6, checkpoint_every=3),
+                    tmp_path / "b")
+    assert resumed.losses == uninterrupted.losses[3:]

@@ -32,6 +32,9 @@ class Decoder(nn.Module):
         self.final_norm = build_norm(config)
         # A tied head reuses embed.weight (GPT-2, SmolLM2): one matrix, no copy to keep in sync.
         self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        # Prompt learning (llmkit/peft) sets these: P trainable virtual tokens before every sequence; None otherwise.
+        self.soft_prompt: nn.Module | None = None  # prompt tuning: P embeddings prepended to the input
+        self.kv_prefix: nn.Module | None = None  # prefix tuning: P keys/values per layer that every query attends to
         for name, tensor in position_inputs(config).items():
             self.register_buffer(name, tensor, persistent=False)
         self.kernel: AttentionKernel = "sdpa"
@@ -67,25 +70,41 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_token_only: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with `last_token_only`.
 
         `attention_mask` (B, T) marks real tokens with 1 and left padding with 0. With a `cache`
         the new tokens are appended to it and attend to everything stored before them.
+        `document_ids` (B, T) packs several documents in a row: each run of equal ids attends only to itself
+        and counts positions from its first token (training without a cache).
         """
-        x = self.hidden_states(input_ids, cache, attention_mask)
+        x = self.hidden_states(input_ids, cache, attention_mask, document_ids)
         if last_token_only:
             x = x[:, -1:]
         return self.head(x)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The last block's output (B, T, C), before the final norm: `head` of any slice of it gives those logits
         (scoring computes the LM head only where a token is scored)."""
         B, T = input_ids.shape
-        context = self._attention_context(B, T, cache, attention_mask, input_ids.device)
         x = self.embed(input_ids)  # (B, T, C)
+        n_virtual = 0
+        if (self.soft_prompt is not None or self.kv_prefix is not None) and (cache is None or cache.length == 0):
+            # Prompt learning acts at a sequence's first forward only: prefix tuning fills the cache's first P slots
+            # with its keys/values; prompt tuning puts its P embeddings before the tokens (B, P + T, C).
+            if document_ids is not None:
+                raise LlmkitError("document_ids (packed rows) do not combine with prompt or prefix tuning; "
+                                  "train on unpacked rows")
+            if self.kv_prefix is not None:
+                cache = self.kv_prefix.fill(cache if cache is not None else self.new_cache(B, T))
+            if self.soft_prompt is not None:
+                x, attention_mask = self.soft_prompt.prepend(x, attention_mask)
+                n_virtual = x.shape[1] - T
+        context = self._attention_context(B, x.shape[1], cache, attention_mask, input_ids.device, document_ids)
         if self.config.scale_embeddings:
             # Gemma: times sqrt(d_model), a factor first rounded to the embedding dtype as its checkpoints expect
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
@@ -95,7 +114,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(context.positions)
         for block in self.blocks:
             x = block(x, context)
-        return x
+        return x[:, n_virtual:]  # the caller's T tokens (prompt tuning's positions are not theirs)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab) of hidden states (..., C): final norm, then the LM head (tied or not)."""
@@ -103,11 +122,15 @@ class Decoder(nn.Module):
         return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
 
     def _attention_context(
-        self, B: int, T: int, cache: KVCache | None, attention_mask: torch.Tensor | None, device: torch.device
+        self, B: int, T: int, cache: KVCache | None, attention_mask: torch.Tensor | None, device: torch.device,
+        document_ids: torch.Tensor | None = None,
     ) -> AttentionContext:
         """Positions, rotary tables and the attention mask for T new tokens, built once per forward."""
         if attention_mask is not None and attention_mask.shape != (B, T):
             raise LlmkitError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, tokens) = {(B, T)}")
+        if document_ids is not None and (document_ids.shape != (B, T) or cache is not None):
+            raise LlmkitError(f"document_ids must be (batch, tokens) = {(B, T)} without a KV cache (packed training "
+                              f"rows); got shape {tuple(document_ids.shape)}" + (" with a cache" if cache else ""))
         if cache is not None:
             if cache.batch_size != B:
                 raise LlmkitError(f"KV cache was made for batch size {cache.batch_size}, got a batch of {B}")
@@ -127,6 +150,14 @@ class Decoder(nn.Module):
             all_positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
         else:
             all_positions = torch.arange(end, device=device)[None]  # (1, S)
+        documents = None
+        if document_ids is not None:
+            # Packed rows: each run of equal ids is one document whose positions restart at its first token.
+            slots = torch.arange(T, device=device)
+            first = torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
+                               document_ids[:, 1:] != document_ids[:, :-1]], dim=1)  # (B, T) a document starts here
+            documents = first.long().cumsum(-1)  # (B, T) run number, so a repeated id later is another document
+            all_positions = slots - torch.where(first, slots, 0).cummax(-1).values  # (B, T) slot minus its start
         positions = all_positions[:, start:end]  # (B or 1, T)
 
         context = AttentionContext(positions=positions, cache=cache, start=start, kernel=self.kernel)
@@ -134,7 +165,7 @@ class Decoder(nn.Module):
         if self.config.position == "rope":
             context.cos, context.sin = rope_cos_sin(positions, self.inv_freq, dtype)
 
-        needs_mask = padded or self.config.position == "alibi" or (start > 0 and T > 1)
+        needs_mask = padded or self.config.position == "alibi" or (start > 0 and T > 1) or documents is not None
         if not needs_mask:
             context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
             return context
@@ -144,6 +175,8 @@ class Decoder(nn.Module):
         if valid is not None:
             # Padding keys are hidden; a padding query still sees itself so no softmax row is empty.
             allowed = allowed & (valid[:, None, None, :] | (key_slots == query_slots)[None, None])
+        if documents is not None:
+            allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, S) block-diagonal
         if self.config.position == "alibi":
             bias = alibi_bias(self.alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
             context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
@@ -152,8 +185,9 @@ class Decoder(nn.Module):
         return context
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
+        """An empty KV cache on this model's device and dtype, with room for prompt learning's virtual tokens."""
         weight = self.embed.weight
+        max_len += sum(module.n_tokens for module in (self.soft_prompt, self.kv_prefix) if module is not None)
         return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
 
     def num_parameters(self) -> int:

@@ -19,10 +19,15 @@ class Block(nn.Module):
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        # Bottleneck adapters (llmkit/peft/adapters.py) on each sublayer's output, before the residual; None = off
+        self.attn_adapter: nn.Module | None = None
+        self.mlp_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), context)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), context)
+        x = x + (h if self.attn_adapter is None else self.attn_adapter(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.mlp_adapter is None else self.mlp_adapter(h))
 
 
 class PostNormBlock(Block):
@@ -30,8 +35,10 @@ class PostNormBlock(Block):
     Same parts and parameter names as `Block`; only where the norms sit differs."""
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x, context))
-        return self.mlp_norm(x + self.mlp(x))
+        h = self.attn(x, context)
+        x = self.attn_norm(x + (h if self.attn_adapter is None else self.attn_adapter(h)))
+        h = self.mlp(x)
+        return self.mlp_norm(x + (h if self.mlp_adapter is None else self.mlp_adapter(h)))
 
 
 def build_block(config: Config, layer_index: int) -> Block:

@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically.
 
     RUN/checkpoints/step-00000500/
-        config.json, model.safetensors, tokenizer files   a complete llmkit model (`llmkit chat --model` works)
+        config.json, model.safetensors, tokenizer files   a complete llmkit model (`llmkit chat --model` works);
+                                                          trainable.safetensors instead when only part trains (PEFT)
         optimizer/                                        AdamW states, torch.distributed.checkpoint shards
         trainer_state.json                                step, data position, scheduler, grad scaler, best loss
         rng-<rank>.safetensors                            each rank's random generator states
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.checkpoints.native import save_native
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_write_text, read_json_object
+from llmkit.io import atomic_write, atomic_write_text, read_json_object
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.distributed import (
     Cluster,
@@ -37,6 +38,7 @@ from llmkit.train.distributed import (
 CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 TRAINER_STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"  # instead of model.safetensors when only part of the model trains (PEFT)
 RNG_FILE = "rng-{rank}.safetensors"
 TEMPORARY_PREFIX = ".incomplete-"
 
@@ -91,14 +93,20 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     barrier(cluster)
     weights = full_state_dict(model, cluster)  # collective under FSDP
+    trainable = {name for name, parameter in unwrap(model).named_parameters() if parameter.requires_grad}
+    partial = len(trainable) < len(list(unwrap(model).parameters()))
     save_optimizer(model, optimizer, temporary)  # collective: each rank writes its shard
     rng = {"cpu": torch.get_rng_state()}
     if cluster.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(cluster.device)
     save_file(rng, str(temporary / RNG_FILE.format(rank=cluster.rank)))
     if cluster.is_main:
-        save_native(unwrap(model).config, weights, temporary)
-        if tokenizer is not None:
+        if partial:  # fine-tuning a part (PEFT): the frozen base stays where it came from
+            tensors = {name: weights[name].contiguous() for name in sorted(trainable)}
+            atomic_write(temporary / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        else:
+            save_native(unwrap(model).config, weights, temporary)
+        if tokenizer is not None and not partial:
             tokenizer.save(temporary)
         trainer = {
             "state": asdict(state),
@@ -135,13 +143,16 @@ def load_checkpoint(
     except (KeyError, TypeError) as error:
         raise LlmkitError(f"{path / TRAINER_STATE_FILE} is not a training state ({error}); delete that checkpoint "
                           "directory to resume from an earlier one") from None
-    config, weights = load_native(path)
-    expected = unwrap(model).config
-    if config != expected:
-        raise LlmkitError(f"{path} holds a model with a different config than this run's ({config.name}: "
-                          f"{config.n_layers} layers, d_model {config.d_model}); use a new --output directory or the "
-                          "same model settings")
-    load_full_state_dict(model, weights, cluster)
+    if (path / TRAINABLE_FILE).is_file():
+        _load_trainable(model, load_file(str(path / TRAINABLE_FILE)), path)
+    else:
+        config, weights = load_native(path)
+        expected = unwrap(model).config
+        if config != expected:
+            raise LlmkitError(f"{path} holds a model with a different config than this run's ({config.name}: "
+                              f"{config.n_layers} layers, d_model {config.d_model}); use a new --output directory or "
+                              "the same model settings")
+        load_full_state_dict(model, weights, cluster)
     load_optimizer(model, optimizer, path)
     scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer.get("scaler"):
@@ -153,6 +164,17 @@ def load_checkpoint(
         if "cuda" in rng and cluster.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], cluster.device)
     return state
+
+
+def _load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy a partial checkpoint's trained tensors into the model (same names as this run's trainable parameters)."""
+    parameters = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    if set(parameters) != set(tensors):
+        raise LlmkitError(f"{path / TRAINABLE_FILE} holds other trained parameters than this run trains; use a new "
+                          "--output directory or the same fine-tuning method and settings")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
 
 
 def _prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:

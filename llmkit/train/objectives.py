@@ -26,7 +26,8 @@ def causal_lm_batch(tokens: torch.Tensor) -> Batch:
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32); while training,
     plus the load-balancing and z-losses of mixture-of-experts layers (validation reports cross-entropy alone)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+    packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}  # packed SFT rows
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed)  # (B, T, V)
     loss = token_cross_entropy(logits, batch["labels"])
     if model.training and moe_layers(model):
         loss = loss + moe_aux_loss(model)

@@ -1,0 +1,112 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"): every layer gets
+P trainable key/value pairs that every query attends to, before the real tokens; the model stays frozen.
+
+    attention_l(Q, [K_prefix_l ; K], [V_prefix_l ; V])      for each layer l; prefix keys are not rotated
+
+Training is steadier through a reparameterisation: the prefix is an MLP of a small embedding,
+prefix = W2 tanh(W1 E + b1) + b2, of shape (P, n_layers * 2 * kv_dim); after training the MLP is evaluated once and
+folded into plain prefix tensors (`merge_prefix_tuning`), which is also what peft saves. Columns are laid out as
+peft's: (layer, key|value, kv head, head_dim). The decoder writes the prefix into the first P slots of its KV cache
+at a sequence's first forward (`Decoder.kv_prefix`; a cache is made when none is given), so the real tokens sit at
+positions P.. as in peft, and generation with a cache works unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from llmkit.config import Config
+from llmkit.errors import LlmkitError
+from llmkit.nn.attention import KVCache
+from llmkit.peft.core import freeze
+from llmkit.peft.prompt_tuning import require_plain_decoder
+
+
+@dataclass
+class PrefixTuningSettings:
+    """P prefix slots per layer; `reparameterize` trains them through an MLP (embedding -> `hidden` -> tanh ->
+    n_layers * 2 * kv_dim), folded away after training."""
+
+    n_virtual_tokens: int = 20
+    reparameterize: bool = True
+    hidden: int = 512  # width of the reparameterisation MLP (peft: encoder_hidden_size)
+
+    def __post_init__(self) -> None:
+        for name in ("n_virtual_tokens", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmkitError(f"PrefixTuningSettings.{name}={value!r} must be an integer >= 1; use e.g. 20 "
+                                  "virtual tokens and a hidden width of 512")
+
+
+class KVPrefix(nn.Module):
+    """The prefix keys/values of every layer, stored flat like peft's prompt encoder: embedding.weight (P, width)
+    directly, or embedding.weight (P, kv_dim) through transform = Linear -> Tanh -> Linear to width."""
+
+    def __init__(self, config: Config, settings: PrefixTuningSettings, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.settings = settings  # what to save the adapter with (reparameterize turns False once folded)
+        self.n_layers, self.n_kv_heads, self.head_dim = config.n_layers, config.n_kv_heads, config.head_dim
+        width = config.n_layers * 2 * config.kv_dim
+        P = settings.n_virtual_tokens
+        if settings.reparameterize:
+            # peft's sizes: the embedding is kv_dim wide (its token_dim for grouped-query models)
+            self.embedding = nn.Embedding(P, config.kv_dim, dtype=dtype, device=device)
+            self.transform = nn.Sequential(nn.Linear(config.kv_dim, settings.hidden, dtype=dtype, device=device),
+                                           nn.Tanh(), nn.Linear(settings.hidden, width, dtype=dtype, device=device))
+        else:
+            self.embedding = nn.Embedding(P, width, dtype=dtype, device=device)
+            self.transform = None
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embedding.num_embeddings
+
+    def flat(self) -> torch.Tensor:
+        """The prefix as peft stores it: (P, n_layers * 2 * kv_dim)."""
+        weight = self.embedding.weight
+        return weight if self.transform is None else self.transform(weight)
+
+    def keys_values(self) -> torch.Tensor:
+        """The prefix per layer: (n_layers, 2, n_kv_heads, P, head_dim), [:, 0] keys and [:, 1] values."""
+        P = self.n_tokens
+        prefix = self.flat().view(P, self.n_layers, 2, self.n_kv_heads, self.head_dim)  # (P, L, 2, Hkv, D)
+        return prefix.permute(1, 2, 3, 0, 4)  # (L, 2, Hkv, P, D)
+
+    def fill(self, cache: KVCache) -> KVCache:
+        """Write the prefix into the next P slots of an empty cache (every row the same); returns the cache."""
+        start, _ = cache.reserve(self.n_tokens, None)
+        prefix = self.keys_values().to(cache.keys[0].dtype)  # (L, 2, Hkv, P, D)
+        for layer in range(self.n_layers):
+            cache.store(layer, start, prefix[layer, 0][None], prefix[layer, 1][None])  # broadcast over the batch
+        return cache
+
+
+def apply_prefix_tuning(model: nn.Module, settings: PrefixTuningSettings | None = None) -> nn.Module:
+    """Freeze the decoder and give it trainable per-layer key/value prefixes; in place, returns the model."""
+    settings = settings or PrefixTuningSettings()
+    require_plain_decoder(model, "prefix tuning")
+    weight = model.embed.weight
+    freeze(model)
+    model.kv_prefix = KVPrefix(model.config, settings, weight.dtype, weight.device)
+    return model
+
+
+def merge_prefix_tuning(model: nn.Module) -> nn.Module:
+    """Fold the reparameterisation MLP into plain prefix tensors (what peft saves; no MLP at inference). Save the
+    adapter afterwards with `model.kv_prefix.settings` (reparameterize=False). Not undoable: the MLP is dropped."""
+    prefix = getattr(model, "kv_prefix", None)
+    if prefix is None:
+        raise LlmkitError(f"{type(model).__name__} has no prefix to fold; call apply_prefix_tuning first")
+    if prefix.transform is None:
+        return model  # already plain
+    with torch.no_grad():
+        flat = prefix.flat()  # (P, L * 2 * kv_dim)
+    folded = KVPrefix(model.config, replace(prefix.settings, reparameterize=False), flat.dtype, flat.device)
+    with torch.no_grad():
+        folded.embedding.weight.copy_(flat)
+    model.kv_prefix = folded
+    return model

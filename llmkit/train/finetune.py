@@ -1,0 +1,174 @@
+"""`llmkit finetune`: supervised fine-tuning (full, selective or any PEFT method) through the one training loop.
+A thin recipe: read and template the data, apply the method, train, save the adapter, compare ROUGE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from llmkit.errors import LlmkitError
+from llmkit.train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Method = Literal["lora", "qlora", "prompt", "prefix", "ia3", "adapter", "selective"]
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+# Minutes on a laptop CPU for the built-in DialogSum subset and SmolLM2-135M.
+FINETUNE_DEFAULTS = TrainSettings(max_steps=60, batch_size=4, lr=1e-3, warmup_steps=6, eval_every=30, eval_batches=5,
+                                  checkpoint_every=30, log_every=5, weight_decay=0.0)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which column of your data holds each field (a DialogSum-style file: --fields.input dialogue
+    --fields.output summary)."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+def finetune(
+    model: str | None = None,
+    data: list[str] | None = None,
+    method: Method = "lora",
+    template: str = "flan_dialogue_summary",
+    fields: Fields = Fields(),  # noqa: B008 (frozen)
+    limit: int | None = 300,
+    max_length: int = 512,
+    packing: bool = False,
+    skip_bad_rows: bool = False,
+    settings: dict[str, Any] | None = None,
+    train: TrainSettings = FINETUNE_DEFAULTS,
+    output: str = "runs/finetune",
+    merge: bool = False,
+    rouge_rows: int = 20,
+) -> dict[str, Any]:
+    """Fine-tune a model on instruction data with full, selective or parameter-efficient training.
+
+    Example: llmkit finetune                              (SmolLM2-135M-Instruct, LoRA, 300 DialogSum dialogues, ROUGE)
+             llmkit finetune --model my_model/ --data "[my.jsonl]" --template alpaca --method lora
+             llmkit finetune --method qlora --settings '{rank: 16, alpha: 32}' --train.max_steps 200
+             llmkit finetune --method selective --settings '{mode: last_blocks, n_blocks: 2}'
+             llmkit chat --model SmolLM2.gguf --adapter runs/finetune/adapter
+
+    Data rows are Alpaca style (instruction/input/output), prompt/completion, or chat `messages`; rename
+    columns with --fields.X. The loss counts only completion tokens. Methods: lora (also DoRA / rsLoRA via
+    --settings), qlora (NF4 base + LoRA), prompt (soft prompt), prefix (per-layer key/value prefix), ia3,
+    adapter (Houlsby bottleneck), selective (bitfit, last_blocks, modules, full). Writes OUTPUT/adapter/
+    (only the trained tensors), OUTPUT/merged/ with --merge (LoRA/IA3), checkpoints, metrics and loss.png.
+    With the built-in data it also reports ROUGE on held-out DialogSum test dialogues before and after.
+
+    Args:
+        model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
+        data: JSONL/JSON/CSV/Parquet files (default: the first LIMIT dialogues of DialogSum's training split).
+        method: the fine-tuning method.
+        template: flan_dialogue_summary (several phrasings), alpaca, or chat (the model's own chat template).
+        fields: column names of your data.
+        limit: use at most this many rows.
+        max_length: longest example in tokens (longer prompts are cut from the left; the count is reported).
+        packing: pack several examples per row (with attention boundaries) instead of padding.
+        skip_bad_rows: skip malformed rows (counted) instead of stopping at the first.
+        settings: the method's settings (e.g. {rank: 16, alpha: 32, dora: true} for lora; see llmkit/peft/).
+        train: the training loop's settings.
+        output: run directory.
+        merge: also save the model with the adapter merged into its weights (lora, ia3).
+        rouge_rows: built-in data only: DialogSum test dialogues scored with ROUGE before and after (0: skip).
+    """
+    import torch
+
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, resolve_device, save_model
+    from llmkit.data.packing import sft_batches, sft_validation_batches
+    from llmkit.data.sft import FieldMap, builtin_dialogsum, load_sft_records, sft_loss, tokenize_records
+    from llmkit.peft.core import save_adapter, trainable_table
+    from llmkit.peft.registry import apply_method, settings_from_dict
+    from llmkit.train.distributed import init_cluster
+    from llmkit.train.loop import train as train_loop
+
+    cluster = init_cluster(resolve_device(train.device), train.distributed)
+    path = Path(model) if model else default_model_path()
+    tokenizer = load_tokenizer(path)
+    network = load_model(path)
+    method_settings = settings_from_dict(method, settings or {})
+    virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
+    if max_length + virtual_tokens > network.config.max_seq_len:
+        raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
+                          f"context window of {network.config.max_seq_len}; pass a smaller --max_length")
+    if data:
+        records, report = load_sft_records(data, FieldMap(**vars(fields)), skip_bad_rows=skip_bad_rows, limit=limit)
+        held_out = []
+    else:
+        records, report = builtin_dialogsum("train", limit), None
+        held_out = builtin_dialogsum("test", rouge_rows) if rouge_rows else []
+    n_validation = max(1, len(records) // 20)
+    examples, token_report = tokenize_records(records, tokenizer, template, max_length, seed=train.seed,
+                                              skip_bad_rows=skip_bad_rows, report=report)
+    if len(examples) < 2:
+        raise LlmkitError(f"only {len(examples)} usable examples; fine-tuning needs at least 2 (check --data and --limit)")
+    validation, examples = examples[:n_validation], examples[n_validation:]
+    if cluster.is_main:
+        print(token_report.summary())
+
+    torch.manual_seed(train.seed)
+    network = apply_method(network, method, method_settings, tokenizer)
+    if cluster.is_main:
+        print(f"{method}: trainable parameters\n{trainable_table(network)}")
+    before = rouge_on(network, tokenizer, held_out, template) if held_out and cluster.is_main else None
+
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=max_length,
+                          pad_id=pad_id)
+    evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=max_length, pad_id=pad_id)
+    result = train_loop(network, sft_loss, batches, train, output, eval_batches=evals, cluster=cluster)
+
+    summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
+                               "val_loss": result.val_loss, "rouge_before": before}
+    if cluster.is_main:
+        adapter_dir = save_adapter(network, Path(output) / ADAPTER_DIR, method, method_settings)
+        summary["adapter"] = str(adapter_dir)
+        if merge:
+            summary["merged"] = str(save_merged(network, method, Path(output) / MERGED_DIR, tokenizer, save_model))
+        if held_out:
+            summary["rouge_after"] = rouge_on(network, tokenizer, held_out, template)
+            print(f"ROUGE-L on {len(held_out)} held-out dialogues: {before['rougeL']:.4f} before, "
+                  f"{summary['rouge_after']['rougeL']:.4f} after")
+        print(f"adapter: {adapter_dir}  (llmkit chat --model {path} --adapter {adapter_dir})")
+    return summary
+
+
+def rouge_on(model: nn.Module, tokenizer: Any, records: list, template: str) -> dict[str, float]:
+    """ROUGE-1/2/L of greedy completions of the records' prompts against their outputs."""
+    from llmkit.data.templates import render_prompt
+    from llmkit.eval.metrics import rouge
+    from llmkit.generate import generate
+
+    was_training = model.training
+    model.eval()
+    prompts = [render_prompt(record, template, row=index, tokenizer=tokenizer) for index, record in enumerate(records)]
+    predictions = []
+    for start in range(0, len(prompts), 8):
+        predictions += generate(model, tokenizer, prompts[start:start + 8], max_new_tokens=60)
+    model.train(was_training)
+    return rouge([text.strip() for text in predictions], [record.output for record in records])
+
+
+def save_merged(model: nn.Module, method: str, directory: Path, tokenizer: Any, save_model: Any) -> Path:
+    """Fold the adapter into the base weights and save a plain llmkit model."""
+    if method == "lora":
+        from llmkit.peft.lora import merge_and_unload
+
+        merged = merge_and_unload(model)
+    elif method == "ia3":
+        from llmkit.peft.ia3 import merge_ia3
+
+        merged = merge_ia3(model)
+    else:
+        raise LlmkitError(f"--merge works for lora and ia3; a {method} adapter cannot be folded into the weights")
+    save_model(merged, directory, tokenizer=tokenizer)
+    return directory

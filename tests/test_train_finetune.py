@@ -1,0 +1,111 @@
+"""`llmkit finetune`: every method through the one loop, adapters that reload to the same model, ROUGE on the
+built-in data, and `chat --adapter`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.checkpoints import load_model, load_tokenizer, save_model
+from llmkit.config import Config
+from llmkit.data.tokenizer_train import train_tokenizer
+from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
+from llmkit.peft.registry import METHODS, load_adapter
+from llmkit.train.finetune import finetune
+from llmkit.train.settings import TrainSettings
+
+SETTINGS = {"lora": {"rank": 4, "alpha": 8}, "qlora": {"rank": 4, "alpha": 8}, "prompt": {"n_virtual_tokens": 4},
+            "prefix": {"n_virtual_tokens": 4, "hidden": 16}, "ia3": {}, "adapter": {"bottleneck": 8},
+            "selective": {"mode": "last_blocks", "n_blocks": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama with a BPE tokenizer trained on a little Shakespeare, and a 40-row instruction file."""
+    root = tmp_path_factory.mktemp("finetune")
+    corpus = root / "corpus.txt"
+    text = (Path(__file__).resolve().parents[1] / "llmkit" / "data" / "builtin" / "tinyshakespeare.txt").read_text()
+    corpus.write_text(text[:200_000])
+    tokenizer = train_tokenizer([corpus], vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    model = Decoder(Config.from_name("tiny-llama", vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id))
+    save_model(model, root / "base", tokenizer=tokenizer)
+    rows = [{"instruction": "Repeat the word.", "input": word, "output": f"{word} {word}"}
+            for word in ("king", "queen", "lord", "lady", "sword", "crown", "night", "day") * 5]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root / "base", data
+
+
+def run(tiny_base, tmp_path, method: str, **options) -> dict:
+    base, data = tiny_base
+    train = TrainSettings(max_steps=12, batch_size=4, lr=3e-2, warmup_steps=1, eval_every=6, eval_batches=2,
+                          checkpoint_every=6, log_every=1)
+    return finetune(model=str(base), data=[str(data)], method=method, template="alpaca", settings=SETTINGS[method],
+                    max_length=200, train=train, output=str(tmp_path / method), **options)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_every_method_trains_and_its_adapter_reloads_onto_the_base(tiny_base, tmp_path, method, one_thread):
+    assert set(SETTINGS) == set(METHODS)
+    summary = run(tiny_base, tmp_path, method)
+    assert summary["steps"] == 12 and summary["val_loss"] is not None
+    metrics = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in metrics if row["kind"] == "train"]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses  # 12 noisy steps: compare the first and last four
+
+    tokenizer = load_tokenizer(tiny_base[0])
+    reloaded = load_adapter(load_model(tiny_base[0]), summary["adapter"], tokenizer=tokenizer).eval()
+    base = load_model(tiny_base[0]).eval()
+    ids = torch.tensor([tokenizer.encode("Repeat the word. king")])
+    with torch.no_grad():
+        assert not torch.allclose(reloaded(ids), base(ids), atol=1e-4), "the adapter changed nothing"
+        # The adapter written at the end reproduces the trained model: reload it twice, same logits.
+        again = load_adapter(load_model(tiny_base[0]), summary["adapter"], tokenizer=tokenizer).eval()
+        torch.testing.assert_close(again(ids), reloaded(ids))
+
+
+def test_merged_lora_model_equals_the_adapter_on_its_base(tiny_base, tmp_path, one_thread):
+    summary = run(tiny_base, tmp_path, "lora", merge=True)
+    tokenizer = load_tokenizer(tiny_base[0])
+    adapted = load_adapter(load_model(tiny_base[0]), summary["adapter"], tokenizer=tokenizer).eval()
+    merged = load_model(summary["merged"]).eval()
+    ids = torch.tensor([tokenizer.encode("Repeat the word. crown")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=0)
+
+
+def test_merge_is_refused_for_methods_that_cannot_fold(tiny_base, tmp_path, one_thread):
+    with pytest.raises(LlmkitError, match="--merge works for lora and ia3"):
+        run(tiny_base, tmp_path, "prompt", merge=True)
+
+
+def test_unknown_settings_name_the_field(tiny_base, tmp_path):
+    base, data = tiny_base
+    with pytest.raises(LlmkitError, match=r"unknown fields \['rnak'\] for method 'lora'"):
+        finetune(model=str(base), data=[str(data)], settings={"rnak": 4}, output=str(tmp_path / "x"))
+
+
+def test_examples_longer_than_the_context_with_virtual_tokens_are_refused(tiny_base, tmp_path):
+    base, data = tiny_base
+    with pytest.raises(LlmkitError, match="max_length=256 plus 4 virtual tokens exceeds tiny-llama's context window"):
+        finetune(model=str(base), data=[str(data)], method="prompt", settings={"n_virtual_tokens": 4}, max_length=256,
+                 output=str(tmp_path / "x"))
+
+
+def test_chat_and_generate_apply_an_adapter(tiny_base, tmp_path, capsys, one_thread):
+    from llmkit.cli import main
+
+    summary = run(tiny_base, tmp_path, "lora")
+    main(["generate", "--model", str(tiny_base[0]), "--prompt", "[Repeat the word. king]", "--max_new_tokens", "6"])
+    base_text = capsys.readouterr().out
+    main(["generate", "--model", str(tiny_base[0]), "--adapter", summary["adapter"], "--prompt",
+          "[Repeat the word. king]", "--max_new_tokens", "6"])
+    assert capsys.readouterr().out != base_text
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_base[0]), "--adapter", str(tmp_path / "nothing"), "--prompt", "[hi]"])
+    assert "nothing/adapter_config.json does not exist" in capsys.readouterr().err
