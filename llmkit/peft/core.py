@@ -57,11 +57,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def trainable_table(model: nn.Module) -> str:
-    """A Markdown table of trainable parameters per top-level part (embed, blocks.N, ...) and the total."""
+    """A Markdown table of trainable parameters per part (embed, blocks.*.attn, blocks.*.mlp, ...) and the total."""
     rows: dict[str, list[int]] = {}
     for name, parameter in model.named_parameters():
         parts = name.split(".")
-        group = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        group = f"blocks.*.{parts[2]}" if parts[0] == "blocks" and len(parts) > 3 else parts[0]
         counts = rows.setdefault(group, [0, 0])
         counts[0] += parameter.numel() if parameter.requires_grad else 0
         counts[1] += parameter.numel()
