@@ -109,3 +109,20 @@ def test_chat_and_generate_apply_an_adapter(tiny_base, tmp_path, capsys, one_thr
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(tiny_base[0]), "--adapter", str(tmp_path / "nothing"), "--prompt", "[hi]"])
     assert "nothing/adapter_config.json does not exist" in capsys.readouterr().err
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("finetune_*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
+def test_every_finetune_recipe_parses_and_its_settings_fit_its_method(recipe):
+    from llmkit.cli import build_parser
+    from llmkit.peft.registry import settings_from_dict
+
+    options = build_parser().parse_args(["finetune", "--config", str(recipe)]).finetune
+    assert recipe.read_text().splitlines()[0] == f"# llmkit finetune --config recipes/{recipe.name}"
+    settings_from_dict(options.method, options.settings)  # raises on a field the method does not have
+
+
+def test_there_is_a_recipe_for_every_method():
+    assert {path.stem.removeprefix("finetune_") for path in RECIPES} == set(METHODS)
