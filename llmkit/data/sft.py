@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from llmkit.data.templates import CHAT, FLAN_DIALOGUE_SUMMARY, Template, check_template, render
+from llmkit.data.templates import CHAT, FLAN_DIALOGUE_SUMMARY, FieldMap, Template, check_template, render
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.objectives import IGNORE_INDEX, Batch, causal_lm_loss
@@ -41,18 +41,6 @@ DIALOGSUM_DIR = "dialogsum"
 DIALOGSUM_FILE = "dialogsum.{split}.jsonl.gz"
 DIALOGSUM_SPLITS = ("train", "dev", "test")
 Truncation = Literal["left", "drop"]
-
-
-@dataclass(frozen=True)
-class FieldMap:
-    """Which column of your data holds each field, e.g. DialogSum: FieldMap(input="dialogue", output="summary")."""
-
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,18 @@ USER_ROLE, ASSISTANT_ROLE = "user", "assistant"
 
 
 @dataclass(frozen=True)
+class FieldMap:
+    """Which column of your data holds each field, e.g. DialogSum: FieldMap(input="dialogue", output="summary")."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
     """One phrasing: `prompt` is a str.format pattern over the record's instruction/input fields."""
 

@@ -3,10 +3,10 @@ A thin recipe: read and template the data, apply the method, train, save the ada
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmkit.data.templates import FieldMap
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings
 
@@ -21,25 +21,12 @@ FINETUNE_DEFAULTS = TrainSettings(max_steps=60, batch_size=4, lr=1e-3, warmup_st
                                   checkpoint_every=30, log_every=5, weight_decay=0.0)
 
 
-@dataclass(frozen=True)
-class Fields:
-    """Which column of your data holds each field (a DialogSum-style file: --fields.input dialogue
-    --fields.output summary)."""
-
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
-
-
 def finetune(
     model: str | None = None,
     data: list[str] | None = None,
     method: Method = "lora",
     template: str = "flan_dialogue_summary",
-    fields: Fields = Fields(),  # noqa: B008 (frozen)
+    fields: FieldMap = FieldMap(),  # noqa: B008 (frozen)
     limit: int | None = 300,
     max_length: int = 512,
     packing: bool = False,
@@ -85,7 +72,7 @@ def finetune(
 
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, resolve_device, save_model
     from llmkit.data.packing import sft_batches, sft_validation_batches
-    from llmkit.data.sft import FieldMap, builtin_dialogsum, load_sft_records, sft_loss, tokenize_records
+    from llmkit.data.sft import builtin_dialogsum, load_sft_records, sft_loss, tokenize_records
     from llmkit.peft.core import save_adapter, trainable_table
     from llmkit.peft.registry import apply_method, settings_from_dict
     from llmkit.train.distributed import init_cluster
@@ -101,7 +88,7 @@ def finetune(
         raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
                           f"context window of {network.config.max_seq_len}; pass a smaller --max_length")
     if data:
-        records, report = load_sft_records(data, FieldMap(**vars(fields)), skip_bad_rows=skip_bad_rows, limit=limit)
+        records, report = load_sft_records(data, fields, skip_bad_rows=skip_bad_rows, limit=limit)
         held_out = []
     else:
         records, report = builtin_dialogsum("train", limit), None
