@@ -135,10 +135,12 @@ class StepGate:
     def __init__(self, connection) -> None:  # noqa: ANN001 (a multiprocessing Connection)
         self.connection = connection
         self.cpu_marks: list[float] = []  # process CPU time (all threads) as each step starts
+        self.fault_marks: list[int] = []  # minor page faults so far: fresh memory the allocator had to map
 
     def wait(self, step: int) -> float:
         """Block until step `step` may run; returns the seconds spent waiting (not part of the step)."""
         self.cpu_marks.append(time.process_time())  # blocking in recv() burns no CPU
+        self.fault_marks.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         start = time.perf_counter()
         self.connection.send(("ready", step))
         self.connection.recv()
@@ -194,8 +196,8 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step_seconds.append(time.perf_counter() - start)
-    return _summary(step_seconds, gate.cpu_marks, losses, warmup, batch_size * seq_len, peak["rss_mb"],
-                    model.num_parameters(), kernel)
+    return _summary(step_seconds, gate, losses, warmup, batch_size * seq_len, peak["rss_mb"], model.num_parameters(),
+                    kernel)
 
 
 def run_transformers(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int,
@@ -228,19 +230,21 @@ def run_transformers(gate: StepGate, preset: str, threads: int, batch_size: int,
         losses.append(loss.item())
         step_seconds.append(time.perf_counter() - start)
     n_parameters = sum(p.numel() for p in model.parameters())
-    return _summary(step_seconds, gate.cpu_marks, losses, warmup, batch_size * seq_len, peak, n_parameters,
+    return _summary(step_seconds, gate, losses, warmup, batch_size * seq_len, peak, n_parameters,
                     adamw_kernel(optimizer))
 
 
-def _summary(step_seconds: list[float], cpu_marks: list[float], losses: list[float], warmup: int, step_tokens: int,
+def _summary(step_seconds: list[float], gate: StepGate, losses: list[float], warmup: int, step_tokens: int,
              peak_mb: float, n_parameters: int, kernel: str) -> dict:
     timed = step_seconds[warmup:]
     median = statistics.median(timed)
     # CPU seconds of steps warmup..N-2 (start to start; the last step ends in llmkit's checkpoint save): the work
     # done, which other processes on the machine inflate much less than they inflate wall-clock time
-    cpu = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])][warmup:]
+    cpu = [b - a for a, b in zip(gate.cpu_marks, gate.cpu_marks[1:])][warmup:]
+    faults = [b - a for a, b in zip(gate.fault_marks, gate.fault_marks[1:])][warmup:]
     return {
         "cpu_s_per_step": statistics.median(cpu) if cpu else float("nan"),
+        "faults_per_step": statistics.median(faults) / 1000 if faults else float("nan"),
         "tokens_per_s": step_tokens / median,
         "best_tokens_per_s": step_tokens / min(timed),
         "ms_per_step": 1000 * median,
@@ -392,7 +396,7 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     rows = [("tokens/s (median)", "tokens_per_s", "{:.0f}"), ("tokens/s (best step)", "best_tokens_per_s", "{:.0f}"),
             ("ms/step (median)", "ms_per_step", "{:.0f}"), ("CPU s/step (median)", "cpu_s_per_step", "{:.2f}"),
-            ("peak RSS MB", "peak_rss_mb", "{:.0f}")]
+            ("page faults/step (1000s)", "faults_per_step", "{:.0f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}")]
     for (preset, compiled), pair in results.items():
         name = preset + (" compiled" if compiled else "")
         extra = [key for key in pair if key not in ("llmkit", "transformers")]
@@ -435,7 +439,8 @@ def plot(results: dict, path: str, title: str) -> None:
             axis.bar_label(bars, fmt="%.0f", fontsize=8)
         axis.set_xticks(range(len(labels)), labels)
         axis.set_title(name)
-    axes[0].legend(loc="lower right")
+        axis.set_ylim(top=axis.get_ylim()[1] * 1.2)  # room for the legend above the bars
+    axes[0].legend(loc="upper right", ncols=2)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
