@@ -14,6 +14,7 @@ from llmkit.data.tokenizer_train import tokenizer_train
 from llmkit.errors import LlmkitError
 from llmkit.estimate_cli import estimate
 from llmkit.eval.cli_verb import evaluate
+from llmkit.eval.peft_shootout import bench_peft
 from llmkit.models.verbs import embed, moe_upcycle
 from llmkit.train.finetune import finetune
 from llmkit.train.pretrain import pretrain
@@ -261,6 +262,7 @@ COMMANDS: dict[str, Any] = {
     "chat": chat, "generate": generate, "convert": convert, "info": info, "evaluate": evaluate,
     "pretrain": pretrain, "prepare": prepare_data, "filter": filter_data, "tokenizer": {"train": tokenizer_train},
     "estimate": estimate, "embed": embed, "moe": {"upcycle": moe_upcycle}, "finetune": finetune, "augment": augment,
+    "bench": {"peft": bench_peft},
 }
 
 

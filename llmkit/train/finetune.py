@@ -109,9 +109,10 @@ def finetune(
     before = rouge_on(network, tokenizer, held_out, template) if held_out and cluster.is_main else None
 
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=max_length,
-                          pad_id=pad_id)
-    evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=max_length, pad_id=pad_id)
+    # Padded batches are as long as their longest example; a fixed width only where shapes must be static (compile).
+    width = max_length if packing or train.compile else None
+    batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=width, pad_id=pad_id)
+    evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=width, pad_id=pad_id)
     result = train_loop(network, sft_loss, batches, train, output, eval_batches=evals, cluster=cluster)
 
     summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
