@@ -148,8 +148,9 @@ class StepGate:
 
 
 def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int, warmup: int,
-               precision: str, compile: bool, loop: str) -> dict:
-    """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead."""
+               precision: str, compile: bool, loop: str, prepare=None) -> dict:  # noqa: ANN001
+    """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead;
+    `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA)."""
     from llmkit.train.loop import clip_gradients, train
     from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
     from llmkit.train.optim import build_optimizer
@@ -158,6 +159,8 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
 
     torch.set_num_threads(threads)
     model = llmkit_decoder(preset)
+    if prepare is not None:
+        model = prepare(model)
     tokens = token_batches(model.config.vocab_size, steps, batch_size, seq_len)
     kernel = adamw_kernel(build_optimizer(model, LR, WEIGHT_DECAY, BETAS, EPS))  # the one train() builds (no state yet)
     waits, peak = [], {}
@@ -277,9 +280,10 @@ def in_child(fn, *args) -> dict:  # noqa: ANN001
 ENGINES = {"llmkit": run_llmkit, "transformers": run_transformers}
 
 
-def _engine_process(connection, engine: str, args: tuple) -> None:  # noqa: ANN001
+def _engine_process(connection, engine, args: tuple) -> None:  # noqa: ANN001 (engine: an ENGINES name or a function)
+    run = ENGINES[engine] if isinstance(engine, str) else engine  # other benchmarks pass their own engine functions
     try:
-        connection.send(("result", ENGINES[engine](StepGate(connection), *args)))
+        connection.send(("result", run(StepGate(connection), *args)))
     except BaseException:  # noqa: BLE001 (handed to the parent, which stops the run with it)
         connection.send(("error", traceback.format_exc()))
 

@@ -76,7 +76,9 @@ def test_merged_lora_model_equals_the_adapter_on_its_base(tiny_base, tmp_path, o
     merged = load_model(summary["merged"]).eval()
     ids = torch.tensor([tokenizer.encode("Repeat the word. crown")])
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=0)
+        # fp32: W + s*B@A rounds differently from W@x + s*B@(A@x); after lr 3e-2 training the logits (|x| < 1)
+        # differ by up to ~3e-5, while the same two models run in float64 agree to ~7e-7 (the merged fp32 weights)
+        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-4, rtol=1e-5)
 
 
 def test_merge_is_refused_for_methods_that_cannot_fold(tiny_base, tmp_path, one_thread):
