@@ -50,6 +50,13 @@ def token_batches(vocab_size: int, steps: int, batch_size: int, seq_len: int) ->
     return torch.randint(0, vocab_size, (steps, batch_size, seq_len + 1), generator=generator)
 
 
+def random_batches(vocab_size: int, steps: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Pretraining-shaped batches: every position of random windows is a next-token label."""
+    from llmkit.train.objectives import causal_lm_batch
+
+    return [causal_lm_batch(window) for window in token_batches(vocab_size, steps, batch_size, seq_len)]
+
+
 def llmkit_decoder(preset: str):  # noqa: ANN201
     """The preset's Decoder, randomly initialised under SEED (as `llmkit pretrain` builds it)."""
     from llmkit.config import Config
@@ -125,7 +132,8 @@ def check_parity(preset: str, threads: int, batch_size: int, seq_len: int) -> di
 def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """transformers' own loss: labels are already the next tokens, so pass them as shift_labels (no re-shift)."""
     labels = batch["labels"].contiguous()  # (B, T): transformers views it flat
-    return model(input_ids=batch["input_ids"], labels=labels, shift_labels=labels, use_cache=False).loss
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+                 shift_labels=labels, use_cache=False).loss
 
 
 class StepGate:
@@ -148,11 +156,12 @@ class StepGate:
 
 
 def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int, warmup: int,
-               precision: str, compile: bool, loop: str, prepare=None) -> dict:  # noqa: ANN001
+               precision: str, compile: bool, loop: str, prepare=None, make_batches=random_batches) -> dict:  # noqa: ANN001
     """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead;
-    `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA)."""
+    `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA);
+    `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch."""
     from llmkit.train.loop import clip_gradients, train
-    from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
+    from llmkit.train.objectives import causal_lm_loss
     from llmkit.train.optim import build_optimizer
     from llmkit.train.precision import autocast
     from llmkit.train.settings import TrainSettings
@@ -161,7 +170,7 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
     model = llmkit_decoder(preset)
     if prepare is not None:
         model = prepare(model)
-    tokens = token_batches(model.config.vocab_size, steps, batch_size, seq_len)
+    step_batches = make_batches(model.config.vocab_size, steps, batch_size, seq_len)
     kernel = adamw_kernel(build_optimizer(model, LR, WEIGHT_DECAY, BETAS, EPS))  # the one train() builds (no state yet)
     waits, peak = [], {}
 
@@ -170,7 +179,7 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
         if step == steps - 1:  # peak over steps 1..N-1: the final checkpoint save is not a training step
             peak["rss_mb"] = peak_rss_mb()
         waits.append(gate.wait(step))
-        return causal_lm_batch(tokens[step])
+        return step_batches[step]
 
     if loop == "train":
         settings = TrainSettings(max_steps=steps, batch_size=batch_size, lr=LR, schedule="constant", warmup_steps=0,

@@ -283,9 +283,10 @@ class NoisyPromptLogits(torch.nn.Module):
         super().__init__()
         self.model, self.ignored = model, labels == IGNORE_INDEX
 
-    def forward(self, input_ids, **kwargs):
-        logits = self.model(input_ids, **kwargs)
-        return torch.where(self.ignored[..., None], torch.randn_like(logits) * 50, logits)
+    def forward(self, input_ids, logits_at=None, **kwargs):
+        logits = self.model(input_ids, **kwargs)  # (B, T, V) everywhere, then noise where the label is ignored
+        noisy = torch.where(self.ignored[..., None], torch.randn_like(logits) * 50, logits)
+        return noisy if logits_at is None else noisy[logits_at]
 
 
 def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():

@@ -77,6 +77,23 @@ def test_last_token_only_matches_full_logits():
         assert torch.allclose(model(ids, last_token_only=True)[:, 0], model(ids)[:, -1], atol=TOLERANCE)
 
 
+def test_logits_at_gives_the_full_logits_of_the_chosen_positions_and_their_gradients():
+    model = make_model()
+    ids = torch.randint(0, 97, (3, 9))
+    chosen = torch.rand(3, 9) < 0.3  # (B, T)
+    full = model(ids)
+    some = model(ids, logits_at=chosen)
+    assert some.shape == (int(chosen.sum()), 97)
+    assert torch.allclose(some, full[chosen], atol=TOLERANCE)
+    # the same loss, so the same gradients: the head's work at other positions was never needed
+    targets = torch.randint(0, 97, (int(chosen.sum()),))
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(full[chosen], targets), model.embed.weight)[0]
+    got = torch.autograd.grad(torch.nn.functional.cross_entropy(some, targets), model.embed.weight)[0]
+    assert torch.allclose(got, expected, atol=TOLERANCE)
+    with pytest.raises(LlmkitError, match=r"logits_at must be a boolean \(batch, tokens\) = \(3, 9\) mask"):
+        model(ids, logits_at=chosen[:, :4])
+
+
 def test_bfloat16_stays_close_to_float32():
     model = make_model(n_heads=4, n_kv_heads=2)
     ids = torch.randint(0, 97, (1, 16))

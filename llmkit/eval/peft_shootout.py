@@ -339,7 +339,7 @@ def plot_shootout(results: dict[str, dict[str, Any]], path: Path, title: str) ->
         axis.bar_label(bars, labels=[fmt.format(value) for value in values], fontsize=7)
         if before is not None:
             axis.axhline(before, color="tab:red", linestyle="--", linewidth=1, label=f"before fine-tuning: {before:.3g}")
-            axis.legend(fontsize=8, loc="lower right")
+            axis.legend(fontsize=8, loc="best")
         if log_scale:
             axis.set_yscale("log")
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)

@@ -71,17 +71,26 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         last_token_only: bool = False,
         document_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with `last_token_only`.
+        """Logits (B, T, vocab) for token ids (B, T); (B, 1, vocab) with `last_token_only`; (N, vocab) with
+        `logits_at`, a boolean (B, T) mask of the N positions whose logits are wanted (row by row).
 
         `attention_mask` (B, T) marks real tokens with 1 and left padding with 0. With a `cache`
         the new tokens are appended to it and attend to everything stored before them.
         `document_ids` (B, T) packs several documents in a row: each run of equal ids attends only to itself
         and counts positions from its first token (training without a cache).
+        `logits_at` saves the LM head's work (a vocab-wide matmul per position) where a loss ignores positions,
+        as supervised fine-tuning ignores the prompt.
         """
         x = self.hidden_states(input_ids, cache, attention_mask, document_ids)
         if last_token_only:
             x = x[:, -1:]
+        if logits_at is not None:
+            if logits_at.shape != x.shape[:2] or logits_at.dtype != torch.bool:
+                raise LlmkitError(f"logits_at must be a boolean (batch, tokens) = {tuple(x.shape[:2])} mask; got "
+                                  f"{logits_at.dtype} {tuple(logits_at.shape)}")
+            x = x[logits_at]  # (N, C)
         return self.head(x)
 
     def hidden_states(

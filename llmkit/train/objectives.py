@@ -27,11 +27,22 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32); while training,
     plus the load-balancing and z-losses of mixture-of-experts layers (validation reports cross-entropy alone)."""
     packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}  # packed SFT rows
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed)  # (B, T, V)
-    loss = token_cross_entropy(logits, batch["labels"])
+    labels = batch["labels"]
+    if is_compiled(model):  # static shapes: logits everywhere, ignored positions masked in the loss
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed)  # (B, T, V)
+        loss = token_cross_entropy(logits, labels)
+    else:  # the LM head only where a label counts (SFT: the completion, often a tenth of the tokens)
+        scored = labels != IGNORE_INDEX  # (B, T)
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_at=scored, **packed)
+        loss = F.cross_entropy(logits.float(), labels[scored])  # logits (N, V): the mean over scored tokens
     if model.training and moe_layers(model):
         loss = loss + moe_aux_loss(model)
     return loss
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """A torch.compile'd module (OptimizedModule keeps the original as _orig_mod)."""
+    return hasattr(model, "_orig_mod")
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
