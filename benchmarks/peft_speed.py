@@ -275,7 +275,7 @@ def main() -> None:
         print(f"wrote {args.json}")
     if args.plot:
         plot(pair, args.plot, f"{args.model} LoRA r={lora.rank} training, {args.precision}, batch {args.batch_size} x "
-                              f"{args.seq_len}, {args.threads} CPU threads")
+                              f"{args.seq_len} ({args.data} data), {args.threads} CPU threads")
 
 
 def labelled_share(args: argparse.Namespace, steps: int) -> float:
