@@ -149,7 +149,14 @@ class LoraLinear(nn.Module):
         settings, a_matrix, b_matrix = self.settings[name], self.lora_A[name], self.lora_B[name]
         dropped = F.dropout(x, settings.dropout, self.training) if settings.dropout else x
         dropped = dropped.to(a_matrix.dtype)
-        update = F.linear(F.linear(dropped, a_matrix), b_matrix) * settings.scale  # s B A dropout(x): (..., out)
+        low_rank = F.linear(dropped, a_matrix)  # A dropout(x): (..., r)
+        if not settings.dora and result.dtype == b_matrix.dtype:
+            # result + s (A x) B^T as one GEMM (beta = 1, alpha = s): no separate passes over (..., out) for the
+            # scaling and the sum, forward or backward
+            out = torch.addmm(result.reshape(-1, self.out_features), low_rank.reshape(-1, low_rank.shape[-1]),
+                              b_matrix.t(), alpha=settings.scale)  # (N, out)
+            return out.view(result.shape)
+        update = F.linear(low_rank, b_matrix) * settings.scale  # s B A dropout(x): (..., out)
         if not settings.dora:
             return result + update.to(result.dtype)
         # DoRA: y = b + (m / norm) (W0 x + s B A x), written as peft does: result + (m/norm - 1) W0 x + (m/norm) update
