@@ -145,6 +145,9 @@ def run_in_fresh_process(name: str, setup: Shootout, output_dir: Path) -> dict[s
     """One arm's result: read from its result.json when that was made with `setup`, else computed in a new process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from llmkit.train.checkpoint import CHECKPOINTS_DIR
 
     result_path = output_dir / name / RESULT_FILE
     if result_path.is_file():
@@ -156,11 +159,15 @@ def run_in_fresh_process(name: str, setup: Shootout, output_dir: Path) -> dict[s
                           f"{output_dir / name} to run it again")
     print(f"{name}: running in a fresh process")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        result = pool.submit(run_arm, name, setup, output_dir / name).result()
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            result = pool.submit(run_arm, name, setup, output_dir / name).result()
+    except BrokenProcessPool:
+        raise LlmkitError(f"the {name} arm's process died (out of memory, or killed); rerun the same command to resume "
+                          "from its last checkpoint, or lower --batch_size") from None
     record = {"setup": arm_setup(name, setup), "arm": arm_record(name), "result": result}
     atomic_write_text(result_path, json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(output_dir / name / "checkpoints", ignore_errors=True)  # only needed to resume; the adapter stays
+    shutil.rmtree(output_dir / name / CHECKPOINTS_DIR, ignore_errors=True)  # only needed to resume; the adapter stays
     return result
 
 
