@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from llmkit.memory import proc_status_kib, reset_peak_rss
+
 KV_VARIANTS = {"MHA": 9, "GQA (3 groups)": 3, "MQA": 1}  # n_kv_heads for SmolLM2-135M's 9 query heads
 
 
@@ -27,20 +29,17 @@ def _peak_reset(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        reset_peak_rss()  # VmHWM := current RSS
 
 
 def _peak_bytes(device: str, baseline: int) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    status = Path("/proc/self/status").read_text()
-    kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
-    return kib * 1024 - baseline
+    return proc_status_kib("VmHWM") * 1024 - baseline
 
 
 def _rss_bytes() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
+    return proc_status_kib("VmRSS") * 1024
 
 
 def attention_child(kernel: str, context: int, heads: int, head_dim: int, threads: int, device: str, queue) -> None:  # noqa: ANN001

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from llmkit.memory import peak_rss_mb
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "../shared/data"
 SENTENCE_FILES = (DATA_DIR / "sst2" / "dev.tsv", DATA_DIR / "sst2" / "train.tsv")
 SENTENCE_COLUMN = "sentence"
@@ -75,14 +77,6 @@ def _summary(times: list[float], n_sentences: int, embeddings: torch.Tensor) -> 
         "peak_rss_mb": peak_rss_mb(),
         "embeddings": embeddings.float().cpu(),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM starts afresh at exec, unlike ru_maxrss in a spawned child)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def in_child(fn, *args) -> dict:  # noqa: ANN001

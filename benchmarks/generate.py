@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from llmkit.memory import peak_rss_mb
 
 PROMPT_FILE = Path(__file__).resolve().parents[1] / "../shared/data/tinyshakespeare/input.txt"
 
@@ -107,17 +108,6 @@ def _summary(n_parameters: int, prefill: list[float], total: list[float], n_prom
                          max(n_new / (t - p) for t, p in zip(total, prefill))),
         "peak_rss_mb": peak_rss_mb(),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss would carry
-    the parent's peak into a spawned child."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_child(fn, *args) -> dict:  # noqa: ANN001

@@ -43,6 +43,8 @@ import torch
 import train as train_benchmark  # benchmarks/train.py: the engines, lockstep runner and shared inputs
 from train import LOSS_TOLERANCE, MODELS, SEED, StepGate, hf_loss, llmkit_decoder, random_batches
 
+from llmkit.memory import peak_rss_mb
+
 LORA_SEED = SEED + 1  # A's initialisation, set on both sides right before apply_lora
 PERTURB_STD = 0.02  # the random B of the second parity check: large enough to move the loss visibly
 # Per-step losses of the timed runs: the same fp32 training with other kernels (fused vs for-loop AdamW, llmkit's vs
@@ -124,14 +126,13 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def reset_peak_rss() -> None:
     """Hand freed heap back to the OS (glibc malloc_trim) and restart this process's VmHWM at its current RSS
     (Linux >= 4.0), so the peak counts what training holds; elsewhere the peak includes the setup."""
-    clear_refs = Path("/proc/self/clear_refs")
-    if not clear_refs.exists():
-        return
+    from llmkit.memory import reset_peak_rss
+
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # another C library: freed setup memory may stay counted
         pass
-    clear_refs.write_text("5")
+    reset_peak_rss()
 
 
 # --------------------------------------------------------------------------- parity and the peft engine
@@ -188,7 +189,7 @@ def run_peft(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len
     step_seconds, losses, peak = [], [], 0.0
     for step in range(steps):
         if step == steps - 1:
-            peak = train_benchmark.peak_rss_mb()
+            peak = peak_rss_mb()
         gate.wait(step)
         start = time.perf_counter()
         batch = step_batches[step]

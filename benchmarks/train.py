@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from llmkit.memory import peak_rss_mb
+
 MODELS = {"gpt2": "GPT2LMHeadModel", "smollm2-135m": "LlamaForCausalLM"}  # llmkit preset -> transformers class
 LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 SEED = 1337
@@ -267,17 +269,6 @@ def _summary(step_seconds: list[float], gate: StepGate, losses: list[float], war
         "parameters": n_parameters,
         "adamw": kernel,
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss would carry
-    the parent's peak into a spawned child."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_child(fn, *args) -> dict:  # noqa: ANN001

@@ -22,10 +22,8 @@ from llmkit.estimate import (
     training_compute,
     training_memory,
 )
+from llmkit.memory import PROC_CLEAR_REFS, PROC_STATUS, proc_status_kib, reset_peak_rss
 
-PROC_STATUS = "/proc/self/status"
-PROC_CLEAR_REFS = "/proc/self/clear_refs"
-RESET_PEAK_RSS = "5"  # writing this to clear_refs resets VmHWM to the current RSS (Linux 4.0+)
 CONFIG_FILE = "config.json"
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 TENSOR_MMAP_THRESHOLD = 128 * 2**10  # glibc's initial threshold, kept fixed while the peak is measured
@@ -234,9 +232,8 @@ def _measure_in_this_process(
     elif readable:
         if libc is not None:
             libc.malloc_trim(0)
-        baseline = _proc_kib("VmRSS") * 1024
-        with open(PROC_CLEAR_REFS, "w") as handle:
-            handle.write(RESET_PEAK_RSS)
+        baseline = proc_status_kib("VmRSS") * 1024
+        reset_peak_rss()
         method = "growth of the peak RSS (VmHWM) over the RSS before the model was built"
         if libc is None:
             method += "; not glibc: memory the allocator keeps after frees counts too"
@@ -249,7 +246,7 @@ def _measure_in_this_process(
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - baseline
     elif readable:
-        peak = _proc_kib("VmHWM") * 1024 - baseline
+        peak = proc_status_kib("VmHWM") * 1024 - baseline
     else:
         peak = None
     if libc is not None:
@@ -318,15 +315,6 @@ def _glibc() -> Any:
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-def _proc_kib(field: str) -> int:
-    """A memory field of /proc/self/status, in KiB."""
-    with open(PROC_STATUS) as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise LlmkitError(f"{PROC_STATUS} has no {field} line; this kernel does not report peak memory")
 
 
 def _mib(value: float) -> str:

@@ -240,34 +240,25 @@ def run_arm(name: str, setup: Shootout, run_dir: Path) -> dict[str, Any]:
 
 
 def reset_peak_memory(device: Any) -> None:
-    """Start the peak-memory count now: CUDA's allocator peak, or (CPU) the process's peak resident set on Linux."""
+    """Start the peak-memory count now: CUDA's allocator peak, or (CPU) the process's peak resident set on Linux
+    (elsewhere the peak since the process started, which includes loading the model)."""
     import torch
+
+    from llmkit.memory import reset_peak_rss
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident set
-    except OSError:
-        pass  # other systems: the peak since the process started (it includes loading the model)
+    else:
+        reset_peak_rss()
 
 
 def peak_memory_mb(device: Any) -> float:
     """Peak memory since reset_peak_memory: CUDA allocated bytes, or the process's peak resident set (VmHWM)."""
-    import resource
-    import sys
-
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
+    from llmkit.memory import peak_rss_mb
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
 
 
 def tokens_per_second(run_dir: Path) -> float:
