@@ -392,7 +392,7 @@ def test_import_errors(base_dir, tmp_path):
     prompt = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_layers": 2, "num_virtual_tokens": P,
               "num_transformer_submodules": 1}
     cases = [
-        (tmp_path / "nothing", None, None, "is not a peft adapter directory"),
+        (tmp_path / "nothing", None, None, "is not a PEFT adapter directory"),
         (tmp_path / "lora", {"peft_type": "LORA"}, {}, "peft_type 'LORA'; this importer reads IA3"),
         (tmp_path / "seq", {**prompt, "task_type": "SEQ_2_SEQ_LM"}, {}, "task_type 'SEQ_2_SEQ_LM'"),
         (tmp_path / "layers", {**prompt, "num_layers": 3}, {"prompt_embeddings": torch.zeros(P, 64)},

@@ -104,11 +104,7 @@ def import_peft_lora(model: nn.Module, directory: str | Path, adapter_name: str 
     """Apply a PEFT LoRA adapter to an llmkit model (its transformers original's base weights) and load its tensors;
     on a model that already has adapters it is added as `adapter_name` and made active."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise LlmkitError(f"{directory} is not a PEFT adapter directory; pass the folder holding {PEFT_CONFIG_FILE} "
-                          f"and {PEFT_WEIGHTS_FILE}")
-    config_file, weights_file = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
-    record = read_json_object(config_file)
+    config_file, weights_file, record = read_peft_config(directory)
     if METHOD_KEY in record:
         raise LlmkitError(f"{config_file} is an llmkit adapter (method {record[METHOD_KEY]!r}), not a PEFT one; load "
                           "it with llmkit's adapter loader instead")
@@ -119,7 +115,7 @@ def import_peft_lora(model: nn.Module, directory: str | Path, adapter_name: str 
         if record.get(field) not in (None, [], {}, supported):
             raise LlmkitError(f"{config_file} sets {field}={record[field]!r}; llmkit imports plain LoRA/DoRA only "
                               f"({field}={supported!r}): retrain without it or merge it into the base in peft")
-    groups = _group_by_module(model, _read_weights(directory, weights_file), weights_file)
+    groups = _group_by_module(model, read_peft_weights(directory), weights_file)
     # targets: the exact layers the file adapts (peft's target_modules may be a regex or limited by layers_to_transform)
     settings = LoraSettings(rank=record.get("r", 8), alpha=float(record.get("lora_alpha", 8)),
                             dropout=float(record.get("lora_dropout", 0.0)), rslora=bool(record.get("use_rslora")),
@@ -155,7 +151,18 @@ def _check_shapes(layers: dict[str, nn.Module], groups: dict[str, dict[str, tupl
                                   f"or r in {PEFT_CONFIG_FILE} is wrong")
 
 
-def _read_weights(directory: Path, weights_file: Path) -> dict[str, torch.Tensor]:
+def read_peft_config(directory: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(config file, weights file, config record) of a peft adapter directory, any peft_type."""
+    if not directory.is_dir():
+        raise LlmkitError(f"{directory} is not a PEFT adapter directory; pass the folder holding {PEFT_CONFIG_FILE} "
+                          f"and {PEFT_WEIGHTS_FILE}")
+    config_file = directory / PEFT_CONFIG_FILE
+    return config_file, directory / PEFT_WEIGHTS_FILE, read_json_object(config_file)
+
+
+def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a peft adapter directory's safetensors file; a pickled-only adapter is refused."""
+    weights_file = directory / PEFT_WEIGHTS_FILE
     if not weights_file.is_file() and (directory / PEFT_PICKLE_FILE).exists():
         raise LlmkitError(f"{directory} holds only {PEFT_PICKLE_FILE} (pickled); llmkit never unpickles files "
                           f"(loading one can run arbitrary code): save the adapter again with peft's default "

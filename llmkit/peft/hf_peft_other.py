@@ -17,21 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.checkpoints.hf import from_hf_state_dict, to_hf_state_dict
 from llmkit.checkpoints.hf_config import GPT2, hf_architecture
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_write, atomic_write_text, read_json_object
+from llmkit.io import atomic_write, atomic_write_text
 from llmkit.peft.adapters import BottleneckAdapter
+from llmkit.peft.hf_peft import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, read_peft_config, read_peft_weights
 from llmkit.peft.ia3 import IA3Settings, apply_ia3, ia3_layers
 from llmkit.peft.prefix_tuning import PrefixTuningSettings, apply_prefix_tuning
 from llmkit.peft.prompt_tuning import PromptTuningSettings, apply_prompt_tuning, require_plain_decoder
 
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_VERSION = "0.21.2"  # the peft release whose files these are
 PEFT_TYPE_KEY = "peft_type"
 TASK_TYPE_KEY = "task_type"
@@ -118,12 +116,7 @@ def _targets(layers: dict[str, nn.Module]) -> set[str]:
 def import_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Apply the IA3, prompt-tuning or prefix-tuning adapter of a peft directory to a base llmkit model (the
     one the adapter was trained on), in place; returns the model."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise LlmkitError(f"{directory} is not a peft adapter directory; pass the folder holding {PEFT_CONFIG_FILE} "
-                          f"and {PEFT_WEIGHTS_FILE}")
-    config_file, weights_file = directory / PEFT_CONFIG_FILE, directory / PEFT_WEIGHTS_FILE
-    record = read_json_object(config_file)
+    config_file, weights_file, record = read_peft_config(Path(directory))
     peft_type, task_type = record.get(PEFT_TYPE_KEY), record.get(TASK_TYPE_KEY)
     if peft_type not in (IA3, PROMPT_TUNING, PREFIX_TUNING):
         raise LlmkitError(f"{config_file} has peft_type {peft_type!r}; this importer reads {IA3}, {PROMPT_TUNING} and "
@@ -131,10 +124,7 @@ def import_peft_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if task_type not in (CAUSAL_LM, None):
         raise LlmkitError(f"{config_file} has task_type {task_type!r}; llmkit's decoder takes {CAUSAL_LM} adapters, "
                           "train the adapter for causal language modelling")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError) as error:
-        raise LlmkitError(f"{weights_file} is missing or unreadable ({error}); save the adapter again") from None
+    tensors = read_peft_weights(Path(directory))
     if peft_type == IA3:
         return _import_ia3(model, tensors, weights_file)
     require_plain_decoder(model, peft_type.lower().replace("_", " "))
