@@ -44,7 +44,7 @@ def run_llmkit(model_dir: str, sentences: list[str], batch_size: int, threads: i
     from dataclasses import replace
 
     from llmkit.checkpoints.hf_bert import load_encoder, sentence_settings
-    from llmkit.models.encoder import embed_texts
+    from llmkit.generate.embed import embed_texts
 
     torch.set_num_threads(threads)
     model, tokenizer = load_encoder(model_dir)

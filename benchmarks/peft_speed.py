@@ -282,7 +282,7 @@ def main() -> None:
 def labelled_share(args: argparse.Namespace, steps: int) -> float:
     """The share of batch positions whose next token is a label (the rest: prompt and padding)."""
     from llmkit.config import Config
-    from llmkit.train.objectives import IGNORE_INDEX
+    from llmkit.data.batch import IGNORE_INDEX
 
     vocab_size = Config.from_name(args.model).vocab_size
     labels = torch.stack([batch["labels"] for batch in BATCHES[args.data](vocab_size, steps, args.batch_size,

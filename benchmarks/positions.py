@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.commands.prepare import prepare_data
 from llmkit.config import Config
-from llmkit.data.prepare import load_manifest, prepare_data
+from llmkit.data.prepare import load_manifest
 from llmkit.data.shards import SequenceStream, TokenShards
 from llmkit.models.decoder import Decoder
 from llmkit.train.loop import TrainSettings, train

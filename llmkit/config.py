@@ -1,7 +1,7 @@
 """One `Config` dataclass describes a decoder-only transformer; every variant is a field.
 
-Named presets live in `llmkit.presets`; `Config.from_name("smollm2-135m")` looks them up and
-`Config.from_hf_config(path)` reads a Hugging Face `config.json`.
+Named presets live in `llmkit.presets`; `Config.from_name("smollm2-135m")` looks them up.
+Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `llmkit.checkpoints.load_config`.
 """
 
 from __future__ import annotations
@@ -208,13 +208,6 @@ class Config:
         if name not in PRESETS:
             raise LlmkitError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path) -> Config:
-        """Read a Hugging Face `config.json` (file or directory holding it)."""
-        from llmkit.checkpoints.hf_config import config_from_hf
-
-        return config_from_hf(path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -131,7 +131,7 @@ def test_import_reads_config_fields(tmp_path):
     assert (llama3.rope_scaling.kind, llama3.rope_scaling.factor, llama3.rope_scaling.original_max_seq_len) == (
         "llama3", 4.0, 16)
     assert (llama3.n_kv_heads, llama3.d_ff, llama3.bos_id, llama3.eos_id) == (2, 96, 1, 2)
-    qwen2 = Config.from_hf_config(tmp_path / "qwen2")
+    qwen2 = config_from_hf(tmp_path / "qwen2")
     assert (qwen2.qkv_bias, qwen2.out_bias, qwen2.mlp_bias, qwen2.tie_embeddings, qwen2.rope_theta) == (
         True, False, False, True, 500.0)
     assert config_from_hf(tmp_path / "mqa").n_kv_heads == 1

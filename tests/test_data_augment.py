@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from llmkit.commands.augment import augment
 from llmkit.data.augment import (
     KEYBOARD_NEIGHBOURS,
     SYNONYMS_FILE,
-    augment,
     augment_text,
     keyboard_typos,
     random_deletion,

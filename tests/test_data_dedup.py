@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmkit.commands.filter import filter_data, report_path
 from llmkit.data.dedup import (
     MERSENNE_PRIME,
     ExactDeduplicator,
@@ -15,14 +16,7 @@ from llmkit.data.dedup import (
     candidate_probability,
     normalize_text,
 )
-from llmkit.data.filter_cli import (
-    EXACT_DUPLICATE,
-    NEAR_DUPLICATE,
-    DocumentFilter,
-    filter_data,
-    filter_documents,
-    report_path,
-)
+from llmkit.data.filter import EXACT_DUPLICATE, NEAR_DUPLICATE, DocumentFilter, filter_documents
 from llmkit.data.quality import QualityRules
 from llmkit.errors import LlmkitError
 

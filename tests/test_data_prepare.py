@@ -11,13 +11,13 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from llmkit.commands.prepare import prepare_data
 from llmkit.data.prepare import (
     MANIFEST,
     TOKENIZER_DIR,
     load_manifest,
     manifest_tokenizer_path,
     prepare,
-    prepare_data,
     token_dtype,
 )
 from llmkit.data.sources import BUILTIN_CORPUS

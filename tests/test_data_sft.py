@@ -18,6 +18,7 @@ from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit.config import Config
+from llmkit.data.batch import IGNORE_INDEX
 from llmkit.data.packing import PAD_DOCUMENT, pack_examples, padded_batch, sft_batches, sft_validation_batches
 from llmkit.data.sft import (
     FieldMap,
@@ -26,7 +27,6 @@ from llmkit.data.sft import (
     builtin_dialogsum,
     load_sft_dataset,
     load_sft_records,
-    sft_loss,
     tokenize_records,
 )
 from llmkit.data.templates import (
@@ -43,7 +43,7 @@ from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.loop import TrainSettings, train
-from llmkit.train.objectives import IGNORE_INDEX
+from llmkit.train.objectives import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -293,7 +293,7 @@ def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():
     examples = examples_of([("Add the numbers 2 and 3.", "5"), ("Name a colour.", "Blue.")])
     batch = padded_batch(examples)
     model = tiny_decoder()
-    loss = sft_loss(model, batch)
+    loss = causal_lm_loss(model, batch)
     with torch.no_grad():
         log_probs = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
     terms = []
@@ -304,7 +304,7 @@ def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():
     assert len(terms) == 2 + 6  # "5"+EOS and "Blue."+EOS
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
     torch.manual_seed(1)
-    assert torch.allclose(sft_loss(NoisyPromptLogits(model, batch["labels"]), batch), loss, atol=1e-6)
+    assert torch.allclose(causal_lm_loss(NoisyPromptLogits(model, batch["labels"]), batch), loss, atol=1e-6)
 
 
 # ---- padding, packing and the batch source ---------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_packed_row_logits_equal_each_example_run_alone(variant):
     assert (packed[0, :used] - alone).abs().max() < TOLERANCE
     assert (batch["document_ids"][0, used:] == PAD_DOCUMENT).all()
     # the loss of the packed batch equals the loss of the padded batch: the same completion tokens, computed alone
-    assert torch.allclose(sft_loss(model, batch), sft_loss(model, padded_batch(examples)), atol=TOLERANCE)
+    assert torch.allclose(causal_lm_loss(model, batch), causal_lm_loss(model, padded_batch(examples)), atol=TOLERANCE)
 
 
 def test_packing_fills_rows_greedily_in_order_and_document_ids_refuse_a_cache():
@@ -375,7 +375,7 @@ def test_training_loop_runs_on_packed_sft_batches(tmp_path):
     settings = TrainSettings(max_steps=12, batch_size=2, warmup_steps=1, eval_every=0, log_every=1,
                              checkpoint_every=100, lr=3e-3, device="cpu")
     model = tiny_decoder().train()
-    result = train(model, sft_loss, source, settings, tmp_path)
+    result = train(model, causal_lm_loss, source, settings, tmp_path)
     assert result.steps == 12 and result.losses[-1] < result.losses[0]
 
 

@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.checkpoints.hf_bert import bert_config, default_encoder_path, load_encoder, sentence_settings
 from llmkit.checkpoints.native import save_native
+from llmkit.commands.embed import EMBEDDINGS_KEY, embed
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.generate.embed import embed_texts
 from llmkit.models.encoder import (
-    EMBEDDINGS_KEY,
     N_LABELS_KEY,
     TASK_KEY,
     Encoder,
@@ -26,10 +27,8 @@ from llmkit.models.encoder import (
     SequenceClassifier,
     TokenClassifier,
     build_encoder_model,
-    embed_texts,
     mean_pool,
 )
-from llmkit.models.verbs import embed
 from llmkit.nn.attention import AttentionContext
 from llmkit.nn.block import Block, PostNormBlock, build_block
 from llmkit.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer

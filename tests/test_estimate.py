@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llmkit.checkpoints import default_model_path
+from llmkit.commands.estimate import _measure_in_this_process, estimate, format_measurement, load_config, measure_training
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.estimate import (
@@ -22,7 +23,6 @@ from llmkit.estimate import (
     training_compute,
     training_memory,
 )
-from llmkit.estimate_cli import _measure_in_this_process, estimate, format_measurement, load_config, measure_training
 from llmkit.models.decoder import Decoder
 from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
 from llmkit.train.recompute import enable_activation_checkpointing
@@ -191,11 +191,11 @@ def test_estimate_within_20_percent_of_measured_peak(monkeypatch, name, checkpoi
 
 
 def test_measurement_says_when_proc_is_unavailable(monkeypatch, one_thread):
-    monkeypatch.setattr("llmkit.estimate_cli.PROC_STATUS", "/no/such/proc/status")
+    monkeypatch.setattr("llmkit.commands.estimate.PROC_STATUS", "/no/such/proc/status")
     config = Config.from_name("tiny-llama")
     result = _measure_in_this_process(config.to_dict(), 2, 16, "fp32", False, 1, "cpu")
     assert result["peak_bytes"] is None and "/proc is unavailable" in result["method"]
-    from llmkit.estimate_cli import Measurement
+    from llmkit.commands.estimate import Measurement
 
     assert "not measured" in format_measurement(Measurement(**result), estimated_total=10 * 2**20)
 

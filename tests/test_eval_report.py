@@ -14,7 +14,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import save_model
-from llmkit.eval.cli_verb import evaluate, load_tasks, model_labels
+from llmkit.commands.evaluate import evaluate, load_tasks, model_labels
 from llmkit.eval.report import aggregate, comparison_table, markdown_report, rescale, write_report
 from llmkit.eval.runner import TaskResult
 from llmkit.models.decoder import Decoder

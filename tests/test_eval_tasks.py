@@ -15,7 +15,8 @@ from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit import Config, LlmkitError
-from llmkit.eval.builtin import BUILTIN_TASKS, DATA_ENV, load_builtin
+from llmkit.data.shared import DATA_ENV
+from llmkit.eval.builtin import BUILTIN_TASKS, load_builtin
 from llmkit.eval.perplexity import perplexity
 from llmkit.eval.runner import generation_metrics, run_task
 from llmkit.eval.tasks import (

@@ -14,12 +14,12 @@ from tokenizers import models, pre_tokenizers
 from llmkit.checkpoints import load_model
 from llmkit.checkpoints.hf import export_hf
 from llmkit.checkpoints.hf_config import MIXTRAL, hf_architecture
+from llmkit.commands.moe import moe_upcycle
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.estimate import count_parameters
 from llmkit.models.decoder import Decoder
 from llmkit.models.upcycle import upcycle_to_moe
-from llmkit.models.verbs import moe_upcycle
 from llmkit.nn.mlp import SwiGLU
 from llmkit.nn.moe import MoE, expert_utilisation, moe_aux_loss, moe_layers
 from llmkit.tokenizer import Tokenizer

@@ -12,12 +12,13 @@ from scipy.stats import chi2
 
 from llmkit.checkpoints.hf_bert import load_encoder
 from llmkit.checkpoints.native import save_native
+from llmkit.commands.pretrain import pretrain
 from llmkit.config import Config
+from llmkit.data.batch import IGNORE_INDEX
 from llmkit.errors import LlmkitError
 from llmkit.models.encoder import TASK_KEY, Encoder, MaskedLM
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.objectives import IGNORE_INDEX, OBJECTIVES, masked_lm_batch, masked_lm_loss
-from llmkit.train.pretrain import pretrain
+from llmkit.train.objectives import OBJECTIVES, masked_lm_batch, masked_lm_loss
 from llmkit.train.settings import TrainSettings
 
 VOCAB = 50
@@ -160,7 +161,7 @@ def test_pretrain_encoder_refuses_models_that_do_not_fit(encoder_run, tmp_path):
 
 
 def test_pretrain_encoder_refuses_a_tokenizer_without_mask(tmp_path):
-    from llmkit.data.prepare import prepare_data
+    from llmkit.commands.prepare import prepare_data
 
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question. " * 200)

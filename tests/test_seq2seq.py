@@ -18,7 +18,8 @@ from llmkit.checkpoints.native import save_native
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.generate import SamplingSettings
-from llmkit.models.seq2seq import Seq2Seq, generate_seq2seq
+from llmkit.generate.seq2seq import generate_seq2seq
+from llmkit.models.seq2seq import Seq2Seq
 from llmkit.nn.position import relative_position_buckets
 
 VOCAB = 97
@@ -197,7 +198,7 @@ def test_pretrain_seq2seq_on_a_small_corpus(tmp_path: Path) -> None:
     from dataclasses import replace
 
     from llmkit.checkpoints import load_tokenizer
-    from llmkit.train.pretrain import PRETRAIN_DEFAULTS, SampleSettings, pretrain
+    from llmkit.commands.pretrain import PRETRAIN_DEFAULTS, SampleSettings, pretrain
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog number {i % 17}.\n"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from llmkit.data.tokenizer_train import TRAINING_RECORD_FILE, tokenizer_train, train_tokenizer
+from llmkit.commands.tokenizer import tokenizer_train
+from llmkit.data.tokenizer_train import TRAINING_RECORD_FILE, train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 

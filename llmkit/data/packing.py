@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from llmkit.data.batch import IGNORE_INDEX, Batch
 from llmkit.data.sft import SFTExample
 from llmkit.errors import LlmkitError
-from llmkit.train.objectives import IGNORE_INDEX, Batch
 
 PAD_DOCUMENT = -1  # document id of the padding at the end of a packed row (its own block; its labels are ignored)
 

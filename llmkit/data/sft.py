@@ -22,13 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from torch import nn
-
-from llmkit.data.templates import CHAT, FLAN_DIALOGUE_SUMMARY, FieldMap, Template, check_template, render
+from llmkit.data.batch import IGNORE_INDEX
+from llmkit.data.templates import CHAT, FLAN_DIALOGUE_SUMMARY, FieldMap, SFTRecord, Template, check_template, render
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
-from llmkit.train.objectives import IGNORE_INDEX, Batch, causal_lm_loss
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 JSON_SUFFIXES = (".json", ".json.gz")
@@ -41,17 +38,6 @@ DIALOGSUM_DIR = "dialogsum"
 DIALOGSUM_FILE = "dialogsum.{split}.jsonl.gz"
 DIALOGSUM_SPLITS = ("train", "dev", "test")
 Truncation = Literal["left", "drop"]
-
-
-@dataclass(frozen=True)
-class SFTRecord:
-    """One checked row: `output` is the text to learn; chat rows keep the messages before the final reply."""
-
-    output: str
-    instruction: str = ""
-    input: str = ""
-    messages: tuple[Mapping[str, str], ...] = ()
-    origin: str = "record"  # "file, line N": error messages name it
 
 
 @dataclass(frozen=True)
@@ -229,7 +215,7 @@ def load_sft_records(
 def builtin_dialogsum(split: str = "train", limit: int | None = None) -> list[SFTRecord]:
     """DialogSum (Chen et al. 2021, CC BY-NC-SA 4.0) read in place from the shared data (like llmkit.eval.builtin,
     not bundled: non-commercial share-alike). Dialogue -> `input`, summary -> `output` (test: the first reference)."""
-    from llmkit.eval.builtin import shared_data_dir
+    from llmkit.data.shared import shared_data_dir
 
     if split not in DIALOGSUM_SPLITS:
         raise LlmkitError(f"DialogSum has no split {split!r}; choose one of {', '.join(DIALOGSUM_SPLITS)}")
@@ -317,9 +303,3 @@ def load_sft_dataset(
     """Read, check, render and tokenize SFT files in one call: (examples, report of rows, skips, truncations)."""
     records, report = load_sft_records(paths, field_map, skip_bad_rows, limit)
     return tokenize_records(records, tokenizer, template, max_length, truncation, seed, skip_bad_rows, report)
-
-
-def sft_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Supervised fine-tuning loss: the causal LM loss, whose labels are IGNORE_INDEX on prompt and padding tokens,
-    so it is the mean cross-entropy over completion tokens only (packed rows pass their document_ids)."""
-    return causal_lm_loss(model, batch)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from llmkit.errors import LlmkitError
 
 if TYPE_CHECKING:
-    from llmkit.data.sft import SFTRecord
     from llmkit.tokenizer import Tokenizer
 
 RESPONSE_DELIMITER = "\n\n### Response:\n"  # ends every non-chat prompt; the completion starts right after it
@@ -29,6 +28,17 @@ ALPACA = "alpaca"
 CHAT = "chat"
 FLAN_DIALOGUE_SUMMARY_NAME = "flan_dialogue_summary"
 USER_ROLE, ASSISTANT_ROLE = "user", "assistant"
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """One checked row: `output` is the text to learn; chat rows keep the messages before the final reply."""
+
+    output: str
+    instruction: str = ""
+    input: str = ""
+    messages: tuple[Mapping[str, str], ...] = ()
+    origin: str = "record"  # "file, line N": error messages name it
 
 
 @dataclass(frozen=True)

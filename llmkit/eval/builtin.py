@@ -20,16 +20,14 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-import llmkit
+from llmkit.data.shared import shared_data_file
 from llmkit.errors import LlmkitError
 from llmkit.eval.runner import PerplexityTask
 from llmkit.eval.tasks import Row, Task, TaskSpec
 
-DATA_ENV = "LLMKIT_SHARED_DATA"
 SST2_DIR = "sst2"
 SST2_EVAL_FILE = "dev.tsv"
 SST2_FEWSHOT_FILE = "train.tsv"
@@ -41,22 +39,6 @@ HH_FILE = "hh_rlhf/harmless-base/test.jsonl.gz"
 SHAKESPEARE_FILE = "tinyshakespeare/input.txt"
 HH_ROWS = 200
 ASSISTANT_TURN = "\n\nAssistant:"
-
-
-def shared_data_dir() -> Path:
-    """The shared data folder: $LLMKIT_SHARED_DATA, else `shared/data` beside the repository checkout."""
-    path = Path(os.environ.get(DATA_ENV) or Path(llmkit.__file__).resolve().parents[2] / "shared" / "data")
-    if not path.is_dir():
-        raise LlmkitError(f"the built-in tasks read their data from {path}, which does not exist; check out the shared "
-                          f"data beside the repository (../shared/data) or set {DATA_ENV} to its folder")
-    return path
-
-
-def _data_file(relative: str) -> Path:
-    path = shared_data_dir() / relative
-    if not path.is_file():
-        raise LlmkitError(f"{path} is missing from the shared data; restore it (see the folder's SOURCE.md)")
-    return path
 
 
 def _read_tsv(path: Path) -> list[Row]:
@@ -86,8 +68,8 @@ def sst2() -> Task:
         num_fewshot=0, description="Is the sentiment of each movie review positive or negative?\n\n",
         source="GLUE SST-2 dev (872 sentences), few-shot from train; shared/data/sst2, no licence stated upstream",
     )  # fmt: skip
-    return Task(spec, _read_tsv(_data_file(f"{SST2_DIR}/{SST2_EVAL_FILE}")),
-                _read_tsv(_data_file(f"{SST2_DIR}/{SST2_FEWSHOT_FILE}")))
+    return Task(spec, _read_tsv(shared_data_file(f"{SST2_DIR}/{SST2_EVAL_FILE}")),
+                _read_tsv(shared_data_file(f"{SST2_DIR}/{SST2_FEWSHOT_FILE}")))
 
 
 def dialogsum() -> Task:
@@ -98,8 +80,8 @@ def dialogsum() -> Task:
         source=f"DialogSum test_0..test_{DIALOGSUM_ROWS - 1} (3 references each), few-shot from dev; "
                "shared/data/dialogsum, CC BY-NC-SA 4.0",
     )  # fmt: skip
-    test = _dialogsum_rows(_data_file(f"{DIALOGSUM_DIR}/{DIALOGSUM_EVAL_FILE}"))[:DIALOGSUM_ROWS]
-    return Task(spec, test, _dialogsum_rows(_data_file(f"{DIALOGSUM_DIR}/{DIALOGSUM_FEWSHOT_FILE}")))
+    test = _dialogsum_rows(shared_data_file(f"{DIALOGSUM_DIR}/{DIALOGSUM_EVAL_FILE}"))[:DIALOGSUM_ROWS]
+    return Task(spec, test, _dialogsum_rows(shared_data_file(f"{DIALOGSUM_DIR}/{DIALOGSUM_FEWSHOT_FILE}")))
 
 
 def _dialogsum_rows(path: Path) -> list[Row]:
@@ -121,7 +103,7 @@ def hh_rlhf_harmless() -> Task:
         source=f"Anthropic HH-RLHF harmless-base test, first {HH_ROWS} pairs that differ only in the last reply; "
                "shared/data/hh_rlhf, MIT",
     )  # fmt: skip
-    path = _data_file(HH_FILE)
+    path = shared_data_file(HH_FILE)
     rows = []
     for number, record in _read_gzip_jsonl(path):
         chosen, rejected = (record[key] for key in ("chosen", "rejected"))
@@ -142,7 +124,7 @@ def hh_rlhf_harmless() -> Task:
 
 def shakespeare_perplexity() -> PerplexityTask:
     return PerplexityTask(
-        name="perplexity", text=_data_file(SHAKESPEARE_FILE).read_text(encoding="utf-8"), window=512, stride=256,
+        name="perplexity", text=shared_data_file(SHAKESPEARE_FILE).read_text(encoding="utf-8"), window=512, stride=256,
         max_tokens=2048, source="the first 2,048 tokens of tinyshakespeare (public-domain text; char-rnn repository, MIT)",
     )
 

@@ -32,7 +32,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, resolve_device
+from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+from llmkit.device import resolve_device
 from llmkit.errors import LlmkitError
 from llmkit.eval.scoring import continuation_logprobs, score_token_pairs
 from llmkit.generate import SamplingSettings, generate

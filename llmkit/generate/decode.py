@@ -10,7 +10,7 @@ remembers which slots are padding, so decode steps need no mask of their own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,34 +98,60 @@ def _decode_loop(
     settings: SamplingSettings,
     stop_ids: frozenset[int],
 ) -> Iterator[list[int | None]]:
-    """The loop itself, started lazily by `generate_tokens` after its checks have run."""
+    """A decoder-only model's steps, started lazily by `generate_tokens` after its checks have run: the prompt is
+    prefilled into a KV cache sized for prompt + new tokens, then each step feeds one token."""
     batch_size, prompt_len = input_ids.shape
-    generator = make_generator(settings, input_ids.device)
-    finished = [False] * batch_size
-    # inference_mode is entered per step, not around the yields, so the caller's code between
-    # steps runs with its own autograd state.
     with torch.inference_mode():
         cache = model.new_cache(batch_size, prompt_len + max_new_tokens)
         seen = None
         if settings.repetition_penalty != 1.0:
             seen = seen_tokens(input_ids, model.config.vocab_size, attention_mask)  # (B, V)
-        logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_token_only=True)[:, -1]  # (B, V)
-    for step in range(max_new_tokens):
+
+    def prefill() -> torch.Tensor:
+        return model(input_ids, cache=cache, attention_mask=attention_mask, last_token_only=True)[:, -1]  # (B, V)
+
+    def step(next_ids: torch.Tensor) -> torch.Tensor:
+        # Padded slots are already marked in the cache and new slots start valid: no mask needed.
+        return model(next_ids[:, None], cache=cache)[:, -1]  # (B, V)
+
+    return sample_steps(prefill, step, max_new_tokens, settings, stop_ids, seen, input_ids.device)
+
+
+def sample_steps(
+    prefill: Callable[[], torch.Tensor],
+    step: Callable[[torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    stop_ids: frozenset[int],
+    seen: torch.Tensor | None,
+    device: torch.device,
+) -> Iterator[list[int | None]]:
+    """The one decode loop every model family runs: `prefill()` gives the logits (B, V) of the first new token,
+    `step(ids)` feeds the sampled ids (B,) and gives the next logits. Yields each step's B ids, None for rows that
+    already stopped (a row stops after yielding one of `stop_ids`); `seen` (B, V) marks tokens for the repetition
+    penalty and is updated in place."""
+    generator = make_generator(settings, device)
+    # inference_mode is entered per step, not around the yields, so the caller's code between
+    # steps runs with its own autograd state.
+    with torch.inference_mode():
+        logits = prefill()
+    finished: list[bool] | None = None
+    for index in range(max_new_tokens):
         with torch.inference_mode():
             next_ids = sample_next(logits, settings, generator, seen)  # (B,)
             if seen is not None:
                 seen.scatter_(1, next_ids[:, None], True)
         tokens: list[int | None] = next_ids.tolist()  # the one host sync per step
+        finished = finished or [False] * len(tokens)
         if any(finished):
             tokens = [None if done else token for token, done in zip(tokens, finished)]
         if stop_ids:
             finished = [done or token in stop_ids for done, token in zip(finished, tokens)]
         yield tokens
-        if step == max_new_tokens - 1 or all(finished):
+        if index == max_new_tokens - 1 or all(finished):
             return
         with torch.inference_mode():
-            # Padded slots are already marked in the cache and new slots start valid: no mask needed.
-            logits = model(next_ids[:, None], cache=cache)[:, -1]  # (B, V)
+            logits = step(next_ids)
 
 
 def tokenizer_stop_ids(tokenizer: Any) -> frozenset[int]:

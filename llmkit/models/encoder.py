@@ -15,9 +15,8 @@ norm follows them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +28,6 @@ from llmkit.nn.attention import AttentionContext, AttentionKernel
 from llmkit.nn.block import build_block
 from llmkit.nn.linear import Linear, linear
 from llmkit.nn.norm import build_norm
-
-if TYPE_CHECKING:
-    from llmkit.tokenizer import Tokenizer
 
 # Config.extra keys: which head an encoder checkpoint carries, and how many labels its classifier has.
 TASK_KEY = "encoder_task"
@@ -258,53 +254,3 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, settings: SentenceS
     """One vector (B, C) per sequence from hidden states (B, T, C), pooled and optionally normalised."""
     pooled = mean_pool(hidden, attention_mask) if settings.pooling == "mean" else hidden[:, 0]
     return F.normalize(pooled, p=2, dim=-1) if settings.normalize else pooled
-
-
-def embed_texts(
-    model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], settings: SentenceSettings = SentenceSettings()
-) -> torch.Tensor:
-    """Sentence embeddings (N, C) in float32, in the order of `texts`. Texts are batched by length (little
-    padding), wrapped in the tokenizer's special tokens ([CLS] ... [SEP]) and padded on the right."""
-    if settings.pooling not in ("mean", "cls"):
-        raise LlmkitError(f"pooling={settings.pooling!r} is not supported; choose 'mean' or 'cls'")
-    if settings.batch_size < 1:
-        raise LlmkitError(f"batch_size={settings.batch_size} must be at least 1")
-    if isinstance(texts, str):
-        raise LlmkitError("texts is one string; pass a list of texts (e.g. [text])")
-    model = getattr(model, "encoder", model)  # a MaskedLM or classifier embeds with its encoder
-    max_tokens = min(settings.max_tokens or model.config.max_seq_len, model.config.max_seq_len)
-    ids = encode_for_encoder(tokenizer, texts, max_tokens)
-    pad_id = next((i for i in (tokenizer.pad_id, model.config.pad_id) if i is not None), 0)
-    device = model.embed.weight.device
-    order = sorted(range(len(ids)), key=lambda index: len(ids[index]))
-    vectors = torch.empty(len(ids), model.config.d_model)
-    for start in range(0, len(order), settings.batch_size):
-        rows = order[start:start + settings.batch_size]
-        length = max(len(ids[row]) for row in rows)
-        batch = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (b, T)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for k, row in enumerate(rows):
-            batch[k, :len(ids[row])], mask[k, :len(ids[row])] = torch.tensor(ids[row]), 1
-        batch, mask = batch.to(device), mask.to(device)
-        with torch.inference_mode():
-            pooled = pool(model(batch, mask), mask, settings)  # (b, C)
-        vectors[rows] = pooled.float().cpu()
-    return vectors
-
-
-def encode_for_encoder(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Ids of each text with the tokenizer's special tokens ([CLS] text [SEP] for BERT), truncated to `max_tokens`."""
-    backend = tokenizer.backend
-    n_special = backend.num_special_tokens_to_add(False)
-    if max_tokens <= n_special:
-        raise LlmkitError(f"max_tokens={max_tokens} leaves no room for text beside {n_special} special tokens")
-    encodings = backend.encode_batch(list(texts), add_special_tokens=False)
-    for encoding in encodings:
-        encoding.truncate(max_tokens - n_special)
-    return [backend.post_process(encoding).ids for encoding in encodings]
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-EMBEDDINGS_KEY = "embeddings"  # tensor name in the safetensors file `llmkit embed --output` writes

@@ -10,21 +10,19 @@ embeddings, computed once per stack and shared by its layers (bidirectional in t
 decoder); a ReLU (v1.0) or gated-GELU (v1.1, FLAN-T5) feed-forward layer; a tied (v1.0, rescaled) or untied
 (v1.1) LM head. The token embedding is shared by the encoder, the decoder and (when tied) the head.
 
-Generation (`generate_seq2seq`) runs the encoder once, projects every decoder layer's cross-attention
-keys/values once, then decodes one token per step with a self-attention KV cache.
+Generation (`llmkit.generate.seq2seq.generate_seq2seq`) runs `encode` and `encoder_keys_values` once, then
+`decode` one token per step with a self-attention KV cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
-from llmkit.generate.sampling import SamplingSettings, make_generator, sample_next
 from llmkit.nn.attention import AttentionContext, AttentionKernel, KVCache
 from llmkit.nn.block import build_block, build_cross_attention_block
 from llmkit.nn.linear import Linear, linear
@@ -185,60 +183,3 @@ class Seq2Seq(nn.Module):
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise LlmkitError(f"{name} has shape {tuple(ids.shape)}; expected (batch, tokens) with at least one token")
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def generate_seq2seq(
-    model: Seq2Seq,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    attention_mask: torch.Tensor | None = None,
-    settings: SamplingSettings | None = None,
-    stop_ids: Iterable[int] = (),
-    pad_id: int | None = None,
-) -> torch.Tensor:
-    """New tokens (B, N) for source ids (B, S), N <= max_new_tokens: greedy (default) or sampled (`settings`).
-
-    The encoder runs once and each decoder layer's cross-attention keys/values are projected once; the decoder
-    starts from `config.decoder_start_id` and adds one token per step through its KV cache. A row that produced
-    one of `stop_ids` is filled with `pad_id` (default: the decoder start id) afterwards; generation ends when
-    every row has stopped, as transformers' `generate` does.
-    """
-    config = model.config
-    settings = settings or SamplingSettings()
-    settings.validate()
-    if max_new_tokens < 1:
-        raise LlmkitError(f"max_new_tokens={max_new_tokens} must be >= 1; ask for at least one new token")
-    if config.decoder_start_id is None:
-        raise LlmkitError(f"config {config.name!r} has no decoder_start_id, the first decoder input; set it (T5 uses "
-                          "its pad id, 0)")
-    if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < config.vocab_size):
-        raise LlmkitError(f"input_ids hold ids outside {config.name}'s vocabulary of {config.vocab_size:,}; use the "
-                          "tokenizer that belongs to this model")
-    pad_id = config.decoder_start_id if pad_id is None else pad_id
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
-    batch_size = input_ids.shape[0]
-    generator = make_generator(settings, input_ids.device)
-    with torch.inference_mode():
-        encoder_keys_values = model.encoder_keys_values(model.encode(input_ids, attention_mask))  # once
-        cache = model.new_cache(batch_size, max_new_tokens)
-        tokens = torch.full((batch_size, 1), config.decoder_start_id, dtype=torch.long, device=input_ids.device)
-        seen = None
-        if settings.repetition_penalty != 1.0:
-            seen = torch.zeros(batch_size, config.vocab_size, dtype=torch.bool, device=input_ids.device)  # (B, V)
-            seen.scatter_(1, tokens, True)
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
-        generated = []
-        for _ in range(max_new_tokens):
-            logits = model.decode(tokens, encoder_keys_values, attention_mask, cache)[:, -1]  # (B, V)
-            next_ids = sample_next(logits, settings, generator, seen).masked_fill(finished, pad_id)  # (B,)
-            generated.append(next_ids)
-            if seen is not None:
-                seen.scatter_(1, next_ids[:, None], True)
-            finished |= torch.isin(next_ids, stop)
-            if bool(finished.all()):
-                break
-            tokens = next_ids[:, None]  # (B, 1)
-    return torch.stack(generated, dim=1)  # (B, N)

@@ -8,7 +8,8 @@ from torch import nn
 
 from llmkit.config import Config
 from llmkit.nn.attention import Attention, AttentionContext
-from llmkit.nn.mlp import build_mlp
+from llmkit.nn.mlp import MLP_CLASSES
+from llmkit.nn.moe import MoE
 from llmkit.nn.norm import build_norm
 
 
@@ -19,15 +20,13 @@ class Block(nn.Module):
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
-        # Bottleneck adapters (llmkit/peft/adapters.py) on each sublayer's output, before the residual; None = off
-        self.attn_adapter: nn.Module | None = None
-        self.mlp_adapter: nn.Module | None = None
+        # Slots for bottleneck adapters (llmkit/peft/adapters.py) on each sublayer's output, before the residual
+        self.attn_adapter: nn.Module = nn.Identity()
+        self.mlp_adapter: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), context)
-        x = x + (h if self.attn_adapter is None else self.attn_adapter(h))
-        h = self.mlp(self.mlp_norm(x))
-        return x + (h if self.mlp_adapter is None else self.mlp_adapter(h))
+        x = x + self.attn_adapter(self.attn(self.attn_norm(x), context))
+        return x + self.mlp_adapter(self.mlp(self.mlp_norm(x)))
 
 
 class PostNormBlock(Block):
@@ -35,10 +34,13 @@ class PostNormBlock(Block):
     Same parts and parameter names as `Block`; only where the norms sit differs."""
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        h = self.attn(x, context)
-        x = self.attn_norm(x + (h if self.attn_adapter is None else self.attn_adapter(h)))
-        h = self.mlp(x)
-        return self.mlp_norm(x + (h if self.mlp_adapter is None else self.mlp_adapter(h)))
+        x = self.attn_norm(x + self.attn_adapter(self.attn(x, context)))
+        return self.mlp_norm(x + self.mlp_adapter(self.mlp(x)))
+
+
+def build_mlp(config: Config) -> nn.Module:
+    """The block's feed-forward layer, chosen by `config.mlp`; a mixture of such layers when `config.n_experts`."""
+    return MoE(config) if config.n_experts else MLP_CLASSES[config.mlp](config)
 
 
 def build_block(config: Config, layer_index: int) -> Block:

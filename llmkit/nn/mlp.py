@@ -64,12 +64,3 @@ class ReluMLP(nn.Module):
 
 
 MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "geglu": GeGLU, "relu": ReluMLP}
-
-
-def build_mlp(config: Config) -> nn.Module:
-    """The block's feed-forward layer, chosen by `config.mlp`; a mixture of such layers when `config.n_experts`."""
-    if config.n_experts:
-        from llmkit.nn.moe import MoE  # moe.py builds its experts from this module's classes
-
-        return MoE(config)
-    return MLP_CLASSES[config.mlp](config)

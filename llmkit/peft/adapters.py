@@ -69,7 +69,7 @@ def apply_adapters(model: nn.Module, settings: AdapterSettings | None = None) ->
     if not blocks:
         raise LlmkitError(f"{type(model).__name__} has no transformer blocks (llmkit.nn.block.Block) to put adapters "
                           "in; pass an llmkit decoder or encoder")
-    if any(block.attn_adapter is not None or block.mlp_adapter is not None for block in blocks):
+    if any(not isinstance(block.attn_adapter, nn.Identity) for block in blocks):
         raise LlmkitError("the model already has bottleneck adapters; apply them to a fresh base model")
     weight = next(model.parameters())
     d_model = model.config.d_model

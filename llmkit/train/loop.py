@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit import estimate
+from llmkit.data.batch import Batch
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import expert_utilisation
 from llmkit.tokenizer import Tokenizer
@@ -39,7 +40,7 @@ from llmkit.train.distributed import (
     wrap_model,
 )
 from llmkit.train.metrics import MetricsLog
-from llmkit.train.objectives import Batch, Objective
+from llmkit.train.objectives import Objective
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.precision import autocast, compute_dtype, grad_scaler
 from llmkit.train.recompute import enable_activation_checkpointing
@@ -78,7 +79,7 @@ def train(
     cluster: Cluster | None = None,
 ) -> TrainResult:
     """Train `model` for `settings.max_steps` optimizer steps; resumes from `run_dir` when it holds checkpoints."""
-    from llmkit.checkpoints import resolve_device
+    from llmkit.device import resolve_device
 
     check_settings(settings)
     run_dir = Path(run_dir)

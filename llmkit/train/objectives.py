@@ -9,12 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.data.batch import IGNORE_INDEX, Batch
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import moe_aux_loss, moe_layers
 
-IGNORE_INDEX = -100  # label value that contributes nothing to the loss (prompt tokens, padding)
-
-Batch = dict[str, torch.Tensor]
 Objective = Callable[[nn.Module, Batch], torch.Tensor]
 
 

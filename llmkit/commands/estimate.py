@@ -24,7 +24,6 @@ from llmkit.estimate import (
 )
 from llmkit.memory import PROC_CLEAR_REFS, PROC_STATUS, proc_status_kib, reset_peak_rss
 
-CONFIG_FILE = "config.json"
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 TENSOR_MMAP_THRESHOLD = 128 * 2**10  # glibc's initial threshold, kept fixed while the peak is measured
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the ceiling glibc's dynamic threshold reaches on 64-bit systems
@@ -164,16 +163,9 @@ def load_config(model: str) -> Config:
     if not path.exists():
         raise LlmkitError(f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path; "
                           "pass a preset name, a .gguf file or a model directory")
-    from llmkit.checkpoints import detect_format
+    from llmkit.checkpoints import load_config as load_checkpoint_config
 
-    kind = detect_format(path)
-    if kind == "gguf":
-        from llmkit.checkpoints.gguf import config_from_gguf
-
-        return config_from_gguf(path)
-    if kind == "hf":
-        return Config.from_hf_config(path)
-    return Config.load(path / CONFIG_FILE)
+    return load_checkpoint_config(path)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -191,7 +183,7 @@ def measure_training(
     """Peak memory and speed of real training steps, run in a fresh (spawned) process so that this process's
     allocations do not count: a warm-up step, `steps` steps (two at least) for the peak, then on CPU `steps` + 1
     more for the time (see `_measure_in_this_process`)."""
-    from llmkit.checkpoints import resolve_device
+    from llmkit.device import resolve_device
 
     resolved = str(resolve_device(device))
     arguments = (config.to_dict(), batch_size, seq_len, precision, activation_checkpointing, steps, resolved)

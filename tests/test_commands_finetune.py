@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llmkit.checkpoints import load_model, load_tokenizer, save_model
+from llmkit.commands.finetune import finetune
 from llmkit.config import Config
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.peft.registry import METHODS, load_adapter
-from llmkit.train.finetune import finetune
 from llmkit.train.settings import TrainSettings
 
 SETTINGS = {"lora": {"rank": 4, "alpha": 8}, "qlora": {"rank": 4, "alpha": 8}, "prompt": {"n_virtual_tokens": 4},

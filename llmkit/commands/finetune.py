@@ -70,13 +70,15 @@ def finetune(
     """
     import torch
 
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, resolve_device, save_model
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
     from llmkit.data.packing import sft_batches, sft_validation_batches
-    from llmkit.data.sft import builtin_dialogsum, load_sft_records, sft_loss, tokenize_records
+    from llmkit.data.sft import builtin_dialogsum, load_sft_records, tokenize_records
+    from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
     from llmkit.peft.registry import apply_method, settings_from_dict
     from llmkit.train.distributed import init_cluster
     from llmkit.train.loop import train as train_loop
+    from llmkit.train.objectives import causal_lm_loss
 
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     path = Path(model) if model else default_model_path()
@@ -113,7 +115,7 @@ def finetune(
     width = max_length if packing or train.compile else None
     batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=width, pad_id=pad_id)
     evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=width, pad_id=pad_id)
-    result = train_loop(network, sft_loss, batches, train, output, eval_batches=evals, cluster=cluster)
+    result = train_loop(network, causal_lm_loss, batches, train, output, eval_batches=evals, cluster=cluster)
 
     summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
                                "val_loss": result.val_loss, "rouge_before": before}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmkit.cli import build_parser, main
+from llmkit.commands.pretrain import pretrain
 from llmkit.errors import LlmkitError
-from llmkit.train.pretrain import pretrain
 from llmkit.train.settings import TrainSettings
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("pretrain_*.yaml"))

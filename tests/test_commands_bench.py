@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from llmkit.checkpoints import load_model, load_tokenizer, save_model
+from llmkit.commands.bench import ARMS, RESULT_FILE, TEMPLATE, bench_peft, markdown_table, tokens_per_second
+from llmkit.commands.finetune import rouge_on
 from llmkit.config import Config
 from llmkit.data.sft import builtin_dialogsum
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.eval.builtin import shakespeare_perplexity
-from llmkit.eval.peft_shootout import ARMS, RESULT_FILE, TEMPLATE, bench_peft, markdown_table, tokens_per_second
 from llmkit.eval.perplexity import perplexity
 from llmkit.models.decoder import Decoder
 from llmkit.peft.core import count_parameters
 from llmkit.peft.registry import apply_method, load_adapter, settings_from_dict
-from llmkit.train.finetune import rouge_on
 
 OPTIONS = dict(methods=["lora", "prompt"], train_rows=6, test_rows=2, steps=4, batch_size=2, max_length=96,
                perplexity_tokens=300, device="cpu")

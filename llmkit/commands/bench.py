@@ -188,15 +188,17 @@ def run_arm(name: str, setup: Shootout, run_dir: Path) -> dict[str, Any]:
     """Train arm `name` (none for the base) and measure it; runs inside its own process."""
     import torch
 
-    from llmkit.checkpoints import load_model, load_tokenizer, resolve_device
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.commands.finetune import rouge_on
     from llmkit.data.packing import sft_batches
-    from llmkit.data.sft import builtin_dialogsum, sft_loss, tokenize_records
+    from llmkit.data.sft import builtin_dialogsum, tokenize_records
+    from llmkit.device import resolve_device
     from llmkit.eval.builtin import shakespeare_perplexity
     from llmkit.eval.perplexity import perplexity
     from llmkit.peft.core import count_parameters, save_adapter
     from llmkit.peft.registry import apply_method, settings_from_dict
-    from llmkit.train.finetune import rouge_on
     from llmkit.train.loop import train
+    from llmkit.train.objectives import causal_lm_loss
     from llmkit.train.settings import TrainSettings
 
     device = resolve_device(setup.device)
@@ -219,7 +221,7 @@ def run_arm(name: str, setup: Shootout, run_dir: Path) -> dict[str, Any]:
                                        log_every=1, checkpoint_every=max(1, setup.steps // 2), keep_last=1,
                                        seed=setup.seed, device=setup.device)
         reset_peak_memory(device)
-        trained = train(model, sft_loss, batches, train_settings, run_dir)
+        trained = train(model, causal_lm_loss, batches, train_settings, run_dir)
         adapter = save_adapter(model, run_dir / ADAPTER_DIR, arm.method, settings)
         result.update({
             "trainable_parameters": trainable, "trainable_percent": 100 * trainable / base_parameters,

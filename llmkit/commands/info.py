@@ -1,0 +1,46 @@
+"""`llmkit info`: a model's shape, parameter count and memory needs, read from its config alone."""
+
+from __future__ import annotations
+
+from llmkit.commands.common import model_path
+
+
+def info(model: str | None = None) -> None:
+    """Show a model's configuration, parameter count and memory needs at each dtype.
+
+    Example: llmkit info                      (the default SmolLM2-135M-Instruct)
+             llmkit info --model gpt2         (a named preset: no weights needed)
+             llmkit info --model my_model/
+
+    Args:
+        model: a preset name (see llmkit.presets), a .gguf file, a Hugging Face directory or an llmkit directory.
+    """
+    from llmkit.config import Config
+    from llmkit.presets import PRESETS
+
+    if model in PRESETS:
+        config = Config.from_name(model)
+    else:
+        from llmkit.checkpoints import load_config
+
+        config = load_config(model_path(model))  # the header only: no weights are read
+    print(format_info(config))
+
+
+def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep `--help` fast)
+    """A readable table of a Config: shape, parameters, weight memory per dtype, KV-cache size."""
+    from llmkit.estimate import count_parameters, kv_cache_bytes
+
+    parameters = count_parameters(config)
+    lines = [f"model {config.name}", ""]
+    for field in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "head_dim", "d_ff", "max_seq_len",
+                  "norm", "mlp", "position", "rope_theta", "tie_embeddings", "qkv_bias"):
+        lines.append(f"  {field:<16} {getattr(config, field)}")
+    lines += ["", f"  parameters       {parameters:,}", "", "  weights memory"]
+    for name, bytes_per_parameter in (("float32", 4), ("bfloat16", 2), ("int8", 1), ("int4", 0.5)):
+        lines.append(f"    {name:<14} {parameters * bytes_per_parameter / 2**20:10,.1f} MiB")
+    per_token = kv_cache_bytes(config, batch_size=1, n_tokens=1, bytes_per_value=2)
+    full = kv_cache_bytes(config, batch_size=1, n_tokens=config.max_seq_len, bytes_per_value=2)
+    lines += ["", f"  KV cache (bf16)  {per_token / 2**10:,.1f} KiB per token, "
+                  f"{full / 2**20:,.1f} MiB for the full {config.max_seq_len:,}-token context"]
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Generation with an encoder-decoder (T5): the encoder runs once, every decoder layer's cross-attention keys/values
+are projected once, then the shared decode loop (`sample_steps`) adds one target token per step through the
+decoder's self-attention KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.generate.decode import sample_steps
+from llmkit.generate.sampling import SamplingSettings
+from llmkit.models.seq2seq import Seq2Seq
+
+
+def generate_seq2seq(
+    model: Seq2Seq,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    settings: SamplingSettings | None = None,
+    stop_ids: Iterable[int] = (),
+    pad_id: int | None = None,
+) -> torch.Tensor:
+    """New tokens (B, N) for source ids (B, S), N <= max_new_tokens: greedy (default) or sampled (`settings`).
+
+    The decoder starts from `config.decoder_start_id`. A row that produced one of `stop_ids` is filled with
+    `pad_id` (default: the decoder start id) afterwards; generation ends when every row has stopped, as
+    transformers' `generate` does.
+    """
+    config = model.config
+    settings = settings or SamplingSettings()
+    settings.validate()
+    if max_new_tokens < 1:
+        raise LlmkitError(f"max_new_tokens={max_new_tokens} must be >= 1; ask for at least one new token")
+    if config.decoder_start_id is None:
+        raise LlmkitError(f"config {config.name!r} has no decoder_start_id, the first decoder input; set it (T5 uses "
+                          "its pad id, 0)")
+    if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < config.vocab_size):
+        raise LlmkitError(f"input_ids hold ids outside {config.name}'s vocabulary of {config.vocab_size:,}; use the "
+                          "tokenizer that belongs to this model")
+    pad_id = config.decoder_start_id if pad_id is None else pad_id
+    batch_size = input_ids.shape[0]
+    with torch.inference_mode():
+        encoder_keys_values = model.encoder_keys_values(model.encode(input_ids, attention_mask))  # once
+        cache = model.new_cache(batch_size, max_new_tokens)
+        start = torch.full((batch_size, 1), config.decoder_start_id, dtype=torch.long, device=input_ids.device)
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            seen = torch.zeros(batch_size, config.vocab_size, dtype=torch.bool, device=input_ids.device)  # (B, V)
+            seen.scatter_(1, start, True)
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:  # (B, 1) -> logits (B, V) of the next token
+        return model.decode(tokens, encoder_keys_values, attention_mask, cache)[:, -1]
+
+    steps = sample_steps(lambda: decode(start), lambda ids: decode(ids[:, None]), max_new_tokens, settings,
+                         frozenset(stop_ids), seen, input_ids.device)
+    columns = [[pad_id if token is None else token for token in tokens] for tokens in steps]  # N lists of B ids
+    return torch.tensor(columns, dtype=torch.long, device=input_ids.device).T  # (B, N)
