@@ -1,11 +1,24 @@
-"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+"""Training checkpoints: everything needed to continue a run exactly, written atomically, read without pickle.
 
     RUN/checkpoints/step-00000500/
         config.json, model.safetensors, tokenizer files   a complete llmkit model (`llmkit chat --model` works);
                                                           trainable.safetensors instead when only part trains (PEFT)
-        optimizer/                                        AdamW states, torch.distributed.checkpoint shards
+        optimizer.safetensors                             every optimizer tensor, whole (gathered from FSDP2 shards),
+                                                          named "state/<parameter name>/<entry>" (exp_avg, exp_avg_sq,
+                                                          step)
+        optimizer.json                                    the rest of the optimizer state: {"format", "optimizer"
+                                                          (class name), "state": {parameter name: {entry: value}},
+                                                          "param_groups": [{lr, betas, ..., "params": [names]}]};
+                                                          a tensor value is {"__tensor__": its optimizer.safetensors
+                                                          name}, a tuple {"__tuple__": [...]}
         trainer_state.json                                step, data position, scheduler, grad scaler, best loss
         rng-<rank>.safetensors                            each rank's random generator states
+
+Rank 0 writes the single optimizer file set (DDP: every rank holds the same state; FSDP2: the shards are gathered
+to rank 0 on the CPU) and every rank reads it back, FSDP2 ranks keeping their own shard, so a run may resume on
+another number of processes. Nothing here unpickles: a checkpoint from another machine or person can be resumed
+without running its code. The `optimizer/` folder of older llmkit versions (torch.distributed.checkpoint, whose
+`.metadata` is a pickle) is never read; such a checkpoint is refused with advice.
 
 A checkpoint is written into a hidden temporary directory and renamed when complete, so a run killed
 mid-save leaves the previous checkpoint intact. The last `keep_last` checkpoints and the best one stay.
@@ -19,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.checkpoints.native import save_native
@@ -28,10 +42,11 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.train.distributed import (
     Cluster,
     barrier,
+    full_optimizer_state_dict,
     full_state_dict,
+    load_full_optimizer_state_dict,
     load_full_state_dict,
-    load_optimizer,
-    save_optimizer,
+    local_optimizer_state_dict,
     unwrap,
 )
 
@@ -41,6 +56,14 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"  # instead of model.safetensors when only part of the model trains (PEFT)
 RNG_FILE = "rng-{rank}.safetensors"
 TEMPORARY_PREFIX = ".incomplete-"
+OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
+OPTIMIZER_STATE_FILE = "optimizer.json"
+OPTIMIZER_FORMAT = "llmkit-optimizer-1"
+LEGACY_OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint shards of older versions: a pickle, never read
+TENSOR_TAG = "__tensor__"  # {"__tensor__": "state/<name>/exp_avg"}: that tensor of optimizer.safetensors
+TUPLE_TAG = "__tuple__"  # {"__tuple__": [0.9, 0.95]}: JSON has lists only, and AdamW's betas is a tuple
+RESTART_ADVICE = ("delete that checkpoint directory to resume from the one before it (or start over when it is the "
+                  "only one), or choose a new --output directory")
 
 
 @dataclass
@@ -95,7 +118,7 @@ def save_checkpoint(
     weights = full_state_dict(model, cluster)  # collective under FSDP
     trainable = {name for name, parameter in unwrap(model).named_parameters() if parameter.requires_grad}
     partial = len(trainable) < len(list(unwrap(model).parameters()))
-    save_optimizer(model, optimizer, temporary)  # collective: each rank writes its shard
+    optimizer_state = full_optimizer_state_dict(model, optimizer)  # collective under FSDP; whole on rank 0 only
     rng = {"cpu": torch.get_rng_state()}
     if cluster.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(cluster.device)
@@ -108,6 +131,7 @@ def save_checkpoint(
             save_native(unwrap(model).config, weights, temporary)
         if tokenizer is not None and not partial:
             tokenizer.save(temporary)
+        write_optimizer_state(optimizer_state, type(optimizer).__name__, temporary)
         trainer = {
             "state": asdict(state),
             "world_size": cluster.world_size,
@@ -140,11 +164,13 @@ def load_checkpoint(
     trainer = read_json_object(path / TRAINER_STATE_FILE)
     try:
         state = TrainerState(**trainer["state"])
+        scheduler_state = trainer["scheduler"]
     except (KeyError, TypeError) as error:
-        raise LlmkitError(f"{path / TRAINER_STATE_FILE} is not a training state ({error}); delete that checkpoint "
-                          "directory to resume from an earlier one") from None
+        raise LlmkitError(f"{path / TRAINER_STATE_FILE} is not a training state ({error!r}); "
+                          f"{RESTART_ADVICE}") from None
+    optimizer_state = read_optimizer_state(path, type(optimizer).__name__)  # before anything changes: fail early
     if (path / TRAINABLE_FILE).is_file():
-        _load_trainable(model, load_file(str(path / TRAINABLE_FILE)), path)
+        _load_trainable(model, _read_tensors(path / TRAINABLE_FILE), path)
     else:
         config, weights = load_native(path)
         expected = unwrap(model).config
@@ -153,13 +179,14 @@ def load_checkpoint(
                               f"{config.n_layers} layers, d_model {config.d_model}); use a new --output directory or "
                               "the same model settings")
         load_full_state_dict(model, weights, cluster)
-    load_optimizer(model, optimizer, path)
-    scheduler.load_state_dict(trainer["scheduler"])
+    _check_optimizer_state(optimizer_state, local_optimizer_state_dict(model, optimizer), path)
+    load_full_optimizer_state_dict(model, optimizer, optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     if scaler is not None and trainer.get("scaler"):
         scaler.load_state_dict(trainer["scaler"])
     rng_path = path / RNG_FILE.format(rank=cluster.rank)
     if rng_path.is_file():  # absent when resuming on more ranks than saved: those ranks keep their fresh seed
-        rng = load_file(str(rng_path))
+        rng = _read_tensors(rng_path)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and cluster.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], cluster.device)
@@ -184,3 +211,134 @@ def _prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
     for path in list_checkpoints(run_dir):
         if path.name not in keep:
             shutil.rmtree(path)
+
+
+# Optimizer state without pickle: tensors in safetensors, everything else in JSON (see the module docstring).
+
+
+def write_optimizer_state(state: dict, optimizer_name: str, directory: Path) -> None:
+    """Write a whole, name-keyed optimizer state (`get_optimizer_state_dict`'s form) as optimizer.safetensors plus
+    optimizer.json in `directory`, each atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    document = {
+        "format": OPTIMIZER_FORMAT,
+        "optimizer": optimizer_name,
+        "state": _encode(state.get("state", {}), "state", tensors),
+        "param_groups": _encode(state.get("param_groups", []), "param_groups", tensors),
+    }
+    atomic_write(directory / OPTIMIZER_TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(directory / OPTIMIZER_STATE_FILE, json.dumps(document, indent=1))
+
+
+def read_optimizer_state(directory: Path, optimizer_name: str) -> dict:
+    """The optimizer state a checkpoint holds, in `write_optimizer_state`'s form, checked to be `optimizer_name`'s;
+    a missing, truncated or old-format (pickled) state is a readable error."""
+    directory = Path(directory)
+    for name in (OPTIMIZER_STATE_FILE, OPTIMIZER_TENSORS_FILE):
+        if not (directory / name).is_file():
+            raise LlmkitError(_missing_optimizer_message(directory, name))
+    document = _read_optimizer_document(directory / OPTIMIZER_STATE_FILE)
+    if document["optimizer"] != optimizer_name:
+        raise LlmkitError(f"{directory / OPTIMIZER_STATE_FILE} holds {document['optimizer']} state but this run "
+                          f"uses {optimizer_name}; {RESTART_ADVICE}")
+    tensors = _read_tensors(directory / OPTIMIZER_TENSORS_FILE)
+    return {key: _decode(document[key], tensors, directory) for key in ("state", "param_groups")}
+
+
+def _missing_optimizer_message(directory: Path, name: str) -> str:
+    if (directory / LEGACY_OPTIMIZER_DIR).is_dir():
+        return (f"{directory} keeps its optimizer state in {LEGACY_OPTIMIZER_DIR}/, the torch.distributed.checkpoint "
+                "layout of older llmkit versions, which is read by unpickling (loading a pickle can run arbitrary "
+                f"code) and so is never read; {RESTART_ADVICE}")
+    return f"{directory / name} is missing, so the optimizer state cannot be restored; {RESTART_ADVICE}"
+
+
+def _read_optimizer_document(path: Path) -> dict:
+    """optimizer.json, checked for the keys and format version this code reads."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LlmkitError(f"{path} is not valid JSON ({error}); {RESTART_ADVICE}") from None
+    keys = ("format", "optimizer", "state", "param_groups")
+    if (not isinstance(document, dict) or any(key not in document for key in keys)
+            or not isinstance(document["state"], dict) or not isinstance(document["param_groups"], list)
+            or not all(isinstance(group, dict) for group in document["param_groups"])):
+        raise LlmkitError(f"{path} is not an llmkit optimizer state (an object with {', '.join(keys)}: state an "
+                          f"object, param_groups a list of objects); {RESTART_ADVICE}")
+    if document["format"] != OPTIMIZER_FORMAT:
+        raise LlmkitError(f"{path} has format {document['format']!r}; this llmkit reads {OPTIMIZER_FORMAT!r}: "
+                          f"{RESTART_ADVICE}")
+    return document
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; a damaged one is a readable error."""
+    if not path.is_file():
+        raise LlmkitError(f"{path} is missing; {RESTART_ADVICE}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise LlmkitError(f"{path} is not a readable safetensors file ({error}); {RESTART_ADVICE}") from None
+
+
+def _encode(value, where: str, tensors: dict[str, torch.Tensor]):
+    """`value` as JSON, its tensors moved into `tensors` under their path (`where`) and replaced by a reference."""
+    if isinstance(value, torch.Tensor):
+        tensors[where] = value.detach().cpu().contiguous()
+        return {TENSOR_TAG: where}
+    if isinstance(value, tuple):
+        return {TUPLE_TAG: [_encode(item, f"{where}/{index}", tensors) for index, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, f"{where}/{index}", tensors) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) and key not in (TENSOR_TAG, TUPLE_TAG) for key in value):
+            raise LlmkitError(f"optimizer state {where} has keys {list(value)[:4]}; llmkit checkpoints name states by "
+                              "parameter name (strings): use an optimizer built over named parameters")
+        return {key: _encode(item, f"{where}/{key}", tensors) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise LlmkitError(f"optimizer state {where} is a {type(value).__name__}; llmkit checkpoints store tensors, "
+                      "numbers, strings, lists and dicts: use an optimizer whose state holds only those")
+
+
+def _decode(value, tensors: dict[str, torch.Tensor], directory: Path):
+    """The inverse of `_encode`: references become the tensors of optimizer.safetensors, tagged lists tuples."""
+    if isinstance(value, list):
+        return [_decode(item, tensors, directory) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {TENSOR_TAG}:
+        if value[TENSOR_TAG] not in tensors:
+            raise LlmkitError(f"{directory / OPTIMIZER_TENSORS_FILE} lacks the tensor {value[TENSOR_TAG]!r} that "
+                              f"{OPTIMIZER_STATE_FILE} refers to; {RESTART_ADVICE}")
+        return tensors[value[TENSOR_TAG]]
+    if set(value) == {TUPLE_TAG}:
+        return tuple(_decode(item, tensors, directory) for item in value[TUPLE_TAG])
+    return {key: _decode(item, tensors, directory) for key, item in value.items()}
+
+
+def _check_optimizer_state(saved: dict, expected: dict, path: Path) -> None:
+    """Refuse an optimizer state for other parameters, groups or shapes than this run's optimizer holds (`expected`:
+    this rank's own state; FSDP2 DTensors report their whole shape)."""
+    where = path / OPTIMIZER_STATE_FILE
+    saved_groups = [group.get("params") for group in saved["param_groups"]]  # dicts: _read_optimizer_document
+    expected_groups = [group["params"] for group in expected["param_groups"]]
+    if saved_groups != expected_groups:
+        raise LlmkitError(f"{where} holds optimizer state for other parameters or groups than this run trains "
+                          f"({sum(map(len, filter(None, saved_groups)))} parameters in {len(saved_groups)} groups, "
+                          f"this run has {sum(map(len, expected_groups))} in {len(expected_groups)}); "
+                          f"{RESTART_ADVICE}")
+    for name, entries in expected["state"].items():
+        kept = saved["state"].get(name)
+        if not isinstance(kept, dict) or set(kept) != set(entries):
+            raise LlmkitError(f"{where} lacks the optimizer state of {name} (needs {sorted(entries)}, has "
+                              f"{sorted(kept) if isinstance(kept, dict) else None}); {RESTART_ADVICE}")
+        for entry, value in entries.items():
+            if isinstance(value, torch.Tensor) and _shape(kept[entry]) != _shape(value):
+                raise LlmkitError(f"{where}: {name}/{entry} has {_shape(kept[entry])}, this run's parameter needs "
+                                  f"{_shape(value)}; {RESTART_ADVICE}")
+
+
+def _shape(value) -> str:
+    """A tensor's shape, or what the value is instead (for the error message)."""
+    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, not a tensor"

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,8 +15,6 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import Strategy
-
-OPTIMIZER_DIR = "optimizer"
 
 
 @dataclass
@@ -120,15 +116,6 @@ def barrier(cluster: Cluster) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, cluster: Cluster) -> bool:
-    """Rank 0's decision, shared with every rank (so all ranks take the same branch)."""
-    if cluster.world_size == 1:
-        return flag
-    tensor = torch.tensor([int(flag)], device=cluster.device if cluster.device.type == "cuda" else "cpu")
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def full_state_dict(model: nn.Module, cluster: Cluster) -> dict[str, torch.Tensor]:
     """Every weight, whole and on the CPU (gathered from the shards under FSDP; every rank must call this)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -151,31 +138,31 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     set_model_state_dict(plain, state_dict, options=StateDictOptions(full_state_dict=True))
 
 
-def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer states with torch.distributed.checkpoint: each rank writes its shard; any number of
-    ranks (one included) can load them back."""
-    import torch.distributed.checkpoint as dcp
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every optimizer state whole and on the CPU, keyed by parameter name: {"state": {name: {entry: value}},
+    "param_groups": [{hyper-parameters, "params": [names]}]}. Gathered from the shards under FSDP2, so every rank
+    must call this; only rank 0's copy is complete (the others may be empty), and only rank 0 writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+
+
+def local_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's optimizer state keyed by parameter name (FSDP2 entries are DTensors whose `.shape` is the whole
+    shape); fresh optimizers get zero states first, so it shows which entries a loaded state must provide."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(unwrap(model), optimizer)
-    with _single_process_is_intended():
-        dcp.save({"optimizer": state}, checkpoint_id=str(directory / OPTIMIZER_DIR))
+    return get_optimizer_state_dict(unwrap(model), optimizer)
 
 
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole, name-keyed optimizer state (as `full_optimizer_state_dict` returns it) on every rank: a plain
+    or DDP optimizer takes it as is, an FSDP2 rank keeps its own shard of each tensor, so the number of ranks may
+    differ from the saving run's. Every rank reads the same files, so a bad file fails on every rank alike."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    plain = unwrap(model)
-    state = {"optimizer": get_optimizer_state_dict(plain, optimizer)}
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=str(directory / OPTIMIZER_DIR))
-    set_optimizer_state_dict(plain, optimizer, state["optimizer"])
-
-
-@contextlib.contextmanager
-def _single_process_is_intended():
-    """torch.distributed.checkpoint warns when no process group exists; for a single process that is the plan."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # The full-state path flattens and rebuilds the groups, turning tuples (AdamW's betas) into lists: put them back.
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({key: value for key, value in saved.items() if isinstance(value, tuple)})
