@@ -252,3 +252,13 @@ def test_no_source_file_of_llmkit_unpickles():
     offenders = {str(path.relative_to(SOURCES)): found for path in sorted(SOURCES.rglob("*.py"))
                  if (found := unpickling_calls(path.read_text(encoding="utf-8")))}
     assert offenders == {}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_from_their_own_checkpoint_exactly(tmp_path, strategy):
+    # Rank 0 wrote the whole optimizer state (FSDP2: gathered from both shards); both ranks read it back.
+    from tests.test_train_distributed import run
+
+    uninterrupted = run(tmp_path, processes=2, strategy=strategy)
+    shutil.rmtree(list_checkpoints(tmp_path)[-1])  # steps 3 and 6 were saved: resume from step 3
+    assert run(tmp_path, processes=2, strategy=strategy) == uninterrupted[3:]
