@@ -159,10 +159,11 @@ def drop_one_state(path: Path) -> None:
     (OPTIMIZER_STATE_FILE, truncate, r"optimizer.json is not valid JSON"),
     (OPTIMIZER_TENSORS_FILE, drop_one_tensor, r"optimizer.safetensors lacks the tensor 'state/.*' that optimizer.json "
                                               "refers to"),
+    ("rng-0.safetensors", drop_one_tensor, r"rng-0.safetensors lacks the CPU generator state 'cpu'"),
     (OPTIMIZER_STATE_FILE, drop_one_state, r"optimizer.json lacks the optimizer state of blocks.0.attn.q_proj.weight "
                                            r"\(needs \['exp_avg', 'exp_avg_sq', 'step'\], has None\)"),
 ])
-def test_a_missing_or_damaged_optimizer_state_is_one_readable_error(finished_run, tmp_path, name, damage, message):
+def test_a_missing_or_damaged_resume_state_is_one_readable_error(finished_run, tmp_path, name, damage, message):
     checkpoint = list_checkpoints(copy_of_first_checkpoint(finished_run, tmp_path))[0]
     damage(checkpoint / name)
     with pytest.raises(LlmkitError, match=rf"{message}.*; {ADVICE}") as error:

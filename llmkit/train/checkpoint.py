@@ -187,6 +187,8 @@ def load_checkpoint(
     rng_path = path / RNG_FILE.format(rank=cluster.rank)
     if rng_path.is_file():  # absent when resuming on more ranks than saved: those ranks keep their fresh seed
         rng = _read_tensors(rng_path)
+        if "cpu" not in rng:
+            raise LlmkitError(f"{rng_path} lacks the CPU generator state 'cpu'; {RESTART_ADVICE}")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and cluster.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], cluster.device)
