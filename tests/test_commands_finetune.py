@@ -159,3 +159,14 @@ def test_every_finetune_recipe_parses_and_its_settings_fit_its_method(recipe):
 
 def test_there_is_a_recipe_for_every_method():
     assert {path.stem.removeprefix("finetune_") for path in RECIPES} == set(METHODS)
+
+
+def test_the_torch_free_settings_name_what_the_methods_accept():
+    from typing import get_args
+
+    from llmkit.peft.adapters import ACTIVATIONS
+    from llmkit.peft.settings import NF4_BLOCK_SIZE, NF4_TARGETS, Activation, ComputeDtype
+    from llmkit.quant.nf4 import COMPUTE_DTYPES, DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS
+
+    assert set(get_args(Activation)) == set(ACTIVATIONS) and set(get_args(ComputeDtype)) == set(COMPUTE_DTYPES)
+    assert (NF4_BLOCK_SIZE, NF4_TARGETS) == (DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS)
