@@ -92,12 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run one verb; a bad input prints one line and exits with status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    arguments = parser.instantiate_classes(parser.parse_args(argv))  # dataclass options become instances
-    target, arguments = COMMANDS[arguments.verb], arguments[arguments.verb]
-    if isinstance(target, dict):
-        target, arguments = target[arguments.action], arguments[arguments.action]
-    options = {key: value for key, value in vars(arguments).items() if key not in ("config", "__path__")}
+    parsed = parser.parse_args(argv)
     try:
+        arguments = parser.instantiate_classes(parsed)  # dataclass options become instances, which check their values
+        target, arguments = COMMANDS[arguments.verb], arguments[arguments.verb]
+        if isinstance(target, dict):
+            target, arguments = target[arguments.action], arguments[arguments.action]
+        options = {key: value for key, value in vars(arguments).items() if key not in ("config", "__path__")}
         command(target)(**options)
     except LlmkitError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -43,7 +43,7 @@ def test_info_on_a_preset(capsys):
     [
         (("info", "--model", "no/such/dir"), "no/such/dir does not exist"),
         (("generate", "--prompt", "[hi]", "--model", "README.md"), "is a file but not a .gguf file"),
-        (("convert", "--source", "tests", "--out", "x"), "holds no config.json"),
+        (("convert", "--model", "tests", "--output", "x"), "holds no config.json"),
         (("generate", "--prompt", "[hi]", "--device", "cuda:0"), "CUDA is not available"),
     ],
 )
@@ -55,6 +55,45 @@ def test_bad_input_prints_one_line_and_exits_2(capsys, monkeypatch, argv, messag
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+def test_help_builds_only_the_chosen_verbs_options():
+    from llmkit.cli import build_parser
+
+    def options(parser, *verbs: str) -> set[str]:
+        for verb in verbs:
+            parser = parser._subcommands_action._name_parser_map[verb]
+        return set(parser._option_string_actions)
+
+    for_info = build_parser(["info", "--help"])
+    assert "--model" in options(for_info, "info")
+    assert not any(flag.startswith(("--train.", "--lora.")) for flag in options(for_info, "info"))
+    assert "--train.max_steps" not in options(for_info, "finetune")  # listed, but its flags are not built
+    for_finetune = build_parser(["finetune", "--help"])
+    assert {"--lora.rank", "--train.device", "--prefix.n_virtual_tokens"} <= options(for_finetune, "finetune")
+    assert "--data" in options(build_parser(["tokenizer", "train"]), "tokenizer", "train")
+
+
+def convert_error(capsys, model, output, *extra: str) -> str:
+    code, _, err = run_cli(capsys, "convert", "--model", str(model), "--output", str(output), *extra)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_convert_never_replaces_another_models_files(tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"another": "model"}')
+    err = convert_error(capsys, default_model_path(), other)
+    assert err == (f"error: --output {other} already holds files (config.json); pass --overwrite to replace them, or "
+                   "choose a new or empty directory\n")
+    assert (other / "config.json").read_text() == '{"another": "model"}'
+    (tmp_path / "weights.bin").write_text("a file")
+    assert "is a file; pass a directory" in convert_error(capsys, default_model_path(), tmp_path / "weights.bin",
+                                                          "--overwrite", "true")
+    assert "same as --model or inside it" in convert_error(capsys, other, other / "converted", "--overwrite", "true")
+    assert "same as --model or inside it" in convert_error(capsys, other, tmp_path / "." / "other", "--overwrite", "true")
+    assert (tmp_path / "weights.bin").read_text() == "a file" and not (other / "converted").exists()
+
+
 @pytest.mark.slow
 def test_chat_answers_a_factual_question(capsys):
     code, out, _ = run_cli(capsys, "chat", "--message", "What is the capital of France?", "--max_new_tokens", "30")
@@ -64,9 +103,9 @@ def test_chat_answers_a_factual_question(capsys):
 
 @pytest.mark.slow
 def test_convert_gguf_to_native_and_hf(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "convert", "--source", str(default_model_path()), "--out", str(tmp_path / "native"))
+    code, out, _ = run_cli(capsys, "convert", "--model", str(default_model_path()), "--output", str(tmp_path / "native"))
     assert code == 0 and "134,515,008 parameters" in out
-    code, _, _ = run_cli(capsys, "convert", "--source", str(tmp_path / "native"), "--out", str(tmp_path / "hf"),
+    code, _, _ = run_cli(capsys, "convert", "--model", str(tmp_path / "native"), "--output", str(tmp_path / "hf"),
                          "--to", "hf")
     assert code == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer

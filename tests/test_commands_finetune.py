@@ -15,7 +15,8 @@ from llmkit.config import Config
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
-from llmkit.peft.registry import METHODS, load_adapter
+from llmkit.peft.registry import METHODS, load_adapter, settings_from_dict
+from llmkit.peft.settings import LoraSettings, PromptTuningSettings
 from llmkit.train.settings import TrainSettings
 
 SETTINGS = {"lora": {"rank": 4, "alpha": 8}, "qlora": {"rank": 4, "alpha": 8}, "prompt": {"n_virtual_tokens": 4},
@@ -45,8 +46,9 @@ def run(tiny_base, tmp_path, method: str, **options) -> dict:
     base, data = tiny_base
     train = TrainSettings(max_steps=12, batch_size=4, lr=3e-2, warmup_steps=1, eval_every=6, eval_batches=2,
                           checkpoint_every=6, log_every=1)
-    return finetune(model=str(base), data=[str(data)], method=method, template="alpaca", settings=SETTINGS[method],
-                    max_length=200, train=train, output=str(tmp_path / method), **options)
+    settings = {method: settings_from_dict(method, SETTINGS[method])}  # the typed flags --METHOD.X
+    return finetune(model=str(base), data=[str(data)], method=method, template="alpaca", max_length=200, train=train,
+                    output=str(tmp_path / method), **settings, **options)
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))
@@ -86,17 +88,41 @@ def test_merge_is_refused_for_methods_that_cannot_fold(tiny_base, tmp_path, one_
         run(tiny_base, tmp_path, "prompt", merge=True)
 
 
-def test_unknown_settings_name_the_field(tiny_base, tmp_path):
+def test_an_unknown_method_flag_is_a_usage_error_before_any_model_loads(monkeypatch, capsys):
+    import llmkit.checkpoints
+    from llmkit.cli import main
+
+    monkeypatch.setattr(llmkit.checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--lora.rnak", "4"])
+    assert exit.value.code == 2
+    assert "unrecognized arguments: --lora.rnak" in capsys.readouterr().err
+
+
+def test_another_methods_flag_with_method_is_refused(tiny_base, tmp_path, monkeypatch):
     base, data = tiny_base
-    with pytest.raises(LlmkitError, match=r"unknown fields \['rnak'\] for method 'lora'"):
-        finetune(model=str(base), data=[str(data)], settings={"rnak": 4}, output=str(tmp_path / "x"))
+    import llmkit.checkpoints
+
+    monkeypatch.setattr(llmkit.checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(LlmkitError, match=r"--lora.rank: settings of method lora, but --method is ia3; pass --method "
+                                          r"lora, or drop --lora.rank"):
+        finetune(model=str(base), data=[str(data)], method="ia3", lora=LoraSettings(rank=4), output=str(tmp_path / "x"))
+
+
+def test_a_bad_setting_is_one_error_line_through_the_cli(capsys):
+    from llmkit.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--lora.rank", "0", "--model", "no/such/model"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err == "error: LoRA rank=0 must be a positive integer (8 or 16 are common)\n"
 
 
 def test_examples_longer_than_the_context_with_virtual_tokens_are_refused(tiny_base, tmp_path):
     base, data = tiny_base
     with pytest.raises(LlmkitError, match="max_length=256 plus 4 virtual tokens exceeds tiny-llama's context window"):
-        finetune(model=str(base), data=[str(data)], method="prompt", settings={"n_virtual_tokens": 4}, max_length=256,
-                 output=str(tmp_path / "x"))
+        finetune(model=str(base), data=[str(data)], method="prompt", prompt=PromptTuningSettings(n_virtual_tokens=4),
+                 max_length=256, output=str(tmp_path / "x"))
 
 
 def test_chat_and_generate_apply_an_adapter(tiny_base, tmp_path, capsys, one_thread):
@@ -118,13 +144,29 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("finetun
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
 def test_every_finetune_recipe_parses_and_its_settings_fit_its_method(recipe):
-    from llmkit.cli import build_parser
-    from llmkit.peft.registry import settings_from_dict
+    import yaml
 
-    options = build_parser().parse_args(["finetune", "--config", str(recipe)]).finetune
+    from llmkit.cli import build_parser
+    from llmkit.commands.finetune import chosen_settings
+
+    parser = build_parser(["finetune"])
+    options = parser.instantiate_classes(parser.parse_args(["finetune", "--config", str(recipe)])).finetune
     assert recipe.read_text().splitlines()[0] == f"# llmkit finetune --config recipes/{recipe.name}"
-    settings_from_dict(options.method, options.settings)  # raises on a field the method does not have
+    assert options.method in yaml.safe_load(recipe.read_text())  # the recipe sets its method's --METHOD.X flags
+    # parse_args raised on a field the method does not have; this raises on another method's settings
+    chosen_settings(options.method, {name: getattr(options, name) for name in METHODS})
 
 
 def test_there_is_a_recipe_for_every_method():
     assert {path.stem.removeprefix("finetune_") for path in RECIPES} == set(METHODS)
+
+
+def test_the_torch_free_settings_name_what_the_methods_accept():
+    from typing import get_args
+
+    from llmkit.peft.adapters import ACTIVATIONS
+    from llmkit.peft.settings import NF4_BLOCK_SIZE, NF4_TARGETS, Activation, ComputeDtype
+    from llmkit.quant.nf4 import COMPUTE_DTYPES, DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS
+
+    assert set(get_args(Activation)) == set(ACTIVATIONS) and set(get_args(ComputeDtype)) == set(COMPUTE_DTYPES)
+    assert (NF4_BLOCK_SIZE, NF4_TARGETS) == (DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS)

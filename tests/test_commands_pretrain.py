@@ -73,3 +73,19 @@ def test_a_sequence_longer_than_the_context_is_refused(short_run):
 def test_unprepared_data_is_refused(tmp_path):
     with pytest.raises(LlmkitError, match="llmkit prepare"):
         pretrain(model="tiny-llama", data=str(tmp_path / "missing"), output=str(tmp_path / "run"))
+
+
+def test_data_mixing_a_prepared_folder_and_raw_files_is_refused(short_run, tmp_path):
+    text = tmp_path / "more.txt"
+    text.write_text("more text")
+    with pytest.raises(LlmkitError, match=r"--data mixes the prepared folder .*data with other paths"):
+        pretrain(model="tiny-llama", data=[str(short_run / "data"), str(text)], output=str(tmp_path / "run"))
+
+
+def test_raw_data_other_than_the_runs_is_refused_before_replacing_its_shards(short_run, tmp_path):
+    text = tmp_path / "other.txt"
+    text.write_text("other text " * 200)
+    manifest = (short_run / "data" / "manifest.json").read_text()
+    with pytest.raises(LlmkitError, match="already holds data prepared from other inputs; choose another --output"):
+        pretrain(model="tiny-llama", data=str(text), output=str(short_run))
+    assert (short_run / "data" / "manifest.json").read_text() == manifest

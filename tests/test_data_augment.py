@@ -123,7 +123,7 @@ def test_augment_verb_writes_originals_and_seeded_copies(tmp_path, capsys):
     source = tmp_path / "in.jsonl.gz"
     with gzip.open(source, "wt", encoding="utf-8") as file:
         file.write("".join(json.dumps(row) + "\n" for row in rows))
-    out = augment([str(source)], str(tmp_path / "out.jsonl"), field="instruction", rate=0.3, copies=2, seed=1)
+    out = augment([str(source)], str(tmp_path / "out.jsonl"), text_field="instruction", rate=0.3, copies=2, seed=1)
     written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(written) == 15 and written[0::3] == rows  # each original, then its two copies
     for index, row in enumerate(rows):
@@ -131,7 +131,7 @@ def test_augment_verb_writes_originals_and_seeded_copies(tmp_path, capsys):
         assert all(copy["id"] == row["id"] and copy["output"] == "ok" for copy in copies)  # other fields unchanged
         assert copies[0]["instruction"] != copies[1]["instruction"]  # copies differ from each other
     assert "5 rows -> 15 rows" in capsys.readouterr().out
-    again = augment([str(source)], str(tmp_path / "again.jsonl.gz"), field="instruction", rate=0.3, copies=2, seed=1)
+    again = augment([str(source)], str(tmp_path / "again.jsonl.gz"), text_field="instruction", rate=0.3, copies=2, seed=1)
     assert gzip.open(again, "rt", encoding="utf-8").read() == out.read_text(encoding="utf-8")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["again.jsonl.gz", "in.jsonl.gz", "out.jsonl"]
 
@@ -139,10 +139,30 @@ def test_augment_verb_writes_originals_and_seeded_copies(tmp_path, capsys):
 def test_augment_verb_errors_name_the_file_line_and_field(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"text": "fine"}\n{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(LlmkitError, match=r"in.jsonl, line 2: no text field 'text' \(fields: body\); pass --field"):
+    with pytest.raises(LlmkitError, match=r"in.jsonl, line 2: no text field 'text' \(fields: body\); pass --text_field"):
         augment([str(source)], str(tmp_path / "out.jsonl"))
     with pytest.raises(LlmkitError, match="must end with .jsonl or .jsonl.gz"):
         augment([str(source)], str(tmp_path / "out.csv"))
     with pytest.raises(LlmkitError, match="does not exist"):
         augment([str(tmp_path / "missing.jsonl")], str(tmp_path / "out.jsonl"))
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_augment_never_writes_over_its_input_or_an_existing_output(tmp_path, capsys):
+    from llmkit.cli import main
+
+    source = tmp_path / "in.jsonl"
+    text = '{"text": "one two three four five"}\n'
+    source.write_text(text, encoding="utf-8")
+    for argv, message in [
+        (["--output", str(source), "--overwrite", "true"], f"--output {source} is also an input (--data)"),
+        (["--output", str(tmp_path / "old.jsonl")], f"--output {tmp_path / 'old.jsonl'} already exists; pass --overwrite"),
+    ]:
+        (tmp_path / "old.jsonl").write_text("old\n")
+        with pytest.raises(SystemExit) as exit:
+            main(["augment", "--data", str(source), *argv])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert source.read_text(encoding="utf-8") == text and (tmp_path / "old.jsonl").read_text() == "old\n"
+    augment(str(source), str(tmp_path / "old.jsonl"), copies=1, overwrite=True)
+    assert len((tmp_path / "old.jsonl").read_text().splitlines()) == 2

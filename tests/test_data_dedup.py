@@ -214,3 +214,32 @@ def test_filter_verb_counts_tokens_with_a_tokenizer(tmp_path):
     assert report.unit == "tokens"
     assert report.kept_units == len(tokenizer.encode(GOOD_A)) + len(tokenizer.encode(GOOD_B))
     assert report.dropped_units == {"min_words": len(tokenizer.encode(JUNK))}
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    """Run the CLI expecting a refusal: exit status 2 and one `error:` line, no traceback."""
+    from llmkit.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_filter_never_writes_over_its_input_or_an_existing_output(tmp_path, capsys):
+    source = tmp_path / "raw.jsonl"
+    text = "".join(json.dumps({"text": row}) + "\n" for row in [GOOD_A, GOOD_A, JUNK])
+    source.write_text(text)
+    err = _cli_error(capsys, "filter", "--data", str(source), "--output", str(tmp_path / "." / "raw.jsonl"))
+    assert "--output" in err and "is also an input (--data)" in err
+    err = _cli_error(capsys, "filter", "--data", str(tmp_path), "--output", str(source), "--overwrite", "true")
+    assert "is also an input" in err  # a file read from an input folder is an input too
+    assert source.read_text() == text
+    existing = tmp_path / "clean.jsonl"
+    existing.write_text("keep me\n")
+    err = _cli_error(capsys, "filter", "--data", str(source), "--output", str(existing))
+    assert err == f"error: --output {existing} already exists; pass --overwrite to replace it, or choose another --output\n"
+    assert existing.read_text() == "keep me\n"
+    filter_data(str(source), output=str(existing), overwrite=True)
+    assert [json.loads(line)["text"] for line in existing.read_text().splitlines()] == [GOOD_A]

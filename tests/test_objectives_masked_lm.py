@@ -165,6 +165,6 @@ def test_pretrain_encoder_refuses_a_tokenizer_without_mask(tmp_path):
 
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question. " * 200)
-    prepare_data(inputs=[str(text)], output=str(tmp_path / "data"), vocab_size=300, progress=False)  # no [MASK]
+    prepare_data(data=[str(text)], output=str(tmp_path / "data"), vocab_size=300, progress=False)  # no [MASK]
     with pytest.raises(LlmkitError, match=r"the tokenizer has no \[MASK\] token"):
         pretrain(arch="encoder", model="tiny-bert", data=str(tmp_path / "data"), seq_len=16, output=str(tmp_path / "run"))

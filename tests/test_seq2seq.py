@@ -205,7 +205,7 @@ def test_pretrain_seq2seq_on_a_small_corpus(tmp_path: Path) -> None:
                               for i in range(600)))
     settings = replace(PRETRAIN_DEFAULTS, max_steps=3, batch_size=2, eval_every=3, eval_batches=1, log_every=1,
                        device="cpu", warmup_steps=1)
-    result = pretrain(arch="seq2seq", inputs=[str(corpus)], vocab_size=400, seq_len=32, output=str(tmp_path / "run"),
+    result = pretrain(arch="seq2seq", data=[str(corpus)], vocab_size=400, seq_len=32, output=str(tmp_path / "run"),
                       train=settings, sample=SampleSettings(prompt="Line 3:", max_new_tokens=4))
     assert result.steps == 3 and result.val_loss is not None
     model = load_seq2seq(result.checkpoint)

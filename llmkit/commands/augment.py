@@ -7,45 +7,52 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from llmkit.commands.common import as_paths, refuse_existing_file, refuse_writing_onto_inputs
 from llmkit.data.augment import OUTPUT_SUFFIXES, augment_text, parse_methods
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write
 
 
 def augment(
-    inputs: list[str] | str,
+    data: list[str] | str,
     output: str,
-    field: str = "text",
+    text_field: str = "text",
     methods: str = "deletion,swap,typo,synonym",
     rate: float = 0.1,
     copies: int = 1,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write each JSONL row and `copies` augmented copies of it (word deletion, swap, keyboard typos, synonyms).
 
-    Example: llmkit augment --inputs train.jsonl --output train_aug.jsonl --field instruction,input --copies 2
-             llmkit augment --inputs notes.jsonl.gz --output noisy.jsonl --methods typo --rate 0.05
+    Example: llmkit augment --data train.jsonl --output train_aug.jsonl --text_field instruction,input --copies 2
+             llmkit augment --data notes.jsonl.gz --output noisy.jsonl --methods typo --rate 0.05
 
     Each copy applies the chosen methods in order, each changing about `rate` of the words; other fields are
-    copied unchanged. The same seed gives the same output. The file is written atomically.
+    copied unchanged. The same seed gives the same output. The file is written atomically; it is never one of the
+    inputs, and an existing OUTPUT is replaced only with --overwrite.
 
     Args:
-        inputs: .jsonl or .jsonl.gz files (one JSON object per line).
+        data: .jsonl or .jsonl.gz files (one JSON object per line).
         output: the .jsonl or .jsonl.gz file to write (originals first, then their copies, row by row).
-        field: the text field(s) to augment, comma-separated.
+        text_field: the text field(s) to augment, comma-separated.
         methods: comma-separated methods: deletion, swap, typo, synonym.
         rate: share of words each method changes (0 to 1).
         copies: augmented copies per row.
         seed: random seed; the copy k of row i uses seed, i and k.
+        overwrite: replace an existing OUTPUT.
     """
-    names, fields = parse_methods(methods), [name.strip() for name in field.split(",") if name.strip()]
+    names, fields = parse_methods(methods), [name.strip() for name in text_field.split(",") if name.strip()]
     if copies < 0 or not fields:
-        raise LlmkitError(f"copies={copies} must be 0 or more and field={field!r} must name at least one field")
+        raise LlmkitError(f"--copies {copies} must be 0 or more and --text_field {text_field!r} must name at least one "
+                          "field")
     if not str(output).lower().endswith(OUTPUT_SUFFIXES):
-        raise LlmkitError(f"output {output} must end with .jsonl or .jsonl.gz")
+        raise LlmkitError(f"--output {output} must end with .jsonl or .jsonl.gz")
+    refuse_writing_onto_inputs(output, as_paths(data))
+    refuse_existing_file(output, overwrite)
     augment_text("", names, rate)  # checks the rate before any reading
     rows = []
-    for path in [inputs] if isinstance(inputs, str) else inputs:
+    for path in as_paths(data):
         rows.extend(_read_rows(Path(path), fields))
     lines = []
     for row_index, row in enumerate(rows):
@@ -84,7 +91,7 @@ def _read_rows(path: Path, fields: list[str]) -> list[dict]:
             for name in fields:
                 if not isinstance(row, dict) or not isinstance(row.get(name), str):
                     found = f"fields: {', '.join(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
-                    raise LlmkitError(f"{path}, line {number}: no text field '{name}' ({found}); pass --field with the "
+                    raise LlmkitError(f"{path}, line {number}: no text field '{name}' ({found}); pass --text_field with the "
                                       "field(s) to augment")
             rows.append(row)
     return rows

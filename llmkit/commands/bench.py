@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.commands.common import Device
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write, atomic_write_text, read_json_object
 
@@ -81,8 +82,8 @@ def bench_peft(
     max_length: int = 384,
     perplexity_tokens: int = 2048,
     seed: int = 1337,
-    device: str = "auto",
     output: str = "runs/bench_peft",
+    device: Device = "auto",
 ) -> dict[str, Any]:
     """Fine-tune one model with every method on the same data and compare them: size, memory, speed, quality.
 
@@ -107,8 +108,8 @@ def bench_peft(
         max_length: longest training example in tokens (longer prompts are cut from the left).
         perplexity_tokens: tokens of general text scored for forgetting.
         seed: random seed (data order, initialisation).
-        device: auto, cpu, cuda or cuda:N.
         output: directory for the per-method runs and the report.
+        device: auto, cpu, cuda or cuda:N (each method trains in float32, as the shoot-out compares them).
     """
     from llmkit.checkpoints import default_model_path
 

@@ -22,3 +22,57 @@ def with_adapter(llm, adapter: str, path: Path):  # noqa: ANN001, ANN202 (torch 
     from llmkit.peft.registry import load_adapter
 
     return load_adapter(llm, adapter, tokenizer=load_tokenizer(path)).eval()
+
+
+def as_paths(data: list[str] | str | None) -> list[str]:
+    """--data as a list: one path or a list of them (files or folders)."""
+    if data is None:
+        return []
+    return [data] if isinstance(data, str) else list(data)
+
+
+def refuse_writing_onto_inputs(output: str | Path, inputs: list[str], flag: str = "--output") -> None:
+    """Raise when `output` is one of the inputs: a folder given as input, or any file read from them. llmkit never
+    replaces the data it reads (`filter --output` onto its input once turned 45 lines into 40 without a word)."""
+    from llmkit.data.sources import expand_inputs
+    from llmkit.errors import LlmkitError
+
+    target = Path(output).resolve()
+    existing = [path for path in inputs if Path(path).exists()]
+    read = {Path(path).resolve() for path in existing}
+    try:
+        read |= {path.resolve() for path in expand_inputs(existing)} if existing else set()
+    except LlmkitError:  # an unreadable input: the verb reports it in its own words when it reads
+        pass
+    if target in read:
+        raise LlmkitError(f"{flag} {output} is also an input (--data); choose another {flag}: llmkit never writes over "
+                          "the data it reads")
+
+
+def refuse_existing_file(output: str | Path, overwrite: bool, flag: str = "--output") -> None:
+    """Raise when `output` already exists and --overwrite was not given (or it is a folder, not a file)."""
+    from llmkit.errors import LlmkitError
+
+    path = Path(output)
+    if path.is_dir():
+        raise LlmkitError(f"{flag} {output} is a folder; pass a file name")
+    if path.exists() and not overwrite:
+        raise LlmkitError(f"{flag} {output} already exists; pass --overwrite to replace it, or choose another {flag}")
+
+
+def refuse_replacing_model_dir(output: str | Path, model: str | Path, overwrite: bool) -> None:
+    """Raise unless `output` may receive a model: not a file, not the input model (or inside it), and empty or new
+    unless --overwrite is given (then the files written are replaced and any others are left as they are)."""
+    from llmkit.errors import LlmkitError
+    from llmkit.io import TEMP_MARK
+
+    path, source = Path(output), Path(model).resolve()
+    if path.exists() and not path.is_dir():
+        raise LlmkitError(f"--output {output} is a file; pass a directory for the model's files")
+    if path.resolve() == source or source in path.resolve().parents:
+        raise LlmkitError(f"--output {output} is the same as --model or inside it; choose another output directory")
+    held = sorted(entry.name for entry in path.iterdir() if TEMP_MARK not in entry.name) if path.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise LlmkitError(f"--output {output} already holds files ({shown}); pass --overwrite to replace them, or "
+                          "choose a new or empty directory")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmkit.commands.common import Device, Dtype
+
 if TYPE_CHECKING:
     import torch
 
@@ -18,6 +20,8 @@ def embed(
     output: str | None = None,
     batch_size: int = 32,
     normalize: bool | None = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
 ) -> torch.Tensor:
     """Sentence embeddings of TEXTS with an encoder (all-MiniLM-L6-v2 by default), printed or saved.
 
@@ -35,6 +39,8 @@ def embed(
         output: safetensors file to write the embeddings to instead of printing them.
         batch_size: texts per forward pass.
         normalize: L2-normalise each embedding (default: as the model's modules.json says).
+        dtype: weights' dtype (the embeddings are returned in float32).
+        device: auto, cpu, cuda or cuda:N.
     """
     import json
     from dataclasses import replace
@@ -42,11 +48,12 @@ def embed(
     from safetensors.torch import save_file
 
     from llmkit.checkpoints.hf_bert import default_encoder_path, load_encoder, sentence_settings
+    from llmkit.device import resolve_device, resolve_dtype
     from llmkit.generate.embed import embed_texts
     from llmkit.io import atomic_write
 
     path = Path(model) if model else default_encoder_path()
-    encoder, tokenizer = load_encoder(path)
+    encoder, tokenizer = load_encoder(path, dtype=resolve_dtype(dtype), device=str(resolve_device(device)))
     settings = replace(sentence_settings(path), batch_size=batch_size)
     if normalize is not None:
         settings = replace(settings, normalize=normalize)

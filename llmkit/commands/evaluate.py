@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from llmkit.commands.common import Device, Dtype
 from llmkit.errors import LlmkitError
 
 DEFAULT_TASKS = "perplexity,sst2,dialogsum,hh_rlhf_harmless"
@@ -20,9 +21,9 @@ def evaluate(
     batch_size: int = 8,
     output: str = "eval_out",
     truncate_prompt: bool = False,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    device: str = "auto",
     progress: bool = True,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
 ) -> list[dict[str, Any]]:
     """Evaluate models on benchmark tasks; print a side-by-side table and write JSON, Markdown and a bar chart.
 
@@ -44,9 +45,9 @@ def evaluate(
         batch_size: prompts per forward pass (left-padded batches).
         output: folder for results.json, report.md, report.png and prompts/.
         truncate_prompt: keep the last tokens of a prompt longer than the context window instead of failing.
+        progress: show progress bars.
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
-        progress: show progress bars.
     """
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
     from llmkit.eval.report import aggregate, comparison_table, write_report

@@ -6,6 +6,7 @@ import gzip
 import json
 from pathlib import Path
 
+from llmkit.commands.common import as_paths, refuse_existing_file, refuse_writing_onto_inputs
 from llmkit.data.filter import OUTPUT_SUFFIXES, REPORT_SUFFIX, FilterReport, filter_documents
 from llmkit.data.quality import load_quality_rules
 from llmkit.errors import LlmkitError
@@ -24,7 +25,7 @@ def report_path(output: str | Path) -> Path:
 
 
 def filter_data(
-    inputs: list[str],
+    data: list[str] | str,
     output: str = "filtered.jsonl",
     text_field: str = "text",
     rules: str | None = None,
@@ -34,20 +35,22 @@ def filter_data(
     near_dedup_threshold: float = 0.8,
     tokenizer: str | None = None,
     document_separator: str | None = None,
+    overwrite: bool = False,
 ) -> FilterReport:
     """Filter pretraining documents: drop low-quality ones (Gopher/C4 rules), exact and near duplicates.
 
-    Example: llmkit filter --inputs "[web.jsonl.gz, books/]" --output clean.jsonl
-             llmkit filter --inputs "[crawl.parquet]" --text_field content --disable "[stop_words, bullet_lines]"
-             llmkit filter --inputs "[data/]" --rules my_rules.yaml --near_dedup_threshold 0.7 --tokenizer model.gguf
+    Example: llmkit filter --data "[web.jsonl.gz, books/]" --output clean.jsonl
+             llmkit filter --data crawl.parquet --text_field content --disable "[stop_words, bullet_lines]"
+             llmkit filter --data raw/ --rules my_rules.yaml --near_dedup_threshold 0.7 --tokenizer model.gguf
 
     Each document is checked by the quality rules first, then against the kept documents for an exact duplicate
     (same text ignoring case and whitespace), then for a near duplicate (MinHash LSH over word 5-grams, estimated
     Jaccard >= threshold). Writes the kept documents as JSONL ({TEXT_FIELD: text} per line) to OUTPUT and the report
     to OUTPUT.report.json (filtered.jsonl -> filtered.report.json), and prints the report as a Markdown table.
+    OUTPUT is never one of the inputs, and an existing OUTPUT is replaced only with --overwrite.
 
     Args:
-        inputs: .txt/.md, .jsonl(.gz) or .parquet files, or folders of them.
+        data: .txt/.md, .jsonl(.gz) or .parquet files, or folders of them.
         output: the .jsonl (or .jsonl.gz) file for the kept documents.
         text_field: JSONL field / Parquet column holding the text; also the field written to OUTPUT.
         rules: YAML or JSON file setting QualityRules fields, e.g. `min_words: 20` or
@@ -58,14 +61,18 @@ def filter_data(
         near_dedup_threshold: estimated Jaccard similarity at or above which a document is a near duplicate.
         tokenizer: model path whose tokenizer counts tokens in the report (default: count words).
         document_separator: split .txt/.md files into documents at this string (default: one file, one document).
+        overwrite: replace an existing OUTPUT (and its report).
     """
     from tqdm import tqdm
 
     from llmkit.data.sources import read_documents
 
-    output_path = Path(output)
+    output_path, inputs = Path(output), as_paths(data)
     if not output_path.name.endswith(OUTPUT_SUFFIXES):
-        raise LlmkitError(f"output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}: filtered documents are JSONL")
+        raise LlmkitError(f"--output {output} must end in {' or '.join(OUTPUT_SUFFIXES)}: filtered documents are JSONL")
+    for path in (output_path, report_path(output_path)):
+        refuse_writing_onto_inputs(path, inputs)
+        refuse_existing_file(path, overwrite)
     quality_rules = load_quality_rules(rules, disable)
     count_tokens = None
     if tokenizer is not None:

@@ -8,6 +8,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.data.templates import FieldMap
 from llmkit.errors import LlmkitError
+from llmkit.peft.settings import (
+    SETTINGS,
+    AdapterSettings,
+    IA3Settings,
+    LoraSettings,
+    PrefixTuningSettings,
+    PromptTuningSettings,
+    QLoraSettings,
+    SelectiveSettings,
+)
 from llmkit.train.settings import TrainSettings
 
 if TYPE_CHECKING:
@@ -31,7 +41,13 @@ def finetune(
     max_length: int = 512,
     packing: bool = False,
     skip_bad_rows: bool = False,
-    settings: dict[str, Any] | None = None,
+    lora: LoraSettings = LoraSettings(),  # noqa: B008 (each method's settings are typed flags: --lora.rank 16)
+    qlora: QLoraSettings = QLoraSettings(),  # noqa: B008
+    prompt: PromptTuningSettings = PromptTuningSettings(),  # noqa: B008
+    prefix: PrefixTuningSettings = PrefixTuningSettings(),  # noqa: B008
+    ia3: IA3Settings = IA3Settings(),  # noqa: B008
+    adapter: AdapterSettings = AdapterSettings(),  # noqa: B008
+    selective: SelectiveSettings = SelectiveSettings(),  # noqa: B008
     train: TrainSettings = FINETUNE_DEFAULTS,
     output: str = "runs/finetune",
     merge: bool = False,
@@ -41,14 +57,18 @@ def finetune(
 
     Example: llmkit finetune                              (SmolLM2-135M-Instruct, LoRA, 300 DialogSum dialogues, ROUGE)
              llmkit finetune --model my_model/ --data "[my.jsonl]" --template alpaca --method lora
-             llmkit finetune --method qlora --settings '{rank: 16, alpha: 32}' --train.max_steps 200
-             llmkit finetune --method selective --settings '{mode: last_blocks, n_blocks: 2}'
+             llmkit finetune --method lora --lora.rank 16 --lora.alpha 32 --lora.dora true
+             llmkit finetune --method qlora --qlora.rank 16 --qlora.alpha 32 --train.max_steps 200
+             llmkit finetune --method prefix --prefix.n_virtual_tokens 20
+             llmkit finetune --method selective --selective.mode last_blocks --selective.n_blocks 2
              llmkit chat --model SmolLM2.gguf --adapter runs/finetune/adapter
 
     Data rows are Alpaca style (instruction/input/output), prompt/completion, or chat `messages`; rename
     columns with --fields.X. The loss counts only completion tokens. Methods: lora (also DoRA / rsLoRA via
-    --settings), qlora (NF4 base + LoRA), prompt (soft prompt), prefix (per-layer key/value prefix), ia3,
-    adapter (Houlsby bottleneck), selective (bitfit, last_blocks, modules, full). Writes OUTPUT/adapter/
+    --lora.dora, --lora.rslora), qlora (NF4 base + LoRA), prompt (soft prompt), prefix (per-layer key/value
+    prefix), ia3, adapter (Houlsby bottleneck), selective (bitfit, last_blocks, modules, full). Each method's
+    settings are the flags --METHOD.X; only the chosen method's are used, and another method's given with it is an
+    error. The device and precision are loop settings: --train.device, --train.precision. Writes OUTPUT/adapter/
     (only the trained tensors), OUTPUT/merged/ with --merge (LoRA/IA3), checkpoints, metrics and loss.png.
     With the built-in data it also reports ROUGE on held-out DialogSum test dialogues before and after.
 
@@ -62,7 +82,13 @@ def finetune(
         max_length: longest example in tokens (longer prompts are cut from the left; the count is reported).
         packing: pack several examples per row (with attention boundaries) instead of padding.
         skip_bad_rows: skip malformed rows (counted) instead of stopping at the first.
-        settings: the method's settings (e.g. {rank: 16, alpha: 32, dora: true} for lora; see llmkit/peft/).
+        lora: --method lora: rank, alpha, dropout, targets, rslora, dora, init.
+        qlora: --method qlora: LoRA's settings plus the NF4 base's (double_quant, compute_dtype, block_size).
+        prompt: --method prompt: soft prompt length and initialisation.
+        prefix: --method prefix: prefix length and reparameterisation.
+        ia3: --method ia3: the scaled linears.
+        adapter: --method adapter: bottleneck width and activation.
+        selective: --method selective: which parameters train (mode, n_blocks, patterns).
         train: the training loop's settings.
         output: run directory.
         merge: also save the model with the adapter merged into its weights (lora, ia3).
@@ -75,16 +101,17 @@ def finetune(
     from llmkit.data.sft import builtin_dialogsum, load_sft_records, tokenize_records
     from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
-    from llmkit.peft.registry import apply_method, settings_from_dict
+    from llmkit.peft.registry import apply_method
     from llmkit.train.distributed import init_cluster
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_loss
 
+    method_settings = chosen_settings(method, dict(lora=lora, qlora=qlora, prompt=prompt, prefix=prefix, ia3=ia3,
+                                                   adapter=adapter, selective=selective))
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     path = Path(model) if model else default_model_path()
     tokenizer = load_tokenizer(path)
     network = load_model(path)
-    method_settings = settings_from_dict(method, settings or {})
     virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
     if max_length + virtual_tokens > network.config.max_seq_len:
         raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
@@ -130,6 +157,27 @@ def finetune(
                   f"{summary['rouge_after']['rougeL']:.4f} after")
         print(f"adapter: {adapter_dir}  (llmkit chat --model {path} --adapter {adapter_dir})")
     return summary
+
+
+def chosen_settings(method: str, given: dict[str, Any]) -> Any:
+    """The settings of `method` from the per-method flags; raises when another method's flags were changed from
+    their defaults (`--method ia3 --lora.rank 4` would otherwise train IA3 and silently drop the rank)."""
+    import dataclasses
+
+    if method not in SETTINGS:
+        raise LlmkitError(f"--method {method} is unknown; choose one of {', '.join(SETTINGS)}")
+    for name, settings in given.items():
+        if name == method or settings is None:
+            continue
+        default = SETTINGS[name]()
+        changed = [field.name for field in dataclasses.fields(default)
+                   if getattr(settings, field.name) != getattr(default, field.name)]
+        if changed:
+            flags = ", ".join(f"--{name}.{field}" for field in changed)
+            raise LlmkitError(f"{flags}: settings of method {name}, but --method is {method}; pass --method {name}, or "
+                              f"drop {flags}")
+    settings = given.get(method)
+    return settings if settings is not None else SETTINGS[method]()
 
 
 def rouge_on(model: nn.Module, tokenizer: Any, records: list, template: str) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from llmkit.errors import LlmkitError
+from llmkit.commands.common import refuse_replacing_model_dir
 
 
 def moe_upcycle(
@@ -16,6 +16,7 @@ def moe_upcycle(
     router: Literal["topk", "switch"] = "topk",
     capacity_factor: float = 1.25,
     seed: int = 0,
+    overwrite: bool = False,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
 ) -> Path:
     """Turn a dense model into a mixture of experts (sparse upcycling) and write it as an llmkit checkpoint.
@@ -35,6 +36,7 @@ def moe_upcycle(
         router: topk (Mixtral: top-k, renormalised) or switch (top-1 with capacity and token dropping).
         capacity_factor: switch only: an expert takes at most ceil(capacity_factor * tokens / n_experts) tokens.
         seed: random seed of the router initialisation.
+        overwrite: write into an OUTPUT that already holds files (the files written are replaced).
         dtype: weights' dtype.
     """
     import torch
@@ -42,8 +44,7 @@ def moe_upcycle(
     from llmkit.checkpoints import load_model, load_tokenizer, save_model
     from llmkit.models.upcycle import upcycle_to_moe
 
-    if Path(output).resolve() == Path(model).resolve():
-        raise LlmkitError(f"--output {output} is the same as --model; choose another output directory")
+    refuse_replacing_model_dir(output, model, overwrite)
     dense = load_model(model, dtype=dtype)
     tokenizer = load_tokenizer(model)
     dense_parameters = dense.num_parameters()

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmkit.data.prepare import TOKENIZER_DIR, prepare
+from llmkit.commands.common import as_paths, refuse_writing_onto_inputs
+from llmkit.data.prepare import TOKENIZER_DIR, manifest_header, prepare, previous_manifest
+from llmkit.errors import LlmkitError
+
+REPLACE_HINT = "pass --overwrite to replace it, or choose another --output"
 
 
 def prepare_data(
-    inputs: list[str] | None = None,
+    data: list[str] | str | None = None,
     output: str = "data",
     tokenizer: str | None = None,
     text_field: str = "text",
@@ -21,20 +25,22 @@ def prepare_data(
     seed: int = 0,
     progress: bool = True,
     special_tokens: list[str] | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Tokenize text into token shards for pretraining (training a tokenizer first unless you give one).
 
     Example: llmkit prepare                                  (built-in Tiny Shakespeare, new 8,192-token BPE)
-             llmkit prepare --inputs "[books/, web.jsonl.gz]" --output data --vocab_size 32000
-             llmkit prepare --inputs "[corpus.parquet]" --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf
+             llmkit prepare --data "[books/, web.jsonl.gz]" --output data --vocab_size 32000
+             llmkit prepare --data corpus.parquet --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf
 
     Writes OUTPUT/train-00000.bin ... (raw uint16 ids, uint32 above 65,536 tokens), val-*.bin and manifest.json;
     without --tokenizer also OUTPUT/tokenizer/. Each document ends with EOS. With 20 or more documents each one
     goes wholly to train or validation; with fewer (one book), validation is the last VAL_FRACTION of the tokens.
-    Running it again with the same inputs, tokenizer and settings does nothing.
+    Running it again with the same data, tokenizer and settings does nothing; data prepared from other inputs,
+    tokenizer or settings is replaced only with --overwrite.
 
     Args:
-        inputs: .txt/.md, .jsonl/.jsonl.gz, .parquet files or folders (default: the built-in Tiny Shakespeare).
+        data: .txt/.md, .jsonl/.jsonl.gz, .parquet files or folders (default: the built-in Tiny Shakespeare).
         output: folder for the shards and manifest.json.
         tokenizer: .gguf file, Hugging Face / llmkit model directory or tokenizer directory (default: train one).
         text_field: JSONL field / Parquet column that holds the text.
@@ -47,9 +53,35 @@ def prepare_data(
         progress: show progress bars.
         special_tokens: special tokens of the tokenizer trained when --tokenizer is not given; the first is EOS
             (default: <|endoftext|>; masked-LM pretraining adds [MASK]).
+        overwrite: replace data in OUTPUT that was prepared from other inputs, tokenizer or settings.
     """
+    prepare_corpus(as_paths(data), output, tokenizer, text_field=text_field, val_fraction=val_fraction,
+                   vocab_size=vocab_size, min_frequency=min_frequency, shard_tokens=shard_tokens,
+                   document_separator=document_separator, seed=seed, progress=progress, special_tokens=special_tokens,
+                   overwrite=overwrite, replace_hint=REPLACE_HINT)
+
+
+def prepare_corpus(
+    paths: list[str],
+    output: str | Path,
+    tokenizer: str | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.1,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    shard_tokens: int = 100_000_000,
+    document_separator: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    special_tokens: list[str] | None = None,
+    overwrite: bool = False,
+    replace_hint: str = REPLACE_HINT,
+) -> dict[str, Any]:
+    """`llmkit prepare` for callers (pretrain too): returns the manifest. Data already in OUTPUT that was prepared
+    from other inputs, tokenizer or settings raises (naming `replace_hint`, the fix in the caller's flags) unless
+    `overwrite`; the check runs before a tokenizer is trained into OUTPUT/tokenizer, so nothing is replaced."""
     from llmkit.checkpoints import load_tokenizer
-    from llmkit.data.sources import builtin_corpus_path
+    from llmkit.data.sources import builtin_corpus_path, fingerprint_inputs
     from llmkit.data.tokenizer_train import (
         DEFAULT_SPECIAL_TOKENS,
         reusable_tokenizer,
@@ -58,22 +90,42 @@ def prepare_data(
         training_record,
     )
 
-    paths = list(inputs) if inputs else [builtin_corpus_path()]
+    paths = list(paths) or [str(builtin_corpus_path())]
+    refuse_writing_onto_inputs(output, paths)
+    previous = None if overwrite else previous_manifest(Path(output))
+    if previous is not None and previous.get("inputs") != fingerprint_inputs(paths):
+        _refuse_replacing(output, ["inputs"], replace_hint)
     if tokenizer is None:
         tokenizer_path = str(Path(output) / TOKENIZER_DIR)
         special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
         record = training_record(paths, vocab_size, text_field, min_frequency, special)
         loaded = reusable_tokenizer(tokenizer_path, record)
         if loaded is None:
+            if previous is not None:
+                _refuse_replacing(output, ["tokenizer"], replace_hint)  # before retraining over OUTPUT/tokenizer
             loaded = train_tokenizer(paths, vocab_size, text_field, special_tokens=special, min_frequency=min_frequency,
                                      show_progress=progress)
             save_trained(loaded, tokenizer_path, record)
             print(f"trained a {loaded.vocab_size:,}-token byte-level BPE tokenizer -> {tokenizer_path}")
     else:
         tokenizer_path, loaded = tokenizer, load_tokenizer(tokenizer)
+    if previous is not None:
+        header = manifest_header(paths, output, loaded, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
+                                 shard_tokens=shard_tokens, document_separator=document_separator, seed=seed)
+        differing = [key for key in header if previous.get(key) != header[key]]
+        if differing:
+            _refuse_replacing(output, differing, replace_hint)
     manifest = prepare(paths, output, loaded, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
                        shard_tokens=shard_tokens, document_separator=document_separator, seed=seed, show_progress=progress)
     print(summary(manifest, output))
+    return manifest
+
+
+def _refuse_replacing(output: str | Path, differing: list[str], hint: str) -> None:
+    """The one-line refusal to replace prepared data made from something else."""
+    names = {"inputs": "inputs", "settings": "settings"}
+    what = sorted({names.get(key, "tokenizer") for key in differing})
+    raise LlmkitError(f"{output} already holds data prepared from other {' and '.join(what)}; {hint}")
 
 
 def summary(manifest: dict[str, Any], output: str | Path) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmkit.commands.common import as_paths
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings
 
@@ -43,8 +44,7 @@ PRETRAIN_DEFAULTS = TrainSettings(max_steps=300, batch_size=16, lr=2e-3, warmup_
 def pretrain(
     model: str | None = None,
     arch: Literal["decoder", "encoder", "seq2seq"] = "decoder",
-    data: str | None = None,
-    inputs: list[str] | None = None,
+    data: list[str] | str | None = None,
     tokenizer: str | None = None,
     vocab_size: int = 2048,
     seq_len: int = 128,
@@ -57,11 +57,15 @@ def pretrain(
 
     Example: llmkit pretrain                                 (mini model on Tiny Shakespeare, a few minutes on a CPU)
              llmkit pretrain --train.max_steps 2000 --train.precision bf16-mixed --output runs/big
+             llmkit pretrain --data "[books/, web.jsonl.gz]" --vocab_size 8192 --train.device cuda
+             llmkit pretrain --data data/corpus          (a folder made by `llmkit prepare`: it holds manifest.json)
              llmkit pretrain --arch seq2seq --output runs/t5   (mini-t5 encoder-decoder, T5 span corruption)
              llmkit pretrain --config recipes/pretrain_gpt2_124m.yaml
              torchrun --nproc_per_node 8 -m llmkit.cli pretrain --config recipes/pretrain_gpt2_124m.yaml
 
-    Without --data or --inputs it trains on the built-in Tiny Shakespeare with a BPE tokenizer trained on it.
+    --data is either a folder made by `llmkit prepare` (it holds manifest.json), used as it is, or text files and
+    folders, prepared into OUTPUT/data first; without --data it trains on the built-in Tiny Shakespeare with a BPE
+    tokenizer trained on it. The device and precision are loop settings: --train.device, --train.precision.
     The run directory OUTPUT holds data/ (shards), checkpoints/step-N/ (each a complete model: try
     `llmkit chat --model OUTPUT/checkpoints/step-N`), metrics.jsonl, metrics.csv and loss.png. Running the same
     command again resumes from the latest checkpoint (after a crash or a kill, exactly where it was).
@@ -71,20 +75,21 @@ def pretrain(
             tokenizer's (default: mini, or mini-bert with --arch encoder, mini-t5 with --arch seq2seq).
         arch: decoder (next-token prediction), encoder (BERT masked-LM: 15% of the tokens are hidden and predicted)
             or seq2seq (T5 span corruption: 15% of the tokens, in spans, become sentinels the decoder fills in).
-        data: folder made by `llmkit prepare` (default: prepare INPUTS into OUTPUT/data).
-        inputs: text/JSONL/Parquet files to prepare when --data is not given (default: built-in Tiny Shakespeare).
-        tokenizer: tokenizer for preparing INPUTS (default: train a BPE tokenizer of VOCAB_SIZE tokens on them).
-        vocab_size: size of the tokenizer trained when none is given.
+        data: a folder made by `llmkit prepare`, or .txt/.md, .jsonl(.gz), .parquet files or folders to prepare into
+            OUTPUT/data (default: the built-in Tiny Shakespeare).
+        tokenizer: raw --data only: the tokenizer to prepare it with (default: train a BPE tokenizer of VOCAB_SIZE
+            tokens on it).
+        vocab_size: raw --data only: size of the tokenizer trained when none is given.
         seq_len: tokens per training sequence (at most the model's context window).
         init: start from these weights instead of a random init (continued pretraining): .gguf, HF or llmkit path.
         output: run directory (checkpoints, metrics, plots); an existing run there is resumed.
-        train: the training loop's settings (steps, batch, lr, schedule, precision, compile, distributed, ...).
+        train: the training loop's settings (steps, batch, lr, schedule, precision, device, compile, distributed, ...).
         sample: text sampled at each evaluation.
     """
     import torch
 
     from llmkit.checkpoints import load_tokenizer
-    from llmkit.commands.prepare import prepare_data
+    from llmkit.commands.prepare import prepare_corpus
     from llmkit.data.prepare import load_manifest, manifest_tokenizer_path
     from llmkit.data.shards import SequenceStream, TokenShards, validation_batches
     from llmkit.device import resolve_device
@@ -97,10 +102,12 @@ def pretrain(
     model = model or DEFAULT_PRESETS[arch]
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     run_dir = Path(output)
-    data_dir = Path(data) if data else run_dir / DATA_DIR
-    if data is None and cluster.is_main:
-        prepare_data(inputs=inputs, output=str(data_dir), tokenizer=tokenizer, vocab_size=vocab_size,
-                     progress=cluster.is_main, special_tokens=SPECIAL_TOKENS.get(arch))
+    prepared = prepared_folder(data)
+    data_dir = prepared or run_dir / DATA_DIR
+    if prepared is None and cluster.is_main:
+        prepare_corpus(as_paths(data), data_dir, tokenizer=tokenizer, vocab_size=vocab_size, progress=cluster.is_main,
+                       special_tokens=SPECIAL_TOKENS.get(arch),
+                       replace_hint="choose another --output for a run on other data")
     barrier(cluster)
     manifest = load_manifest(data_dir)
     tokenizer_path = manifest_tokenizer_path(data_dir, manifest)
@@ -153,6 +160,23 @@ def pretrain(
         if result.plot is not None:
             print(f"loss curve: {result.plot}")
     return result
+
+
+def prepared_folder(data: list[str] | str | None) -> Path | None:
+    """The folder `llmkit prepare` made that --data names (it holds manifest.json), or None when --data names text
+    to prepare (or nothing: the built-in corpus). Raises on a path that does not exist or on a mix of both kinds."""
+    from llmkit.data.prepare import MANIFEST
+
+    paths = [Path(path) for path in as_paths(data)]
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        raise LlmkitError(f"--data {missing[0]} does not exist: pass a folder made by `llmkit prepare` (it holds "
+                          f"{MANIFEST}) or .txt/.md/.jsonl/.parquet files or folders")
+    prepared = [path for path in paths if (path / MANIFEST).is_file()]
+    if prepared and len(paths) > 1:
+        raise LlmkitError(f"--data mixes the prepared folder {prepared[0]} with other paths; pass that folder alone, "
+                          "or only text files and folders to prepare")
+    return prepared[0] if prepared else None
 
 
 def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int) -> Decoder:

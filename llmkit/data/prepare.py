@@ -48,8 +48,6 @@ def prepare(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into OUTPUT/{train,val}-NNNNN.bin + manifest.json; a no-op when those are up to date."""
-    from llmkit.data.sources import fingerprint_inputs
-
     if not 0 <= val_fraction < 1:
         raise LlmkitError(f"val_fraction {val_fraction} must be in [0, 1): 0.1 keeps a tenth for validation, 0 none")
     if shard_tokens < 1 or batch_documents < 1:
@@ -62,19 +60,9 @@ def prepare(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise LlmkitError(f"output {output} is a file: pass a folder for the shards and {MANIFEST}")
-    header = json.loads(json.dumps({  # through JSON, so it compares equal to a manifest read back
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dtype": token_dtype(tokenizer.vocab_size).name,
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "tokenizer": {"path": _recorded_path(tokenizer_path, output),
-                      "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()},
-        "settings": {"text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
-                     "document_separator": document_separator, "seed": seed},
-        "inputs": fingerprint_inputs(inputs),
-    }))  # fmt: skip
-    previous = _read_previous(output)
+    header = manifest_header(inputs, output, tokenizer, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
+                             shard_tokens=shard_tokens, document_separator=document_separator, seed=seed)
+    previous = previous_manifest(output)
     if previous is not None and {key: previous.get(key) for key in header} == header and _intact(output):
         if show_progress:
             print(f"{output}: up to date (same inputs, tokenizer and settings); nothing to do")
@@ -90,6 +78,35 @@ def prepare(
     manifest = {**header, "split_mode": split_mode, "splits": {name: writer.close() for name, writer in writers.items()}}
     atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def manifest_header(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    tokenizer: Tokenizer,
+    tokenizer_path: str | None,
+    text_field: str,
+    val_fraction: float,
+    shard_tokens: int,
+    document_separator: str | None,
+    seed: int,
+) -> dict[str, Any]:
+    """What prepared shards depend on (inputs, tokenizer, settings): equal headers mean the same shards."""
+    from llmkit.data.sources import fingerprint_inputs
+
+    output = Path(output)
+    return json.loads(json.dumps({  # through JSON, so it compares equal to a manifest read back
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": {"path": _recorded_path(tokenizer_path, output),
+                      "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()},
+        "settings": {"text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+                     "document_separator": document_separator, "seed": seed},
+        "inputs": fingerprint_inputs(inputs),
+    }))  # fmt: skip
 
 
 def load_manifest(directory: str | Path, verify_checksums: bool = False) -> dict[str, Any]:
@@ -240,7 +257,8 @@ def _recorded_path(tokenizer_path: str | Path | None, output: Path) -> str | Non
         return str(resolved)
 
 
-def _read_previous(output: Path) -> dict[str, Any] | None:
+def previous_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest already in `output` as stored (unchecked), or None when there is none that reads as JSON."""
     try:
         manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):

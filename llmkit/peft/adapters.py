@@ -11,8 +11,6 @@ method, so adapters are saved in llmkit's adapter format only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,23 +19,9 @@ from llmkit.errors import LlmkitError
 from llmkit.nn.block import Block
 from llmkit.nn.linear import Linear
 from llmkit.peft.core import freeze
+from llmkit.peft.settings import AdapterSettings  # noqa: F401 (re-exported)
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
-
-
-@dataclass
-class AdapterSettings:
-    """Width of the bottleneck and its nonlinearity (one of ACTIVATIONS)."""
-
-    bottleneck: int = 64
-    activation: str = "gelu"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise LlmkitError(f"AdapterSettings.bottleneck={self.bottleneck!r} must be an integer >= 1; use e.g. 64")
-        if self.activation not in ACTIVATIONS:
-            raise LlmkitError(f"AdapterSettings.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}; "
-                              "use e.g. 'gelu'")
 
 
 class BottleneckAdapter(nn.Module):

@@ -10,35 +10,15 @@ input feature. Both are linear in the weight, so merging is W <- diag(l) W (outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.nn.linear import Linear, linear
 from llmkit.peft.core import freeze
+from llmkit.peft.settings import IA3Settings  # noqa: F401 (re-exported)
 
 IA3_SCALE = "ia3_scale"  # parameter name of the learned vector inside each scaled linear
-
-
-@dataclass
-class IA3Settings:
-    """Which linears get a vector (matched by the last part of the module name) and which of them are
-    feed-forward layers, whose *input* is scaled instead of their output."""
-
-    targets: tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
-    feedforward: tuple[str, ...] = ("down_proj",)
-
-    def __post_init__(self) -> None:
-        self.targets, self.feedforward = tuple(self.targets), tuple(self.feedforward)  # lists from JSON
-        if not self.targets:
-            raise LlmkitError("IA3Settings.targets is empty; name the linears to scale, e.g. ('k_proj', 'v_proj', "
-                              "'down_proj')")
-        stray = [name for name in self.feedforward if name not in self.targets]
-        if stray:
-            raise LlmkitError(f"IA3Settings.feedforward names {stray}, which are not in targets {list(self.targets)}; "
-                              "feed-forward layers must also be targets")
 
 
 class IA3Linear(Linear):

@@ -22,8 +22,6 @@ import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,47 +30,10 @@ from torch import nn
 from llmkit.errors import LlmkitError
 from llmkit.nn.linear import Linear, linear
 from llmkit.peft.core import freeze
+from llmkit.peft.settings import LLAMA_PROJECTIONS, LORA_INITS, LoraInit, LoraSettings  # noqa: F401 (re-exported)
 
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLAIN_LINEARS = (nn.Linear, Linear)  # float linears whose weight and bias LoraLinear takes over
-LoraInit = Literal["kaiming", "gaussian"]
-INITS = ("kaiming", "gaussian")
-
-
-@dataclass
-class LoraSettings:
-    """One adapter: its rank, scale, dropout, which linear layers it targets and how A is initialised."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input only (the base path never sees it)
-    # Module-name patterns: a name ("q_proj" matches every blocks.N.attn.q_proj) or a glob ("blocks.1*.mlp.*")
-    targets: tuple[str, ...] = LLAMA_PROJECTIONS
-    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    dora: bool = False  # DoRA: a trained magnitude per output row times the LoRA-adapted direction
-    init: LoraInit = "kaiming"  # A: "kaiming" uniform (nn.Linear's, as peft) or "gaussian" N(0, 1/rank); B = 0
-    adapter_name: str = "default"
-
-    def __post_init__(self) -> None:
-        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise LlmkitError(f"LoRA rank={self.rank!r} must be a positive integer (8 or 16 are common)")
-        if not self.alpha > 0:
-            raise LlmkitError(f"LoRA alpha={self.alpha!r} must be positive (often 2 x rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LlmkitError(f"LoRA dropout={self.dropout!r} must be in [0, 1) (0.05 or 0.1 are common)")
-        if self.init not in INITS:
-            raise LlmkitError(f"LoRA init={self.init!r} is unknown; choose one of {', '.join(INITS)}")
-        if not self.targets:
-            raise LlmkitError("LoRA targets is empty; name the linear layers to adapt, e.g. ('q_proj', 'v_proj')")
-        if not self.adapter_name.isidentifier():
-            raise LlmkitError(f"adapter_name={self.adapter_name!r} must be a Python identifier (letters, digits, _; "
-                              "no dots), e.g. 'default' or 'summarise'")
-
-    @property
-    def scale(self) -> float:
-        """s in y = W0 x + s B A x."""
-        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+INITS = LORA_INITS
 
 
 class LoraLinear(nn.Module):

@@ -13,7 +13,7 @@ positions P.. as in peft, and generation with a cache works unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -23,23 +23,7 @@ from llmkit.errors import LlmkitError
 from llmkit.nn.attention import KVCache
 from llmkit.peft.core import freeze
 from llmkit.peft.prompt_tuning import require_plain_decoder
-
-
-@dataclass
-class PrefixTuningSettings:
-    """P prefix slots per layer; `reparameterize` trains them through an MLP (embedding -> `hidden` -> tanh ->
-    n_layers * 2 * kv_dim), folded away after training."""
-
-    n_virtual_tokens: int = 20
-    reparameterize: bool = True
-    hidden: int = 512  # width of the reparameterisation MLP (peft: encoder_hidden_size)
-
-    def __post_init__(self) -> None:
-        for name in ("n_virtual_tokens", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LlmkitError(f"PrefixTuningSettings.{name}={value!r} must be an integer >= 1; use e.g. 20 "
-                                  "virtual tokens and a hidden width of 512")
+from llmkit.peft.settings import PrefixTuningSettings  # noqa: F401 (re-exported)
 
 
 class KVPrefix(nn.Module):

@@ -12,7 +12,6 @@ repeated or cut to P (as peft does); random initialisation draws from the token 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,28 +19,7 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.peft.core import freeze
-
-INITS = ("random", "text")
-
-
-@dataclass
-class PromptTuningSettings:
-    """P virtual tokens; initialised at random (at the token embeddings' scale) or from a text's token embeddings."""
-
-    n_virtual_tokens: int = 20
-    init: str = "random"  # "random" | "text"
-    init_text: str | None = None  # the text whose token embeddings start the soft prompt (init="text")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_virtual_tokens, bool) or not isinstance(self.n_virtual_tokens, int) \
-                or self.n_virtual_tokens < 1:
-            raise LlmkitError(f"PromptTuningSettings.n_virtual_tokens={self.n_virtual_tokens!r} must be an integer "
-                              ">= 1; use e.g. 20")
-        if self.init not in INITS:
-            raise LlmkitError(f"PromptTuningSettings.init={self.init!r} is not one of {INITS}; use 'text' with "
-                              "init_text, or 'random'")
-        if self.init == "text" and not self.init_text:
-            raise LlmkitError("PromptTuningSettings.init='text' needs init_text, e.g. 'Classify the sentiment:'")
+from llmkit.peft.settings import PromptTuningSettings  # noqa: F401 (re-exported)
 
 
 class SoftPrompt(nn.Module):

@@ -10,40 +10,11 @@ deterministic), so an adapter file needs only A and B.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 from torch import nn
 
-from llmkit.errors import LlmkitError
-from llmkit.peft.lora import LoraSettings, apply_lora
-from llmkit.quant.nf4 import COMPUTE_DTYPES, DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS, quantize_model_nf4
-
-
-@dataclass
-class QLoraSettings(LoraSettings):
-    """LoRA's settings (rank, alpha, dropout, targets, ...) plus how the base is quantised to NF4."""
-
-    double_quant: bool = True  # quantise the block scales again (0.127 instead of 0.5 bit per weight)
-    compute_dtype: str = "float32"  # the base's matmuls: "float32" or "bfloat16" (QLoRA's choice on GPUs)
-    block_size: int = DEFAULT_BLOCK_SIZE  # weights per absmax scale
-    # Linear layers of the base stored in NF4 (the paper quantises them all); LoRA goes where `targets` says.
-    nf4_targets: tuple[str, ...] = DEFAULT_TARGETS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.nf4_targets = (self.nf4_targets,) if isinstance(self.nf4_targets, str) else tuple(self.nf4_targets)
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise LlmkitError(f"QLoRA compute_dtype={self.compute_dtype!r} is unknown; choose one of "
-                              f"{', '.join(COMPUTE_DTYPES)}")
-        if self.dora:
-            raise LlmkitError("QLoRA with dora=True: DoRA needs the float weight of each layer, which NF4 does not "
-                              "keep; use LoraSettings(dora=True) on an unquantised model, or QLoRA without DoRA")
-
-    def lora(self) -> LoraSettings:
-        """The LoRA part of these settings."""
-        names = {field.name for field in dataclasses.fields(LoraSettings)}
-        return LoraSettings(**{name: getattr(self, name) for name in names})
+from llmkit.peft.lora import apply_lora
+from llmkit.peft.settings import QLoraSettings  # noqa: F401 (re-exported)
+from llmkit.quant.nf4 import quantize_model_nf4
 
 
 def apply_qlora(model: nn.Module, settings: QLoraSettings | None = None) -> nn.Module:

@@ -12,14 +12,15 @@ from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
-from llmkit.peft.adapters import AdapterSettings, apply_adapters
+from llmkit.peft.adapters import apply_adapters
 from llmkit.peft.core import ADAPTER_CONFIG_FILE, load_trained_tensors, read_adapter
-from llmkit.peft.ia3 import IA3Settings, apply_ia3
-from llmkit.peft.lora import LoraSettings, apply_lora
-from llmkit.peft.prefix_tuning import PrefixTuningSettings, apply_prefix_tuning
-from llmkit.peft.prompt_tuning import PromptTuningSettings, apply_prompt_tuning
-from llmkit.peft.qlora import QLoraSettings, apply_qlora
-from llmkit.peft.selective import SelectiveSettings, apply_selective
+from llmkit.peft.ia3 import apply_ia3
+from llmkit.peft.lora import apply_lora
+from llmkit.peft.prefix_tuning import apply_prefix_tuning
+from llmkit.peft.prompt_tuning import apply_prompt_tuning
+from llmkit.peft.qlora import apply_qlora
+from llmkit.peft.selective import apply_selective
+from llmkit.peft.settings import SETTINGS
 
 
 def _with_tokenizer(apply: Callable) -> Callable:
@@ -30,15 +31,15 @@ def _without_tokenizer(apply: Callable) -> Callable:
     return lambda model, settings, tokenizer: apply(model, settings)
 
 
-# name -> (settings dataclass, apply(model, settings, tokenizer) -> model)
+# name -> (settings dataclass, from llmkit.peft.settings; apply(model, settings, tokenizer) -> model)
 METHODS: dict[str, tuple[type, Callable[[nn.Module, Any, Any], nn.Module]]] = {
-    "lora": (LoraSettings, _without_tokenizer(apply_lora)),
-    "qlora": (QLoraSettings, _without_tokenizer(apply_qlora)),
-    "prompt": (PromptTuningSettings, _with_tokenizer(apply_prompt_tuning)),
-    "prefix": (PrefixTuningSettings, _without_tokenizer(apply_prefix_tuning)),
-    "ia3": (IA3Settings, _without_tokenizer(apply_ia3)),
-    "adapter": (AdapterSettings, _without_tokenizer(apply_adapters)),
-    "selective": (SelectiveSettings, _without_tokenizer(apply_selective)),
+    "lora": (SETTINGS["lora"], _without_tokenizer(apply_lora)),
+    "qlora": (SETTINGS["qlora"], _without_tokenizer(apply_qlora)),
+    "prompt": (SETTINGS["prompt"], _with_tokenizer(apply_prompt_tuning)),
+    "prefix": (SETTINGS["prefix"], _without_tokenizer(apply_prefix_tuning)),
+    "ia3": (SETTINGS["ia3"], _without_tokenizer(apply_ia3)),
+    "adapter": (SETTINGS["adapter"], _without_tokenizer(apply_adapters)),
+    "selective": (SETTINGS["selective"], _without_tokenizer(apply_selective)),
 }
 
 

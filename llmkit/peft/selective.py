@@ -13,40 +13,15 @@ trained tensors (`core.save_adapter`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from torch import nn
 
 from llmkit.errors import LlmkitError
 from llmkit.peft.core import freeze, unfreeze
+from llmkit.peft.settings import SELECTIVE_MODES, SelectiveMode, SelectiveSettings  # noqa: F401 (re-exported)
 
-SelectiveMode = Literal["bitfit", "last_blocks", "modules", "full"]
-MODES = ("bitfit", "last_blocks", "modules", "full")
+MODES = SELECTIVE_MODES
 BIAS_SUFFIX = "bias"
 FINAL_NORM = "final_norm"
-
-
-@dataclass
-class SelectiveSettings:
-    """Which of the model's parameters train; the others are frozen."""
-
-    mode: SelectiveMode = "last_blocks"
-    n_blocks: int = 2  # mode "last_blocks": how many blocks, counted from the output
-    patterns: tuple[str, ...] = ()  # mode "modules": module or parameter name globs, e.g. ("blocks.*.mlp",)
-
-    def __post_init__(self) -> None:
-        self.patterns = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
-        if self.mode not in MODES:
-            raise LlmkitError(f"selective mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
-        if self.mode == "modules" and not self.patterns:
-            raise LlmkitError("selective mode 'modules' needs patterns naming what to train, e.g. "
-                              "patterns=('blocks.*.mlp',)")
-        if self.mode != "modules" and self.patterns:
-            raise LlmkitError(f"patterns {list(self.patterns)} apply only to mode 'modules', not {self.mode!r}; "
-                              "drop them or set mode='modules'")
-        if self.mode == "last_blocks" and (not isinstance(self.n_blocks, int) or self.n_blocks < 1):
-            raise LlmkitError(f"n_blocks={self.n_blocks!r} must be a positive integer (how many final blocks train)")
 
 
 def apply_selective(model: nn.Module, settings: SelectiveSettings) -> nn.Module:
