@@ -29,6 +29,7 @@ from llmkit.data.sft import (
     load_sft_records,
     tokenize_records,
 )
+from llmkit.data.shared import shared_data_file
 from llmkit.data.templates import (
     ALPACA_NO_INPUT,
     ALPACA_WITH_INPUT,
@@ -47,8 +48,7 @@ from llmkit.train.objectives import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CODE_ALPACA = SHARED / "code_alpaca_2k" / "code_alpaca_2k.json.gz"
+CODE_ALPACA = "code_alpaca_2k/code_alpaca_2k.json.gz"  # in the shared data
 BOS, EOS, TURN_START = "<s>", "<|im_end|>", "<|im_start|>"
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -136,8 +136,8 @@ def test_field_map_renames_dialogsum_fields_and_prompt_completion_and_chat_rows(
 
 def test_real_code_alpaca_json_array_has_two_empty_outputs_that_are_reported_or_skipped():
     with pytest.raises(LlmkitError, match=r"code_alpaca_2k.json.gz, record 238: field 'output' is empty"):
-        load_sft_records(CODE_ALPACA)
-    records, report = load_sft_records(CODE_ALPACA, skip_bad_rows=True)
+        load_sft_records(shared_data_file(CODE_ALPACA))
+    records, report = load_sft_records(shared_data_file(CODE_ALPACA), skip_bad_rows=True)
     assert (len(records), report.rows, report.skipped) == (2015, 2017, 2)
     assert "record 238" in report.errors[0] and "record 1860" in report.errors[1]
     assert "2 bad rows skipped" in report.summary()
@@ -157,7 +157,7 @@ def test_builtin_dialogsum_reads_the_shared_splits():
     "line, message",
     [
         ("{not json", r"bad.jsonl, line 2: not valid JSON"),
-        ('["a list"]', r"bad.jsonl, line 2: expected a JSON object per line, found a list"),
+        ('["a list"]', r"bad.jsonl, line 2: holds a JSON list, not an object"),
         ('{"instruction": "x"}', r"bad.jsonl, line 2: no field 'output' \(fields: instruction\); .*FieldMap\(output=...\)"),
         ('{"instruction": "x", "output": 5}', r"line 2: field 'output' holds a int, not text"),
         ('{"output": "y"}', r"line 2: no 'instruction' or 'input' text to prompt with"),

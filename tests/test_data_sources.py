@@ -80,10 +80,10 @@ def test_jsonl_missing_or_non_string_field(tmp_path: Path) -> None:
     with pytest.raises(LlmkitError, match=r"fields\.jsonl, line 2: no string field 'text' \(fields: body\).*--text_field"):
         list(read_documents([path]))
     numbers = _write_jsonl(tmp_path / "numbers.jsonl", [{"text": 7}])
-    with pytest.raises(LlmkitError, match=r"numbers\.jsonl, line 1: no string field 'text'"):
+    with pytest.raises(LlmkitError, match=r"numbers\.jsonl, line 1: field 'text' holds a int, not a string; pass --text"):
         list(read_documents([numbers]))
     array = _write_jsonl(tmp_path / "array.jsonl", [["text"]])
-    with pytest.raises(LlmkitError, match=r"array\.jsonl, line 1: no string field 'text' \(a list\)"):
+    with pytest.raises(LlmkitError, match=r"array\.jsonl, line 1: holds a JSON list, not an object; .*string field 'text'"):
         list(read_documents([array]))
 
 

@@ -17,11 +17,11 @@ from llmkit.errors import LlmkitError
 from llmkit.eval.perplexity import PerplexityResult, file_perplexity, perplexity, sliding_windows
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import shakespeare_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3  # 258 bytes
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 BOS = "<s>"
 
 
@@ -193,7 +193,7 @@ def test_smollm2_perplexity_matches_transformers() -> None:
 
     path = default_model_path()
     tokenizer = load_tokenizer(path)
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:8000]
+    text = shakespeare_text()[:8000]
     ids = tokenizer.encode(text)[:2048]
     assert len(ids) == 2048
     result = perplexity(load_model(path), tokenizer, text, window=512, stride=512, batch_size=2, max_tokens=2048)

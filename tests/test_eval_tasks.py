@@ -28,7 +28,7 @@ from llmkit.eval.tasks import (
     fewshot_indices,
     load_task,
     random_baseline,
-    read_jsonl,
+    read_task_rows,
     render_prompt,
     row_choices,
     row_references,
@@ -75,11 +75,11 @@ def crafted_scorer(table: dict[str, Score], seen: list):
 # --- JSONL rows and spec files -----------------------------------------------------------------------------
 
 
-def test_read_jsonl_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
+def test_read_task_rows_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
     path = tmp_path / "rows.jsonl.gz"
     with gzip.open(path, "wt") as file:
         file.write('{"a": 1}\n\n{"a": 2}\n')
-    rows = read_jsonl(path)
+    rows = read_task_rows(path)
     assert [(row.fields["a"], row.line) for row in rows] == [(1, 1), (2, 3)]
     assert rows[1].where() == f"{path}, line 3"
 
@@ -92,11 +92,11 @@ def test_read_jsonl_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
         (["", "  "], r"bad.jsonl holds no rows"),
     ],
 )
-def test_read_jsonl_errors_name_file_and_line(tmp_path, lines, message):
+def test_read_task_rows_errors_name_file_and_line(tmp_path, lines, message):
     with pytest.raises(LlmkitError, match=message):
-        read_jsonl(write_jsonl(tmp_path / "bad.jsonl", lines))
+        read_task_rows(write_jsonl(tmp_path / "bad.jsonl", lines))
     with pytest.raises(LlmkitError, match="missing.jsonl does not exist"):
-        read_jsonl(tmp_path / "missing.jsonl")
+        read_task_rows(tmp_path / "missing.jsonl")
 
 
 def test_load_task_from_yaml_and_json_reads_data_beside_the_spec(tmp_path):
