@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from llmkit.checkpoints import load_tokenizer
 from llmkit.commands.prepare import prepare_data
 from llmkit.data.prepare import (
     MANIFEST,
@@ -221,7 +222,7 @@ def test_prepare_data_trains_and_reuses_its_tokenizer(tmp_path: Path, capsys: py
     assert "trained a 290-token byte-level BPE tokenizer" in out and "train" in out and "val" in out
     manifest = load_manifest(output)
     assert manifest["tokenizer"]["path"] == TOKENIZER_DIR and manifest["vocab_size"] == 290
-    tokenizer = Tokenizer.load(manifest_tokenizer_path(output, manifest))
+    tokenizer = load_tokenizer(manifest_tokenizer_path(output, manifest))
     tokens = np.concatenate([_split_tokens(output, manifest, "train"), _split_tokens(output, manifest, "val")])
     assert tokenizer.decode(tokens) == corpus.read_text(encoding="utf-8") + EOS_TEXT
 
@@ -245,7 +246,7 @@ def test_prepare_data_defaults_to_builtin_shakespeare(tmp_path: Path) -> None:
     assert manifest["inputs"][0]["path"] == str(BUILTIN_CORPUS) and manifest["split_mode"] == "tail"
     train, val = manifest["splits"]["train"]["n_tokens"], manifest["splits"]["val"]["n_tokens"]
     assert val == round((train + val) * 0.1)
-    tokenizer = Tokenizer.load(tmp_path / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(tmp_path / TOKENIZER_DIR)
     assert tokenizer.decode(_split_tokens(tmp_path, manifest, "val"))[-len(EOS_TEXT) - 20 :] == (
         BUILTIN_CORPUS.read_text()[-20:] + EOS_TEXT
     )
