@@ -7,17 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.eval.perplexity import PerplexityResult, file_perplexity, perplexity, sliding_windows
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
-from tests.helpers import shakespeare_text
+from tests.helpers import byte_tokenizer, shakespeare_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,19 +21,9 @@ TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen
 BOS = "<s>"
 
 
-def byte_tokenizer(add_bos: bool = False) -> Tokenizer:
-    """GPT-2 byte-level tokens with no merges (id = byte value, one token per byte) and BOS = id 256."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(BOS, special=True)])
-    return Tokenizer(backend, bos_id=backend.token_to_id(BOS), add_bos=add_bos)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return byte_tokenizer()
+    return byte_tokenizer((BOS,), bos_id=256)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +106,7 @@ def test_bits_per_byte_and_byte_perplexity(model: Decoder, tokenizer: Tokenizer)
 
 
 def test_bos_tokenizer_scores_every_text_byte(model: Decoder) -> None:
-    tokenizer = byte_tokenizer(add_bos=True)
+    tokenizer = byte_tokenizer((BOS,), bos_id=256, add_bos=True)
     text = TEXT[:50]
     result = perplexity(model, tokenizer, text, window=64)
     assert result.n_tokens == result.n_bytes == 50  # BOS is the unscored first token
