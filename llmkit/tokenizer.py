@@ -92,14 +92,6 @@ class Tokenizer:
     # ---- loading -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a .gguf file or a Hugging Face directory with tokenizer.json."""
-        path = Path(path)
-        if path.is_dir():
-            return cls.from_dir(path)
-        return cls.from_gguf(path)
-
-    @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """Build the tokenizer a GGUF file describes (byte-level BPE, 'gpt2' model) as llama.cpp would."""
         path = _existing(path)

@@ -4,18 +4,8 @@ import pytest
 import torch
 
 from llmkit.checkpoints import default_model_path, load_model
-from llmkit.cli import COMMANDS, main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
+from llmkit.cli import COMMANDS
+from tests.helpers import run_cli
 
 VERBS = sorted([f"{group} {name}" for group, verbs in COMMANDS.items() if isinstance(verbs, dict) for name in verbs]
                + [verb for verb, function in COMMANDS.items() if not isinstance(function, dict)])

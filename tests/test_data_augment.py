@@ -7,7 +7,6 @@ import gzip
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,8 @@ from llmkit.data.augment import (
     synonym_table,
 )
 from llmkit.errors import LlmkitError
+from tests.helpers import shakespeare_text
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 N_WORDS = 20_000
 # With n = 20,000 independent draws at p = 0.1 the share's standard deviation is sqrt(p(1-p)/n) = 0.0021:
 # 0.01 is almost 5 standard deviations, while a wrong rule (a rate per letter, a rate applied twice) misses it.
@@ -34,7 +33,7 @@ RATE, SHARE_TOLERANCE = 0.1, 0.01
 @pytest.fixture(scope="module")
 def large_text() -> str:
     """The first 20,000 words of Tiny Shakespeare, its line breaks kept."""
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare_text()
     end = [match.end() for match in re.finditer(r"\S+", text)][N_WORDS - 1]
     return text[:end]
 
@@ -139,7 +138,7 @@ def test_augment_verb_writes_originals_and_seeded_copies(tmp_path, capsys):
 def test_augment_verb_errors_name_the_file_line_and_field(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"text": "fine"}\n{"body": "no text field"}\n', encoding="utf-8")
-    with pytest.raises(LlmkitError, match=r"in.jsonl, line 2: no text field 'text' \(fields: body\); pass --text_field"):
+    with pytest.raises(LlmkitError, match=r"in.jsonl, line 2: no string field 'text' \(fields: body\); pass --text_field"):
         augment([str(source)], str(tmp_path / "out.jsonl"))
     with pytest.raises(LlmkitError, match="must end with .jsonl or .jsonl.gz"):
         augment([str(source)], str(tmp_path / "out.csv"))

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,7 @@ from llmkit.data.dedup import (
 from llmkit.data.filter import EXACT_DUPLICATE, NEAR_DUPLICATE, DocumentFilter, filter_documents
 from llmkit.data.quality import QualityRules
 from llmkit.errors import LlmkitError
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from tests.helpers import shakespeare_text
 
 GOOD_A = (
     "The old library at the edge of town opened its doors again this spring after a long renovation. Volunteers "
@@ -40,7 +38,7 @@ JUNK = "BUY NOW!!! cheap pills $$$ click here >>> http://spam.example"
 
 @pytest.fixture(scope="module")
 def shakespeare_words() -> list[str]:
-    return SHAKESPEARE.read_text(encoding="utf-8").split()
+    return shakespeare_text().split()
 
 
 def chunk(words: list[str], index: int, size: int = 300) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from llmkit.checkpoints import load_tokenizer
 from llmkit.commands.prepare import prepare_data
 from llmkit.data.prepare import (
     MANIFEST,
@@ -24,6 +25,7 @@ from llmkit.data.sources import BUILTIN_CORPUS
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import write_jsonl
 
 EOS_TEXT = "<|endoftext|>"
 BOOK = [f"Chapter {index}. The fox ran {'far ' * index}and the dog slept; Ünïcödé {index} 🤖." for index in range(5)]
@@ -34,11 +36,6 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "corpus.txt"
     path.write_text("\n".join(BOOK) * 10, encoding="utf-8")
     return train_tokenizer([path], vocab_size=300, show_progress=False)
-
-
-def _write_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
-    return path
 
 
 def _split_tokens(directory: Path, manifest: dict, split: str) -> np.ndarray:
@@ -75,7 +72,7 @@ def test_shards_hold_the_documents_joined_with_eos(tokenizer: Tokenizer, tmp_pat
 
 def test_many_documents_are_split_whole_by_a_seeded_hash(tokenizer: Tokenizer, tmp_path: Path) -> None:
     texts = [f"document {index}: the fox {'ran ' * (index % 7)}home" for index in range(60)]
-    corpus = _write_jsonl(tmp_path / "docs.jsonl", texts)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": text} for text in texts])
     manifest = prepare([corpus], tmp_path / "a", tokenizer, val_fraction=0.2, shard_tokens=100, batch_documents=7,
                        show_progress=False)
     assert manifest["split_mode"] == "documents"
@@ -96,7 +93,7 @@ def test_many_documents_are_split_whole_by_a_seeded_hash(tokenizer: Tokenizer, t
 
 
 def test_document_split_never_leaves_validation_empty(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    corpus = _write_jsonl(tmp_path / "docs.jsonl", [f"doc {index}" for index in range(20)])
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"doc {index}"} for index in range(20)])
     manifest = prepare([corpus], tmp_path / "out", tokenizer, val_fraction=1e-9, show_progress=False)
     assert manifest["splits"]["val"]["n_documents"] == 1  # the hash picked none: the last document goes there
     assert tokenizer.decode(_split_tokens(tmp_path / "out", manifest, "val")) == "doc 19" + EOS_TEXT
@@ -112,7 +109,7 @@ def test_no_validation_split(tokenizer: Tokenizer, tmp_path: Path) -> None:
 
 
 def test_rerun_is_a_no_op_and_changes_rebuild(tokenizer: Tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    corpus = _write_jsonl(tmp_path / "docs.jsonl", [f"the fox {index}" for index in range(30)])
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"the fox {index}"} for index in range(30)])
     output = tmp_path / "out"
     first = prepare([corpus], output, tokenizer, shard_tokens=50, show_progress=False)
     before = _mtimes(output)
@@ -126,7 +123,7 @@ def test_rerun_is_a_no_op_and_changes_rebuild(tokenizer: Tokenizer, tmp_path: Pa
     assert {path.name for path in output.glob("*.bin")} == names  # the old manifest's extra shards are gone
     assert len(names) < len(before) - 1
 
-    _write_jsonl(corpus, [f"the dog {index}" for index in range(30)])  # same size, new content: rebuilt
+    write_jsonl(corpus, [{"text": f"the dog {index}"} for index in range(30)])  # same size, new content: rebuilt
     changed = prepare([corpus], output, tokenizer, shard_tokens=500, show_progress=False)
     assert changed["inputs"][0]["sha256"] != fewer["inputs"][0]["sha256"]
     assert "dog" in tokenizer.decode(_split_tokens(output, changed, "train"))
@@ -160,7 +157,7 @@ def test_token_dtype_choice(tmp_path: Path) -> None:
 def test_input_errors(tokenizer: Tokenizer, tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
-    blank = _write_jsonl(tmp_path / "blank.jsonl", ["", ""])
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}] * 2)
     with pytest.raises(LlmkitError, match="the inputs hold no text"):
         prepare([empty, blank], tmp_path / "out", tokenizer, show_progress=False)
     no_eos = Tokenizer(tokenizer.backend, eos_id=None)
@@ -196,7 +193,7 @@ def test_load_manifest_errors(tokenizer: Tokenizer, tmp_path: Path) -> None:
 
 
 def test_interrupted_prepare_leaves_no_manifest(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    good = _write_jsonl(tmp_path / "good.jsonl", [f"the fox {index}" for index in range(40)])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"the fox {index}"} for index in range(40)])
     output = tmp_path / "out"
     prepare([good], output, tokenizer, shard_tokens=20, show_progress=False)
     bad = tmp_path / "bad.jsonl"
@@ -221,7 +218,7 @@ def test_prepare_data_trains_and_reuses_its_tokenizer(tmp_path: Path, capsys: py
     assert "trained a 290-token byte-level BPE tokenizer" in out and "train" in out and "val" in out
     manifest = load_manifest(output)
     assert manifest["tokenizer"]["path"] == TOKENIZER_DIR and manifest["vocab_size"] == 290
-    tokenizer = Tokenizer.load(manifest_tokenizer_path(output, manifest))
+    tokenizer = load_tokenizer(manifest_tokenizer_path(output, manifest))
     tokens = np.concatenate([_split_tokens(output, manifest, "train"), _split_tokens(output, manifest, "val")])
     assert tokenizer.decode(tokens) == corpus.read_text(encoding="utf-8") + EOS_TEXT
 
@@ -248,7 +245,7 @@ def test_prepare_data_defaults_to_builtin_shakespeare(tmp_path: Path) -> None:
     assert manifest["inputs"][0]["path"] == str(BUILTIN_CORPUS) and manifest["split_mode"] == "tail"
     train, val = manifest["splits"]["train"]["n_tokens"], manifest["splits"]["val"]["n_tokens"]
     assert val == round((train + val) * 0.1)
-    tokenizer = Tokenizer.load(tmp_path / TOKENIZER_DIR)
+    tokenizer = load_tokenizer(tmp_path / TOKENIZER_DIR)
     assert tokenizer.decode(_split_tokens(tmp_path, manifest, "val"))[-len(EOS_TEXT) - 20 :] == (
         BUILTIN_CORPUS.read_text()[-20:] + EOS_TEXT
     )

@@ -3,14 +3,12 @@
 import json
 import random
 import time
-from pathlib import Path
 
 import pytest
 
 from llmkit.data.quality import QualityRules, check_document, document_measures, load_quality_rules
 from llmkit.errors import LlmkitError
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+from tests.helpers import shakespeare_text
 
 GOOD = (
     "The old library at the edge of town opened its doors again this spring after a long renovation.\n"
@@ -178,7 +176,7 @@ def test_missing_rules_file():
 
 
 def test_speed_on_tinyshakespeare():
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shakespeare_text()
     documents = [text[i: i + 5000] for i in range(0, len(text), 5000)]
     start = time.perf_counter()
     failed = [check_document(document, QualityRules()) for document in documents]

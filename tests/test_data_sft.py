@@ -6,18 +6,12 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from llmkit.config import Config
 from llmkit.data.batch import IGNORE_INDEX
 from llmkit.data.packing import PAD_DOCUMENT, pack_examples, padded_batch, sft_batches, sft_validation_batches
 from llmkit.data.sft import (
@@ -29,6 +23,7 @@ from llmkit.data.sft import (
     load_sft_records,
     tokenize_records,
 )
+from llmkit.data.shared import shared_data_file
 from llmkit.data.templates import (
     ALPACA_NO_INPUT,
     ALPACA_WITH_INPUT,
@@ -44,11 +39,11 @@ from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.loop import TrainSettings, train
 from llmkit.train.objectives import causal_lm_loss
+from tests.helpers import byte_tokenizer, tiny_decoder, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-CODE_ALPACA = SHARED / "code_alpaca_2k" / "code_alpaca_2k.json.gz"
+CODE_ALPACA = "code_alpaca_2k/code_alpaca_2k.json.gz"  # in the shared data
 BOS, EOS, TURN_START = "<s>", "<|im_end|>", "<|im_start|>"
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -62,37 +57,21 @@ PLAIN = TemplateSet("plain", (PromptTemplate("{instruction}"),))  # prompt = ins
 TOLERANCE = 1e-5
 
 
-def byte_tokenizer(add_bos: bool = True) -> Tokenizer:
-    """GPT-2 byte tokens without merges (id = byte), then BOS 256, <|im_end|> 257 (EOS), <|im_start|> 258."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(token, special=True) for token in (BOS, EOS, TURN_START)])
-    return Tokenizer(backend, bos_id=256, eos_id=257, pad_id=257, add_bos=add_bos, chat_template=CHATML)
+def chatml_tokenizer(add_bos: bool = True) -> Tokenizer:
+    """Byte tokens (id = byte), then BOS 256, <|im_end|> 257 (EOS and pad), <|im_start|> 258; ChatML template."""
+    return byte_tokenizer((BOS, EOS, TURN_START), bos_id=256, eos_id=257, pad_id=257, add_bos=add_bos,
+                          chat_template=CHATML)
 
 
-
-def write_jsonl(path: Path, rows: list, compress: bool = False) -> Path:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if compress:
-        with gzip.open(path, "wt", encoding="utf-8") as file:
-            file.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def tiny_decoder(**fields) -> Decoder:
-    torch.manual_seed(0)
-    config = Config(**{**dict(vocab_size=259, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, max_seq_len=128), **fields})
-    return Decoder(config).eval()
+def sft_decoder(**fields) -> Decoder:
+    """tiny-llama over the chatml_tokenizer's 259 ids."""
+    return tiny_decoder(vocab_size=259, max_seq_len=128, **fields)
 
 
 def examples_of(texts: list[tuple[str, str]], **options) -> list[SFTExample]:
     """Examples of (instruction, output) pairs through the short PLAIN template (one byte, one token)."""
     records = [SFTRecord(output, instruction) for instruction, output in texts]
-    return tokenize_records(records, byte_tokenizer(), PLAIN, **options)[0]
+    return tokenize_records(records, chatml_tokenizer(), PLAIN, **options)[0]
 
 
 # ---- formats and field maps ------------------------------------------------------------------------------------------
@@ -136,8 +115,8 @@ def test_field_map_renames_dialogsum_fields_and_prompt_completion_and_chat_rows(
 
 def test_real_code_alpaca_json_array_has_two_empty_outputs_that_are_reported_or_skipped():
     with pytest.raises(LlmkitError, match=r"code_alpaca_2k.json.gz, record 238: field 'output' is empty"):
-        load_sft_records(CODE_ALPACA)
-    records, report = load_sft_records(CODE_ALPACA, skip_bad_rows=True)
+        load_sft_records(shared_data_file(CODE_ALPACA))
+    records, report = load_sft_records(shared_data_file(CODE_ALPACA), skip_bad_rows=True)
     assert (len(records), report.rows, report.skipped) == (2015, 2017, 2)
     assert "record 238" in report.errors[0] and "record 1860" in report.errors[1]
     assert "2 bad rows skipped" in report.summary()
@@ -157,7 +136,7 @@ def test_builtin_dialogsum_reads_the_shared_splits():
     "line, message",
     [
         ("{not json", r"bad.jsonl, line 2: not valid JSON"),
-        ('["a list"]', r"bad.jsonl, line 2: expected a JSON object per line, found a list"),
+        ('["a list"]', r"bad.jsonl, line 2: holds a JSON list, not an object"),
         ('{"instruction": "x"}', r"bad.jsonl, line 2: no field 'output' \(fields: instruction\); .*FieldMap\(output=...\)"),
         ('{"instruction": "x", "output": 5}', r"line 2: field 'output' holds a int, not text"),
         ('{"output": "y"}', r"line 2: no 'instruction' or 'input' text to prompt with"),
@@ -222,7 +201,7 @@ def test_alpaca_template_with_and_without_input_and_its_errors():
 
 
 def test_chat_template_prompt_and_completion_end_with_one_eos():
-    tokenizer = byte_tokenizer(add_bos=False)
+    tokenizer = chatml_tokenizer(add_bos=False)
     record = SFTRecord("Hello.", messages=({"role": "user", "content": "Hi"},))
     prompt, completion = render(record, "chat", tokenizer=tokenizer)
     assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -237,7 +216,7 @@ def test_chat_template_prompt_and_completion_end_with_one_eos():
 
 
 def test_labels_ignore_the_prompt_and_the_completion_ends_with_eos():
-    tokenizer = byte_tokenizer()
+    tokenizer = chatml_tokenizer()
     [example], report = tokenize_records([SFTRecord("5", "Add.", "2 and 3")], tokenizer)
     prompt = render_prompt(SFTRecord("5", "Add.", "2 and 3"), "alpaca")
     n_prompt = 1 + len(prompt.encode())  # BOS + one token per byte
@@ -251,7 +230,7 @@ def test_labels_ignore_the_prompt_and_the_completion_ends_with_eos():
 def test_left_truncation_keeps_bos_and_completion_and_counts_and_drop_mode_drops():
     texts = [("short", "ok"), ("a much longer instruction " * 4, "the whole answer"), ("x", "y" * 80)]
     records = [SFTRecord(output, instruction) for instruction, output in texts]
-    examples, report = tokenize_records(records, byte_tokenizer(), PLAIN, max_length=60)
+    examples, report = tokenize_records(records, chatml_tokenizer(), PLAIN, max_length=60)
     assert (report.truncated, report.dropped, report.examples) == (1, 1, 2)  # "y" * 80 + EOS cannot fit at all
     assert examples[0].input_ids == [256, *b"short", *RESPONSE_DELIMITER.encode(), *b"ok", 257]
     long = examples[1].input_ids
@@ -259,17 +238,17 @@ def test_left_truncation_keeps_bos_and_completion_and_counts_and_drop_mode_drops
     assert bytes(long[1:-17]).decode() == ("a much longer instruction " * 4)[-26:] + RESPONSE_DELIMITER
     assert bytes(long[-17:-1]).decode() == "the whole answer" and long[-1] == 257  # the completion is whole
     assert examples[1].labels.count(IGNORE_INDEX) == 60 - 17
-    _, report = tokenize_records(records, byte_tokenizer(), PLAIN, max_length=60, truncation="drop")
+    _, report = tokenize_records(records, chatml_tokenizer(), PLAIN, max_length=60, truncation="drop")
     assert (report.truncated, report.dropped, report.examples) == (0, 2, 1)
     with pytest.raises(LlmkitError, match="no example is left of 1 records"):
-        tokenize_records(records[2:], byte_tokenizer(), PLAIN, max_length=60)
+        tokenize_records(records[2:], chatml_tokenizer(), PLAIN, max_length=60)
 
 
 def test_load_sft_dataset_end_to_end_with_skips_in_rendering(tmp_path):
     rows = [ALPACA_ROWS[0], {"input": "no instruction here", "output": "o"}]
     with pytest.raises(LlmkitError, match=r"d.jsonl, line 2: field 'instruction' is empty"):
-        load_sft_dataset(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer())
-    examples, report = load_sft_dataset(tmp_path / "d.jsonl", byte_tokenizer(), skip_bad_rows=True)
+        load_sft_dataset(write_jsonl(tmp_path / "d.jsonl", rows), chatml_tokenizer())
+    examples, report = load_sft_dataset(tmp_path / "d.jsonl", chatml_tokenizer(), skip_bad_rows=True)
     assert len(examples) == 1 and report.skipped == 1 and report.rows == 2
 
 
@@ -292,7 +271,7 @@ class NoisyPromptLogits(torch.nn.Module):
 def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():
     examples = examples_of([("Add the numbers 2 and 3.", "5"), ("Name a colour.", "Blue.")])
     batch = padded_batch(examples)
-    model = tiny_decoder()
+    model = sft_decoder()
     loss = causal_lm_loss(model, batch)
     with torch.no_grad():
         log_probs = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
@@ -328,7 +307,7 @@ def test_packed_row_logits_equal_each_example_run_alone(variant):
     source = sft_batches(examples, batch_size=1, packing=True, max_length=128)
     assert len(source) == 1
     batch = source.collate(source.rows)
-    model = tiny_decoder(**variant)
+    model = sft_decoder(**variant)
     with torch.no_grad():
         packed = model(batch["input_ids"], document_ids=batch["document_ids"])
         alone = torch.cat([model(torch.tensor([example.input_ids]))[0] for example in examples])
@@ -344,7 +323,7 @@ def test_packing_fills_rows_greedily_in_order_and_document_ids_refuse_a_cache():
     assert pack_examples(examples, 9) == [[0, 1], [2, 3], [4]]
     with pytest.raises(LlmkitError, match="example 3 has 6 tokens, more than max_length=5"):
         pack_examples(examples, 5)
-    model = tiny_decoder()
+    model = sft_decoder()
     with pytest.raises(LlmkitError, match="document_ids must be .* without a KV cache"):
         model(torch.ones(1, 3, dtype=torch.long), cache=model.new_cache(1, 8), document_ids=torch.zeros(1, 3))
 
@@ -374,7 +353,7 @@ def test_training_loop_runs_on_packed_sft_batches(tmp_path):
     source = sft_batches(examples, batch_size=2, packing=True, max_length=64)
     settings = TrainSettings(max_steps=12, batch_size=2, warmup_steps=1, eval_every=0, log_every=1,
                              checkpoint_every=100, lr=3e-3, device="cpu")
-    model = tiny_decoder().train()
+    model = sft_decoder().train()
     result = train(model, causal_lm_loss, source, settings, tmp_path)
     assert result.steps == 12 and result.losses[-1] < result.losses[0]
 

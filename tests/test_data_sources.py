@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,19 +11,10 @@ import pytest
 
 from llmkit.data.sources import BUILTIN_CORPUS, builtin_corpus_path, expand_inputs, fingerprint_inputs, read_documents
 from llmkit.errors import LlmkitError
+from tests.helpers import write_jsonl
 
 UPSTREAM_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # char-rnn input.txt
 DOCUMENTS = ["First document.\nWith two lines.", "Ünïcödé 日本語 🤖", "third\n\n\nhas separators inside", "  spaces  "]
-
-
-def _write_jsonl(path: Path, records: list, compress: bool = False) -> Path:
-    text = "".join(json.dumps(record) + "\n" for record in records)
-    if compress:
-        with gzip.open(path, "wt", encoding="utf-8") as file:
-            file.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 def test_text_file_is_one_document_or_split_on_separator(tmp_path: Path) -> None:
@@ -41,8 +30,8 @@ def test_text_file_is_one_document_or_split_on_separator(tmp_path: Path) -> None
 
 def test_jsonl_plain_and_gzip_with_text_field(tmp_path: Path) -> None:
     records = [{"content": text, "id": index} for index, text in enumerate(DOCUMENTS)]
-    plain = _write_jsonl(tmp_path / "a.jsonl", records)
-    compressed = _write_jsonl(tmp_path / "b.jsonl.gz", records, compress=True)
+    plain = write_jsonl(tmp_path / "a.jsonl", records)
+    compressed = write_jsonl(tmp_path / "b.jsonl.gz", records, compress=True)
     assert list(read_documents([plain], text_field="content")) == DOCUMENTS
     assert list(read_documents([compressed, plain], text_field="content")) == DOCUMENTS + DOCUMENTS
 
@@ -59,7 +48,7 @@ def test_folder_expands_to_supported_files_sorted(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("bee", encoding="utf-8")
     (tmp_path / "a.txt").write_text("ay", encoding="utf-8")
-    _write_jsonl(tmp_path / "sub" / "c.jsonl", [{"text": "sea"}])
+    write_jsonl(tmp_path / "sub" / "c.jsonl", [{"text": "sea"}])
     (tmp_path / "image.png").write_bytes(b"\x89PNG")  # unsupported: skipped inside a folder
     (tmp_path / ".hidden.txt").write_text("skip me", encoding="utf-8")  # hidden: skipped (temp files, .git)
     assert [path.name for path in expand_inputs([tmp_path])] == ["a.txt", "b.txt", "c.jsonl"]
@@ -76,14 +65,14 @@ def test_malformed_jsonl_line_names_file_line_and_field(tmp_path: Path) -> None:
 
 
 def test_jsonl_missing_or_non_string_field(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path / "fields.jsonl", [{"text": "ok"}, {"body": "no text field"}])
+    path = write_jsonl(tmp_path / "fields.jsonl", [{"text": "ok"}, {"body": "no text field"}])
     with pytest.raises(LlmkitError, match=r"fields\.jsonl, line 2: no string field 'text' \(fields: body\).*--text_field"):
         list(read_documents([path]))
-    numbers = _write_jsonl(tmp_path / "numbers.jsonl", [{"text": 7}])
-    with pytest.raises(LlmkitError, match=r"numbers\.jsonl, line 1: no string field 'text'"):
+    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"text": 7}])
+    with pytest.raises(LlmkitError, match=r"numbers\.jsonl, line 1: field 'text' holds a int, not a string; pass --text"):
         list(read_documents([numbers]))
-    array = _write_jsonl(tmp_path / "array.jsonl", [["text"]])
-    with pytest.raises(LlmkitError, match=r"array\.jsonl, line 1: no string field 'text' \(a list\)"):
+    array = write_jsonl(tmp_path / "array.jsonl", [["text"]])
+    with pytest.raises(LlmkitError, match=r"array\.jsonl, line 1: holds a JSON list, not an object; .*string field 'text'"):
         list(read_documents([array]))
 
 

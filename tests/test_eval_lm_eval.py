@@ -12,10 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from lm_eval.api.instance import Instance
-from tokenizers import AddedToken, decoders, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
@@ -26,6 +22,7 @@ from llmkit.eval.scoring import continuation_logprobs, rolling_loglikelihood
 from llmkit.generate import SamplingSettings, generate, generate_tokens
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import byte_tokenizer
 
 EOS = "<|endoftext|>"
 TASK_NAME = "llmkit_tiny_mc"
@@ -40,16 +37,6 @@ MC_ROWS = [
 ]
 GEN_ROWS = [{"prompt": "Once upon a time"}, {"prompt": "Q: hello\nA:"}, {"prompt": "abc"}]
 CONTEXT = "Question: {{question}}\nAnswer:"
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level tokens with no merges (id = byte value) plus <|endoftext|> = 256 as EOS."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(EOS, special=True)])
-    return Tokenizer(backend, eos_id=256)
-
-
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path_factory):
     """No hub access anywhere, and datasets' cache kept out of the home directory."""
@@ -63,7 +50,7 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = Decoder(Config.from_name("tiny-llama", vocab_size=257)).eval()
     path = tmp_path_factory.mktemp("tiny-model")
-    save_model(model, path, byte_tokenizer())
+    save_model(model, path, byte_tokenizer((EOS,), eos_id=256))
     return path
 
 

@@ -7,37 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.eval.perplexity import PerplexityResult, file_perplexity, perplexity, sliding_windows
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import byte_tokenizer, shakespeare_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3  # 258 bytes
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 BOS = "<s>"
-
-
-def byte_tokenizer(add_bos: bool = False) -> Tokenizer:
-    """GPT-2 byte-level tokens with no merges (id = byte value, one token per byte) and BOS = id 256."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(BOS, special=True)])
-    return Tokenizer(backend, bos_id=backend.token_to_id(BOS), add_bos=add_bos)
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return byte_tokenizer()
+    return byte_tokenizer((BOS,), bos_id=256)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +106,7 @@ def test_bits_per_byte_and_byte_perplexity(model: Decoder, tokenizer: Tokenizer)
 
 
 def test_bos_tokenizer_scores_every_text_byte(model: Decoder) -> None:
-    tokenizer = byte_tokenizer(add_bos=True)
+    tokenizer = byte_tokenizer((BOS,), bos_id=256, add_bos=True)
     text = TEXT[:50]
     result = perplexity(model, tokenizer, text, window=64)
     assert result.n_tokens == result.n_bytes == 50  # BOS is the unscored first token
@@ -193,7 +179,7 @@ def test_smollm2_perplexity_matches_transformers() -> None:
 
     path = default_model_path()
     tokenizer = load_tokenizer(path)
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:8000]
+    text = shakespeare_text()[:8000]
     ids = tokenizer.encode(text)[:2048]
     assert len(ids) == 2048
     result = perplexity(load_model(path), tokenizer, text, window=512, stride=512, batch_size=2, max_tokens=2048)

@@ -7,10 +7,6 @@ import json
 import matplotlib.image
 import pytest
 import torch
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, pre_tokenizers
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from llmkit import Config, LlmkitError
 from llmkit.checkpoints import save_model
@@ -18,7 +14,7 @@ from llmkit.commands.evaluate import evaluate, load_tasks, model_labels
 from llmkit.eval.report import aggregate, comparison_table, markdown_report, rescale, write_report
 from llmkit.eval.runner import TaskResult
 from llmkit.models.decoder import Decoder
-from llmkit.tokenizer import Tokenizer
+from tests.helpers import byte_tokenizer
 
 
 def result(name: str, category: str, score: float, baseline: float) -> TaskResult:
@@ -115,19 +111,10 @@ def test_load_tasks_errors():
 # --- the evaluate verb ----------------------------------------------------------------------------------------
 
 
-def byte_tokenizer() -> Tokenizer:
-    """GPT-2 byte-level tokens with no merges (id = byte value); EOS is id 0."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend, eos_id=0)
-
-
 def test_evaluate_compares_two_models_and_writes_report_and_prompts(tmp_path, capsys):
     for seed in (0, 1):
         torch.manual_seed(seed)
-        save_model(Decoder(Config.from_name("tiny-llama")), tmp_path / f"model{seed}", tokenizer=byte_tokenizer())
+        save_model(Decoder(Config.from_name("tiny-llama")), tmp_path / f"model{seed}", tokenizer=byte_tokenizer(eos_id=0))
     rows = [{"q": f"Is {n} even?", "label": int(n % 2 == 0), "answer": str(n % 2 == 0)} for n in range(6)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "even.yaml").write_text("name: even\nkind: multiple_choice\nprompt: '{{ q }}'\nchoices: \"['no', 'yes']\"\n"

@@ -9,12 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, pre_tokenizers
-from tokenizers.models import BPE
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from llmkit import Config, LlmkitError
+from llmkit import LlmkitError
 from llmkit.data.shared import DATA_ENV
 from llmkit.eval.builtin import BUILTIN_TASKS, load_builtin
 from llmkit.eval.perplexity import perplexity
@@ -28,19 +24,13 @@ from llmkit.eval.tasks import (
     fewshot_indices,
     load_task,
     random_baseline,
-    read_jsonl,
+    read_task_rows,
     render_prompt,
     row_choices,
     row_references,
 )
 from llmkit.generate import generate
-from llmkit.models.decoder import Decoder
-from llmkit.tokenizer import Tokenizer
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
-    return str(path)
+from tests.helpers import byte_tokenizer, tiny_decoder, write_jsonl
 
 
 def make_task(rows, fewshot_rows=None, **spec) -> Task:
@@ -75,11 +65,11 @@ def crafted_scorer(table: dict[str, Score], seen: list):
 # --- JSONL rows and spec files -----------------------------------------------------------------------------
 
 
-def test_read_jsonl_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
+def test_read_task_rows_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
     path = tmp_path / "rows.jsonl.gz"
     with gzip.open(path, "wt") as file:
         file.write('{"a": 1}\n\n{"a": 2}\n')
-    rows = read_jsonl(path)
+    rows = read_task_rows(path)
     assert [(row.fields["a"], row.line) for row in rows] == [(1, 1), (2, 3)]
     assert rows[1].where() == f"{path}, line 3"
 
@@ -92,11 +82,11 @@ def test_read_jsonl_reads_objects_with_their_line_numbers_and_gzip(tmp_path):
         (["", "  "], r"bad.jsonl holds no rows"),
     ],
 )
-def test_read_jsonl_errors_name_file_and_line(tmp_path, lines, message):
+def test_read_task_rows_errors_name_file_and_line(tmp_path, lines, message):
     with pytest.raises(LlmkitError, match=message):
-        read_jsonl(write_jsonl(tmp_path / "bad.jsonl", lines))
+        read_task_rows(write_jsonl(tmp_path / "bad.jsonl", lines))
     with pytest.raises(LlmkitError, match="missing.jsonl does not exist"):
-        read_jsonl(tmp_path / "missing.jsonl")
+        read_task_rows(tmp_path / "missing.jsonl")
 
 
 def test_load_task_from_yaml_and_json_reads_data_beside_the_spec(tmp_path):
@@ -314,20 +304,9 @@ def test_run_task_rejects_bad_limits():
 # --- the real scorer and generator, on a tiny random model ---------------------------------------------------
 
 
-def byte_tokenizer() -> Tokenizer:
-    """GPT-2 byte-level tokens with no merges: id = byte value, so text splits into tokens the same way however
-    it is cut into context and continuation. EOS is id 0."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend, eos_id=0)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return Decoder(Config.from_name("tiny-llama")).eval(), byte_tokenizer()
+    return tiny_decoder(), byte_tokenizer(eos_id=0)
 
 
 def continuation_logprob_by_hand(model, tokenizer, context: str, continuation: str) -> float:

@@ -4,11 +4,7 @@ stop ids / stop strings / streaming / context errors behave."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, pre_tokenizers
-from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -17,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from llmkit import Config, LlmkitError
+from llmkit import LlmkitError
 from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
 from llmkit.checkpoints.hf import to_hf_state_dict
 from llmkit.checkpoints.hf_config import LLAMA
@@ -35,12 +31,7 @@ from llmkit.generate import (
     stream,
 )
 from llmkit.models.decoder import Decoder
-from llmkit.tokenizer import Tokenizer
-
-
-def tiny_model(preset: str = "tiny-llama", seed: int = 0, **overrides) -> Decoder:
-    torch.manual_seed(seed)
-    return Decoder(Config.from_name(preset, **overrides)).eval()
+from tests.helpers import byte_tokenizer, tiny_decoder
 
 
 def hf_llama_copy(model: Decoder) -> LlamaForCausalLM:
@@ -91,16 +82,6 @@ class CharTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return "".join(self.alphabet[i - 1] for i in ids if i != 0)
-
-
-def byte_tokenizer() -> Tokenizer:
-    """llmkit's Tokenizer over GPT-2 byte-level tokens with no merges: id = byte value, so a 2-byte character
-    is two tokens. EOS is id 0 (the NUL byte)."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend, eos_id=0)
 
 
 # --- processors against transformers' LogitsProcessors ------------------------------------------------
@@ -179,7 +160,7 @@ def test_greedy_is_argmax_and_ignores_sampling_filters():
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
 def test_greedy_equals_naive_full_forward_loop(preset):
-    model = tiny_model(preset)
+    model = tiny_decoder(preset)
     prompt = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(1)).tolist()
     ours = column(run(model, prompt, 24))
     ids = torch.tensor([prompt])
@@ -191,7 +172,7 @@ def test_greedy_equals_naive_full_forward_loop(preset):
 
 
 def test_greedy_equals_transformers_generate():
-    model = tiny_model(seed=2)
+    model = tiny_decoder(seed=2)
     hf = hf_llama_copy(model)
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
     expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False)
@@ -199,7 +180,7 @@ def test_greedy_equals_transformers_generate():
 
 
 def test_greedy_with_repetition_penalty_equals_transformers_generate():
-    model = tiny_model(seed=3)
+    model = tiny_decoder(seed=3)
     hf = hf_llama_copy(model)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
     expected = hf.generate(
@@ -212,7 +193,7 @@ def test_greedy_with_repetition_penalty_equals_transformers_generate():
 
 def test_sampling_equals_transformers_generate_under_the_same_global_seed():
     """With seed=None both draw from torch's global generator with identical probabilities."""
-    model = tiny_model(seed=4)
+    model = tiny_decoder(seed=4)
     hf = hf_llama_copy(model)
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
     torch.manual_seed(123)
@@ -231,7 +212,7 @@ def test_sampling_equals_transformers_generate_under_the_same_global_seed():
 
 
 def test_seed_reproducibility():
-    model = tiny_model()
+    model = tiny_decoder()
     prompt = [5, 17, 99, 3]
     hot = dict(temperature=2.0)
     first = column(run(model, prompt, 30, SamplingSettings(**hot, seed=7)))
@@ -244,7 +225,7 @@ def test_seed_reproducibility():
 
 
 def test_batch_with_left_padding_equals_each_prompt_alone():
-    model = tiny_model(seed=5)
+    model = tiny_decoder(seed=5)
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (3, 12, 7)]
     batch = run(model, prompts, 20)
@@ -253,7 +234,7 @@ def test_batch_with_left_padding_equals_each_prompt_alone():
 
 
 def test_stop_ids_finish_rows_and_end_the_loop():
-    model = tiny_model(seed=6)
+    model = tiny_decoder(seed=6)
     prompts = [[1, 2, 3], [40, 50, 60, 70]]
     free = run(model, prompts, 12)
     stop = free[4][0]  # row 0's fifth token
@@ -268,7 +249,7 @@ def test_stop_ids_finish_rows_and_end_the_loop():
 
 
 def test_generate_decodes_only_new_tokens_and_stops_at_eos():
-    model = tiny_model(seed=7)
+    model = tiny_decoder(seed=7)
     settings = SamplingSettings(temperature=1.0, seed=3)
     free_ids = column(run(model, CharTokenizer().encode("Hello"), 16, settings))
     text = generate(model, CharTokenizer(eos_id=255), "Hello", max_new_tokens=16, settings=settings)
@@ -281,7 +262,7 @@ def test_generate_decodes_only_new_tokens_and_stops_at_eos():
 
 
 def test_generate_batch_equals_single_prompts():
-    model = tiny_model(seed=8)
+    model = tiny_decoder(seed=8)
     tokenizer = CharTokenizer(eos_id=255)
     prompts = ["a", "What is it?", "Привет"]
     batch = generate(model, tokenizer, prompts, max_new_tokens=10)
@@ -289,7 +270,7 @@ def test_generate_batch_equals_single_prompts():
 
 
 def test_stop_strings_cut_the_output_and_streaming_matches():
-    model = tiny_model(seed=9)
+    model = tiny_decoder(seed=9)
     tokenizer = CharTokenizer(eos_id=255)
     settings = SamplingSettings(temperature=1.0, seed=5)
     full = generate(model, tokenizer, "Once", max_new_tokens=40, settings=settings)
@@ -309,7 +290,7 @@ def test_stop_strings_cut_the_output_and_streaming_matches():
 
 
 def test_streaming_stops_at_eos():
-    model = tiny_model(seed=10)
+    model = tiny_decoder(seed=10)
     settings = SamplingSettings(temperature=1.0, seed=2)
     free_ids = column(run(model, CharTokenizer().encode("Hi"), 20, settings))
     tokenizer = CharTokenizer(eos_id=free_ids[9])
@@ -317,8 +298,8 @@ def test_streaming_stops_at_eos():
 
 
 def test_streaming_with_byte_level_tokenizer_never_splits_a_character():
-    model = tiny_model(seed=1)
-    tokenizer = byte_tokenizer()
+    model = tiny_decoder(seed=1)
+    tokenizer = byte_tokenizer(eos_id=0)
     assert tokenizer.encode("é") == [0xC3, 0xA9]
     for seed in range(3):
         settings = SamplingSettings(temperature=1.0, seed=seed)
@@ -361,7 +342,7 @@ def test_smollm2_chat_reply_stops_at_end_of_turn():
 
 
 def test_over_long_prompt_names_counts_and_fix():
-    model = tiny_model()  # tiny-llama: context 256
+    model = tiny_decoder()  # tiny-llama: context 256
     with pytest.raises(
         LlmkitError,
         match=r"prompt has 250 tokens; tiny-llama's context is 256 with 10 new tokens: "
@@ -374,7 +355,7 @@ def test_over_long_prompt_names_counts_and_fix():
 
 
 def test_truncate_prompt_keeps_the_last_tokens():
-    model = tiny_model(seed=11)
+    model = tiny_decoder(seed=11)
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(11)).tolist()
     truncated = list(generate_tokens(model, prompt, 16, truncate_prompt=True))
     assert column(truncated) == column(run(model, prompt[-240:], 16))  # 256 context - 16 new tokens
@@ -400,7 +381,7 @@ def test_truncate_prompt_keeps_the_last_tokens():
 )
 def test_bad_generation_input(call, message):
     with pytest.raises(LlmkitError, match=message):
-        call(tiny_model())
+        call(tiny_decoder())
 
 
 @pytest.mark.parametrize(

@@ -9,23 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit import Config
 from llmkit.errors import LlmkitError
-from llmkit.models.decoder import Decoder
 from llmkit.peft.core import count_parameters, load_trained_tensors, read_adapter, save_adapter, trainable_state_dict
 from llmkit.peft.lora import LoraLinear, LoraSettings, apply_lora, merge_lora
 from llmkit.peft.qlora import QLoraSettings, apply_qlora
 from llmkit.quant.nf4 import NF4Linear, nf4_memory_report
+from tests.helpers import tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # fp32 on both sides with the same numbers: only the summation order differs (~1e-6 on logits of size ~1), while a
 # missing adapter, a wrong scale or an undequantised weight moves them by 1e-2 or more.
 TOLERANCE = 1e-5
-
-
-def make_model(seed: int = 0) -> Decoder:
-    torch.manual_seed(seed)
-    return Decoder(Config.from_name("tiny-llama")).eval()
 
 
 def randomize_adapters(model: torch.nn.Module) -> None:
@@ -37,7 +31,7 @@ def randomize_adapters(model: torch.nn.Module) -> None:
 
 
 def test_qlora_equals_lora_on_the_dequantised_weights():
-    model = make_model()
+    model = tiny_decoder()
     plain = copy.deepcopy(model)
     settings = QLoraSettings(rank=4, alpha=8.0)
     apply_qlora(model, settings)
@@ -59,7 +53,7 @@ def test_qlora_equals_lora_on_the_dequantised_weights():
 
 
 def test_only_the_adapters_get_gradients():
-    model = apply_qlora(make_model(), QLoraSettings(rank=4, targets=("q_proj", "v_proj")))
+    model = apply_qlora(tiny_decoder(), QLoraSettings(rank=4, targets=("q_proj", "v_proj")))
     randomize_adapters(model)
     codes_before = {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("weight_codes")}
     ids = torch.randint(0, 256, (2, 12))
@@ -81,8 +75,8 @@ def test_only_the_adapters_get_gradients():
 
 
 def test_bfloat16_compute_is_close_to_float32():
-    fp32 = apply_qlora(make_model(), QLoraSettings(rank=4))
-    bf16 = apply_qlora(make_model(), QLoraSettings(rank=4, compute_dtype="bfloat16"))
+    fp32 = apply_qlora(tiny_decoder(), QLoraSettings(rank=4))
+    bf16 = apply_qlora(tiny_decoder(), QLoraSettings(rank=4, compute_dtype="bfloat16"))
     randomize_adapters(fp32)
     load_trained_tensors(bf16, trainable_state_dict(fp32), "the fp32 QLoRA model")
     ids = torch.randint(0, 256, (1, 16))
@@ -94,14 +88,14 @@ def test_bfloat16_compute_is_close_to_float32():
 
 def test_adapter_round_trip_holds_only_lora_tensors(tmp_path):
     settings = QLoraSettings(rank=4, alpha=4.0, compute_dtype="float32")
-    model = apply_qlora(make_model(), settings)
+    model = apply_qlora(tiny_decoder(), settings)
     randomize_adapters(model)
     save_adapter(model, tmp_path, "qlora", settings)
     method, saved_settings, tensors = read_adapter(tmp_path)
     assert method == "qlora" and all(".lora_A." in name or ".lora_B." in name for name in tensors)
     assert len(tensors) == 2 * 2 * 7
     assert QLoraSettings(**saved_settings) == settings  # JSON lists come back as tuples
-    reloaded = apply_qlora(make_model(), QLoraSettings(**saved_settings))
+    reloaded = apply_qlora(tiny_decoder(), QLoraSettings(**saved_settings))
     load_trained_tensors(reloaded, tensors, tmp_path)
     ids = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
@@ -109,7 +103,7 @@ def test_adapter_round_trip_holds_only_lora_tensors(tmp_path):
 
 
 def test_memory_report_counts_the_nf4_base():
-    model = apply_qlora(make_model(), QLoraSettings(rank=4))
+    model = apply_qlora(tiny_decoder(), QLoraSettings(rank=4))
     report = nf4_memory_report(model)
     assert 4.127 < report["bits_per_quantized_parameter"] < 4.2
     assert report["model_bytes_nf4"] < report["model_bytes_bf16"]
@@ -123,8 +117,8 @@ def test_bad_settings_name_the_fix():
     with pytest.raises(LlmkitError, match="LoRA rank=0 must be a positive integer"):
         QLoraSettings(rank=0)
     with pytest.raises(LlmkitError, match="block_size must be an even integer"):
-        apply_qlora(make_model(), QLoraSettings(block_size=3))
-    model = apply_qlora(make_model(), QLoraSettings())
+        apply_qlora(tiny_decoder(), QLoraSettings(block_size=3))
+    model = apply_qlora(tiny_decoder(), QLoraSettings())
     with pytest.raises(LlmkitError, match="already quantised"):
         apply_qlora(model, QLoraSettings())
     with pytest.raises(LlmkitError, match="merging LoRA needs the float weight of blocks.0.attn.q_proj.*NF4Linear"):

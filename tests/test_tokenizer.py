@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from llmkit.checkpoints import default_model_path
+from llmkit.checkpoints import default_model_path, load_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import (
     LLAMA3_REGEX,
@@ -324,8 +324,10 @@ def test_chat_template_features_match_transformers(tiny_bpe, tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(LlmkitError, match=r"tokenizer not found: .*nothing\.gguf: pass a \.gguf file"):
         Tokenizer.from_gguf(tmp_path / "nothing.gguf")
-    with pytest.raises(LlmkitError, match="tokenizer not found"):
-        Tokenizer.load(tmp_path / "nothing")
+    with pytest.raises(LlmkitError, match=r"tokenizer not found: .*nothing: pass a \.gguf file or a Hugging Face"):
+        Tokenizer.from_dir(tmp_path / "nothing")
+    with pytest.raises(LlmkitError, match=r"nothing does not exist; pass a \.gguf file, a Hugging Face model directory"):
+        load_tokenizer(tmp_path / "nothing")
 
 
 def test_garbage_gguf(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from llmkit.checkpoints import load_tokenizer
 from llmkit.commands.tokenizer import tokenizer_train
 from llmkit.data.tokenizer_train import TRAINING_RECORD_FILE, train_tokenizer
 from llmkit.errors import LlmkitError
@@ -61,7 +62,7 @@ def test_training_is_deterministic(corpus_file: Path, trained: Tokenizer) -> Non
 def test_saved_tokenizer_loads_in_llmkit_and_transformers(trained: Tokenizer, tmp_path: Path) -> None:
     trained.save(tmp_path)
     expected = trained.encode(UNSEEN_TEXT)
-    reloaded = Tokenizer.load(tmp_path)
+    reloaded = load_tokenizer(tmp_path)
     assert reloaded.encode(UNSEEN_TEXT) == expected and reloaded.eos_id == trained.eos_id
 
     fast = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / TOKENIZER_FILE))
@@ -99,7 +100,7 @@ def test_cli_verb_writes_a_loadable_directory(corpus_file: Path, tmp_path: Path,
     tokenizer_train([str(corpus_file)], output=str(output), vocab_size=280)
     assert {TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, TRAINING_RECORD_FILE} <= {p.name for p in output.iterdir()}
     assert "byte-level BPE with 280 tokens" in capsys.readouterr().out
-    loaded = Tokenizer.load(output)
+    loaded = load_tokenizer(output)
     assert loaded.vocab_size == 280 and loaded.decode(loaded.encode(UNSEEN_TEXT)) == UNSEEN_TEXT
     record = json.loads((output / TRAINING_RECORD_FILE).read_text())
     assert record["vocab_size"] == 280 and record["inputs"][0]["path"] == str(corpus_file.resolve())

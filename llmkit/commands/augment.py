@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmkit.commands.common import as_paths, refuse_existing_file, refuse_writing_onto_inputs
-from llmkit.data.augment import OUTPUT_SUFFIXES, augment_text, parse_methods
+from llmkit.data.augment import augment_text, parse_methods
+from llmkit.data.jsonl import JSONL_SUFFIXES, read_jsonl
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write
 
@@ -46,7 +47,7 @@ def augment(
     if copies < 0 or not fields:
         raise LlmkitError(f"--copies {copies} must be 0 or more and --text_field {text_field!r} must name at least one "
                           "field")
-    if not str(output).lower().endswith(OUTPUT_SUFFIXES):
+    if not str(output).lower().endswith(JSONL_SUFFIXES):
         raise LlmkitError(f"--output {output} must end with .jsonl or .jsonl.gz")
     refuse_writing_onto_inputs(output, as_paths(data))
     refuse_existing_file(output, overwrite)
@@ -74,24 +75,6 @@ def _write(path: Path, text: str, opener: Callable) -> None:
 
 
 def _read_rows(path: Path, fields: list[str]) -> list[dict]:
-    if not path.is_file():
-        raise LlmkitError(f"input {path} does not exist: check the path")
-    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
+    if not path.name.lower().endswith(JSONL_SUFFIXES):
         raise LlmkitError(f"{path}: augment reads JSONL (.jsonl or .jsonl.gz), one JSON object per line")
-    rows = []
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LlmkitError(f"{path}, line {number}: not valid JSON ({error.msg}); fix or delete that line") from None
-            for name in fields:
-                if not isinstance(row, dict) or not isinstance(row.get(name), str):
-                    found = f"fields: {', '.join(row)}" if isinstance(row, dict) else f"a {type(row).__name__}"
-                    raise LlmkitError(f"{path}, line {number}: no text field '{name}' ({found}); pass --text_field with the "
-                                      "field(s) to augment")
-            rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path, fields, hint="pass --text_field with the field(s) to augment")]

@@ -25,7 +25,6 @@ SYNONYMS_FILE = Path(__file__).resolve().parent / "builtin" / "synonyms.tsv"
 METHODS = ("deletion", "swap", "typo", "synonym")
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 WORD = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)  # leading punctuation, the word, trailing punctuation
-OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 
 def _keyboard_neighbours() -> dict[str, str]:

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.data.dedup import ExactDeduplicator, MinHashDeduplicator
+from llmkit.data.jsonl import JSONL_SUFFIXES
 from llmkit.data.quality import QualityRules, check_document
 from llmkit.errors import LlmkitError
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 REPORT_SUFFIX = ".report.json"
-OUTPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
+OUTPUT_SUFFIXES = JSONL_SUFFIXES  # filtered documents are written as JSONL
 
 
 @dataclass

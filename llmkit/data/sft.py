@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmkit.data.batch import IGNORE_INDEX
-from llmkit.data.templates import CHAT, FLAN_DIALOGUE_SUMMARY, FieldMap, SFTRecord, Template, check_template, render
+from llmkit.data.jsonl import GZIP_ERRORS, JSONL_SUFFIXES, parse_object, read_lines
+from llmkit.data.templates import CHAT, FieldMap, SFTRecord, Template, check_template, render
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 JSON_SUFFIXES = (".json", ".json.gz")
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet",)
@@ -82,13 +82,11 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
     opener = gzip.open if name.endswith(".gz") else open
     try:
         if name.endswith(JSONL_SUFFIXES):
-            with opener(path, "rt", encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        yield f"{path}, line {number}", line  # parsed by parse_row: a bad line is one bad row
+            for number, line in read_lines(path):
+                yield f"{path}, line {number}", line  # parsed by parse_row: a bad line is one bad row
         elif name.endswith(JSON_SUFFIXES):
             with opener(path, "rt", encoding="utf-8") as file:
-                records = _parse_json(file.read(), str(path), want=list)
+                records = _parse_json_list(file.read(), str(path))
             yield from ((f"{path}, record {number}", record) for number, record in enumerate(records, start=1))
         elif name.endswith(CSV_SUFFIXES):
             with open(path, encoding="utf-8", newline="") as file:
@@ -99,19 +97,18 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
             yield from _read_parquet(path)
         else:
             raise LlmkitError(f"{path}: unsupported file type; SFT data may be {', '.join(SFT_SUFFIXES)}")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error) as error:
+    except (UnicodeDecodeError, *GZIP_ERRORS, csv.Error) as error:
         raise LlmkitError(f"{path} cannot be read ({error}): check that it is UTF-8 and its compression") from None
 
 
-def _parse_json(text: str, origin: str, want: type = dict) -> Any:
+def _parse_json_list(text: str, origin: str) -> list:
+    """A JSON array (a .json file's records, a CSV cell's chat messages); errors name the origin."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        where = f" at line {error.lineno}" if want is list else ""
-        raise LlmkitError(f"{origin}: not valid JSON ({error.msg}{where}); fix or delete it") from None
-    if not isinstance(value, want):
-        what = "a JSON object per line" if want is dict else "one JSON array of objects (or use .jsonl)"
-        raise LlmkitError(f"{origin}: expected {what}, found a {type(value).__name__}")
+        raise LlmkitError(f"{origin}: not valid JSON ({error.msg} at line {error.lineno}); fix or delete it") from None
+    if not isinstance(value, list):
+        raise LlmkitError(f"{origin}: expected one JSON array of objects (or use .jsonl), found a {type(value).__name__}")
     return value
 
 
@@ -133,7 +130,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 def parse_row(row: Mapping[str, Any] | str, fields: FieldMap, origin: str) -> SFTRecord:
     """Check one row (a mapping, or a JSONL line's text) and turn it into an SFTRecord; errors name row and field."""
     if isinstance(row, str):
-        row = _parse_json(row, origin)
+        row = parse_object(row, origin)
     columns = ", ".join(map(str, row)) or "none"
     messages = row.get(fields.messages)
     if messages is not None:
@@ -168,7 +165,7 @@ def _text(row: Mapping[str, Any], name: str, origin: str, columns: str, role: st
 def _parse_messages(messages: Any, name: str, origin: str) -> tuple[str, str, str, tuple[dict[str, str], ...]]:
     """(output, instruction, input, earlier messages) of a chat row; the last message must be the assistant's."""
     if isinstance(messages, str):  # CSV cells hold the list as JSON text
-        messages = _parse_json(messages, f"{origin}, field '{name}'", want=list)
+        messages = _parse_json_list(messages, f"{origin}, field '{name}'")
     if not isinstance(messages, list) or len(messages) < 2:
         raise LlmkitError(f"{origin}: field '{name}' must be a list of at least 2 messages [{{role, content}}, ...] "
                           "ending with the assistant reply")
@@ -224,9 +221,6 @@ def builtin_dialogsum(split: str = "train", limit: int | None = None) -> list[SF
         raise LlmkitError(f"{path} is missing from the shared data; restore it (see the folder's SOURCE.md)")
     summary = "summary1" if split == "test" else "summary"
     return load_sft_records(path, FieldMap(input="dialogue", output=summary), limit=limit)[0]
-
-
-BUILTIN_DIALOGSUM_TEMPLATE = FLAN_DIALOGUE_SUMMARY  # the template `builtin_dialogsum` records are meant for
 
 
 # ---- tokenizing ------------------------------------------------------------------------------------------------------

@@ -3,19 +3,17 @@ so a corpus larger than memory streams through tokenizer training and `prepare`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmkit.data.jsonl import JSONL_SUFFIXES, read_jsonl
 from llmkit.errors import LlmkitError
 
 BUILTIN_CORPUS = Path(__file__).resolve().parent / "builtin" / "tinyshakespeare.txt"
 
 TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH_ROWS = 1024  # rows per read from a Parquet file: memory stays one batch, whatever the file size
@@ -27,7 +25,7 @@ _sha256_cache: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) ->
 def builtin_corpus_path() -> Path:
     """The packaged Tiny Shakespeare text (1.1 MB, public domain): the corpus `llmkit prepare` uses by default."""
     if not BUILTIN_CORPUS.is_file():
-        raise LlmkitError(f"the built-in corpus {BUILTIN_CORPUS} is missing: reinstall llmkit, or pass --inputs FILES")
+        raise LlmkitError(f"the built-in corpus {BUILTIN_CORPUS} is missing: reinstall llmkit, or pass --data FILES")
     return BUILTIN_CORPUS
 
 
@@ -124,29 +122,9 @@ def _read_text(path: Path, document_separator: str | None) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as lines:
-            for line_number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise LlmkitError(
-                        f"{path}, line {line_number}: not valid JSON ({error.msg}); each line must be one JSON object "
-                        f"with a string field '{text_field}': fix or delete that line"
-                    ) from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = f"fields: {', '.join(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
-                    raise LlmkitError(
-                        f"{path}, line {line_number}: no string field '{text_field}' ({found}): pass --text_field with "
-                        "the field that holds the text, or fix that line"
-                    )
-                yield text
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
-        raise LlmkitError(f"{path} cannot be read as UTF-8 JSONL ({error}): check the file and its compression") from None
+    hint = "pass --text_field with the field that holds the text, or fix that line"
+    for _, row in read_jsonl(path, fields=(text_field,), hint=hint):
+        yield row[text_field]
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

@@ -18,11 +18,10 @@ hh_rlhf holds offensive text by design (harm-avoidance data): its prompts files 
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from collections.abc import Callable
 from pathlib import Path
 
+from llmkit.data.jsonl import read_jsonl
 from llmkit.data.shared import shared_data_file
 from llmkit.errors import LlmkitError
 from llmkit.eval.runner import PerplexityTask
@@ -39,6 +38,7 @@ HH_FILE = "hh_rlhf/harmless-base/test.jsonl.gz"
 SHAKESPEARE_FILE = "tinyshakespeare/input.txt"
 HH_ROWS = 200
 ASSISTANT_TURN = "\n\nAssistant:"
+RESTORE = "restore the file from its SOURCE.md"
 
 
 def _read_tsv(path: Path) -> list[Row]:
@@ -54,11 +54,6 @@ def _read_tsv(path: Path) -> list[Row]:
                                   f"{values!r:.80}; restore the file from its SOURCE.md")
             rows.append(Row({"sentence": fields["sentence"].strip(), "label": int(fields["label"])}, str(path), number))
     return rows
-
-
-def _read_gzip_jsonl(path: Path) -> list[tuple[int, dict]]:
-    with gzip.open(path, "rt", encoding="utf-8") as file:
-        return [(number, json.loads(line)) for number, line in enumerate(file, start=1) if line.strip()]
 
 
 def sst2() -> Task:
@@ -87,7 +82,7 @@ def dialogsum() -> Task:
 def _dialogsum_rows(path: Path) -> list[Row]:
     """Rows with `dialogue` and `summaries` (test has summary1..3, dev a single `summary`)."""
     rows = []
-    for number, record in _read_gzip_jsonl(path):
+    for number, record in read_jsonl(path):
         summaries = [record[key] for key in ("summary", "summary1", "summary2", "summary3") if record.get(key)]
         if not record.get("dialogue") or not summaries:
             raise LlmkitError(f"{path}, line {number}: needs 'dialogue' and 'summary' (or summary1..3); restore the "
@@ -105,7 +100,7 @@ def hh_rlhf_harmless() -> Task:
     )  # fmt: skip
     path = shared_data_file(HH_FILE)
     rows = []
-    for number, record in _read_gzip_jsonl(path):
+    for number, record in read_jsonl(path, ("chosen", "rejected"), RESTORE):
         chosen, rejected = (record[key] for key in ("chosen", "rejected"))
         split_chosen, split_rejected = chosen.rfind(ASSISTANT_TURN), rejected.rfind(ASSISTANT_TURN)
         conversation = chosen[: split_chosen + len(ASSISTANT_TURN)]

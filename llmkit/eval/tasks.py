@@ -18,7 +18,6 @@ A spec file (JSON or YAML) holds the TaskSpec fields; `data` is a JSONL file (op
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
 import json
 import random
@@ -31,6 +30,7 @@ from typing import Any, Literal
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llmkit.data.jsonl import read_jsonl
 from llmkit.errors import LlmkitError
 
 Kind = Literal["generation", "multiple_choice", "loglikelihood"]
@@ -129,26 +129,9 @@ class Task:
 
 # ----------------------------------------------------------------------------- loading
 
-def read_jsonl(path: str | Path) -> list[Row]:
-    """Rows of a JSONL file (gzip if it ends in .gz); each line must be a JSON object. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise LlmkitError(f"{path} does not exist; check the task's data path")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as file:
-        for number, text in enumerate(file, start=1):
-            if not text.strip():
-                continue
-            try:
-                fields = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise LlmkitError(f"{path}, line {number}: not valid JSON ({error.msg} at column {error.colno}); "
-                                  "each line must hold one JSON object") from None
-            if not isinstance(fields, dict):
-                raise LlmkitError(f"{path}, line {number}: holds a JSON {type(fields).__name__}, not an object; "
-                                  'each line must be one object like {"question": ..., "answer": ...}')
-            rows.append(Row(fields, str(path), number))
+def read_task_rows(path: str | Path) -> list[Row]:
+    """Rows of a task's JSONL file (gzip if it ends in .gz), each a JSON object, with their line numbers."""
+    rows = [Row(fields, str(path), number) for number, fields in read_jsonl(path)]
     if not rows:
         raise LlmkitError(f"{path} holds no rows; add one JSON object per line")
     return rows
@@ -179,8 +162,8 @@ def load_task(path: str | Path) -> Task:
         raise LlmkitError(f"{path}: {error}; a task spec needs at least name, kind and prompt") from None
     if not spec.data:
         raise LlmkitError(f"{path}: 'data' is empty; give the JSONL file of rows (relative to the spec file)")
-    rows = read_jsonl(path.parent / spec.data)
-    fewshot_rows = read_jsonl(path.parent / spec.fewshot_data) if spec.fewshot_data else None
+    rows = read_task_rows(path.parent / spec.data)
+    fewshot_rows = read_task_rows(path.parent / spec.fewshot_data) if spec.fewshot_data else None
     return Task(spec, rows, fewshot_rows)
 
 
@@ -335,11 +318,4 @@ def random_baseline(task: Task, rows: Sequence[Row]) -> float:
     if task.spec.kind == "multiple_choice":
         return sum(1 / len(row_choices(task, row)[0]) for row in rows) / len(rows)
     return 0.0
-
-
-def spec_dict(spec: TaskSpec) -> dict[str, Any]:
-    """The spec as plain JSON-able values (for reports)."""
-    values = dataclasses.asdict(spec)
-    values["stop"] = list(spec.stop)
-    return values
 

@@ -1,0 +1,80 @@
+"""Small builders several test files share: JSONL files, a byte-level tokenizer, a tiny random decoder, the CLI.
+
+Plain functions (imported as `from tests.helpers import ...`, like tests/train_script.py) rather than fixtures:
+each test states the variant it needs in the call, and module-scoped fixtures stay in the files that cache them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.models import BPE
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from llmkit.cli import main
+from llmkit.config import Config
+from llmkit.data.shared import shared_data_file
+from llmkit.models.decoder import Decoder
+from llmkit.tokenizer import Tokenizer
+
+SHAKESPEARE_FILE = "tinyshakespeare/input.txt"  # in the shared data ($LLMKIT_SHARED_DATA or ../shared/data)
+
+
+def shakespeare_text() -> str:
+    """Tiny Shakespeare (1.1 MB) from the shared data folder: a real English text for statistics on large samples."""
+    return shared_data_file(SHAKESPEARE_FILE).read_text(encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: Sequence[Any], compress: bool = False) -> Path:
+    """One line per row: a str is written as it is (to make bad lines), anything else as JSON; gzip with `compress`."""
+    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wt", encoding="utf-8") as file:
+            file.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def byte_tokenizer(
+    specials: Sequence[str] = (),
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    add_bos: bool = False,
+    chat_template: str | None = None,
+) -> Tokenizer:
+    """GPT-2 byte-level tokens with no merges: id = byte value, so a 2-byte character is two tokens and a text
+    splits the same way however it is cut into context and continuation. `specials` get ids 256, 257, ..."""
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, chat_template=chat_template)
+
+
+def tiny_decoder(preset: str = "tiny-llama", seed: int = 0, **overrides: Any) -> Decoder:
+    """A named tiny preset (with field overrides), seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return Decoder(Config.from_name(preset, **overrides)).eval()
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run `llmkit ARGV` in this process: (exit code, stdout, stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
