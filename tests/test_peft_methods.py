@@ -241,6 +241,17 @@ def test_only_the_method_parameters_get_gradients(method, base_dir):
                if name in trained and "_adapter.down." not in name)  # down's gradient flows through up = 0
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_keeps_the_decoder_its_names_and_room_in_the_cache(method, base_dir):
+    base_names = set(llmkit_model(base_dir).state_dict())
+    model = APPLY[method](llmkit_model(base_dir), SETTINGS[method](n_virtual_tokens=P))
+    assert isinstance(model, Decoder)  # still a Decoder: blocks for FSDP, kernel, config, checkpoint key maps
+    added = set(model.state_dict()) - base_names
+    assert base_names < set(model.state_dict()) and added
+    assert all(name.startswith(METHOD_PARAMETERS[method]) for name in added)  # base tensors keep their names
+    assert model.new_cache(2, 10).max_len == 10 + P  # the virtual tokens take the cache's first P slots
+
+
 @pytest.mark.parametrize("method", [*APPLY, "prefix-folded"])
 def test_llmkit_adapter_round_trip(method, base_dir, tmp_path):
     name = method.removesuffix("-folded")

@@ -45,10 +45,17 @@ class Decoder(nn.Module):
     def _init_weights(self) -> None:
         """GPT-2's init: N(0, 0.02) weights and zero biases, then the residual projections (o_proj, down_proj) drawn
         again with std 0.02 / sqrt(2 * n_layers), so the residual stream's variance does not grow with depth."""
-        self.apply(_normal_init)
+        self.apply(self._normal_init)
         for name, parameter in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+
+    @staticmethod
+    def _normal_init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
         module = super()._apply(fn, recurse)
@@ -125,9 +132,3 @@ class Decoder(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def _normal_init(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
-    if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
