@@ -139,14 +139,7 @@ def causal_context(
     if not needs_mask:
         context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
         return context
-    query_slots = torch.arange(start, end, device=device)[:, None]  # (T, 1)
-    key_slots = torch.arange(end, device=device)[None]  # (1, S)
-    allowed = (key_slots <= query_slots)[None, None]  # (1, 1, T, S)
-    if valid is not None:
-        # Padding keys are hidden; a padding query still sees itself so no softmax row is empty.
-        allowed = allowed & (valid[:, None, None, :] | (key_slots == query_slots)[None, None])
-    if documents is not None:
-        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, S) block-diagonal
+    allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
     if config.position == "alibi":
         bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
         context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
@@ -172,6 +165,22 @@ def _claim_slots(
         raise LlmkitError(f"KV cache was made for batch size {cache.batch_size}, got a batch of {B}")
     start, end = cache.reserve(T, attention_mask)
     return start, end, cache.valid[:, :end], cache.has_padding
+
+
+def _allowed_keys(
+    start: int, end: int, valid: torch.Tensor | None, documents: torch.Tensor | None, device: torch.device | str
+) -> torch.Tensor:
+    """Which key slots 0..end each query slot start..end may attend to: bool (B or 1, 1, T, S). Causal; padding keys
+    (`valid` (B, S) False) hidden; with `documents` (B, T) only keys of the query's own document."""
+    query_slots = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+    key_slots = torch.arange(end, device=device)[None]  # (1, S)
+    allowed = (key_slots <= query_slots)[None, None]  # (1, 1, T, S)
+    if valid is not None:
+        # Padding keys are hidden; a padding query still sees itself so no softmax row is empty.
+        allowed = allowed & (valid[:, None, None, :] | (key_slots == query_slots)[None, None])
+    if documents is not None:
+        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, S) block-diagonal
+    return allowed
 
 
 def _document_runs(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
