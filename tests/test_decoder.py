@@ -94,6 +94,24 @@ def test_logits_at_gives_the_full_logits_of_the_chosen_positions_and_their_gradi
         model(ids, logits_at=chosen[:, :4])
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_inputs_embeds_stand_in_for_the_token_embeddings(variant):
+    model = make_model(**VARIANTS[variant])
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model.hidden_states(ids)
+        assert torch.equal(model.hidden_states(None, inputs_embeds=model.embed(ids)), expected)
+        shifted = model.embed(ids) + 0.5  # the embeddings given are the ones used (prompt tuning relies on it)
+        assert (model.hidden_states(None, inputs_embeds=shifted) - expected).abs().max() > 1e-2
+
+
+def test_position_tables_are_none_where_the_scheme_has_none():
+    assert make_model(position="learned").inv_freq is None and make_model(position="learned").alibi_slopes is None
+    alibi = make_model(position="alibi", n_heads=6, d_model=96).to(torch.bfloat16)
+    assert alibi.inv_freq is None and alibi.alibi_slopes.dtype == torch.float32
+    assert not any(name in alibi.state_dict() for name in ("inv_freq", "alibi_slopes"))  # derived, never saved
+
+
 def test_bfloat16_stays_close_to_float32():
     model = make_model(n_heads=4, n_kv_heads=2)
     ids = torch.randint(0, 97, (1, 16))

@@ -246,6 +246,17 @@ def test_every_registered_method_is_covered():
     assert not set(TRAINS) & set(NOT_COVERED)
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_learning_keeps_the_decoder_its_names_and_room_in_the_cache(method, base_dir):
+    base_names = set(llmkit_model(base_dir).state_dict())
+    model = apply_method(llmkit_model(base_dir), method, METHODS[method][0](n_virtual_tokens=P))
+    assert isinstance(model, Decoder)  # still a Decoder: blocks for FSDP, kernel, config, checkpoint key maps
+    added = set(model.state_dict()) - base_names
+    assert base_names < set(model.state_dict()) and added
+    assert all(TRAINS[method](name) for name in added)  # base tensors keep their names
+    assert model.new_cache(2, 10).max_len == 10 + P  # the virtual tokens take the cache's first P slots
+
+
 def perturb_trainable(model: torch.nn.Module, scale: float) -> None:
     """Move every trainable parameter off its start value (B = 0, up = 0 would hide the parts behind them)."""
     with torch.no_grad():
@@ -437,7 +448,7 @@ def test_import_errors(base_dir, tmp_path):
     write_peft(tmp_path / "broken", prompt, {}).joinpath(PEFT_WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(LlmkitError, match="adapter_model.safetensors is missing or unreadable"):
         import_peft_adapter(model, tmp_path / "broken")
-    assert model.soft_prompt is None and not ia3_layers(model)  # a refused adapter leaves the model untouched
+    assert type(model) is Decoder and not ia3_layers(model)  # a refused adapter leaves the model untouched (no prompt)
     fused = {"base_model.model.transformer.h.0.attn.c_attn.ia3_l": torch.ones(192, 1),
              "base_model.model.transformer.h.1.attn.c_attn.ia3_l": torch.ones(192, 1)}
     write_peft(tmp_path / "gpt2", {"peft_type": "IA3"}, fused)

@@ -7,6 +7,9 @@ n_heads / n_kv_heads query heads (n_kv_heads = 1 is multi-query attention).
 Two interchangeable kernels: "sdpa" calls `torch.nn.functional.scaled_dot_product_attention`
 (FlashAttention / memory-efficient kernels on GPU, a fused kernel on CPU); "reference" writes
 the softmax out by hand, for reading and for testing the fast path.
+
+`causal_context` builds what every layer of a causal decoder shares for one forward (positions, rotary tables,
+the mask or ALiBi bias, the KV-cache slots) from the caller's padding mask, cache and packed-document ids.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.linear import Linear
-from llmkit.nn.position import apply_rope
+from llmkit.nn.position import alibi_bias, apply_rope, rope_cos_sin
 
 AttentionKernel = Literal["sdpa", "reference"]
 
@@ -84,6 +87,111 @@ class AttentionContext:
     cache: KVCache | None = None
     start: int = 0  # cache slot of the first new token
     kernel: AttentionKernel = "sdpa"
+
+
+def causal_context(
+    config: Config,
+    batch_size: int,
+    n_tokens: int,
+    cache: KVCache | None = None,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    *,
+    inv_freq: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    kernel: AttentionKernel = "sdpa",
+) -> AttentionContext:
+    """The `AttentionContext` of T = `n_tokens` new tokens of a causal decoder, built once per forward.
+
+    `attention_mask` (B, T) marks real tokens 1 and left padding 0: padding keys are hidden and each row counts
+    positions from its first real token. With a `cache` the T tokens take its next slots and attend to every slot
+    stored before them. `document_ids` (B, T) packs several documents in a row (training, no cache): each run of equal
+    ids attends only to itself and restarts its positions. `inv_freq` (RoPE) gives the rotary tables; `alibi_slopes`
+    (ALiBi) turns the mask into an additive bias, in `dtype`.
+
+    Raises:
+        LlmkitError: a mask or document ids of the wrong shape, document ids with a cache, a cache made for another
+            batch size or too full, or a sequence longer than the config's context window.
+    """
+    B, T = batch_size, n_tokens
+    start, end, valid, padded = _claim_slots(B, T, cache, attention_mask, document_ids)
+    if end > config.max_seq_len:
+        raise LlmkitError(
+            f"sequence of {end} tokens exceeds {config.name}'s context window of {config.max_seq_len}; "
+            "shorten the input"
+        )
+    if padded:
+        # Left padding: each row counts positions from its first real token.
+        all_positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    else:
+        all_positions = torch.arange(end, device=device)[None]  # (1, S)
+    documents = None
+    if document_ids is not None:
+        documents, all_positions = _document_runs(document_ids)  # (B, T) each
+    positions = all_positions[:, start:end]  # (B or 1, T)
+
+    context = AttentionContext(positions=positions, cache=cache, start=start, kernel=kernel)
+    if config.position == "rope":
+        context.cos, context.sin = rope_cos_sin(positions, inv_freq, dtype)
+    needs_mask = padded or config.position == "alibi" or (start > 0 and T > 1) or documents is not None
+    if not needs_mask:
+        context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
+        return context
+    allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
+    if config.position == "alibi":
+        bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
+        context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
+    else:
+        context.mask = allowed
+    return context
+
+
+def _claim_slots(
+    B: int, T: int, cache: KVCache | None, attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None
+) -> tuple[int, int, torch.Tensor | None, bool]:
+    """Check the inputs' shapes and claim the T tokens' slots: (start, end, valid (B, S) or None, any padding).
+    Slots are cache slots with a cache (S = every slot filled so far), else 0..T."""
+    if attention_mask is not None and attention_mask.shape != (B, T):
+        raise LlmkitError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, tokens) = {(B, T)}")
+    if document_ids is not None and (document_ids.shape != (B, T) or cache is not None):
+        raise LlmkitError(f"document_ids must be (batch, tokens) = {(B, T)} without a KV cache (packed training "
+                          f"rows); got shape {tuple(document_ids.shape)}" + (" with a cache" if cache else ""))
+    if cache is None:
+        valid = attention_mask.bool() if attention_mask is not None else None
+        return 0, T, valid, valid is not None and not bool(valid.all())
+    if cache.batch_size != B:
+        raise LlmkitError(f"KV cache was made for batch size {cache.batch_size}, got a batch of {B}")
+    start, end = cache.reserve(T, attention_mask)
+    return start, end, cache.valid[:, :end], cache.has_padding
+
+
+def _allowed_keys(
+    start: int, end: int, valid: torch.Tensor | None, documents: torch.Tensor | None, device: torch.device | str
+) -> torch.Tensor:
+    """Which key slots 0..end each query slot start..end may attend to: bool (B or 1, 1, T, S). Causal; padding keys
+    (`valid` (B, S) False) hidden; with `documents` (B, T) only keys of the query's own document."""
+    query_slots = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+    key_slots = torch.arange(end, device=device)[None]  # (1, S)
+    allowed = (key_slots <= query_slots)[None, None]  # (1, 1, T, S)
+    if valid is not None:
+        # Padding keys are hidden; a padding query still sees itself so no softmax row is empty.
+        allowed = allowed & (valid[:, None, None, :] | (key_slots == query_slots)[None, None])
+    if documents is not None:
+        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, S) block-diagonal
+    return allowed
+
+
+def _document_runs(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows: each run of equal ids (B, T) is one document. Returns its run number (B, T), so an id repeated
+    later is another document, and each token's position counted from its document's first token (B, T)."""
+    slots = torch.arange(document_ids.shape[1], device=document_ids.device)
+    first = torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
+                       document_ids[:, 1:] != document_ids[:, :-1]], dim=1)  # (B, T) a document starts here
+    documents = first.long().cumsum(-1)  # (B, T)
+    positions = slots - torch.where(first, slots, 0).cummax(-1).values  # (B, T) slot minus its document's start
+    return documents, positions
 
 
 class Attention(nn.Module):

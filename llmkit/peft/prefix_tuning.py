@@ -6,9 +6,10 @@ P trainable key/value pairs that every query attends to, before the real tokens;
 Training is steadier through a reparameterisation: the prefix is an MLP of a small embedding,
 prefix = W2 tanh(W1 E + b1) + b2, of shape (P, n_layers * 2 * kv_dim); after training the MLP is evaluated once and
 folded into plain prefix tensors (`merge_prefix_tuning`), which is also what peft saves. Columns are laid out as
-peft's: (layer, key|value, kv head, head_dim). The decoder writes the prefix into the first P slots of its KV cache
-at a sequence's first forward (`Decoder.kv_prefix`; a cache is made when none is given), so the real tokens sit at
-positions P.. as in peft, and generation with a cache works unchanged.
+peft's: (layer, key|value, kv head, head_dim). `apply_prefix_tuning` turns a Decoder into a `PrefixTuned` one in
+place (why a subclass: see llmkit/peft/prompt_tuning.py): at a sequence's first forward it writes the prefix into the
+first P slots of the KV cache (making a cache when none is given, as in training), so the real tokens sit at positions
+P.. as in peft, and generation with a cache works unchanged (`new_cache` makes room for the prefix).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.attention import KVCache
 from llmkit.peft.core import freeze
-from llmkit.peft.prompt_tuning import require_plain_decoder
+from llmkit.peft.prompt_tuning import PromptLearning, require_plain_decoder
 from llmkit.peft.settings import PrefixTuningSettings  # noqa: F401 (re-exported)
 
 
@@ -69,22 +70,43 @@ class KVPrefix(nn.Module):
         return cache
 
 
+class PrefixTuned(PromptLearning):
+    """A Decoder whose every layer attends to trainable prefix keys/values (`kv_prefix`) before the tokens."""
+
+    kv_prefix: KVPrefix
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        return self.kv_prefix.n_tokens
+
+    def hidden_states(
+        self, input_ids: torch.Tensor | None, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`Decoder.hidden_states` (B, T, C), the prefix filled into the cache's first P slots at a sequence's first
+        forward (a cache is made for the forward when none is given)."""
+        if self.starts_sequence(cache, document_ids):
+            B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+            cache = self.kv_prefix.fill(cache if cache is not None else self.new_cache(B, T))
+        return super().hidden_states(input_ids, cache, attention_mask, document_ids, inputs_embeds)
+
+
 def apply_prefix_tuning(model: nn.Module, settings: PrefixTuningSettings | None = None) -> nn.Module:
-    """Freeze the decoder and give it trainable per-layer key/value prefixes; in place, returns the model."""
+    """Freeze the decoder and give it trainable per-layer key/value prefixes; in place (the model becomes a
+    `PrefixTuned`), returns it."""
     settings = settings or PrefixTuningSettings()
     require_plain_decoder(model, "prefix tuning")
     weight = model.embed.weight
     freeze(model)
-    model.kv_prefix = KVPrefix(model.config, settings, weight.dtype, weight.device)
-    return model
+    return PrefixTuned.adopt(model, "kv_prefix", KVPrefix(model.config, settings, weight.dtype, weight.device))
 
 
 def merge_prefix_tuning(model: nn.Module) -> nn.Module:
     """Fold the reparameterisation MLP into plain prefix tensors (what peft saves; no MLP at inference). Save the
     adapter afterwards with `model.kv_prefix.settings` (reparameterize=False). Not undoable: the MLP is dropped."""
-    prefix = getattr(model, "kv_prefix", None)
-    if prefix is None:
+    if not isinstance(model, PrefixTuned):
         raise LlmkitError(f"{type(model).__name__} has no prefix to fold; call apply_prefix_tuning first")
+    prefix = model.kv_prefix
     if prefix.transform is None:
         return model  # already plain
     with torch.no_grad():

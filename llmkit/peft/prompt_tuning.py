@@ -3,10 +3,19 @@ embeddings ("soft prompt") go before every sequence; the whole model stays froze
 
     x = [e_1 .. e_P ; embed(t_1) .. embed(t_T)]   ->   blocks   ->   logits of the T real positions only
 
-The decoder prepends them at a sequence's first forward (`Decoder.soft_prompt`): with a KV cache the soft prompt's
-keys/values are computed once and stay in the cache's first P slots; the caller still passes (B, T) ids and gets
-(B, T) logits, so the training objective and generation need no change. Text initialisation embeds a text's tokens,
-repeated or cut to P (as peft does); random initialisation draws from the token embeddings' own scale.
+`apply_prompt_tuning` turns a Decoder into a `PromptTuned` one in place: at a sequence's first forward it prepends the
+soft prompt through the decoder's `inputs_embeds` and drops the P prompt positions from the output; with a KV cache the
+soft prompt's keys/values are computed once and stay in the cache's first P slots (`new_cache` makes room). The caller
+still passes (B, T) ids and gets (B, T) logits, so the training objective, scoring and generation need no change. Text
+initialisation embeds a text's tokens, repeated or cut to P (as peft does); random initialisation draws from the token
+embeddings' own scale.
+
+Why a subclass, swapped in place (as `torch.nn.utils.parametrize` swaps a module's class), rather than a wrapper
+module or slots in the base Decoder: the model stays a Decoder with the same parameter names (`embed.weight`,
+`blocks.0...` for checkpoints and key maps; `soft_prompt.embedding.weight` for adapter files and training checkpoints),
+the same `blocks` for FSDP and the same `kernel`/`config` attributes, and it changes in place like every other llmkit
+method (LoRA swaps linears); the plain Decoder carries no prompt-learning code. `PromptLearning` holds what prompt and
+prefix tuning share: room for P virtual tokens in the cache, the sequence's first forward, the packed-rows refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
+from llmkit.nn.attention import KVCache
 from llmkit.peft.core import freeze
 from llmkit.peft.settings import PromptTuningSettings  # noqa: F401 (re-exported)
 
@@ -49,9 +60,62 @@ class SoftPrompt(nn.Module):
         return x, attention_mask
 
 
+class PromptLearning(Decoder):
+    """A Decoder with P virtual tokens before every sequence (prompt or prefix tuning); subclasses add them in
+    `hidden_states` at a sequence's first forward. Never built directly: `adopt` turns a plain Decoder into one."""
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def adopt(cls, model: Decoder, name: str, module: nn.Module) -> Decoder:
+        """Make `model` an instance of this class in place, holding `module` (the trained part) as `model.<name>`;
+        every parameter keeps its name and tensor."""
+        setattr(model, name, module)
+        model.__class__ = cls
+        return model
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache with room for `max_len` tokens per row after the P virtual ones."""
+        return super().new_cache(batch_size, max_len + self.n_virtual_tokens)
+
+    def starts_sequence(self, cache: KVCache | None, document_ids: torch.Tensor | None) -> bool:
+        """True at a sequence's first forward (no cache, or an empty one): where the virtual tokens go in."""
+        if cache is not None and cache.length > 0:
+            return False
+        if document_ids is not None:
+            raise LlmkitError("document_ids (packed rows) do not combine with prompt or prefix tuning; "
+                              "train on unpacked rows")
+        return True
+
+
+class PromptTuned(PromptLearning):
+    """A Decoder whose sequences start with a trainable soft prompt (`soft_prompt`, P embeddings)."""
+
+    soft_prompt: SoftPrompt
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        return self.soft_prompt.n_tokens
+
+    def hidden_states(
+        self, input_ids: torch.Tensor | None, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`Decoder.hidden_states` (B, T, C) of the tokens, computed after the soft prompt at a sequence's first
+        forward (the prompt's own P positions are dropped); later forwards with a cache attend to it there."""
+        if not self.starts_sequence(cache, document_ids):
+            return super().hidden_states(input_ids, cache, attention_mask, document_ids, inputs_embeds)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        x, attention_mask = self.soft_prompt.prepend(x, attention_mask)  # (B, P + T, C), (B, P + T)
+        hidden = super().hidden_states(None, cache, attention_mask, document_ids, inputs_embeds=x)  # (B, P + T, C)
+        return hidden[:, self.n_virtual_tokens:]  # (B, T, C): the caller's tokens
+
+
 def apply_prompt_tuning(model: nn.Module, settings: PromptTuningSettings | None = None, tokenizer: Any = None) -> nn.Module:
-    """Freeze the decoder and give it a trainable soft prompt of `settings.n_virtual_tokens` embeddings; in place.
-    `tokenizer` (with encode(text)) is needed for init='text'."""
+    """Freeze the decoder and give it a trainable soft prompt of `settings.n_virtual_tokens` embeddings; in place
+    (the model becomes a `PromptTuned`), returns it. `tokenizer` (with encode(text)) is needed for init='text'."""
     settings = settings or PromptTuningSettings()
     require_plain_decoder(model, "prompt tuning")
     embed = model.embed.weight  # (V, C)
@@ -69,14 +133,16 @@ def apply_prompt_tuning(model: nn.Module, settings: PromptTuningSettings | None 
         weight = torch.randn(settings.n_virtual_tokens, embed.shape[1], device=embed.device).to(embed.dtype)
         weight = weight * embed.detach().float().std().to(embed.dtype)  # at the scale of real token embeddings
     freeze(model)
-    model.soft_prompt = SoftPrompt(weight, settings)
-    return model
+    return PromptTuned.adopt(model, "soft_prompt", SoftPrompt(weight, settings))
 
 
 def require_plain_decoder(model: nn.Module, method: str) -> None:
-    """Prompt learning needs a llmkit Decoder (its soft_prompt / kv_prefix hooks), without one already set."""
-    if not hasattr(model, "soft_prompt") or not hasattr(model, "kv_prefix"):
-        raise LlmkitError(f"{method} needs an llmkit Decoder (a decoder-only model); {type(model).__name__} has no "
-                          "soft_prompt / kv_prefix hooks")
-    if model.soft_prompt is not None or model.kv_prefix is not None:
+    """Prompt learning needs a llmkit Decoder without a soft prompt or prefix already.
+
+    Raises:
+        LlmkitError: `model` is not a Decoder, or already prompt- or prefix-tuned.
+    """
+    if isinstance(model, PromptLearning):
         raise LlmkitError(f"the model already has a soft prompt or a prefix; apply {method} to a fresh base model")
+    if not isinstance(model, Decoder):
+        raise LlmkitError(f"{method} needs an llmkit Decoder (a decoder-only model); {type(model).__name__} is not one")
