@@ -1,4 +1,5 @@
-"""The training loop: determinism, accumulation, clipping, checkpoints, exact resume after SIGKILL, errors."""
+"""The training loop: determinism, token-weighted accumulation, clipping, checkpoints, exact resume after SIGKILL,
+a checkpoint on Ctrl-C / SIGTERM, errors."""
 
 from __future__ import annotations
 
@@ -18,10 +19,19 @@ from llmkit.data.batch import IGNORE_INDEX
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.train.checkpoint import list_checkpoints
-from llmkit.train.loop import TrainSettings, clip_gradients, peak_flops_of, train
+from llmkit.train.distributed import Cluster
+from llmkit.train.loop import (
+    TrainingInterrupted,
+    TrainSettings,
+    accumulate_gradients,
+    clip_gradients,
+    peak_flops_of,
+    reduce_step,
+    train,
+)
 from llmkit.train.metrics import METRICS_FILE
-from llmkit.train.objectives import causal_lm_loss, token_cross_entropy
-from tests.train_script import token_source
+from llmkit.train.objectives import TokenLoss, causal_lm_loss, token_cross_entropy
+from tests.train_script import SFT_LABELS, sft_source, token_source
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +79,75 @@ def test_accumulating_four_micro_batches_equals_one_four_times_larger_batch(tmp_
         # Same samples, same mean loss; only the float32 summation order differs, and Adam's division by
         # sqrt(v) magnifies that for near-zero gradients: 1e-5 is still 300x below one step's size (lr 3e-3).
         torch.testing.assert_close(big, small, atol=1e-5, rtol=0, msg=name)
+
+
+def sft_rows(label_counts: list[int], length: int = 160, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of random tokens whose labels are ignored but for the last `label_counts[row]` (an SFT completion)."""
+    tokens = torch.randint(0, 256, (len(label_counts), length + 1), generator=torch.Generator().manual_seed(seed))
+    labels = tokens[:, 1:].clone()
+    for row, count in enumerate(label_counts):
+        labels[row, :length - count] = IGNORE_INDEX
+    return {"input_ids": tokens[:, :-1], "labels": labels}
+
+
+def gradients_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+def test_accumulated_gradients_weigh_every_label_token_equally(one_thread):
+    few, many = sft_rows([2, 1], seed=0), sft_rows([150, 150], seed=1)  # 3 and 300 label tokens
+    union = {name: torch.cat([few[name], many[name]]) for name in few}
+    single = tiny_model()
+    causal_lm_loss(single, union).mean().backward()  # one batch: the mean over its 303 label tokens
+    expected = gradients_of(single)
+
+    accumulated = tiny_model()
+    sums = accumulate_gradients(accumulated, causal_lm_loss, [few, many], Cluster())
+    assert sums.tokens == 303 and int(sums.counted) == 303
+    for name, gradient in gradients_of(accumulated).items():
+        torch.testing.assert_close(gradient, expected[name], atol=1e-6, rtol=0, msg=name)
+    loss, stopping = reduce_step(sums, None, Cluster(), step=1)
+    # Sums of ~300 float32 losses near 5.5 (~1,700) carry ~1e-4 of rounding, ~4e-7 once divided by 303 tokens.
+    assert loss == pytest.approx(causal_lm_loss(single, union).mean().item(), abs=5e-6) and not stopping
+
+    # What the loop did before: the mean of the two micro-batch means weighs each of the 3 tokens 50x more.
+    per_batch_means = tiny_model()
+    ((causal_lm_loss(per_batch_means, few).mean() + causal_lm_loss(per_batch_means, many).mean()) / 2).backward()
+    differences = [(gradient - expected[name]).abs().max() for name, gradient in gradients_of(per_batch_means).items()]
+    assert max(differences) > 1e-3
+
+
+def test_the_reported_loss_is_the_token_weighted_mean_of_the_step(tmp_path, one_thread):
+    # sft_source: samples hold 3, 120, 40 and 7 label tokens; 4 micro-batches of 1 against one batch of 4.
+    settings = dict(max_steps=1, warmup_steps=0)
+    big = train(tiny_model(), causal_lm_loss, sft_source(), quiet_settings(batch_size=4, **settings), tmp_path / "big")
+    small = train(tiny_model(), causal_lm_loss, sft_source(), quiet_settings(batch_size=1, accumulation_steps=4,
+                                                                           **settings), tmp_path / "small")
+    assert small.losses[0] == pytest.approx(big.losses[0], abs=1e-6)
+    rows = [sft_source()(position, 1, 0, 1) for position in range(4)]
+    assert [int((row["labels"] != IGNORE_INDEX).sum()) for row in rows] == list(SFT_LABELS)
+    model = tiny_model()
+    with torch.no_grad():
+        means = [causal_lm_loss(model, row).mean().item() for row in rows]
+    token_weighted = sum(mean * count for mean, count in zip(means, SFT_LABELS)) / sum(SFT_LABELS)
+    assert small.losses[0] == pytest.approx(token_weighted, abs=1e-5)
+
+
+def test_a_step_without_label_tokens_is_refused(tmp_path, one_thread):
+    def all_ignored(position, batch_size, rank, world_size):
+        return sft_rows([0] * batch_size, length=16)
+
+    with pytest.raises(LlmkitError, match="step 1 has no label tokens"):
+        train(tiny_model(), causal_lm_loss, all_ignored, quiet_settings(), tmp_path)
+
+
+def test_an_objective_that_counts_other_tokens_is_refused(tmp_path, one_thread):
+    def miscounting(model, batch):
+        terms = causal_lm_loss(model, batch)
+        return TokenLoss(terms.total, terms.tokens + 1)
+
+    with pytest.raises(LlmkitError, match="TokenLoss.tokens must count exactly those"):
+        train(tiny_model(), miscounting, token_source(), quiet_settings(), tmp_path)
 
 
 def test_clipping_scales_the_global_norm_to_the_limit():
@@ -131,7 +210,7 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path, one_thread):
     def fake_objective(model, batch):  # validation score from the list; training uses the real loss
         if model.training:
             return causal_lm_loss(model, batch)
-        return torch.tensor(next(scores))
+        return TokenLoss(torch.tensor(next(scores)), torch.tensor(1))
 
     settings = quiet_settings(max_steps=6, eval_every=1, checkpoint_every=1, keep_last=2)
     result = train(tiny_model(), fake_objective, token_source(), settings, tmp_path, eval_batches=eval_batches)
@@ -176,7 +255,8 @@ def test_impossible_settings_are_refused_before_training(tmp_path, field, value,
 
 def test_a_diverging_loss_stops_with_advice(tmp_path, one_thread):
     def exploding(model, batch):
-        return causal_lm_loss(model, batch) * float("inf")
+        terms = causal_lm_loss(model, batch)
+        return TokenLoss(terms.total * float("inf"), terms.tokens)
 
     with pytest.raises(LlmkitError, match="loss became inf at step 1; lower --lr"):
         train(tiny_model(), exploding, token_source(), quiet_settings(), tmp_path)
