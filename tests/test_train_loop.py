@@ -31,6 +31,7 @@ from llmkit.train.loop import (
 )
 from llmkit.train.metrics import METRICS_FILE
 from llmkit.train.objectives import TokenLoss, causal_lm_loss, token_cross_entropy
+from llmkit.train.settings import check_settings
 from tests.train_script import SFT_LABELS, sft_source, token_source
 
 SCRIPT = Path(__file__).with_name("train_script.py")
@@ -167,14 +168,21 @@ def test_ignored_labels_contribute_nothing():
     torch.testing.assert_close(token_cross_entropy(logits, labels), expected)
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_losses_exactly(tmp_path, one_thread):
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    uninterrupted = tmp_path / "uninterrupted"
-    subprocess.run([sys.executable, str(SCRIPT), str(uninterrupted)], check=True, env=environment,
-                   capture_output=True, timeout=120)
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(REPO)}
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The 8-step run of train_script.py, start to finish, that interrupted runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run([sys.executable, str(SCRIPT), str(run_dir)], check=True, env=ENVIRONMENT, capture_output=True,
+                   timeout=120)
+    return run_dir
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses_exactly(tmp_path, uninterrupted, one_thread):
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), str(interrupted), "--step_delay", "0.3"], env=environment,
+    process = subprocess.Popen([sys.executable, str(SCRIPT), str(interrupted), "--step_delay", "0.3"], env=ENVIRONMENT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     # Kill once the step-3 checkpoint exists and step 4 has been logged: the dying run is past its checkpoint.
@@ -185,12 +193,53 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses_exactly(tmp_path,
     assert max(_logged_steps(interrupted)) < 8, "the run finished before it could be killed"
     assert [path.name for path in list_checkpoints(interrupted)] == ["step-00000003"]
 
-    resumed = subprocess.run([sys.executable, str(SCRIPT), str(interrupted)], check=True, env=environment,
+    resumed = subprocess.run([sys.executable, str(SCRIPT), str(interrupted)], check=True, env=ENVIRONMENT,
                              capture_output=True, text=True, timeout=120)
     assert "resuming from" in resumed.stdout
     expected, got = run_losses(uninterrupted), run_losses(interrupted)
     assert sorted(got) == list(range(1, 9))
     assert got == expected  # bit-identical, step by step
+
+
+@pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_saves_the_last_step_and_resuming_continues_from_it(tmp_path, uninterrupted, one_thread,
+                                                                          signal_number, status):
+    process = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), "--step_delay", "0.3"], env=ENVIRONMENT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and 4 not in _logged_steps(tmp_path):  # past the step-3 checkpoint
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr[-2000:]
+    assert "Traceback" not in stderr
+    stopped = max(_logged_steps(tmp_path))
+    assert 4 <= stopped < 8, "the run finished before it could be interrupted"
+    saved = list_checkpoints(tmp_path)[-1]
+    assert saved.name == f"step-{stopped:08d}"  # the last completed step, not the step-3 checkpoint
+    assert f"rerun the same command; it resumes from {saved}" in stderr
+    if signal_number == signal.SIGTERM:
+        return  # the same checkpoint as after Ctrl-C: resuming from it is checked once, below
+
+    resumed = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], check=True, env=ENVIRONMENT,
+                             capture_output=True, text=True, timeout=120)
+    assert f"resuming from {saved} (step {stopped})" in resumed.stdout
+    expected, got = run_losses(uninterrupted), run_losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    assert got == expected  # the saved step carries the data position, optimizer and RNG: bit-identical
+
+
+def test_the_cli_exits_with_the_interrupting_signals_status(monkeypatch, capsys, tmp_path):
+    from llmkit import cli
+
+    def stopped_by_sigterm() -> None:
+        """A verb whose training run was stopped by SIGTERM (after saving a checkpoint)."""
+        raise TrainingInterrupted("SIGTERM: stopped", signal.SIGTERM, tmp_path)
+
+    monkeypatch.setattr(cli, "command", lambda target: stopped_by_sigterm)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["info"])
+    assert exit_info.value.code == 143
 
 
 def _logged_steps(run_dir: Path) -> set[int]:
@@ -246,11 +295,41 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, one_thread):
     ("lr", -1.0, "lr=-1.0 must be positive"),
     ("warmup_steps", 50, "warmup_steps=50 must be between 0 and max_steps=6"),
     ("precision", "fp8", "unknown precision 'fp8'"),
+    ("betas", (1.5, 0.9), r"--train.betas=\[1.5, 0.9\] must be two numbers in \[0, 1\)"),
+    ("betas", (0.9, -0.1), r"--train.betas=\[0.9, -0.1\] must be two numbers in \[0, 1\)"),
+    ("min_lr_ratio", 5.0, r"--train.min_lr_ratio=5.0 must be in \[0, 1\].*above 1 it would rise"),
+    ("weight_decay", -1.0, "--train.weight_decay=-1.0 must be at least 0"),
+    ("lr", 0.0, "--train.lr=0.0 must be positive"),
+    ("max_steps", 0, "--train.max_steps=0 must be at least 1"),
+    ("batch_size", -2, "--train.batch_size=-2 must be at least 1"),
+    ("accumulation_steps", 0, "--train.accumulation_steps=0 must be at least 1"),
+    ("warmup_steps", -1, "--train.warmup_steps=-1 must be at least 0"),
+    ("grad_clip", 0.0, r"--train.grad_clip=0.0 must be positive \(or null"),
+    ("grad_clip", -1.0, r"--train.grad_clip=-1.0 must be positive \(or null"),
+    ("keep_last", -1, "--train.keep_last=-1 must be at least 0"),
 ])
 def test_impossible_settings_are_refused_before_training(tmp_path, field, value, message):
     with pytest.raises(LlmkitError, match=message):
         train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(**{field: value}), tmp_path)
     assert not list_checkpoints(tmp_path)
+
+
+@pytest.mark.parametrize(("field", "value"), [("keep_last", 0), ("grad_clip", None), ("warmup_steps", 0),
+                                              ("min_lr_ratio", 0.0), ("min_lr_ratio", 1.0), ("betas", (0.0, 0.999)),
+                                              ("weight_decay", 0.0)])
+def test_settings_at_their_limits_are_accepted(field, value):
+    check_settings(quiet_settings(**{field: value}))
+
+
+def test_the_cli_refuses_bad_settings_in_one_line_before_any_work(tmp_path, capsys):
+    from llmkit import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--train.betas", "[1.5,0.9]", "--output", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --train.betas=[1.5, 0.9] must be two numbers in [0, 1)") and "\n" not in error
+    assert not (tmp_path / "run").exists()  # nothing prepared, no model built
 
 
 def test_a_diverging_loss_stops_with_advice(tmp_path, one_thread):
