@@ -64,7 +64,8 @@ def pretrain(
     Without --data or --inputs it trains on the built-in Tiny Shakespeare with a BPE tokenizer trained on it.
     The run directory OUTPUT holds data/ (shards), checkpoints/step-N/ (each a complete model: try
     `llmkit chat --model OUTPUT/checkpoints/step-N`), metrics.jsonl, metrics.csv and loss.png. Running the same
-    command again resumes from the latest checkpoint (after a crash or a kill, exactly where it was).
+    command again resumes from the latest checkpoint (after a crash or a kill, exactly where it was); Ctrl-C or a
+    SIGTERM first finishes the current step and saves it.
 
     Args:
         model: preset name (mini, gpt2, smollm2-135m, tiny-llama, mini-bert, ...); its vocabulary is resized to the

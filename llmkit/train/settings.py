@@ -36,7 +36,8 @@ class TrainSettings:
         log_every: steps between rows of metrics.jsonl.
         checkpoint_every: steps between checkpoints (one is also written at the end and at each new best).
         keep_last: checkpoints kept besides the best one (the latest is always kept, so the run can resume).
-        resume: auto continues from the run directory's latest checkpoint; never refuses a directory that has one.
+        resume: auto continues from the run directory's latest checkpoint (Ctrl-C and SIGTERM save one after the
+            current step); never refuses a directory that has one.
         seed: random seed (weights, data order, sampling).
         device: auto, cpu, cuda or cuda:N.
     """
