@@ -406,3 +406,20 @@ def test_a_partly_frozen_model_checkpoints_only_its_trained_part_and_resumes(tmp
     resumed = train(half_frozen(), causal_lm_loss, token_source(), quiet_settings(max_steps=6, checkpoint_every=3),
                     tmp_path / "b")
     assert resumed.losses == uninterrupted.losses[3:]
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "finetune"])
+def test_pretrain_and_finetune_shut_the_process_group_down_even_when_they_fail(monkeypatch, tmp_path, verb):
+    from llmkit.commands.finetune import finetune
+    from llmkit.commands.pretrain import pretrain
+    from llmkit.train import distributed
+
+    shut = []
+    monkeypatch.setattr(distributed, "shut_down", shut.append)
+    missing = str(tmp_path / "missing")
+    with pytest.raises(LlmkitError):  # after joining the cluster: no prepared data / no model there
+        if verb == "pretrain":
+            pretrain(data=missing, output=str(tmp_path / "run"))
+        else:
+            finetune(model=missing, output=str(tmp_path / "run"))
+    assert len(shut) == 1 and isinstance(shut[0], Cluster)
