@@ -123,7 +123,7 @@ def check_parity(preset: str, threads: int, batch_size: int, seq_len: int) -> di
     hf_model = hf_model_from(decoder, MODELS[preset])
     batch = causal_lm_batch(token_batches(decoder.config.vocab_size, 1, batch_size, seq_len)[0])
     with torch.no_grad():
-        ours = causal_lm_loss(decoder, batch).item()
+        ours = causal_lm_loss(decoder, batch).mean().item()
         theirs = hf_loss(hf_model, batch).item()
     if abs(ours - theirs) > LOSS_TOLERANCE:
         raise SystemExit(f"{preset}: first-step losses differ: llmkit {ours:.6f}, transformers {theirs:.6f}; the "
@@ -203,7 +203,7 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
             batch = batches(step * batch_size, batch_size, 0, 1)
             start = time.perf_counter()
             with autocast(precision, torch.device("cpu")):
-                loss = causal_lm_loss(step_model, batch)
+                loss = causal_lm_loss(step_model, batch).mean()
             loss.backward()
             clip_gradients(parameters, GRAD_CLIP)
             optimizer.step()

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     except LlmkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:  # training saved a checkpoint and says so; 143 when it was a SIGTERM
+        sys.exit(getattr(interrupt, "exit_status", 130))
 
 
 if __name__ == "__main__":

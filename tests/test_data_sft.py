@@ -272,7 +272,7 @@ def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():
     examples = examples_of([("Add the numbers 2 and 3.", "5"), ("Name a colour.", "Blue.")])
     batch = padded_batch(examples)
     model = sft_decoder()
-    loss = causal_lm_loss(model, batch)
+    loss = causal_lm_loss(model, batch).mean()
     with torch.no_grad():
         log_probs = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
     terms = []
@@ -283,7 +283,7 @@ def test_loss_is_the_mean_over_completion_tokens_and_ignores_prompt_logits():
     assert len(terms) == 2 + 6  # "5"+EOS and "Blue."+EOS
     assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
     torch.manual_seed(1)
-    assert torch.allclose(causal_lm_loss(NoisyPromptLogits(model, batch["labels"]), batch), loss, atol=1e-6)
+    assert torch.allclose(causal_lm_loss(NoisyPromptLogits(model, batch["labels"]), batch).mean(), loss, atol=1e-6)
 
 
 # ---- padding, packing and the batch source ---------------------------------------------------------------------------
@@ -315,7 +315,8 @@ def test_packed_row_logits_equal_each_example_run_alone(variant):
     assert (packed[0, :used] - alone).abs().max() < TOLERANCE
     assert (batch["document_ids"][0, used:] == PAD_DOCUMENT).all()
     # the loss of the packed batch equals the loss of the padded batch: the same completion tokens, computed alone
-    assert torch.allclose(causal_lm_loss(model, batch), causal_lm_loss(model, padded_batch(examples)), atol=TOLERANCE)
+    assert torch.allclose(causal_lm_loss(model, batch).mean(), causal_lm_loss(model, padded_batch(examples)).mean(),
+                          atol=TOLERANCE)
 
 
 def test_packing_fills_rows_greedily_in_order_and_document_ids_refuse_a_cache():

@@ -158,7 +158,7 @@ def saved_bytes(config: Config, batch_size: int, seq_len: int, precision: str, c
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            causal_lm_loss(model, causal_lm_batch(tokens))
+            causal_lm_loss(model, causal_lm_batch(tokens)).mean()
     return sum(storages.values())
 
 

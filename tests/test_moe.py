@@ -172,15 +172,15 @@ def test_causal_lm_loss_adds_the_aux_losses_while_training_only():
     model = Decoder(tiny_moe_config())
     batch = token_source()(0, 2, 0, 1)
     model.train()
-    loss = causal_lm_loss(model, batch)
+    loss = causal_lm_loss(model, batch).mean()
     cross_entropy = token_cross_entropy(model(batch["input_ids"]), batch["labels"])
     torch.testing.assert_close(loss, cross_entropy + moe_aux_loss(model))
     assert moe_aux_loss(model).item() > 0
     model.eval()
-    torch.testing.assert_close(causal_lm_loss(model, batch), cross_entropy)  # validation: cross-entropy alone
+    torch.testing.assert_close(causal_lm_loss(model, batch).mean(), cross_entropy)  # validation: cross-entropy alone
     dense = Decoder(Config.from_name("tiny-llama")).train()
     assert moe_aux_loss(dense).item() == 0 and expert_utilisation(dense) == {}
-    assert torch.equal(causal_lm_loss(dense, batch), token_cross_entropy(dense(batch["input_ids"]), batch["labels"]))
+    assert torch.equal(causal_lm_loss(dense, batch).mean(), token_cross_entropy(dense(batch["input_ids"]), batch["labels"]))
 
 
 def test_training_a_tiny_moe_lowers_the_loss_and_uses_every_expert(tmp_path, one_thread):

@@ -13,7 +13,6 @@ from llmkit.errors import LlmkitError
 from llmkit.models.seq2seq import Seq2Seq
 from llmkit.train.objectives import (
     IGNORE_INDEX,
-    OBJECTIVES,
     random_spans_noise_mask,
     seq2seq_loss,
     shift_right,
@@ -117,12 +116,11 @@ def test_seq2seq_loss_is_teacher_forced_cross_entropy() -> None:
     batch = span_corruption_batch(tokens, SENTINELS, torch.Generator().manual_seed(0), eos_id=EOS)
     assert "decoder_input_ids" not in batch  # then the loss shifts the labels after the config's start id (7)
     expected = token_cross_entropy(model(batch["input_ids"], shift_right(batch["labels"], 7)), batch["labels"])
-    assert torch.allclose(seq2seq_loss(model, batch), expected)
-    assert OBJECTIVES["span_corruption"] is seq2seq_loss
+    assert torch.allclose(seq2seq_loss(model, batch).mean(), expected)
     model.config.decoder_start_id = None
     with pytest.raises(LlmkitError, match="no decoder_start_id and the batch no decoder_input_ids"):
         seq2seq_loss(model, batch)
-    assert math.isfinite(seq2seq_loss(model, {**batch, "decoder_input_ids": shift_right(batch["labels"], 7)}).item())
+    assert math.isfinite(seq2seq_loss(model, {**batch, "decoder_input_ids": shift_right(batch["labels"], 7)}).mean().item())
 
 
 def test_errors_name_the_setting_and_fix() -> None:

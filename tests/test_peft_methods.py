@@ -138,7 +138,7 @@ def test_prompt_tuning_matches_peft_logits_and_loss(base_dir):
     labels = tokens.clone()
     labels[:, 0] = -100
     with torch.no_grad():
-        assert abs(causal_lm_loss(model, causal_lm_batch(tokens)) - reference(input_ids=tokens, labels=labels).loss) \
+        assert abs(causal_lm_loss(model, causal_lm_batch(tokens)).mean() - reference(input_ids=tokens, labels=labels).loss) \
             <= TOLERANCE
 
 
@@ -270,7 +270,7 @@ def test_only_the_method_parameters_get_gradients(method, base_dir):
     torch.manual_seed(3)
     model = apply_method(llmkit_model(base_dir), method).train()
     perturb_trainable(model, 0.1)
-    causal_lm_loss(model, causal_lm_batch(ids(length=13))).backward()
+    causal_lm_loss(model, causal_lm_batch(ids(length=13))).mean().backward()
     trained = {name for name, parameter in model.named_parameters() if parameter.grad is not None}
     assert trained == {name for name, _ in model.named_parameters() if TRAINS[method](name)}
     assert trained and all(parameter.grad.abs().sum() > 0 for name, parameter in model.named_parameters()

@@ -185,7 +185,7 @@ def test_training_step_lowers_the_loss() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(10):
-        loss = seq2seq_loss(model, batch)
+        loss = seq2seq_loss(model, batch).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

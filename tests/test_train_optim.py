@@ -69,6 +69,8 @@ def test_scheduler_drives_the_optimizer_learning_rate():
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(schedule="exponential", warmup_steps=0, max_steps=10), "unknown learning-rate schedule 'exponential'"),
     (dict(schedule="cosine", warmup_steps=20, max_steps=10), "warmup_steps=20 must be between 0 and max_steps=10"),
+    (dict(schedule="cosine", warmup_steps=0, max_steps=10, min_lr_ratio=5.0), r"min_lr_ratio=5.0 must be in \[0, 1\]"),
+    (dict(schedule="linear", warmup_steps=0, max_steps=10, min_lr_ratio=-0.1), r"min_lr_ratio=-0.1 must be in \[0, 1\]"),
 ])
 def test_bad_schedules_are_refused(kwargs, message):
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])

@@ -285,7 +285,7 @@ def _train(
     for _ in range(steps):
         start = time.perf_counter()
         with autocast(mixed, device):
-            loss = causal_lm_loss(model, causal_lm_batch(tokens))
+            loss = causal_lm_loss(model, causal_lm_batch(tokens)).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

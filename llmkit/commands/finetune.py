@@ -18,7 +18,7 @@ from llmkit.peft.settings import (
     QLoraSettings,
     SelectiveSettings,
 )
-from llmkit.train.settings import TrainSettings
+from llmkit.train.settings import TrainSettings, check_settings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -102,61 +102,67 @@ def finetune(
     from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
     from llmkit.peft.registry import apply_method
-    from llmkit.train.distributed import init_cluster
+    from llmkit.train.distributed import init_cluster, shut_down
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_loss
 
     method_settings = chosen_settings(method, dict(lora=lora, qlora=qlora, prompt=prompt, prefix=prefix, ia3=ia3,
                                                    adapter=adapter, selective=selective))
+    check_settings(train)  # one readable line before any data or model work
     cluster = init_cluster(resolve_device(train.device), train.distributed)
-    path = Path(model) if model else default_model_path()
-    tokenizer = load_tokenizer(path)
-    network = load_model(path)
-    virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
-    if max_length + virtual_tokens > network.config.max_seq_len:
-        raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
-                          f"context window of {network.config.max_seq_len}; pass a smaller --max_length")
-    if data:
-        records, report = load_sft_records(data, fields, skip_bad_rows=skip_bad_rows, limit=limit)
-        held_out = []
-    else:
-        records, report = builtin_dialogsum("train", limit), None
-        held_out = builtin_dialogsum("test", rouge_rows) if rouge_rows else []
-    n_validation = max(1, len(records) // 20)
-    examples, token_report = tokenize_records(records, tokenizer, template, max_length, seed=train.seed,
-                                              skip_bad_rows=skip_bad_rows, report=report)
-    if len(examples) < 2:
-        raise LlmkitError(f"only {len(examples)} usable examples; fine-tuning needs at least 2 (check --data and --limit)")
-    validation, examples = examples[:n_validation], examples[n_validation:]
-    if cluster.is_main:
-        print(token_report.summary())
+    try:
+        path = Path(model) if model else default_model_path()
+        tokenizer = load_tokenizer(path)
+        network = load_model(path)
+        virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
+        if max_length + virtual_tokens > network.config.max_seq_len:
+            raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds "
+                              f"{network.config.name}'s context window of {network.config.max_seq_len}; pass a smaller "
+                              "--max_length")
+        if data:
+            records, report = load_sft_records(data, fields, skip_bad_rows=skip_bad_rows, limit=limit)
+            held_out = []
+        else:
+            records, report = builtin_dialogsum("train", limit), None
+            held_out = builtin_dialogsum("test", rouge_rows) if rouge_rows else []
+        n_validation = max(1, len(records) // 20)
+        examples, token_report = tokenize_records(records, tokenizer, template, max_length, seed=train.seed,
+                                                  skip_bad_rows=skip_bad_rows, report=report)
+        if len(examples) < 2:
+            raise LlmkitError(f"only {len(examples)} usable examples; fine-tuning needs at least 2 (check --data and "
+                              "--limit)")
+        validation, examples = examples[:n_validation], examples[n_validation:]
+        if cluster.is_main:
+            print(token_report.summary())
 
-    torch.manual_seed(train.seed)
-    network = apply_method(network, method, method_settings, tokenizer)
-    if cluster.is_main:
-        print(f"{method}: trainable parameters\n{trainable_table(network)}")
-    before = rouge_on(network, tokenizer, held_out, template) if held_out and cluster.is_main else None
+        torch.manual_seed(train.seed)
+        network = apply_method(network, method, method_settings, tokenizer)
+        if cluster.is_main:
+            print(f"{method}: trainable parameters\n{trainable_table(network)}")
+        before = rouge_on(network, tokenizer, held_out, template) if held_out and cluster.is_main else None
 
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    # Padded batches are as long as their longest example; a fixed width only where shapes must be static (compile).
-    width = max_length if packing or train.compile else None
-    batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=width, pad_id=pad_id)
-    evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=width, pad_id=pad_id)
-    result = train_loop(network, causal_lm_loss, batches, train, output, eval_batches=evals, cluster=cluster)
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        # Padded batches are as long as their longest example; a fixed width only where shapes must be static (compile).
+        width = max_length if packing or train.compile else None
+        batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=width, pad_id=pad_id)
+        evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=width, pad_id=pad_id)
+        result = train_loop(network, causal_lm_loss, batches, train, output, eval_batches=evals, cluster=cluster)
 
-    summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
-                               "val_loss": result.val_loss, "rouge_before": before}
-    if cluster.is_main:
-        adapter_dir = save_adapter(network, Path(output) / ADAPTER_DIR, method, method_settings)
-        summary["adapter"] = str(adapter_dir)
-        if merge:
-            summary["merged"] = str(save_merged(network, method, Path(output) / MERGED_DIR, tokenizer, save_model))
-        if held_out:
-            summary["rouge_after"] = rouge_on(network, tokenizer, held_out, template)
-            print(f"ROUGE-L on {len(held_out)} held-out dialogues: {before['rougeL']:.4f} before, "
-                  f"{summary['rouge_after']['rougeL']:.4f} after")
-        print(f"adapter: {adapter_dir}  (llmkit chat --model {path} --adapter {adapter_dir})")
-    return summary
+        summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
+                                   "val_loss": result.val_loss, "rouge_before": before}
+        if cluster.is_main:
+            adapter_dir = save_adapter(network, Path(output) / ADAPTER_DIR, method, method_settings)
+            summary["adapter"] = str(adapter_dir)
+            if merge:
+                summary["merged"] = str(save_merged(network, method, Path(output) / MERGED_DIR, tokenizer, save_model))
+            if held_out:
+                summary["rouge_after"] = rouge_on(network, tokenizer, held_out, template)
+                print(f"ROUGE-L on {len(held_out)} held-out dialogues: {before['rougeL']:.4f} before, "
+                      f"{summary['rouge_after']['rougeL']:.4f} after")
+            print(f"adapter: {adapter_dir}  (llmkit chat --model {path} --adapter {adapter_dir})")
+        return summary
+    finally:
+        shut_down(cluster)  # destroys the process group of a torchrun run
 
 
 def chosen_settings(method: str, given: dict[str, Any]) -> Any:

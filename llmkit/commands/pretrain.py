@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmkit.commands.common import as_paths
 from llmkit.errors import LlmkitError
-from llmkit.train.settings import TrainSettings
+from llmkit.train.settings import TrainSettings, check_settings
 
 if TYPE_CHECKING:
     import torch
@@ -93,73 +93,77 @@ def pretrain(
     from llmkit.data.prepare import load_manifest, manifest_tokenizer_path
     from llmkit.data.shards import SequenceStream, TokenShards, validation_batches
     from llmkit.device import resolve_device
-    from llmkit.train.distributed import barrier, init_cluster
+    from llmkit.train.distributed import barrier, init_cluster, shut_down
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
 
     if arch not in DEFAULT_PRESETS:
         raise LlmkitError(f"arch={arch!r} cannot be pretrained by this recipe; choose one of {', '.join(DEFAULT_PRESETS)}")
     model = model or DEFAULT_PRESETS[arch]
+    check_settings(train)  # one readable line before any data or model work
     cluster = init_cluster(resolve_device(train.device), train.distributed)
-    run_dir = Path(output)
-    prepared = prepared_folder(data)
-    data_dir = prepared or run_dir / DATA_DIR
-    if prepared is None and cluster.is_main:
-        prepare_corpus(as_paths(data), data_dir, tokenizer=tokenizer, vocab_size=vocab_size, progress=cluster.is_main,
-                       special_tokens=SPECIAL_TOKENS.get(arch),
-                       replace_hint="choose another --output for a run on other data")
-    barrier(cluster)
-    manifest = load_manifest(data_dir)
-    tokenizer_path = manifest_tokenizer_path(data_dir, manifest)
-    if tokenizer_path is None:
-        raise LlmkitError(f"{data_dir}/manifest.json names no tokenizer; re-run `llmkit prepare` with --tokenizer")
-    text_tokenizer = load_tokenizer(tokenizer_path)
+    try:
+        run_dir = Path(output)
+        prepared = prepared_folder(data)
+        data_dir = prepared or run_dir / DATA_DIR
+        if prepared is None and cluster.is_main:
+            prepare_corpus(as_paths(data), data_dir, tokenizer=tokenizer, vocab_size=vocab_size, progress=cluster.is_main,
+                           special_tokens=SPECIAL_TOKENS.get(arch),
+                           replace_hint="choose another --output for a run on other data")
+        barrier(cluster)
+        manifest = load_manifest(data_dir)
+        tokenizer_path = manifest_tokenizer_path(data_dir, manifest)
+        if tokenizer_path is None:
+            raise LlmkitError(f"{data_dir}/manifest.json names no tokenizer; re-run `llmkit prepare` with --tokenizer")
+        text_tokenizer = load_tokenizer(tokenizer_path)
 
-    torch.manual_seed(train.seed)
-    if arch == "encoder":
-        network, objective, to_batch = masked_lm_parts(model, init, manifest, text_tokenizer, seq_len, train.seed)
-    elif arch == "seq2seq":
-        network, objective, to_batch = span_corruption_parts(model, init, manifest, text_tokenizer, train.seed)
-    else:
-        network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
-        objective, to_batch = causal_lm_loss, lambda tokens, key: causal_lm_batch(tokens)
-    stream = SequenceStream(TokenShards(data_dir, "train"), seq_len, seed=train.seed)
-    has_validation = manifest["splits"].get("val", {}).get("n_tokens", 0) > seq_len
-    if not has_validation and train.eval_every:
-        print("no validation split in the data: validation loss is off (prepare with --val_fraction > 0)")
-        train = replace(train, eval_every=0)
-    validation = TokenShards(data_dir, "val") if has_validation else None
+        torch.manual_seed(train.seed)
+        if arch == "encoder":
+            network, objective, to_batch = masked_lm_parts(model, init, manifest, text_tokenizer, seq_len, train.seed)
+        elif arch == "seq2seq":
+            network, objective, to_batch = span_corruption_parts(model, init, manifest, text_tokenizer, train.seed)
+        else:
+            network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
+            objective, to_batch = causal_lm_loss, lambda tokens, key: causal_lm_batch(tokens)
+        stream = SequenceStream(TokenShards(data_dir, "train"), seq_len, seed=train.seed)
+        has_validation = manifest["splits"].get("val", {}).get("n_tokens", 0) > seq_len
+        if not has_validation and train.eval_every:
+            print("no validation split in the data: validation loss is off (prepare with --val_fraction > 0)")
+            train = replace(train, eval_every=0)
+        validation = TokenShards(data_dir, "val") if has_validation else None
 
-    def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-        return to_batch(stream.batch(position, batch_size, rank, world_size), (position, rank))
+        def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+            return to_batch(stream.batch(position, batch_size, rank, world_size), (position, rank))
 
-    def eval_batches():
-        batches = validation_batches(validation, seq_len, train.batch_size, max_batches=train.eval_batches)
-        for index, tokens in enumerate(batches):
-            yield to_batch(tokens, (index, -1))  # the same masks at every evaluation
+        def eval_batches():
+            batches = validation_batches(validation, seq_len, train.batch_size, max_batches=train.eval_batches)
+            for index, tokens in enumerate(batches):
+                yield to_batch(tokens, (index, -1))  # the same masks at every evaluation
 
-    def on_eval(trained: torch.nn.Module, step: int) -> dict:
-        text = (sample_span_fill if arch == "seq2seq" else sample_text)(trained, text_tokenizer, sample)
+        def on_eval(trained: torch.nn.Module, step: int) -> dict:
+            text = (sample_span_fill if arch == "seq2seq" else sample_text)(trained, text_tokenizer, sample)
+            if cluster.is_main:
+                print(f"--- sample at step {step} ---\n{sample.prompt}{text}\n---")
+            return {"sample": text}
+
         if cluster.is_main:
-            print(f"--- sample at step {step} ---\n{sample.prompt}{text}\n---")
-        return {"sample": text}
-
-    if cluster.is_main:
-        print(f"{network.config.name}: {network.num_parameters():,} parameters; {len(stream):,} training sequences of "
-              f"{seq_len} tokens; run directory {run_dir}")
-    result = train_loop(network, objective, batches, train, run_dir,
-                        eval_batches=eval_batches if validation is not None else None,
-                        on_eval=on_eval if sample.max_new_tokens > 0 and arch != "encoder" else None,
-                        tokenizer=text_tokenizer, cluster=cluster)
-    if cluster.is_main:
-        print(f"done: {result.steps} steps, {result.tokens:,} tokens, train loss {result.train_loss:.4f}"
-              + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
-        usage = {"encoder": "llmkit.checkpoints.hf_bert.load_encoder", "seq2seq": "llmkit.checkpoints.hf_t5.load_seq2seq"
-                 }.get(arch, f"chat: llmkit generate --model {result.checkpoint} --prompt ...")
-        print(f"model: {result.checkpoint}  ({usage})")
-        if result.plot is not None:
-            print(f"loss curve: {result.plot}")
-    return result
+            print(f"{network.config.name}: {network.num_parameters():,} parameters; {len(stream):,} training sequences of "
+                  f"{seq_len} tokens; run directory {run_dir}")
+        result = train_loop(network, objective, batches, train, run_dir,
+                            eval_batches=eval_batches if validation is not None else None,
+                            on_eval=on_eval if sample.max_new_tokens > 0 and arch != "encoder" else None,
+                            tokenizer=text_tokenizer, cluster=cluster)
+        if cluster.is_main:
+            print(f"done: {result.steps} steps, {result.tokens:,} tokens, train loss {result.train_loss:.4f}"
+                  + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
+            usage = {"encoder": "llmkit.checkpoints.hf_bert.load_encoder", "seq2seq": "llmkit.checkpoints.hf_t5.load_seq2seq"
+                     }.get(arch, f"chat: llmkit generate --model {result.checkpoint} --prompt ...")
+            print(f"model: {result.checkpoint}  ({usage})")
+            if result.plot is not None:
+                print(f"loss curve: {result.plot}")
+        return result
+    finally:
+        shut_down(cluster)  # destroys the process group of a torchrun run
 
 
 def prepared_folder(data: list[str] | str | None) -> Path | None:

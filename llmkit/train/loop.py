@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,7 +35,6 @@ from llmkit.train.checkpoint import (
 )
 from llmkit.train.distributed import (
     Cluster,
-    all_reduce_mean,
     all_reduce_sum,
     gradient_sync,
     init_cluster,
@@ -40,11 +42,11 @@ from llmkit.train.distributed import (
     wrap_model,
 )
 from llmkit.train.metrics import MetricsLog
-from llmkit.train.objectives import Objective
+from llmkit.train.objectives import Objective, label_tokens
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.precision import autocast, compute_dtype, grad_scaler
 from llmkit.train.recompute import enable_activation_checkpointing
-from llmkit.train.settings import Precision, TrainSettings
+from llmkit.train.settings import Precision, TrainSettings, check_settings
 
 # batch(position, batch_size, rank, world_size): the rank's slice of the global batch starting at sample `position`
 # torch.cuda.get_device_name -> llmkit.estimate.GPU_PEAK_TFLOPS key ("NVIDIA H100 80GB HBM3" is the SXM part)
@@ -125,77 +127,80 @@ def train(
     peak_flops = gpu_peak_flops(cluster.device)
     flops_per_token = None
 
-    while state.step < settings.max_steps:
-        step_model.train()
-        loss_sum = torch.zeros((), device=cluster.device)
-        step_tokens = 0
-        for micro_step in range(settings.accumulation_steps):
-            batch = train_batches(state.position, settings.batch_size, rank, world)
-            batch = {name: tensor.to(cluster.device, non_blocking=True) for name, tensor in batch.items()}
-            state.position += settings.batch_size * world
-            step_tokens += batch["input_ids"].numel() * world
+    stop = StopSignals()
+    with stop:
+        while state.step < settings.max_steps:
+            step_model.train()
+            micro_batches = [train_batches(state.position + micro * settings.batch_size * world, settings.batch_size,
+                                           rank, world) for micro in range(settings.accumulation_steps)]
+            state.position += settings.accumulation_steps * settings.batch_size * world
+            step_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * world
             if flops_per_token is None and peak_flops is not None:
-                flops_per_token = estimate.flops_per_token(unwrap(model).config, batch["input_ids"].shape[1], attention=True)
-            with gradient_sync(step_model, cluster, micro_step == settings.accumulation_steps - 1):
-                with autocast(autocast_precision, cluster.device):
-                    loss = objective(step_model, batch) / settings.accumulation_steps
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_sum += loss.detach()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = clip_gradients(parameters, settings.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.step += 1
-        state.tokens += step_tokens
+                flops_per_token = estimate.flops_per_token(unwrap(model).config, micro_batches[0]["input_ids"].shape[1],
+                                                           attention=True)
+            sums = accumulate_gradients(step_model, objective, micro_batches, cluster, autocast_precision, scaler,
+                                        step=state.step + 1)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(parameters, settings.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.tokens += step_tokens
 
-        loss_value = all_reduce_mean(loss_sum, cluster).item()
-        if not math.isfinite(loss_value):
-            raise LlmkitError(f"the loss became {loss_value} at step {state.step}; lower --lr, use a longer warmup, "
-                              "or bf16 instead of fp16")
-        losses.append(loss_value)
-        now = time.perf_counter()
-        recent.append((now, state.tokens))
-        elapsed, window = now - started, now - recent[0][0]
-        tokens_per_second = (state.tokens - recent[0][1]) / max(window, 1e-9)
-        eta = (settings.max_steps - state.step) * window / (len(recent) - 1)
-        # Model FLOPs utilisation on a known GPU: achieved training FLOP/s over the datasheet's dense bf16 peak.
-        mfu = {"mfu": tokens_per_second * flops_per_token / peak_flops} if flops_per_token else {}
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",
-                             **{key: f"{value:.1%}" for key, value in mfu.items()}, refresh=False)
-        if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
-            if progress.disable and cluster.is_main:  # no terminal (a log file, CI): one line per logged step
-                print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
-                      f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
-            metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                         "tokens": state.tokens, "tokens_per_s": tokens_per_second, "elapsed_s": elapsed, **mfu,
-                         **expert_utilisation(unwrap(model))})  # routing of the last micro-batch (MoE models only)
+            loss_value, stopping = reduce_step(sums, stop.requested, cluster, state.step)
+            losses.append(loss_value)
+            now = time.perf_counter()
+            recent.append((now, state.tokens))
+            elapsed, window = now - started, now - recent[0][0]
+            tokens_per_second = (state.tokens - recent[0][1]) / max(window, 1e-9)
+            eta = (settings.max_steps - state.step) * window / (len(recent) - 1)
+            # Model FLOPs utilisation on a known GPU: achieved training FLOP/s over the datasheet's dense bf16 peak.
+            mfu = {"mfu": tokens_per_second * flops_per_token / peak_flops} if flops_per_token else {}
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}",
+                                 **{key: f"{value:.1%}" for key, value in mfu.items()}, refresh=False)
+            if state.step % settings.log_every == 0 or state.step in (1, settings.max_steps):
+                if progress.disable and cluster.is_main:  # no terminal (a log file, CI): one line per logged step
+                    print(f"step {state.step}/{settings.max_steps} loss {loss_value:.4f} lr {lr:.2e} "
+                          f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
+                metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr,
+                             "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": tokens_per_second,
+                             "elapsed_s": elapsed, **mfu,
+                             **expert_utilisation(unwrap(model))})  # routing of the last micro-batch (MoE only)
+            if stopping:  # every rank agreed in reduce_step, so every rank saves (a collective) and stops here
+                last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster,
+                                                  tokenizer, settings.keep_last)
+                progress.close()
+                metrics.close(plot_title=f"{unwrap(model).config.name}: loss")
+                raise interrupted(stop.requested or signal.SIGINT, state.step, last_checkpoint, cluster)
 
-        is_last = state.step == settings.max_steps
-        if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):
-            val_loss = evaluate_loss(step_model, objective, eval_batches, settings, cluster, autocast_precision)
-            row = {"kind": "eval", "step": state.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
-            if on_eval is not None:
-                row.update(on_eval(unwrap(model), state.step) or {})
-            metrics.log(row)
-            if cluster.is_main:
-                progress.write(f"step {state.step}: validation loss {val_loss:.4f}, perplexity {row['val_perplexity']:.2f}")
-            improved = state.best_val_loss is None or val_loss < state.best_val_loss
-            if improved:
-                state.best_val_loss, state.best_step = val_loss, state.step
-        else:
-            improved = False
-        # A new best validation loss is checkpointed too, so the best model is always on disk.
-        if state.step % settings.checkpoint_every == 0 or is_last or improved:
-            last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster, tokenizer,
-                                              settings.keep_last)
+            is_last = state.step == settings.max_steps
+            if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):
+                val_loss = evaluate_loss(step_model, objective, eval_batches, settings, cluster, autocast_precision)
+                row = {"kind": "eval", "step": state.step, "val_loss": val_loss,
+                       "val_perplexity": math.exp(min(val_loss, 50))}
+                if on_eval is not None:
+                    row.update(on_eval(unwrap(model), state.step) or {})
+                metrics.log(row)
+                if cluster.is_main:
+                    progress.write(f"step {state.step}: validation loss {val_loss:.4f}, "
+                                   f"perplexity {row['val_perplexity']:.2f}")
+                improved = state.best_val_loss is None or val_loss < state.best_val_loss
+                if improved:
+                    state.best_val_loss, state.best_step = val_loss, state.step
+            else:
+                improved = False
+            # A new best validation loss is checkpointed too, so the best model is always on disk.
+            if state.step % settings.checkpoint_every == 0 or is_last or improved:
+                last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster, tokenizer,
+                                                  settings.keep_last)
     progress.close()
     plot = metrics.close(plot_title=f"{unwrap(model).config.name}: loss")
     checkpoints = list_checkpoints(run_dir)
@@ -204,6 +209,135 @@ def train(
     return TrainResult(steps=state.step, tokens=state.tokens, train_loss=losses[-1] if losses else float("nan"),
                        val_loss=val_loss, checkpoint=last_checkpoint or (checkpoints[-1] if checkpoints else None),
                        best_checkpoint=best, plot=plot, losses=losses)
+
+
+@dataclass
+class StepSums:
+    """This rank's sums over one optimizer step's micro-batches (0-dim tensors, not yet reduced over ranks)."""
+
+    loss: torch.Tensor  # sum of the token losses S_m of its micro-batches
+    aux: torch.Tensor  # sum of the micro-batches' auxiliary losses, each divided by the accumulation steps
+    counted: torch.Tensor  # label tokens the objective said it summed over
+    tokens: int  # label tokens of the whole step, every micro-batch of every rank (N)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    objective: Objective,
+    micro_batches: list[Batch],
+    cluster: Cluster,
+    precision: Precision = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    step: int = 1,
+) -> StepSums:
+    """Forward and backward over one optimizer step's micro-batches (this rank's), leaving in `.grad` the gradient of
+
+        L = sum_{m,r} S_{m,r} / N  +  mean_{m,r} aux_{m,r}
+
+    S_{m,r}: summed token losses of micro-batch m on rank r, N: label tokens of all micro-batches on all ranks,
+    counted from the batches *before* the first forward (one all-reduce per step). So a micro-batch or a rank with
+    3 label tokens weighs 3/N and one with 300 weighs 300/N: the gradient is that of one batch holding them all.
+    DDP and FSDP average gradients over the W ranks, so each rank back-propagates S_{m,r} * W / N.
+
+    Auxiliary losses (mixture-of-experts load balancing and z-loss) are means over their micro-batch's routing
+    already, not sums over label tokens: each keeps its usual weight per micro-batch, aux / accumulation_steps
+    here, averaged over ranks by the gradient all-reduce, as when it was added to a per-micro-batch mean loss.
+    """
+    local = sum(int(label_tokens(batch)) for batch in micro_batches)  # on the batches' device: usually the CPU
+    tokens = int(all_reduce_sum(torch.tensor(local, device=cluster.device), cluster)) if cluster.world_size > 1 else local
+    if tokens == 0:
+        raise LlmkitError(f"step {step} has no label tokens to learn from (every label of its batches is ignored); "
+                          "check the data: e.g. prompts longer than --max_length leave no completion to train on")
+    sums = StepSums(loss=torch.zeros((), device=cluster.device), aux=torch.zeros((), device=cluster.device),
+                    counted=torch.zeros((), dtype=torch.long, device=cluster.device), tokens=tokens)
+    last = len(micro_batches) - 1
+    for index, batch in enumerate(micro_batches):
+        batch = {name: tensor.to(cluster.device, non_blocking=True) for name, tensor in batch.items()}
+        with gradient_sync(model, cluster, index == last):
+            with autocast(precision, cluster.device):
+                terms = objective(model, batch)
+                loss = terms.total * cluster.world_size / tokens  # S * W / N
+                if terms.aux is not None:
+                    aux = terms.aux / len(micro_batches)
+                    loss = loss + aux
+                    sums.aux += aux.detach().float()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        sums.loss += terms.total.detach().float()
+        sums.counted += terms.tokens.to(cluster.device)
+    return sums
+
+
+def reduce_step(sums: StepSums, stop_requested: int | None, cluster: Cluster, step: int) -> tuple[float, bool]:
+    """The step's reported loss, sum S / N + mean aux (the L the gradient was taken of), and whether any rank was
+    asked to stop: one all-reduce, so every rank takes the same decision after the same step."""
+    values = torch.stack([sums.loss.double(), sums.aux.double(), sums.counted.double(),
+                          torch.tensor(float(stop_requested is not None), dtype=torch.float64, device=sums.loss.device)])
+    loss_sum, aux_sum, counted, stops = all_reduce_sum(values, cluster).tolist()
+    if counted != sums.tokens:
+        raise LlmkitError(f"the objective summed its loss over {counted:.0f} tokens but step {step}'s batches have "
+                          f"{sums.tokens} labels that are not IGNORE_INDEX; an objective's TokenLoss.tokens must "
+                          "count exactly those (llmkit.train.objectives.label_tokens)")
+    loss = loss_sum / sums.tokens + aux_sum / cluster.world_size
+    if not math.isfinite(loss):
+        raise LlmkitError(f"the loss became {loss} at step {step}; lower --lr, use a longer warmup, "
+                          "or bf16 instead of fp16")
+    return loss, stops > 0
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's or torchrun's stop) ask the loop to stop after the
+    current step and save a checkpoint, instead of killing the process mid-step with nothing saved.
+
+    A second Ctrl-C more than REPEAT_SECONDS after the first quits at once (KeyboardInterrupt, nothing saved). A
+    repeat sooner is the same request: torchrun forwards the terminal's Ctrl-C to workers that got it already.
+    Handlers are installed only in the main thread (Python allows no other) and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.requested: int | None = None  # the first signal's number
+        self.at = 0.0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def handle(self, number: int, frame: object) -> None:
+        """A signal handler: remember the first request; a late second Ctrl-C quits now."""
+        now = time.monotonic()
+        if self.requested is None:
+            self.requested, self.at = number, now
+        elif number == signal.SIGINT and self.requested == signal.SIGINT and now - self.at > self.REPEAT_SECONDS:
+            self.__exit__()
+            raise KeyboardInterrupt
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; `exit_status` is 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), the status a shell gives a process that signal ended."""
+
+    def __init__(self, message: str, signal_number: int, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+        self.checkpoint = checkpoint
+
+
+def interrupted(signal_number: int, step: int, checkpoint: Path, cluster: Cluster) -> TrainingInterrupted:
+    """The exception that ends an interrupted run; the main process prints where the checkpoint is and how to go on."""
+    name = signal.Signals(signal_number).name
+    message = (f"{name}: stopped after step {step} and saved it to {checkpoint}; to continue, rerun the same command; "
+               f"it resumes from {checkpoint}")
+    if cluster.is_main:
+        print(message, file=sys.stderr, flush=True)
+    return TrainingInterrupted(message, signal_number, checkpoint)
 
 
 def gpu_peak_flops(device: torch.device) -> float | None:
@@ -234,7 +368,8 @@ def evaluate_loss(
     cluster: Cluster,
     precision: Precision,
 ) -> float:
-    """Mean objective over the validation batches; ranks take turns, so each batch is scored once."""
+    """Mean over the validation batches of each batch's mean loss (`TokenLoss.mean`); ranks take turns, so each batch
+    is scored once."""
     model.eval()
     total = torch.zeros(2, device=cluster.device)  # (loss sum, batches)
     for index, batch in enumerate(eval_batches()):
@@ -244,24 +379,9 @@ def evaluate_loss(
             continue
         batch = {name: tensor.to(cluster.device) for name, tensor in batch.items()}
         with autocast(precision, cluster.device):
-            total[0] += objective(model, batch).float()
+            total[0] += objective(model, batch).mean().float()
         total[1] += 1
     total = all_reduce_sum(total, cluster)
     if total[1] == 0:
         raise LlmkitError("the validation data has no batches; prepare more validation data or set --eval_every 0")
     return (total[0] / total[1]).item()
-
-
-def check_settings(settings: TrainSettings) -> None:
-    """Refuse impossible settings before any work, naming the field."""
-    positive = ("max_steps", "batch_size", "accumulation_steps", "log_every", "checkpoint_every", "eval_batches",
-                "keep_last")
-    for name in positive:
-        if getattr(settings, name) < 1:
-            raise LlmkitError(f"{name}={getattr(settings, name)} must be at least 1")
-    if settings.lr <= 0:
-        raise LlmkitError(f"lr={settings.lr} must be positive")
-    if settings.grad_clip is not None and settings.grad_clip <= 0:
-        raise LlmkitError(f"grad_clip={settings.grad_clip} must be positive (or None to turn clipping off)")
-    if settings.eval_every < 0:
-        raise LlmkitError(f"eval_every={settings.eval_every} must be 0 (off) or positive")

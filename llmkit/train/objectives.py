@@ -1,9 +1,22 @@
-"""Objectives: functions from (model, batch) to a scalar loss. The loop only ever calls one of these,
-so pretraining, fine-tuning and the later objectives share every other part of training."""
+"""Objectives: functions from (model, batch) to a `TokenLoss`, the *sum* of the batch's token losses and the number of
+label tokens it counted. The loop only ever calls one of these, so pretraining, fine-tuning and the later objectives
+share every other part of training.
+
+Why sums, not means: one optimizer step sees several micro-batches (gradient accumulation) on several processes
+(DDP). Its loss is the mean over all label tokens of the step,
+
+    L = sum_{micro-batch m, rank r} S_{m,r} / N,    N = sum_{m,r} n_{m,r}
+
+(S: summed token losses, n: label tokens of one micro-batch), which the loop gets by dividing each micro-batch's sum
+by the step's global N. Averaging per-micro-batch means instead weighs a fine-tuning batch with 3 completion tokens
+as much as one with 300 (the bug transformers fixed in 2024, torchtune likewise).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +26,34 @@ from llmkit.data.batch import IGNORE_INDEX, Batch
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import moe_aux_loss, moe_layers
 
-Objective = Callable[[nn.Module, Batch], torch.Tensor]
+
+@dataclass
+class TokenLoss:
+    """What an objective returns for one batch.
+
+    total: sum of the per-token losses over the label tokens (0-dim, float32).
+    tokens: how many label tokens `total` sums over (0-dim integer): the labels that are not IGNORE_INDEX, so the
+        loop can count them from the batch before any forward pass (`label_tokens`).
+    aux: a loss that is already a mean for this batch and is not weighed by tokens (a mixture-of-experts layer's
+        load-balancing and z-losses, while training), or None.
+    """
+
+    total: torch.Tensor
+    tokens: torch.Tensor
+    aux: torch.Tensor | None = None
+
+    def mean(self) -> torch.Tensor:
+        """The batch's mean token loss plus its auxiliary loss: total / tokens + aux (what a single batch trains on)."""
+        mean = self.total / self.tokens
+        return mean if self.aux is None else mean + self.aux
+
+
+Objective = Callable[[nn.Module, Batch], TokenLoss]
+
+
+def label_tokens(batch: Batch) -> torch.Tensor:
+    """Number of label tokens a batch's loss averages over: labels that are not IGNORE_INDEX (0-dim integer)."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
 
 
 def causal_lm_batch(tokens: torch.Tensor) -> Batch:
@@ -21,21 +61,21 @@ def causal_lm_batch(tokens: torch.Tensor) -> Batch:
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32); while training,
-    plus the load-balancing and z-losses of mixture-of-experts layers (validation reports cross-entropy alone)."""
+def causal_lm_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """Summed next-token cross-entropy over labels that are not IGNORE_INDEX (computed in float32); while training,
+    the load-balancing and z-losses of mixture-of-experts layers ride along as `aux` (validation sees cross-entropy
+    alone). `.mean()` is the usual mean loss."""
     packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}  # packed SFT rows
     labels = batch["labels"]
     if is_compiled(model):  # static shapes: logits everywhere, ignored positions masked in the loss
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed)  # (B, T, V)
-        loss = token_cross_entropy(logits, labels)
+        total = token_cross_entropy(logits, labels, reduction="sum")
     else:  # the LM head only where a label counts (SFT: the completion, often a tenth of the tokens)
         scored = labels != IGNORE_INDEX  # (B, T)
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_at=scored, **packed)
-        loss = F.cross_entropy(logits.float(), labels[scored])  # logits (N, V): the mean over scored tokens
-    if model.training and moe_layers(model):
-        loss = loss + moe_aux_loss(model)
-    return loss
+        total = F.cross_entropy(logits.float(), labels[scored], reduction="sum")  # logits (N, V)
+    aux = moe_aux_loss(model) if model.training and moe_layers(model) else None
+    return TokenLoss(total, label_tokens(batch), aux)
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -43,12 +83,13 @@ def is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod")
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (B, T, V) against labels (B, T); float32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-
-
-OBJECTIVES: dict[str, Objective] = {"causal_lm": causal_lm_loss}
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against labels (B, T), mean or sum over the labels that are not
+    IGNORE_INDEX; float32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 # --------------------------------------------------------------------------- masked language modelling (BERT)
@@ -88,18 +129,16 @@ def masked_lm_batch(
     return {"input_ids": input_ids, "labels": torch.where(chosen, tokens, IGNORE_INDEX)}
 
 
-def masked_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy at the chosen tokens only; the model (models.encoder.MaskedLM) computes its vocabulary
-    projection just there (`selected`), not over the whole sequence."""
+def masked_lm_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """Summed cross-entropy at the chosen tokens only (the label tokens); the model (models.encoder.MaskedLM)
+    computes its vocabulary projection just there (`selected`), not over the whole sequence."""
     selected = batch["labels"] != IGNORE_INDEX  # (B, T)
     if not bool(selected.any()):
         raise LlmkitError("this masked-LM batch has no chosen token to predict; use longer sequences, a bigger batch "
                           "or a larger mask_probability")
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), selected=selected)  # (N, V)
-    return F.cross_entropy(logits.float(), batch["labels"][selected])
-
-
-OBJECTIVES["masked_lm"] = masked_lm_loss
+    total = F.cross_entropy(logits.float(), batch["labels"][selected], reduction="sum")
+    return TokenLoss(total, selected.sum())
 
 
 # --------------------------------------------------------------------------- span corruption (T5)
@@ -187,8 +226,8 @@ def shift_right(labels: torch.Tensor, decoder_start_id: int) -> torch.Tensor:
     return shifted.masked_fill(shifted == IGNORE_INDEX, decoder_start_id)
 
 
-def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids`,
+def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """Summed cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids`,
     decoder inputs being the labels shifted right (`decoder_input_ids`, or made here from the config's start id)."""
     decoder_input_ids = batch.get("decoder_input_ids")
     if decoder_input_ids is None:
@@ -200,7 +239,4 @@ def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
                               "decoder_start_id (T5: 0)")
         decoder_input_ids = shift_right(batch["labels"], start)
     logits = model(batch["input_ids"], decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return token_cross_entropy(logits, batch["labels"])
-
-
-OBJECTIVES["span_corruption"] = seq2seq_loss
+    return TokenLoss(token_cross_entropy(logits, batch["labels"], reduction="sum"), label_tokens(batch))

@@ -66,6 +66,8 @@ def build_scheduler(
         raise LlmkitError(f"unknown learning-rate schedule {schedule!r}; use cosine, linear or constant")
     if warmup_steps < 0 or warmup_steps > max_steps:
         raise LlmkitError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}")
+    if not 0 <= min_lr_ratio <= 1:  # above 1 the "decay" would raise the learning rate; below 0 make it negative
+        raise LlmkitError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]: the learning rate decays to lr x min_lr_ratio")
     multiplier = partial(lr_multiplier, schedule=schedule, warmup_steps=warmup_steps, max_steps=max_steps,
                          min_lr_ratio=min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from llmkit.errors import LlmkitError
+
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 Strategy = Literal["auto", "ddp", "fsdp"]
@@ -33,8 +35,9 @@ class TrainSettings:
         eval_batches: validation batches per run.
         log_every: steps between rows of metrics.jsonl.
         checkpoint_every: steps between checkpoints (one is also written at the end and at each new best).
-        keep_last: checkpoints kept besides the best one.
-        resume: auto continues from the run directory's latest checkpoint; never refuses a directory that has one.
+        keep_last: checkpoints kept besides the best one (the latest is always kept, so the run can resume).
+        resume: auto continues from the run directory's latest checkpoint (Ctrl-C and SIGTERM save one after the
+            current step); never refuses a directory that has one.
         seed: random seed (weights, data order, sampling).
         device: auto, cpu, cuda or cuda:N.
     """
@@ -61,3 +64,40 @@ class TrainSettings:
     resume: Literal["auto", "never"] = "auto"
     seed: int = 1337
     device: str = "auto"
+
+
+# fields that count something and must be at least 1 (eval_every may be 0: off; keep_last 0 keeps the latest only)
+AT_LEAST_ONE = ("max_steps", "batch_size", "accumulation_steps", "log_every", "checkpoint_every", "eval_batches")
+AT_LEAST_ZERO = ("warmup_steps", "eval_every", "keep_last")
+
+
+def check_settings(settings: TrainSettings, prefix: str = "--train.") -> None:
+    """Refuse impossible settings before any work, in one line naming the flag (as the CLI spells it) and the fix.
+
+    Raises:
+        LlmkitError: a count below its minimum, a learning rate that is not positive, a warmup longer than the
+            run, betas outside [0, 1), min_lr_ratio outside [0, 1] (above 1 the "decay" makes the learning rate
+            rise), a negative weight decay, or a gradient-clipping norm that is not positive.
+    """
+    for name in AT_LEAST_ONE:
+        if getattr(settings, name) < 1:
+            raise LlmkitError(f"{prefix}{name}={getattr(settings, name)} must be at least 1")
+    for name in AT_LEAST_ZERO:
+        if getattr(settings, name) < 0:
+            raise LlmkitError(f"{prefix}{name}={getattr(settings, name)} must be at least 0")
+    if settings.warmup_steps > settings.max_steps:
+        raise LlmkitError(f"{prefix}warmup_steps={settings.warmup_steps} must be between 0 and "
+                          f"max_steps={settings.max_steps}; shorten the warmup or train longer")
+    if not settings.lr > 0:
+        raise LlmkitError(f"{prefix}lr={settings.lr} must be positive (1e-3 suits small models, 3e-4 larger ones)")
+    if len(settings.betas) != 2 or not all(0 <= beta < 1 for beta in settings.betas):
+        raise LlmkitError(f"{prefix}betas={list(settings.betas)} must be two numbers in [0, 1), AdamW's moment decay "
+                          "rates; the usual ones are [0.9, 0.95]")
+    if not 0 <= settings.min_lr_ratio <= 1:
+        raise LlmkitError(f"{prefix}min_lr_ratio={settings.min_lr_ratio} must be in [0, 1]: the schedule decays the "
+                          "learning rate to lr x min_lr_ratio, so above 1 it would rise; 0.1 is usual")
+    if not settings.weight_decay >= 0:
+        raise LlmkitError(f"{prefix}weight_decay={settings.weight_decay} must be at least 0 (0 turns it off; 0.1 is "
+                          "usual)")
+    if settings.grad_clip is not None and not settings.grad_clip > 0:
+        raise LlmkitError(f"{prefix}grad_clip={settings.grad_clip} must be positive (or null to turn clipping off)")
