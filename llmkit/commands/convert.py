@@ -26,7 +26,7 @@ def convert(source: str, out: str, to: Literal["native", "hf"] = "native") -> No
         raise LlmkitError(f"--out {out} is the same as --source; choose another output directory")
     config, state_dict = load_weights(source)
     tokenizer = load_tokenizer(source)
-    model = build_model(config, state_dict)  # checks every tensor against the config before writing anything
+    model = build_model(config, state_dict, source=source)  # checks every tensor before writing anything
     if to == "hf":
         export_hf(model, out, tokenizer=tokenizer)
     else:

@@ -41,12 +41,13 @@ def embed(
 
     from safetensors.torch import save_file
 
-    from llmkit.checkpoints.hf_bert import default_encoder_path, load_encoder, sentence_settings
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints.hf_bert import default_encoder_path, sentence_settings
     from llmkit.generate.embed import embed_texts
     from llmkit.io import atomic_write
 
     path = Path(model) if model else default_encoder_path()
-    encoder, tokenizer = load_encoder(path)
+    encoder, tokenizer = load_model(path, arch="encoder"), load_tokenizer(path)
     settings = replace(sentence_settings(path), batch_size=batch_size)
     if normalize is not None:
         settings = replace(settings, normalize=normalize)

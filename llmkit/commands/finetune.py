@@ -83,7 +83,7 @@ def finetune(
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     path = Path(model) if model else default_model_path()
     tokenizer = load_tokenizer(path)
-    network = load_model(path)
+    network = load_model(path, arch="decoder")
     method_settings = settings_from_dict(method, settings or {})
     virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
     if max_length + virtual_tokens > network.config.max_seq_len:

@@ -44,7 +44,7 @@ def moe_upcycle(
 
     if Path(output).resolve() == Path(model).resolve():
         raise LlmkitError(f"--output {output} is the same as --model; choose another output directory")
-    dense = load_model(model, dtype=dtype)
+    dense = load_model(model, dtype=dtype, arch="decoder")
     tokenizer = load_tokenizer(model)
     dense_parameters = dense.num_parameters()
     torch.manual_seed(seed)
