@@ -156,9 +156,9 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
-        for name in ("type_vocab_size", "n_experts"):
-            if getattr(self, name) < 0:
-                raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be >= 0 (0 = none)")
+        if self.type_vocab_size < 0:
+            raise LlmkitError(f"config {self.name!r}: type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no "
+                              "segment embeddings)")
         self._validate_head()
         if self.n_heads % self.n_kv_heads:
             raise LlmkitError(

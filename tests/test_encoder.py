@@ -254,6 +254,11 @@ def write_config(directory: Path, **fields) -> Path:
     ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
     ({"position_embedding_type": "relative_key"}, "supports only 'absolute' positions"),
     ({"hidden_size": None}, "has no 'hidden_size'"),
+    ({"hidden_size": "32"}, "config.json: hidden_size='32' is a string, but it must be an integer"),
+    ({"layer_norm_eps": "tiny"}, "config.json: layer_norm_eps='tiny' is a string, but it must be a number"),
+    ({"num_attention_heads": 5}, "config.json: config '[^']+': hidden_size=32 is not divisible by num_attention_heads=5"),
+    ({"architectures": ["BertForSequenceClassification"], "id2label": None, "num_labels": 0},
+     "config.json: config '[^']+': num_labels=0 must be a positive number of labels"),
 ])
 def test_unsupported_bert_configs_are_refused(tmp_path, fields, message):
     with pytest.raises(LlmkitError, match=message):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from llmkit.checkpoints import load_model, save_model
+from llmkit.checkpoints import load_config, load_model, save_model
 from llmkit.checkpoints.hf_t5 import load_hf_t5
 from llmkit.checkpoints.native import save_native
 from llmkit.config import Config
@@ -277,3 +277,18 @@ def test_import_errors_name_the_file_and_fix(tmp_path: Path) -> None:
     save_file(weights, directory / "model.safetensors")
     with pytest.raises(LlmkitError, match=r"has shape \((48, 32|32, 48)\).*config expects"):
         load_hf_t5(directory)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(d_kv="8"), r"d_kv='8' is a string, but it must be an integer; fix d_kv in the file"),
+    (dict(num_layers=2.5), r"num_layers=2.5 is a fractional number, but it must be an integer"),
+    (dict(layer_norm_epsilon=[1e-6]), r"layer_norm_epsilon=\[1e-06\] is a list, but it must be a number"),
+    (dict(num_heads=0), r"config '[^']+': num_heads=0 must be a positive integer"),  # Config's check, T5's names
+])
+def test_t5_config_json_of_the_wrong_type_names_the_key(tmp_path: Path, changes: dict, message: str) -> None:
+    directory = saved(hf_t5("v1.0"), tmp_path / "t5")
+    data = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**data, **changes}))
+    for load in (load_config, load_model):  # `llmkit info` and every loading verb
+        with pytest.raises(LlmkitError, match=rf"t5/config.json: {message}"):
+            load(directory)

@@ -203,12 +203,11 @@ def masked_lm_parts(
                               "BertForMaskedLM or an llmkit encoder checkpoint and prepare the data with its tokenizer")
         network.train()
     else:
-        config = Config.from_name(model, vocab_size=vocab_size, eos_id=manifest["eos_id"], bos_id=None,
-                                  encoder_head="masked_lm")
+        config = Config.from_name(model, vocab_size=vocab_size, eos_id=manifest["eos_id"], bos_id=None)
         if config.arch != "encoder":
             raise LlmkitError(f"--model {model} is a {config.arch}; --arch encoder needs an encoder preset such as "
                               "mini-bert")
-        network = MaskedLM(config)
+        network = MaskedLM(replace(config, encoder_head="masked_lm"))  # checkpoints reload as a MaskedLM
     if seq_len > network.config.max_seq_len:
         raise LlmkitError(f"seq_len={seq_len} exceeds {network.config.name}'s {network.config.max_seq_len} positions; "
                           "pass a smaller --seq_len")
