@@ -7,6 +7,7 @@ Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `ll
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -322,7 +323,7 @@ def _rope_scaling_from_dict(values: dict[str, Any], config_name: str) -> RopeSca
 def check_field_types(instance: Any, where: str, prefix: str = "") -> None:
     """Check every field of a dataclass against its annotation (bool is not an int; an int is a fine float, and is
     stored as one), so a "64" or a 2.5 from a JSON file is one readable error instead of a crash far away."""
-    hints = typing.get_type_hints(type(instance))
+    hints = _type_hints(type(instance))
     for item in dataclasses.fields(instance):
         value, hint, name = getattr(instance, item.name), hints[item.name], prefix + item.name
         if not _matches(value, hint) and typing.get_origin(hint) is Literal:
@@ -332,6 +333,12 @@ def check_field_types(instance: Any, where: str, prefix: str = "") -> None:
                               f"{_describe(hint)}; fix {name}")
         if hint is float and isinstance(value, int):
             setattr(instance, item.name, float(value))
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved annotations (the module uses postponed annotations); once per class."""
+    return typing.get_type_hints(cls)
 
 
 def _matches(value: Any, hint: Any) -> bool:
