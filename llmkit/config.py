@@ -1,4 +1,6 @@
-"""One `Config` dataclass describes a decoder-only transformer; every variant is a field.
+"""One `Config` dataclass describes a transformer (decoder, encoder with its head, or encoder-decoder); every
+variant is a field, and every field is checked against its type and range when a Config is made, so a bad value
+from a file is one readable error naming the field and the fix.
 
 Named presets live in `llmkit.presets`; `Config.from_name("smollm2-135m")` looks them up.
 Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `llmkit.checkpoints.load_config`.
@@ -55,7 +57,7 @@ class RopeScaling:
 
 @dataclass
 class Config:
-    """Shape and variant choices of a decoder-only language model (GPT-2, Llama, Mistral, Qwen2...)."""
+    """Shape and variant choices of a model: decoders (GPT-2, Llama, Mistral, Qwen2...), BERT encoders, T5."""
 
     name: str = "custom"
 
