@@ -43,11 +43,12 @@ def load_sentences(count: int) -> list[str]:
 def run_llmkit(model_dir: str, sentences: list[str], batch_size: int, threads: int, rounds: int) -> dict:
     from dataclasses import replace
 
-    from llmkit.checkpoints.hf_bert import load_encoder, sentence_settings
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints.hf_bert import sentence_settings
     from llmkit.generate.embed import embed_texts
 
     torch.set_num_threads(threads)
-    model, tokenizer = load_encoder(model_dir)
+    model, tokenizer = load_model(model_dir, arch="encoder"), load_tokenizer(model_dir)
     settings = replace(sentence_settings(model_dir), batch_size=batch_size)
     times = []
     for _ in range(rounds + 1):  # the first round warms up

@@ -1,4 +1,6 @@
-"""One `Config` dataclass describes a decoder-only transformer; every variant is a field.
+"""One `Config` dataclass describes a transformer (decoder, encoder with its head, or encoder-decoder); every
+variant is a field, and every field is checked against its type and range when a Config is made, so a bad value
+from a file is one readable error naming the field and the fix.
 
 Named presets live in `llmkit.presets`; `Config.from_name("smollm2-135m")` looks them up.
 Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `llmkit.checkpoints.load_config`.
@@ -7,7 +9,10 @@ Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `ll
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +26,14 @@ POSITIONS = ("rope", "learned", "alibi", "relative")
 ROPE_SCALINGS = ("linear", "llama3")
 ARCHS = ("decoder", "encoder", "seq2seq")
 ROUTERS = ("topk", "switch")
+ENCODER_HEADS = ("base", "masked_lm", "sequence_classification", "token_classification")
+LABELLED_HEADS = ("sequence_classification", "token_classification")  # these need n_labels
+# config.json files llmkit wrote before these were typed fields kept them in `extra` under these keys
+LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf_architecture": "hf_architecture",
+                     "eos_token_ids": "eos_ids"}
+# Fields a native config.json may leave out: the name, free-form notes, and the fields that replaced `extra` keys
+# (older files carry those under `extra`, see LEGACY_EXTRA_KEYS). Every other field shapes the network.
+OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
 
 
 @dataclass
@@ -35,10 +48,16 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "config", prefix="rope_scaling.")
+        if self.factor <= 0 or self.original_max_seq_len < 1:
+            raise LlmkitError(f"config: rope_scaling.factor={self.factor} and rope_scaling.original_max_seq_len="
+                              f"{self.original_max_seq_len} must both be positive; fix rope_scaling")
+
 
 @dataclass
 class Config:
-    """Shape and variant choices of a decoder-only language model (GPT-2, Llama, Mistral, Qwen2...)."""
+    """Shape and variant choices of a model: decoders (GPT-2, Llama, Mistral, Qwen2...), BERT encoders, T5."""
 
     name: str = "custom"
 
@@ -100,11 +119,20 @@ class Config:
     router_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch's alpha)
     router_z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (source, licence)
+    # --- where the weights came from; these choose the model class and the export format
+    encoder_head: Literal["base", "masked_lm", "sequence_classification", "token_classification"] = "base"  # encoders
+    n_labels: int | None = None  # classifier outputs of a sequence/token classification head
+    hf_architecture: str | None = None  # HF class imported from ("LlamaForCausalLM"), written back on export
+    eos_ids: tuple[int, ...] = ()  # every stop token when there are several (Llama 3 instruct); eos_id is the first
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (source, licence); never read by code
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
+            self.rope_scaling = _rope_scaling_from_dict(self.rope_scaling, self.name)
+        if isinstance(self.eos_ids, list):  # JSON has no tuples
+            self.eos_ids = tuple(self.eos_ids)
+        check_field_types(self, f"config {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -131,6 +159,10 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
+        if self.type_vocab_size < 0:
+            raise LlmkitError(f"config {self.name!r}: type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no "
+                              "segment embeddings)")
+        self._validate_head()
         if self.n_heads % self.n_kv_heads:
             raise LlmkitError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
@@ -164,6 +196,17 @@ class Config:
             for name in ("n_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"):
                 if getattr(self, name) <= 0:
                     raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
+
+    def _validate_head(self) -> None:
+        """encoder_head and n_labels: a classifier head needs its number of labels, and only encoders have heads."""
+        where = f"config {self.name!r}"
+        if self.encoder_head != "base" and self.arch != "encoder":
+            raise LlmkitError(f"{where}: encoder_head={self.encoder_head!r} applies to arch='encoder' only (this is "
+                              f"arch={self.arch!r}); set encoder_head='base'")
+        if self.encoder_head in LABELLED_HEADS and self.n_labels is None:
+            raise LlmkitError(f"{where}: a {self.encoder_head} head needs n_labels, its number of labels; set n_labels")
+        if self.n_labels is not None and self.n_labels < 1:
+            raise LlmkitError(f"{where}: n_labels={self.n_labels} must be a positive number of labels")
 
     def _validate_experts(self) -> None:
         """The mixture-of-experts fields (checked only when n_experts > 0)."""
@@ -214,6 +257,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        """A Config from field values; fields left out take their defaults (see `load` for files)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -221,12 +265,124 @@ class Config:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
+        """Write every field as JSON, so `load` finds the complete description it requires."""
         from llmkit.io import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """Read an llmkit config.json. Every field that shapes the network must be there (a missing one is an
+        error, never a silent default); older files' `extra` keys (LEGACY_EXTRA_KEYS) move to their fields."""
         from llmkit.io import read_json_object
 
-        return cls.from_dict(read_json_object(Path(path)))
+        path = Path(path)
+        data = _with_legacy_fields(read_json_object(path))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LlmkitError(f"{path}: config has unknown fields {unknown}; remove them (known fields: "
+                              f"{sorted(known)})")
+        missing = [name for name in _field_names(cls) if name not in data and name not in OPTIONAL_FILE_FIELDS]
+        if missing:
+            raise LlmkitError(f"{path}: config is missing fields {missing}; an llmkit config.json lists every field "
+                              "(re-save it with Config.save, or add them with the values the weights were trained "
+                              "with)")
+        try:
+            return cls(**data)
+        except LlmkitError as error:
+            raise LlmkitError(f"{path}: {error}") from None
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _with_legacy_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Move the `extra` keys older llmkit files used (encoder_task, n_labels, ...) to their typed fields."""
+    extra = data.get("extra")
+    if not isinstance(extra, dict) or not set(extra) & set(LEGACY_EXTRA_KEYS):
+        return data
+    data = dict(data, extra={key: value for key, value in extra.items() if key not in LEGACY_EXTRA_KEYS})
+    for key, name in LEGACY_EXTRA_KEYS.items():
+        if key in extra and name not in data:
+            data[name] = extra[key]
+    return data
+
+
+def _rope_scaling_from_dict(values: dict[str, Any], config_name: str) -> RopeScaling:
+    """RopeScaling from a JSON object, refusing keys it does not have (instead of a TypeError)."""
+    unknown = sorted(set(values) - set(_field_names(RopeScaling)))
+    if unknown:
+        raise LlmkitError(f"config {config_name!r}: rope_scaling has unknown keys {unknown}; it takes "
+                          f"{_field_names(RopeScaling)}")
+    return RopeScaling(**values)
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def check_field_types(instance: Any, where: str, prefix: str = "") -> None:
+    """Check every field of a dataclass against its annotation (bool is not an int; an int is a fine float, and is
+    stored as one), so a "64" or a 2.5 from a JSON file is one readable error instead of a crash far away."""
+    hints = _type_hints(type(instance))
+    for item in dataclasses.fields(instance):
+        value, hint, name = getattr(instance, item.name), hints[item.name], prefix + item.name
+        if not _matches(value, hint) and typing.get_origin(hint) is Literal:
+            raise LlmkitError(f"{where}: {name}={value!r}; choose one of {typing.get_args(hint)}")
+        if not _matches(value, hint):
+            raise LlmkitError(f"{where}: {name}={value!r} is {_kind_of(value)}, but {name} must be "
+                              f"{_describe(hint)}; fix {name}")
+        if hint is float and isinstance(value, int):
+            setattr(instance, item.name, float(value))
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved annotations (the module uses postponed annotations); once per class."""
+    return typing.get_type_hints(cls)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the annotated type (the forms Config uses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in words: "an integer or null", "one of ('rope', 'learned')"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return f"one of {args}"
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "an object"
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             RopeScaling: "an object (kind, factor, ...)"}
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _kind_of(value: Any) -> str:
+    """A JSON-ish name of a value's type for error messages."""
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")

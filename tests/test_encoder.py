@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llmkit.checkpoints.hf_bert import bert_config, default_encoder_path, load_encoder, sentence_settings
+from llmkit.checkpoints import load_model, load_tokenizer, save_model
+from llmkit.checkpoints.hf_bert import bert_config, default_encoder_path, sentence_settings
 from llmkit.checkpoints.native import save_native
 from llmkit.commands.embed import EMBEDDINGS_KEY, embed
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.generate.embed import embed_texts
 from llmkit.models.encoder import (
-    N_LABELS_KEY,
-    TASK_KEY,
     Encoder,
     MaskedLM,
     SentenceSettings,
@@ -46,8 +45,13 @@ def tiny_bert_config(**overrides) -> transformers.BertConfig:
     return transformers.BertConfig(**{**settings, **overrides})
 
 
+def load_encoder(path: Path) -> tuple[torch.nn.Module, Tokenizer]:
+    """The model and tokenizer of a checkpoint, each through llmkit's one loader for its kind."""
+    return load_model(path), load_tokenizer(path)
+
+
 def save_reference(model: torch.nn.Module, directory: Path) -> Path:
-    """Save a transformers model and a tokenizer beside it (load_encoder returns both; the vocabulary is unused)."""
+    """Save a transformers model and a tokenizer beside it (tests load both; the vocabulary is unused)."""
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:
         shutil.copy(default_encoder_path() / name, directory / name)
@@ -137,9 +141,9 @@ def test_bert_model_loads_as_a_bare_encoder_without_its_pooler(tmp_path):
 def test_a_native_checkpoint_round_trips(tmp_path):
     reference = randomised(transformers.BertForMaskedLM(tiny_bert_config()))
     model, tokenizer = load_encoder(save_reference(reference, tmp_path / "hf"))
-    save_native(model.config, model.state_dict(), tmp_path / "native")
-    tokenizer.save(tmp_path / "native")
+    save_model(model, tmp_path / "native", tokenizer=tokenizer)
     again, _ = load_encoder(tmp_path / "native")
+    assert type(again) is MaskedLM and again.config.hf_architecture == "BertForMaskedLM"
     ids, mask, types = padded_batch(99)
     with torch.no_grad():
         assert torch.equal(again(ids, mask, types), model(ids, mask, types))
@@ -191,10 +195,9 @@ def test_mean_pool_averages_only_real_tokens():
 
 def test_build_encoder_model_follows_the_task_in_the_config():
     assert type(build_encoder_model(Config.from_name("tiny-bert"))) is Encoder
-    masked = build_encoder_model(Config.from_name("tiny-bert", extra={TASK_KEY: "masked_lm"}))
+    masked = build_encoder_model(Config.from_name("tiny-bert", encoder_head="masked_lm"))
     assert isinstance(masked, MaskedLM) and "mlm_head.decoder.weight" not in masked.state_dict()  # tied
-    classifier = build_encoder_model(Config.from_name("tiny-bert", extra={TASK_KEY: "token_classification",
-                                                                          N_LABELS_KEY: 7}))
+    classifier = build_encoder_model(Config.from_name("tiny-bert", encoder_head="token_classification", n_labels=7))
     assert classifier.classifier.out_features == 7
 
 
@@ -231,10 +234,12 @@ def test_configs_an_encoder_cannot_use_are_refused():
         Encoder(Config.from_name("tiny-bert", position="rope"))
     with pytest.raises(LlmkitError, match="arch='decoder'"):
         build_encoder_model(Config.from_name("tiny-llama"))
-    with pytest.raises(LlmkitError, match="needs extra\\['n_labels'\\]"):
-        build_encoder_model(Config.from_name("tiny-bert", extra={TASK_KEY: "sequence_classification"}))
-    with pytest.raises(LlmkitError, match="extra\\['encoder_task'\\]='question_answering'"):
-        build_encoder_model(Config.from_name("tiny-bert", extra={TASK_KEY: "question_answering"}))
+    with pytest.raises(LlmkitError, match="a sequence_classification head needs n_labels"):
+        build_encoder_model(Config.from_name("tiny-bert", encoder_head="sequence_classification"))
+    with pytest.raises(LlmkitError, match="encoder_head='question_answering'; choose one of"):
+        build_encoder_model(Config.from_name("tiny-bert", encoder_head="question_answering"))
+    with pytest.raises(LlmkitError, match="encoder_head='masked_lm' applies to arch='encoder' only"):
+        Config.from_name("tiny-llama", encoder_head="masked_lm")
 
 
 def write_config(directory: Path, **fields) -> Path:
@@ -249,6 +254,11 @@ def write_config(directory: Path, **fields) -> Path:
     ({"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
     ({"position_embedding_type": "relative_key"}, "supports only 'absolute' positions"),
     ({"hidden_size": None}, "has no 'hidden_size'"),
+    ({"hidden_size": "32"}, "config.json: hidden_size='32' is a string, but it must be an integer"),
+    ({"layer_norm_eps": "tiny"}, "config.json: layer_norm_eps='tiny' is a string, but it must be a number"),
+    ({"num_attention_heads": 5}, "config.json: config '[^']+': hidden_size=32 is not divisible by num_attention_heads=5"),
+    ({"architectures": ["BertForSequenceClassification"], "id2label": None, "num_labels": 0},
+     "config.json: config '[^']+': num_labels=0 must be a positive number of labels"),
 ])
 def test_unsupported_bert_configs_are_refused(tmp_path, fields, message):
     with pytest.raises(LlmkitError, match=message):
@@ -284,7 +294,7 @@ def test_checkpoint_files_that_disagree_or_are_broken_are_refused(tmp_path):
 
 
 def test_a_native_checkpoint_of_another_shape_is_refused(tmp_path):
-    config = Config.from_name("tiny-bert", extra={TASK_KEY: "masked_lm"})
+    config = Config.from_name("tiny-bert", encoder_head="masked_lm")
     save_native(config, Encoder(config).state_dict(), tmp_path)  # a bare body under a masked-LM config
     with pytest.raises(LlmkitError, match=r"missing \['encoder.blocks.0.*unexpected \['blocks.0"):
         load_encoder(tmp_path)

@@ -113,7 +113,7 @@ def test_import_matches_transformers_logits(kind, tmp_path):
         got = model(ids)
     assert expected.abs().max() > 1.0  # logits carry signal, so the comparison below can fail
     assert max_difference(got, expected) <= TOLERANCE
-    assert model.config.extra["hf_architecture"] == type(hf_model).__name__
+    assert model.config.hf_architecture == type(hf_model).__name__
 
 
 @pytest.mark.parametrize("kind", list(HF_BUILDERS))

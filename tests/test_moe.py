@@ -229,7 +229,7 @@ def test_mixtral_import_matches_transformers_and_exports_back(tmp_path):
     reference.save_pretrained(tmp_path / "hf")  # block_sparse_moe.experts.{j}.w1/w2/w3 and .gate, as on the Hub
     model = load_model(tmp_path / "hf")
     assert (model.config.n_experts, model.config.experts_per_token, model.config.router) == (4, 2, "topk")
-    assert model.config.router_aux_loss_coef == 0.02 and model.config.extra["hf_architecture"] == MIXTRAL
+    assert model.config.router_aux_loss_coef == 0.02 and model.config.hf_architecture == MIXTRAL
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(ids)

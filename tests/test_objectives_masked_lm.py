@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import chi2
 
-from llmkit.checkpoints.hf_bert import load_encoder
+from llmkit.checkpoints import load_model, load_tokenizer
 from llmkit.checkpoints.native import save_native
 from llmkit.commands.pretrain import pretrain
 from llmkit.config import Config
 from llmkit.data.batch import IGNORE_INDEX
 from llmkit.errors import LlmkitError
-from llmkit.models.encoder import TASK_KEY, Encoder, MaskedLM
+from llmkit.models.encoder import Encoder, MaskedLM
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.objectives import masked_lm_batch, masked_lm_loss
 from llmkit.train.settings import TrainSettings
@@ -84,7 +84,7 @@ def test_the_same_generator_seed_gives_the_same_batch():
 
 def test_masked_lm_loss_is_cross_entropy_at_the_chosen_tokens():
     torch.manual_seed(0)
-    model = MaskedLM(Config.from_name("tiny-bert", extra={TASK_KEY: "masked_lm"}))
+    model = MaskedLM(Config.from_name("tiny-bert", encoder_head="masked_lm"))
     tokens = torch.randint(3, 256, (2, 32))
     batch = masked_lm_batch(tokens, MASK_ID, 256, SPECIAL, torch.Generator().manual_seed(0))
     logits = model(batch["input_ids"])  # (B, T, V)
@@ -136,7 +136,7 @@ def test_pretrain_encoder_learns_to_fill_in_masked_tokens(encoder_run):
 
 def test_pretrain_encoder_checkpoints_load_as_a_masked_lm(encoder_run):
     run_dir, result = encoder_run
-    model, tokenizer = load_encoder(result.checkpoint)
+    model, tokenizer = load_model(result.checkpoint), load_tokenizer(result.checkpoint)
     assert isinstance(model, MaskedLM) and model.config.arch == "encoder"
     mask_id = tokenizer.token_to_id("[MASK]")
     assert mask_id is not None and mask_id in tokenizer.special_ids

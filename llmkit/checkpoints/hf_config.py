@@ -4,6 +4,7 @@ tensor names."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ MIXTRAL = "MixtralForCausalLM"
 STABLELM = "StableLmForCausalLM"
 MODEL_TYPES = {GPT2: "gpt2", LLAMA: "llama", MISTRAL: "mistral", QWEN2: "qwen2", BLOOM: "bloom", PHI3: "phi3",
                GEMMA: "gemma", MIXTRAL: "mixtral", STABLELM: "stablelm"}
-ARCHITECTURE_KEY = "hf_architecture"  # Config.extra key: the family a checkpoint came from, written back on export
 GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # transformers runs Gemma's legacy "gelu" as the tanh approximation
 BLOOM_CONTEXT = 2048  # BLOOM's training length; ALiBi has no position table, so config.json may not say it
@@ -34,6 +34,59 @@ FAMILY_ONLY_FIELDS = dict(embed_norm=False, scale_embeddings=False, norm_offset=
 # Families whose RoPE may rotate only part of each head, with transformers' default partial_rotary_factor
 PARTIAL_ROTARY = {PHI3: 1.0, STABLELM: 0.25}
 ROPE_TYPES = ("default", "linear", "llama3")
+REQUIRED = object()  # `read_field` default: the key must be present
+JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+              list: "a list"}
+# llmkit field -> the config.json key that sets it, per layout: Config's errors are reworded with the file's names
+LLAMA_NAMES = dict(vocab_size="vocab_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                   n_kv_heads="num_key_value_heads", d_model="hidden_size", head_dim="head_dim",
+                   d_ff="intermediate_size", max_seq_len="max_position_embeddings", norm_eps="rms_norm_eps",
+                   rope_theta="rope_theta", rope_fraction="partial_rotary_factor", n_experts="num_local_experts",
+                   experts_per_token="num_experts_per_tok")
+GPT2_NAMES = dict(vocab_size="vocab_size", n_layers="n_layer", n_heads="n_head", d_model="n_embd", d_ff="n_inner",
+                  max_seq_len="n_positions", norm_eps="layer_norm_epsilon")
+BLOOM_NAMES = dict(GPT2_NAMES, d_model="hidden_size", max_seq_len="seq_length")
+
+
+# --------------------------------------------------------------------------- typed reads of config.json
+
+
+def read_field(data: dict[str, Any], key: str, config_file: Path, kind: type, default: Any = REQUIRED,
+               where: str = "config") -> Any:
+    """`data[key]` checked against the JSON type it must have (bool is not an integer; an integer is a fine
+    number), so a "64" or 2.5 in config.json is one error naming the file and the key, not a crash later.
+    A missing or null key gives `default`, or an error when there is none."""
+    value = data.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise LlmkitError(f"{config_file}: the {where} has no {key!r}; the file is incomplete, use the "
+                              "config.json that came with the weights")
+        return default
+    fits = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)) and (
+        kind is bool or not isinstance(value, bool))
+    if not fits:
+        name = key if where == "config" else f"{where} {key}"
+        raise LlmkitError(f"{config_file}: {name}={value!r} is {_json_kind(value)}, but it must be "
+                          f"{JSON_TYPES[kind]}; fix {key} in the file")
+    return float(value) if kind is float else value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a fractional number", str: "a string", list: "a list",
+             dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def build_config(config_file: Path, names: dict[str, str], **fields: Any) -> Config:
+    """`Config(**fields)`, its errors reworded with config.json's own keys (`names`: llmkit field -> key) and
+    prefixed with the file, so the message points at what to fix in that file."""
+    try:
+        return Config(**fields)
+    except LlmkitError as error:
+        message = str(error)
+        for field, key in names.items():
+            message = re.sub(rf"\b{field}\b", key, message)
+        raise LlmkitError(f"{config_file}: {message}") from None
 
 
 # --------------------------------------------------------------------------- config.json -> Config
@@ -53,18 +106,18 @@ def config_from_hf(path: str | Path) -> Config:
         fields = _bloom_fields(data, config_file)
     else:
         fields = _llama_fields(data, config_file, architecture)
-    extra: dict[str, Any] = {ARCHITECTURE_KEY: architecture, **fields.pop("extra")}
+    names = {GPT2: GPT2_NAMES, BLOOM: BLOOM_NAMES}.get(architecture, LLAMA_NAMES)
     eos = data.get("eos_token_id")
+    eos_ids: tuple[int, ...] = ()
     if isinstance(eos, list):  # Llama 3 instruct models stop on several tokens; the first is the main one
-        extra["eos_token_ids"] = eos
-        eos = eos[0] if eos else None
-    return Config(name=config_file.parent.name or "hf-model", bos_id=data.get("bos_token_id"), eos_id=eos,
-                  extra=extra, **fields)
-
-
-# Families llmkit loads with their own model classes rather than the Decoder.
-OTHER_LOADERS = {"bert": "llmkit.checkpoints.hf_bert.load_encoder (or `llmkit embed`)",
-                 "t5": "llmkit.checkpoints.hf_t5.load_seq2seq"}
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in eos):
+            raise LlmkitError(f"{config_file}: eos_token_id={eos!r} must be an integer or a list of integers; fix "
+                              "eos_token_id in the file")
+        eos_ids, eos = tuple(eos), (eos[0] if eos else None)
+    return build_config(config_file, names, name=config_file.parent.name or "hf-model",
+                        bos_id=read_field(data, "bos_token_id", config_file, int, None),
+                        eos_id=read_field({"eos_token_id": eos}, "eos_token_id", config_file, int, None),
+                        hf_architecture=architecture, eos_ids=eos_ids, **fields)
 
 
 def _declared_architecture(data: dict[str, Any], config_file: Path) -> str:
@@ -76,10 +129,6 @@ def _declared_architecture(data: dict[str, Any], config_file: Path) -> str:
     if not declared and data.get("model_type") in by_model_type:
         return by_model_type[data["model_type"]]
     named = ", ".join(declared) or f"model_type {data.get('model_type')!r}"
-    other_loader = OTHER_LOADERS.get(data.get("model_type"))
-    if other_loader:
-        raise LlmkitError(f"{config_file} is a {data['model_type']} model, not a decoder-only language model; load it "
-                          f"with {other_loader}")
     raise LlmkitError(
         f"{config_file} declares architecture {named}, which llmkit cannot import; supported architectures: "
         f"{', '.join(MODEL_TYPES)}"
@@ -87,7 +136,7 @@ def _declared_architecture(data: dict[str, Any], config_file: Path) -> str:
 
 
 def _gpt2_fields(data: dict[str, Any], config_file: Path) -> dict[str, Any]:
-    activation = data.get("activation_function", "gelu_new")
+    activation = read_field(data, "activation_function", config_file, str, "gelu_new")
     if activation not in GPT2_ACTIVATIONS:
         raise LlmkitError(f"{config_file}: activation_function={activation!r} is not supported; llmkit's GPT-2 "
                           f"supports {', '.join(GPT2_ACTIVATIONS)}")
@@ -96,14 +145,15 @@ def _gpt2_fields(data: dict[str, Any], config_file: Path) -> dict[str, Any]:
         if data.get(flag, supported) != supported:
             raise LlmkitError(f"{config_file}: {flag}={data[flag]} is not supported by llmkit's GPT-2 "
                               f"(only {flag}={supported}); this checkpoint cannot be imported")
-    d_model = _require(data, "n_embd", config_file)
+    d_model = read_field(data, "n_embd", config_file, int)
     return dict(
-        vocab_size=_require(data, "vocab_size", config_file), n_layers=_require(data, "n_layer", config_file),
-        n_heads=_require(data, "n_head", config_file), d_model=d_model, d_ff=data.get("n_inner") or 4 * d_model,
-        max_seq_len=_require(data, "n_positions", config_file), norm="layernorm",
-        norm_eps=data.get("layer_norm_epsilon", 1e-5), mlp="gelu", gelu_approximate=GPT2_ACTIVATIONS[activation],
-        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=data.get("tie_word_embeddings", True),
-        position="learned", extra={},
+        vocab_size=read_field(data, "vocab_size", config_file, int),
+        n_layers=read_field(data, "n_layer", config_file, int), n_heads=read_field(data, "n_head", config_file, int),
+        d_model=d_model, d_ff=read_field(data, "n_inner", config_file, int, 0) or 4 * d_model,
+        max_seq_len=read_field(data, "n_positions", config_file, int), norm="layernorm",
+        norm_eps=read_field(data, "layer_norm_epsilon", config_file, float, 1e-5), mlp="gelu",
+        gelu_approximate=GPT2_ACTIVATIONS[activation], qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=read_field(data, "tie_word_embeddings", config_file, bool, True), position="learned",
     )
 
 
@@ -112,27 +162,31 @@ def _bloom_fields(data: dict[str, Any], config_file: Path) -> dict[str, Any]:
         if data.get(flag, supported) != supported:
             raise LlmkitError(f"{config_file}: {flag}={data[flag]} is not supported by llmkit's BLOOM "
                               f"(only {flag}={supported}); this checkpoint cannot be imported")
-    d_model = data.get("hidden_size") or _require(data, "n_embed", config_file)  # older BLOOM configs say n_embed
+    d_model = (read_field(data, "hidden_size", config_file, int, None)
+               or read_field(data, "n_embed", config_file, int))  # older BLOOM configs say n_embed
     return dict(
-        vocab_size=_require(data, "vocab_size", config_file), n_layers=_require(data, "n_layer", config_file),
-        n_heads=_require(data, "n_head", config_file), d_model=d_model, d_ff=4 * d_model,
-        max_seq_len=data.get("seq_length") or BLOOM_CONTEXT, norm="layernorm",
-        norm_eps=data.get("layer_norm_epsilon", 1e-5), mlp="gelu", gelu_approximate="tanh", qkv_bias=True,
-        out_bias=True, mlp_bias=True, tie_embeddings=data.get("tie_word_embeddings", True), position="alibi",
-        embed_norm=True, extra={},
+        vocab_size=read_field(data, "vocab_size", config_file, int),
+        n_layers=read_field(data, "n_layer", config_file, int), n_heads=read_field(data, "n_head", config_file, int),
+        d_model=d_model, d_ff=4 * d_model, max_seq_len=read_field(data, "seq_length", config_file, int, BLOOM_CONTEXT),
+        norm="layernorm", norm_eps=read_field(data, "layer_norm_epsilon", config_file, float, 1e-5), mlp="gelu",
+        gelu_approximate="tanh", qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=read_field(data, "tie_word_embeddings", config_file, bool, True), position="alibi",
+        embed_norm=True,
     )
 
 
 def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) -> dict[str, Any]:
     """Llama and the families that differ from it in a few fields (Mistral, Qwen2, Phi-3, Gemma, StableLM)."""
-    activation = data.get("hidden_act", "gelu_pytorch_tanh" if architecture == GEMMA else "silu")
+    activation = read_field(data, "hidden_act", config_file, str, "gelu_pytorch_tanh" if architecture == GEMMA else "silu")
     if architecture == GEMMA and activation not in GEMMA_ACTIVATIONS:
         raise LlmkitError(f"{config_file}: hidden_act={activation!r}; llmkit's Gemma GeGLU MLP supports "
                           f"{', '.join(GEMMA_ACTIVATIONS)} (both the tanh approximation)")
     if architecture != GEMMA and activation != "silu":
         raise LlmkitError(f"{config_file}: hidden_act={activation!r}; llmkit's SwiGLU MLP supports only 'silu'")
-    rope_fraction = (data.get("rope_parameters") or {}).get("partial_rotary_factor", data.get("partial_rotary_factor"))
-    rope_fraction = PARTIAL_ROTARY.get(architecture, 1.0) if rope_fraction is None else float(rope_fraction)
+    parameters = read_field(data, "rope_parameters", config_file, dict, {})
+    rope_fraction = read_field(parameters, "partial_rotary_factor", config_file, float, None, where="rope_parameters")
+    if rope_fraction is None:
+        rope_fraction = read_field(data, "partial_rotary_factor", config_file, float, PARTIAL_ROTARY.get(architecture, 1.0))
     if rope_fraction != 1.0 and architecture not in PARTIAL_ROTARY:
         raise LlmkitError(f"{config_file}: partial_rotary_factor={rope_fraction}, which transformers' {architecture} "
                           "ignores (it rotates every channel); remove the key or set it to 1.0")
@@ -143,39 +197,44 @@ def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) ->
     if data.get("use_bidirectional_attention"):
         raise LlmkitError(f"{config_file}: use_bidirectional_attention=true is not a causal language model; llmkit's "
                           "Gemma is causal only")
-    n_heads = _require(data, "num_attention_heads", config_file)
-    n_layers = _require(data, "num_hidden_layers", config_file)
-    max_seq_len = _require(data, "max_position_embeddings", config_file)
-    fields = dict(
-        vocab_size=_require(data, "vocab_size", config_file), n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=data.get("num_key_value_heads") or n_heads, d_model=_require(data, "hidden_size", config_file),
-        head_dim=data.get("head_dim") or None, d_ff=_require(data, "intermediate_size", config_file),
-        max_seq_len=max_seq_len, norm="rmsnorm", norm_eps=data.get("rms_norm_eps", 1e-6), mlp="swiglu",
-        tie_embeddings=data.get("tie_word_embeddings", architecture == GEMMA), position="rope", extra={},
-        rope_fraction=rope_fraction, **_rope_fields(data, config_file, max_seq_len),
+    n_heads = read_field(data, "num_attention_heads", config_file, int)
+    n_layers = read_field(data, "num_hidden_layers", config_file, int)
+    max_seq_len = read_field(data, "max_position_embeddings", config_file, int)
+    fields: dict[str, Any] = dict(
+        vocab_size=read_field(data, "vocab_size", config_file, int), n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=read_field(data, "num_key_value_heads", config_file, int, 0) or n_heads,
+        d_model=read_field(data, "hidden_size", config_file, int),
+        head_dim=read_field(data, "head_dim", config_file, int, 0) or None,
+        d_ff=read_field(data, "intermediate_size", config_file, int), max_seq_len=max_seq_len, norm="rmsnorm",
+        norm_eps=read_field(data, "rms_norm_eps", config_file, float, 1e-6), mlp="swiglu",
+        tie_embeddings=read_field(data, "tie_word_embeddings", config_file, bool, architecture == GEMMA),
+        position="rope", rope_fraction=rope_fraction, **_rope_fields(data, config_file, max_seq_len),
     )
     if rope_fraction != 1.0 and fields["rope_scaling"] is not None:
         raise LlmkitError(f"{config_file}: partial_rotary_factor={rope_fraction} with RoPE scaling is not supported; "
                           "llmkit scales RoPE only when it rotates whole heads")
+    attention_bias = read_field(data, "attention_bias", config_file, bool, False)
     if architecture == LLAMA:  # one attention_bias flag covers q, k, v and o
-        fields.update(qkv_bias=bool(data.get("attention_bias", False)), out_bias=bool(data.get("attention_bias", False)),
-                      mlp_bias=bool(data.get("mlp_bias", False)))
+        fields.update(qkv_bias=attention_bias, out_bias=attention_bias,
+                      mlp_bias=read_field(data, "mlp_bias", config_file, bool, False))
     if architecture == QWEN2:  # Qwen2 always has q/k/v biases and no output bias
         fields.update(qkv_bias=True)
     if architecture == GEMMA:  # embeddings times sqrt(d), norms scale by (1 + weight), gated GELU (tanh)
-        fields.update(qkv_bias=bool(data.get("attention_bias", False)), out_bias=bool(data.get("attention_bias", False)),
-                      scale_embeddings=True, norm_offset=1.0, mlp="geglu", gelu_approximate="tanh")
+        fields.update(qkv_bias=attention_bias, out_bias=attention_bias, scale_embeddings=True, norm_offset=1.0,
+                      mlp="geglu", gelu_approximate="tanh")
     if architecture == STABLELM:  # LayerNorm with bias, optional q/k/v bias, partial rotary (above)
-        fields.update(norm="layernorm", norm_eps=data.get("layer_norm_eps", 1e-5),
-                      qkv_bias=bool(data.get("use_qkv_bias", False)))
+        fields.update(norm="layernorm", norm_eps=read_field(data, "layer_norm_eps", config_file, float, 1e-5),
+                      qkv_bias=read_field(data, "use_qkv_bias", config_file, bool, False))
     if architecture == MIXTRAL:  # every FFN is a mixture of SwiGLU experts behind a top-k (renormalised) router
-        fields.update(n_experts=data.get("num_local_experts", 8), experts_per_token=data.get("num_experts_per_tok", 2),
-                      router="topk", router_aux_loss_coef=float(data.get("router_aux_loss_coef", 0.001)),
+        fields.update(n_experts=read_field(data, "num_local_experts", config_file, int, 8),
+                      experts_per_token=read_field(data, "num_experts_per_tok", config_file, int, 2), router="topk",
+                      router_aux_loss_coef=read_field(data, "router_aux_loss_coef", config_file, float, 0.001),
                       router_z_loss_coef=0.0)
-    window = data.get("sliding_window")
+    window = read_field(data, "sliding_window", config_file, int, None)
     if architecture == QWEN2:
         sliding = "sliding_attention" in (data.get("layer_types") or []) or (
-            bool(data.get("use_sliding_window")) and data.get("max_window_layers", n_layers) < n_layers)
+            read_field(data, "use_sliding_window", config_file, bool, False)
+            and read_field(data, "max_window_layers", config_file, int, n_layers) < n_layers)
         window = window if sliding else None
     if architecture in (MISTRAL, QWEN2, PHI3, MIXTRAL) and window is not None:
         if window < max_seq_len:
@@ -185,36 +244,31 @@ def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) ->
                 f"would attend differently. Set max_position_embeddings to {window} in config.json to use the "
                 "model within its window, where full attention is exact"
             )
-        fields["extra"]["sliding_window"] = window
+        fields["extra"] = {"sliding_window": window}  # a note: within max_seq_len full attention is exact
     return fields
 
 
 def _rope_fields(data: dict[str, Any], config_file: Path, max_seq_len: int) -> dict[str, Any]:
     """rope_theta and scaling from transformers 5 `rope_parameters` or the older top-level `rope_theta` + `rope_scaling`."""
-    parameters = data.get("rope_parameters") or {}
-    scaling = data.get("rope_scaling") or parameters
-    theta = float(parameters.get("rope_theta", data.get("rope_theta", 10000.0)))
+    parameters = read_field(data, "rope_parameters", config_file, dict, {})
+    scaling = read_field(data, "rope_scaling", config_file, dict, None) or parameters
+    theta = read_field(parameters, "rope_theta", config_file, float, None, where="rope_parameters")
+    theta = read_field(data, "rope_theta", config_file, float, 10000.0) if theta is None else theta
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise LlmkitError(f"{config_file}: RoPE scaling type {kind!r} is not supported; llmkit supports "
                           f"{', '.join(ROPE_TYPES)}")
     if kind == "default":
         return dict(rope_theta=theta, rope_scaling=None)
-    factor = float(_require(scaling, "factor", config_file, where="rope scaling"))
+    factor = read_field(scaling, "factor", config_file, float, where="rope scaling")
     if kind == "linear":
         return dict(rope_theta=theta, rope_scaling=RopeScaling(kind="linear", factor=factor))
+    field = lambda key, default, kind: read_field(scaling, key, config_file, kind, default, where="rope scaling")
     return dict(rope_theta=theta, rope_scaling=RopeScaling(
-        kind="llama3", factor=factor, low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-        original_max_seq_len=int(scaling.get("original_max_position_embeddings", max_seq_len)),
+        kind="llama3", factor=factor, low_freq_factor=field("low_freq_factor", 1.0, float),
+        high_freq_factor=field("high_freq_factor", 4.0, float),
+        original_max_seq_len=field("original_max_position_embeddings", max_seq_len, int),
     ))
-
-
-def _require(data: dict[str, Any], key: str, config_file: Path, where: str = "config") -> Any:
-    if data.get(key) is None:
-        raise LlmkitError(f"{config_file}: the {where} has no {key!r}; the file is incomplete, use the config.json "
-                          "that came with the weights")
-    return data[key]
 
 
 # --------------------------------------------------------------------------- Config -> config.json
@@ -225,7 +279,7 @@ def hf_architecture(config: Config) -> str:
     Mixtral for a mixture of experts, GPT-2 for learned positions, BLOOM for ALiBi, Gemma for its embedding scale,
     norm offset or GeGLU, StableLM for RoPE with LayerNorm, Phi-3 for partial rotary with RMSNorm, Qwen2 for q/k/v
     bias without output bias, Llama otherwise."""
-    declared = config.extra.get(ARCHITECTURE_KEY)
+    declared = config.hf_architecture
     if declared in MODEL_TYPES and _misfit(declared, config) is None:
         return declared
     if config.n_experts:
@@ -292,8 +346,8 @@ def _misfit(architecture: str, config: Config) -> str | None:
 def hf_config_dict(config: Config, architecture: str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The config.json transformers reads for `architecture` (legacy rope keys too, so 4.x loads it)."""
     eos: Any = config.eos_id
-    if config.extra.get("eos_token_ids") and config.extra["eos_token_ids"][0] == eos:
-        eos = config.extra["eos_token_ids"]
+    if config.eos_ids and config.eos_ids[0] == eos:
+        eos = list(config.eos_ids)
     common = dict(architectures=[architecture], model_type=MODEL_TYPES[architecture], vocab_size=config.vocab_size,
                   bos_token_id=config.bos_id, eos_token_id=eos, tie_word_embeddings=config.tie_embeddings,
                   torch_dtype=str(dtype).removeprefix("torch."), use_cache=True)

@@ -3,19 +3,18 @@
 Both layouts load: T5 v1.0 (feed_forward_proj "relu", LM head tied to the shared embedding and fed the decoder
 output times d_model**-0.5) and T5 v1.1 / FLAN-T5 ("gated-gelu", an untied head, no rescaling). The head is
 untied when the file stores an `lm_head.weight` that differs from `shared.weight`, as transformers decides.
-Weights are read with `safetensors` only. `load_seq2seq` also opens llmkit checkpoints of a seq2seq model.
+Weights are read with `safetensors` only; `llmkit.checkpoints.load_model` builds the model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from llmkit.checkpoints.hf import _tensor_locations
-from llmkit.checkpoints.hf_config import ARCHITECTURE_KEY, CONFIG_FILE
+from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, read_field
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -27,6 +26,10 @@ T5_MODEL_TYPE = "t5"
 T5_FEED_FORWARD = {"relu": ("relu", "none"), "gated-gelu": ("geglu", "tanh"), "gated-silu": ("swiglu", "none")}
 SHARED = "shared.weight"
 HEAD = "lm_head.weight"
+# llmkit field -> T5 config.json key, for Config's error messages
+T5_NAMES = dict(vocab_size="vocab_size", n_layers="num_layers", n_decoder_layers="num_decoder_layers",
+                n_heads="num_heads", head_dim="d_kv", d_ff="d_ff", max_seq_len="n_positions",
+                norm_eps="layer_norm_epsilon")
 # Copies of the shared embedding some exporters write, and a table transformers itself ignores on load.
 SKIPPED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
@@ -72,34 +75,45 @@ def t5_config_from_hf(path: str | Path, tie_embeddings: bool = True) -> Config:
         named = ", ".join(declared) or f"model_type {data.get('model_type')!r}"
         raise LlmkitError(f"{config_file} declares {named}, not {T5}; load_hf_t5 imports T5 encoder-decoder "
                           "checkpoints only (decoders load with llmkit.checkpoints.load_model)")
-    projection = data.get("feed_forward_proj", "relu")
+    field = lambda key, kind, default=REQUIRED: read_field(data, key, config_file, kind, default)
+    projection = field("feed_forward_proj", str, "relu")
     if projection not in T5_FEED_FORWARD:
         raise LlmkitError(f"{config_file}: feed_forward_proj={projection!r} is not supported; llmkit's T5 supports "
                           f"{', '.join(T5_FEED_FORWARD)}")
     mlp, approximate = T5_FEED_FORWARD[projection]
     # transformers 5 writes scale_decoder_outputs; older files say tie_word_embeddings=false for v1.1
-    scale = data.get("scale_decoder_outputs", data.get("tie_word_embeddings", True) is not False)
-    n_layers = _require(data, "num_layers", config_file)
-    return Config(
-        name=config_file.parent.name or "hf-t5", arch="seq2seq", vocab_size=_require(data, "vocab_size", config_file),
-        n_layers=n_layers, n_decoder_layers=data.get("num_decoder_layers") or n_layers,
-        n_heads=_require(data, "num_heads", config_file), head_dim=_require(data, "d_kv", config_file),
-        d_model=_require(data, "d_model", config_file), d_ff=_require(data, "d_ff", config_file),
-        max_seq_len=data.get("n_positions") or 512, norm="rmsnorm", norm_eps=data.get("layer_norm_epsilon", 1e-6),
-        mlp=mlp, gelu_approximate=approximate, tie_embeddings=tie_embeddings, position="relative",
-        relative_attention_num_buckets=data.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=data.get("relative_attention_max_distance", 128),
-        decoder_start_id=data.get("decoder_start_token_id", data.get("pad_token_id", 0)),
-        pad_id=data.get("pad_token_id", 0), eos_id=data.get("eos_token_id", 1), attention_scale=1.0,
-        scale_decoder_outputs=bool(scale), extra={ARCHITECTURE_KEY: T5},
+    scale = field("scale_decoder_outputs", bool, field("tie_word_embeddings", bool, True))
+    n_layers = field("num_layers", int)
+    pad_id = field("pad_token_id", int, 0)
+    return build_config(
+        config_file, T5_NAMES, name=config_file.parent.name or "hf-t5", arch="seq2seq",
+        vocab_size=field("vocab_size", int), n_layers=n_layers,
+        n_decoder_layers=field("num_decoder_layers", int, 0) or n_layers, n_heads=field("num_heads", int),
+        head_dim=field("d_kv", int), d_model=field("d_model", int), d_ff=field("d_ff", int),
+        max_seq_len=field("n_positions", int, 0) or 512, norm="rmsnorm",
+        norm_eps=field("layer_norm_epsilon", float, 1e-6), mlp=mlp, gelu_approximate=approximate,
+        tie_embeddings=tie_embeddings, position="relative",
+        relative_attention_num_buckets=field("relative_attention_num_buckets", int, 32),
+        relative_attention_max_distance=field("relative_attention_max_distance", int, 128),
+        decoder_start_id=field("decoder_start_token_id", int, pad_id), pad_id=pad_id,
+        eos_id=field("eos_token_id", int, 1), attention_scale=1.0, scale_decoder_outputs=scale, hf_architecture=T5,
     )
 
 
-def _require(data: dict[str, Any], key: str, config_file: Path) -> Any:
-    if data.get(key) is None:
-        raise LlmkitError(f"{config_file}: the config has no {key!r}; the file is incomplete, use the config.json "
-                          "that came with the weights")
-    return data[key]
+def t5_config(path: str | Path) -> Config:
+    """The Config of a T5 directory with its head tied or not as the weights say (see `load_hf_t5`); reads only
+    the two embedding tensors."""
+    directory = Path(path)
+    t5_config_from_hf(directory)  # refuse a non-T5 directory before touching the weights
+    locations, _ = _tensor_locations(directory)
+    return t5_config_from_hf(directory, tie_embeddings=not _untied(_read_tensors(
+        locations, [name for name in (HEAD, SHARED) if name in locations])))
+
+
+def _untied(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the stored LM head is its own matrix rather than a copy of the shared embedding (as transformers
+    decides)."""
+    return HEAD in tensors and SHARED in tensors and not torch.equal(tensors[HEAD], tensors[SHARED])
 
 
 def t5_module_map(config: Config) -> dict[str, str]:
@@ -121,7 +135,7 @@ def load_hf_t5(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     t5_config_from_hf(directory)  # refuse a non-T5 directory before touching the weights
     locations, _ = _tensor_locations(directory)  # HF tensor name -> file (safetensors only; pickles refused)
     tensors = _read_tensors(locations, [name for name in locations if name not in SKIPPED])
-    untied = HEAD in tensors and SHARED in tensors and not torch.equal(tensors[HEAD], tensors[SHARED])
+    untied = _untied(tensors)
     if not untied:
         tensors.pop(HEAD, None)  # a stored copy of the shared embedding
     config = t5_config_from_hf(directory, tie_embeddings=not untied)
@@ -160,37 +174,3 @@ def _read_tensors(locations: dict[str, Path], names: list[str]) -> dict[str, tor
             raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download or "
                               "re-export it") from None
     return tensors
-
-
-def build_seq2seq(
-    config: Config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> Seq2Seq:
-    """A Seq2Seq holding `state_dict`, checked name by name and shape by shape against `config`."""
-    with torch.device("meta"):
-        model = Seq2Seq(config)
-    expected = model.state_dict()
-    wrong = sorted(set(expected) ^ set(state_dict)) or [
-        name for name in expected if tuple(state_dict[name].shape) != tuple(expected[name].shape)]
-    if wrong:
-        raise LlmkitError(f"checkpoint does not fit config {config.name!r}: tensor {wrong[0]} is missing, unexpected "
-                          "or of another shape; the weights and config.json come from different models")
-    model.load_state_dict({name: tensor.to(dtype) for name, tensor in state_dict.items()}, assign=True)
-    return model.to(device).eval()
-
-
-def load_seq2seq(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Seq2Seq:
-    """A ready-to-run encoder-decoder from a Hugging Face T5 directory or an llmkit seq2seq checkpoint directory."""
-    from llmkit.checkpoints import detect_format
-    from llmkit.checkpoints.native import load_native
-    from llmkit.device import resolve_device, resolve_dtype
-
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
-    kind = detect_format(path)
-    if kind == "gguf":
-        raise LlmkitError(f"{path} is a GGUF file; encoder-decoder models load from a Hugging Face T5 directory or "
-                          "an llmkit checkpoint directory")
-    config, state_dict = load_hf_t5(path) if kind == "hf" else load_native(path)
-    if config.arch != "seq2seq":
-        raise LlmkitError(f"{path} holds a {config.arch} model ({config.name}), not an encoder-decoder; load it "
-                          "with llmkit.checkpoints.load_model")
-    return build_seq2seq(config, state_dict, dtype, device)

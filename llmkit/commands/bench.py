@@ -204,7 +204,7 @@ def run_arm(name: str, setup: Shootout, run_dir: Path) -> dict[str, Any]:
 
     device = resolve_device(setup.device)
     tokenizer = load_tokenizer(setup.model)
-    model = load_model(setup.model, device=str(device))
+    model = load_model(setup.model, device=str(device), arch="decoder")
     base_parameters = count_parameters(model)[1]
     result: dict[str, Any] = {"base_parameters": base_parameters}
     if name != BASE_ARM:

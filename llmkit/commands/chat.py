@@ -59,7 +59,7 @@ def chat(
 
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
-    llm = load_model(path, dtype=dtype, device=device)
+    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
@@ -145,7 +145,7 @@ def generate(
 
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
-    llm = load_model(path, dtype=dtype, device=device)
+    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)

@@ -28,7 +28,7 @@ def convert(model: str, output: str, to: Literal["native", "hf"] = "native", ove
     refuse_replacing_model_dir(output, model, overwrite)
     config, state_dict = load_weights(model)
     tokenizer = load_tokenizer(model)
-    network = build_model(config, state_dict)  # checks every tensor against the config before writing anything
+    network = build_model(config, state_dict, source=model)  # checks every tensor against the config before writing anything
     if to == "hf":
         export_hf(network, output, tokenizer=tokenizer)
     else:

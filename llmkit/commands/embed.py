@@ -47,13 +47,13 @@ def embed(
 
     from safetensors.torch import save_file
 
-    from llmkit.checkpoints.hf_bert import default_encoder_path, load_encoder, sentence_settings
-    from llmkit.device import resolve_device, resolve_dtype
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints.hf_bert import default_encoder_path, sentence_settings
     from llmkit.generate.embed import embed_texts
     from llmkit.io import atomic_write
 
     path = Path(model) if model else default_encoder_path()
-    encoder, tokenizer = load_encoder(path, dtype=resolve_dtype(dtype), device=str(resolve_device(device)))
+    encoder, tokenizer = load_model(path, dtype=dtype, device=device, arch="encoder"), load_tokenizer(path)
     settings = replace(sentence_settings(path), batch_size=batch_size)
     if normalize is not None:
         settings = replace(settings, normalize=normalize)

@@ -59,7 +59,7 @@ def evaluate(
     reports = []
     for path, label in zip(paths, labels):
         tokenizer = load_tokenizer(path)
-        llm = load_model(path, dtype=dtype, device=device)
+        llm = load_model(path, dtype=dtype, device=device, arch="decoder")
         if progress:
             print(f"evaluating {label} ({path}) on {', '.join(task.name for task in task_list)}", flush=True)
         results = evaluate_model(llm, tokenizer, task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,

@@ -113,7 +113,7 @@ def finetune(
     try:
         path = Path(model) if model else default_model_path()
         tokenizer = load_tokenizer(path)
-        network = load_model(path)
+        network = load_model(path, arch="decoder")
         virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
         if max_length + virtual_tokens > network.config.max_seq_len:
             raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds "

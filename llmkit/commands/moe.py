@@ -45,7 +45,7 @@ def moe_upcycle(
     from llmkit.models.upcycle import upcycle_to_moe
 
     refuse_replacing_model_dir(output, model, overwrite)
-    dense = load_model(model, dtype=dtype)
+    dense = load_model(model, dtype=dtype, arch="decoder")
     tokenizer = load_tokenizer(model)
     dense_parameters = dense.num_parameters()
     torch.manual_seed(seed)

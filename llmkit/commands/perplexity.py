@@ -50,7 +50,7 @@ def perplexity(
     from llmkit.io import atomic_write_text
 
     path = model_path(model)
-    llm = load_model(path, dtype=dtype, device=device)
+    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
     if adapter:
         llm = with_adapter(llm, adapter, path)
     if data is None:

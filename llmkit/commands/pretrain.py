@@ -156,7 +156,7 @@ def pretrain(
         if cluster.is_main:
             print(f"done: {result.steps} steps, {result.tokens:,} tokens, train loss {result.train_loss:.4f}"
                   + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
-            usage = {"encoder": "llmkit.checkpoints.hf_bert.load_encoder", "seq2seq": "llmkit.checkpoints.hf_t5.load_seq2seq"
+            usage = {"encoder": "llmkit.checkpoints.load_model", "seq2seq": "llmkit.checkpoints.load_model"
                      }.get(arch, f"chat: llmkit generate --model {result.checkpoint} --prompt ...")
             print(f"model: {result.checkpoint}  ({usage})")
             if result.plot is not None:
@@ -191,7 +191,7 @@ def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | N
     if init is not None:
         from llmkit.checkpoints import load_model
 
-        network = load_model(init)
+        network = load_model(init, arch="decoder")
         network.train()
         if network.config.vocab_size < vocab_size:
             raise LlmkitError(f"{init} has a vocabulary of {network.config.vocab_size} tokens but the data uses ids up "
@@ -214,7 +214,7 @@ def masked_lm_parts(
     import torch
 
     from llmkit.config import Config
-    from llmkit.models.encoder import TASK_KEY, MaskedLM
+    from llmkit.models.encoder import MaskedLM
     from llmkit.train.objectives import masked_lm_batch, masked_lm_loss
 
     mask_id = tokenizer.token_to_id(MASK_TOKEN)
@@ -223,20 +223,19 @@ def masked_lm_parts(
                           "leave out --tokenizer and --data so pretrain trains one, or pass a tokenizer that has it")
     vocab_size = manifest["vocab_size"]
     if init is not None:
-        from llmkit.checkpoints.hf_bert import load_encoder
+        from llmkit.checkpoints import load_model
 
-        network, _ = load_encoder(init)
+        network = load_model(init, arch="encoder")
         if not isinstance(network, MaskedLM) or network.config.vocab_size < vocab_size:
             raise LlmkitError(f"{init} is not a masked-LM encoder covering the data's {vocab_size} token ids; pass a "
                               "BertForMaskedLM or an llmkit encoder checkpoint and prepare the data with its tokenizer")
         network.train()
     else:
-        config = Config.from_name(model, vocab_size=vocab_size, eos_id=manifest["eos_id"], bos_id=None,
-                                  extra={TASK_KEY: "masked_lm"})
+        config = Config.from_name(model, vocab_size=vocab_size, eos_id=manifest["eos_id"], bos_id=None)
         if config.arch != "encoder":
             raise LlmkitError(f"--model {model} is a {config.arch}; --arch encoder needs an encoder preset such as "
                               "mini-bert")
-        network = MaskedLM(config)
+        network = MaskedLM(replace(config, encoder_head="masked_lm"))  # checkpoints reload as a MaskedLM
     if seq_len > network.config.max_seq_len:
         raise LlmkitError(f"seq_len={seq_len} exceeds {network.config.name}'s {network.config.max_seq_len} positions; "
                           "pass a smaller --seq_len")
@@ -267,9 +266,9 @@ def span_corruption_parts(
                           "one, or pass a T5 tokenizer")
     vocab_size, eos_id = manifest["vocab_size"], manifest["eos_id"]
     if init is not None:
-        from llmkit.checkpoints.hf_t5 import load_seq2seq
+        from llmkit.checkpoints import load_model
 
-        network = load_seq2seq(init)
+        network = load_model(init, arch="seq2seq")
         if network.config.vocab_size < vocab_size:
             raise LlmkitError(f"{init} has a vocabulary of {network.config.vocab_size} tokens but the data uses ids up "
                               f"to {vocab_size - 1}; prepare the data with that model's tokenizer (--tokenizer {init})")

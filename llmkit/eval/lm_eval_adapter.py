@@ -83,7 +83,7 @@ class LlmkitLM(LM):
             self.model, self.tokenizer = model, tokenizer
         else:
             path = pretrained if pretrained is not None else default_model_path()
-            self.model = load_model(path, dtype=dtype, device=str(resolve_device(device)))
+            self.model = load_model(path, dtype=dtype, device=str(resolve_device(device)), arch="decoder")
             self.tokenizer = load_tokenizer(path)
         self.model.eval()
         self._device = next(self.model.parameters()).device

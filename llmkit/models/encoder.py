@@ -29,12 +29,6 @@ from llmkit.nn.block import build_block
 from llmkit.nn.linear import Linear, linear
 from llmkit.nn.norm import build_norm
 
-# Config.extra keys: which head an encoder checkpoint carries, and how many labels its classifier has.
-TASK_KEY = "encoder_task"
-N_LABELS_KEY = "n_labels"
-EncoderTask = Literal["base", "masked_lm", "sequence_classification", "token_classification"]
-TASKS = ("base", "masked_lm", "sequence_classification", "token_classification")
-
 
 class Encoder(nn.Module):
     """The BERT body: contextual hidden states (B, T, C) of every token."""
@@ -214,21 +208,25 @@ class TokenClassifier(nn.Module):
 
 
 def build_encoder_model(config: Config) -> nn.Module:
-    """The encoder with the head `config.extra[TASK_KEY]` names (default: the bare Encoder)."""
+    """The encoder with the head `config.encoder_head` names (Config checked that a classifier has n_labels)."""
     if config.arch != "encoder":
         raise LlmkitError(f"config {config.name!r} has arch={config.arch!r}; an encoder needs arch='encoder'")
-    task = config.extra.get(TASK_KEY, "base")
-    if task not in TASKS:
-        raise LlmkitError(f"config {config.name!r}: extra[{TASK_KEY!r}]={task!r}; choose one of {TASKS}")
-    if task == "base":
+    if config.encoder_head == "base":
         return Encoder(config)
-    if task == "masked_lm":
+    if config.encoder_head == "masked_lm":
         return MaskedLM(config)
-    n_labels = config.extra.get(N_LABELS_KEY)
-    if not isinstance(n_labels, int) or n_labels < 1:
-        raise LlmkitError(f"config {config.name!r}: a {task} model needs extra[{N_LABELS_KEY!r}] = its number of "
-                          f"labels (a positive integer), got {n_labels!r}")
-    return (SequenceClassifier if task == "sequence_classification" else TokenClassifier)(config, n_labels)
+    head = SequenceClassifier if config.encoder_head == "sequence_classification" else TokenClassifier
+    return head(config, config.n_labels)
+
+
+def encoder_head_of(model: nn.Module) -> str:
+    """The `Config.encoder_head` value that rebuilds `model`'s class (what a checkpoint of it must declare)."""
+    heads = {Encoder: "base", MaskedLM: "masked_lm", SequenceClassifier: "sequence_classification",
+             TokenClassifier: "token_classification"}
+    if type(model) not in heads:
+        known = ", ".join(model_class.__name__ for model_class in heads)
+        raise LlmkitError(f"{type(model).__name__} is not one of llmkit's encoder models ({known})")
+    return heads[type(model)]
 
 
 # --------------------------------------------------------------------------- sentence embeddings
