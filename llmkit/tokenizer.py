@@ -86,6 +86,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos  # whether encode() prepends BOS by default (the model's rule)
         self.chat_template = chat_template
+        self.source: str | None = None  # the file or directory it was loaded from, for messages
         if add_bos and bos_id is None:
             raise LlmkitError("add_bos=True but the tokenizer has no BOS token: pass bos_id or add_bos=False")
 
@@ -142,7 +143,9 @@ class Tokenizer:
         add_bos = bool(fields.get(GGUF_ADD_BOS, pre_adds_bos)) and bos_id is not None
         _sync_post_processor(backend, add_bos, bos_id)
         eos_id, pad_id, chat_template = fields.get(GGUF_EOS_ID), fields.get(GGUF_PAD_ID), fields.get(GGUF_CHAT_TEMPLATE)
-        return cls(backend, bos_id, eos_id, pad_id, add_bos, chat_template)
+        tokenizer = cls(backend, bos_id, eos_id, pad_id, add_bos, chat_template)
+        tokenizer.source = str(path)
+        return tokenizer
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -190,7 +193,9 @@ class Tokenizer:
             chat_template = template_file.read_text(encoding="utf-8")
         else:
             chat_template = _template_text(config.get("chat_template"))
-        return cls(backend, bos_id, token_id("eos_token"), token_id("pad_token"), add_bos, chat_template)
+        tokenizer = cls(backend, bos_id, token_id("eos_token"), token_id("pad_token"), add_bos, chat_template)
+        tokenizer.source = str(path)
+        return tokenizer
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json that llmkit and transformers both load to the same ids."""
@@ -282,7 +287,9 @@ class Tokenizer:
             )
         special = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         variables = {name: self.id_to_token(i) for name, i in special.items() if i is not None}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, **{**variables, **template_kwargs})
+        name = f"the chat template of {self.source}" if self.source else "the chat template"
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, name=name,
+                                    **{**variables, **template_kwargs})
 
 
 class StreamDecoder:

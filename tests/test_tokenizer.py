@@ -428,3 +428,45 @@ def test_a_fixed_padding_and_truncation_in_tokenizer_json_is_dropped(tmp_path):
     backend.save(str(tmp_path / "tokenizer.json"))
     # llmkit pads its own batches and refuses over-long inputs; a fixed length from the file would corrupt both.
     assert Tokenizer.from_dir(tmp_path).encode("a b a") == [1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "template, limit",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop steps"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "loop steps"),
+        ("{{ 'x' * 10000000000 }}", "would build 10,000,000,000 items"),
+        ("{{ 7 ** 123456789 }}", "exponent above 1,000"),
+        ("{% for i in range(90000) %}{{ 'abcdefghij' * 100 }}{% endfor %}", "grew past"),
+    ],
+)
+def test_chat_template_that_never_ends_is_stopped(tiny_bpe, tmp_path, template, limit):
+    import time
+
+    vocab, merges = tiny_bpe
+    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "t.gguf", vocab, merges, "qwen2"))
+    tokenizer.chat_template = template
+    started = time.monotonic()
+    expected = f"the chat template of .*t.gguf was stopped: it.*{limit}.*limits: 1,000,000 loop steps, 10 s"
+    with pytest.raises(LlmkitError, match=expected):
+        tokenizer.apply_chat_template(CONVERSATION)
+    assert time.monotonic() - started < 10  # before the change the nested loops ran for hours
+
+
+def test_chat_template_time_limit(monkeypatch):
+    from llmkit import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.2)
+    # 1,000 x 900 steps stay under the step budget; the body's filter calls make each step slow enough to time out
+    slow = "{% for i in range(1000) %}{% for j in range(900) %}{{ '' | trim }}{% endfor %}{% endfor %}"
+    with pytest.raises(LlmkitError, match=r"was stopped: it ran longer than 0.2 s"):
+        chat_template.render_chat_template(slow, [{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_limits_leave_long_messages_alone():
+    from llmkit.chat_template import MAX_RENDERED_CHARS, render_chat_template
+
+    long = "word " * (MAX_RENDERED_CHARS // 2)  # a long document in a message is not a runaway template
+    text = render_chat_template("{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
+                                [{"role": "user", "content": long}])
+    assert text == f"<{long}>"
