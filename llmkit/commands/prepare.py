@@ -52,16 +52,19 @@ def prepare_data(
     from llmkit.data.sources import builtin_corpus_path
     from llmkit.data.tokenizer_train import (
         DEFAULT_SPECIAL_TOKENS,
+        check_vocab_size,
         reusable_tokenizer,
         save_trained,
         train_tokenizer,
         training_record,
     )
 
+    special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
+    if tokenizer is None:
+        check_vocab_size(vocab_size, len(special))  # before any file is read
     paths = list(inputs) if inputs else [builtin_corpus_path()]
     if tokenizer is None:
         tokenizer_path = str(Path(output) / TOKENIZER_DIR)
-        special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
         record = training_record(paths, vocab_size, text_field, min_frequency, special)
         loaded = reusable_tokenizer(tokenizer_path, record)
         if loaded is None:
