@@ -73,3 +73,40 @@ def test_a_sequence_longer_than_the_context_is_refused(short_run):
 def test_unprepared_data_is_refused(tmp_path):
     with pytest.raises(LlmkitError, match="llmkit prepare"):
         pretrain(model="tiny-llama", data=str(tmp_path / "missing"), output=str(tmp_path / "run"))
+
+
+def test_chat_with_a_pretrained_checkpoint_completes_the_conversation_text(short_run, capsys, monkeypatch):
+    """pretrain's help suggests `llmkit chat --model OUTPUT/checkpoints/step-N`; its tokenizer has no chat template,
+    which made chat fail. It now chats by plain completion of the transcript, says so once, and a piped line of bytes
+    that are not UTF-8 is one error line while the next line is still answered."""
+    import io
+    import sys
+
+    from llmkit.checkpoints import load_tokenizer
+
+    checkpoint = short_run / "checkpoints" / "step-00000080"
+    assert load_tokenizer(checkpoint).chat_template is None
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ROMEO:\ncaf\xe9\nJULIET:\n"), encoding="utf-8"))
+    main(["chat", "--model", str(checkpoint), "--max_new_tokens", "8"])
+    captured = capsys.readouterr()
+    assert captured.err.count("has no chat template: chatting by plain completion") == 1
+    assert "error: this line of input holds bytes that are not UTF-8 (byte b'\\xe9' at character 3)" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out.count("\n") >= 2  # two replies, each ended by a newline (a tiny model may write blanks)
+
+
+def test_chat_drops_the_oldest_turns_to_fit_and_refuses_one_message_that_cannot(short_run, capsys, monkeypatch):
+    from llmkit.commands.chat import chat
+
+    checkpoint = str(short_run / "checkpoints" / "step-00000080")
+    with pytest.raises(LlmkitError, match=r"your message takes .* tokens of the prompt; tiny-llama's context is 256 "
+                                          r"tokens with --max_new_tokens 8: shorten the message"):
+        chat(model=checkpoint, message="word " * 400, max_new_tokens=8)
+    import io
+    import sys
+
+    turns = "".join(f"{'ROMEO and JULIET ' * 12}{i}\n" for i in range(6)).encode()  # ~6 x 60 tokens: over 256
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(turns), encoding="utf-8"))
+    chat(model=checkpoint, max_new_tokens=8)
+    err = capsys.readouterr().err
+    assert "its oldest turn is dropped" in err and "error:" not in err
