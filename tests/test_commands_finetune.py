@@ -94,7 +94,7 @@ def test_unknown_settings_name_the_field(tiny_base, tmp_path):
 
 def test_examples_longer_than_the_context_with_virtual_tokens_are_refused(tiny_base, tmp_path):
     base, data = tiny_base
-    with pytest.raises(LlmkitError, match="max_length=256 plus 4 virtual tokens exceeds tiny-llama's context window"):
+    with pytest.raises(LlmkitError, match="--max_length 256 plus 4 virtual tokens exceeds tiny-llama's context window"):
         finetune(model=str(base), data=[str(data)], method="prompt", settings={"n_virtual_tokens": 4}, max_length=256,
                  output=str(tmp_path / "x"))
 
@@ -128,3 +128,47 @@ def test_every_finetune_recipe_parses_and_its_settings_fit_its_method(recipe):
 
 def test_there_is_a_recipe_for_every_method():
     assert {path.stem.removeprefix("finetune_") for path in RECIPES} == set(METHODS)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--limit", "-3"], r"--limit -3 must be at least 1 \(the most rows to use\); pass --limit null for every row"),
+        (["--limit", "0"], r"--limit 0 must be at least 1"),
+        (["--rouge_rows", "-1"], r"--rouge_rows -1 must be 0"),
+    ],
+)
+def test_cli_refuses_a_limit_below_one(options, message, tiny_base, tmp_path, capsys):
+    """`finetune --limit -3` went on and reported '0 records'."""
+    import re
+
+    from llmkit.cli import main
+
+    base, data = tiny_base
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--model", str(base), "--data", f"[{data}]", "--output", str(tmp_path / "x"), *options])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "hello", "output": "hi"}, r"map yours with --fields.instruction NAME or --fields.input NAME"),
+        ({"instruction": "Say hi."}, r"name the field that holds the output with --fields.output NAME"),
+        ({"instruction": "Say hi.", "output": " "}, r"fill or drop the row \(or pass --skip_bad_rows true\)"),
+    ],
+)
+def test_data_errors_name_the_cli_flags(row, message, tiny_base, tmp_path, capsys):
+    """The errors named Python calls (FieldMap(output=...), skip_bad_rows=True) that a CLI user cannot type."""
+    import re
+
+    from llmkit.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--model", str(tiny_base[0]), "--data", f"[{data}]", "--output", str(tmp_path / "x"),
+              "--max_length", "200"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err) and "FieldMap" not in err and err.count("\n") == 1

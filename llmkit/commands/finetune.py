@@ -80,6 +80,10 @@ def finetune(
     from llmkit.train.loop import train as train_loop
     from llmkit.train.objectives import causal_lm_loss
 
+    if limit is not None and limit < 1:
+        raise LlmkitError(f"--limit {limit} must be at least 1 (the most rows to use); pass --limit null for every row")
+    if rouge_rows < 0:
+        raise LlmkitError(f"--rouge_rows {rouge_rows} must be 0 (no ROUGE) or more")
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     path = Path(model) if model else default_model_path()
     tokenizer = load_tokenizer(path)
@@ -87,7 +91,7 @@ def finetune(
     method_settings = settings_from_dict(method, settings or {})
     virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
     if max_length + virtual_tokens > network.config.max_seq_len:
-        raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
+        raise LlmkitError(f"--max_length {max_length} plus {virtual_tokens} virtual tokens exceeds {network.config.name}'s "
                           f"context window of {network.config.max_seq_len}; pass a smaller --max_length")
     if data:
         records, report = load_sft_records(data, fields, skip_bad_rows=skip_bad_rows, limit=limit)

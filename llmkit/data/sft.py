@@ -146,7 +146,7 @@ def parse_row(row: Mapping[str, Any] | str, fields: FieldMap, origin: str) -> SF
     text_input = _text(row, fields.input, origin, columns, "input", required=False)
     if not (instruction or text_input):
         raise LlmkitError(f"{origin}: no '{fields.instruction}' or '{fields.input}' text to prompt with (fields: "
-                          f"{columns}); map yours with FieldMap(instruction=..., input=...)")
+                          f"{columns}); map yours with --fields.instruction NAME or --fields.input NAME")
     return SFTRecord(output, instruction, text_input, origin=origin)
 
 
@@ -156,12 +156,12 @@ def _text(row: Mapping[str, Any], name: str, origin: str, columns: str, role: st
         return ""
     if value is None:
         raise LlmkitError(f"{origin}: no field '{name}' (fields: {columns}); name the field that holds the {role} "
-                          f"with FieldMap({role}=...)")
+                          f"with --fields.{role} NAME")
     if not isinstance(value, str):
         raise LlmkitError(f"{origin}: field '{name}' holds a {type(value).__name__}, not text; fix the row")
     if required and not value.strip():
         raise LlmkitError(f"{origin}: field '{name}' is empty; an empty {role} teaches nothing: fill or drop the row "
-                          "(or pass skip_bad_rows=True)")
+                          "(or pass --skip_bad_rows true)")
     return value
 
 
@@ -245,7 +245,7 @@ def tokenize_records(
     """Render each record (record i with template phrasing (seed + i) mod n) and tokenize it into an SFTExample."""
     template, report = check_template(template), report or SFTReport()
     if max_length < 2:
-        raise LlmkitError(f"max_length={max_length} must be at least 2 (one prompt and one completion token)")
+        raise LlmkitError(f"--max_length {max_length} must be at least 2 (one prompt and one completion token)")
     if truncation not in ("left", "drop"):
         raise LlmkitError(f"truncation={truncation!r} must be 'left' (cut the prompt's start) or 'drop'")
     if tokenizer.eos_id is None:
@@ -272,7 +272,7 @@ def tokenize_records(
     report.examples += len(examples)
     if not examples:
         raise LlmkitError(f"no example is left of {len(records):,} records ({report.dropped:,} longer than "
-                          f"max_length={max_length}, {report.skipped:,} bad): raise max_length or check the data")
+                          f"--max_length {max_length}, {report.skipped:,} bad): raise --max_length or check the data")
     return examples, report
 
 
