@@ -226,6 +226,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary (token -> id, added tokens included) and the BPE merges: equal for two tokenizers
+        that give the same ids, whichever file (GGUF, tokenizer.json) they were loaded from. Shards and models are
+        compared by it, since two vocabularies of one size can map every id to a different token."""
+        import hashlib
+
+        model = json.loads(self.backend.to_str()).get("model", {})
+        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        payload = json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

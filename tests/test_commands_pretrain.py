@@ -110,3 +110,53 @@ def test_chat_drops_the_oldest_turns_to_fit_and_refuses_one_message_that_cannot(
     chat(model=checkpoint, max_new_tokens=8)
     err = capsys.readouterr().err
     assert "its oldest turn is dropped" in err and "error:" not in err
+
+
+@pytest.fixture(scope="module")
+def other_vocabularies(short_run, tmp_path_factory) -> dict[int, Path]:
+    """Data prepared with tokenizers trained on other text: one of the short run's size (512), one of 600 tokens."""
+    from llmkit.commands.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("other")
+    corpus = root / "upper.txt"
+    text = (Path(__file__).resolve().parents[1] / "llmkit" / "data" / "builtin" / "tinyshakespeare.txt").read_text()
+    corpus.write_text(text[:300_000].upper())  # other text, other merges: id 300 means another token
+    for size in (512, 600):
+        prepare_data(inputs=[str(corpus)], output=str(root / f"data{size}"), vocab_size=size, progress=False)
+    return {size: root / f"data{size}" for size in (512, 600)}
+
+
+def test_init_refuses_shards_of_another_tokenizer_of_the_same_size(short_run, other_vocabularies, tmp_path):
+    """Only the vocabulary size was compared: 512 <= 512 passed and the model trained on ids meaning other tokens."""
+    checkpoint = short_run / "checkpoints" / "step-00000080"
+    data = other_vocabularies[512]
+    assert json.loads((data / "manifest.json").read_text())["vocab_size"] == 512
+    with pytest.raises(LlmkitError, match=rf"--data {data} was tokenized with .*tokenizer \(512 tokens\) but --init "
+                                          rf"{checkpoint} reads ids with its own tokenizer \(512 tokens\), another vocab"):
+        pretrain(model="tiny-llama", init=str(checkpoint), data=str(data), seq_len=64, output=str(tmp_path / "run"))
+    pretrain(  # its own data: accepted
+        model="tiny-llama", init=str(checkpoint), data=str(short_run / "data"), seq_len=64,
+             output=str(tmp_path / "same"), train=TrainSettings(max_steps=1, batch_size=2, warmup_steps=0, eval_every=0))
+
+
+@pytest.mark.parametrize("size, extra", [(600, ""), (512, " with other tokens")])
+def test_resume_on_data_of_another_vocabulary_names_both(short_run, other_vocabularies, size, extra):
+    """The resume failed with 'a different config than this run's (tiny-llama: 2 layers, d_model 64)', never
+    naming the vocabulary."""
+    data = other_vocabularies[size]
+    expected = (rf"{short_run} holds a run on a 512-token vocabulary \(model 512 ids, tokenizer in .*step-00000080\) "
+                rf"but --data {data} uses a {size}-token vocabulary \(tokenizer .*tokenizer\){extra}: resume with")
+    with pytest.raises(LlmkitError, match=expected):
+        pretrain(model="tiny-llama", seq_len=64, output=str(short_run), data=str(data),
+                 train=TrainSettings(max_steps=80, batch_size=8, warmup_steps=8, eval_every=40, eval_batches=4))
+
+
+def test_a_tokenizer_changed_after_prepare_is_refused(short_run, other_vocabularies, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(short_run / "data", data)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # someone retrained the tokenizer in place
+        shutil.copy(other_vocabularies[512] / "tokenizer" / name, data / "tokenizer" / name)
+    with pytest.raises(LlmkitError, match=rf"the tokenizer at {data}/tokenizer is not the one --data {data} was "):
+        pretrain(model="tiny-llama", data=str(data), seq_len=64, output=str(tmp_path / "run"))
