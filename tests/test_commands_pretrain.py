@@ -136,7 +136,7 @@ def test_init_refuses_shards_of_another_tokenizer_of_the_same_size(short_run, ot
         pretrain(model="tiny-llama", init=str(checkpoint), data=str(data), seq_len=64, output=str(tmp_path / "run"))
     pretrain(  # its own data: accepted
         model="tiny-llama", init=str(checkpoint), data=str(short_run / "data"), seq_len=64,
-             output=str(tmp_path / "same"), train=TrainSettings(max_steps=1, batch_size=2, warmup_steps=0, eval_every=0))
+        output=str(tmp_path / "same"), train=TrainSettings(max_steps=1, batch_size=2, warmup_steps=0, eval_every=0))
 
 
 @pytest.mark.parametrize("size, extra", [(600, ""), (512, " with other tokens")])
