@@ -397,3 +397,35 @@ def test_smollm2_chat_template_completion_is_the_reply_and_im_end(tmp_path):
     assert tokenizer.decode(prompt_ids) == tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
 
+
+
+def long_records() -> list[SFTRecord]:
+    text = (Path(__file__).resolve().parents[1] / "llmkit" / "data" / "builtin" / "tinyshakespeare.txt").read_text()
+    return [SFTRecord("Summary.", instruction="Summarise this.", input=text[:300_000], origin="long, row 0"),
+            SFTRecord("x " * 40_000, instruction="Repeat x.", origin="long, row 1"),  # completion over max_length
+            SFTRecord("Short.", instruction="Say it short.", origin="long, row 2")]
+
+
+@pytest.mark.parametrize("which, template", [("bytes", "alpaca"), ("smollm2", "alpaca"), ("smollm2", "chat")])
+def test_long_rows_are_cut_before_tokenizing_with_the_same_examples(which, template, monkeypatch):
+    """A 48 MB instruction peaked at 7.5 GB in finetune: the whole row was tokenized, then cut to max_length. Rows
+    are now cut to a tail that surely holds max_length tokens first; the examples are the same ids."""
+    from llmkit.checkpoints import default_model_path
+
+    tokenizer = byte_tokenizer() if which == "bytes" else Tokenizer.from_gguf(default_model_path())
+    seen: list[int] = []
+    encode = Tokenizer.encode
+
+    def spy(self, text, add_bos=None):  # noqa: ANN001, ANN202
+        seen.append(len(text))
+        return encode(self, text, add_bos)
+
+    monkeypatch.setattr(Tokenizer, "encode", spy)
+    examples, report = tokenize_records(long_records(), tokenizer, template, max_length=256)
+    assert max(seen) < 256 * tokenizer.max_token_chars + 1000  # nothing near the 300,000-character input
+    assert (report.truncated, report.dropped) == (1, 1)
+    monkeypatch.setattr(Tokenizer, "max_token_chars", 10**9)  # no cut: the old path, whole rows tokenized
+    seen.clear()
+    reference, _ = tokenize_records(long_records(), tokenizer, template, max_length=256)
+    assert max(seen) > 300_000
+    assert [(e.input_ids, e.labels) for e in examples] == [(e.input_ids, e.labels) for e in reference]

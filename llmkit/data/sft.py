@@ -259,7 +259,11 @@ def tokenize_records(
                 raise
             report.skip(str(error))
             continue
-        prompt_ids, completion_ids = encode_pair(prompt, completion, tokenizer, chat=template == CHAT)
+        if len(completion) > max_length * tokenizer.max_token_chars:  # surely over max_length tokens: not tokenized
+            report.dropped += 1
+            continue
+        prompt_ids, completion_ids = encode_pair(prompt, completion, tokenizer, chat=template == CHAT,
+                                                 max_prompt_tokens=max_length)
         if len(prompt_ids) + len(completion_ids) > max_length:
             bos = 1 if prompt_ids[:1] == [tokenizer.bos_id] else 0
             room = max_length - len(completion_ids) - bos  # prompt tokens that fit after BOS
@@ -276,17 +280,39 @@ def tokenize_records(
     return examples, report
 
 
-def encode_pair(prompt: str, completion: str, tokenizer: Tokenizer, chat: bool = False) -> tuple[list[int], list[int]]:
+def encode_pair(
+    prompt: str, completion: str, tokenizer: Tokenizer, chat: bool = False, max_prompt_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
     """Prompt ids (BOS by the model's rule) and completion ids ending with EOS. A chat completion already holds the
-    template's end-of-turn token: when that is EOS, whatever the template writes after it is cut."""
+    template's end-of-turn token: when that is EOS, whatever the template writes after it is cut. With
+    `max_prompt_tokens`, only the prompt's last ids matter (it is cut from the left later): a long prompt (a 48 MB
+    instruction peaked at 7.5 GB) is cut to its tail before tokenizing, keeping at least that many tokens, which
+    are then the same ids as the whole prompt's last ones."""
     bos_text = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
-    add_bos = False if chat and bos_text and prompt.startswith(bos_text) else None  # the template wrote BOS itself
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos)
+    wrote_bos = bool(chat and bos_text and prompt.startswith(bos_text))
+    add_bos = False if wrote_bos else None  # the template wrote BOS itself
+    prompt_ids = _encode_prompt(prompt, tokenizer, add_bos, max_prompt_tokens, tokenizer.bos_id if wrote_bos else None)
     completion_ids = tokenizer.encode(completion, add_bos=False)
     if chat and tokenizer.eos_id in completion_ids:
         last = len(completion_ids) - 1 - completion_ids[::-1].index(tokenizer.eos_id)
         return prompt_ids, completion_ids[: last + 1]
     return prompt_ids, completion_ids + [tokenizer.eos_id]
+
+
+def _encode_prompt(
+    prompt: str, tokenizer: Tokenizer, add_bos: bool | None, max_tokens: int | None, written_bos: int | None
+) -> list[int]:
+    """The prompt's ids; when only its last `max_tokens` matter, tokenized from a tail of the text that surely holds
+    them (BOS first as the whole prompt would have it)."""
+    from llmkit.tokenizer import text_tail
+
+    if max_tokens is None or len(prompt) <= max_tokens * tokenizer.max_token_chars:
+        return tokenizer.encode(prompt, add_bos=add_bos)
+    tail = text_tail(prompt, max_tokens * tokenizer.max_token_chars)
+    ids = tokenizer.encode(tail, add_bos=add_bos)
+    if len(ids) <= max_tokens:  # the cut fell late (few spaces): the whole text decides
+        return tokenizer.encode(prompt, add_bos=add_bos)
+    return ids if written_bos is None else [written_bos, *ids]
 
 
 def load_sft_dataset(
