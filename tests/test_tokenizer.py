@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -470,3 +471,31 @@ def test_chat_template_limits_leave_long_messages_alone():
     text = render_chat_template("{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
                                 [{"role": "user", "content": long}])
     assert text == f"<{long}>"
+
+
+PIECE_TEXT = (
+    "First  Citizen:\n\nBefore we   proceed any further, hear me speak.\r\n\tAll: Speak, speak! 12345 678 -- "
+    "it's     they'll  <|endoftext|> Grüße 日本語 🤖 e\u0301 ... !!!  ?? \n \n  end\n"
+) * 40
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama3", "qwen2", "default"])
+@pytest.mark.parametrize("piece_chars", [7, 50, 333])
+def test_encode_array_in_pieces_gives_the_ids_of_the_whole_text(tiny_bpe, tmp_path, pre, piece_chars):
+    """Long documents are tokenized in pieces (prepare's memory); the cuts must not change a single id."""
+    vocab, merges = tiny_bpe
+    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "t.gguf", vocab, merges, pre))
+    from llmkit.tokenizer import text_pieces
+
+    pieces = text_pieces(PIECE_TEXT, piece_chars)
+    assert len(pieces) > 10 and "".join(pieces) == PIECE_TEXT
+    ids = tokenizer.encode_array(PIECE_TEXT, np.uint16, piece_chars=piece_chars)
+    assert ids.dtype == np.uint16 and ids.tolist() == tokenizer.encode(PIECE_TEXT, add_bos=False)
+
+
+def test_text_pieces_keeps_a_stretch_without_spaces_whole():
+    from llmkit.tokenizer import text_pieces
+
+    assert text_pieces("x" * 100 + " y", 10) == ["x" * 100, " y"]
+    assert text_pieces("x" * 100, 10) == ["x" * 100]
+    assert text_pieces("a b  c", 1) == ["a", " b", "  c"]  # never between two spaces: "  c" is one regex piece
