@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
@@ -67,6 +68,10 @@ END_OF_TURN_TOKENS = (
 )  # fmt: skip
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+# Texts longer than this are tokenized in pieces of about this many characters: the library's Encoding of a 50 MB
+# text (ids, offsets, token strings, masks) and its Python list of ids peaked at 7.8 GB.
+PIECE_CHARS = 1 << 18  # 256K characters: a piece's transient Encoding stays some tens of MB
+PIECES_PER_BATCH = 8  # pieces encoded at once (in parallel by the library)
 
 
 class Tokenizer:
@@ -85,6 +90,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos  # whether encode() prepends BOS by default (the model's rule)
         self.chat_template = chat_template
+        self.source: str | None = None  # the file or directory it was loaded from, for messages
         if add_bos and bos_id is None:
             raise LlmkitError("add_bos=True but the tokenizer has no BOS token: pass bos_id or add_bos=False")
 
@@ -133,7 +139,9 @@ class Tokenizer:
         add_bos = bool(fields.get(GGUF_ADD_BOS, pre_adds_bos)) and bos_id is not None
         _sync_post_processor(backend, add_bos, bos_id)
         eos_id, pad_id, chat_template = fields.get(GGUF_EOS_ID), fields.get(GGUF_PAD_ID), fields.get(GGUF_CHAT_TEMPLATE)
-        return cls(backend, bos_id, eos_id, pad_id, add_bos, chat_template)
+        tokenizer = cls(backend, bos_id, eos_id, pad_id, add_bos, chat_template)
+        tokenizer.source = str(path)
+        return tokenizer
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -181,7 +189,9 @@ class Tokenizer:
             chat_template = template_file.read_text(encoding="utf-8")
         else:
             chat_template = _template_text(config.get("chat_template"))
-        return cls(backend, bos_id, token_id("eos_token"), token_id("pad_token"), add_bos, chat_template)
+        tokenizer = cls(backend, bos_id, token_id("eos_token"), token_id("pad_token"), add_bos, chat_template)
+        tokenizer.source = str(path)
+        return tokenizer
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json that llmkit and transformers both load to the same ids."""
@@ -212,6 +222,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary (token -> id, added tokens included) and the BPE merges: equal for two tokenizers
+        that give the same ids, whichever file (GGUF, tokenizer.json) they were loaded from. Shards and models are
+        compared by it, since two vocabularies of one size can map every id to a different token."""
+        import hashlib
+
+        model = json.loads(self.backend.to_str()).get("model", {})
+        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        payload = json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def max_token_chars(self) -> int:
+        """Most characters one token can stand for (its byte-level text is one character per byte; added tokens as
+        written): a text of n characters has at least n / max_token_chars tokens, so longer texts can be cut first."""
+        if not hasattr(self, "_max_token_chars"):
+            self._max_token_chars = max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
@@ -240,6 +271,17 @@ class Tokenizer:
         """encode() of each text, run in parallel by the library."""
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [self._with_bos(encoding.ids, add_bos) for encoding in encodings]
+
+    def encode_array(self, text: str, dtype: np.dtype | type = np.uint32, piece_chars: int = PIECE_CHARS) -> np.ndarray:
+        """encode(text, add_bos=False) as a numpy array, tokenized in pieces of about `piece_chars` characters cut by
+        `text_pieces`, so a long text never holds the library's whole Encoding nor a Python list of millions of ints.
+        The ids equal encode()'s for the pre-tokenizers llmkit builds (see text_pieces)."""
+        pieces = text_pieces(text, piece_chars)
+        arrays = []
+        for start in range(0, len(pieces), PIECES_PER_BATCH):
+            encodings = self.backend.encode_batch(pieces[start : start + PIECES_PER_BATCH], add_special_tokens=False)
+            arrays.extend(np.asarray(encoding.ids, dtype=dtype) for encoding in encodings)
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; incomplete UTF-8 at the end shows as U+FFFD (use StreamDecoder while generating)."""
@@ -273,7 +315,9 @@ class Tokenizer:
             )
         special = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         variables = {name: self.id_to_token(i) for name, i in special.items() if i is not None}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, **{**variables, **template_kwargs})
+        name = f"the chat template of {self.source}" if self.source else "the chat template"
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, name=name,
+                                    **{**variables, **template_kwargs})
 
 
 class StreamDecoder:
@@ -309,6 +353,47 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most about `piece_chars` characters, each cut just before a space (U+0020) that
+    follows a character other than whitespace. No pre-tokenizer piece of the byte-level regexes (GPT-2, Llama 3,
+    Qwen2, llama.cpp's default) runs from a non-space character into a following space, and the piece that starts at
+    the space is the same with or without the text before it: the pieces tokenize to the same ids as the whole.
+    A stretch with no such space longer than `piece_chars` stays whole."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _cut_before(text, start, start + piece_chars)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def text_tail(text: str, n_chars: int) -> str:
+    """The end of `text`, at least `n_chars` long where possible, cut just before a space that follows a non-space
+    (as text_pieces cuts), so its ids are the last ids of the whole text."""
+    if len(text) <= n_chars:
+        return text
+    cut = _cut_before(text, 0, len(text) - n_chars)
+    return text if cut is None else text[cut:]
+
+
+def _cut_before(text: str, start: int, end: int) -> int | None:
+    """The last position in (start, end] holding a space after a non-whitespace character; else the first after
+    `end`; None if there is none."""
+    cut = text.rfind(" ", start + 1, end + 1)
+    while cut > start and text[cut - 1].isspace():
+        cut = text.rfind(" ", start + 1, cut)
+    if cut > start:
+        return cut
+    cut = text.find(" ", end)
+    while cut != -1 and text[cut - 1].isspace():
+        cut = text.find(" ", cut + 1)
+    return None if cut == -1 else cut
 
 
 def stream_decode(tokenizer: Tokenizer, ids: Iterable[int], skip_special_tokens: bool = False) -> Iterator[str]:

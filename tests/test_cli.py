@@ -117,3 +117,22 @@ def test_generate_one_prompt_and_a_batch(capsys):
     assert code == 0
     first, second = out.split("--- [1]")
     assert "Rome" in first and "100" in second
+
+
+NOT_UTF8 = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # what Python makes of Latin-1 bytes in argv
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (("generate", "--prompt", NOT_UTF8), "--prompt"),
+        (("chat", "--message", NOT_UTF8), "--message"),
+        (("chat", "--message", "hi", "--system", NOT_UTF8), "--system"),
+    ],
+)
+def test_text_that_is_not_utf8_is_one_clear_error(capsys, argv, flag):
+    """Bytes that are not UTF-8 in argv reached the tokenizer as lone surrogates: 'TypeError: TextInputSequence must
+    be str' with a traceback."""
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"error: {flag} holds bytes that are not UTF-8 (byte b'\\xe9' at character 3)" in err and "iconv" in err

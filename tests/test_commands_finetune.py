@@ -12,6 +12,7 @@ import torch
 from llmkit.checkpoints import load_model, load_tokenizer, save_model
 from llmkit.commands.finetune import finetune
 from llmkit.config import Config
+from llmkit.data.sources import builtin_corpus_path
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
@@ -29,7 +30,7 @@ def tiny_base(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Llama with a BPE tokenizer trained on a little Shakespeare, and a 40-row instruction file."""
     root = tmp_path_factory.mktemp("finetune")
     corpus = root / "corpus.txt"
-    text = (Path(__file__).resolve().parents[1] / "llmkit" / "data" / "builtin" / "tinyshakespeare.txt").read_text()
+    text = builtin_corpus_path().read_text(encoding="utf-8")
     corpus.write_text(text[:200_000])
     tokenizer = train_tokenizer([corpus], vocab_size=400, show_progress=False)
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def test_a_bad_setting_is_one_error_line_through_the_cli(capsys):
 
 def test_examples_longer_than_the_context_with_virtual_tokens_are_refused(tiny_base, tmp_path):
     base, data = tiny_base
-    with pytest.raises(LlmkitError, match="max_length=256 plus 4 virtual tokens exceeds tiny-llama's context window"):
+    with pytest.raises(LlmkitError, match="--max_length 256 plus 4 virtual tokens exceeds tiny-llama's context window"):
         finetune(model=str(base), data=[str(data)], method="prompt", prompt=PromptTuningSettings(n_virtual_tokens=4),
                  max_length=256, output=str(tmp_path / "x"))
 
@@ -170,3 +171,47 @@ def test_the_torch_free_settings_name_what_the_methods_accept():
 
     assert set(get_args(Activation)) == set(ACTIVATIONS) and set(get_args(ComputeDtype)) == set(COMPUTE_DTYPES)
     assert (NF4_BLOCK_SIZE, NF4_TARGETS) == (DEFAULT_BLOCK_SIZE, DEFAULT_TARGETS)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--limit", "-3"], r"--limit -3 must be at least 1 \(the most rows to use\); pass --limit null for every row"),
+        (["--limit", "0"], r"--limit 0 must be at least 1"),
+        (["--rouge_rows", "-1"], r"--rouge_rows -1 must be 0"),
+    ],
+)
+def test_cli_refuses_a_limit_below_one(options, message, tiny_base, tmp_path, capsys):
+    """`finetune --limit -3` went on and reported '0 records'."""
+    import re
+
+    from llmkit.cli import main
+
+    base, data = tiny_base
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--model", str(base), "--data", f"[{data}]", "--output", str(tmp_path / "x"), *options])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "hello", "output": "hi"}, r"map yours with --fields.instruction NAME or --fields.input NAME"),
+        ({"instruction": "Say hi."}, r"name the field that holds the output with --fields.output NAME"),
+        ({"instruction": "Say hi.", "output": " "}, r"fill or drop the row \(or pass --skip_bad_rows true\)"),
+    ],
+)
+def test_data_errors_name_the_cli_flags(row, message, tiny_base, tmp_path, capsys):
+    """The errors named Python calls (FieldMap(output=...), skip_bad_rows=True) that a CLI user cannot type."""
+    import re
+
+    from llmkit.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit) as exit:
+        main(["finetune", "--model", str(tiny_base[0]), "--data", f"[{data}]", "--output", str(tmp_path / "x"),
+              "--max_length", "200"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err) and "FieldMap" not in err and err.count("\n") == 1

@@ -24,6 +24,7 @@ from llmkit.data.sft import (
     tokenize_records,
 )
 from llmkit.data.shared import shared_data_file
+from llmkit.data.sources import builtin_corpus_path
 from llmkit.data.templates import (
     ALPACA_NO_INPUT,
     ALPACA_WITH_INPUT,
@@ -137,7 +138,7 @@ def test_builtin_dialogsum_reads_the_shared_splits():
     [
         ("{not json", r"bad.jsonl, line 2: not valid JSON"),
         ('["a list"]', r"bad.jsonl, line 2: holds a JSON list, not an object"),
-        ('{"instruction": "x"}', r"bad.jsonl, line 2: no field 'output' \(fields: instruction\); .*FieldMap\(output=...\)"),
+        ('{"instruction": "x"}', r"bad.jsonl, line 2: no field 'output' \(fields: instruction\); .*--fields.output NAME"),
         ('{"instruction": "x", "output": 5}', r"line 2: field 'output' holds a int, not text"),
         ('{"output": "y"}', r"line 2: no 'instruction' or 'input' text to prompt with"),
         ('{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "?"}]}',
@@ -192,7 +193,7 @@ def test_alpaca_template_with_and_without_input_and_its_errors():
     with pytest.raises(LlmkitError, match=r"d.jsonl, line 1: field 'instruction' is empty but the alpaca template"):
         render_prompt(SFTRecord("s", input="dialogue", origin="d.jsonl, line 1"), "alpaca")
     chat_row = SFTRecord("Hello.", messages=({"role": "user", "content": "Hi"},), origin="c.jsonl, line 1")
-    with pytest.raises(LlmkitError, match=r"c.jsonl, line 1: a chat row \(field 'messages'\) needs template='chat'"):
+    with pytest.raises(LlmkitError, match=r"c.jsonl, line 1: a chat row \(field 'messages'\) needs --template chat"):
         render_prompt(chat_row, "alpaca")
     with pytest.raises(LlmkitError, match="unknown template 'vicuna'; choose one of alpaca, chat, flan_dialogue_summary"):
         render_prompt(chat_row, "vicuna")
@@ -377,3 +378,35 @@ def test_smollm2_chat_template_completion_is_the_reply_and_im_end(tmp_path):
     assert tokenizer.decode(prompt_ids) == tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)
     assert tokenizer.decode(prompt_ids).endswith("<|im_start|>assistant\n")
 
+
+
+def long_records() -> list[SFTRecord]:
+    text = builtin_corpus_path().read_text(encoding="utf-8")
+    return [SFTRecord("Summary.", instruction="Summarise this.", input=text[:300_000], origin="long, row 0"),
+            SFTRecord("x " * 40_000, instruction="Repeat x.", origin="long, row 1"),  # completion over max_length
+            SFTRecord("Short.", instruction="Say it short.", origin="long, row 2")]
+
+
+@pytest.mark.parametrize("which, template", [("bytes", "alpaca"), ("smollm2", "alpaca"), ("smollm2", "chat")])
+def test_long_rows_are_cut_before_tokenizing_with_the_same_examples(which, template, monkeypatch):
+    """A 48 MB instruction peaked at 7.5 GB in finetune: the whole row was tokenized, then cut to max_length. Rows
+    are now cut to a tail that surely holds max_length tokens first; the examples are the same ids."""
+    from llmkit.checkpoints import default_model_path
+
+    tokenizer = chatml_tokenizer() if which == "bytes" else Tokenizer.from_gguf(default_model_path())
+    seen: list[int] = []
+    encode = Tokenizer.encode
+
+    def spy(self, text, add_bos=None):  # noqa: ANN001, ANN202
+        seen.append(len(text))
+        return encode(self, text, add_bos)
+
+    monkeypatch.setattr(Tokenizer, "encode", spy)
+    examples, report = tokenize_records(long_records(), tokenizer, template, max_length=256)
+    assert max(seen) < 256 * tokenizer.max_token_chars + 1000  # nothing near the 300,000-character input
+    assert (report.truncated, report.dropped) == (1, 1)
+    monkeypatch.setattr(Tokenizer, "max_token_chars", 10**9)  # no cut: the old path, whole rows tokenized
+    seen.clear()
+    reference, _ = tokenize_records(long_records(), tokenizer, template, max_length=256)
+    assert max(seen) > 300_000
+    assert [(e.input_ids, e.labels) for e in examples] == [(e.input_ids, e.labels) for e in reference]

@@ -253,3 +253,48 @@ def test_config_only_from_checkpoint_paths(tmp_path):
     assert count_parameters(load_config(str(hf))) == count_parameters(Config.from_name("tiny-llama"))
     gguf = load_config(str(default_model_path()))  # metadata only: no tensor is read
     assert count_parameters(gguf) == count_parameters(Config.from_name("smollm2-135m"))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    from llmkit.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--seq_len", "--context"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_zero_or_negative_length_is_an_error(capsys, flag, value):
+    """--seq_len 0 silently meant the whole context window; only leaving the flag out means that."""
+    code, err = run_cli(capsys, "estimate", "--model", "gpt2", flag, value)
+    assert code == 2 and f"error: {flag} {value} must be at least 1 token" in err and "(1,024)" in err
+    assert err.count("\n") == 1
+
+
+def test_measure_refuses_a_model_that_does_not_fit_this_machine(capsys):
+    """A 7B model's fp32 AdamW training needs about 16 bytes per parameter (112 GB): --measure used to start it and
+    be killed when the memory ran out."""
+    from llmkit.commands.estimate import available_memory
+
+    free, _ = available_memory("cpu")
+    assert free > 0
+    if free > 300 * 2**30:
+        pytest.skip("this machine has the memory to measure a 7B model")
+    code, err = run_cli(capsys, "estimate", "--model", "mistral-7b", "--measure", "true", "--precision", "fp32",
+                        "--batch_size", "1", "--seq_len", "128", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert "--measure needs about" in err and "MemAvailable in /proc/meminfo" in err and "--batch_size" in err
+
+
+def test_measure_checks_the_gpu_memory_on_cuda(monkeypatch):
+    from llmkit.commands import estimate as command
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * 2**30, 80 * 2**30))
+    monkeypatch.setattr("llmkit.device.resolve_device", lambda device: torch.device("cuda:0"))
+    with pytest.raises(LlmkitError, match=r"needs about 2,560 MiB on cuda:0 .* only 2,048 MiB is available \(free GPU"):
+        command.check_memory_for_measuring(2048 * 2**20, "cuda")
+    command.check_memory_for_measuring(1024 * 2**20, "cuda")  # fits: no error

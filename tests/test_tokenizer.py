@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
@@ -430,3 +431,73 @@ def test_a_fixed_padding_and_truncation_in_tokenizer_json_is_dropped(tmp_path):
     backend.save(str(tmp_path / "tokenizer.json"))
     # llmkit pads its own batches and refuses over-long inputs; a fixed length from the file would corrupt both.
     assert Tokenizer.from_dir(tmp_path).encode("a b a") == [1, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "template, limit",
+    [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop steps"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "loop steps"),
+        ("{{ 'x' * 10000000000 }}", "would build 10,000,000,000 items"),
+        ("{{ 7 ** 123456789 }}", "exponent above 1,000"),
+        ("{% for i in range(90000) %}{{ 'abcdefghij' * 100 }}{% endfor %}", "grew past"),
+    ],
+)
+def test_chat_template_that_never_ends_is_stopped(tiny_bpe, tmp_path, template, limit):
+    import time
+
+    vocab, merges = tiny_bpe
+    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "t.gguf", vocab, merges, "qwen2"))
+    tokenizer.chat_template = template
+    started = time.monotonic()
+    expected = f"the chat template of .*t.gguf was stopped: it.*{limit}.*limits: 1,000,000 loop steps, 10 s"
+    with pytest.raises(LlmkitError, match=expected):
+        tokenizer.apply_chat_template(CONVERSATION)
+    assert time.monotonic() - started < 10  # before the change the nested loops ran for hours
+
+
+def test_chat_template_time_limit(monkeypatch):
+    from llmkit import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.2)
+    # 1,000 x 900 steps stay under the step budget; the body's filter calls make each step slow enough to time out
+    slow = "{% for i in range(1000) %}{% for j in range(900) %}{{ '' | trim }}{% endfor %}{% endfor %}"
+    with pytest.raises(LlmkitError, match=r"was stopped: it ran longer than 0.2 s"):
+        chat_template.render_chat_template(slow, [{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_limits_leave_long_messages_alone():
+    from llmkit.chat_template import MAX_RENDERED_CHARS, render_chat_template
+
+    long = "word " * (MAX_RENDERED_CHARS // 2)  # a long document in a message is not a runaway template
+    text = render_chat_template("{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
+                                [{"role": "user", "content": long}])
+    assert text == f"<{long}>"
+
+
+PIECE_TEXT = (
+    "First  Citizen:\n\nBefore we   proceed any further, hear me speak.\r\n\tAll: Speak, speak! 12345 678 -- "
+    "it's     they'll  <|endoftext|> Grüße 日本語 🤖 e\u0301 ... !!!  ?? \n \n  end\n"
+) * 40
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama3", "qwen2", "default"])
+@pytest.mark.parametrize("piece_chars", [7, 50, 333])
+def test_encode_array_in_pieces_gives_the_ids_of_the_whole_text(tiny_bpe, tmp_path, pre, piece_chars):
+    """Long documents are tokenized in pieces (prepare's memory); the cuts must not change a single id."""
+    vocab, merges = tiny_bpe
+    tokenizer = Tokenizer.from_gguf(write_gguf(tmp_path / "t.gguf", vocab, merges, pre))
+    from llmkit.tokenizer import text_pieces
+
+    pieces = text_pieces(PIECE_TEXT, piece_chars)
+    assert len(pieces) > 10 and "".join(pieces) == PIECE_TEXT
+    ids = tokenizer.encode_array(PIECE_TEXT, np.uint16, piece_chars=piece_chars)
+    assert ids.dtype == np.uint16 and ids.tolist() == tokenizer.encode(PIECE_TEXT, add_bos=False)
+
+
+def test_text_pieces_keeps_a_stretch_without_spaces_whole():
+    from llmkit.tokenizer import text_pieces
+
+    assert text_pieces("x" * 100 + " y", 10) == ["x" * 100, " y"]
+    assert text_pieces("x" * 100, 10) == ["x" * 100]
+    assert text_pieces("a b  c", 1) == ["a", " b", "  c"]  # never between two spaces: "  c" is one regex piece

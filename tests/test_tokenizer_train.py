@@ -104,3 +104,25 @@ def test_cli_verb_writes_a_loadable_directory(corpus_file: Path, tmp_path: Path,
     assert loaded.vocab_size == 280 and loaded.decode(loaded.encode(UNSEEN_TEXT)) == UNSEEN_TEXT
     record = json.loads((output / TRAINING_RECORD_FILE).read_text())
     assert record["vocab_size"] == 280 and record["inputs"][0]["path"] == str(corpus_file.resolve())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tokenizer", "train", "--vocab_size", "1000000000"], r"--vocab_size 1,000,000,000 is more than llmkit trains"),
+        (["tokenizer", "train", "--vocab_size", "200"], r"vocab_size 200 leaves no room for merges.*--vocab_size 258"),
+        (["prepare", "--vocab_size", "1000000000"], r"--vocab_size 1,000,000,000 is more than llmkit trains"),
+        (["prepare", "--vocab_size", "-5"], r"vocab_size -5 leaves no room for merges"),
+    ],
+)
+def test_cli_refuses_vocab_sizes_bpe_cannot_train(argv, message, corpus_file, tmp_path, capsys) -> None:
+    """1,000,000,000 made the Rust trainer try to allocate 70 GB and abort with a backtrace."""
+    import re
+
+    from llmkit.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--data", f"[{corpus_file}]", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and re.search(message, err) and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written

@@ -2,10 +2,60 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from llmkit.commands.common import Device, Dtype, model_path, with_adapter
 from llmkit.errors import LlmkitError
+
+# A model without a chat template (a freshly pretrained one) chats by plain completion of this transcript.
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = "\nUser:"  # the model's reply ends where it starts writing the user's next turn
+SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes become in argv and surrogateescape'd stdin
+
+
+def checked_text(text: str, flag: str) -> str:
+    """`text` if it is valid Unicode; else one clear error naming `flag`. Python turns bytes that are not UTF-8 in
+    argv (and in stdin read with surrogateescape) into lone surrogates, which the tokenizer cannot encode. An error,
+    not a silent U+FFFD: the model would answer a text the user did not write, and the fix is theirs to make."""
+    found = SURROGATE.search(text)
+    if found is not None:
+        character = found.group()
+        raw = character.encode("utf-8", "surrogateescape") if "\udc80" <= character <= "\udcff" else b"?"
+        raise LlmkitError(
+            f"{flag} holds bytes that are not UTF-8 (byte {raw!r} at character {found.start():,}): set your terminal "
+            "or file to UTF-8, or convert the text (e.g. iconv -f latin1 -t utf-8)"
+        )
+    return text
+
+
+def plain_transcript(messages: list[dict[str, str]]) -> str:
+    """The conversation as plain text ("User: ...\nAssistant: ...\n"), ending with "Assistant:" for the reply."""
+    lines = [f"{PLAIN_ROLES.get(message['role'], message['role'].title())}: {message['content']}" for message in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+def conversation_prompt(tokenizer, llm, messages: list[dict[str, str]], max_new_tokens: int) -> str:  # noqa: ANN001
+    """The prompt for the next reply, dropping the oldest turns (never the system prompt or the new message) until
+    it fits the context window with `max_new_tokens` to spare; one clear error when even the new message does not."""
+    context = llm.config.max_seq_len
+    while True:
+        if tokenizer.chat_template is None:
+            prompt = plain_transcript(messages)
+        else:
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        n_tokens = len(tokenizer.encode(prompt))
+        if n_tokens + max_new_tokens <= context:
+            return prompt
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise LlmkitError(
+                f"your message takes {n_tokens:,} tokens of the prompt; {llm.config.name}'s context is {context:,} "
+                f"tokens with --max_new_tokens {max_new_tokens:,}: shorten the message (or --system), or pass a "
+                "smaller --max_new_tokens"
+            )
+        del messages[first : first + 2]  # the oldest user turn and its reply
+        print("(the conversation outgrew the context window: its oldest turn is dropped)", file=sys.stderr)
 
 
 def _settings(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float, seed: int | None):
@@ -57,19 +107,26 @@ def chat(
     from llmkit.checkpoints import load_model, load_tokenizer
     from llmkit.generate import stream
 
+    message = None if message is None else checked_text(message, "--message")
+    messages: list[dict[str, str]] = [{"role": "system", "content": checked_text(system, "--system")}] if system else []
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
     llm = load_model(path, dtype=dtype, device=device, arch="decoder")
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
-    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    stop = ()
+    if tokenizer.chat_template is None:
+        print(f"{path} has no chat template: chatting by plain completion of the conversation text "
+              "(User: ... / Assistant: ...)", file=sys.stderr)
+        stop = (PLAIN_STOP,)
 
     def reply(text: str) -> None:
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = conversation_prompt(tokenizer, llm, messages, max_new_tokens)
         pieces = []
-        for piece in stream(llm, tokenizer, prompt, max_new_tokens=max_new_tokens, settings=settings):
+        for piece in stream(llm, tokenizer, prompt, max_new_tokens=max_new_tokens, settings=settings,
+                            stop_strings=stop):
             pieces.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -78,6 +135,8 @@ def chat(
     if message is not None:
         reply(message)
         return
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach checked_text instead of crashing input()
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"llmkit chat: {llm.config.name} from {path}. /reset starts over, /exit leaves.")
@@ -96,9 +155,10 @@ def chat(
         if interactive:
             print("llm> ", end="", flush=True)
         try:
-            reply(text)
+            reply(checked_text(text, "this line of input"))
         except LlmkitError as error:
-            messages.pop()
+            if messages and messages[-1] == {"role": "user", "content": text}:
+                messages.pop()
             print(f"\nerror: {error}", file=sys.stderr)
 
 
@@ -143,13 +203,13 @@ def generate(
     from llmkit.generate import generate as generate_texts
     from llmkit.generate import stream
 
+    prompt = [checked_text(text, "--prompt") for text in ([prompt] if isinstance(prompt, str) else prompt)]
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
     llm = load_model(path, dtype=dtype, device=device, arch="decoder")
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
-    prompt = [prompt] if isinstance(prompt, str) else prompt
     if chat_template:
         prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
     options = dict(max_new_tokens=max_new_tokens, settings=settings, stop_strings=tuple(stop or ()),

@@ -28,6 +28,9 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 TENSOR_MMAP_THRESHOLD = 128 * 2**10  # glibc's initial threshold, kept fixed while the peak is measured
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # the ceiling glibc's dynamic threshold reaches on 64-bit systems
 MiB = 2**20
+PROC_MEMINFO = "/proc/meminfo"
+MEASURE_MARGIN = 1.25  # --measure needs the estimated peak plus this share: the estimate is within about 20%
+MEASURE_PROCESS_BYTES = 1024 * MiB  # on CPU the measuring process also holds torch itself (libraries, thread pools)
 
 
 @dataclass
@@ -93,6 +96,10 @@ def estimate(
         device: for --measure: auto, cpu, cuda or cuda:N.
     """
     config = load_config(model)
+    for flag, value in (("--seq_len", seq_len), ("--context", context)):
+        if value is not None and value < 1:
+            raise LlmkitError(f"{flag} {value} must be at least 1 token; leave it out for the model's context window "
+                              f"({config.max_seq_len:,})")
     seq_len = seq_len or config.max_seq_len
     context = context or config.max_seq_len
     if measure and (fsdp or optimizer != "adamw"):
@@ -136,8 +143,48 @@ def estimate(
     ]
     print("\n".join(lines), flush=True)
     if measure:
+        single = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing)
+        check_memory_for_measuring(single.total, device)
         result = measure_training(config, batch_size, seq_len, precision, activation_checkpointing, steps, device)
         print(format_measurement(result, memory.total))
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """Bytes free for a new process on `device` and where that figure comes from: torch.cuda.mem_get_info on a GPU,
+    MemAvailable of /proc/meminfo on a Linux CPU; None where neither can be read."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free, "free GPU memory (torch.cuda.mem_get_info)"
+    try:
+        with open(PROC_MEMINFO) as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, f"MemAvailable in {PROC_MEMINFO}"
+    except OSError:
+        return None
+    return None
+
+
+def check_memory_for_measuring(estimated_peak: int, device: str) -> None:
+    """Refuse --measure when the estimated peak (with a margin) does not fit the memory free on the device: running
+    out of memory kills the measuring process (or the machine's other work) instead of giving a figure."""
+    from llmkit.device import resolve_device
+
+    resolved = str(resolve_device(device))
+    available = available_memory(resolved)
+    if available is None:
+        return
+    free, source = available
+    needed = estimated_peak * MEASURE_MARGIN + (0 if resolved.startswith("cuda") else MEASURE_PROCESS_BYTES)
+    if needed > free:
+        raise LlmkitError(
+            f"--measure needs about {needed / MiB:,.0f} MiB on {resolved} (estimated peak {estimated_peak / MiB:,.0f} MiB "
+            f"+ {MEASURE_MARGIN - 1:.0%}" + ("" if resolved.startswith("cuda") else " + 1 GiB for torch")
+            + f") but only {free / MiB:,.0f} MiB is available ({source}): pass a smaller --batch_size or --seq_len, "
+            "--activation_checkpointing true or --precision bf16, or leave out --measure (the estimate above stands)"
+        )
 
 
 def format_measurement(result: Measurement, estimated_total: int) -> str:

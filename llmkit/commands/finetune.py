@@ -108,6 +108,10 @@ def finetune(
 
     method_settings = chosen_settings(method, dict(lora=lora, qlora=qlora, prompt=prompt, prefix=prefix, ia3=ia3,
                                                    adapter=adapter, selective=selective))
+    if limit is not None and limit < 1:
+        raise LlmkitError(f"--limit {limit} must be at least 1 (the most rows to use); pass --limit null for every row")
+    if rouge_rows < 0:
+        raise LlmkitError(f"--rouge_rows {rouge_rows} must be 0 (no ROUGE) or more")
     check_settings(train)  # one readable line before any data or model work
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     try:
@@ -116,7 +120,7 @@ def finetune(
         network = load_model(path, arch="decoder")
         virtual_tokens = getattr(method_settings, "n_virtual_tokens", 0)  # prompt / prefix tuning take context too
         if max_length + virtual_tokens > network.config.max_seq_len:
-            raise LlmkitError(f"max_length={max_length} plus {virtual_tokens} virtual tokens exceeds "
+            raise LlmkitError(f"--max_length {max_length} plus {virtual_tokens} virtual tokens exceeds "
                               f"{network.config.name}'s context window of {network.config.max_seq_len}; pass a smaller "
                               "--max_length")
         if data:

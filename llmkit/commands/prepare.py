@@ -84,12 +84,16 @@ def prepare_corpus(
     from llmkit.data.sources import builtin_corpus_path, fingerprint_inputs
     from llmkit.data.tokenizer_train import (
         DEFAULT_SPECIAL_TOKENS,
+        check_vocab_size,
         reusable_tokenizer,
         save_trained,
         train_tokenizer,
         training_record,
     )
 
+    special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
+    if tokenizer is None:
+        check_vocab_size(vocab_size, len(special))  # before any file is read
     paths = list(paths) or [str(builtin_corpus_path())]
     refuse_writing_onto_inputs(output, paths)
     previous = None if overwrite else previous_manifest(Path(output))
@@ -97,7 +101,6 @@ def prepare_corpus(
         _refuse_replacing(output, ["inputs"], replace_hint)
     if tokenizer is None:
         tokenizer_path = str(Path(output) / TOKENIZER_DIR)
-        special = tuple(special_tokens) if special_tokens else DEFAULT_SPECIAL_TOKENS
         record = training_record(paths, vocab_size, text_field, min_frequency, special)
         loaded = reusable_tokenizer(tokenizer_path, record)
         if loaded is None:

@@ -106,6 +106,8 @@ def pretrain(
         run_dir = Path(output)
         prepared = prepared_folder(data)
         data_dir = prepared or run_dir / DATA_DIR
+        if init is not None and not data and tokenizer is None:
+            tokenizer = init  # continued pretraining: the data must be in the model's own ids
         if prepared is None and cluster.is_main:
             prepare_corpus(as_paths(data), data_dir, tokenizer=tokenizer, vocab_size=vocab_size, progress=cluster.is_main,
                            special_tokens=SPECIAL_TOKENS.get(arch),
@@ -116,6 +118,7 @@ def pretrain(
         if tokenizer_path is None:
             raise LlmkitError(f"{data_dir}/manifest.json names no tokenizer; re-run `llmkit prepare` with --tokenizer")
         text_tokenizer = load_tokenizer(tokenizer_path)
+        check_data_tokenizer(data_dir, manifest, text_tokenizer, tokenizer_path, init)
 
         torch.manual_seed(train.seed)
         if arch == "encoder":
@@ -146,6 +149,9 @@ def pretrain(
                 print(f"--- sample at step {step} ---\n{sample.prompt}{text}\n---")
             return {"sample": text}
 
+        if train.resume == "auto":
+            check_resume_vocabulary(run_dir, data_dir, manifest, text_tokenizer, tokenizer_path,
+                                    network.config.vocab_size)
         if cluster.is_main:
             print(f"{network.config.name}: {network.num_parameters():,} parameters; {len(stream):,} training sequences of "
                   f"{seq_len} tokens; run directory {run_dir}")
@@ -181,6 +187,57 @@ def prepared_folder(data: list[str] | str | None) -> Path | None:
         raise LlmkitError(f"--data mixes the prepared folder {prepared[0]} with other paths; pass that folder alone, "
                           "or only text files and folders to prepare")
     return prepared[0] if prepared else None
+
+
+def check_data_tokenizer(data_dir: Path, manifest: dict, tokenizer: Any, tokenizer_path: Path, init: str | None) -> None:
+    """Refuse shards whose ids mean other tokens than the model's: the tokenizer recorded in the manifest must still
+    be the one at its path, and with --init it must be the model's own. Two vocabularies of one size pass a size
+    check and train silently on the wrong tokens."""
+    from llmkit.checkpoints import load_tokenizer
+
+    recorded = manifest.get("tokenizer", {}).get("vocab_sha256")  # absent in manifests written before it was kept
+    if recorded is not None and recorded != tokenizer.fingerprint:
+        raise LlmkitError(f"the tokenizer at {tokenizer_path} is not the one --data {data_dir} was tokenized with (its "
+                          f"vocabulary changed since): run `llmkit prepare --output {data_dir}` again")
+    if init is None:
+        return
+    try:
+        model_tokenizer = load_tokenizer(init)
+    except LlmkitError:
+        print(f"{init} has no tokenizer to compare with the data's; only the vocabulary size is checked")
+        return
+    if model_tokenizer.fingerprint != tokenizer.fingerprint:
+        raise LlmkitError(
+            f"--data {data_dir} was tokenized with {tokenizer_path} ({manifest['vocab_size']:,} tokens) but --init "
+            f"{init} reads ids with its own tokenizer ({model_tokenizer.vocab_size:,} tokens), another vocabulary: "
+            f"prepare the data with the model's tokenizer (llmkit prepare --tokenizer {init} --output DIR)"
+        )
+
+
+def check_resume_vocabulary(run_dir: Path, data_dir: Path, manifest: dict, tokenizer: Any, tokenizer_path: Path,
+                            vocab_size: int) -> None:
+    """Refuse to resume a run on data of another vocabulary, naming both (sizes and tokenizers), before the training
+    loop's config check says only that the configs differ."""
+    from llmkit.checkpoints import load_config, load_tokenizer
+    from llmkit.train.checkpoint import list_checkpoints
+
+    existing = list_checkpoints(run_dir)
+    if not existing:
+        return
+    latest = existing[-1]
+    try:
+        saved_vocab = load_config(latest).vocab_size
+        saved = load_tokenizer(latest)
+    except LlmkitError:
+        return  # a partial checkpoint: the loop reports it
+    if saved_vocab == vocab_size and saved.fingerprint == tokenizer.fingerprint:
+        return
+    raise LlmkitError(
+        f"{run_dir} holds a run on a {saved.vocab_size:,}-token vocabulary (model {saved_vocab:,} ids, tokenizer in "
+        f"{latest}) but --data {data_dir} uses a {manifest['vocab_size']:,}-token vocabulary (tokenizer "
+        f"{tokenizer_path}){'' if saved.vocab_size != manifest['vocab_size'] else ' with other tokens'}: resume with "
+        "the data it was trained on, or pass a new --output for a new run"
+    )
 
 
 def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int) -> Decoder:

@@ -17,7 +17,7 @@ import numpy as np
 
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write, atomic_write_text, read_json_object
-from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer import PIECE_CHARS, Tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "llmkit-token-shards"
@@ -27,6 +27,7 @@ TRAIN, VAL = "train", "val"
 SHARD_PATTERN = "{split}-{index:05d}.bin"
 MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT = 20  # fewer documents: validation is the tail of the token stream instead
 UINT16_VOCAB_LIMIT = 65536  # ids 0..65535 fit uint16
+BATCH_CHARS = 8 * PIECE_CHARS  # a batch of short documents holds at most about this much text
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -102,7 +103,8 @@ def manifest_header(
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "tokenizer": {"path": _recorded_path(tokenizer_path, output),
-                      "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()},
+                      "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
+                      "vocab_sha256": tokenizer.fingerprint},
         "settings": {"text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
                      "document_separator": document_separator, "seed": seed},
         "inputs": fingerprint_inputs(inputs),
@@ -153,15 +155,33 @@ def _encoded_documents(
 
     from llmkit.data.sources import read_documents
 
-    documents = read_documents(inputs, text_field, document_separator)
+    def encoded(batch: list[str]) -> Iterator[np.ndarray]:
+        for ids in tokenizer.encode_batch(batch, add_bos=False):
+            if ids:  # an empty document would add a lone EOS
+                tokens = np.empty(len(ids) + 1, dtype)
+                tokens[:-1], tokens[-1] = ids, tokenizer.eos_id
+                yield tokens
+        progress.update(len(batch))
+
     with tqdm(desc="tokenizing", unit=" docs", disable=None if show_progress else True) as progress:
-        while batch := [text for _, text in zip(range(batch_documents), documents)]:
-            for ids in tokenizer.encode_batch(batch, add_bos=False):
-                if ids:  # an empty document would add a lone EOS
-                    tokens = np.empty(len(ids) + 1, dtype)
-                    tokens[:-1], tokens[-1] = ids, tokenizer.eos_id
-                    yield tokens
-            progress.update(len(batch))
+        batch: list[str] = []
+        batch_chars = 0
+        for text in read_documents(inputs, text_field, document_separator):
+            if len(text) > PIECE_CHARS:  # a long document streams through in pieces (order kept: the batch first)
+                yield from encoded(batch)
+                batch, batch_chars = [], 0
+                ids = tokenizer.encode_array(text, dtype, piece_chars=PIECE_CHARS)
+                del text
+                if len(ids):
+                    yield np.append(ids, np.array([tokenizer.eos_id], dtype))
+                progress.update(1)
+                continue
+            batch.append(text)
+            batch_chars += len(text)
+            if len(batch) >= batch_documents or batch_chars >= BATCH_CHARS:
+                yield from encoded(batch)
+                batch, batch_chars = [], 0
+        yield from encoded(batch)
 
 
 def _split(documents: Iterator[np.ndarray], writers: dict[str, _ShardWriter], val_fraction: float, seed: int) -> str:

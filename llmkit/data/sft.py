@@ -143,7 +143,7 @@ def parse_row(row: Mapping[str, Any] | str, fields: FieldMap, origin: str) -> SF
     text_input = _text(row, fields.input, origin, columns, "input", required=False)
     if not (instruction or text_input):
         raise LlmkitError(f"{origin}: no '{fields.instruction}' or '{fields.input}' text to prompt with (fields: "
-                          f"{columns}); map yours with FieldMap(instruction=..., input=...)")
+                          f"{columns}); map yours with --fields.instruction NAME or --fields.input NAME")
     return SFTRecord(output, instruction, text_input, origin=origin)
 
 
@@ -153,12 +153,12 @@ def _text(row: Mapping[str, Any], name: str, origin: str, columns: str, role: st
         return ""
     if value is None:
         raise LlmkitError(f"{origin}: no field '{name}' (fields: {columns}); name the field that holds the {role} "
-                          f"with FieldMap({role}=...)")
+                          f"with --fields.{role} NAME")
     if not isinstance(value, str):
         raise LlmkitError(f"{origin}: field '{name}' holds a {type(value).__name__}, not text; fix the row")
     if required and not value.strip():
         raise LlmkitError(f"{origin}: field '{name}' is empty; an empty {role} teaches nothing: fill or drop the row "
-                          "(or pass skip_bad_rows=True)")
+                          "(or pass --skip_bad_rows true)")
     return value
 
 
@@ -239,7 +239,7 @@ def tokenize_records(
     """Render each record (record i with template phrasing (seed + i) mod n) and tokenize it into an SFTExample."""
     template, report = check_template(template), report or SFTReport()
     if max_length < 2:
-        raise LlmkitError(f"max_length={max_length} must be at least 2 (one prompt and one completion token)")
+        raise LlmkitError(f"--max_length {max_length} must be at least 2 (one prompt and one completion token)")
     if truncation not in ("left", "drop"):
         raise LlmkitError(f"truncation={truncation!r} must be 'left' (cut the prompt's start) or 'drop'")
     if tokenizer.eos_id is None:
@@ -253,7 +253,11 @@ def tokenize_records(
                 raise
             report.skip(str(error))
             continue
-        prompt_ids, completion_ids = encode_pair(prompt, completion, tokenizer, chat=template == CHAT)
+        if len(completion) > max_length * tokenizer.max_token_chars:  # surely over max_length tokens: not tokenized
+            report.dropped += 1
+            continue
+        prompt_ids, completion_ids = encode_pair(prompt, completion, tokenizer, chat=template == CHAT,
+                                                 max_prompt_tokens=max_length)
         if len(prompt_ids) + len(completion_ids) > max_length:
             bos = 1 if prompt_ids[:1] == [tokenizer.bos_id] else 0
             room = max_length - len(completion_ids) - bos  # prompt tokens that fit after BOS
@@ -266,21 +270,43 @@ def tokenize_records(
     report.examples += len(examples)
     if not examples:
         raise LlmkitError(f"no example is left of {len(records):,} records ({report.dropped:,} longer than "
-                          f"max_length={max_length}, {report.skipped:,} bad): raise max_length or check the data")
+                          f"--max_length {max_length}, {report.skipped:,} bad): raise --max_length or check the data")
     return examples, report
 
 
-def encode_pair(prompt: str, completion: str, tokenizer: Tokenizer, chat: bool = False) -> tuple[list[int], list[int]]:
+def encode_pair(
+    prompt: str, completion: str, tokenizer: Tokenizer, chat: bool = False, max_prompt_tokens: int | None = None
+) -> tuple[list[int], list[int]]:
     """Prompt ids (BOS by the model's rule) and completion ids ending with EOS. A chat completion already holds the
-    template's end-of-turn token: when that is EOS, whatever the template writes after it is cut."""
+    template's end-of-turn token: when that is EOS, whatever the template writes after it is cut. With
+    `max_prompt_tokens`, only the prompt's last ids matter (it is cut from the left later): a long prompt (a 48 MB
+    instruction peaked at 7.5 GB) is cut to its tail before tokenizing, keeping at least that many tokens, which
+    are then the same ids as the whole prompt's last ones."""
     bos_text = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
-    add_bos = False if chat and bos_text and prompt.startswith(bos_text) else None  # the template wrote BOS itself
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos)
+    wrote_bos = bool(chat and bos_text and prompt.startswith(bos_text))
+    add_bos = False if wrote_bos else None  # the template wrote BOS itself
+    prompt_ids = _encode_prompt(prompt, tokenizer, add_bos, max_prompt_tokens, tokenizer.bos_id if wrote_bos else None)
     completion_ids = tokenizer.encode(completion, add_bos=False)
     if chat and tokenizer.eos_id in completion_ids:
         last = len(completion_ids) - 1 - completion_ids[::-1].index(tokenizer.eos_id)
         return prompt_ids, completion_ids[: last + 1]
     return prompt_ids, completion_ids + [tokenizer.eos_id]
+
+
+def _encode_prompt(
+    prompt: str, tokenizer: Tokenizer, add_bos: bool | None, max_tokens: int | None, written_bos: int | None
+) -> list[int]:
+    """The prompt's ids; when only its last `max_tokens` matter, tokenized from a tail of the text that surely holds
+    them (BOS first as the whole prompt would have it)."""
+    from llmkit.tokenizer import text_tail
+
+    if max_tokens is None or len(prompt) <= max_tokens * tokenizer.max_token_chars:
+        return tokenizer.encode(prompt, add_bos=add_bos)
+    tail = text_tail(prompt, max_tokens * tokenizer.max_token_chars)
+    ids = tokenizer.encode(tail, add_bos=add_bos)
+    if len(ids) <= max_tokens:  # the cut fell late (few spaces): the whole text decides
+        return tokenizer.encode(prompt, add_bos=add_bos)
+    return ids if written_bos is None else [written_bos, *ids]
 
 
 def load_sft_dataset(

@@ -126,12 +126,12 @@ def render_prompt(
     if template == CHAT:
         return _chat_prompt(_chat_messages(record), _need_tokenizer(tokenizer))
     if record.messages:
-        raise LlmkitError(f"{record.origin}: a chat row (field 'messages') needs template='chat'; the {_name(template)} "
+        raise LlmkitError(f"{record.origin}: a chat row (field 'messages') needs --template chat; the {_name(template)} "
                           "template formats instruction/input fields")
     if template == ALPACA:
         if not record.instruction:
             raise LlmkitError(f"{record.origin}: field 'instruction' is empty but the alpaca template needs it; map "
-                              "the field that holds it with FieldMap(instruction=...) or choose another template")
+                              "the field that holds it with --fields.instruction NAME or choose another --template")
         pattern = ALPACA_WITH_INPUT if record.input else ALPACA_NO_INPUT
     else:
         pattern = template.pick(row, seed)
@@ -142,7 +142,7 @@ def render_prompt(
                               "{instruction} and {input}")
         if not values[name]:
             raise LlmkitError(f"{record.origin}: field {name!r} is empty but the {_name(template)} template needs it; "
-                              f"map the field that holds it with FieldMap({name}=...)")
+                              f"map the field that holds it with --fields.{name} NAME")
     return pattern.prompt.format(**values) + RESPONSE_DELIMITER
 
 
@@ -158,7 +158,7 @@ def render(
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     if not full.startswith(prompt):
         raise LlmkitError(f"{record.origin}: the model's chat template writes the conversation without the generation "
-                          "prompt as its prefix, so prompt and completion cannot be split; use template='alpaca'")
+                          "prompt as its prefix, so prompt and completion cannot be split; use --template alpaca")
     return prompt, full[len(prompt):]
 
 

@@ -17,6 +17,10 @@ from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
 
 BYTE_ALPHABET_SIZE = 256
+# Largest vocabulary llmkit trains: 4x Gemma 3's 262,144, the largest in common use. BPE training allocates per
+# requested token up front (1,000,000,000 asked the trainer for 70 GB and aborted in Rust), and an embedding of
+# 2**20 rows is already 1 GB per 256 dimensions in fp32.
+MAX_VOCAB_SIZE = 2**20
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 TRAINING_RECORD_FILE = "llmkit_tokenizer_training.json"  # how a tokenizer directory was trained: lets prepare reuse it
 
@@ -40,12 +44,7 @@ def train_tokenizer(
         raise LlmkitError("special_tokens is empty: give at least one; the first is the end-of-text (EOS) token")
     if len(set(special_tokens)) != len(special_tokens) or not all(special_tokens):
         raise LlmkitError(f"special_tokens {special_tokens} must be distinct, non-empty strings")
-    smallest = BYTE_ALPHABET_SIZE + len(special_tokens) + 1
-    if vocab_size < smallest:
-        raise LlmkitError(
-            f"vocab_size {vocab_size} leaves no room for merges: byte-level BPE needs the {BYTE_ALPHABET_SIZE} bytes plus "
-            f"{len(special_tokens)} special token(s); pass --vocab_size {smallest} or more (8192 is a good small size)"
-        )
+    check_vocab_size(vocab_size, len(special_tokens))
     if min_frequency < 1:
         raise LlmkitError(f"min_frequency {min_frequency} must be at least 1 (a pair seen fewer times is never merged)")
     expand_inputs(paths)  # fail on a bad path before training starts
@@ -64,6 +63,23 @@ def train_tokenizer(
     backend.train_from_iterator(read_documents(paths, text_field), trainer=trainer)
     eos_id = backend.token_to_id(special_tokens[0])
     return Tokenizer(backend, bos_id=None, eos_id=eos_id, pad_id=None, add_bos=False)
+
+
+def check_vocab_size(vocab_size: int, n_special_tokens: int = len(DEFAULT_SPECIAL_TOKENS)) -> None:
+    """Refuse a vocabulary size BPE cannot reach (no room for merges) or should not try (beyond MAX_VOCAB_SIZE),
+    before any text is read."""
+    smallest = BYTE_ALPHABET_SIZE + n_special_tokens + 1
+    if vocab_size < smallest:
+        raise LlmkitError(
+            f"vocab_size {vocab_size} leaves no room for merges: byte-level BPE needs the {BYTE_ALPHABET_SIZE} bytes plus "
+            f"{n_special_tokens} special token(s); pass --vocab_size {smallest} or more (8192 is a good small size)"
+        )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise LlmkitError(
+            f"--vocab_size {vocab_size:,} is more than llmkit trains ({MAX_VOCAB_SIZE:,} = 2**20; the largest common "
+            "vocabularies have 262,144 tokens, and BPE training memory grows with the size): pass --vocab_size "
+            "32000 to 262144"
+        )
 
 
 def training_record(paths: Sequence[str | Path], vocab_size: int, text_field: str, min_frequency: int,
