@@ -22,6 +22,20 @@ def test_every_verb_has_help_with_an_example(capsys, verb):
     assert "Example:" in out and f"llmkit {verb}" in out
 
 
+def test_help_never_imports_torch():
+    """`--help` of any verb (and of `llmkit` itself) stays under a second: neither jsonargparse's reading of a verb's
+    signature nor the verb's module may pull in torch (1+ s). A fresh interpreter, since this one has torch loaded."""
+    import subprocess
+    import sys
+
+    script = ("import contextlib, io, sys\nfrom llmkit.cli import main\nfor argv in sys.argv[1:]:\n"
+              "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+              "        main([*argv.split(), '--help'])\n"
+              "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script, "", *VERBS], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_info_on_a_preset(capsys):
     code, out, _ = run_cli(capsys, "info", "--model", "gpt2")
     assert code == 0

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from llmkit.commands.common import Device, Dtype
-
-if TYPE_CHECKING:
-    import torch
-
 
 EMBEDDINGS_KEY = "embeddings"  # tensor name in the safetensors file `llmkit embed --output` writes
 
@@ -22,7 +18,7 @@ def embed(
     normalize: bool | None = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
-) -> torch.Tensor:
+) -> Any:
     """Sentence embeddings of TEXTS with an encoder (all-MiniLM-L6-v2 by default), printed or saved.
 
     Example: llmkit embed --texts "[A man is eating food., A man is riding a horse.]"

@@ -4,7 +4,7 @@ A thin recipe: read and template the data, apply the method, train, save the ada
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from llmkit.data.templates import FieldMap
 from llmkit.errors import LlmkitError
@@ -19,9 +19,6 @@ from llmkit.peft.settings import (
     SelectiveSettings,
 )
 from llmkit.train.settings import TrainSettings, check_settings
-
-if TYPE_CHECKING:
-    from torch import nn
 
 Method = Literal["lora", "qlora", "prompt", "prefix", "ia3", "adapter", "selective"]
 ADAPTER_DIR = "adapter"
@@ -190,7 +187,7 @@ def chosen_settings(method: str, given: dict[str, Any]) -> Any:
     return settings if settings is not None else SETTINGS[method]()
 
 
-def rouge_on(model: nn.Module, tokenizer: Any, records: list, template: str) -> dict[str, float]:
+def rouge_on(model: Any, tokenizer: Any, records: list, template: str) -> dict[str, float]:
     """ROUGE-1/2/L of greedy completions of the records' prompts against their outputs."""
     from llmkit.data.templates import render_prompt
     from llmkit.eval.metrics import rouge
@@ -206,7 +203,7 @@ def rouge_on(model: nn.Module, tokenizer: Any, records: list, template: str) -> 
     return rouge([text.strip() for text in predictions], [record.output for record in records])
 
 
-def save_merged(model: nn.Module, method: str, directory: Path, tokenizer: Any, save_model: Any) -> Path:
+def save_merged(model: Any, method: str, directory: Path, tokenizer: Any, save_model: Any) -> Path:
     """Fold the adapter into the base weights and save a plain llmkit model."""
     if method == "lora":
         from llmkit.peft.lora import merge_and_unload

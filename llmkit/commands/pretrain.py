@@ -5,17 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from llmkit.commands.common import as_paths
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings, check_settings
-
-if TYPE_CHECKING:
-    import torch
-
-    from llmkit.models.decoder import Decoder
-    from llmkit.train.loop import TrainResult
 
 DATA_DIR = "data"  # inside the run directory when the recipe prepares the data itself
 DEFAULT_PRESETS = {"decoder": "mini", "encoder": "mini-bert", "seq2seq": "mini-t5"}  # --model when none is given
@@ -52,7 +46,7 @@ def pretrain(
     output: str = "runs/pretrain",
     train: TrainSettings = PRETRAIN_DEFAULTS,
     sample: SampleSettings = SampleSettings(),  # noqa: B008 (a frozen value; jsonargparse shows its fields)
-) -> TrainResult:
+) -> Any:
     """Pretrain a language model: progress bar, validation loss, samples, checkpoints, a loss curve PNG.
 
     Example: llmkit pretrain                                 (mini model on Tiny Shakespeare, a few minutes on a CPU)
@@ -135,7 +129,7 @@ def pretrain(
             train = replace(train, eval_every=0)
         validation = TokenShards(data_dir, "val") if has_validation else None
 
-        def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, Any]:
             return to_batch(stream.batch(position, batch_size, rank, world_size), (position, rank))
 
         def eval_batches():
@@ -143,7 +137,7 @@ def pretrain(
             for index, tokens in enumerate(batches):
                 yield to_batch(tokens, (index, -1))  # the same masks at every evaluation
 
-        def on_eval(trained: torch.nn.Module, step: int) -> dict:
+        def on_eval(trained: Any, step: int) -> dict:
             text = (sample_span_fill if arch == "seq2seq" else sample_text)(trained, text_tokenizer, sample)
             if cluster.is_main:
                 print(f"--- sample at step {step} ---\n{sample.prompt}{text}\n---")
@@ -240,7 +234,7 @@ def check_resume_vocabulary(run_dir: Path, data_dir: Path, manifest: dict, token
     )
 
 
-def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int) -> Decoder:
+def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int) -> Any:
     """The model to train: a preset resized to the data's vocabulary, or pretrained weights (`init`)."""
     from llmkit.config import Config
     from llmkit.models.decoder import Decoder
@@ -265,7 +259,7 @@ def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | N
 
 def masked_lm_parts(
     model: str, init: str | None, manifest: dict, tokenizer: Any, seq_len: int, seed: int
-) -> tuple[torch.nn.Module, Any, Any]:
+) -> tuple[Any, Any, Any]:
     """Masked-LM pretraining (BERT): the MaskedLM to train, its objective, and a batch function that hides 15% of
     each window's tokens. The encoder sees the window's first seq_len tokens as they are (no next-token shift)."""
     import torch
@@ -298,7 +292,7 @@ def masked_lm_parts(
                           "pass a smaller --seq_len")
     special_ids = tokenizer.special_ids
 
-    def to_batch(tokens: torch.Tensor, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def to_batch(tokens: Any, key: tuple[int, int]) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(hash((seed, *key)) % 2**63)  # the same masks on a resumed run
         return masked_lm_batch(tokens[:, :-1], mask_id, vocab_size, special_ids, generator)  # (B, T)
 
@@ -307,7 +301,7 @@ def masked_lm_parts(
 
 def span_corruption_parts(
     model: str, init: str | None, manifest: dict, tokenizer: Any, seed: int
-) -> tuple[torch.nn.Module, Any, Any]:
+) -> tuple[Any, Any, Any]:
     """Span-corruption pretraining (T5): the Seq2Seq to train, its objective, and a batch function that replaces 15%
     of each window's tokens, in spans of 3 on average, by sentinels; the decoder learns to write the spans."""
     import torch
@@ -338,14 +332,14 @@ def span_corruption_parts(
         network = Seq2Seq(config)
     start_id = network.config.decoder_start_id
 
-    def to_batch(tokens: torch.Tensor, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def to_batch(tokens: Any, key: tuple[int, int]) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(hash((seed, *key)) % 2**63)  # the same spans on a resumed run
         return span_corruption_batch(tokens[:, :-1], sentinel_ids, generator, eos_id=eos_id, decoder_start_id=start_id)
 
     return network, seq2seq_loss, to_batch
 
 
-def sample_span_fill(model: torch.nn.Module, tokenizer: Any, sample: SampleSettings) -> str:
+def sample_span_fill(model: Any, tokenizer: Any, sample: SampleSettings) -> str:
     """What a seq2seq model writes for a gap (<extra_id_0>) after the sample prompt (back in training mode after)."""
     import torch
 
@@ -364,7 +358,7 @@ def sample_span_fill(model: torch.nn.Module, tokenizer: Any, sample: SampleSetti
     return tokenizer.decode([token for token in new.tolist() if token not in {*sentinel_ids, tokenizer.eos_id}])
 
 
-def sample_text(model: torch.nn.Module, tokenizer: Any, sample: SampleSettings) -> str:
+def sample_text(model: Any, tokenizer: Any, sample: SampleSettings) -> str:
     """A continuation of the sample prompt (the model is put back in training mode afterwards)."""
     from llmkit.generate import SamplingSettings, generate
 
