@@ -263,3 +263,26 @@ def test_two_processes_resume_from_their_own_checkpoint_exactly(tmp_path, strate
     uninterrupted = run(tmp_path, processes=2, strategy=strategy)
     shutil.rmtree(list_checkpoints(tmp_path)[-1])  # steps 3 and 6 were saved: resume from step 3
     assert run(tmp_path, processes=2, strategy=strategy) == uninterrupted[3:]
+
+
+def test_a_training_checkpoint_of_an_encoder_reloads_with_its_head(tmp_path):
+    """A MaskedLM built from a config whose encoder_head is still "base" is checkpointed with its real head, so the
+    checkpoint loads back as a MaskedLM (not a bare Encoder that drops the MLM head) and the run resumes from it."""
+    from llmkit.checkpoints import load_model
+    from llmkit.models.encoder import MaskedLM
+    from llmkit.train.objectives import masked_lm_batch, masked_lm_loss
+
+    config = Config.from_name("tiny-bert")
+    assert config.encoder_head == "base"
+    torch.manual_seed(0)
+
+    def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        tokens = torch.randint(5, config.vocab_size, (batch_size, 16), generator=torch.Generator().manual_seed(position))
+        return masked_lm_batch(tokens, mask_id=4, vocab_size=config.vocab_size, special_ids=[0, 1, 2, 3],
+                               generator=torch.Generator().manual_seed(position))
+
+    train(MaskedLM(config), masked_lm_loss, batches, settings(max_steps=2), tmp_path)
+    loaded = load_model(tmp_path / "checkpoints" / "step-00000002")
+    assert isinstance(loaded, MaskedLM) and loaded.config.encoder_head == "masked_lm"
+    result = train(MaskedLM(config), masked_lm_loss, batches, settings(max_steps=3), tmp_path)  # resumes: same config
+    assert result.steps == 3

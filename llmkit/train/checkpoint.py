@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmkit.checkpoints import saved_config
 from llmkit.checkpoints.native import save_native
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write, atomic_write_text, read_json_object
@@ -128,7 +129,7 @@ def save_checkpoint(
             tensors = {name: weights[name].contiguous() for name in sorted(trainable)}
             atomic_write(temporary / TRAINABLE_FILE, lambda tmp: save_file(tensors, str(tmp)))
         else:
-            save_native(unwrap(model).config, weights, temporary)
+            save_native(saved_config(unwrap(model)), weights, temporary)
         if tokenizer is not None and not partial:
             tokenizer.save(temporary)
         write_optimizer_state(optimizer_state, type(optimizer).__name__, temporary)
@@ -173,7 +174,7 @@ def load_checkpoint(
         _load_trainable(model, _read_tensors(path / TRAINABLE_FILE), path)
     else:
         config, weights = load_native(path)
-        expected = unwrap(model).config
+        expected = saved_config(unwrap(model))
         if config != expected:
             raise LlmkitError(f"{path} holds a model with a different config than this run's ({config.name}: "
                               f"{config.n_layers} layers, d_model {config.d_model}); use a new --output directory or "
