@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from llmkit.commands.common import as_paths
 from llmkit.data.templates import FieldMap
 from llmkit.errors import LlmkitError
 from llmkit.peft.settings import (
@@ -30,7 +31,7 @@ FINETUNE_DEFAULTS = TrainSettings(max_steps=60, batch_size=4, lr=1e-3, warmup_st
 
 def finetune(
     model: str | None = None,
-    data: list[str] | None = None,
+    data: list[str] | str | None = None,
     method: Method = "lora",
     template: str = "flan_dialogue_summary",
     fields: FieldMap = FieldMap(),  # noqa: B008 (frozen)
@@ -121,7 +122,7 @@ def finetune(
                               f"{network.config.name}'s context window of {network.config.max_seq_len}; pass a smaller "
                               "--max_length")
         if data:
-            records, report = load_sft_records(data, fields, skip_bad_rows=skip_bad_rows, limit=limit)
+            records, report = load_sft_records(as_paths(data), fields, skip_bad_rows=skip_bad_rows, limit=limit)
             held_out = []
         else:
             records, report = builtin_dialogsum("train", limit), None
