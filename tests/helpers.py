@@ -78,3 +78,9 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
         code = exit.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def cli_status(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """Run `llmkit ARGV` in this process: (exit code, stderr)."""
+    code, _, err = run_cli(capsys, *argv)
+    return code, err

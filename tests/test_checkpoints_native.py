@@ -11,10 +11,10 @@ from llmkit import Config, LlmkitError
 from llmkit.checkpoints import build_model, detect_format, load_config, load_model, save_model
 from llmkit.checkpoints.hf_bert import default_encoder_path
 from llmkit.checkpoints.native import WEIGHTS_FILE
-from llmkit.cli import main
 from llmkit.models.decoder import Decoder
 from llmkit.models.encoder import Encoder, MaskedLM, SequenceClassifier, TokenClassifier
 from llmkit.models.seq2seq import Seq2Seq
+from tests.helpers import cli_status
 
 
 def test_native_checkpoint_round_trip(tmp_path):
@@ -138,16 +138,6 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
 # --------------------------------------------------------------------------- the same errors through the CLI
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit code and stderr of `llmkit ARGV`."""
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(("argv", "changes", "message"), [
     (("info", "--model"), dict(rope_theta=None), r"config is missing fields \['rope_theta'\]"),
     (("generate", "--prompt", "[hi]", "--model"), dict(d_model="64"), r"d_model='64' is a string"),
@@ -156,7 +146,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
 def test_broken_configs_are_one_error_line_in_the_cli(tmp_path, capsys, argv, changes, message):
     directory = write_native(tmp_path / "m", **changes)
     argv = tuple(str(tmp_path / "out") if arg == "OUT" else arg for arg in argv)
-    code, err = run_cli(capsys, *argv, str(directory))
+    code, err = cli_status(capsys, *argv, str(directory))
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err)
@@ -167,7 +157,7 @@ def test_damaged_weights_are_one_error_line_in_the_cli(tmp_path, capsys):
     with torch.no_grad():
         model.final_norm.weight[0] = float("nan")
     save_model(model, tmp_path / "m")
-    code, err = run_cli(capsys, "generate", "--prompt", "[hi]", "--model", str(tmp_path / "m"))
+    code, err = cli_status(capsys, "generate", "--prompt", "[hi]", "--model", str(tmp_path / "m"))
     assert code == 2 and err.strip().splitlines() == [
         f"error: {tmp_path / 'm'}: tensor final_norm.weight holds NaN or Inf values; the file is damaged (or was saved "
         "from a diverged run): re-download, re-convert or re-save it from a good checkpoint"]

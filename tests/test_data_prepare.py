@@ -25,7 +25,7 @@ from llmkit.data.sources import BUILTIN_CORPUS, builtin_corpus_path
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
-from tests.helpers import write_jsonl
+from tests.helpers import cli_status, write_jsonl
 
 EOS_TEXT = "<|endoftext|>"
 BOOK = [f"Chapter {index}. The fox ran {'far ' * index}and the dog slept; Ünïcödé {index} 🤖." for index in range(5)]
@@ -265,14 +265,6 @@ def test_prepare_data_with_the_smollm2_gguf_tokenizer(tmp_path: Path) -> None:
     assert tokens.tolist() == [*smollm2.encode(corpus.read_text(encoding="utf-8")), smollm2.eos_id]
 
 
-def _run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
-    from llmkit.cli import main
-
-    with pytest.raises(SystemExit) as exit:
-        main(list(argv))
-    return exit.value.code, capsys.readouterr().err
-
-
 def test_prepare_refuses_to_replace_data_made_from_other_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
     first.write_text("\n".join(BOOK) * 5, encoding="utf-8")
@@ -280,13 +272,13 @@ def test_prepare_refuses_to_replace_data_made_from_other_inputs(tmp_path: Path, 
     output = tmp_path / "data"
     prepare_data([str(first)], output=str(output), vocab_size=290, progress=False)
     manifest, before = (output / "manifest.json").read_text(), _mtimes(output) | _mtimes(output / TOKENIZER_DIR)
-    code, err = _run_cli(capsys, "prepare", "--data", str(second), "--output", str(output), "--vocab_size", "290")
+    code, err = cli_status(capsys, "prepare", "--data", str(second), "--output", str(output), "--vocab_size", "290")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err == (f"error: {output} already holds data prepared from other inputs; pass --overwrite to replace it, or "
                    "choose another --output\n")
     assert (output / "manifest.json").read_text() == manifest
     assert _mtimes(output) | _mtimes(output / TOKENIZER_DIR) == before
-    code, err = _run_cli(capsys, "prepare", "--data", str(first), "--output", str(output), "--vocab_size", "290",
+    code, err = cli_status(capsys, "prepare", "--data", str(first), "--output", str(output), "--vocab_size", "290",
                          "--val_fraction", "0.2")
     assert code == 2 and "from other settings" in err  # the same inputs split otherwise is other data too
     prepare_data(str(second), output=str(output), vocab_size=290, progress=False, overwrite=True)
@@ -297,7 +289,7 @@ def test_prepare_refuses_to_write_into_an_input_folder(tmp_path: Path, capsys: p
     corpus = tmp_path / "texts"
     corpus.mkdir()
     (corpus / "book.txt").write_text("\n".join(BOOK), encoding="utf-8")
-    code, err = _run_cli(capsys, "prepare", "--data", str(corpus), "--output", str(corpus), "--overwrite", "true")
+    code, err = cli_status(capsys, "prepare", "--data", str(corpus), "--output", str(corpus), "--overwrite", "true")
     assert code == 2 and err == f"error: --output {corpus} is also an input (--data); choose another --output: llmkit " \
                                 "never writes over the data it reads\n"
     assert sorted(path.name for path in corpus.iterdir()) == ["book.txt"]

@@ -26,6 +26,7 @@ from llmkit.estimate import (
 from llmkit.models.decoder import Decoder
 from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
 from llmkit.train.recompute import enable_activation_checkpointing
+from tests.helpers import cli_status
 
 GPT2 = Config.from_name("gpt2")
 P = count_parameters(GPT2)
@@ -255,22 +256,11 @@ def test_config_only_from_checkpoint_paths(tmp_path):
     assert count_parameters(gguf) == count_parameters(Config.from_name("smollm2-135m"))
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    from llmkit.cli import main
-
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("flag", ["--seq_len", "--context"])
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_cli_zero_or_negative_length_is_an_error(capsys, flag, value):
     """--seq_len 0 silently meant the whole context window; only leaving the flag out means that."""
-    code, err = run_cli(capsys, "estimate", "--model", "gpt2", flag, value)
+    code, err = cli_status(capsys, "estimate", "--model", "gpt2", flag, value)
     assert code == 2 and f"error: {flag} {value} must be at least 1 token" in err and "(1,024)" in err
     assert err.count("\n") == 1
 
@@ -284,7 +274,7 @@ def test_measure_refuses_a_model_that_does_not_fit_this_machine(capsys):
     assert free > 0
     if free > 300 * 2**30:
         pytest.skip("this machine has the memory to measure a 7B model")
-    code, err = run_cli(capsys, "estimate", "--model", "mistral-7b", "--measure", "true", "--precision", "fp32",
+    code, err = cli_status(capsys, "estimate", "--model", "mistral-7b", "--measure", "true", "--precision", "fp32",
                         "--batch_size", "1", "--seq_len", "128", "--device", "cpu")
     assert code == 2 and err.count("\n") == 1
     assert "--measure needs about" in err and "MemAvailable in /proc/meminfo" in err and "--batch_size" in err
