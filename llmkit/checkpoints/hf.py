@@ -30,14 +30,7 @@ from llmkit.checkpoints.hf_config import (
     hf_architecture,
     hf_config_dict,
 )
-from llmkit.checkpoints.hf_files import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    WEIGHTS_INDEX_FILE,
-    check_tokenizer,
-    tensor_locations,
-    write_hf_dir,
-)
+from llmkit.checkpoints.hf_files import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, check_tokenizer, tensor_locations, write_hf_dir
 from llmkit.checkpoints.hf_t5 import t5_config_dict, to_hf_t5_state_dict
 from llmkit.checkpoints.native import saved_config
 from llmkit.config import Config
@@ -45,10 +38,6 @@ from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.models.encoder import build_encoder_model
 from llmkit.models.seq2seq import Seq2Seq
-
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "WEIGHTS_INDEX_FILE", "export_hf", "from_hf_state_dict", "load_hf",
-           "to_hf_state_dict"]
-
 
 # HF module name -> llmkit module name; "{i}" is the layer index. Parameter suffixes (.weight/.bias) carry over.
 LLAMA_MODULES = {
