@@ -8,7 +8,6 @@ safetensors directories, and GGUF files. The format is read from the path itself
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Literal
@@ -16,12 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
+from llmkit.checkpoints.native import saved_config
 from llmkit.config import Config
 from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
 from llmkit.models.decoder import Decoder
-from llmkit.models.encoder import build_encoder_model, encoder_head_of
+from llmkit.models.encoder import build_encoder_model
 from llmkit.models.seq2seq import Seq2Seq
 from llmkit.nn.linear import use_column_major_weights
 from llmkit.tokenizer import Tokenizer
@@ -245,17 +245,3 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer: Tokenizer | Non
     save_native(saved_config(model), model.state_dict(), out_dir)
     if tokenizer is not None:
         tokenizer.save(out_dir)
-
-
-def saved_config(model: nn.Module) -> Config:
-    """`model.config` with the encoder head (and label count) of the model's actual class, so a MaskedLM built from
-    a config that left encoder_head at "base" still reloads as a MaskedLM."""
-    config = model.config
-    if config.arch != "encoder":
-        return config
-    head = encoder_head_of(model)
-    classifier = getattr(model, "classifier", None)
-    n_labels = classifier.weight.shape[0] if classifier is not None else None
-    if (head, n_labels) == (config.encoder_head, config.n_labels):
-        return config
-    return dataclasses.replace(config, encoder_head=head, n_labels=n_labels)

@@ -1,4 +1,5 @@
-"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral, Qwen2, BLOOM, Phi-3, Gemma, StableLM.
+"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral, Qwen2, BLOOM, Phi-3, Gemma, StableLM
+decoders here; `export_hf` writes every family (BERT encoders through hf_bert.py, T5 through hf_t5.py).
 
 Each family has one explicit key map between Hugging Face tensor names and llmkit's, chosen by
 the architecture the checkpoint's config.json declares (never guessed from the tensor names).
@@ -7,18 +8,16 @@ Weights are read with `safetensors` only; pickled `pytorch_model.bin` files are 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from llmkit.checkpoints.hf_bert import bert_config_dict, to_hf_bert_state_dict
 from llmkit.checkpoints.hf_config import (
     BLOOM,
-    CONFIG_FILE,
     GEMMA,
     GPT2,
     LLAMA,
@@ -31,16 +30,14 @@ from llmkit.checkpoints.hf_config import (
     hf_architecture,
     hf_config_dict,
 )
+from llmkit.checkpoints.hf_files import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, check_tokenizer, tensor_locations, write_hf_dir
+from llmkit.checkpoints.hf_t5 import t5_config_dict, to_hf_t5_state_dict
+from llmkit.checkpoints.native import saved_config
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
-from llmkit.io import atomic_write, atomic_write_text, read_json_object
 from llmkit.models.decoder import Decoder
-
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-INDEX_WEIGHT_MAP_KEY = "weight_map"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
+from llmkit.models.encoder import build_encoder_model
+from llmkit.models.seq2seq import Seq2Seq
 
 # HF module name -> llmkit module name; "{i}" is the layer index. Parameter suffixes (.weight/.bias) carry over.
 LLAMA_MODULES = {
@@ -198,9 +195,12 @@ def from_hf_state_dict(config: Config, hf_state: dict[str, torch.Tensor], archit
 
 
 def _expected_state(config: Config) -> dict[str, torch.Tensor]:
-    """llmkit's parameter names and shapes for `config`, as meta tensors (no memory)."""
+    """llmkit's parameter names and shapes for `config` (a decoder, an encoder with its head, or a seq2seq), as meta
+    tensors (no memory)."""
     with torch.device("meta"):
-        return Decoder(config).state_dict()
+        if config.arch == "encoder":
+            return build_encoder_model(config).state_dict()
+        return (Seq2Seq(config) if config.arch == "seq2seq" else Decoder(config)).state_dict()
 
 
 # --------------------------------------------------------------------------- load
@@ -216,7 +216,7 @@ def load_hf(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
         raise LlmkitError(f"{directory} is a file; pass the Hugging Face model directory that holds it")
     config = config_from_hf(directory)
     architecture = config.hf_architecture
-    locations, weight_map = _tensor_locations(directory)  # HF tensor name -> file holding it; the index's map
+    locations, weight_map = tensor_locations(directory)  # HF tensor name -> file holding it; the index's map
     expected = {name: tuple(t.shape) for name, t in
                 to_hf_state_dict(config, _expected_state(config), architecture).items()}
     where = {}  # expected HF name -> (file, name inside the file)
@@ -258,39 +258,7 @@ def load_hf(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return config, from_hf_state_dict(config, hf_state, architecture)
 
 
-def _tensor_locations(directory: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Every tensor name in the directory's safetensors file(s) with the file it is in, and the shard
-    index's weight map (empty for a single file)."""
-    single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
-    weight_map: dict[str, str] = {}
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = read_json_object(index).get(INDEX_WEIGHT_MAP_KEY)
-        if not isinstance(weight_map, dict):
-            raise LlmkitError(f"{index} has no {INDEX_WEIGHT_MAP_KEY!r} object; re-download or re-export the model")
-        files = [directory / shard for shard in sorted(set(weight_map.values()))]
-        for shard in files:
-            if not shard.is_file():
-                raise LlmkitError(f"shard {shard} listed in {index} is missing; re-download the checkpoint")
-    elif any((directory / name).exists() for name in PICKLE_FILES):
-        raise LlmkitError(
-            f"{directory} holds only pickled PyTorch weights ({' / '.join(PICKLE_FILES)}); llmkit never unpickles "
-            f"files (loading a pickle can run arbitrary code). Convert them to {WEIGHTS_FILE} with a tool you trust "
-            "(for example transformers' save_pretrained) and load that directory"
-        )
-    else:
-        raise LlmkitError(f"{directory} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}; the model directory is "
-                          "incomplete: re-download or re-export it")
-    locations = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                locations.update(dict.fromkeys(handle.keys(), file))
-        except (SafetensorError, OSError) as error:
-            raise LlmkitError(f"{file} is not a readable safetensors file ({error}); it is truncated or corrupt: "
-                              "re-download or re-export it") from None
-    return locations, weight_map
+# --------------------------------------------------------------------------- export
 
 
 # --------------------------------------------------------------------------- export
@@ -299,43 +267,37 @@ def _tensor_locations(directory: Path) -> tuple[dict[str, Path], dict[str, str]]
 def export_hf(
     model: nn.Module | tuple[Config, dict[str, torch.Tensor]], out_dir: str | Path, tokenizer: Any = None
 ) -> Path:
-    """Write a Hugging Face directory (config.json + model.safetensors, each atomically) that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads; `tokenizer.save(out_dir)` when given."""
-    config, state = (model.config, model.state_dict()) if isinstance(model, nn.Module) else model
-    if config.arch != "decoder":
-        raise LlmkitError(f"cannot export {config.name!r} to Hugging Face format: llmkit exports decoder-only models "
-                          f"and this is arch={config.arch!r}; save it in llmkit's native format (--to native)")
+    """Write a Hugging Face directory (config.json + model.safetensors, each atomically; `tokenizer.save(out_dir)`
+    when given) that transformers loads, for every family: a decoder as its causal-LM class
+    (`AutoModelForCausalLM`), a BERT encoder as BertModel / BertForMaskedLM / BertFor{Sequence,Token}Classification
+    (the head the model carries), a seq2seq model as T5ForConditionalGeneration. Importing the result gives back the
+    same config and tensors; a config the family's config.json cannot express is refused before anything is written."""
+    config, state = (saved_config(model), model.state_dict()) if isinstance(model, nn.Module) else model
+    check_tokenizer(tokenizer)
+    _check_exported_state(config, state)
+    hf_config, tensors = _hf_files(config, state)
+    return write_hf_dir(out_dir, hf_config, tensors, tokenizer)
+
+
+def _hf_files(config: Config, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json contents and HF-named tensors of the family `config.arch` names."""
+    dtype = next(iter(state.values())).dtype
+    if config.arch == "encoder":
+        return bert_config_dict(config, dtype), to_hf_bert_state_dict(config, state)
+    if config.arch == "seq2seq":
+        return t5_config_dict(config, dtype), to_hf_t5_state_dict(config, state)
     architecture = hf_architecture(config)
-    if tokenizer is not None and not callable(getattr(tokenizer, "save", None)):
-        raise LlmkitError(f"tokenizer of type {type(tokenizer).__name__} has no save(directory) method; pass an "
-                          "llmkit Tokenizer")
+    return hf_config_dict(config, architecture, dtype), to_hf_state_dict(config, state, architecture)
+
+
+def _check_exported_state(config: Config, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the network `config` describes, none other, each of its shape."""
     expected = _expected_state(config)
     for name in sorted(set(expected) | set(state)):
         if name not in state or name not in expected:
-            problem = "is missing" if name not in state else "is not a parameter of this config's decoder"
-            raise LlmkitError(f"cannot export: tensor {name} {problem}; pass a Decoder built from this config "
+            problem = "is missing" if name not in state else f"is not a parameter of this config's {config.arch}"
+            raise LlmkitError(f"cannot export: tensor {name} {problem}; pass a model built from this config "
                               "(merge or remove adapters first)")
         if state[name].shape != expected[name].shape:
             raise LlmkitError(f"cannot export: tensor {name} has shape {tuple(state[name].shape)}, config "
                               f"{config.name!r} expects {tuple(expected[name].shape)}")
-    tensors = _unshared({name: tensor.detach().cpu().contiguous()
-                         for name, tensor in to_hf_state_dict(config, state, architecture).items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    dtype = next(iter(tensors.values())).dtype
-    atomic_write_text(out / CONFIG_FILE, json.dumps(hf_config_dict(config, architecture, dtype), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy tensors that share memory with an earlier one: safetensors writes each storage once."""
-    seen: set[int] = set()
-    owned = {}
-    for name, tensor in tensors.items():
-        pointer = tensor.untyped_storage().data_ptr()
-        owned[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return owned

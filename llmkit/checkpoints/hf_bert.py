@@ -1,8 +1,10 @@
 """Hugging Face BERT checkpoints (BertModel, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification,
-BertForTokenClassification) and sentence-transformers directories (all-MiniLM-L6-v2) -> llmkit encoders.
+BertForTokenClassification) and sentence-transformers directories (all-MiniLM-L6-v2) -> llmkit encoders, and back
+(`bert_config_dict` + `to_hf_bert_state_dict`, written by `llmkit.checkpoints.hf.export_hf`).
 
 One explicit key map from Hugging Face tensor names to llmkit's, the head chosen by the architecture config.json
-declares. Weights are read with `safetensors` only; `llmkit.checkpoints.load_model` builds the model.
+declares; export inverts the same tables. Weights are read with `safetensors` only; `llmkit.checkpoints.load_model`
+builds the model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, read_field
+from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, check_round_trip, read_field
+from llmkit.checkpoints.hf_files import tensor_locations
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -40,6 +43,10 @@ ARCHITECTURE_TASKS = {
     "BertForTokenClassification": "token_classification",
 }
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# the inverses for export: the first HF name of each (BertForPreTraining's NSP head is not kept, so MaskedLM)
+TASK_ARCHITECTURES = {task: name for name, task in reversed(ARCHITECTURE_TASKS.items())}
+HIDDEN_ACTS = {approximate: name for name, approximate in reversed(ACTIVATIONS.items())}
+BERT_MODEL_TYPE = "bert"
 BODY_PREFIX = "bert."  # task models keep the body under bert.; a bare BertModel has no prefix
 # llmkit field -> BERT config.json key, for Config's error messages
 BERT_NAMES = dict(vocab_size="vocab_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
@@ -98,7 +105,12 @@ def bert_config(path: str | Path) -> Config:
     config_file = path / CONFIG_FILE if path.is_dir() else path
     if not config_file.is_file():
         raise LlmkitError(f"{config_file} does not exist; a Hugging Face model directory needs its config.json")
-    data = read_json_object(config_file)
+    return bert_config_from_dict(read_json_object(config_file), config_file)
+
+
+def bert_config_from_dict(data: dict[str, Any], config_file: Path) -> Config:
+    """`bert_config` of config.json's contents (`config_file` names the file in errors); `bert_config_dict` is its
+    inverse."""
     architecture = next((name for name in data.get("architectures") or [] if name in ARCHITECTURE_TASKS), None)
     if architecture is None:
         named = ", ".join(data.get("architectures") or []) or f"model_type {data.get('model_type')!r}"
@@ -127,8 +139,34 @@ def bert_config(path: str | Path) -> Config:
         norm_eps=field("layer_norm_eps", float, 1e-12), mlp="gelu", gelu_approximate=ACTIVATIONS[activation],
         qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=field("tie_word_embeddings", bool, True),
         position="learned", type_vocab_size=field("type_vocab_size", int, 2), post_norm=True,
-        pad_id=field("pad_token_id", int, None), encoder_head=head, n_labels=n_labels, hf_architecture=architecture,
+        pad_id=field("pad_token_id", int, None), bos_id=field("bos_token_id", int, None),
+        eos_id=field("eos_token_id", int, None), encoder_head=head, n_labels=n_labels, hf_architecture=architecture,
     )
+
+
+def bert_config_dict(config: Config, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The config.json transformers reads for an encoder `config`: the BERT class of its head, every field
+    `bert_config_from_dict` reads (checked: reading it back gives `config`), dropout off as in llmkit."""
+    if config.type_vocab_size < 1:
+        raise LlmkitError(f"config {config.name!r} has type_vocab_size=0, but a BERT always has segment (token type) "
+                          "embeddings; set type_vocab_size >= 1 or save the model in llmkit's native format "
+                          "(--to native)")
+    architecture = TASK_ARCHITECTURES[config.encoder_head]
+    data: dict[str, Any] = dict(
+        architectures=[architecture], model_type=BERT_MODEL_TYPE, vocab_size=config.vocab_size,
+        hidden_size=config.d_model, num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        intermediate_size=config.d_ff, max_position_embeddings=config.max_seq_len,
+        hidden_act=HIDDEN_ACTS[config.gelu_approximate], layer_norm_eps=config.norm_eps,
+        type_vocab_size=config.type_vocab_size, tie_word_embeddings=config.tie_embeddings,
+        pad_token_id=config.pad_id, bos_token_id=config.bos_id, eos_token_id=config.eos_id,
+        position_embedding_type="absolute", is_decoder=False, add_cross_attention=False, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout=None, torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if config.n_labels is not None:  # transformers' default label names; llmkit keeps only the count
+        data.update(num_labels=config.n_labels, id2label={str(i): f"LABEL_{i}" for i in range(config.n_labels)},
+                    label2id={f"LABEL_{i}": i for i in range(config.n_labels)})
+    check_round_trip(config, bert_config_from_dict(data, Path(CONFIG_FILE)), architecture)
+    return data
 
 
 # --------------------------------------------------------------------------- key map
@@ -156,6 +194,19 @@ def _skipped(name: str, task: str, config: Config) -> bool:
     return name == "cls.predictions.decoder.weight" and config.tie_embeddings  # the word embeddings, tied
 
 
+def to_hf_bert_state_dict(config: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of the import key map: llmkit-named encoder tensors -> the HF names of `config`'s BERT class.
+    The MLM output bias goes under both of its names when the head is untied: transformers then keeps
+    cls.predictions.bias and the decoder's own bias apart (tied, it saves the first only)."""
+    bias_names = [hf_name for hf_name, name in HEAD_PARAMETERS.items() if name in state]
+    to_hf = {name: hf_name for hf_name, name in hf_to_llmkit_names(config, set(state)).items()
+             if hf_name not in HEAD_PARAMETERS}
+    hf_state = {to_hf[name]: tensor for name, tensor in state.items() if name not in HEAD_PARAMETERS.values()}
+    for hf_name in bias_names[: 1 if config.tie_embeddings else None]:
+        hf_state[hf_name] = state[HEAD_PARAMETERS[hf_name]]
+    return hf_state
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -174,11 +225,9 @@ def load_hf_bert(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
 
 def _read_hf_state(directory: Path, config: Config, expected: set[str]) -> dict[str, torch.Tensor]:
     """llmkit-named tensors of a HF BERT directory's safetensors file(s), through the key map."""
-    from llmkit.checkpoints.hf import _tensor_locations
-
     task = config.encoder_head
     names = hf_to_llmkit_names(config, expected)
-    locations, _ = _tensor_locations(directory)  # refuses pickled weights, follows a shard index
+    locations, _ = tensor_locations(directory)  # refuses pickled weights, follows a shard index
     state = {}
     for file in dict.fromkeys(locations.values()):
         try:

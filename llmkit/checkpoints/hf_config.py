@@ -4,6 +4,7 @@ tensor names."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ FAMILY_ONLY_FIELDS = dict(embed_norm=False, scale_embeddings=False, norm_offset=
 # Families whose RoPE may rotate only part of each head, with transformers' default partial_rotary_factor
 PARTIAL_ROTARY = {PHI3: 1.0, STABLELM: 0.25}
 ROPE_TYPES = ("default", "linear", "llama3")
+# Config fields no config.json holds: the name is the directory's, notes are free-form, the class is the export's own
+NOT_CARRIED = ("name", "extra", "hf_architecture")
+MOE_ONLY = ("experts_per_token", "router", "capacity_factor", "router_aux_loss_coef", "router_z_loss_coef")
+ROPE_ONLY = ("rope_theta", "rope_scaling", "rope_fraction")
 REQUIRED = object()  # `read_field` default: the key must be present
 JSON_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
               list: "a list"}
@@ -399,3 +404,17 @@ def hf_config_dict(config: Config, architecture: str, dtype: torch.dtype = torch
     if architecture == GEMMA:
         fields.update(hidden_act="gelu_pytorch_tanh", attention_bias=config.qkv_bias)
     return fields
+
+
+def check_round_trip(config: Config, back: Config, architecture: str) -> None:
+    """Refuse to export `config` when the config.json written for it reads back (through the importer) as `back`
+    with any other value: that field is a variant `architecture` cannot express, which transformers would silently
+    compute another way. Fields that only matter to a mixture of experts or to RoPE are compared when used."""
+    unused = set(NOT_CARRIED) | (set(MOE_ONLY) if not config.n_experts else set()) | (
+        set(ROPE_ONLY) if config.position != "rope" else set())
+    for field in dataclasses.fields(Config):
+        ours, theirs = getattr(config, field.name), getattr(back, field.name)
+        if field.name not in unused and ours != theirs:
+            raise LlmkitError(f"config {config.name!r} cannot be exported as {architecture}: its config.json has no "
+                              f"way to say {field.name}={ours!r} (it would load back as {theirs!r}); change "
+                              f"{field.name} or save the model in llmkit's native format (--to native)")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write
+from llmkit.models.encoder import encoder_head_of
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -53,3 +56,17 @@ def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     except (SafetensorError, OSError) as error:
         raise LlmkitError(f"{weights} is not a readable safetensors file ({error}); re-save or re-convert it") from None
     return config, state_dict
+
+
+def saved_config(model: nn.Module) -> Config:
+    """`model.config` with the encoder head (and label count) of the model's actual class, so a MaskedLM built from
+    a config that left encoder_head at "base" still reloads as a MaskedLM."""
+    config = model.config
+    if config.arch != "encoder":
+        return config
+    head = encoder_head_of(model)
+    classifier = getattr(model, "classifier", None)
+    n_labels = classifier.weight.shape[0] if classifier is not None else None
+    if (head, n_labels) == (config.encoder_head, config.n_labels):
+        return config
+    return dataclasses.replace(config, encoder_head=head, n_labels=n_labels)
