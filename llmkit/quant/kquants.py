@@ -50,11 +50,13 @@ A sub-block whose scale rounds to 0 reconstructs as its min (0 for Q6_K). RMSE o
 0.0188 for search=False (tests/test_quant_kquants.py checks these figures).
 
 Exact vs approximate. `dequantize_*` computes the same float32 products in the same order as ggml and `gguf`
-(equal bit for bit: tested). The quantizer follows the C reference's float32 operations and order (sequential
-sums, round half to even, the search's running min), so it should pick the same bytes; that cannot be checked here
-(no llama.cpp build), and the C compiler's vectorisation of the sums may reorder them. Degenerate fits (NaN/inf in
-the search) are mapped to code 0 where C's behaviour is undefined. The importance-matrix path
-(`quantize_row_q4_K_impl`) is not implemented.
+(equal bit for bit: tested, also on arbitrary bytes). The quantizer follows the C reference's float32 operations in
+their order (sums one element after the other, round half to even, the search's running min), and equals a scalar
+transcription of those loops byte for byte (tested); equality with llama.cpp's own output is not checked here (no
+llama.cpp build), and a C build that contracts products into FMAs or reorders sums (-ffast-math) could round a
+near-tie differently. Where C's behaviour is undefined (NaN/inf in a degenerate fit) the code is 0. Not implemented:
+the importance-matrix path (`quantize_row_q4_K_impl`, `make_qkx3_quants`). Speed: about 1.2 s (Q4_K), 1 s (Q5_K),
+0.6 s (Q6_K) per million weights on this 2-core machine; dequantizing, 6-10 ms.
 """
 
 from __future__ import annotations
