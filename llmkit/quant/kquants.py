@@ -56,7 +56,7 @@ transcription of those loops byte for byte (tested); equality with llama.cpp's o
 llama.cpp build), and a C build that contracts products into FMAs or reorders sums (-ffast-math) could round a
 near-tie differently. Where C's behaviour is undefined (NaN/inf in a degenerate fit) the code is 0. Not implemented:
 the importance-matrix path (`quantize_row_q4_K_impl`, `make_qkx3_quants`). Speed: about 1.2 s (Q4_K), 1 s (Q5_K),
-0.6 s (Q6_K) per million weights on this 2-core machine; dequantizing, 6-10 ms.
+0.6 s (Q6_K) per million weights on this 2-core machine; dequantizing, 6-10 ms per million.
 """
 
 from __future__ import annotations
