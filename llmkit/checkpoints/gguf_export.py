@@ -134,17 +134,27 @@ def _pre_tokenizer_json(pre_tokenizer: Any) -> Any:
     return json.loads(holder.to_str())["pre_tokenizer"]
 
 
-def gguf_pre(tokenizer: Tokenizer) -> str:
+def source_gguf_fields(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The metadata llmkit's Tokenizer does not keep (pre-tokenizer name, unknown-token id), read from the GGUF file
+    the tokenizer came from ({} for other sources). One read: parsing a 49k-token vocabulary takes seconds."""
+    source = Path(tokenizer.source) if tokenizer.source else None
+    if source is None or source.suffix.lower() != ".gguf" or not source.is_file():
+        return {}
+    fields = gguf.GGUFReader(source).fields
+    return {key: fields[key].contents() for key in (tk.GGUF_PRE, UNK_ID_KEY) if key in fields}
+
+
+def gguf_pre(tokenizer: Tokenizer, source_fields: dict[str, Any] | None = None) -> str:
     """`tokenizer.ggml.pre` for `tokenizer`: the value of the GGUF file it came from, or the first known name whose
     pre-tokenizer equals its own; "default" (with a warning) when none does."""
-    source = Path(tokenizer.source) if tokenizer.source else None
-    if source is not None and source.suffix.lower() == ".gguf" and source.is_file():
-        pre = gguf.GGUFReader(source).fields.get(tk.GGUF_PRE)
-        if pre is not None:
-            return str(pre.contents())
+    source_fields = source_gguf_fields(tokenizer) if source_fields is None else source_fields
+    if tk.GGUF_PRE in source_fields:
+        return str(source_fields[tk.GGUF_PRE])
+    source = tokenizer.source
     own = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer")
-    for name in dict.fromkeys(tk.PRE_FAMILIES):
-        if _pre_tokenizer_json(tk._pre_tokenizer(name, Path(str(source)))[0]) == own:
+    for name in tk.PRE_FAMILIES:  # the first name of each family is llama.cpp's own (gpt-2, smollm, llama3, qwen2)
+        # the pre-tokenizer Tokenizer.from_gguf builds for that name (a private helper: one definition of each)
+        if _pre_tokenizer_json(tk._pre_tokenizer(name, Path(source or "tokenizer"))[0]) == own:
             return name
     warnings.warn(f"the tokenizer's pre-tokenizer ({json.dumps(own)[:120]}) is none that llama.cpp names; writing "
                   f"{tk.GGUF_PRE}='default', so llama.cpp may split text (and so tokenize it) differently", stacklevel=2)
@@ -178,9 +188,11 @@ def tokenizer_metadata(tokenizer: Tokenizer, config: Config) -> dict[str, Any]:
         else:
             types.append(GGUF_TOKEN_TYPE_NORMAL)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-    metadata: dict[str, Any] = {tk.GGUF_MODEL: tk.GGUF_BYTE_LEVEL_BPE, tk.GGUF_PRE: gguf_pre(tokenizer),
+    source_fields = source_gguf_fields(tokenizer)
+    metadata: dict[str, Any] = {tk.GGUF_MODEL: tk.GGUF_BYTE_LEVEL_BPE, tk.GGUF_PRE: gguf_pre(tokenizer, source_fields),
                                 tk.GGUF_TOKENS: tokens, tk.GGUF_TOKEN_TYPE: types, tk.GGUF_MERGES: merges}
-    unk_id = _unk_id(tokenizer, model.get("unk_token"))
+    unk_token = model.get("unk_token")  # byte-level BPE needs none; llama.cpp's converter copies what is there
+    unk_id = source_fields.get(UNK_ID_KEY, tokenizer.token_to_id(unk_token) if unk_token else None)
     bos_id = tokenizer.bos_id if tokenizer.bos_id is not None else config.bos_id
     eos_id = tokenizer.eos_id if tokenizer.eos_id is not None else config.eos_id
     for key, token_id in ((tk.GGUF_BOS_ID, bos_id), (tk.GGUF_EOS_ID, eos_id), (UNK_ID_KEY, unk_id),
@@ -191,15 +203,6 @@ def tokenizer_metadata(tokenizer: Tokenizer, config: Config) -> dict[str, Any]:
     if tokenizer.chat_template is not None:
         metadata[tk.GGUF_CHAT_TEMPLATE] = tokenizer.chat_template
     return metadata
-
-
-def _unk_id(tokenizer: Tokenizer, unk_token: str | None) -> int | None:
-    """The unknown-token id: the GGUF source's, or the BPE model's `unk_token` (None: byte-level BPE needs none)."""
-    source = Path(tokenizer.source) if tokenizer.source else None
-    if source is not None and source.suffix.lower() == ".gguf" and source.is_file():
-        field = gguf.GGUFReader(source).fields.get(UNK_ID_KEY)
-        return None if field is None else int(field.contents())
-    return tokenizer.token_to_id(unk_token) if unk_token else None
 
 
 def model_metadata(config: Config, arch: str, quant: str) -> dict[str, Any]:
