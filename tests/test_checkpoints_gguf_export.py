@@ -32,7 +32,7 @@ VARIANTS = {  # llama.cpp architecture llama (Q/K rows permuted), tied head (Smo
     "tied": dict(tie_embeddings=True),
     "qwen2": dict(qkv_bias=True),
 }
-TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 
 
 @pytest.fixture(scope="module")
