@@ -316,6 +316,15 @@ def test_smollm2_round_trip(tmp_path, capsys):
                     "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
             assert fields[key] == source_fields[key], key
         assert load_tokenizer(path).chat_template == tokenizer.chat_template
+    # Q4_1 of the imported Q4_1 weights: every tensor equals the file llama.cpp wrote, byte for byte (types, the Q/K
+    # row order, the Q8_0 token embedding, the blocks re-packed from their own dequantized values)
+    path = export_gguf(original, tmp_path / "smollm2.q4_1.gguf", tokenizer, "q4_1")
+    sizes["q4_1"] = path.stat().st_size
+    written = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    for tensor in gguf.GGUFReader(source).tensors:
+        assert written[tensor.name].tensor_type == tensor.tensor_type, tensor.name
+        assert np.array_equal(np.asarray(written[tensor.name].data), np.asarray(tensor.data)), tensor.name
+    assert len(written) == 272
     with capsys.disabled():
         print(f"\nSmolLM2-135M GGUF sizes: source Q4_1 {source.stat().st_size:,}, "
               + ", ".join(f"{quant} {size:,}" for quant, size in sizes.items()))
