@@ -8,23 +8,42 @@ from typing import Literal
 from llmkit.commands.common import refuse_replacing_model_dir
 
 
-def convert(model: str, output: str, to: Literal["native", "hf"] = "native", overwrite: bool = False) -> None:
-    """Convert a model between formats: GGUF or Hugging Face -> llmkit, or llmkit/GGUF -> Hugging Face. Every family
-    converts both ways: decoders, BERT encoders (with their head) and T5 encoder-decoders.
+def convert(
+    model: str,
+    output: str,
+    to: Literal["native", "hf", "gguf"] = "native",
+    overwrite: bool = False,
+    quant: Literal["f32", "f16", "q8_0", "q4_0", "q4_1"] | None = None,
+) -> None:
+    """Convert a model between formats: GGUF or Hugging Face -> llmkit, llmkit/GGUF -> Hugging Face, or any
+    llama-family decoder -> a GGUF file llama.cpp runs. Every family converts to and from Hugging Face: decoders,
+    BERT encoders (with their head) and T5 encoder-decoders.
 
     Example: llmkit convert --model SmolLM2-135M-Instruct.Q4_1.gguf --output smollm2/
              llmkit convert --model smollm2/ --output smollm2-hf/ --to hf
              llmkit convert --model my-bert/ --output my-bert-hf/ --to hf   # BertForMaskedLM etc., T5 alike
+             llmkit convert --model smollm2/ --output smollm2.Q8_0.gguf --to gguf --quant q8_0
 
     OUTPUT must be a new or empty directory (another model's files are never replaced unless you pass --overwrite),
     and neither the input model nor a folder inside it.
 
     Args:
         model: .gguf file, Hugging Face directory or llmkit directory.
-        output: output directory (created; files are written atomically).
-        to: "native" (llmkit directory) or "hf" (Hugging Face safetensors directory that transformers loads).
-        overwrite: replace the files of a directory that already holds some (files convert does not write are kept).
+        output: output directory (created; files are written atomically), or the .gguf file with --to gguf.
+        to: "native" (llmkit directory), "hf" (Hugging Face safetensors directory that transformers loads) or "gguf"
+            (one file that llama.cpp runs).
+        overwrite: replace the files of a directory that already holds some (files convert does not write are kept),
+            or the --to gguf file.
+        quant: with --to gguf, how matrices are stored: f32, f16 (default), q8_0, q4_0 or q4_1 (norms and biases stay
+            f32; at q4_0/q4_1 the LM head is q8_0). --to gguf writes one file, OUTPUT.gguf.
     """
+    if to == "gguf":
+        _convert_to_gguf(model, output, quant or "f16", overwrite)
+        return
+    if quant is not None:
+        from llmkit.errors import LlmkitError
+
+        raise LlmkitError(f"--quant {quant} applies to --to gguf only; drop it, or pass --to gguf")
     from llmkit.checkpoints import build_model, load_tokenizer, load_weights, save_model
     from llmkit.checkpoints.hf import export_hf
     from llmkit.tokenizer import TOKENIZER_FILE
@@ -40,3 +59,24 @@ def convert(model: str, output: str, to: Literal["native", "hf"] = "native", ove
         save_model(network, output, tokenizer=tokenizer)
     note = "" if has_tokenizer else f"; {model} has no {TOKENIZER_FILE}, so no tokenizer files were written"
     print(f"wrote {config.name} ({network.num_parameters():,} parameters) to {output} ({to} format){note}")
+
+
+def _convert_to_gguf(model: str, output: str, quant: str, overwrite: bool) -> None:
+    """`convert --to gguf`: one .gguf file, checked before the weights are read, written atomically."""
+    from llmkit.checkpoints import build_model, load_config, load_tokenizer, load_weights
+    from llmkit.checkpoints.gguf_export import export_gguf, gguf_architecture
+    from llmkit.commands.common import refuse_existing_file
+    from llmkit.errors import LlmkitError
+
+    if Path(output).suffix.lower() != ".gguf":
+        raise LlmkitError(f"--output {output} must be a .gguf file name with --to gguf (e.g. model.{quant.upper()}.gguf)")
+    if Path(output).resolve() == Path(model).resolve():
+        raise LlmkitError(f"--output {output} is the same as --model; choose another output file")
+    refuse_existing_file(output, overwrite)
+
+    gguf_architecture(load_config(model))  # refuse an encoder or an unsupported family before reading weights
+    config, state_dict = load_weights(model)
+    network = build_model(config, state_dict, source=model)
+    path = export_gguf(network, output, load_tokenizer(model), quant)
+    print(f"wrote {config.name} ({network.num_parameters():,} parameters) to {path} (GGUF {quant}, "
+          f"{path.stat().st_size / 1e6:,.1f} MB)")
