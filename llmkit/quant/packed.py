@@ -39,7 +39,7 @@ def check_weight(weight: torch.Tensor, scheme: str) -> torch.Tensor:
                           "reshape it to 2-D or leave it unquantized")
     if weight.numel() == 0:
         raise LlmkitError(f"{scheme} cannot quantize an empty weight of shape {tuple(weight.shape)}")
-    weight = weight.detach().float()
+    weight = weight.detach().float().contiguous()  # row-major, also for column-major storage
     if not bool(torch.isfinite(weight).all()):
         raise LlmkitError(f"weight of shape {tuple(weight.shape)} holds inf or NaN; {scheme} needs finite values")
     return weight
