@@ -1,17 +1,18 @@
 """`QuantLinear`: a frozen linear layer y = x W_hat^T + b whose weight stays packed (buffers of a `QuantizedWeight`).
 
-Kernel paths, chosen per call by format, device and row count (CPU, 2 threads, SmolLM2-135M shapes; ms per call,
-best of 5, machine shared and loaded (load average ~2), so the figures are indicative: benchmarks/quant_linear.py):
+Kernel paths, chosen per call by format, device and row count. Measured on this machine (CPU, 2 threads, SmolLM2-135M
+shapes, ms per call, best of 5; the machine was shared, load average 1.5-2.5, so the figures are indicative;
+benchmarks/quant_linear.py reproduces the columns). "aten" = torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu:
 
-    shape (out x in)   rows  fp32 F.linear  int8 dequant+F.linear  int8 aten fp32 x  int8 aten bf16 x  int4 g32 dequant  int4 aten fp32 x  int4 aten bf16 x
-    576 x 576            1       0.012            0.066                0.108             0.011            0.98              0.32             0.014
-    1536 x 576           1       0.037            0.27                 0.28              0.026            2.4               0.76             0.037 (g64)
-    576 x 1536           1       0.032            0.27                 0.28              0.024            0.63              0.84             -
-    49152 x 576 (head)   1       8.6              80                   10.2              1.4              197               27               5.0 - 15
-    576 x 576          512       1.06             2.06                 51                2.3              2.2               146              -
-    1536 x 576         512       2.8              3.0                  140               6.3              3.7               388              -
+    out x in     rows  fp32   int8: dequant  aten fp32 x  aten bf16 x   int4 g32: dequant  aten fp32 x  aten bf16 x
+    576 x 576      1   0.012         0.066        0.11        0.011                 0.98         0.32        0.014
+    1536 x 576     1   0.037         0.27         0.28        0.026                 2.4          0.76        0.037
+    576 x 1536     1   0.032         0.27         0.28        0.024                 0.63         0.84          -
+    49152 x 576    1   8.6          80           10.2         1.4                 197           27         5 - 15
+    576 x 576    512   1.06          2.06        51           2.3                   2.2        146             -
+    1536 x 576   512   2.8           3.0        140           6.3                   3.7        388             -
 
-So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> the aten weight-only kernels with bf16 activations
+So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten weight-only kernels with bf16 activations
 (`torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for int4, int4_asym, q4_0 and q4_1, whose
 w = (u - 8) s + z covers all four with z = (8 - zero) s, 0, and m + 8 d); their fp32-activation variants are 5-30x
 slower than fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the
