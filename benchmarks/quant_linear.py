@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each lambda is timed at once, inside the loop iteration that defines it)
 """The kernel paths of llmkit.quant.linear.QuantLinear, side by side on SmolLM2-135M shapes: fp32 F.linear, each
 format's dequantize-then-F.linear, and the aten weight-only kernels with fp32 and bf16 activations (what the table
 in llmkit/quant/linear.py's docstring records). ms per call, best of 5 rounds.

@@ -12,7 +12,8 @@ benchmarks/quant_linear.py reproduces the columns). "aten" = torch._weight_int8p
     576 x 576    512   1.06          2.06        51           2.3                   2.2        146             -
     1536 x 576   512   2.8           3.0        140           6.3                   3.7        388             -
 
-So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten weight-only kernels with bf16 activations
+So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten
+weight-only kernels with bf16 activations
 (`torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for int4, int4_asym, q4_0 and q4_1, whose
 w = (u - 8) s + z covers all four with z = (8 - zero) s, 0, and m + 8 d); their fp32-activation variants are 5-30x
 slower than fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the
