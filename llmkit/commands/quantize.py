@@ -46,7 +46,8 @@ def quantize(
     from llmkit.checkpoints.native import WEIGHTS_FILE
     from llmkit.commands.common import refuse_replacing_model_dir
     from llmkit.errors import LlmkitError
-    from llmkit.quant import is_quantized_dir, load_quantized, quantize as quantize_model, save_quantized
+    from llmkit.quant import is_quantized_dir, load_quantized, save_quantized
+    from llmkit.quant import quantize as quantize_model
 
     path = model_path(model)
     if is_quantized_dir(path):

@@ -88,6 +88,14 @@ def int4_join(scheme: str, shape: tuple[int, int], group_size: int, codes: torch
     return QuantizedWeight(scheme, shape, group_size, {"blocks": torch.cat(parts, dim=-1).reshape(shape[0], -1)})
 
 
+def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor`, copied when its data is not 64-byte aligned and contiguous: safetensors hands out tensors at any
+    offset of the file, and aten's int8 weight-only kernel segfaulted here on such a weight."""
+    if tensor.is_contiguous() and tensor.data_ptr() % alignment == 0:
+        return tensor
+    return tensor.contiguous().clone()
+
+
 def kernel_for(packed: QuantizedWeight) -> str:
     """"int8pack", "int4pack" or "dequantize": the path a layer of this format and shape takes for few rows."""
     if packed.scheme == "int8":
@@ -103,6 +111,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        packed = QuantizedWeight(packed.scheme, packed.shape, packed.group_size,
+                                 {name: aligned(t) for name, t in packed.tensors.items()})
         self.scheme, self.group_size = packed.scheme, packed.group_size
         self.out_features, self.in_features = packed.shape
         self.kernel = kernel_for(packed)
