@@ -77,4 +77,5 @@ def test_unaligned_packed_tensors_are_copied_before_the_kernel_reads_them():
     assert layer.weight_qweight.data_ptr() % 64 == 0 and torch.equal(layer.weight_qweight, unaligned)
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert torch.allclose(layer(x), F.linear(x, get_format("int8").dequantize(packed)), rtol=0, atol=0.05)
+        # bf16 activations on the kernel path: a few 2^-8 of |x| |W_hat| (the bound tested above)
+        assert torch.allclose(layer(x), F.linear(x, get_format("int8").dequantize(packed)), rtol=0.02, atol=0.1)
