@@ -23,6 +23,7 @@ COMMANDS: dict[str, Any] = {
     "pretrain": "pretrain:pretrain",
     "finetune": "finetune:finetune",
     "moe": {"upcycle": "moe:moe_upcycle"},
+    "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
     "bench": {"peft": "bench:bench_peft"},

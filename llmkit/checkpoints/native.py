@@ -20,6 +20,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_KEY = "llmkit_format"  # stored in the safetensors metadata, marks files llmkit wrote
 FORMAT_VERSION = "1"
+# Beside config.json in a quantized checkpoint (written and read by llmkit.quant, which sits above this layer):
+# the scheme, group size and quantized layers. Its presence means the weights are packed, not float tensors.
+QUANTIZATION_FILE = "quantization.json"
 
 
 def is_native_dir(path: Path) -> bool:
@@ -47,6 +50,11 @@ def save_native(config: Config, state_dict: dict[str, torch.Tensor], out_dir: st
 def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """Read an llmkit checkpoint directory; errors name the file and the fix."""
     path = Path(path)
+    if (path / QUANTIZATION_FILE).is_file():
+        raise LlmkitError(f"{path} is a quantized llmkit checkpoint (see its {QUANTIZATION_FILE}): its weights are "
+                          "packed integers; load it with llmkit.quant.load_quantized(path), as the generate, chat, "
+                          "perplexity, evaluate and info verbs do, or write a float copy with "
+                          "llmkit.quant.dequantize")
     config = Config.load(path / CONFIG_FILE)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():

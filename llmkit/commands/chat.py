@@ -104,14 +104,15 @@ def chat(
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
     """
-    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
     from llmkit.generate import stream
 
     message = None if message is None else checked_text(message, "--message")
     messages: list[dict[str, str]] = [{"role": "system", "content": checked_text(system, "--system")}] if system else []
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
-    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
+    llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)
@@ -199,14 +200,15 @@ def generate(
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
-    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
     from llmkit.generate import generate as generate_texts
     from llmkit.generate import stream
 
     prompt = [checked_text(text, "--prompt") for text in ([prompt] if isinstance(prompt, str) else prompt)]
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
-    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
+    llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
     tokenizer = load_tokenizer(path)

@@ -16,6 +16,20 @@ def model_path(model: str | None) -> Path:
     return Path(model) if model else default_model_path()
 
 
+def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu"):  # noqa: ANN201 (a Decoder)
+    """The decoder at `path` for the verbs that run one: a quantized llmkit checkpoint through llmkit.quant (it stays
+    packed), any other checkpoint through llmkit.checkpoints.load_model."""
+    from llmkit.checkpoints import load_model, require_arch
+    from llmkit.quant import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(path):
+        from llmkit.checkpoints import load_config
+
+        require_arch(load_config(path), "decoder", path)
+        return load_quantized(path, dtype=dtype, device=device)
+    return load_model(path, dtype=dtype, device=device, arch="decoder")
+
+
 def with_adapter(llm, adapter: str, path: Path):  # noqa: ANN001, ANN202 (torch types, imported lazily)
     """`llm` with the fine-tuned adapter directory `adapter` applied, in eval mode."""
     from llmkit.checkpoints import load_tokenizer

@@ -49,7 +49,8 @@ def evaluate(
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+    from llmkit.checkpoints import default_model_path, load_tokenizer
+    from llmkit.commands.common import load_decoder
     from llmkit.eval.report import aggregate, comparison_table, write_report
     from llmkit.eval.runner import evaluate_model, write_samples
 
@@ -59,7 +60,7 @@ def evaluate(
     reports = []
     for path, label in zip(paths, labels):
         tokenizer = load_tokenizer(path)
-        llm = load_model(path, dtype=dtype, device=device, arch="decoder")
+        llm = load_decoder(path, dtype, device)
         if progress:
             print(f"evaluating {label} ({path}) on {', '.join(task.name for task in task_list)}", flush=True)
         results = evaluate_model(llm, tokenizer, task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,

@@ -25,6 +25,24 @@ def info(model: str | None = None) -> None:
 
         config = load_config(model_path(model))  # the header only: no weights are read
     print(format_info(config))
+    if model not in PRESETS:
+        from llmkit.quant import is_quantized_dir
+
+        if is_quantized_dir(model_path(model)):
+            print(format_quantization(model_path(model)))
+
+
+def format_quantization(path) -> str:  # noqa: ANN001 (Path)
+    """Scheme, quantized layers and the weights' RAM (= model.safetensors: it loads packed, as stored)."""
+    from llmkit.checkpoints.native import WEIGHTS_FILE
+    from llmkit.quant.model import read_quantization
+
+    info = read_quantization(path)
+    group = f", group size {info['group_size']}" if info["group_size"] else ""
+    head = " + LM head" if info["head"] else ""
+    ram = (path / WEIGHTS_FILE).stat().st_size / 2**20
+    return (f"\n  quantized        {info['scheme']}{group}, {len(info['layers'])} linear layers{head}\n"
+            f"  weights in RAM   {ram:,.1f} MiB (packed as in {WEIGHTS_FILE}; the float rows above are for comparison)")
 
 
 def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep `--help` fast)

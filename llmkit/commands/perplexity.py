@@ -44,13 +44,14 @@ def perplexity(
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
-    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
     from llmkit.data.sources import builtin_corpus_path
     from llmkit.eval.perplexity import file_perplexity
     from llmkit.io import atomic_write_text
 
     path = model_path(model)
-    llm = load_model(path, dtype=dtype, device=device, arch="decoder")
+    llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
     if data is None:

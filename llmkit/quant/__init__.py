@@ -1,2 +1,12 @@
-"""Quantisation: store weights in fewer bits and compute with them dequantised. `nf4` holds the 4-bit
-NormalFloat format and the frozen NF4 linear layer that QLoRA (Dettmers et al. 2023) fine-tunes on top of."""
+"""Quantisation: store weights in fewer bits. Formats (FORMATS: int8, int4, int4_asym, q8_0, q4_0, q4_1, nf4) map a
+float weight to a packed `QuantizedWeight` and back; `QuantLinear` computes with the packed weight; `quantize` /
+`dequantize` transform a model; `save_quantized` / `load_quantized` keep it quantized on disk. `nf4` also holds the
+NF4 linear layer that QLoRA (Dettmers et al. 2023) fine-tunes on top of."""
+
+from llmkit.quant.formats import FORMATS, dequantize_weight, quantize_weight
+from llmkit.quant.linear import QuantLinear
+from llmkit.quant.model import dequantize, is_quantized_dir, load_quantized, quantize, save_quantized
+from llmkit.quant.packed import QuantizedWeight
+
+__all__ = ["FORMATS", "QuantLinear", "QuantizedWeight", "dequantize", "dequantize_weight", "is_quantized_dir",
+           "load_quantized", "quantize", "quantize_weight", "save_quantized"]

@@ -1,0 +1,87 @@
+"""`llmkit quantize`: write a native quantized checkpoint (packed weights that stay packed when loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from llmkit.commands.common import model_path
+
+Scheme = Literal["int8", "int4", "int4_asym", "q8_0", "q4_0", "q4_1", "nf4"]  # llmkit.quant.FORMATS
+DEFAULT_OUTPUT = "quantized"  # without --output: ./quantized/<model name>-<scheme>
+DEMO_TOKENS = 2048  # perplexity before/after on the first tokens of the built-in Tiny Shakespeare
+
+
+def quantize(
+    model: str | None = None,
+    scheme: Scheme = "int8",
+    group_size: int | None = None,
+    head: bool = False,
+    output: str | None = None,
+    overwrite: bool = False,
+    perplexity_tokens: int = DEMO_TOKENS,
+) -> dict[str, float | str | None]:
+    """Quantize a model's linear layers and save it as an llmkit quantized checkpoint.
+
+    Example: llmkit quantize                                   (SmolLM2 to int8 in ./quantized/, perplexity before/after)
+             llmkit quantize --model my_model/ --scheme int4 --group_size 32 --output my_model_int4/
+             llmkit quantize --scheme q4_0 --perplexity_tokens 0   (skip the perplexity check)
+
+    The attention and MLP projections (q/k/v/o, gate/up/down) are replaced by packed integers plus scales; the
+    embedding, norms and (unless --head) the LM head stay float. The output loads in llmkit generate, chat,
+    perplexity, evaluate and info, and stays quantized in memory. Schemes: int8 (per output channel), int4 and
+    int4_asym (groups of --group_size inputs: 32, 64 or 128; default 32), q8_0 / q4_0 / q4_1 (llama.cpp's GGUF
+    blocks of 32), nf4 (QLoRA's 4-bit NormalFloat, blocks of 64).
+
+    Args:
+        model: .gguf file, Hugging Face directory or llmkit directory of a float decoder (default: SmolLM2-135M-Instruct).
+        scheme: weight format.
+        group_size: weights per scale for int4, int4_asym (32, 64, 128) and nf4 (default 64).
+        head: also quantize the LM head (a tied head gets a quantized copy; the embedding stays float).
+        output: directory to write (default: ./quantized/<model>-<scheme>).
+        overwrite: replace the files of an existing --output directory.
+        perplexity_tokens: score this many tokens of Tiny Shakespeare with the float and the quantized model (0: skip).
+    """
+    from llmkit.checkpoints import load_model, load_tokenizer
+    from llmkit.checkpoints.native import WEIGHTS_FILE
+    from llmkit.commands.common import refuse_replacing_model_dir
+    from llmkit.errors import LlmkitError
+    from llmkit.quant import is_quantized_dir, load_quantized, save_quantized
+    from llmkit.quant import quantize as quantize_model
+
+    path = model_path(model)
+    if is_quantized_dir(path):
+        raise LlmkitError(f"--model {path} is already quantized; pass the float model it came from")
+    if perplexity_tokens < 0:
+        raise LlmkitError(f"--perplexity_tokens must be >= 0 (0 skips the check); got {perplexity_tokens}")
+    out_dir = Path(output) if output else Path(DEFAULT_OUTPUT) / f"{path.stem}-{scheme}"
+    refuse_replacing_model_dir(out_dir, path, overwrite)
+    llm, tokenizer = load_model(path, arch="decoder"), load_tokenizer(path)
+    float_bytes = sum(p.numel() * p.element_size() for p in llm.parameters())
+    before = _perplexity(llm, tokenizer, perplexity_tokens)
+    quantize_model(llm, scheme, group_size, head=head)
+    save_quantized(llm, out_dir, tokenizer)
+    del llm
+    file_bytes = (out_dir / WEIGHTS_FILE).stat().st_size
+    print(f"wrote {out_dir} ({scheme}{f', group {group_size}' if group_size else ''})")
+    print(f"  weights   float32 {float_bytes / 2**20:8.1f} MiB -> {scheme} {file_bytes / 2**20:8.1f} MiB "
+          f"({float_bytes / file_bytes:.2f}x smaller; input file {path.stat().st_size / 2**20:.1f} MiB)"
+          if path.is_file() else
+          f"  weights   float32 {float_bytes / 2**20:8.1f} MiB -> {scheme} {file_bytes / 2**20:8.1f} MiB "
+          f"({float_bytes / file_bytes:.2f}x smaller)")
+    after = None
+    if perplexity_tokens:
+        after = _perplexity(load_quantized(out_dir), tokenizer, perplexity_tokens)
+        print(f"  perplexity on {perplexity_tokens:,} tokens of Tiny Shakespeare: float32 {before:.3f} -> "
+              f"{scheme} {after:.3f} ({100 * (after / before - 1):+.2f}%)")
+    return {"output": str(out_dir), "scheme": scheme, "float_bytes": float_bytes, "file_bytes": file_bytes,
+            "perplexity_float": before, "perplexity_quantized": after}
+
+
+def _perplexity(llm, tokenizer, n_tokens: int) -> float | None:  # noqa: ANN001
+    if not n_tokens:
+        return None
+    from llmkit.data.sources import builtin_corpus_path
+    from llmkit.eval.perplexity import file_perplexity
+
+    return file_perplexity(llm, tokenizer, builtin_corpus_path(), max_tokens=n_tokens).perplexity

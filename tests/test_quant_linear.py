@@ -1,0 +1,81 @@
+"""QuantLinear against F.linear with the dequantized weight (1 row and many, fp32 and bf16 activations), the int4
+tinygemm layout against aten's own packer, the kernel each format takes, and that packed buffers stay packed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit.quant.formats import FORMATS, get_format
+from llmkit.quant.linear import KERNEL_MAX_ROWS, QuantLinear, from_tinygemm, kernel_for, to_tinygemm
+
+KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": "int4pack", "q4_1": "int4pack",
+           "q8_0": "dequantize", "nf4": "dequantize"}
+BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-9 of it; two by ~2^-8
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (576, 576), (192, 1536)])
+def test_tinygemm_layout_equals_aten_packer(shape):
+    codes = torch.randint(0, 16, shape, dtype=torch.int32)
+    packed = to_tinygemm(codes.to(torch.uint8))
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+    assert torch.equal(from_tinygemm(packed), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128, bias=True)
+    layer = QuantLinear.from_linear(linear, scheme)
+    assert layer.kernel == KERNELS[scheme]
+    packed = get_format(scheme).quantize(linear.weight, None)
+    assert all(torch.equal(a, b) for a, b in zip(layer.packed.tensors.values(), packed.tensors.values()))
+    x = torch.randn(2, rows // 2 or 1, 256).to(dtype)
+    w_hat = get_format(scheme).dequantize(packed, torch.float32)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], 128)
+    reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
+    fast_path = layer.kernel != "dequantize" and x.numel() // 256 <= KERNEL_MAX_ROWS
+    if fast_path or dtype == torch.bfloat16:
+        # bf16 rounds x, the kernel's scales and y: |y - y_ref| <= 2^-8 (|x| |W_hat|^T + |y_ref|) (+ bias in bf16)
+        scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
+        assert bool(((y.double() - reference).abs() <= 2 * BF16 * scale).all())
+    else:  # the same fp32 F.linear on the same numbers as the reference, up to fp32 summation order
+        expected = F.linear(x, w_hat, linear.bias)
+        assert torch.allclose(y, expected, rtol=0, atol=1e-5)
+
+
+def test_kernel_choice_by_shape():
+    for scheme, kernel in KERNELS.items():
+        assert kernel_for(get_format(scheme).quantize(torch.randn(64, 64), None)) == kernel
+    # int4 kernels need output rows in tiles of 64: other shapes dequantize
+    assert kernel_for(get_format("int4").quantize(torch.randn(96, 64), None)) == "dequantize"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "q4_1", "nf4"])
+def test_buffers_stay_packed_through_model_casts_and_hold_no_float_weight(scheme):
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 128), scheme)
+    before = {name: buffer.dtype for name, buffer in layer.named_buffers()}
+    layer.to(torch.bfloat16)
+    assert {name: buffer.dtype for name, buffer in layer.named_buffers()} == before
+    assert not any(p.requires_grad for p in layer.parameters())
+    packed_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert packed_bytes < 0.4 * 128 * 128 * 4  # well under the fp32 weight (int8 + scales: 0.26)
+
+
+def test_unaligned_packed_tensors_are_copied_before_the_kernel_reads_them():
+    # safetensors returns tensors at arbitrary file offsets; aten's int8 kernel segfaulted on one of them
+    packed = get_format("int8").quantize(torch.randn(64, 64), None)
+    storage = torch.empty(64 * 64 + 1, dtype=torch.int8)
+    unaligned = storage[1:].view(64, 64)
+    unaligned.copy_(packed.tensors["qweight"])
+    assert unaligned.data_ptr() % 64 != 0
+    packed.tensors["qweight"] = unaligned
+    layer = QuantLinear(packed)
+    assert layer.weight_qweight.data_ptr() % 64 == 0 and torch.equal(layer.weight_qweight, unaligned)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        # bf16 activations on the kernel path: a few 2^-8 of |x| |W_hat| (the bound tested above)
+        assert torch.allclose(layer(x), F.linear(x, get_format("int8").dequantize(packed)), rtol=0.02, atol=0.1)
