@@ -126,3 +126,14 @@ def test_cli_refuses_vocab_sizes_bpe_cannot_train(argv, message, corpus_file, tm
     err = capsys.readouterr().err
     assert exit.value.code == 2 and re.search(message, err) and err.count("\n") == 1
     assert not (tmp_path / "out").exists()  # refused before anything was read or written
+
+
+def test_cli_verb_without_data_trains_on_the_builtin_corpus(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.data.sources import builtin_corpus_path
+
+    tokenizer_train(output=str(tmp_path / "tok"), vocab_size=300)
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    assert tokenizer.vocab_size == 300 and "wrote" in capsys.readouterr().out
+    line = builtin_corpus_path().read_text(encoding="utf-8").splitlines()[0]  # "First Citizen:"
+    assert len(tokenizer.encode(line, add_bos=False)) < len(line.encode())  # merges learned from Shakespeare's text
