@@ -195,10 +195,10 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     # (pymalloc arenas, glibc fragmentation) after malloc_trim; the bound holds that figure, not the 1.2x goal
     assert added <= 1.45 * file_bytes
 
-    tokenizer = load_tokenizer(path)
+    smol_tokenizer = load_tokenizer(path)
 
     def ppl(model):  # noqa: ANN001, ANN202
-        return file_perplexity(model, tokenizer, builtin_corpus_path(), max_tokens=2048).perplexity
+        return file_perplexity(model, smol_tokenizer, builtin_corpus_path(), max_tokens=2048).perplexity
 
     quantized_ppl, float_ppl = ppl(load_gguf_quantized(path)), ppl(load_model(path))
     print(f"perplexity, 2,048 tokens of Tiny Shakespeare: quantized load {quantized_ppl:.3f}, fp32 {float_ppl:.3f}")
