@@ -9,7 +9,7 @@ from llmkit.quant.formats import FORMATS, get_format
 from llmkit.quant.linear import KERNEL_MAX_ROWS, QuantLinear, from_tinygemm, kernel_for, to_tinygemm
 
 KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": "int4pack", "q4_1": "int4pack",
-           "q8_0": "dequantize", "nf4": "dequantize"}
+           "q8_0": "int8blocks", "nf4": "dequantize"}
 BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-9 of it; two by ~2^-8
 
 

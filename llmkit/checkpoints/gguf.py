@@ -13,6 +13,7 @@ the layout its RoPE kernel rotates; `unpermute_rows` undoes it so llmkit's RoPE 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) ->
     if freqs is None:
         return None
     # llama.cpp divides each base speed by rope_freqs[i]: 1 for short wavelengths, `factor` for long ones.
-    divisors = torch.from_numpy(np.array(_dequantized(reader, freqs), dtype=np.float32)).flatten()
+    divisors = torch.from_numpy(np.array(dequantized_tensor(reader, freqs), dtype=np.float32)).flatten()
     original = _int_metadata(reader, f"{arch}.{ROPE_ORIGINAL_CONTEXT_KEY}", LLAMA3_ORIGINAL_CONTEXT)
     scaling = RopeScaling(
         kind="llama3", factor=float(divisors.max()), low_freq_factor=LLAMA3_LOW_FREQ_FACTOR,
@@ -279,11 +280,11 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return interleaved.swapaxes(1, 2).reshape(weight.shape)  # (H, pair, D/2, ...) -> (rows, ...)
 
 
-def _numpy_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+def numpy_shape(tensor: ReaderTensor) -> tuple[int, ...]:
     return tuple(int(dim) for dim in reversed(tensor.shape))  # ggml lists dims innermost first
 
 
-def _dequantized(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
+def dequantized_tensor(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
     """A tensor's values as float32 in numpy order; unsupported types name the tensor and the fix."""
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
@@ -292,7 +293,7 @@ def _dequantized(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
             f"{_source(reader)}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which cannot be "
             f"dequantized; re-quantize the model to one of {SUPPORTED_TYPES}"
         ) from None
-    return values.reshape(_numpy_shape(tensor))  # (out, in) for linear weights
+    return values.reshape(numpy_shape(tensor))  # (out, in) for linear weights
 
 
 def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -306,18 +307,17 @@ def _shape_facts(config: Config, arch: str) -> str:
             f"heads={config.n_heads}/{config.n_kv_heads}, head_dim={config.head_dim}, vocab={config.vocab_size}")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, dict[str, torch.Tensor]]:
-    """Config and llmkit-named, dequantized state dict (in `dtype`) of a GGUF file; never unpickles."""
-    reader = open_gguf(path)
-    config = config_from_gguf(reader)
-    source, arch = _source(reader), _metadata(reader, ARCHITECTURE_KEY)  # config_from_gguf checked it
+def checked_tensors(reader: GGUFReader, config: Config) -> Iterator[tuple[str, ReaderTensor]]:
+    """(llmkit name, tensor) for every tensor of the file that the Decoder `config` describes, each checked against
+    the metadata (name and shape); raises naming the first missing tensor once all are seen. `rope_freqs` is skipped
+    (read into config.rope_scaling). Shared by `load_gguf` and llmkit.quant's loader, which keeps blocks packed."""
+    source, arch = _source(reader), _metadata(reader, ARCHITECTURE_KEY)
     expected = expected_shapes(config)
-
-    state_dict: dict[str, torch.Tensor] = {}
+    seen = set()
     # a bar on a terminal only (disable=None): a 7B file takes minutes to dequantize
-    for tensor in tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor", leave=False, disable=None):
+    for tensor in tqdm(reader.tensors, desc=f"loading {source.name}", unit="tensor", leave=False, disable=None):
         if tensor.name == ROPE_FREQS_TENSOR:
-            continue  # read into config.rope_scaling
+            continue
         name = llmkit_name(tensor.name)
         if name is None:
             raise LlmkitError(
@@ -330,26 +330,48 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
                 f"{BLOCK_COUNT_KEY}={config.n_layers}, {_shape_facts(config, arch)}); the file is inconsistent: "
                 "re-download or re-convert it"
             )
-        shape = _numpy_shape(tensor)
+        shape = numpy_shape(tensor)
         if shape != expected[name]:
             raise LlmkitError(
                 f"{source}: tensor {tensor.name} has shape {shape} but the file's metadata "
                 f"({_shape_facts(config, arch)}) implies {expected[name]}; the file is inconsistent: re-download or "
                 "re-convert it"
             )
-        values = _dequantized(reader, tensor)
-        if ARCHITECTURES[arch].permuted_qk and name.startswith("blocks.") and ".attn.q_proj." in name:
-            values = unpermute_rows(values, config.n_heads)
-        elif ARCHITECTURES[arch].permuted_qk and name.startswith("blocks.") and ".attn.k_proj." in name:
-            values = unpermute_rows(values, config.n_kv_heads)
-        if not values.flags.writeable:
-            values = values.copy()  # F32 tensors are views of the read-only memory map
-        state_dict[name] = torch.from_numpy(values).to(dtype)
-
-    missing = [name for name in expected if name not in state_dict]
+        seen.add(name)
+        yield name, tensor
+    missing = [name for name in expected if name not in seen]
     if missing:
         raise LlmkitError(
             f"{source} lacks tensor {gguf_name(missing[0])} (and {len(missing) - 1} more) that its metadata "
             f"({_shape_facts(config, arch)}) calls for; the file is incomplete: re-download or re-convert it"
         )
+
+
+def permuted_heads(reader: GGUFReader, config: Config, name: str) -> int | None:
+    """The head count whose Q/K row order llama.cpp interleaved in tensor `name` (llmkit name), or None when its
+    rows are in Hugging Face order already. `unpermute_rows` with it restores them; it moves whole rows only, so it
+    applies equally to dequantized values and to a block-quantized tensor's rows of bytes (blocks run along the
+    input dimension, within one row)."""
+    if not ARCHITECTURES[_metadata(reader, ARCHITECTURE_KEY)].permuted_qk or not name.startswith("blocks."):
+        return None
+    if ".attn.q_proj." in name:
+        return config.n_heads
+    if ".attn.k_proj." in name:
+        return config.n_kv_heads
+    return None
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, dict[str, torch.Tensor]]:
+    """Config and llmkit-named, dequantized state dict (in `dtype`) of a GGUF file; never unpickles."""
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    state_dict: dict[str, torch.Tensor] = {}
+    for name, tensor in checked_tensors(reader, config):
+        values = dequantized_tensor(reader, tensor)
+        heads = permuted_heads(reader, config, name)
+        if heads is not None:
+            values = unpermute_rows(values, heads)
+        if not values.flags.writeable:
+            values = values.copy()  # F32 tensors are views of the read-only memory map
+        state_dict[name] = torch.from_numpy(values).to(dtype)
     return config, state_dict

@@ -30,6 +30,22 @@ def info(model: str | None = None) -> None:
 
         if is_quantized_dir(model_path(model)):
             print(format_quantization(model_path(model)))
+        elif model_path(model).suffix.lower() == ".gguf":
+            print(format_gguf_types(model_path(model)))
+
+
+def format_gguf_types(path) -> str:  # noqa: ANN001 (Path)
+    """Tensors per GGUF type, and the RAM of the weights when loaded quantized (the default; measured by loading)."""
+    from llmkit.quant.gguf_load import is_quantized_gguf, load_gguf_quantized, tensor_type_counts, weight_bytes
+
+    lines = ["", "  GGUF tensors"]
+    for name, (count, size) in tensor_type_counts(path).items():
+        lines.append(f"    {name:<8} {count:4d} tensors  {size / 2**20:10,.1f} MiB")
+    if is_quantized_gguf(path):
+        held = weight_bytes(load_gguf_quantized(path)) / 2**20
+        lines.append(f"  weights in RAM   {held:,.1f} MiB loaded quantized (file {path.stat().st_size / 2**20:,.1f} "
+                     "MiB; the float rows above are what a dequantized load takes)")
+    return "\n".join(lines)
 
 
 def format_quantization(path) -> str:  # noqa: ANN001 (Path)

@@ -65,7 +65,7 @@ class Decoder(nn.Module):
     def reset_position_buffers(self) -> None:
         """Rebuild the position tables (derived from the config) in float32 on the weights' device."""
         for name, tensor in position_inputs(self.config).items():
-            setattr(self, name, tensor.to(self.embed.weight.device))
+            setattr(self, name, tensor.to(self.activation_dtype_device()[1]))
 
     def forward(
         self,
@@ -106,7 +106,7 @@ class Decoder(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         context = causal_context(self.config, B, T, cache, attention_mask, document_ids, inv_freq=self.inv_freq,
-                                 alibi_slopes=self.alibi_slopes, dtype=self.embed.weight.dtype, device=x.device,
+                                 alibi_slopes=self.alibi_slopes, dtype=self.activation_dtype_device()[0], device=x.device,
                                  kernel=self.kernel)
         if self.config.scale_embeddings:
             # Gemma: times sqrt(d_model), a factor first rounded to the embedding dtype as its checkpoints expect
@@ -126,8 +126,17 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `max_len` tokens per row, on this model's device and in its dtype."""
-        weight = self.embed.weight
-        return KVCache(self.config, batch_size, max_len, weight.dtype, weight.device)
+        dtype, device = self.activation_dtype_device()
+        return KVCache(self.config, batch_size, max_len, dtype, device)
+
+    def activation_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        """The dtype and device activations (and the KV cache) take: those of the token embedding's float table, or,
+        where a transformation swapped in an embedding without one (llmkit.quant's QuantEmbedding keeps its table
+        packed), the `dtype` and `device` that module declares."""
+        weight = getattr(self.embed, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.dtype, weight.device
+        return self.embed.dtype, self.embed.device
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.quant import gguf_blocks, integer, nf4
+from llmkit.quant import gguf_blocks, gguf_types, integer, nf4
 from llmkit.quant.packed import QuantizedWeight, check_weight
 
 
@@ -70,10 +70,25 @@ FORMATS: dict[str, Format] = {
 }
 
 
+# Formats that hold a GGUF file's tensors as stored (quant/gguf_types.py); QuantLinear runs them, `llmkit quantize`
+# does not offer them (yet), so they stay out of FORMATS and its behaviour suite.
+GGUF_FORMATS: dict[str, Format] = {
+    **{name: Format(name, gguf_types.kquant_quantize(name), gguf_types.kquant_dequantize, (),
+                    f"GGUF {name.upper()} (K-quant super-blocks of 256), dequantized per call")
+       for name in ("q4_k", "q5_k", "q6_k")},
+    **{name: Format(name, gguf_types.q5_quantize(name), gguf_types.q5_dequantize, (),
+                    f"GGUF {name.upper()} (blocks of 32), dequantized per call") for name in gguf_types.Q5_TYPES},
+    **{name: Format(name, gguf_types.half_quantize(name), gguf_types.half_dequantize, (),
+                    f"{name} weight, upcast per call") for name in gguf_types.HALF_DTYPES},
+}
+
+
 def get_format(scheme: str) -> Format:
-    if scheme not in FORMATS:
-        raise LlmkitError(f"unknown --scheme {scheme!r}; choose one of {', '.join(FORMATS)}")
-    return FORMATS[scheme]
+    if scheme in FORMATS:
+        return FORMATS[scheme]
+    if scheme in GGUF_FORMATS:
+        return GGUF_FORMATS[scheme]
+    raise LlmkitError(f"unknown --scheme {scheme!r}; choose one of {', '.join(FORMATS)}")
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str, group_size: int | None = None) -> QuantizedWeight:

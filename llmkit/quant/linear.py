@@ -17,7 +17,12 @@ weight-only kernels with bf16 activations
 (`torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for int4, int4_asym, q4_0 and q4_1, whose
 w = (u - 8) s + z covers all four with z = (8 - zero) s, 0, and m + 8 d); their fp32-activation variants are 5-30x
 slower than fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the
-fastest there. q8_0 and nf4 have no aten kernel (per-block scales, a code book): always dequantize-then-F.linear.
+fastest there. q8_0 has per-block scales, which `_weight_int8pack_mm` (one scale per output row) cannot take in one
+call, so few-row q8_0 calls run it once per block column b: y = sum_b x_b Q_b^T diag(d_b), where Q_b (out, 32) holds
+the codes of block b of every row (kept in that layout, "int8blocks"). Measured for the 49152 x 576 head of SmolLM2
+(1 row, machine shared): fp32 F.linear 12.5 ms, one int8pack call 8.0, 18 per-block calls 3.4, dequantize + F.linear
+111; for 576 x 576 the 18 calls cost ~0.16 ms against ~0.03 ms fp32 (Python call overhead: a fused kernel's job).
+nf4 has no aten kernel (a code book): always dequantize-then-F.linear, as do the GGUF-only formats (gguf_types.py).
 A `torch.compile`d dequantize-matmul was not measured in this slice.
 Decode through the bf16 kernels rounds x, the scales and y to bf16: |y - y_ref| <= 2^-8 (|x| |W_hat|^T) + 2^-8 |y|
 (tests/test_quant_linear.py holds it to that).
@@ -59,6 +64,25 @@ def from_tinygemm(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([tiles & 0xF, tiles >> 4], dim=1).reshape(out_features, in_features)
 
 
+def tinygemm_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Codes (len(rows), in) uint8 of the given output rows of a weight in tinygemm layout, without unpacking the
+    rest: row r sits in tile r // 64, column j = r % 32 of it, low nibble for r % 64 < 32 and high nibble otherwise."""
+    in_features = packed.shape[1] * 2
+    tiles = packed.view(-1, in_features, TILE // 2)  # (tiles, in, j)
+    picked = tiles[rows // TILE, :, rows % (TILE // 2)]  # (n, in)
+    shift = ((rows % TILE) // (TILE // 2) * 4).to(torch.uint8)[:, None]
+    return (picked >> shift) & 0xF
+
+
+def q8_0_join(d: torch.Tensor, codes: torch.Tensor) -> QuantizedWeight:
+    """The canonical q8_0 QuantizedWeight (GGUF block bytes) from scales d fp16 (out, n_blocks) and int8 codes
+    (out, n_blocks, 32)."""
+    out_features, n_blocks = d.shape
+    raw = torch.cat([d[..., None].view(torch.uint8), codes.contiguous().view(torch.uint8)], dim=-1)
+    blocks = raw.reshape(out_features, n_blocks * gguf_blocks.BLOCK_BYTES["q8_0"])
+    return QuantizedWeight("q8_0", (out_features, n_blocks * gguf_blocks.BLOCK), gguf_blocks.BLOCK, {"blocks": blocks})
+
+
 def int4_split(packed: QuantizedWeight) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(codes uint8 (out, in), the format's scale tensors, kernel scale s and offset z, both fp32 (out, in / g), with
     w_hat = (code - 8) s + z) of an int4-family weight."""
@@ -97,9 +121,12 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 def kernel_for(packed: QuantizedWeight) -> str:
-    """"int8pack", "int4pack" or "dequantize": the path a layer of this format and shape takes for few rows."""
+    """"int8pack", "int8blocks", "int4pack" or "dequantize": the path a layer of this format and shape takes for few
+    rows."""
     if packed.scheme == "int8":
         return "int8pack"
+    if packed.scheme == "q8_0":
+        return "int8blocks"
     if packed.scheme in INT4_FAMILY and packed.shape[0] % TILE == 0 and packed.group_size in INT4_KERNEL_GROUPS:
         return "int4pack"
     return "dequantize"
@@ -116,7 +143,13 @@ class QuantLinear(nn.Module):
         self.scheme, self.group_size = packed.scheme, packed.group_size
         self.out_features, self.in_features = packed.shape
         self.kernel = kernel_for(packed)
-        if self.kernel == "int4pack":
+        if self.kernel == "int8blocks":
+            d, codes, _ = gguf_blocks.block_fields(packed)  # (out, n_blocks) fp32 of fp16, (out, n_blocks, 32) int8
+            self.register_buffer("weight_q8blocks", codes.transpose(0, 1).contiguous())  # (n_blocks, out, 32)
+            self.register_buffer("weight_d", d.to(torch.float16))  # (out, n_blocks), exact: d was fp16
+            self._extras = ("d",)
+            self.register_buffer("kernel_scales", d.t().contiguous().to(torch.bfloat16), persistent=False)
+        elif self.kernel == "int4pack":
             codes, extras, scale, offset = int4_split(packed)
             self.register_buffer("weight_int4pack", to_tinygemm(codes))
             for name, tensor in extras.items():
@@ -146,10 +179,34 @@ class QuantLinear(nn.Module):
         extras = {name: getattr(self, f"weight_{name}") for name in self._extras}
         if self.kernel == "int4pack":
             return int4_join(self.scheme, shape, self.group_size, from_tinygemm(self.weight_int4pack), extras)
+        if self.kernel == "int8blocks":
+            return q8_0_join(self.weight_d, self.weight_q8blocks.transpose(0, 1))
         return QuantizedWeight(self.scheme, shape, self.group_size, extras)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.kernel == "int8blocks":  # d q in fp32, as dequantize_blocks, without rebuilding the bytes
+            w = self.weight_q8blocks.float() * self.weight_d.t().float()[..., None]  # (n_blocks, out, 32)
+            return w.transpose(0, 1).reshape(self.out_features, self.in_features).to(dtype)
         return get_format(self.scheme).dequantize(self.packed, dtype)  # (out, in)
+
+    def dequantized_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W_hat[rows] (len(rows), in), dequantizing only those rows (blocks run along a row, so a row's packed
+        bytes are the row alone): what an embedding lookup into a quantized table needs. Equal to
+        dequantized_weight()[rows]."""
+        rows = rows.reshape(-1)
+        if self.kernel == "int8blocks":
+            w = self.weight_q8blocks[:, rows].float() * self.weight_d[rows].t().float()[..., None]  # (nb, n, 32)
+            return w.transpose(0, 1).reshape(len(rows), self.in_features).to(dtype)
+        shape = (len(rows), self.in_features)
+        extras = {name: getattr(self, f"weight_{name}")[rows] for name in self._extras}
+        if self.kernel == "int4pack":
+            codes = tinygemm_rows(self.weight_int4pack, rows)
+            packed = int4_join(self.scheme, shape, self.group_size, codes, extras)
+        elif self.scheme == "nf4":  # blocks and double-quantized scales run over the flattened weight
+            return self.dequantized_weight(dtype)[rows]
+        else:  # every other format stores one row of packed values (and scales) per output row
+            packed = QuantizedWeight(self.scheme, shape, self.group_size, extras)
+        return get_format(self.scheme).dequantize(packed, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -160,6 +217,11 @@ class QuantLinear(nn.Module):
         flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
         if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(flat, self.weight_qweight, self.kernel_scales)
+        elif self.kernel == "int8blocks":
+            blocks = flat.view(rows, -1, gguf_blocks.BLOCK)  # (rows, n_blocks, 32)
+            y = torch.zeros(rows, self.out_features)
+            for b in range(blocks.shape[1]):  # fp32 sum of the per-block products
+                y += torch._weight_int8pack_mm(blocks[:, b], self.weight_q8blocks[b], self.kernel_scales[b])
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4pack, self.group_size,
                                                            self.kernel_scales)
