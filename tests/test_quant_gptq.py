@@ -151,3 +151,31 @@ def test_gptq_model_beats_rtn_and_round_trips_through_a_checkpoint(tmp_path, cal
     loaded = load_quantized(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "awq"])
+def test_cli_calibrated_schemes_write_an_int4_asym_checkpoint(tmp_path, capsys, scheme):
+    from helpers import run_cli
+
+    from llmkit.checkpoints import save_model
+
+    save_model(tiny_decoder(), tmp_path / "tiny", byte_tokenizer())
+    out = tmp_path / scheme
+    code, stdout, err = run_cli(capsys, "quantize", "--model", str(tmp_path / "tiny"), "--scheme", scheme,
+                                "--group_size", "32", "--n_sequences", "4", "--output", str(out),
+                                "--perplexity_tokens", "300")
+    assert code == 0, err
+    assert f"({scheme}: int4_asym, group 32)" in stdout and "perplexity on 300 tokens" in stdout
+    loaded = load_quantized(out)
+    assert {(m.scheme, m.group_size) for m in loaded.modules() if isinstance(m, QuantLinear)} == {("int4_asym", 32)}
+    code, _, err = run_cli(capsys, "quantize", "--model", str(tmp_path / "tiny"), "--scheme", scheme,
+                           "--calibration", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "x"))
+    assert code == 2 and "--calibration" in err and "is not a file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_calibration_flags_need_a_calibrated_scheme(tmp_path, capsys):
+    from helpers import run_cli
+
+    for flag, value in (("--calibration", "text.txt"), ("--n_sequences", "8")):
+        code, _, err = run_cli(capsys, "quantize", "--model", str(tmp_path), "--scheme", "int4", flag, value)
+        assert code == 2 and f"{flag} applies to --scheme gptq or awq" in err and len(err.strip().splitlines()) == 1
