@@ -179,3 +179,45 @@ def test_cli_calibration_flags_need_a_calibrated_scheme(tmp_path, capsys):
     for flag, value in (("--calibration", "text.txt"), ("--n_sequences", "8")):
         code, _, err = run_cli(capsys, "quantize", "--model", str(tmp_path), "--scheme", "int4", flag, value)
         assert code == 2 and f"{flag} applies to --scheme gptq or awq" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_and_awq_beat_round_to_nearest_at_group_64():
+    import time
+
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+    from llmkit.data.sources import builtin_corpus_path
+    from llmkit.eval.perplexity import file_perplexity
+    from llmkit.quant import awq
+
+    path = default_model_path()
+    tokenizer = load_tokenizer(path)
+    # few windows; still slow: measured 29 min in all (GPTQ 799 s, AWQ 774 s) on this 2-core VM with another job on the
+    # second core, where every small op's OpenMP barrier waits for a time slice (see docs/quantization.md)
+    ids = calibration_batches(tokenizer, n_sequences=8, seq_len=256)
+
+    def ppl(model):  # noqa: ANN001, ANN202 (the 2,048 tokens llmkit quantize scores; calibration skips them)
+        return file_perplexity(model, tokenizer, builtin_corpus_path(), max_tokens=HELD_OUT_TOKENS).perplexity
+
+    base = ppl(load_model(path))
+    rtn_ppl = ppl(quantize_weight_model(load_model(path)))
+    start = time.perf_counter()
+    gptq_model = gptq(load_model(path), ids, group_size=64, progress=False)
+    gptq_seconds = time.perf_counter() - start
+    gptq_ppl = ppl(gptq_model)
+    start = time.perf_counter()
+    awq_model = awq(load_model(path), ids, group_size=64, progress=False)
+    awq_seconds = time.perf_counter() - start
+    awq_ppl = ppl(awq_model)
+    print(f"SmolLM2 perplexity on 2,048 tokens of Tiny Shakespeare: fp32 {base:.3f}, RTN int4_asym g64 {rtn_ppl:.3f}, "
+          f"GPTQ g64 {gptq_ppl:.3f} ({gptq_seconds:.0f} s), AWQ g64 {awq_ppl:.3f} ({awq_seconds:.0f} s); "
+          "calibration 8 x 256 tokens")
+    # SmolLM2's shipped weights are Q4_1 (dequantized): every figure re-rounds weights that already sit on a 4-bit grid.
+    # Measured: fp32 37.745, RTN 46.003 (+21.9%), GPTQ 42.138 (+11.6%), AWQ 42.322 (+12.1%).
+    assert gptq_ppl < rtn_ppl and awq_ppl < rtn_ppl
+
+
+def quantize_weight_model(model):  # noqa: ANN001, ANN201
+    from llmkit.quant import quantize
+
+    return quantize(model, "int4_asym", 64)
