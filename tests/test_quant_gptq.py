@@ -3,13 +3,13 @@ and as a model -> model function whose output is an ordinary quantized checkpoin
 
 import pytest
 import torch
-from helpers import byte_tokenizer, tiny_decoder
 
 from llmkit import LlmkitError
 from llmkit.quant import QuantLinear, load_quantized, quantize_weight, save_quantized
 from llmkit.quant.calibration import HELD_OUT_TOKENS, calibration_batches
 from llmkit.quant.formats import dequantize_weight
 from llmkit.quant.gptq import gptq, gptq_quantize_weight
+from tests.helpers import byte_tokenizer, tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,42 +182,37 @@ def test_cli_calibration_flags_need_a_calibrated_scheme(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_gptq_and_awq_beat_round_to_nearest_at_group_64():
-    import time
+def test_on_smollm2_blocks_gptq_and_awq_beat_round_to_nearest_at_group_64():
+    """Real weights, kept under a minute: SmolLM2's first 3 blocks (the whole 30-block run takes 13 min per method on
+    this 2-core VM; its perplexities are in docs/quantization.md). Judged by the error of the last block's output on
+    held-out text (the 2,048 tokens calibration never sees) against the unquantized blocks.
+    SmolLM2's shipped weights are Q4_1: every figure re-rounds weights that already sit on a 4-bit grid."""
+    from dataclasses import replace
 
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
     from llmkit.data.sources import builtin_corpus_path
-    from llmkit.eval.perplexity import file_perplexity
-    from llmkit.quant import awq
+    from llmkit.quant import awq, quantize
 
     path = default_model_path()
     tokenizer = load_tokenizer(path)
-    # few windows; still slow: measured 29 min in all (GPTQ 799 s, AWQ 774 s) on this 2-core VM with another job on the
-    # second core, where every small op's OpenMP barrier waits for a time slice (see docs/quantization.md)
+
+    def first_blocks():  # noqa: ANN202
+        model = load_model(path)
+        model.blocks = model.blocks[:3]
+        model.config = replace(model.config, n_layers=3)
+        return model
+
     ids = calibration_batches(tokenizer, n_sequences=8, seq_len=256)
+    held_out = torch.tensor([tokenizer.encode(builtin_corpus_path().read_text(encoding="utf-8"))[:512]])
 
-    def ppl(model):  # noqa: ANN001, ANN202 (the 2,048 tokens llmkit quantize scores; calibration skips them)
-        return file_perplexity(model, tokenizer, builtin_corpus_path(), max_tokens=HELD_OUT_TOKENS).perplexity
+    def error(model) -> float:  # noqa: ANN001
+        with torch.no_grad():
+            return float((model.hidden_states(held_out) - reference).pow(2).mean())
 
-    base = ppl(load_model(path))
-    rtn_ppl = ppl(quantize_weight_model(load_model(path)))
-    start = time.perf_counter()
-    gptq_model = gptq(load_model(path), ids, group_size=64, progress=False)
-    gptq_seconds = time.perf_counter() - start
-    gptq_ppl = ppl(gptq_model)
-    start = time.perf_counter()
-    awq_model = awq(load_model(path), ids, group_size=64, progress=False)
-    awq_seconds = time.perf_counter() - start
-    awq_ppl = ppl(awq_model)
-    print(f"SmolLM2 perplexity on 2,048 tokens of Tiny Shakespeare: fp32 {base:.3f}, RTN int4_asym g64 {rtn_ppl:.3f}, "
-          f"GPTQ g64 {gptq_ppl:.3f} ({gptq_seconds:.0f} s), AWQ g64 {awq_ppl:.3f} ({awq_seconds:.0f} s); "
-          "calibration 8 x 256 tokens")
-    # SmolLM2's shipped weights are Q4_1 (dequantized): every figure re-rounds weights that already sit on a 4-bit grid.
-    # Measured: fp32 37.745, RTN 46.003 (+21.9%), GPTQ 42.138 (+11.6%), AWQ 42.322 (+12.1%).
-    assert gptq_ppl < rtn_ppl and awq_ppl < rtn_ppl
-
-
-def quantize_weight_model(model):  # noqa: ANN001, ANN201
-    from llmkit.quant import quantize
-
-    return quantize(model, "int4_asym", 64)
+    with torch.no_grad():
+        reference = first_blocks().hidden_states(held_out)
+    rtn = error(quantize(first_blocks(), "int4_asym", 64))
+    by_gptq = error(gptq(first_blocks(), ids, group_size=64, progress=False))
+    by_awq = error(awq(first_blocks(), ids, group_size=64, progress=False))
+    print(f"SmolLM2 blocks 0-2, output MSE on 512 held-out tokens: RTN {rtn:.3e}, GPTQ {by_gptq:.3e}, AWQ {by_awq:.3e}")
+    assert by_gptq < rtn and by_awq < rtn
