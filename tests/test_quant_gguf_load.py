@@ -144,7 +144,8 @@ def test_a_type_with_no_path_names_the_tensor_and_the_type(tmp_path, tokenizer):
         load_gguf_quantized(path)
 
 
-def test_load_decoder_routes_quantized_gguf_and_info_reports_types(tmp_path, tokenizer, capsys):  # noqa: F811
+def test_load_decoder_routes_quantized_gguf_and_info_reports_types(tmp_path, tokenizer, capsys, monkeypatch):  # noqa: F811
+    import llmkit.quant.gguf_load
     from llmkit.commands.info import info
 
     q4 = export_gguf(make_model("tied"), tmp_path / "tiny.q4_0.gguf", tokenizer, "q4_0")
@@ -154,9 +155,14 @@ def test_load_decoder_routes_quantized_gguf_and_info_reports_types(tmp_path, tok
     assert not isinstance(load_decoder(f32).embed, QuantEmbedding)  # nothing quantized to keep
     counts = tensor_type_counts(q4)
     assert counts["Q4_0"][0] == 2 * 7 and counts["Q8_0"][0] == 1
+    def no_weights(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("llmkit info read the weights; it must read the header only")
+
+    monkeypatch.setattr(llmkit.quant.gguf_load, "load_gguf_quantized", no_weights)
+    monkeypatch.setattr(llmkit.quant.gguf_load, "dequantized_tensor", no_weights)
     info(str(q4))
     out = capsys.readouterr().out
-    assert "Q4_0" in out and "14 tensors" in out and "weights in RAM" in out
+    assert "Q4_0" in out and "14 tensors" in out and "loaded quantized" in out and "of weights" in out
 
 
 MEASURE_GGUF_RSS = """

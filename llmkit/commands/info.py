@@ -21,30 +21,35 @@ def info(model: str | None = None) -> None:
     if model in PRESETS:
         config = Config.from_name(model)
     else:
-        from llmkit.checkpoints import load_config
+        from llmkit.checkpoints import detect_format, load_config
+        from llmkit.checkpoints.gguf import config_from_gguf, open_gguf
 
-        config = load_config(model_path(model))  # the header only: no weights are read
+        path = model_path(model)
+        reader = open_gguf(path) if detect_format(path) == "gguf" else None  # the header only: no weights are read
+        config = config_from_gguf(reader) if reader is not None else load_config(path)
     print(format_info(config))
     if model not in PRESETS:
         from llmkit.quant import is_quantized_dir
 
-        if is_quantized_dir(model_path(model)):
-            print(format_quantization(model_path(model)))
-        elif model_path(model).suffix.lower() == ".gguf":
-            print(format_gguf_types(model_path(model)))
+        if is_quantized_dir(path):
+            print(format_quantization(path))
+        elif reader is not None:
+            print(format_gguf_types(reader))
 
 
-def format_gguf_types(path) -> str:  # noqa: ANN001 (Path)
-    """Tensors per GGUF type, and the RAM of the weights when loaded quantized (the default; measured by loading)."""
-    from llmkit.quant.gguf_load import is_quantized_gguf, load_gguf_quantized, tensor_type_counts, weight_bytes
+def format_gguf_types(reader) -> str:  # noqa: ANN001 (an open gguf.GGUFReader)
+    """Tensors per GGUF type and their bytes, from the file's header (no weights are read). chat/generate/evaluate
+    keep the quantized types as they are stored, so the weights take about these bytes in RAM."""
+    from llmkit.quant.gguf_load import FLOAT_TYPES, tensor_type_counts
 
+    counts = tensor_type_counts(reader)
     lines = ["", "  GGUF tensors"]
-    for name, (count, size) in tensor_type_counts(path).items():
+    for name, (count, size) in counts.items():
         lines.append(f"    {name:<8} {count:4d} tensors  {size / 2**20:10,.1f} MiB")
-    if is_quantized_gguf(path):
-        held = weight_bytes(load_gguf_quantized(path)) / 2**20
-        lines.append(f"  weights in RAM   {held:,.1f} MiB loaded quantized (file {path.stat().st_size / 2**20:,.1f} "
-                     "MiB; the float rows above are what a dequantized load takes)")
+    if any(name not in {kind.name for kind in FLOAT_TYPES} for name in counts):
+        total = sum(size for _, size in counts.values()) / 2**20
+        lines.append(f"  loaded quantized (the default of chat/generate/evaluate): the types above are kept, about "
+                     f"{total:,.1f} MiB of weights; the float rows above are what a dequantized load takes")
     return "\n".join(lines)
 
 

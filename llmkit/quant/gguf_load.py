@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GGML
+from gguf import GGUFReader
 
 from llmkit.checkpoints.gguf import (
     checked_tensors,
@@ -63,9 +64,10 @@ def is_quantized_gguf(path: str | Path) -> bool:
     return any(t.tensor_type not in FLOAT_TYPES and len(t.shape) == 2 for t in reader.tensors)
 
 
-def tensor_type_counts(path: str | Path) -> dict[str, tuple[int, int]]:
-    """GGUF type name -> (number of tensors, bytes in the file), for `llmkit info`."""
-    reader = open_gguf(path)
+def tensor_type_counts(source: str | Path | GGUFReader) -> dict[str, tuple[int, int]]:
+    """GGUF type name -> (number of tensors, bytes in the file), for `llmkit info` (a reader already open is reused:
+    parsing the header of a 49k-token vocabulary takes seconds)."""
+    reader = source if isinstance(source, GGUFReader) else open_gguf(source)
     counts, sizes = Counter(), Counter()
     for tensor in reader.tensors:
         counts[tensor.tensor_type.name] += 1
