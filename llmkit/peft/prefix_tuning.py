@@ -73,11 +73,8 @@ class KVPrefix(nn.Module):
 class PrefixTuned(PromptLearning):
     """A Decoder whose every layer attends to trainable prefix keys/values (`kv_prefix`) before the tokens."""
 
+    part = "kv_prefix"
     kv_prefix: KVPrefix
-
-    @property
-    def n_virtual_tokens(self) -> int:
-        return self.kv_prefix.n_tokens
 
     def hidden_states(
         self, input_ids: torch.Tensor | None, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
@@ -98,7 +95,7 @@ def apply_prefix_tuning(model: nn.Module, settings: PrefixTuningSettings | None 
     require_plain_decoder(model, "prefix tuning")
     weight = model.embed.weight
     freeze(model)
-    return PrefixTuned.adopt(model, "kv_prefix", KVPrefix(model.config, settings, weight.dtype, weight.device))
+    return PrefixTuned.adopt(model, KVPrefix(model.config, settings, weight.dtype, weight.device))
 
 
 def merge_prefix_tuning(model: nn.Module) -> nn.Module:

@@ -64,15 +64,17 @@ class PromptLearning(Decoder):
     """A Decoder with P virtual tokens before every sequence (prompt or prefix tuning); subclasses add them in
     `hidden_states` at a sequence's first forward. Never built directly: `adopt` turns a plain Decoder into one."""
 
+    part: str  # attribute holding the trained part (a module with `n_tokens`): soft_prompt or kv_prefix
+
     @property
     def n_virtual_tokens(self) -> int:
-        raise NotImplementedError
+        return getattr(self, self.part).n_tokens
 
     @classmethod
-    def adopt(cls, model: Decoder, name: str, module: nn.Module) -> Decoder:
-        """Make `model` an instance of this class in place, holding `module` (the trained part) as `model.<name>`;
+    def adopt(cls, model: Decoder, module: nn.Module) -> Decoder:
+        """Make `model` an instance of this class in place, holding `module` (the trained part) as `model.<part>`;
         every parameter keeps its name and tensor."""
-        setattr(model, name, module)
+        setattr(model, cls.part, module)
         model.__class__ = cls
         return model
 
@@ -93,11 +95,8 @@ class PromptLearning(Decoder):
 class PromptTuned(PromptLearning):
     """A Decoder whose sequences start with a trainable soft prompt (`soft_prompt`, P embeddings)."""
 
+    part = "soft_prompt"
     soft_prompt: SoftPrompt
-
-    @property
-    def n_virtual_tokens(self) -> int:
-        return self.soft_prompt.n_tokens
 
     def hidden_states(
         self, input_ids: torch.Tensor | None, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
@@ -133,7 +132,7 @@ def apply_prompt_tuning(model: nn.Module, settings: PromptTuningSettings | None 
         weight = torch.randn(settings.n_virtual_tokens, embed.shape[1], device=embed.device).to(embed.dtype)
         weight = weight * embed.detach().float().std().to(embed.dtype)  # at the scale of real token embeddings
     freeze(model)
-    return PromptTuned.adopt(model, "soft_prompt", SoftPrompt(weight, settings))
+    return PromptTuned.adopt(model, SoftPrompt(weight, settings))
 
 
 def require_plain_decoder(model: nn.Module, method: str) -> None:
