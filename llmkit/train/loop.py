@@ -155,6 +155,7 @@ def train(
             state.tokens += step_tokens
 
             loss_value, stopping = reduce_step(sums, stop.requested, cluster, state.step)
+            objective_metrics = reduce_metrics(sums, cluster)
             losses.append(loss_value)
             now = time.perf_counter()
             recent.append((now, state.tokens))
@@ -172,7 +173,7 @@ def train(
                           f"{tokens_per_second:,.0f} tok/s eta {eta:,.0f}s", flush=True)
                 metrics.log({"kind": "train", "step": state.step, "loss": loss_value, "lr": lr,
                              "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": tokens_per_second,
-                             "elapsed_s": elapsed, **mfu,
+                             "elapsed_s": elapsed, **mfu, **objective_metrics,
                              **expert_utilisation(unwrap(model))})  # routing of the last micro-batch (MoE only)
             if stopping:  # every rank agreed in reduce_step, so every rank saves (a collective) and stops here
                 last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster,
@@ -219,6 +220,7 @@ class StepSums:
     aux: torch.Tensor  # sum of the micro-batches' auxiliary losses, each divided by the accumulation steps
     counted: torch.Tensor  # label tokens the objective said it summed over
     tokens: int  # label tokens of the whole step, every micro-batch of every rank (N)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums of the objective's TokenLoss.metrics
 
 
 def accumulate_gradients(
@@ -264,7 +266,19 @@ def accumulate_gradients(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         sums.loss += terms.total.detach().float()
         sums.counted += terms.tokens.to(cluster.device)
+        for name, value in (terms.metrics or {}).items():
+            sums.metrics[name] = sums.metrics.get(name, 0) + value.detach().float()
     return sums
+
+
+def reduce_metrics(sums: StepSums, cluster: Cluster) -> dict[str, float]:
+    """The step's objective metrics, each sum / N over every micro-batch and rank (one all-reduce; none without
+    metrics)."""
+    if not sums.metrics:
+        return {}
+    names = sorted(sums.metrics)
+    values = all_reduce_sum(torch.stack([sums.metrics[name].double() for name in names]), cluster)
+    return {name: value / sums.tokens for name, value in zip(names, values.tolist(), strict=True)}
 
 
 def reduce_step(sums: StepSums, stop_requested: int | None, cluster: Cluster, step: int) -> tuple[float, bool]:

@@ -36,11 +36,14 @@ class TokenLoss:
         loop can count them from the batch before any forward pass (`label_tokens`).
     aux: a loss that is already a mean for this batch and is not weighed by tokens (a mixture-of-experts layer's
         load-balancing and z-losses, while training), or None.
+    metrics: quantities to log beside the loss, each a 0-dim *sum* over the same units as `total` (a pairwise
+        objective's reward margins, say); the loop logs each as sum / N over the step, like the loss. Or None.
     """
 
     total: torch.Tensor
     tokens: torch.Tensor
     aux: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] | None = None
 
     def mean(self) -> torch.Tensor:
         """The batch's mean token loss plus its auxiliary loss: total / tokens + aux (what a single batch trains on)."""
