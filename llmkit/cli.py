@@ -22,6 +22,8 @@ COMMANDS: dict[str, Any] = {
     "augment": "augment:augment",
     "pretrain": "pretrain:pretrain",
     "finetune": "finetune:finetune",
+    "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
+    "dpo": "dpo:dpo",
     "moe": {"upcycle": "moe:moe_upcycle"},
     "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",

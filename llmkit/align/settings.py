@@ -12,6 +12,8 @@ from llmkit.errors import LlmkitError
 PreferenceLoss = Literal["sigmoid", "conservative", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair",
                          "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "simpo"]
 REFERENCE_FREE = ("simpo",)
+AlignMethod = Literal["lora", "full"]  # how the reward model's backbone or the DPO policy trains
+ALIGN_METHODS = ("lora", "full")
 NEEDS_SMOOTHING = ("conservative", "robust", "exo_pair")  # label_smoothing is their epsilon
 
 
