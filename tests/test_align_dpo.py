@@ -154,7 +154,7 @@ def test_a_few_dpo_steps_on_real_pairs_move_smollm2_margins_above_zero():
 
     path = default_model_path()
     tokenizer = load_tokenizer(path)
-    pairs, _ = tokenize_pairs(builtin_hh_rlhf(limit=2), tokenizer, max_length=96, max_prompt_length=48)
+    pairs, _ = tokenize_pairs(builtin_hh_rlhf(limit=2), tokenizer, max_length=64, max_prompt_length=32)
     torch.manual_seed(0)
     policy = apply_lora(load_model(path, arch="decoder"), LoraSettings(rank=8, targets=("q_proj", "v_proj")))
     cache_reference_logps(policy, pairs, tokenizer.pad_id)

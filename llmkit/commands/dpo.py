@@ -15,8 +15,8 @@ POLICY_DIR = "policy"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "dpo.png"
 PLOTTED = ["loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"]
-# A few minutes on 2 CPU cores with SmolLM2-135M, LoRA and HH-RLHF pairs cut to 192 tokens.
-DPO_DEFAULTS = TrainSettings(max_steps=30, batch_size=2, lr=5e-4, warmup_steps=3, eval_every=0, eval_batches=5,
+# A few minutes on 2 idle CPU cores with SmolLM2-135M, LoRA and HH-RLHF pairs cut to 128 tokens.
+DPO_DEFAULTS = TrainSettings(max_steps=20, batch_size=2, lr=5e-4, warmup_steps=3, eval_every=0, eval_batches=5,
                              checkpoint_every=1000, log_every=2, weight_decay=0.0, schedule="constant")
 
 
@@ -30,10 +30,10 @@ def dpo(
     discopop_tau: float = 0.05,
     method: AlignMethod = "lora",
     lora: LoraSettings = LoraSettings(),  # noqa: B008 (frozen defaults: --lora.rank 16)
-    limit: int | None = 100,
+    limit: int | None = 60,
     held_out: float = 0.2,
-    max_length: int = 192,
-    max_prompt_length: int = 128,
+    max_length: int = 128,
+    max_prompt_length: int = 64,
     skip_bad_rows: bool = False,
     train: TrainSettings = DPO_DEFAULTS,
     output: str = "runs/dpo",

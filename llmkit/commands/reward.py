@@ -16,8 +16,8 @@ REWARD_MODEL_DIR = "reward_model"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "reward.png"
 DEFAULT_RUN = "runs/reward"
-# A few minutes on 2 CPU cores with SmolLM2-135M and HH-RLHF pairs cut to 192 tokens.
-REWARD_DEFAULTS = TrainSettings(max_steps=40, batch_size=4, lr=1e-4, warmup_steps=4, eval_every=0, eval_batches=5,
+# A few minutes on 2 idle CPU cores with SmolLM2-135M and HH-RLHF pairs cut to 128 tokens.
+REWARD_DEFAULTS = TrainSettings(max_steps=30, batch_size=4, lr=1e-4, warmup_steps=4, eval_every=0, eval_batches=5,
                                 checkpoint_every=1000, log_every=2, weight_decay=0.0, schedule="constant")
 
 
@@ -27,10 +27,10 @@ def reward_train(
     method: AlignMethod = "lora",
     lora: LoraSettings = LoraSettings(),  # noqa: B008 (frozen defaults: --lora.rank 16)
     margin: float = 0.0,
-    limit: int | None = 400,
-    held_out: float = 0.25,
-    max_length: int = 192,
-    max_prompt_length: int = 128,
+    limit: int | None = 300,
+    held_out: float = 0.2,
+    max_length: int = 128,
+    max_prompt_length: int = 64,
     skip_bad_rows: bool = False,
     train: TrainSettings = REWARD_DEFAULTS,
     output: str = DEFAULT_RUN,
