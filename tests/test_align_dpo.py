@@ -125,8 +125,11 @@ def test_dpo_cli_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     code, out, err = run_cli(capsys, "dpo", "--model", str(tiny_model_dir), "--data", str(data), "--loss", "ipo",
                              "--output", str(tmp_path / "run"), "--train.max_steps", "3", "--train.warmup_steps", "0",
-                             "--train.device", "cpu", "--lora.rank", "2", "--held_out", "0.25")
+                             "--train.device", "cpu", "--lora.rank", "2", "--held_out", "0.25",
+                             "--train.eval_every", "2")
     assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"rewards/margins", "rewards/accuracies"} <= set(next(row for row in rows if row["kind"] == "eval"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["loss"] == "ipo" and summary["steps"] == 3 and "rewards/accuracies" in summary["held_out"]
     assert (tmp_path / "run" / "policy" / "adapter.safetensors").is_file() and (tmp_path / "run" / "dpo.png").is_file()

@@ -23,7 +23,7 @@ from llmkit.align.reward import (
 )
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings
-from tests.helpers import byte_tokenizer, cli_status, tiny_decoder, write_jsonl
+from tests.helpers import byte_tokenizer, cli_status, run_cli, tiny_decoder, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EOS = PAD = 256  # SmolLM2's pad id is its EOS id, which also ends every chat turn inside the prompt
@@ -147,3 +147,26 @@ def test_reward_cli_errors(capsys, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}] * 4)
     code, err = cli_status(capsys, "reward", "train", "--model", str(model), "--data", str(good), "--held_out", "2")
     assert code == 2 and "--held_out 2.0 must be a fraction in (0, 1)" in err
+
+
+def test_reward_train_and_score_end_to_end_on_a_tiny_model(capsys, tmp_path):
+    from llmkit.checkpoints import save_model
+
+    model = tmp_path / "m"
+    save_model(tiny_decoder(vocab_size=VOCAB), model, tokenizer=byte_tokenizer(specials=["<eos>"], eos_id=EOS))
+    rows = [{"prompt": f"Q{i}: ", "chosen": "yes" * (1 + i % 3), "rejected": "no"} for i in range(12)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code, out, err = run_cli(capsys, "reward", "train", "--model", str(model), "--data", str(data), "--output",
+                             str(tmp_path / "run"), "--train.max_steps", "3", "--train.warmup_steps", "0",
+                             "--train.device", "cpu", "--train.eval_every", "2", "--held_out", "0.25", "--margin", "0.5")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["held_out"]["pairs"] == 3 and (tmp_path / "run" / "reward.png").is_file()
+    assert f"held-out pairwise accuracy {summary['held_out']['accuracy']:.3f} on 3 pairs" in out
+    eval_row = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["kind"] == "eval")
+    assert {"accuracy", "margin"} <= set(eval_row)
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "Q1: yes"}, {"text": "Q1: no"}, rows[0]])
+    code, out, err = run_cli(capsys, "reward", "score", "--model", summary["reward_model"], "--data", str(texts))
+    assert code == 0, err
+    assert "pairwise accuracy" in out and out.count("'Q1: ") == 2
