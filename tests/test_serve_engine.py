@@ -253,6 +253,16 @@ def test_prefix_cache_copies_a_running_requests_prefix(model):
     assert tokens_of(running.events_ready()) == alone(model, shared + [1, 2, 3], 20)
 
 
+def test_identical_prompts_arriving_together_compute_their_prefix_once(model):
+    prompt = random_prompt(45, 21)
+    engine = Engine(model, prefill_chunk=64)
+    handles = [engine.submit(Request(prompt, 5)) for _ in range(3)]  # OpenAI's n=3
+    engine.step()
+    assert engine.stats().prefix_cache_hits == 2 * 44  # the second and third copy the first's keys/values
+    run_to_end(engine)
+    assert [tokens_of(handle.events_ready()) for handle in handles] == [alone(model, prompt, 5)] * 3
+
+
 def test_without_prefix_cache_nothing_is_looked_up(model):
     prompt = random_prompt(30, 20)
     engine = Engine(model, prefix_cache=False)
@@ -261,6 +271,35 @@ def test_without_prefix_cache_nothing_is_looked_up(model):
         run_to_end(engine)
         assert tokens_of(handle.events_ready()) == alone(model, prompt, 4)
     assert engine.stats().prefix_cache_hits == 0 == engine.stats().prefix_cache_queries
+
+
+def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_goes_on(model, monkeypatch):
+    engine = Engine(model)
+    handles = [engine.submit(Request(random_prompt(8, 60 + i), 10)) for i in range(2)]
+    engine.step()  # both prefilled: they decode together at the next step
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("device\nlost")
+
+    monkeypatch.setattr(engine, "model", lost)
+    engine.step()
+    monkeypatch.undo()
+    for handle in handles:
+        assert handle.events_ready()[-1] == TokenEvent(None, finish_reason="error", error="RuntimeError: device lost")
+    assert engine.stats().running == 0 and engine.slots.free_slots() == engine.max_batch_size
+    after = engine.submit(Request(random_prompt(8, 62), 4))
+    run_to_end(engine)
+    assert tokens_of(after.events_ready()) == alone(model, random_prompt(8, 62), 4)
+
+
+def test_a_bug_in_the_step_loop_fails_waiting_consumers_instead_of_hanging_them(model, monkeypatch):
+    engine = Engine(model)
+    monkeypatch.setattr(engine, "_admit", lambda: 1 / 0)
+    engine.start()
+    handle = engine.submit(Request([1, 2, 3], 4))
+    assert list(handle.events(timeout=30)) == [
+        TokenEvent(None, finish_reason="error", error="ZeroDivisionError: division by zero")]
+    engine.shutdown(timeout=30)
 
 
 # --- admission, cancellation, queue, shutdown, refusals -------------------------------------------------------------
@@ -346,10 +385,10 @@ def test_bad_requests_are_refused_at_submit_with_one_line(model, request_, messa
 @pytest.mark.slow
 def test_smollm2_concurrent_greedy_requests_equal_each_alone():
     model = load_model(default_model_path())
-    prompts = [random_prompt(length, 50 + length, vocab=model.config.vocab_size) for length in (5, 23, 12, 40)]
-    expected = [alone(model, prompt, 10) for prompt in prompts]
+    prompts = [random_prompt(length, 50 + length, vocab=model.config.vocab_size) for length in (5, 23, 12, 30)]
+    expected = [alone(model, prompt, 8) for prompt in prompts]
     engine = Engine(model, max_batch_size=4)
     engine.start()
-    handles = [engine.submit(Request(prompt, 10)) for prompt in prompts]
+    handles = [engine.submit(Request(prompt, 8)) for prompt in prompts]
     assert [tokens_of(list(handle.events(timeout=120))) for handle in handles] == expected
     engine.shutdown(timeout=60)
