@@ -369,6 +369,7 @@ def test_shutdown_can_cancel_running_requests(model):
         (Request([1] * 50, 60), r"over the engine's kv_cache_tokens=100; ask for fewer tokens or raise"),
         (Request([1], 5, logprobs=21), r"^logprobs=21 must be an integer from 0 to 20"),
         (Request([1], 0), r"^max_new_tokens=0 must be an integer >= 1$"),
+        (Request([1], 5, frequency_penalty=2.5), r"^frequency_penalty=2.5 must be a number from -2.0 to 2.0"),
     ],
 )
 def test_bad_requests_are_refused_at_submit_with_one_line(model, request_, message):

@@ -175,6 +175,10 @@ class Engine:
         k = request.logprobs
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
             raise LlmkitError(f"logprobs={k!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} (or None for none)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(request, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise LlmkitError(f"{name}={value!r} must be a number from -2.0 to 2.0 (OpenAI's range); 0 is off")
         request.sampling.validate()
 
     def _wake(self) -> None:
