@@ -1,0 +1,1 @@
+"""Serving: the engine, the OpenAI-compatible HTTP server and the load tester (`llmkit bench serve`)."""
