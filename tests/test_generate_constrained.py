@@ -236,6 +236,38 @@ def test_every_sampled_output_parses_and_validates(schema, one_thread):
         assert validate(value, schema or {"type": "object"}) == [], text
 
 
+FUZZ_SCHEMAS = [
+    None, PERSON, NESTED, {"type": "integer"}, {"type": "number"}, {"enum": [1, 12, 123]},
+    {"type": ["string", "null", "boolean"]},
+    {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "minItems": 2}, "minItems": 2},
+    {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"enum": [1, 12, "x"]}},
+                                            "required": ["b"]}}, "required": ["a"]},
+    {"type": "object", "properties": {"ab": {"type": "null"}, "abc": {"type": "string", "minLength": 3}},
+     "required": ["abc"]},
+]
+
+
+@pytest.mark.parametrize("schema", FUZZ_SCHEMAS, ids=[f"schema{i}" for i in range(len(FUZZ_SCHEMAS))])
+def test_random_logits_under_a_tight_budget_always_give_valid_documents(schema, one_thread):
+    """Without a model: random peaked logits each step, budgets from the schema's shortest document (the tightest
+    possible) to 25 tokens more. The budget check (shortest completion <= tokens left) must close every document in
+    time, whatever the sampler prefers."""
+    tokenizer = eos_tokenizer()
+    shortest = JsonParser(compile_schema(schema)).distance()
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        budget = shortest + seed * 5
+        constraint = JsonConstraint(tokenizer, schema, max_tokens=budget)
+        ids: list[int] = []
+        while len(ids) < budget and not constraint.complete:
+            token = constraint.pick(torch.randn(257, generator=generator) * 3, SamplingSettings(temperature=1.0),
+                                    generator)
+            constraint.advance(token)
+            ids.append(token)
+        text = document_text(tokenizer, ids)
+        assert validate(json.loads(text), schema or {"type": "object"}) == [], text
+
+
 def test_without_a_budget_the_output_is_a_valid_prefix(one_thread):
     """No max_tokens: the length limit can cut the document (OpenAI's finish_reason "length"), but what was written
     is a prefix of a valid document."""
