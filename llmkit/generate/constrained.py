@@ -1,9 +1,9 @@
 """JSON-constrained decoding: every output parses with `json.loads` and, given a schema, validates against it.
 
 `JsonConstraint(tokenizer, schema)` is a token constraint (the serving engine's `TokenConstraint`: `pick`,
-`advance`, `complete`). It runs an incremental JSON parser (llmkit/generate/json_grammar.py, where the supported
-schema subset is listed) over the UTF-8 bytes of the tokens chosen so far, and allows a token only when its bytes
-keep the document valid. Tokens are checked by bytes, not characters, so a byte-level token that holds part of a
+`advance`, `complete`). It runs an incremental JSON parser (llmkit/generate/json_grammar.py; the supported schema
+subset is listed in json_schema.py) over the UTF-8 bytes of the tokens chosen so far, and allows a token only when
+its bytes keep the document valid. Tokens are checked by bytes, not characters, so a byte-level token that holds part of a
 multi-byte character is allowed inside a string exactly when the character it starts can still be completed.
 Special tokens are never allowed, except the stop ids (EOS, end of turn), which are allowed only when the document
 is whole.
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.generate.json_grammar import JsonParser, compile_schema
+from llmkit.generate.json_grammar import JsonParser
+from llmkit.generate.json_schema import compile_schema
 from llmkit.generate.sampling import SamplingSettings, process_logits
 from llmkit.tokenizer import Tokenizer
 
@@ -134,7 +135,7 @@ def _byte_alphabet() -> list[str]:
 
 class JsonConstraint:
     """Allow only tokens that keep the output a JSON document (any JSON object when `schema` is None, as OpenAI's
-    response_format json_object; else a value the schema accepts, subset listed in json_grammar). `max_tokens`:
+    response_format json_object; else a value the schema accepts, subset listed in json_schema.py). `max_tokens`:
     the generation budget, after which no document could be closed (see the module docstring); None = no promise.
     One constraint per generated sequence: it holds that sequence's parser state."""
 
