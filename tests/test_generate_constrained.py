@@ -356,6 +356,31 @@ def test_multibyte_tokens_and_partial_characters():
     assert not constraint.allows(ord("a")) and constraint.allows(ord('"'))  # maxLength 1 counts code points
 
 
+def test_token_bytes_of_a_sentencepiece_style_vocabulary():
+    """Llama-2/Gemma-style vocabularies (▁ for a space, <0xNN> byte tokens, a decoder that strips the text's first
+    space): each token's bytes are what it adds after other text; byte tokens are their byte; <unk> is never text."""
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers.models import BPE
+
+    from llmkit.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, **{f"<0x{byte:02X}>": 1 + byte for byte in range(256)}, "▁{": 257, '▁"a"': 258, "é": 259}
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken("</s>", special=True)])
+    tokenizer = Tokenizer(backend, eos_id=260)
+    assert tokenizer.decode([257]) == "{"  # decoded alone, the space is stripped: the table must not do that
+    texts = token_table(tokenizer).texts
+    assert (texts[257], texts[258], texts[1 + ord("{")], texts[1 + 0xE6], texts[259]) == (
+        b" {", b' "a"', b"{", b"\xe6", "é".encode())
+    assert texts[0] is None and texts[260] is None  # <unk>, </s>
+    constraint = JsonConstraint(tokenizer)
+    assert constraint.allows(257) and not constraint.allows(258) and not constraint.allows(260)
+
+
 def test_budget_too_small_for_the_schema_is_refused():
     with pytest.raises(LlmkitError, match=r"shortest document this schema accepts needs \d+ tokens, over max_tokens=5"):
         JsonConstraint(eos_tokenizer(), PERSON, max_tokens=5)

@@ -79,10 +79,12 @@ def _token_bytes(tokenizer: Tokenizer) -> list[bytes | None]:
     their byte; any other token is decoded after an anchor token and the anchor's text removed, since decoders such
     as SentencePiece's strip a leading space from a text's first token."""
     backend = tokenizer.backend
-    special = tokenizer.special_ids
+    described = json.loads(backend.to_str())
+    unknown = backend.token_to_id(described.get("model", {}).get("unk_token") or "")
+    special = tokenizer.special_ids | ({unknown} if unknown is not None else set())  # <unk> is no text either
     added = {token_id: token.content for token_id, token in backend.get_added_tokens_decoder().items()}
     size = tokenizer.vocab_size
-    if _is_byte_level(backend):
+    if _is_byte_level(described.get("decoder") or {}):
         alphabet = {char: byte for byte, char in enumerate(_byte_alphabet())}
         texts: list[bytes | None] = []
         for token_id in range(size):
@@ -114,8 +116,8 @@ def _token_bytes(tokenizer: Tokenizer) -> list[bytes | None]:
     return texts
 
 
-def _is_byte_level(backend: Any) -> bool:
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+def _is_byte_level(decoder: dict[str, Any]) -> bool:
+    """Whether the tokenizer's decoder (its tokenizer.json entry) is, or contains, GPT-2's ByteLevel decoder."""
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     return any(part.get("type") == "ByteLevel" for part in parts)
 
