@@ -13,7 +13,6 @@ constraint uses it to keep a document closable within a token budget.
 
 from __future__ import annotations
 
-import copy
 import json
 
 from llmkit.generate.json_schema import ANY, Node, array_shortest, compact_json, entry_length, members_cost, shortest
@@ -359,6 +358,12 @@ class ArrayFrame(Frame):
 # ---- the parser --------------------------------------------------------------------------------------------------
 
 
+def _copy_frame(frame: Frame) -> Frame:
+    twin = object.__new__(type(frame))
+    twin.__dict__.update(frame.__dict__)
+    return twin
+
+
 class JsonParser:
     """The whole document: a stack of open frames; `done` once the top-level value has ended."""
 
@@ -369,8 +374,11 @@ class JsonParser:
         self.done = False
 
     def clone(self) -> JsonParser:
-        twin = copy.copy(self)
-        twin.stack = [copy.copy(frame) for frame in self.stack]
+        """An independent copy: frames hold only immutable values, so a shallow copy of each is enough (made by
+        copying its __dict__, several times faster than copy.copy; the constraint clones 256 times per step)."""
+        twin = object.__new__(JsonParser)
+        twin.__dict__.update(self.__dict__)
+        twin.stack = [_copy_frame(frame) for frame in self.stack]
         return twin
 
     def whitespace(self) -> int:
