@@ -14,10 +14,10 @@ p restricted to the allowed set A and renormalised, p_A(i) = p(i) / sum_{j in A}
 trick (Gumbel 1954; Maddison et al. 2014): with independent G_i ~ Gumbel(0, 1),
 argmax_{i in A} (l_i + G_i) ~ p_A. Sorting all tokens by l_i + G_i and taking the first allowed one is
 rejection sampling without replacement (draw, reject a disallowed token, redraw from the rest renormalised), and it
-bounds the work: the ranking is one vectorised top-k, tokens whose first byte the parser refuses are masked out in
-one vectorised lookup, and the rest are checked in descending order in batches of 64. Greedy decoding is the same
-with G = 0: the most likely allowed token. If top-k/top-p left no allowed token, the allowed tokens are ranked
-by the temperature-only distribution instead (so a document can always continue).
+bounds the work: the ranking is one vectorised top-k, the best 64 are checked in descending order and, if none is
+allowed, the tokens whose first byte the parser refuses are masked out in one vectorised lookup before the checks go
+on. Greedy decoding is the same with G = 0: the most likely allowed token. If top-k/top-p left no allowed token,
+the allowed tokens are ranked by the temperature-only distribution instead (so a document can always continue).
 
 Whitespace between JSON tokens is capped at `max_whitespace` bytes in a row (models loop on newlines and spaces).
 
@@ -170,12 +170,11 @@ class JsonConstraint:
         if not settings.greedy:
             # Gumbel noise G = -log(E), E ~ Exp(1): argmax(l + G) is a draw from softmax(l)
             noise = -torch.empty_like(logits).exponential_(generator=generator).log()
-        prefilter = self._prefilter(logits.shape[0])
         for filtered in (True, False):
             scores = self._scores(logits, settings, filtered)
             if noise is not None:
                 scores = scores + noise
-            token = self._first_allowed(scores.masked_fill(~prefilter, float("-inf")))
+            token = self._first_allowed(scores)
             if token is not None:
                 return token
         raise LlmkitError("no token of the vocabulary can continue the JSON document; the tokenizer lacks the "
@@ -235,8 +234,12 @@ class JsonConstraint:
         return process_logits(logits[None], settings)[0]
 
     def _first_allowed(self, scores: torch.Tensor) -> int | None:
-        """The highest-scoring allowed token, checking candidates in descending order, CHECK_BATCH at a time."""
+        """The highest-scoring allowed token, checking candidates in descending order, CHECK_BATCH at a time. When
+        the first batch holds none (the model wants what JSON refuses here), the tokens whose first byte is refused
+        are masked out at once before the search goes on; masking only removes disallowed tokens, so the token found
+        is the same."""
         scores = scores.clone()
+        first_batch = True
         while True:
             values, ids = scores.topk(min(CHECK_BATCH, scores.shape[0]))
             for value, token_id in zip(values.tolist(), ids.tolist()):
@@ -245,3 +248,6 @@ class JsonConstraint:
                 if self.allows(token_id):
                     return token_id
             scores[ids] = float("-inf")
+            if first_batch:
+                scores.masked_fill_(~self._prefilter(scores.shape[0]), float("-inf"))
+                first_batch = False
