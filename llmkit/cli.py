@@ -27,6 +27,7 @@ COMMANDS: dict[str, Any] = {
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
     "bench": {"peft": "bench:bench_peft"},
+    "serve": "serve:serve",
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
