@@ -36,6 +36,7 @@ from llmkit.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llmkit.tokenizer import StreamDecoder, Tokenizer
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+MAX_DRAINED_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped before the 400 is sent
 DISCONNECT_POLL_SECONDS = 0.02  # how often a non-streamed request checks that its client is still there
 
 
@@ -76,7 +77,7 @@ class Piece:
 
 def start_engine(model: Any, tokenizer: Tokenizer, name: str, **engine_options: Any) -> ServedModel:
     """A running Engine over `model` (options: max_batch_size, max_queue, kv_cache_tokens, ...), ready to serve."""
-    from llmkit.serve.engine import Engine
+    from llmkit.serve import Engine
 
     engine = Engine(model, **engine_options)
     engine.start()
@@ -189,16 +190,22 @@ def create_app(load: Callable[[], ServedModel], api_key: str | None = None) -> F
 
 
 async def read_body(request: Request) -> bytes:
-    """The body, refused (400) as soon as it passes MAX_BODY_BYTES: a client cannot make the server hold more."""
+    """The body, refused (400) once it passes MAX_BODY_BYTES: the server never holds more. The rest is read and
+    dropped (up to MAX_DRAINED_BYTES) so the client, still sending, receives the 400 instead of a reset connection."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > api.MAX_BODY_BYTES:
-        raise api.body_too_large(int(declared))
     chunks, size = [], 0
+    too_large = declared.isdigit() and int(declared) > api.MAX_BODY_BYTES
     async for chunk in request.stream():
         size += len(chunk)
-        if size > api.MAX_BODY_BYTES:
-            raise api.body_too_large(size)
-        chunks.append(chunk)
+        too_large = too_large or size > api.MAX_BODY_BYTES
+        if too_large:
+            chunks.clear()
+            if size > MAX_DRAINED_BYTES:
+                break
+        else:
+            chunks.append(chunk)
+    if too_large:
+        raise api.body_too_large(max(size, int(declared) if declared.isdigit() else 0))
     return b"".join(chunks)
 
 
@@ -276,7 +283,7 @@ def response_schema(body: Any) -> dict[str, Any] | None | bool:
 
 def engine_requests(served: ServedModel, job: Job) -> list[Any]:
     """One engine Request per choice (prompt-major, as OpenAI orders choices); choice i of a prompt uses seed + i."""
-    from llmkit.serve.engine import Request as EngineRequest
+    from llmkit.serve import Request as EngineRequest
 
     body, stop_ids = job.body, tokenizer_stop_ids(served.tokenizer)
     requests = []
@@ -302,7 +309,7 @@ def constraint(served: ServedModel, schema: dict[str, Any] | None | bool) -> Any
 
 def submit_all(served: ServedModel, requests: list[Any]) -> list[Any]:
     """Submit every choice or none: a refusal cancels the ones already queued. 429 when the queue is full."""
-    from llmkit.serve.engine import EngineClosedError, QueueFullError
+    from llmkit.serve import EngineClosedError, QueueFullError
 
     handles = []
     try:
