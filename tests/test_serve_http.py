@@ -67,11 +67,14 @@ def serve_tiny(api_key: str | None = API_KEY, **engine_options):  # noqa: ANN003
 
 
 def http_get(url: str) -> tuple[int, str]:
+    """(status, body); status 0 while nothing listens yet."""
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+    except urllib.error.URLError:
+        return 0, ""
 
 
 def http_post(url: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -414,3 +417,51 @@ def test_smollm2_says_paris():
         assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
         server.stop()
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+
+def test_llmkit_serve_answers_then_sigterm_finishes_in_flight_and_exits_0(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from llmkit.checkpoints import save_model
+
+    save_model(tiny_decoder(max_seq_len=1024), tmp_path / "tiny", byte_tokenizer(chat_template=TEMPLATE))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "llmkit.cli", "serve", "--model", str(tmp_path / "tiny"),
+                                "--port", str(port), "--device", "cpu"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is not None or http_get(url + "/health")[0] == 200, "llmkit serve", 120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [model.id for model in client.models.list()] == ["tiny"]
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(client.completions.create, model="tiny", prompt="a", max_tokens=200, temperature=0)
+            wait_until(lambda: 'vllm:num_requests_running{model_name="tiny"} 1.0' in http_get(url + "/metrics")[1],
+                       "the request to run")
+            process.send_signal(signal.SIGTERM)
+            assert in_flight.result().usage.completion_tokens == 200  # finished, not cut off
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert f"ready at http://127.0.0.1:{port}/" in out
+
+
+def test_serve_refuses_a_port_in_use(capsys, tmp_path):
+    from tests.helpers import cli_status
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, err = cli_status(capsys, "serve", "--model", str(tmp_path), "--port", str(taken.getsockname()[1]))
+    assert code == 2 and "is already in use; pass another --port" in err
