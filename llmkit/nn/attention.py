@@ -10,6 +10,8 @@ the softmax out by hand, for reading and for testing the fast path.
 
 `causal_context` builds what every layer of a causal decoder shares for one forward (positions, rotary tables,
 the mask or ALiBi bias, the KV-cache slots) from the caller's padding mask, cache and packed-document ids.
+`RowKVCache` keeps rows of different lengths (the serving engine's slots); a forward over some of its rows gets a
+per-row mask and per-row positions instead.
 """
 
 from __future__ import annotations
@@ -75,6 +77,75 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class RowKVCache:
+    """Keys and values of every layer in `n_rows` independent rows (n_rows, n_kv_heads, capacity, head_dim), each row
+    its own sequence at its own length: the serving engine's slots (llmkit/serve). Unlike `KVCache`, rows never share
+    a length; a forward names the rows it extends and where, through `rows(...)`. Slot s of a row holds position s."""
+
+    def __init__(
+        self, config: Config, n_rows: int, capacity: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        shape = (n_rows, config.n_kv_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.n_rows, self.capacity = n_rows, capacity
+
+    def grow(self, capacity: int) -> None:
+        """Make every row hold `capacity` slots, keeping what is stored (one copy of the buffers)."""
+        if capacity <= self.capacity:
+            return
+        for buffers in (self.keys, self.values):
+            for layer, old in enumerate(buffers):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, : self.capacity] = old
+                buffers[layer] = new
+        self.capacity = capacity
+
+    def copy_prefix(self, source: int, target: int, n_tokens: int) -> None:
+        """Copy the first `n_tokens` slots of row `source` into row `target` (a shared prompt prefix)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :n_tokens] = buffer[source, :, :n_tokens]
+
+    def rows(self, rows: list[int], starts: list[int]) -> RowCacheView:
+        """The cache a forward of B = len(rows) sequences passes to the model: row b's new tokens take slots
+        starts[b].. of row rows[b] and attend to that row's slots before them."""
+        return RowCacheView(self, rows, starts)
+
+
+class RowCacheView:
+    """One forward's rows of a `RowKVCache`; `causal_context` reads positions and the mask from it."""
+
+    def __init__(self, cache: RowKVCache, rows: list[int], starts: list[int]) -> None:
+        self.cache, self.row_ids, self.starts = cache, rows, starts
+        device = cache.keys[0].device
+        self.row_index = torch.tensor(rows, device=device)
+        self.start_index = torch.tensor(starts, device=device)
+        first = rows[0]
+        self.contiguous = rows == list(range(first, first + len(rows)))  # a slice of the buffers, no gather
+
+    def store(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values (B, n_kv, T, D) at each row's own slots (`start` is unused: rows start apart); return
+        the rows' slots 0..S (B, n_kv, S, D), S = the furthest row's end (later slots are masked per row)."""
+        T = keys.shape[2]
+        end = max(self.starts) + T
+        if end > self.cache.capacity:
+            raise LlmkitError(f"row KV cache holds {self.cache.capacity} slots per row; a forward needs {end}: "
+                              "grow it before the forward")
+        stored = []
+        for buffer, new in ((self.cache.keys[layer], keys), (self.cache.values[layer], values)):
+            if T == 1:
+                buffer[self.row_index, :, self.start_index] = new[:, :, 0]  # (B, n_kv, D) at (row, slot) pairs
+            else:
+                for b, (row, row_start) in enumerate(zip(self.row_ids, self.starts)):
+                    buffer[row, :, row_start : row_start + T] = new[b]
+            if self.contiguous:
+                stored.append(buffer[self.row_ids[0] : self.row_ids[0] + len(self.row_ids), :, :end])
+            else:
+                stored.append(buffer[self.row_index, :, :end])  # (B, n_kv, S, D) gathered
+        return stored[0], stored[1]
+
+
 @dataclass
 class AttentionContext:
     """Per-forward inputs shared by every layer: rotary tables, mask or bias, cache slots."""
@@ -84,7 +155,7 @@ class AttentionContext:
     sin: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # bool (B, 1, T, S): True = may attend; or float additive bias (B, H, T, S)
     is_causal: bool = False  # plain causal attention over the T new tokens, no mask tensor needed
-    cache: KVCache | None = None
+    cache: KVCache | RowCacheView | None = None
     start: int = 0  # cache slot of the first new token
     kernel: AttentionKernel = "sdpa"
 
@@ -93,7 +164,7 @@ def causal_context(
     config: Config,
     batch_size: int,
     n_tokens: int,
-    cache: KVCache | None = None,
+    cache: KVCache | RowCacheView | None = None,
     attention_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     *,
@@ -109,13 +180,16 @@ def causal_context(
     positions from its first real token. With a `cache` the T tokens take its next slots and attend to every slot
     stored before them. `document_ids` (B, T) packs several documents in a row (training, no cache): each run of equal
     ids attends only to itself and restarts its positions. `inv_freq` (RoPE) gives the rotary tables; `alibi_slopes`
-    (ALiBi) turns the mask into an additive bias, in `dtype`.
+    (ALiBi) turns the mask into an additive bias, in `dtype`. A `RowCacheView` cache puts each row's tokens at that
+    row's own slots and positions (no padding mask: every row is its own sequence).
 
     Raises:
         LlmkitError: a mask or document ids of the wrong shape, document ids with a cache, a cache made for another
             batch size or too full, or a sequence longer than the config's context window.
     """
     B, T = batch_size, n_tokens
+    if isinstance(cache, RowCacheView):
+        return _row_context(config, B, T, cache, inv_freq, alibi_slopes, dtype, device, kernel)
     start, end, valid, padded = _claim_slots(B, T, cache, attention_mask, document_ids)
     if end > config.max_seq_len:
         raise LlmkitError(
@@ -142,6 +216,32 @@ def causal_context(
     allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
     if config.position == "alibi":
         bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
+        context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
+    else:
+        context.mask = allowed
+    return context
+
+
+def _row_context(
+    config: Config, B: int, T: int, view: RowCacheView, inv_freq: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str, kernel: AttentionKernel,
+) -> AttentionContext:
+    """`causal_context` over rows of a `RowKVCache`: row b's tokens sit at positions starts[b] + 0..T-1 (slot =
+    position) and attend to its own slots up to themselves: a (B, 1, T, S) mask, RoPE at each row's positions."""
+    if len(view.row_ids) != B:
+        raise LlmkitError(f"row KV cache view names {len(view.row_ids)} rows, got a batch of {B}")
+    end = max(view.starts) + T
+    if end > config.max_seq_len:
+        raise LlmkitError(f"sequence of {end} tokens exceeds {config.name}'s context window of {config.max_seq_len}; "
+                          "shorten the input")
+    positions = view.start_index.to(device)[:, None] + torch.arange(T, device=device)[None]  # (B, T)
+    context = AttentionContext(positions=positions, cache=view, start=0, kernel=kernel)
+    if config.position == "rope":
+        context.cos, context.sin = rope_cos_sin(positions, inv_freq, dtype)
+    key_slots = torch.arange(end, device=device)  # (S,)
+    allowed = (key_slots[None, None, None, :] <= positions[:, None, :, None])  # (B, 1, T, S)
+    if config.position == "alibi":
+        bias = alibi_bias(alibi_slopes, positions, key_slots[None].expand(B, end))
         context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
     else:
         context.mask = allowed

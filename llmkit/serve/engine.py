@@ -1,0 +1,298 @@
+"""The serving engine: continuous batching of decode steps, chunked prefill, prefix caching, admission control.
+
+Continuous batching (Yu et al. 2022, Orca): one background thread runs a step loop. Requests join the running batch
+between steps and leave as soon as they finish, so a short request never waits for a long one; every step runs one
+batched forward of one token for all decoding requests, each row at its own length and position (llmkit/serve/kv.py),
+then each request picks its token with its own settings (llmkit/serve/sequence.py).
+
+Chunked prefill (Agrawal et al. 2023, Sarathi): a step also prefills at most `prefill_chunk` prompt tokens of the
+requests that are still reading their prompts, so a long prompt is spread over several steps and the running
+requests keep producing a token every step meanwhile.
+
+Admission: a request waits (FIFO) until a slot is free and its prompt + max_new_tokens fit in what `kv_cache_tokens`
+has left; at most `max_queue` wait, beyond that `submit` raises QueueFullError.
+
+    engine = Engine(model); engine.start()
+    handle = engine.submit(Request(prompt_ids=ids, max_new_tokens=32))
+    for event in handle.events(): ...        # or `async for event in handle` inside an asyncio loop
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.serve.active import ActiveRequest
+from llmkit.serve.kv import SlotTable
+from llmkit.serve.request import (
+    MAX_TOP_LOGPROBS,
+    EngineClosedError,
+    QueueFullError,
+    Request,
+    RequestHandle,
+    TokenConstraint,
+    TokenEvent,
+)
+
+__all__ = ["Engine", "EngineClosedError", "EngineStats", "QueueFullError", "Request", "RequestHandle",
+           "TokenConstraint", "TokenEvent"]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's state (Prometheus gauges and counters of an HTTP server)."""
+
+    running: int  # admitted requests (prefilling or decoding)
+    waiting: int  # submitted, not yet admitted
+    kv_tokens_used: int  # tokens stored for running requests
+    kv_tokens_total: int  # the admission budget, kv_cache_tokens
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # prompt tokens whose keys/values were reused
+    steps: int  # steps that ran a forward
+
+
+class Engine:
+    """Serves many generation requests at once on one decoder model (its device and dtype)."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
+        max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True,
+    ) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LlmkitError(f"engine setting {name}={value!r} must be an integer >= 1")
+        self.model = model.eval()
+        self.config = model.config
+        self.context = self.config.max_seq_len
+        self.kv_cache_tokens = max_batch_size * self.context if kv_cache_tokens is None else kv_cache_tokens
+        if isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int) or self.kv_cache_tokens < 2:
+            raise LlmkitError(f"engine setting kv_cache_tokens={kv_cache_tokens!r} must be an integer >= 2 "
+                              "(prompt + new tokens of the longest request)")
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.prefix_cache = prefix_cache
+        self.device = model.activation_dtype_device()[1]
+        self.slots = SlotTable(model, max_batch_size, min(self.context, self.kv_cache_tokens))
+        self._lock = threading.Condition()
+        self._waiting: deque[tuple[Request, RequestHandle]] = deque()
+        self._running: list[ActiveRequest] = []
+        self._reserved = 0  # KV tokens reserved by running requests
+        self._ids = itertools.count()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._queries = self._hits = self._steps = 0
+
+    # --- the caller's side -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the step loop on a background thread (daemon: a forgotten engine never blocks exit)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request and return its handle. Thread-safe; checks the request before any compute.
+
+        Raises:
+            LlmkitError: an empty prompt, ids outside the vocabulary, prompt + max_new_tokens over the context or
+                over kv_cache_tokens, logprobs outside 0..20, bad settings.
+            QueueFullError: `max_queue` requests already wait.
+            EngineClosedError: shutdown has begun.
+        """
+        self._check(request)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(f"req-{next(self._ids)}", loop, on_cancel=self._wake)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down and takes no new requests; submit to a new one")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests already wait (max_queue={self.max_queue}); "
+                                     "retry later or raise max_queue")
+            self._waiting.append((request, handle))
+            self._lock.notify_all()
+        return handle
+
+    def shutdown(self, cancel_running: bool = False, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the ones submitted (or cancel them), and join the loop's thread (up to
+        `timeout` seconds). Without a running loop (never started) queued requests are cancelled."""
+        with self._lock:
+            self._closed = True
+            handles = [handle for _, handle in self._waiting] + [seq.handle for seq in self._running]
+            self._lock.notify_all()
+        if cancel_running or self._thread is None:
+            for handle in handles:
+                handle.cancel()
+        if self._thread is None:
+            self._drop_cancelled()
+            return
+        self._thread.join(timeout)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=len(self._running), waiting=len(self._waiting), kv_tokens_used=self.slots.used_tokens(),
+                kv_tokens_total=self.kv_cache_tokens, prefix_cache_queries=self._queries,
+                prefix_cache_hits=self._hits, steps=self._steps,
+            )
+
+    def _check(self, request: Request) -> None:
+        prompt, vocab = request.prompt_ids, self.config.vocab_size
+        if not prompt:
+            raise LlmkitError("prompt is empty (0 tokens); give at least one token to continue from")
+        if any(isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab for token in prompt):
+            bad = next(token for token in prompt if isinstance(token, bool) or not isinstance(token, int)
+                       or not 0 <= token < vocab)
+            raise LlmkitError(f"prompt holds token id {bad!r}, outside {self.config.name}'s vocabulary of {vocab:,} "
+                              "ids; use the tokenizer that belongs to this model")
+        new = request.max_new_tokens
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise LlmkitError(f"max_new_tokens={new!r} must be an integer >= 1")
+        total = len(prompt) + new
+        if total > self.context:
+            raise LlmkitError(f"prompt of {len(prompt):,} tokens + max_new_tokens={new:,} is {total:,} tokens, over "
+                              f"{self.config.name}'s context of {self.context:,}; shorten the prompt or ask for at "
+                              f"most {max(self.context - len(prompt), 0):,} new tokens")
+        if total > self.kv_cache_tokens:
+            raise LlmkitError(f"prompt of {len(prompt):,} tokens + max_new_tokens={new:,} is {total:,} tokens, over "
+                              f"the engine's kv_cache_tokens={self.kv_cache_tokens:,}; ask for fewer tokens or "
+                              "raise kv_cache_tokens")
+        k = request.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise LlmkitError(f"logprobs={k!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} (or None for none)")
+        request.sampling.validate()
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # --- the step loop -----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._running and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self._waiting and not self._running:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One scheduling step: end cancelled requests, admit waiting ones, one batched decode forward over the
+        decoding requests, then prefill up to `prefill_chunk` prompt tokens. `start()` runs it in a loop; tests call
+        it directly to drive the engine one step at a time."""
+        self._drop_cancelled()
+        self._admit()
+        decoding = [seq for seq in self._running if not seq.prefilling]
+        prefilling = [seq for seq in self._running if seq.prefilling]
+        worked = bool(decoding)
+        if decoding:
+            self._guarded(decoding, self._decode)
+        budget = self.prefill_chunk
+        for seq in prefilling:
+            if budget == 0:
+                break
+            n_tokens = min(budget, len(seq.request.prompt_ids) - seq.prefilled)
+            self._guarded([seq], lambda seqs, n=n_tokens: self._prefill(seqs[0], n))
+            budget -= n_tokens
+            worked = True
+        if worked:
+            with self._lock:
+                self._steps += 1
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled = [handle for _, handle in self._waiting if handle.cancelled]
+            self._waiting = deque((request, handle) for request, handle in self._waiting if not handle.cancelled)
+        for handle in cancelled:
+            handle.push(TokenEvent(None, finish_reason="cancelled"))
+        for seq in [seq for seq in self._running if seq.handle.cancelled]:
+            self._finish(seq, TokenEvent(None, finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        """Move waiting requests (in order) into free slots while their prompt + max_new_tokens fit the budget."""
+        with self._lock:
+            while self._waiting and len(self._running) < self.max_batch_size:
+                request, handle = self._waiting[0]
+                needed = len(request.prompt_ids) + request.max_new_tokens
+                if self._reserved + needed > self.kv_cache_tokens:
+                    break
+                self._waiting.popleft()
+                slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache)
+                self._queries += len(request.prompt_ids) if self.prefix_cache else 0
+                self._hits += reused
+                self._reserved += needed
+                self._running.append(ActiveRequest(request, handle, slot, prefilled=reused, reserved=needed,
+                                              device=self.device, vocab_size=self.config.vocab_size))
+
+    def _guarded(self, seqs: list[ActiveRequest], work) -> None:  # noqa: ANN001 (a callable over seqs)
+        """Run `work(seqs)`; an exception ends those requests with finish_reason "error", the engine goes on."""
+        try:
+            with torch.inference_mode():
+                work(seqs)
+        except Exception as error:  # noqa: BLE001 (any failure must end its requests, never the loop)
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            for seq in seqs:
+                if seq in self._running:
+                    self._finish(seq, TokenEvent(None, finish_reason="error", error=message))
+
+    def _prefill(self, seq: ActiveRequest, n_tokens: int) -> None:
+        """Feed the next `n_tokens` prompt tokens of one request; after its last one, choose its first token."""
+        start = seq.prefilled
+        chunk = seq.request.prompt_ids[start : start + n_tokens]
+        view = self.slots.cache.rows([seq.slot.row], [start])
+        logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1, 1, V)
+        seq.slot.tokens.extend(chunk)
+        seq.prefilled += n_tokens
+        if seq.prefilled == len(seq.request.prompt_ids):
+            self._emit(seq, seq.choose(logits[0, -1]))
+
+    def _decode(self, seqs: list[ActiveRequest]) -> None:
+        """One batched forward of each decoding request's pending token, then each request's next token."""
+        view = self.slots.cache.rows([seq.slot.row for seq in seqs], [len(seq.slot.tokens) for seq in seqs])
+        tokens = torch.tensor([[seq.pending] for seq in seqs], device=self.device)  # (B, 1)
+        logits = self.model(tokens, cache=view)[:, -1]  # (B, V)
+        for seq in seqs:
+            seq.slot.tokens.append(seq.pending)
+        greedy = logits.argmax(-1).tolist() if any(seq.plain_greedy for seq in seqs) else None
+        for row, seq in enumerate(seqs):
+            try:
+                if seq.plain_greedy:
+                    seq.record(greedy[row])
+                    event = TokenEvent(greedy[row])
+                else:
+                    event = seq.choose(logits[row])
+            except Exception as error:  # noqa: BLE001 (a constraint's failure ends only its request)
+                self._finish(seq, TokenEvent(None, finish_reason="error", error=f"{type(error).__name__}: {error}"))
+                continue
+            self._emit(seq, event)
+
+    def _emit(self, seq: ActiveRequest, event: TokenEvent) -> None:
+        """Send a chosen token's event, ending the request when the token ends it."""
+        reason = seq.finish_reason(event.token_id)
+        if reason == "stop" and event.token_id in seq.request.stop_ids:
+            self._finish(seq, TokenEvent(None, finish_reason="stop"))  # the stop token itself is not output
+            return
+        if reason is None:
+            seq.pending = event.token_id
+            seq.handle.push(event)
+            return
+        event.finish_reason = reason
+        self._finish(seq, event)
+
+    def _finish(self, seq: ActiveRequest, final: TokenEvent) -> None:
+        with self._lock:
+            self._running.remove(seq)
+            self._reserved -= seq.reserved
+            self.slots.release(seq.slot)
+        seq.handle.push(final)

@@ -1,0 +1,92 @@
+"""The engine's KV memory: `max_batch_size` slots, each one row of a `RowKVCache` holding one sequence.
+
+Why slots and not pages (vLLM's PagedAttention): a slot row is a plain contiguous tensor, so a decode step reads each
+request's keys/values with a slice, no gather through a page table, and the attention kernel stays the stock SDPA. The
+price: a row is as long as the longest sequence admitted so far (the buffers grow on demand, up to the model's
+context), so memory is max_batch_size x that length even when most rows are short. `kv_cache_tokens` bounds the
+tokens that running requests may reserve (prompt + max_new_tokens each): the admission budget.
+
+Prefix caching: a slot remembers the tokens whose keys/values it stores. When a request ends its slot keeps them
+(least recently used first to be overwritten), and a new request whose prompt shares a prefix with any slot's tokens
+(a finished one, or one still running: rows only ever append) starts from that prefix: it takes the finished slot
+itself, or copies the prefix's keys/values into its own row, and prefills only the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llmkit.nn.attention import RowKVCache
+
+GROWTH_QUANTUM = 256  # rows grow in multiples of this many slots
+
+
+@dataclass
+class Slot:
+    """One row of the cache: the tokens whose keys/values it stores (slot s = token s), and who holds it."""
+
+    row: int
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False  # a running request writes to it
+    last_used: int = 0  # LRU clock of when it was last released
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    for index in range(n):
+        if a[index] != b[index]:
+            return index
+    return n
+
+
+class SlotTable:
+    """Assigns slots to requests, reuses cached prefixes, and grows the rows as longer requests arrive."""
+
+    def __init__(self, model: torch.nn.Module, n_slots: int, max_row_tokens: int) -> None:
+        dtype, device = model.activation_dtype_device()
+        self.max_row_tokens = max_row_tokens
+        self.cache = RowKVCache(model.config, n_slots, min(GROWTH_QUANTUM, max_row_tokens), dtype, device)
+        self.slots = [Slot(row) for row in range(n_slots)]
+        self.clock = 0
+
+    def acquire(self, prompt: list[int], needed_tokens: int, reuse_prefix: bool = True) -> tuple[Slot, int]:
+        """A free slot for a prompt that will need `needed_tokens` slots, and how many of its first tokens already
+        sit in that slot's keys/values (at most len(prompt) - 1: the last prompt token is always computed, for its
+        logits). The caller has checked that a slot is free."""
+        self._grow(needed_tokens)
+        reused, source = 0, None
+        if reuse_prefix:
+            # The longest shared prefix; among equal ones a free slot, which is taken over without a copy.
+            reused, _, source = max(((min(common_prefix(slot.tokens, prompt), len(prompt) - 1), not slot.busy, slot)
+                                     for slot in self.slots), key=lambda match: match[:2])
+        if reused > 0 and not source.busy:
+            target = source
+        else:
+            # An empty slot first, else the least recently used cached one.
+            target = min((slot for slot in self.slots if not slot.busy),
+                         key=lambda slot: (bool(slot.tokens), slot.last_used))
+            if reused > 0:
+                self.cache.copy_prefix(source.row, target.row, reused)
+        target.tokens = prompt[:reused]
+        target.busy = True
+        return target, reused
+
+    def release(self, slot: Slot) -> None:
+        """The request is done: the slot is free, its tokens stay for later prefix hits."""
+        self.clock += 1
+        slot.busy, slot.last_used = False, self.clock
+
+    def free_slots(self) -> int:
+        return sum(not slot.busy for slot in self.slots)
+
+    def used_tokens(self) -> int:
+        """Tokens stored for running requests."""
+        return sum(len(slot.tokens) for slot in self.slots if slot.busy)
+
+    def _grow(self, needed_tokens: int) -> None:
+        if needed_tokens > self.cache.capacity:
+            quanta = -(-needed_tokens // GROWTH_QUANTUM)
+            self.cache.grow(min(max(quanta * GROWTH_QUANTUM, 2 * self.cache.capacity), self.max_row_tokens))
