@@ -465,3 +465,92 @@ def test_serve_refuses_a_port_in_use(capsys, tmp_path):
         taken.listen()
         code, err = cli_status(capsys, "serve", "--model", str(tmp_path), "--port", str(taken.getsockname()[1]))
     assert code == 2 and "is already in use; pass another --port" in err
+
+
+# ---- the chat page in a headless browser ---------------------------------------------------------------------------
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages ending
+    in a NUL byte, commands on fd 3, replies on fd 4), so no websocket client is needed."""
+
+    def __init__(self, executable: str, profile: str) -> None:
+        import os
+        import subprocess
+
+        commands_read, self.commands = os.pipe()
+        self.replies, replies_write = os.pipe()
+
+        def wire() -> None:  # in the child: the pipes become fds 3 and 4
+            os.dup2(commands_read, 3)
+            os.dup2(replies_write, 4)
+
+        self.process = subprocess.Popen(
+            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands_read)
+        os.close(replies_write)
+        self.buffer, self.next_id, self.session = b"", 0, None
+
+    def call(self, method: str, **params):  # noqa: ANN003, ANN201
+        import os
+
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session is not None and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                chunk = os.read(self.replies, 1 << 16)
+                assert chunk, "chromium closed its DevTools pipe"
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def evaluate(self, expression: str):  # noqa: ANN201
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self) -> None:
+        import os
+
+        self.process.kill()
+        self.process.wait()
+        os.close(self.commands)
+        os.close(self.replies)
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
+    import base64
+    import shutil
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("Debian's chromium package is not installed")
+    server, _, _ = serve_tiny(api_key=None, max_batch_size=2)
+    browser = Chromium(executable, str(tmp_path / "profile"))
+    try:
+        browser.open(server.url + "/?message=Hello%20there")
+        turns = "JSON.stringify([...document.querySelectorAll('.turn')].map(t => [t.className, t.textContent, " \
+                "t.dataset.done || '']))"
+        wait_until(lambda: (browser.evaluate(turns) or "").count('"true"') == 1, "the page's reply", 60)
+        (user, user_text, _), (kind, reply, _) = json.loads(browser.evaluate(turns))
+        assert (user, user_text) == ("turn user", "Hello there")
+        assert kind == "turn assistant", reply  # not "turn error"
+        assert "TTFT" in reply and "tok/s" in reply and "256 tokens" in reply  # the usage chunk was read
+        assert len(reply.split("TTFT")[0]) > 0
+        assert browser.evaluate("document.getElementById('model').textContent") == "model: tiny"
+        screenshot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        assert screenshot.startswith(b"\x89PNG")
+        (tmp_path / "chat.png").write_bytes(screenshot)
+    finally:
+        browser.close()
+        server.stop()
