@@ -219,6 +219,52 @@ def test_logprobs_equal_offline_log_softmax(client, tiny_server, tiny_model):
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top, abs=1e-4)
 
 
+def offline_penalized_greedy(model, ids: list[int], n_new: int, presence: float, frequency: float) -> list[int]:  # noqa: ANN001
+    """Greedy decoding with OpenAI's penalties, by full forwards: logit[t] -= presence * (c[t] > 0) + frequency * c[t],
+    c counting the tokens generated so far."""
+    ids, new = list(ids), []
+    with torch.inference_mode():
+        for _ in range(n_new):
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=logits.shape[0]).float()
+            token = int((logits - presence * (counts > 0).float() - frequency * counts).argmax())
+            new.append(token)
+            ids.append(token)
+    return new
+
+
+def test_sampling_fields_reach_the_engine(client, tiny_server, tiny_model):
+    served = tiny_server[1]
+    prompt = "aaaa"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+    penalized = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                          presence_penalty=0.5, frequency_penalty=1.5).choices[0].text
+    expected = offline_penalized_greedy(tiny_model, served.tokenizer.encode(prompt), 20, 0.5, 1.5)
+    assert penalized == served.tokenizer.decode(expected) and penalized != plain
+    top_1 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=1.5, seed=3,
+                                       extra_body={"top_k": 1})  # an extension: not in the client's signature
+    assert top_1.choices[0].text == plain  # top_k=1 leaves only the argmax, whatever the temperature
+    tiny_p = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=1.5, top_p=1e-6, seed=3)
+    assert tiny_p.choices[0].text == plain
+    reply = chat(client, "hi", max_completion_tokens=7, max_tokens=3)  # the newer name wins, as OpenAI's does
+    assert reply.usage.completion_tokens == 7
+
+
+def test_a_model_without_chat_template_chats_by_plain_transcript(tiny_model):
+    from llmkit.chat_template import PLAIN_STOP, plain_transcript
+    from llmkit.serve import openai_api as api
+    from llmkit.serve.http import chat_job
+
+    served = ServedModel(MODEL, None, byte_tokenizer(), 1024)  # no template; no engine needed to plan the job
+    body = api.parse_body(json.dumps({"model": MODEL, "stop": "###", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}).encode(),
+        api.ChatCompletionRequest)
+    job = chat_job(served, body)
+    transcript = plain_transcript([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert job.prompts == [served.tokenizer.encode(transcript)] and transcript.endswith("Assistant:")
+    assert job.stops == ("###", PLAIN_STOP) and job.max_tokens == [1024 - len(job.prompts[0])]
+
+
 def test_models_health_and_chat_page(client, tiny_server):
     assert [model.id for model in client.models.list()] == [MODEL]
     assert http_get(tiny_server[0].url + "/health") == (200, '{"status":"ok"}')

@@ -380,9 +380,9 @@ async def respond(request: Request, served: ServedModel, metrics: ServerMetrics,
         await asyncio.wait({collected, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not collected.done():  # the client left: free the engine's slots, answer no one
-            for handle in handles:
-                handle.cancel()
+        for handle in handles:  # the client left, or a choice failed: free the engine's slots (no-op for ended ones)
+            handle.cancel()
+        if not collected.done():
             collected.cancel()
     if not collected.done():
         return Response(status_code=499)
