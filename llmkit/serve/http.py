@@ -4,11 +4,11 @@
     POST /v1/completions        prompt: a string, a list of strings, a list of token ids, or a list of those
     GET  /v1/models, /health (503 while the model loads), /metrics (Prometheus text), /  (the chat page)
 
-Each of the `n` choices is one engine request (choice i seeded with seed + i). Text is the HTTP layer's job: token
-ids become text through `StreamDecoder` (never half a character), stop strings are cut by `StopStringFilter` (also
-across streamed pieces) and the engine request is cancelled as soon as one appears. Streaming uses server-sent
-events (`data: {chunk}` ... `data: [DONE]`). A client that goes away cancels its engine requests: a streamed
-response's generator is closed by Starlette, a plain one is watched with `request.is_disconnected()`.
+Each of the `n` choices is one engine request (choice i seeded with seed + i); llmkit/serve/choices.py turns its
+token events into text (stop strings cut there). Streaming uses server-sent events (`data: {chunk}` ...
+`data: [DONE]`). A client that goes away cancels its engine requests: a streamed response's generator is closed by
+Starlette, a plain one is watched with `request.is_disconnected()`. Request bodies are parsed and validated by
+llmkit/serve/openai_api.py before any compute.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.chat_template import PLAIN_STOP, plain_transcript
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingSettings, StopStringFilter, tokenizer_stop_ids
+from llmkit.generate import SamplingSettings, tokenizer_stop_ids
 from llmkit.serve import openai_api as api
+from llmkit.serve.choices import Piece, choice_pieces, collect, merged
 from llmkit.serve.metrics import CONTENT_TYPE, ServerMetrics
-from llmkit.tokenizer import StreamDecoder, Tokenizer
+from llmkit.tokenizer import Tokenizer
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 MAX_DRAINED_BYTES = 64 * 1024 * 1024  # of an oversized body, read and dropped before the 400 is sent
@@ -62,17 +63,6 @@ class Job:
     logprobs: int | None
     schema: dict[str, Any] | None | bool  # False: free text; None: any JSON object; a dict: that JSON schema
     chat: bool
-
-
-@dataclass
-class Piece:
-    """Text a choice produced since its last piece, with its tokens' log-probs, and how it ended (None: not yet)."""
-
-    index: int
-    text: str
-    logprobs: list[tuple[str, float, list[tuple[str, float]]]]
-    finish_reason: str | None = None
-    tokens: int = 0  # tokens generated so far (the usage count)
 
 
 def start_engine(model: Any, tokenizer: Tokenizer, name: str, **engine_options: Any) -> ServedModel:
@@ -326,43 +316,7 @@ def submit_all(served: ServedModel, requests: list[Any]) -> list[Any]:
     return handles
 
 
-# ---- running the choices -------------------------------------------------------------------------------------------
-
-
-async def choice_pieces(index: int, handle: Any, tokenizer: Tokenizer, stops: tuple[str, ...], want_logprobs: bool,
-                        metrics: ServerMetrics, arrival: float) -> AsyncIterator[Piece]:
-    """The text of one choice as it is generated; the last piece has its finish_reason ("stop" for a stop id, a stop
-    string or a complete JSON document; "length"). A stop string cancels the engine request."""
-    decoder, stop_filter = StreamDecoder(tokenizer), StopStringFilter(stops)
-    tokens, entries, last = 0, [], None
-    async for event in handle:
-        text = ""
-        if event.token_id is not None:
-            now = time.perf_counter()
-            if last is None:
-                metrics.first_token(now - arrival)
-            else:
-                metrics.next_token(now - last)
-            tokens, last = tokens + 1, now
-            text = stop_filter.push(decoder.push(event.token_id))
-            if want_logprobs:
-                top = [(tokenizer.decode([token]), logprob) for token, logprob in event.top_logprobs]
-                entries.append((tokenizer.decode([event.token_id]), event.logprob, top))
-            if stop_filter.stopped:
-                handle.cancel()
-                yield Piece(index, text, entries, "stop", tokens)
-                return
-        if event.finish_reason is not None:
-            if event.finish_reason == "error":
-                raise api.ApiError(500, f"generation failed: {event.error or 'engine error'}", "server_error",
-                                   type="server_error")
-            text += stop_filter.push(decoder.flush()) + stop_filter.flush()
-            reason = "length" if event.finish_reason == "length" else "stop"
-            yield Piece(index, text, entries, "abort" if event.finish_reason == "cancelled" else reason, tokens)
-            return
-        if text:
-            yield Piece(index, text, entries, None, tokens)
-            entries = []
+# ---- answering -----------------------------------------------------------------------------------------------------
 
 
 async def respond(request: Request, served: ServedModel, metrics: ServerMetrics, job: Job, arrival: float) -> Response:
@@ -400,48 +354,10 @@ async def respond(request: Request, served: ServedModel, metrics: ServerMetrics,
     return JSONResponse(api.text_completion(id_, served.name, choices, used))
 
 
-async def collect(pieces: AsyncIterator[Piece]) -> Piece:
-    """A whole choice: its pieces joined."""
-    whole = Piece(0, "", [])
-    async for piece in pieces:
-        whole = Piece(piece.index, whole.text + piece.text, whole.logprobs + piece.logprobs, piece.finish_reason,
-                      piece.tokens)
-    return whole
-
-
 async def watch_disconnect(request: Request) -> None:
     """Returns when the client has closed its connection."""
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-
-
-async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
-    """The pieces of all choices in the order they are produced."""
-    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[Piece]) -> None:
-        try:
-            async for piece in stream:
-                await queue.put(piece)
-        except BaseException as error:  # noqa: BLE001 (handed to the reader, which raises it)
-            await queue.put(error)
-            return
-        await queue.put(None)
-
-    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 async def sse_events(id_: str, model: str, job: Job, streams: list[AsyncIterator[Piece]], handles: list[Any],
