@@ -175,6 +175,19 @@ def test_same_seed_same_text_and_n_choices_use_seed_plus_index(client):
     assert three.usage.completion_tokens == 48
 
 
+def test_streamed_choices_interleave_and_each_joins_to_its_plain_choice(client):
+    options = dict(max_tokens=12, temperature=0.9, seed=5, n=2)
+    whole = client.completions.create(model=MODEL, prompt="xy", **options)
+    texts = ["", ""]
+    finishes = [None, None]
+    for chunk in client.completions.create(model=MODEL, prompt="xy", stream=True, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [choice.text for choice in whole.choices] and texts[0] != texts[1]
+    assert finishes == ["length", "length"]
+
+
 def test_stop_strings_cut_the_text_and_end_the_request(client, tiny_server):
     whole = client.completions.create(model=MODEL, prompt="abc", max_tokens=60, temperature=0).choices[0].text
     stop = next(whole[i:i + 2] for i in range(5, len(whole) - 2) if "\ufffd" not in whole[i:i + 2])
@@ -310,6 +323,9 @@ def test_errors_raise_the_openai_client_classes(client, tiny_server):
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0]"),  # lone surrogate
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"a" * (5 * 1024 * 1024) + b'"}]}', None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}}', "logit_bias"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}}', "stream_options"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', "top_logprobs"),
 ])
 def test_bad_bodies_get_a_400_envelope(tiny_server, body, param):
     status, answer = http_post(tiny_server[0].url + "/v1/chat/completions", body)
