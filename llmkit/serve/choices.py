@@ -74,13 +74,13 @@ async def collect(pieces: AsyncIterator[Piece]) -> Piece:
 
 async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
     """The pieces of all choices in the order they are produced."""
-    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
 
     async def pump(stream: AsyncIterator[Piece]) -> None:
         try:
             async for piece in stream:
                 await queue.put(piece)
-        except BaseException as error:  # noqa: BLE001 (handed to the reader, which raises it)
+        except Exception as error:  # noqa: BLE001 (handed to the reader, which raises it)
             await queue.put(error)
             return
         await queue.put(None)
@@ -92,7 +92,7 @@ async def merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
             item = await queue.get()
             if item is None:
                 remaining -= 1
-            elif isinstance(item, BaseException):
+            elif isinstance(item, Exception):
                 raise item
             else:
                 yield item
