@@ -61,7 +61,9 @@ def serve_tiny(api_key: str | None = API_KEY, **engine_options):  # noqa: ANN003
     model = tiny_decoder(max_seq_len=1024)
     tokenizer = byte_tokenizer(chat_template=TEMPLATE)
     served = start_engine(model, tokenizer, MODEL, **engine_options)
-    server = ServerThread(create_app(lambda: served, api_key=api_key))
+    app = create_app(api_key=api_key)
+    app.state.llmkit.attach(served)
+    server = ServerThread(app)
     wait_until(lambda: http_get(server.url + "/health")[0] == 200, "the model to load")
     return server, served, model
 
@@ -343,23 +345,17 @@ def test_unknown_route_and_method_use_the_envelope(tiny_server):
 
 
 def test_health_is_503_until_the_model_loads():
-    release = threading.Event()
-
-    def load() -> ServedModel:
-        release.wait(30)
-        raise LlmkitError("model.gguf is not a GGUF file")
-
-    server = ServerThread(create_app(load))
+    server = ServerThread(create_app())
     try:
-        assert http_get(server.url + "/health")[0] == 503
+        assert http_get(server.url + "/health") == (503, '{"status":"loading"}')
         status, answer = http_post(server.url + "/v1/completions", b'{"model": "tiny", "prompt": "a"}')
         assert status == 503 and "still loading" in answer["error"]["message"]
-        release.set()
-        wait_until(lambda: server.app.state.llmkit["error"] is not None, "the load to fail")
+        server.app.state.llmkit.fail(LlmkitError("model.gguf is not a GGUF file"))
+        assert http_get(server.url + "/health") == (503, '{"status":"failed"}')
         status, answer = http_post(server.url + "/v1/completions", b'{"model": "tiny", "prompt": "a"}')
         assert status == 503 and "not a GGUF file" in answer["error"]["message"]
+        assert answer["error"]["code"] == "model_not_ready"
     finally:
-        release.set()
         server.stop()
 
 
@@ -468,7 +464,9 @@ def test_smollm2_says_paris():
 
     path = default_model_path()
     served = start_engine(load_decoder(path), load_tokenizer(path), served_name(path), max_batch_size=2)
-    server = ServerThread(create_app(lambda: served))
+    app = create_app()
+    app.state.llmkit.attach(served)
+    server = ServerThread(app)
     try:
         wait_until(lambda: http_get(server.url + "/health")[0] == 200, "SmolLM2 to load")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

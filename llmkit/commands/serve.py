@@ -6,6 +6,8 @@ import errno
 import socket
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmkit.commands.common import Device, Dtype, model_path
@@ -86,48 +88,50 @@ def serve(
         raise LlmkitError(f"--model {path} does not exist; pass a .gguf file or a model directory")
     check_address(host, port)
     name = served_name(path)
-
-    def load():  # noqa: ANN202 (a ServedModel)
-        llm = load_decoder(path, dtype, device)
-        return start_engine(llm, load_tokenizer(path), name, max_batch_size=max_batch_size, max_queue=max_queue,
-                            kv_cache_tokens=kv_cache_tokens)
-
-    app = create_app(load, api_key=api_key)
+    app = create_app(api_key=api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
-    shown = f"[{host}]" if ":" in host else host
-    print(f"llmkit serve: loading {name} from {path}; http://{shown}:{port}/ answers /health with 503 until it is ready",
-          file=sys.stderr)
-    threading.Thread(target=_report_loading, args=(app, server, shown, port, name), daemon=True).start()
-    _run_until_signal(server)
-    error = app.state.llmkit["error"]
-    if error is not None:
-        raise error if isinstance(error, LlmkitError) else LlmkitError(f"loading {path} failed: {error}")
+    shown = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    with _stop_on_signals(server, app.state.llmkit):
+        # uvicorn answers (/health: 503) from its own thread while this one loads the model: a model loaded in
+        # another thread ran 40x slower afterwards (see ServerState).
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        print(f"llmkit serve: loading {name} from {path}; {shown} answers /health with 503 until it is ready",
+              file=sys.stderr, flush=True)
+        try:
+            served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name,
+                                  max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+        except BaseException as error:
+            app.state.llmkit.fail(error)
+            server.should_exit = True
+            thread.join()
+            raise
+        app.state.llmkit.attach(served)  # uvicorn shuts the engine down when it stops
+        if not server.should_exit:
+            print(f"llmkit serve: {name} ready at {shown} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
+        while thread.is_alive():
+            thread.join(0.5)  # short waits, so the signal handlers run in this thread
 
 
-def _report_loading(app, server, host: str, port: int, name: str) -> None:  # noqa: ANN001 (FastAPI, uvicorn.Server)
-    """Print the URL once the model is served; stop the server if loading failed (`serve` then reports the error)."""
-    loader = None
-    while loader is None and not server.should_exit:
-        loader = getattr(app.state, "loader", None)
-        threading.Event().wait(0.05)
-    if loader is None:
-        return
-    loader.join()
-    if app.state.llmkit["error"] is not None:
-        server.should_exit = True
-        return
-    print(f"llmkit serve: {name} ready at http://{host}:{port}/ (OpenAI API under /v1; Ctrl-C stops)", flush=True)
-
-
-def _run_until_signal(server) -> None:  # noqa: ANN001 (uvicorn.Server)
-    """Run uvicorn in this thread. It handles SIGINT/SIGTERM itself (stop accepting, finish in-flight requests, shut
-    the engine down), then re-raises the signal it caught to the handlers it found: no-op handlers installed here turn
-    that into a normal return, so the command exits 0."""
+@contextmanager
+def _stop_on_signals(server, state) -> Iterator[None]:  # noqa: ANN001 (uvicorn.Server, ServerState)
+    """SIGINT/SIGTERM ask uvicorn to stop: it stops accepting connections, lets the requests in flight finish, then
+    shuts the engine down; the command returns normally (exit 0). A second SIGINT stops at once; a signal while the
+    model still loads interrupts the load (exit status 130, or 143 for SIGTERM)."""
     import signal
 
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def stop(signum: int, frame: object) -> None:
+        if state.served is None and state.error is None:
+            interrupt = KeyboardInterrupt()
+            interrupt.exit_status = 128 + signum
+            raise interrupt
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
