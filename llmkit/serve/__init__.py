@@ -1,4 +1,4 @@
-"""Serving: an engine that batches many generation requests continuously (llmkit/serve/engine.py)."""
+"""Serving: the engine, the OpenAI-compatible HTTP server and the load tester (`llmkit bench serve`)."""
 
 from llmkit.serve.engine import Engine, EngineStats
 from llmkit.serve.request import (
