@@ -280,6 +280,31 @@ def test_a_model_without_chat_template_chats_by_plain_transcript(tiny_model):
     assert job.stops == ("###", PLAIN_STOP) and job.max_tokens == [1024 - len(job.prompts[0])]
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_response_format_makes_every_reply_parse(client):
+    replies = chat(client, "Give me JSON", max_tokens=40, temperature=0.8, seed=1, n=3,
+                   response_format={"type": "json_object"})
+    for choice in replies.choices:
+        assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+    people = chat(client, "A person", max_tokens=60, temperature=0.8, seed=2, n=3,
+                  response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    for choice in people.choices:
+        person = json.loads(choice.message.content)
+        assert set(person) == {"name", "age"} and isinstance(person["name"], str) and len(person["name"]) <= 12
+        assert isinstance(person["age"], int) and not isinstance(person["age"], bool)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chat(
+        client, "A person", max_tokens=60, temperature=0.8, seed=2, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}) if chunk.choices)
+    assert streamed == people.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as error:  # a keyword the constraint cannot enforce: refused, not ignored
+        chat(client, "x", response_format={"type": "json_schema", "json_schema": {
+            "name": "p", "schema": {"type": "string", "pattern": "^a+$"}}})
+    assert error.value.param == "response_format" and "pattern" in error.value.message
+
+
 def test_models_health_and_chat_page(client, tiny_server):
     assert [model.id for model in client.models.list()] == [MODEL]
     assert http_get(tiny_server[0].url + "/health") == (200, '{"status":"ok"}')

@@ -288,17 +288,19 @@ def engine_requests(served: ServedModel, job: Job) -> list[Any]:
             settings = SamplingSettings(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                         seed=None if body.seed is None else body.seed + i)
             requests.append(EngineRequest(list(prompt), budget, settings, body.presence_penalty, body.frequency_penalty,
-                                          stop_ids, job.logprobs, constraint(served, job.schema)))
+                                          stop_ids, job.logprobs, constraint(served, job.schema, budget)))
     return requests
 
 
-def constraint(served: ServedModel, schema: dict[str, Any] | None | bool) -> Any:
+def constraint(served: ServedModel, schema: dict[str, Any] | None | bool, max_tokens: int) -> Any:
+    """A JsonConstraint for response_format (None without one). Given the request's token budget, it closes every
+    document in time, so each reply parses."""
     if schema is False:
         return None
     from llmkit.generate.constrained import JsonConstraint
 
     try:
-        return JsonConstraint(served.tokenizer, schema)
+        return JsonConstraint(served.tokenizer, schema, max_tokens=max_tokens)
     except LlmkitError as error:
         raise api.ApiError(400, f"response_format: {error}", "invalid_value", "response_format") from None
 
