@@ -101,11 +101,11 @@ class RowKVCache:
                 buffers[layer] = new
         self.capacity = capacity
 
-    def copy_prefix(self, source: int, target: int, n_tokens: int) -> None:
-        """Copy the first `n_tokens` slots of row `source` into row `target` (a shared prompt prefix)."""
+    def copy_slots(self, source: int, target: int, start: int, end: int) -> None:
+        """Copy slots start..end of row `source` into row `target` (part of a shared prompt prefix)."""
         for buffers in (self.keys, self.values):
             for buffer in buffers:
-                buffer[target, :, :n_tokens] = buffer[source, :, :n_tokens]
+                buffer[target, :, start:end] = buffer[source, :, start:end]
 
     def rows(self, rows: list[int], starts: list[int]) -> RowCacheView:
         """The cache a forward of B = len(rows) sequences passes to the model: row b's new tokens take slots

@@ -45,6 +45,11 @@ __all__ = ["Engine", "EngineClosedError", "EngineStats", "QueueFullError", "Requ
            "TokenConstraint", "TokenEvent"]
 
 
+def one_line(error: Exception) -> str:
+    """An exception as the one-line message a finished-with-error event carries."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 @dataclass
 class EngineStats:
     """A snapshot of the engine's state (Prometheus gauges and counters of an HTTP server)."""
@@ -170,6 +175,10 @@ class Engine:
         k = request.logprobs
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
             raise LlmkitError(f"logprobs={k!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} (or None for none)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(request, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise LlmkitError(f"{name}={value!r} must be a number from -2.0 to 2.0 (OpenAI's range); 0 is off")
         request.sampling.validate()
 
     def _wake(self) -> None:
@@ -185,12 +194,30 @@ class Engine:
                     self._lock.wait()
                 if self._closed and not self._waiting and not self._running:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 (a bug outside one request's work must not hang every consumer)
+                self._fail_everything(one_line(error))
+
+    def _fail_everything(self, message: str) -> None:
+        """End every running and waiting request with finish_reason "error"; the loop then serves new ones."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for _, handle in waiting:
+            handle.push(TokenEvent(None, finish_reason="error", error=message))
+        for seq in list(self._running):
+            self._finish(seq, TokenEvent(None, finish_reason="error", error=message))
 
     def step(self) -> None:
         """One scheduling step: end cancelled requests, admit waiting ones, one batched decode forward over the
         decoding requests, then prefill up to `prefill_chunk` prompt tokens. `start()` runs it in a loop; tests call
-        it directly to drive the engine one step at a time."""
+        it directly to drive the engine one step at a time.
+
+        Raises:
+            LlmkitError: called from another thread while the engine's own loop runs.
+        """
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise LlmkitError("Engine.step() drives an engine that was not start()ed; this one runs its own loop")
         self._drop_cancelled()
         self._admit()
         decoding = [seq for seq in self._running if not seq.prefilling]
@@ -202,6 +229,11 @@ class Engine:
         for seq in prefilling:
             if budget == 0:
                 break
+            if self.prefix_cache:
+                copied = self.slots.extend_prefix(seq.slot, seq.request.prompt_ids)
+                seq.prefilled += copied
+                with self._lock:
+                    self._hits += copied
             n_tokens = min(budget, len(seq.request.prompt_ids) - seq.prefilled)
             self._guarded([seq], lambda seqs, n=n_tokens: self._prefill(seqs[0], n))
             budget -= n_tokens
@@ -228,7 +260,11 @@ class Engine:
                 if self._reserved + needed > self.kv_cache_tokens:
                     break
                 self._waiting.popleft()
-                slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache)
+                try:
+                    slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache)
+                except Exception as error:  # noqa: BLE001 (e.g. out of memory growing the rows: this request only)
+                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
+                    continue
                 self._queries += len(request.prompt_ids) if self.prefix_cache else 0
                 self._hits += reused
                 self._reserved += needed
@@ -241,7 +277,7 @@ class Engine:
             with torch.inference_mode():
                 work(seqs)
         except Exception as error:  # noqa: BLE001 (any failure must end its requests, never the loop)
-            message = " ".join(f"{type(error).__name__}: {error}".split())
+            message = one_line(error)
             for seq in seqs:
                 if seq in self._running:
                     self._finish(seq, TokenEvent(None, finish_reason="error", error=message))
@@ -273,7 +309,7 @@ class Engine:
                 else:
                     event = seq.choose(logits[row])
             except Exception as error:  # noqa: BLE001 (a constraint's failure ends only its request)
-                self._finish(seq, TokenEvent(None, finish_reason="error", error=f"{type(error).__name__}: {error}"))
+                self._finish(seq, TokenEvent(None, finish_reason="error", error=one_line(error)))
                 continue
             self._emit(seq, event)
 

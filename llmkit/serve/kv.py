@@ -9,7 +9,8 @@ tokens that running requests may reserve (prompt + max_new_tokens each): the adm
 Prefix caching: a slot remembers the tokens whose keys/values it stores. When a request ends its slot keeps them
 (least recently used first to be overwritten), and a new request whose prompt shares a prefix with any slot's tokens
 (a finished one, or one still running: rows only ever append) starts from that prefix: it takes the finished slot
-itself, or copies the prefix's keys/values into its own row, and prefills only the rest.
+itself, or copies the prefix's keys/values into its own row (checked again before each prefill chunk, so requests
+with the same prompt that arrive together, such as OpenAI's `n` choices, compute it once), and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Slot:
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two id lists."""
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared at C speed
+        return n
     for index in range(n):
         if a[index] != b[index]:
             return index
@@ -53,26 +56,38 @@ class SlotTable:
         self.clock = 0
 
     def acquire(self, prompt: list[int], needed_tokens: int, reuse_prefix: bool = True) -> tuple[Slot, int]:
-        """A free slot for a prompt that will need `needed_tokens` slots, and how many of its first tokens already
-        sit in that slot's keys/values (at most len(prompt) - 1: the last prompt token is always computed, for its
-        logits). The caller has checked that a slot is free."""
+        """A free slot for a prompt that will need `needed_tokens` slots, and how many of its first tokens it
+        already holds: the free slot sharing the longest prefix with the prompt is taken over as it is (else an
+        empty slot, else the least recently used). The caller has checked that a slot is free."""
         self._grow(needed_tokens)
-        reused, source = 0, None
+        free = [slot for slot in self.slots if not slot.busy]
+        reused, target = 0, min(free, key=lambda slot: (bool(slot.tokens), slot.last_used))
         if reuse_prefix:
-            # The longest shared prefix; among equal ones a free slot, which is taken over without a copy.
-            reused, _, source = max(((min(common_prefix(slot.tokens, prompt), len(prompt) - 1), not slot.busy, slot)
-                                     for slot in self.slots), key=lambda match: match[:2])
-        if reused > 0 and not source.busy:
-            target = source
-        else:
-            # An empty slot first, else the least recently used cached one.
-            target = min((slot for slot in self.slots if not slot.busy),
-                         key=lambda slot: (bool(slot.tokens), slot.last_used))
-            if reused > 0:
-                self.cache.copy_prefix(source.row, target.row, reused)
+            best = max(free, key=lambda slot: self._shared(slot, prompt))
+            if self._shared(best, prompt) > 0:
+                reused, target = self._shared(best, prompt), best
         target.tokens = prompt[:reused]
         target.busy = True
         return target, reused
+
+    def extend_prefix(self, slot: Slot, prompt: list[int]) -> int:
+        """Copy into `slot` the keys/values of any further prompt tokens that another slot (running or cached) holds,
+        so requests sharing a prefix compute it once, even when they arrive together; returns how many were copied.
+        Called before each prefill chunk: a sibling may have just computed the next part."""
+        done = len(slot.tokens)
+        source = max(self.slots, key=lambda other: self._shared(other, prompt))
+        shared = self._shared(source, prompt)
+        if source is slot or shared <= done:
+            return 0
+        self.cache.copy_slots(source.row, slot.row, done, shared)
+        slot.tokens = prompt[:shared]
+        return shared - done
+
+    @staticmethod
+    def _shared(slot: Slot, prompt: list[int]) -> int:
+        """Prompt tokens a slot's keys/values can stand for: the common prefix, short of the last prompt token (it is
+        always computed, for its logits)."""
+        return min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
 
     def release(self, slot: Slot) -> None:
         """The request is done: the slot is free, its tokens stay for later prefix hits."""
