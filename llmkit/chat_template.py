@@ -31,6 +31,17 @@ MAX_RENDER_SECONDS = 10.0  # wall-clock time of one render
 MAX_RENDERED_CHARS = 1_000_000  # rendered text beyond the messages' own length (times two)
 MAX_POWER_EXPONENT = 1_000  # `a ** b`: a larger integer exponent could run for minutes
 
+# A model without a chat template (a freshly pretrained one) chats by plain completion of this transcript
+# (`llmkit chat` and `llmkit serve`'s /v1/chat/completions).
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = "\nUser:"  # the model's reply ends where it starts writing the user's next turn
+
+
+def plain_transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """The conversation as plain text ("User: ...\nAssistant: ...\n"), ending with "Assistant:" for the reply."""
+    lines = [f"{PLAIN_ROLES.get(message['role'], message['role'].title())}: {message['content']}" for message in messages]
+    return "\n".join([*lines, "Assistant:"])
+
 
 class TemplateLimitError(jinja2.TemplateError):
     """A render went past one of the limits above."""

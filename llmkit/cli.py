@@ -29,6 +29,7 @@ COMMANDS: dict[str, Any] = {
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
     "bench": {"peft": "bench:bench_peft", "serve": "bench_serve:bench_serve"},
+    "serve": "serve:serve",
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",

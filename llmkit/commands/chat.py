@@ -5,12 +5,10 @@ from __future__ import annotations
 import re
 import sys
 
+from llmkit.chat_template import PLAIN_STOP, plain_transcript
 from llmkit.commands.common import Device, Dtype, model_path, with_adapter
 from llmkit.errors import LlmkitError
 
-# A model without a chat template (a freshly pretrained one) chats by plain completion of this transcript.
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_STOP = "\nUser:"  # the model's reply ends where it starts writing the user's next turn
 SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes become in argv and surrogateescape'd stdin
 
 
@@ -27,12 +25,6 @@ def checked_text(text: str, flag: str) -> str:
             "or file to UTF-8, or convert the text (e.g. iconv -f latin1 -t utf-8)"
         )
     return text
-
-
-def plain_transcript(messages: list[dict[str, str]]) -> str:
-    """The conversation as plain text ("User: ...\nAssistant: ...\n"), ending with "Assistant:" for the reply."""
-    lines = [f"{PLAIN_ROLES.get(message['role'], message['role'].title())}: {message['content']}" for message in messages]
-    return "\n".join([*lines, "Assistant:"])
 
 
 def conversation_prompt(tokenizer, llm, messages: list[dict[str, str]], max_new_tokens: int) -> str:  # noqa: ANN001

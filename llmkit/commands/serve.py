@@ -1,0 +1,137 @@
+"""`llmkit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from llmkit.commands.common import Device, Dtype, model_path
+from llmkit.errors import LlmkitError
+
+
+def served_name(path: Path) -> str:
+    """The model id clients send: the file's name without .gguf, or the directory's name."""
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def check_address(host: str, port: int) -> None:
+    """One clear error, before any model loads, when the address cannot be listened on."""
+    if not 0 < port < 65536:
+        raise LlmkitError(f"--port {port} is not a TCP port; use 1-65535, e.g. 8000")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise LlmkitError(f"--host {host} does not resolve ({error.strerror}); use e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise LlmkitError(f"--port {port} on {host} is already in use; pass another --port") from None
+            raise LlmkitError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --host or --port") from None
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    kv_cache_tokens: int | None = None,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+) -> None:
+    """Serve a model over the OpenAI API: any `openai` client, curl, or a browser at http://HOST:PORT/ (a chat page).
+
+    Example: llmkit serve                                   (SmolLM2-135M-Instruct on http://127.0.0.1:8000)
+             llmkit serve --model my_model/ --port 8080 --api_key secret --max_batch_size 16
+             curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+                  -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
+
+    Routes: POST /v1/chat/completions and /v1/completions (streaming, n, stop, seed, logprobs, response_format
+    json_object / json_schema), GET /v1/models, /health (503 until the model is loaded), /metrics (Prometheus,
+    vLLM's metric names). Ctrl-C or SIGTERM stops accepting requests, finishes those in flight, and exits 0.
+
+    Args:
+        model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct). Clients name
+            it by its file name without .gguf (or its directory's name), as GET /v1/models lists it.
+        host: address to listen on (0.0.0.0 for every interface).
+        port: TCP port to listen on.
+        api_key: when set, every /v1 request must send `Authorization: Bearer API_KEY`.
+        max_batch_size: most requests decoded together in one step (continuous batching).
+        max_queue: most requests waiting for a batch slot; more get HTTP 429.
+        kv_cache_tokens: KV-cache size in tokens, shared by all running requests (default: max_batch_size x context).
+        dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
+        device: auto, cpu, cuda or cuda:N.
+    """
+    import uvicorn
+
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
+    from llmkit.serve.http import create_app, start_engine
+
+    for flag, value in (("--max_batch_size", max_batch_size), ("--max_queue", max_queue)):
+        if value < 1:
+            raise LlmkitError(f"{flag} {value} must be at least 1")
+    if kv_cache_tokens is not None and kv_cache_tokens < 1:
+        raise LlmkitError(f"--kv_cache_tokens {kv_cache_tokens} must be at least 1 (or left out for the default)")
+    path = model_path(model)
+    if not path.exists():
+        raise LlmkitError(f"--model {path} does not exist; pass a .gguf file or a model directory")
+    check_address(host, port)
+    name = served_name(path)
+    app = create_app(api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    shown = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    with _stop_on_signals(server, app.state.llmkit):
+        # uvicorn answers (/health: 503) from its own thread while this one loads the model: a model loaded in
+        # another thread ran 40x slower afterwards (see ServerState).
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        print(f"llmkit serve: loading {name} from {path}; {shown} answers /health with 503 until it is ready",
+              file=sys.stderr, flush=True)
+        try:
+            served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name,
+                                  max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+        except BaseException as error:
+            app.state.llmkit.fail(error)
+            server.should_exit = True
+            thread.join()
+            raise
+        app.state.llmkit.attach(served)  # uvicorn shuts the engine down when it stops
+        if not server.should_exit:
+            print(f"llmkit serve: {name} ready at {shown} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
+        while thread.is_alive():
+            thread.join(0.5)  # short waits, so the signal handlers run in this thread
+
+
+@contextmanager
+def _stop_on_signals(server, state) -> Iterator[None]:  # noqa: ANN001 (uvicorn.Server, ServerState)
+    """SIGINT/SIGTERM ask uvicorn to stop: it stops accepting connections, lets the requests in flight finish, then
+    shuts the engine down; the command returns normally (exit 0). A second SIGINT stops at once; a signal while the
+    model still loads interrupts the load (exit status 130, or 143 for SIGTERM)."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        if state.served is None and state.error is None:
+            interrupt = KeyboardInterrupt()
+            interrupt.exit_status = 128 + signum
+            raise interrupt
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
