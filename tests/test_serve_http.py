@@ -478,6 +478,25 @@ def test_metrics_use_vllm_names_and_count_requests(client, tiny_server):
     assert queries >= metric(after, f"vllm:prefix_cache_hits_total{{{label}}}") and queries > 0
 
 
+def test_bench_serve_load_tester_against_llmkit_serve(tiny_server):
+    """`llmkit bench serve`'s client against the real server: every request completes once, each streams exactly
+    max_tokens tokens (the byte tokenizer has no EOS), and the server's prompt/generation counters move by as much."""
+    from llmkit.serve.loadtest import run_load_test
+
+    server, served = tiny_server[0], tiny_server[1]
+    wait_idle(served)
+    before = http_get(server.url + "/metrics")[1]
+    prompts = [f"load test prompt {index}" for index in range(6)]
+    levels = run_load_test(server.url, prompts, [1, 3], max_tokens=5, api_key=API_KEY, show_progress=False)
+    for level, concurrency in zip(levels, [1, 3]):
+        assert (level.concurrency, level.completed, level.failed) == (concurrency, 6, 0)
+        assert level.output_tokens == 6 * 5
+        assert level.ttft_ms["median"] > 0 and level.e2el_ms["mean"] >= level.ttft_ms["mean"]
+    after = http_get(server.url + "/metrics")[1]
+    label = 'model_name="tiny"'
+    assert metric(after, f"vllm:generation_tokens_total{{{label}}}") - metric(before, f"vllm:generation_tokens_total{{{label}}}") == 60
+
+
 # ---- real weights --------------------------------------------------------------------------------------------------
 
 
