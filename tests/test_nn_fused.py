@@ -1,14 +1,16 @@
 """fuse_projections: q/k/v and gate/up as one product each, with checkpoints, LoRA, quantization and dtype changes
-seeing the separate projections as before."""
+seeing the separate projections as before; pack_bfloat16_weights: oneDNN-packed bf16 copies for one-token steps."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from llmkit.generate import SamplingSettings, generate_tokens
-from llmkit.nn.fused import FUSED_WEIGHT, fuse_projections, unfuse_projections
+from llmkit.nn.fused import FUSED_WEIGHT, fuse_projections, pack_bfloat16_weights, unfuse_projections
 from llmkit.nn.linear import use_column_major_weights
 from llmkit.peft.lora import apply_lora, merge_and_unload
 from llmkit.peft.settings import LoraSettings
@@ -19,6 +21,7 @@ FP32_TOLERANCE = 1e-5
 
 VARIANTS = {
     "llama": dict(preset="tiny-llama"),  # GQA, RoPE, SwiGLU
+    "llama-tied": dict(preset="tiny-llama", tie_embeddings=True),  # the LM head is the embedding (SmolLM2)
     "qwen2-bias": dict(preset="tiny-llama", qkv_bias=True),  # q/k/v biases are fused too
     "gemma-geglu": dict(preset="tiny-llama", mlp="geglu", gelu_approximate="tanh"),
     "gpt2": dict(preset="tiny-gpt2"),  # MHA, learned positions, GELU MLP (nothing to fuse in the MLP)
@@ -90,8 +93,8 @@ def test_greedy_tokens_equal_after_fusing():
     plain, fused = model_pair("llama")
     prompt = [5, 17, 42, 99, 3]
     settings = SamplingSettings()  # greedy
-    expected = [step[0] for step in generate_tokens(plain, prompt, max_new_tokens=20, settings=settings)]
-    assert [step[0] for step in generate_tokens(fused, prompt, max_new_tokens=20, settings=settings)] == expected
+    expected = [step[0] for step in generate_tokens(plain, prompt, max_new_tokens=8, settings=settings)]
+    assert [step[0] for step in generate_tokens(fused, prompt, max_new_tokens=8, settings=settings)] == expected
 
 
 def test_state_dict_keeps_the_separate_names_and_loads_into_the_fused_product(tmp_path):
@@ -174,3 +177,56 @@ def test_quantized_projections_are_left_unfused():
     fuse_projections(plain)
     assert getattr(plain.blocks[0].attn, FUSED_WEIGHT, None) is None  # QuantLinears keep separate products
     assert getattr(plain.blocks[0].mlp, FUSED_WEIGHT) is not None  # the float gate/up still fuse
+
+
+# bf16: oneDNN's kernel on the packed layout may block the sums differently than F.linear's; outputs round to bf16
+BF16_TOLERANCE = 2e-2
+
+
+def packed_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same bf16 model twice: as built, and fused + packed as load_decoder prepares it for decoding."""
+    plain, fused = model_pair("llama-tied")
+    return plain.to(torch.bfloat16), pack_bfloat16_weights(fuse_projections(fused.to(torch.bfloat16)))
+
+
+def count_packed_products(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    with torch.profiler.profile() as profiler:
+        decode_logits(model, ids, 1)
+    return sum(event.count for event in profiler.key_averages() if event.key == "mkldnn::_linear_pointwise")
+
+
+def test_packed_bfloat16_decode_equals_the_unpacked_one():
+    plain, packed = packed_pair()
+    ids = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(decode_logits(packed, ids, 4), decode_logits(plain, ids, 4), atol=BF16_TOLERANCE,
+                               rtol=BF16_TOLERANCE)
+    # one-token steps use the packed copies: per layer q/k/v, o, gate/up and down, plus the tied head
+    assert packed.head_packed is not None
+    assert count_packed_products(packed, ids) == 2 * 4 + 1
+    assert count_packed_products(plain, ids) == 0
+    prompt = [5, 17, 42, 99, 3]
+    expected = [step[0] for step in generate_tokens(plain, prompt, max_new_tokens=6)]
+    assert [step[0] for step in generate_tokens(packed, prompt, max_new_tokens=6)] == expected
+
+
+def test_a_weight_changed_after_packing_is_used_as_it_is():
+    plain, packed = packed_pair()
+    with torch.no_grad():
+        for model in (plain, packed):
+            model.blocks[1].attn.o_proj.weight.mul_(-3)
+            model.blocks[0].mlp.up_proj.weight.add_(0.5)  # a part of the fused gate/up
+            model.embed.weight.mul_(2)  # the tied head
+    ids = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(decode_logits(packed, ids, 2), decode_logits(plain, ids, 2), atol=BF16_TOLERANCE,
+                               rtol=BF16_TOLERANCE)
+    assert count_packed_products(packed, ids) == 2 * 4 + 1 - 3  # the three changed matrices run unpacked
+
+
+def test_a_copy_of_a_packed_model_runs_unpacked_with_the_same_outputs():
+    _, packed = packed_pair()
+    copied = copy.deepcopy(packed)  # oneDNN's opaque tensors cannot be copied
+    assert copied.blocks[0].attn.o_proj.packed is None and copied.head_packed is None
+    ids = torch.randint(0, 256, (1, 6))
+    torch.testing.assert_close(decode_logits(copied, ids, 2), decode_logits(packed, ids, 2), atol=BF16_TOLERANCE,
+                               rtol=BF16_TOLERANCE)
+    assert count_packed_products(copied, ids) == 0

@@ -22,6 +22,9 @@ differ per format and they keep separate products.
 
 A module opts in by naming its fusable projections in a class attribute `FUSED_PROJECTIONS` (Attention: q, k, v;
 SwiGLU / GeGLU: gate, up).
+
+`pack_bfloat16_weights` is the other inference-time step for the decode loop: a oneDNN-packed copy of each bfloat16
+matrix the one-token products read (see llmkit/nn/linear.py for why and the measured gain).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmkit.nn.linear import Linear, linear
+from llmkit.nn.linear import Linear, PackedWeight, can_pack, linear
 
 FUSED_WEIGHT = "fused_weight"  # buffer names on the fusing module (not saved: the parts hold the values)
 FUSED_BIAS = "fused_bias"
+FUSED_PACKED = "fused_packed"  # oneDNN copy of the fused weight (pack_bfloat16_weights)
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:
@@ -61,6 +65,31 @@ def unfuse_projections(model: nn.Module) -> nn.Module:
                     part.bias.data = part.bias.data.clone()
             setattr(module, FUSED_WEIGHT, None)
             setattr(module, FUSED_BIAS, None)
+            setattr(module, FUSED_PACKED, None)
+    return model
+
+
+def pack_bfloat16_weights(model: nn.Module) -> nn.Module:
+    """Give each bfloat16 CPU matrix that a one-token decode step multiplies a oneDNN-packed copy (`PackedWeight`):
+    fused weights, plain `Linear`s outside a fused group, and a tied LM head (a module with a `head_packed` slot, the
+    Decoder, packs its `embed.weight`). Call after `fuse_projections`. The copies cost the packed weights' memory
+    again (bf16 then holds about the fp32 model's bytes) and are used only while their weight is unchanged;
+    parameters, names and checkpoints stay as they are. In place; returns the model."""
+    in_fused_group = set()
+    for module in model.modules():
+        weight = getattr(module, FUSED_WEIGHT, None)
+        if weight is not None and can_pack(weight):
+            parts = [getattr(module, name) for name in type(module).FUSED_PROJECTIONS]
+            # the parts' parameters are what a write changes (a write through a view leaves the fused tensor's
+            # version as it was), so the packed copy watches them
+            sources = [weight] + [p for part in parts for p in (part.weight, part.bias) if p is not None]
+            setattr(module, FUSED_PACKED, PackedWeight(weight, sources))
+            in_fused_group.update(id(part) for part in parts)
+    for module in model.modules():
+        if type(module) is Linear and id(module) not in in_fused_group and can_pack(module.weight):
+            module.packed = PackedWeight(module.weight)
+        if hasattr(module, "head_packed") and getattr(module, "lm_head", None) is None and can_pack(module.embed.weight):
+            module.head_packed = PackedWeight(module.embed.weight)
     return model
 
 
@@ -84,7 +113,7 @@ def fused_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight = getattr(module, FUSED_WEIGHT, None)
     if weight is None or not _still_fused(module, weight):
         return None
-    return linear(x, weight, getattr(module, FUSED_BIAS))
+    return linear(x, weight, getattr(module, FUSED_BIAS), getattr(module, FUSED_PACKED, None))
 
 
 def _still_fused(module: nn.Module, weight: torch.Tensor) -> bool:
