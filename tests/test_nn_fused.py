@@ -230,3 +230,30 @@ def test_a_copy_of_a_packed_model_runs_unpacked_with_the_same_outputs():
     torch.testing.assert_close(decode_logits(copied, ids, 2), decode_logits(packed, ids, 2), atol=BF16_TOLERANCE,
                                rtol=BF16_TOLERANCE)
     assert count_packed_products(copied, ids) == 0
+
+
+@pytest.mark.slow
+def test_smollm2_decodes_the_same_prepared_and_unprepared():
+    """Real weights: SmolLM2-135M-Instruct as load_model gives it vs fused (fp32) and fused + packed (bf16), as
+    load_decoder prepares it for generation: the same greedy tokens, logits within rounding."""
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+
+    path = default_model_path()
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
+    prompt = ids[0].tolist()
+
+    def greedy(m: torch.nn.Module) -> list[int]:
+        return [step[0] for step in generate_tokens(m, prompt, max_new_tokens=8)]
+
+    expected_logits, expected_tokens = decode_logits(model, ids, 4), greedy(model)
+    fuse_projections(model)
+    torch.testing.assert_close(decode_logits(model, ids, 4), expected_logits, atol=1e-4, rtol=1e-4)
+    assert greedy(model) == expected_tokens
+    unfuse_projections(model).to(torch.bfloat16)
+    expected_logits, expected_tokens = decode_logits(model, ids, 4), greedy(model)
+    pack_bfloat16_weights(fuse_projections(model))
+    assert count_packed_products(model, ids) == 30 * 4 + 1
+    # bf16 logits of magnitude ~20 are spaced 0.125 apart: a different blocking of the sums may move one step
+    torch.testing.assert_close(decode_logits(model, ids, 4).float(), expected_logits.float(), atol=0.25, rtol=0.02)
+    assert greedy(model) == expected_tokens
