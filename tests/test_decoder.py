@@ -143,3 +143,22 @@ def test_context_window_and_cache_errors():
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
     with pytest.raises(LlmkitError, match="made for batch size 1, got a batch of 2"):
         model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rmsnorm_equals_float32_math_rounded_once(dtype):
+    """RMSNorm's short paths (one kernel in fp32; no explicit upcast for bf16/fp16 on CPU) give exactly the numbers
+    of the written-out float32 computation, rounded to the input dtype, then times the weight (Llama's order)."""
+    from llmkit.nn.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    x32 = x.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
+    # float32: the fused kernel may order the mean's sum differently (1 ulp); half dtypes round to the same value
+    tolerance = 1e-6 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(norm(x), expected, atol=tolerance, rtol=tolerance)

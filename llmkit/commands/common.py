@@ -23,7 +23,15 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     packed); a .gguf whose matrices are quantized through llmkit.quant.load_gguf_quantized (the file's blocks kept:
     ~1/4 of the fp32 RAM and, measured on SmolLM2 Q4_1, 1.9x the fp32 decode speed on one thread; weights="float"
     dequantizes to fp32 at load instead); any other checkpoint through llmkit.checkpoints.load_model. `dtype` is that
-    of the activations and float tensors."""
+    of the activations and float tensors. For the decode loop, float q/k/v and gate/up projections are fused (one
+    product each; names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
+    oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed")."""
+    from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights
+
+    return pack_bfloat16_weights(fuse_projections(_load_unfused_decoder(path, dtype, device, weights)))
+
+
+def _load_unfused_decoder(path: Path, dtype: str, device: str, weights: GgufWeights):  # noqa: ANN202 (a Decoder)
     from llmkit.checkpoints import detect_format, load_model, require_arch
     from llmkit.quant import is_quantized_dir, load_quantized
 

@@ -18,7 +18,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.attention import AttentionKernel, KVCache, causal_context
 from llmkit.nn.block import build_block
-from llmkit.nn.linear import Linear, linear
+from llmkit.nn.linear import Linear, PackedWeight, linear
 from llmkit.nn.norm import build_norm
 from llmkit.nn.position import position_inputs
 
@@ -34,6 +34,7 @@ class Decoder(nn.Module):
         self.final_norm = build_norm(config)
         # A tied head reuses embed.weight (GPT-2, SmolLM2): one matrix, no copy to keep in sync.
         self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        self.head_packed: PackedWeight | None = None  # oneDNN copy of a tied bf16 head (llmkit.nn.fused, inference)
         # Position tables follow from the config, so checkpoints leave them out; None where the scheme has none.
         tables = position_inputs(config)
         self.register_buffer("inv_freq", tables.get("inv_freq"), persistent=False)  # RoPE speeds (rope_dim / 2,)
@@ -122,7 +123,7 @@ class Decoder(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab) of hidden states (..., C): final norm, then the LM head (tied or not)."""
         x = self.final_norm(x)
-        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight)
+        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight, packed=self.head_packed)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `max_len` tokens per row, on this model's device and in its dtype."""

@@ -25,6 +25,7 @@ from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.nn.fused import fused_product
 from llmkit.nn.linear import Linear
 from llmkit.nn.position import alibi_bias, apply_rope, rope_cos_sin
 
@@ -295,7 +296,10 @@ def _document_runs(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/o projections (names match Llama checkpoints)."""
+    """Multi-head self-attention with separate q/k/v/o projections (names match Llama checkpoints);
+    `llmkit.nn.fused.fuse_projections` can join q/k/v into one product for inference."""
+
+    FUSED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: Config, layer_index: int) -> None:
         super().__init__()
@@ -313,11 +317,11 @@ class Attention(nn.Module):
         """Self-attention over x (B, T, C); cross-attention when `keys_values` holds another sequence's keys and
         values (from `project_keys_values`, e.g. of the encoder states; the context then has no rotary tables or cache)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, v = self.project_keys_values(x) if keys_values is None else keys_values  # (B, Hkv, S, D)
-        if context.cos is not None:
-            q = apply_rope(q, context.cos, context.sin)
-            k = apply_rope(k, context.cos, context.sin)
+        if keys_values is None:
+            q, k, v = self.project_qkv(x, context)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k, v = keys_values  # (B, Hkv, S, D)
         if context.cache is not None:
             k, v = context.cache.store(self.layer_index, context.start, k, v)  # (B, Hkv, S, D)
         if context.kernel == "reference":
@@ -326,6 +330,25 @@ class Attention(nn.Module):
             y = sdpa_attention(q, k, v, context.mask, context.is_causal, self.scale)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def project_qkv(self, x: torch.Tensor, context: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x (B, T, C), queries and keys rotated when the
+        context has rotary tables. Where `fuse_projections` joined q/k/v: one product, and one rotation of queries and
+        keys together (they sit side by side in its output)."""
+        B, T, _ = x.shape
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = fused_product(self, x)  # (B, T, (H + 2 Hkv) * D) or None
+        if qkv is None:
+            q = self.q_proj(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k, v = self.project_keys_values(x)  # (B, Hkv, T, D)
+            if context.cos is not None:
+                q, k = apply_rope(q, context.cos, context.sin), apply_rope(k, context.cos, context.sin)
+            return q, k, v
+        qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
+        if context.cos is not None:
+            qk = apply_rope(qk, context.cos, context.sin)
+        return qk[:, :H], qk[:, H:], v
 
     def project_keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, Hkv, S, D) of states (B, S, C)."""

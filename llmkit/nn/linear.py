@@ -10,9 +10,17 @@ S contiguous slabs along the input axis, and
 is one batched matmul over S slabs that the threads share, then a sum over s. Same numbers up to
 summation order; prefill and training (many rows) use the ordinary `F.linear`. float32 only: the
 CPU bf16/fp16 matrix-vector kernels are no faster split (measured in docs/benchmarks.md).
+
+bfloat16 one-row products take another path: `F.linear`'s bf16 matrix-vector kernel runs at ~6 GB/s on one thread
+here, slower than float32's at twice the bytes, while oneDNN's linear on a weight reordered once into its blocked
+layout (`llmkit.nn.fused.pack_bfloat16_weights`; what inductor's CPU freezing pass does) runs ~1.8x faster
+(docs/benchmarks.md,
+"Decode speed"). float16 gains nothing from it on the measured CPU and is left alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +28,45 @@ from torch import nn
 
 
 class Linear(nn.Linear):
+    packed: PackedWeight | None = None  # set by llmkit.nn.fused.pack_bfloat16_weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed as a thread-parallel sum of slab products for a single row on CPU."""
+class PackedWeight:
+    """A bfloat16 weight (out, in) reordered by oneDNN for one-row products, valid while the tensors it was made
+    from (`sources`: the weight itself, or the parameters a fused weight views) are unchanged: same storage, no
+    in-place write since. A stale copy is never used."""
+
+    def __init__(self, weight: torch.Tensor, sources: Sequence[torch.Tensor] | None = None) -> None:
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # opaque oneDNN layout, batch 1
+        self.sources = list(sources) if sources is not None else [weight]
+        self.state = self._state()
+
+    def _state(self) -> list[tuple[int, int]]:
+        return [(source.data_ptr(), source._version) for source in self.sources]
+
+    def is_current(self) -> bool:
+        return self._state() == self.state
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")
+
+    def __reduce__(self) -> tuple:
+        """Copies and pickles of a model hold None here (oneDNN's opaque tensor has no storage to copy): they run
+        the unpacked product, the same numbers."""
+        return type(None), ()
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: PackedWeight | None = None
+) -> torch.Tensor:
+    """F.linear, computed as a thread-parallel sum of slab products for a single float32 row on CPU, or from the
+    oneDNN-packed copy `packed` of a bfloat16 weight for a single row."""
     out_features, in_features = weight.shape
+    if packed is not None and x.numel() == in_features and not torch.is_grad_enabled() and packed.is_current():
+        return packed(x, bias)
     n_slabs = torch.get_num_threads()
     if (
         x.numel() != in_features
@@ -53,3 +93,10 @@ def use_column_major_weights(model: nn.Module) -> nn.Module:
             if parameter.dim() == 2 and parameter.is_contiguous() and parameter.dtype == torch.float32:
                 parameter.data = parameter.data.t().contiguous().t()
     return model
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether `PackedWeight` can pack this weight: a 2-D bfloat16 CPU tensor, with oneDNN built in."""
+    return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
+

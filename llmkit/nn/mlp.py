@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.config import Config
+from llmkit.nn.fused import fused_product
 from llmkit.nn.linear import Linear
 
 
@@ -25,7 +26,9 @@ class GeluMLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """y = down(silu(gate(x)) * up(x))."""
+    """y = down(silu(gate(x)) * up(x)); `llmkit.nn.fused.fuse_projections` can join gate/up into one product."""
+
+    FUSED_PROJECTIONS = ("gate_proj", "up_proj")
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -34,11 +37,14 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = gate_and_up(self, x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeGLU(nn.Module):
-    """y = down(gelu(gate(x)) * up(x)); Gemma uses the tanh approximation of GELU."""
+    """y = down(gelu(gate(x)) * up(x)); Gemma uses the tanh approximation of GELU. Fusable as SwiGLU."""
+
+    FUSED_PROJECTIONS = ("gate_proj", "up_proj")
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -48,7 +54,8 @@ class GeGLU(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+        gate, up = gate_and_up(self, x)
+        return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)
 
 
 class ReluMLP(nn.Module):
@@ -61,6 +68,15 @@ class ReluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.relu(self.up_proj(x)))
+
+
+def gate_and_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated MLP's gate(x) and up(x) (..., d_ff): one product where `fuse_projections` joined them."""
+    fused = fused_product(mlp, x)  # (..., 2 d_ff) or None
+    if fused is None:
+        return mlp.gate_proj(x), mlp.up_proj(x)
+    gate, up = fused.chunk(2, dim=-1)
+    return gate, up
 
 
 MLP_CLASSES = {"swiglu": SwiGLU, "gelu": GeluMLP, "geglu": GeGLU, "relu": ReluMLP}
