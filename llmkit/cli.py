@@ -26,7 +26,7 @@ COMMANDS: dict[str, Any] = {
     "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
-    "bench": {"peft": "bench:bench_peft"},
+    "bench": {"peft": "bench:bench_peft", "quant": "bench_quant:bench_quant"},
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
