@@ -343,9 +343,8 @@ def encoder_table(rows: list[dict[str, Any]]) -> str:
     header = "| scheme | bits/weight | file MB | weights RAM MB | texts/s | mean cosine | min cosine | same nearest text |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        name = f"{row['scheme']} g{row['group_size']}" if row["group_size"] and row["scheme"] != "nf4" else row["scheme"]
         lines.append("| " + " | ".join([
-            name, f"{row['bits_per_weight']:.3f}", f"{row['file_bytes'] / 1e6:.1f}",
+            scheme_label(row), f"{row['bits_per_weight']:.3f}", f"{row['file_bytes'] / 1e6:.1f}",
             f"{row['weights_ram_bytes'] / 1e6:.1f}", f"{row['texts_per_s']:.0f}", f"{row['mean_cosine']:.5f}",
             f"{row['min_cosine']:.4f}", f"{100 * row['retrieval_agreement']:.1f}%"]) + " |")
     return "\n".join(lines)
@@ -368,7 +367,18 @@ def _caption(setup: dict[str, Any]) -> str:
     what = (f"{setup['n_texts']} texts of {setup['texts']}" if setup["arch"] == "encoder" else
             f"the first {setup['max_tokens']:,} tokens of {setup['text']}, greedy decode of {setup['decode_tokens']} "
             "tokens")
-    return f"{Path(setup['model']).name}, {what}; {setup['threads']} threads, torch {setup['torch']}, {setup['date']}"
+    threads = f"{setup['threads']} thread{'s' if setup['threads'] != 1 else ''}"
+    return f"{Path(setup['model']).name}, {what}; {threads}, torch {setup['torch']}, {setup['date']}"
+
+
+def scheme_label(row: dict[str, Any]) -> str:
+    """"int4 g32", "gptq (int4_asym, g64)", "q8_0": the group size where --group_size chose it."""
+    from llmkit.quant.formats import FORMATS
+
+    if row["scheme"] in CALIBRATED:
+        return f"{row['scheme']} ({row['format']}, g{row['group_size']})"
+    chosen = row["scheme"] in FORMATS and FORMATS[row["scheme"]].groups
+    return f"{row['scheme']} g{row['group_size']}" if chosen else row["scheme"]
 
 
 def decoder_table(rows: list[dict[str, Any]]) -> str:
@@ -377,20 +387,21 @@ def decoder_table(rows: list[dict[str, Any]]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         quant = row["scheme"] != FLOAT_ROW
-        name = f"{row['scheme']} ({row['format']}, g{row['group_size']})" if row["scheme"] in CALIBRATED else (
-            f"{row['scheme']} g{row['group_size']}" if row["group_size"] and row["scheme"] != "nf4" else row["scheme"])
+        name = scheme_label(row)
         cells = [name, f"{row['bits_per_weight']:.3f}", f"{row['file_bytes'] / 1e6:.1f}",
                  f"{row['weights_ram_bytes'] / 1e6:.1f}", f"{row['decode_tok_s']:.1f}", f"{row['perplexity']:.3f}",
                  f"{row['perplexity_change_pct']:+.2f}%" if quant else "-",
-                 f"{row['mean_kld']:.5f}" if quant else "-", f"{row['p99_kld']:.4f}" if quant else "-",
+                 f"{row['mean_kld']:.4g}" if quant else "-", f"{row['p99_kld']:.4g}" if quant else "-",
                  f"{100 * row['top1_agreement']:.2f}%" if quant else "-",
-                 f"{100 * row['rms_delta_p']:.2f}%" if quant else "-"]
+                 f"{100 * row['rms_delta_p']:.3g}%" if quant else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_report(rows: list[dict[str, Any]], setup: dict[str, Any], path: Path) -> None:
     """Bits/weight (x) against the loss of quality (y, log: mean KLD, or 1 - mean cosine), colour = speed."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,7 +421,7 @@ def plot_report(rows: list[dict[str, Any]], setup: dict[str, Any], path: Path) -
     axis.set_yscale("log")
     axis.set_xlabel("bits per weight of the quantized layers (scales included)")
     axis.set_ylabel("1 - mean cosine vs fp32 embeddings" if encoder else "mean KL(p_fp32 || p_quant), nats")
-    axis.set_title(_caption(setup), fontsize=8)
+    axis.set_title(textwrap.fill(_caption(setup), 110), fontsize=8)
     axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
