@@ -128,7 +128,7 @@ def test_on_minilm_int8_embeddings_stay_close_and_int4_drifts_more(tmp_path, cap
 
     output = tmp_path / "report"
     code, _, err = run_cli(capsys, "bench", "quant", "--model", str(default_encoder_path()), "--schemes",
-                           "[int8, int4]", "--n_texts", "128", "--output", str(output))
+                           "[int8, int4]", "--n_texts", "64", "--output", str(output))
     assert code == 0, err
     rows = {row["scheme"]: row for row in read_report(output)["rows"]}
     print({name: (row["mean_cosine"], row["retrieval_agreement"]) for name, row in rows.items()})
