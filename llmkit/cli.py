@@ -28,7 +28,7 @@ COMMANDS: dict[str, Any] = {
     "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
-    "bench": {"peft": "bench:bench_peft", "serve": "bench_serve:bench_serve"},
+    "bench": {"peft": "bench:bench_peft", "quant": "bench_quant:bench_quant", "serve": "bench_serve:bench_serve"},
     "serve": "serve:serve",
     "generate": "chat:generate",
     "chat": "chat:chat",

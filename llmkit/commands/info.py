@@ -63,7 +63,21 @@ def format_quantization(path) -> str:  # noqa: ANN001 (Path)
     head = " + LM head" if info["head"] else ""
     ram = (path / WEIGHTS_FILE).stat().st_size / 2**20
     return (f"\n  quantized        {info['scheme']}{group}, {len(info['layers'])} linear layers{head}\n"
-            f"  weights in RAM   {ram:,.1f} MiB (packed as in {WEIGHTS_FILE}; the float rows above are for comparison)")
+            f"  weights in RAM   {ram:,.1f} MiB (packed as in {WEIGHTS_FILE}; the float rows above are for comparison)"
+            + (f"\n  calibrated       {format_provenance(info['provenance'])}" if info.get("provenance") else ""))
+
+
+def format_provenance(provenance: dict) -> str:
+    """One line on how a calibrated checkpoint was made (quantization.json's provenance, written by gptq / awq)."""
+    line = (f"{provenance.get('method')}, group size {provenance.get('group_size')}, "
+            f"{provenance.get('calibration_tokens', 0):,} calibration tokens")
+    if "damp" in provenance:
+        line += f", damp {provenance['damp']}" + (", act_order" if provenance.get("act_order") else "")
+    alphas = [a for block in provenance.get("alphas", []) for a in block if a is not None]
+    if alphas:
+        line += (f", alpha searched on a {provenance.get('alpha_grid')}-point grid: mean {sum(alphas) / len(alphas):.2f}"
+                 f" ({min(alphas):.2f} to {max(alphas):.2f} over {len(alphas)} scale groups)")
+    return line
 
 
 def format_info(config) -> str:  # noqa: ANN001 (Config; imported lazily to keep `--help` fast)

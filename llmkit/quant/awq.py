@@ -42,7 +42,7 @@ from llmkit.quant.calibration import DEFAULT_BATCH_SIZE, block_inputs, check_dec
 from llmkit.quant.formats import get_format
 from llmkit.quant.gptq import DEFAULT_FORMAT, DEFAULT_GROUP, check_format
 from llmkit.quant.linear import QuantLinear
-from llmkit.quant.model import quantized_layers
+from llmkit.quant.model import PROVENANCE_ATTRIBUTE, quantized_layers
 
 N_GRID = 20
 DEFAULT_SEARCH_TOKENS = 8192  # calibration tokens the alpha search runs its module forwards on
@@ -207,16 +207,24 @@ def awq(
     for reason in sorted({group.why_not for groups in block_groups for group in groups if group.fold is None}):
         log.warning("awq: scales not searched where they cannot fold (%s); those layers are rounded to nearest", reason)
     batches = block_inputs(decoder, calibration, batch_size)
+    alphas: list[list[float | None]] = []  # per block, the alpha chosen for each scale group (None: not folded)
     for block, groups in tqdm(list(zip(decoder.blocks, block_groups, strict=True)), desc="awq", unit="block",
                               disable=not progress):
         means, inputs, batches = _collect(block, groups, batches, search_tokens)
+        alphas.append([])
         for group, x_abs_mean, group_inputs in zip(groups, means, inputs, strict=True):
+            alpha = None
             if group.fold is not None:
-                s, _, _ = search_scale(group, x_abs_mean, group_inputs, fmt, group_size, n_grid)
+                s, alpha, _ = search_scale(group, x_abs_mean, group_inputs, fmt, group_size, n_grid)
                 apply_scales(group, s)
+            alphas[-1].append(alpha)
         for group in groups:
             for linear in group.linears:
                 name = next(n for n, m in block.named_modules() if m is linear)
                 parent, _, attribute = name.rpartition(".")
                 setattr(block.get_submodule(parent), attribute, QuantLinear.from_linear(linear, fmt, group_size))
+    setattr(model, PROVENANCE_ATTRIBUTE, {  # save_quantized writes it to quantization.json
+        "method": "awq", "format": fmt, "group_size": group_size, "calibration_sequences": calibration.shape[0],
+        "calibration_tokens": calibration.numel(), "search_tokens": search_tokens,
+        "alpha_grid": n_grid, "alphas": alphas})
     return model

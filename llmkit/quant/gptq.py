@@ -43,7 +43,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import DEFAULT_BATCH_SIZE, block_inputs, check_decoder
 from llmkit.quant.integer import INT4_GROUPS
 from llmkit.quant.linear import QuantLinear
-from llmkit.quant.model import DEFAULT_TARGETS, quantized_layers
+from llmkit.quant.model import DEFAULT_TARGETS, PROVENANCE_ATTRIBUTE, quantized_layers
 from llmkit.quant.packed import QuantizedWeight, check_group, check_weight, pack_nibbles
 
 CALIBRATED_FORMATS = ("int4_asym", "int4")
@@ -220,4 +220,8 @@ def gptq(
                 setattr(block.get_submodule(parent) if parent else block, attribute, layer)
         with torch.no_grad():  # block i + 1 sees what the quantized block i makes of its inputs
             batches = [(block(x, context), context) for x, context in batches]
+    setattr(model, PROVENANCE_ATTRIBUTE, {  # save_quantized writes it to quantization.json
+        "method": "gptq", "format": fmt, "group_size": group_size, "calibration_sequences": calibration.shape[0],
+        "calibration_tokens": calibration.numel(), "damp": percdamp, "act_order": act_order,
+        "true_sequential": true_sequential})
     return model

@@ -4,11 +4,13 @@
     dequantize(model) -> model                                   each QuantLinear -> Linear holding W_hat (inverse)
 
 Native quantized checkpoint (a directory): config.json (the llmkit Config, unchanged), quantization.json (scheme,
-group size, the quantized layers' names, whether the LM head is quantized), model.safetensors with every float tensor
-under its usual name and, for a quantized layer `L`, its packed tensors as `L.weight.<name>` (QuantizedWeight.tensors,
-e.g. `L.weight.qweight` int8 + `L.weight.scale` fp32) plus `L.bias`. Loading reads the packed tensors as they are:
-the model's RAM is about the file's size. `llmkit.checkpoints` (a lower layer) refuses such a directory with a
-message naming `load_quantized`; the CLI verbs route quantized directories here (llmkit/commands/common.py).
+group size, the quantized layers' names, whether the LM head is quantized and, for a calibrated method, its
+`provenance`: method, group size, calibration tokens, GPTQ's damping / AWQ's alphas), model.safetensors with every
+float tensor under its usual name and, for a quantized layer `L`, its packed tensors as `L.weight.<name>`
+(QuantizedWeight.tensors, e.g. `L.weight.qweight` int8 + `L.weight.scale` fp32) plus `L.bias`. Loading reads the
+packed tensors as they are: the model's RAM is about the file's size. `llmkit.checkpoints` (a lower layer) refuses
+such a directory with a message naming `load_quantized`; the CLI verbs route quantized directories here
+(llmkit/commands/common.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from llmkit.quant.packed import QuantizedWeight
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD = "lm_head"
+PROVENANCE_ATTRIBUTE = "quantization_provenance"  # a calibrated method (gptq, awq) leaves on the model how it ran
 QUANTIZATION_VERSION = 1
 
 
@@ -112,6 +115,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Non
             state[f"{name}.bias"] = layer.bias
     info = {"version": QUANTIZATION_VERSION, "scheme": scheme, "group_size": group_size,
             "layers": sorted(name for name in layers if name != HEAD), "head": HEAD in layers}
+    provenance = getattr(model, PROVENANCE_ATTRIBUTE, None)
+    if provenance:
+        info["provenance"] = provenance
     save_native(saved_config(model), state, out_dir)
     atomic_write_text(Path(out_dir) / QUANTIZATION_FILE, json.dumps(info, indent=2) + "\n")
     if tokenizer is not None:
@@ -166,4 +172,6 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32", devic
     model.load_state_dict({k: t.to(dtype) for k, t in tensors.items()}, strict=False, assign=True)
     if isinstance(model, Decoder):
         model.reset_position_buffers()
+    if info.get("provenance"):  # saving it again keeps how it was calibrated
+        setattr(model, PROVENANCE_ATTRIBUTE, info["provenance"])
     return model.to(device).eval()
