@@ -10,11 +10,17 @@ the softmax out by hand, for reading and for testing the fast path.
 
 `causal_context` builds what every layer of a causal decoder shares for one forward (positions, rotary tables,
 the mask or ALiBi bias, the KV-cache slots) from the caller's padding mask, cache and packed-document ids.
+
+Sliding-window ("local") layers (Mistral; Gemma 3 on 5 of every 6 layers) let query slot t see key slots s with
+t - window < s <= t, so each token attends to its last `window` tokens, itself included (transformers' and
+llama.cpp's convention). The cache keeps every slot; the local mask hides the old ones. Their part of the context,
+`AttentionContext.local`, has that mask and, when the model gives local layers their own RoPE base, their rotary
+tables. Gemma 3 also normalises each head's q and k (QK-norm, RMSNorm over head_dim) before RoPE.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -24,6 +30,7 @@ from torch import nn
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.linear import Linear
+from llmkit.nn.norm import RMSNorm
 from llmkit.nn.position import alibi_bias, apply_rope, rope_cos_sin
 
 AttentionKernel = Literal["sdpa", "reference"]
@@ -87,6 +94,7 @@ class AttentionContext:
     cache: KVCache | None = None
     start: int = 0  # cache slot of the first new token
     kernel: AttentionKernel = "sdpa"
+    local: AttentionContext | None = None  # what sliding-window layers use instead (mask within the window)
 
 
 def causal_context(
@@ -98,6 +106,7 @@ def causal_context(
     document_ids: torch.Tensor | None = None,
     *,
     inv_freq: torch.Tensor | None = None,
+    local_inv_freq: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -109,7 +118,8 @@ def causal_context(
     positions from its first real token. With a `cache` the T tokens take its next slots and attend to every slot
     stored before them. `document_ids` (B, T) packs several documents in a row (training, no cache): each run of equal
     ids attends only to itself and restarts its positions. `inv_freq` (RoPE) gives the rotary tables; `alibi_slopes`
-    (ALiBi) turns the mask into an additive bias, in `dtype`.
+    (ALiBi) turns the mask into an additive bias, in `dtype`. A config with sliding-window layers also gets
+    `context.local` (its window in the mask; `local_inv_freq`'s rotary tables when given).
 
     Raises:
         LlmkitError: a mask or document ids of the wrong shape, document ids with a cache, a cache made for another
@@ -138,14 +148,36 @@ def causal_context(
     needs_mask = padded or config.position == "alibi" or (start > 0 and T > 1) or documents is not None
     if not needs_mask:
         context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
-        return context
-    allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
-    if config.position == "alibi":
-        bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
-        context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
     else:
-        context.mask = allowed
+        allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
+        if config.position == "alibi":
+            bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
+            context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
+        else:
+            context.mask = allowed
+    if config.local_layers:
+        context.local = _local_context(context, config.sliding_window, end, valid, documents, local_inv_freq, dtype)
     return context
+
+
+def _local_context(
+    context: AttentionContext, window: int, end: int, valid: torch.Tensor | None, documents: torch.Tensor | None,
+    local_inv_freq: torch.Tensor | None, dtype: torch.dtype,
+) -> AttentionContext:
+    """The global `context` narrowed for sliding-window layers: keys more than `window` - 1 slots before the query are
+    hidden (only once some query is that far in: before, the window is the whole causal span)."""
+    local = replace(context)
+    if local_inv_freq is not None:
+        local.cos, local.sin = rope_cos_sin(context.positions, local_inv_freq, dtype)
+    if end <= window:
+        return local
+    device = context.positions.device
+    allowed = context.mask if context.mask is not None else _allowed_keys(context.start, end, valid, documents, device)
+    query_slots = torch.arange(context.start, end, device=device)[:, None]  # (T, 1)
+    key_slots = torch.arange(end, device=device)[None]  # (1, S)
+    local.mask = allowed & (query_slots - key_slots < window)  # (B or 1, 1, T, S)
+    local.is_causal = False
+    return local
 
 
 def _claim_slots(
@@ -205,7 +237,11 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.v_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.o_proj = Linear(config.q_dim, config.d_model, bias=config.out_bias)
-        self.scale = config.attention_scale  # None: 1/sqrt(head_dim)
+        self.scale = config.attention_scale  # None: 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar**-0.5
+        # QK-norm (Gemma 3): one RMSNorm over head_dim shared by every head of q, another for k
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
+        self.sliding = layer_index in config.local_layers  # takes the context's sliding-window part
 
     def forward(
         self, x: torch.Tensor, context: AttentionContext, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -213,7 +249,11 @@ class Attention(nn.Module):
         """Self-attention over x (B, T, C); cross-attention when `keys_values` holds another sequence's keys and
         values (from `project_keys_values`, e.g. of the encoder states; the context then has no rotary tables or cache)."""
         B, T, _ = x.shape
+        if self.sliding:
+            context = context.local
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         k, v = self.project_keys_values(x) if keys_values is None else keys_values  # (B, Hkv, S, D)
         if context.cos is not None:
             q = apply_rope(q, context.cos, context.sin)
@@ -232,6 +272,8 @@ class Attention(nn.Module):
         B, S, _ = states.shape
         k = self.k_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = self.v_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return k, v
 
 

@@ -1,0 +1,205 @@
+"""Gemma 3: QK-norm, sandwich norms, sliding-window local layers with their own RoPE base, held against
+transformers' Gemma3ForCausalLM on a tiny random config (sequences longer than the window, so local layers differ
+from global ones), plus Gemma 3's GGUF (architecture `gemma3`, SentencePiece tokenizer) against transformers' GGUF
+readers, and the real Gemma 3 270M Q4_K_M file (slow tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+from llmkit import Config, LlmkitError
+from llmkit.checkpoints.hf import export_hf, load_hf
+from llmkit.checkpoints.hf_config import config_from_hf
+from llmkit.generate.decode import generate_tokens
+from llmkit.models.decoder import Decoder
+
+VOCAB = 128
+WINDOW = 5  # tokens a local layer sees (its own included); the test sequences are several windows long
+# fp32 on both sides: only summation order differs (~1e-6), while a wrong norm place, window edge or RoPE base
+# moves logits by 1e-2 or more.
+TOLERANCE = 1e-4
+
+
+def hf_gemma3(**changes) -> Gemma3ForCausalLM:
+    """A seeded tiny Gemma 3: 6 layers (5 local + 1 global, Gemma 3's pattern), MQA with head_dim 32 (n_heads *
+    head_dim != d_model), query_pre_attn_scalar 24 (not head_dim), local RoPE base 100 and global 5,000 (not the
+    defaults, so both must be read), every weight drawn away from its init."""
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=32, max_position_embeddings=128, sliding_window=WINDOW,
+                  query_pre_attn_scalar=24, rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                  attn_implementation="eager")
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**{**fields, **changes})).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(mean=0.0, std=0.3 if "norm" in name else 0.1)  # Gemma norms scale by (1 + w)
+    return model
+
+
+def load_llmkit(directory: Path) -> Decoder:
+    config, state = load_hf(directory)
+    model = Decoder(config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Gemma3ForCausalLM, Decoder, Path]:
+    """(transformers model, llmkit's import of its saved directory, the directory)."""
+    directory = tmp_path_factory.mktemp("gemma3")
+    hf_model = hf_gemma3()
+    hf_model.save_pretrained(directory)
+    return hf_model, load_llmkit(directory), directory
+
+
+def token_ids(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_import_reads_gemma3_fields(pair):
+    _, model, _ = pair
+    config = model.config
+    assert config.layer_types == ("local",) * 5 + ("global",)
+    assert config.local_layers == (0, 1, 2, 3, 4)
+    assert (config.sliding_window, config.rope_theta, config.rope_local_theta) == (WINDOW, 5000.0, 100.0)
+    assert config.attention_scale == pytest.approx(24**-0.5)
+    assert config.qk_norm and config.post_norms and config.norm_offset == 1.0 and config.scale_embeddings
+    assert config.hf_architecture == "Gemma3ForCausalLM"
+
+
+def test_other_models_keep_their_layers():
+    """The new fields' defaults build exactly the modules (and state dict) a Llama had before."""
+    model = Decoder(Config.from_name("tiny-llama"))
+    assert model.config.local_layers == ()
+    assert not any(("q_norm" in name or "post_" in name) for name in model.state_dict())
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(layer_types=("local", "global")), "sliding_window"),
+    (dict(layer_types=("local",), sliding_window=4), "layer_types lists 1 layers but n_layers=2"),
+    (dict(sliding_window=0), "sliding_window=0 must be a positive"),
+    (dict(qk_norm=True, norm="layernorm"), "qk_norm=True normalises q and k with RMSNorm"),
+    (dict(sliding_window=4, position="alibi"), "RoPE decoders only"),
+    (dict(post_norms=True, post_norm=True), "post_norms=True"),
+    (dict(layer_types=("local", "sideways"), sliding_window=4), "layer_types"),
+])
+def test_config_refuses_impossible_attention_variants(changes, message):
+    with pytest.raises(LlmkitError, match=message):
+        Config(n_layers=2, **changes)
+
+
+def test_native_config_files_from_before_the_fields_still_load(tmp_path):
+    config = Config.from_name("tiny-llama")
+    config.save(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    for key in ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta"):
+        del data[key]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert Config.load(tmp_path / "config.json") == config
+
+
+# --------------------------------------------------------------------------- numerics against transformers
+
+
+def test_logits_match_transformers_beyond_the_window(pair):
+    hf_model, model, _ = pair
+    ids = token_ids(length=4 * WINDOW + 3)
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        got = model(ids)
+        # the window matters: the same weights with a window wider than the text give other logits after WINDOW tokens
+        wide = Decoder(dataclasses.replace(model.config, sliding_window=1000)).eval()
+        wide.load_state_dict(model.state_dict())
+        full = wide(ids)
+    assert expected.abs().max() > 1.0
+    assert max_difference(got, expected) <= TOLERANCE
+    assert max_difference(full[:, :WINDOW], expected[:, :WINDOW]) <= TOLERANCE
+    assert max_difference(full[:, WINDOW:], expected[:, WINDOW:]) > 100 * TOLERANCE
+
+
+def test_cached_decode_matches_full_forward_and_reference_kernel(pair):
+    """Prefill shorter than the window, then one token at a time well past it: the local mask must follow the
+    cache. The reference (hand-written softmax) kernel gives the same logits."""
+    hf_model, model, _ = pair
+    ids = token_ids(length=4 * WINDOW, batch=1)
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        cache = model.new_cache(batch_size=1, max_len=ids.shape[1])
+        steps = [model(ids[:, :3], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(3, 2 * WINDOW)]
+        steps += [model(ids[:, 2 * WINDOW :], cache=cache)]  # a multi-token chunk after the window filled
+        model.kernel = "reference"
+        reference = model(ids)
+        model.kernel = "sdpa"
+    assert max_difference(torch.cat(steps, dim=1), expected) <= TOLERANCE
+    assert max_difference(reference, expected) <= TOLERANCE
+
+
+def test_greedy_tokens_equal_transformers_generate(pair):
+    hf_model, model, _ = pair
+    prompt = token_ids(length=3, batch=1)[0].tolist()
+    steps = list(generate_tokens(model, prompt, max_new_tokens=4 * WINDOW))
+    ours = [tokens[0] for tokens in steps]
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=4 * WINDOW, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs
+
+
+def test_left_padded_batch_matches_transformers(pair):
+    hf_model, model, _ = pair
+    ids = token_ids(length=3 * WINDOW, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        alone = hf_model(ids[:1, 4:]).logits
+        got = model(ids, attention_mask=mask)
+        full_row = hf_model(ids[1:]).logits
+    assert max_difference(got[0, 4:], alone[0]) <= TOLERANCE
+    assert max_difference(got[1], full_row[0]) <= TOLERANCE
+
+
+def test_export_loads_in_transformers_with_same_logits(pair, tmp_path):
+    hf_model, model, _ = pair
+    export_hf(model, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    ids = token_ids(length=3 * WINDOW)
+    with torch.no_grad():
+        assert max_difference(reloaded(ids).logits, hf_model(ids).logits) <= TOLERANCE
+    assert load_llmkit(tmp_path).config == model.config.__class__(**{**model.config.to_dict(), "name": tmp_path.name})
+
+
+def test_legacy_rope_keys_are_read(tmp_path):
+    """Older Gemma 3 config.json files say rope_theta / rope_local_base_freq / sliding_window_pattern."""
+    data = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64,
+                intermediate_size=96, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                max_position_embeddings=128, sliding_window=8, sliding_window_pattern=2, rope_theta=1e6,
+                rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                query_pre_attn_scalar=32)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = config_from_hf(tmp_path)
+    assert config.layer_types == ("local", "global", "local", "global")
+    assert (config.rope_theta, config.rope_local_theta, config.rope_scaling.factor) == (1e6, 1e4, 8.0)
+
+
+def test_softcapping_is_refused(tmp_path):
+    hf_gemma3(final_logit_softcapping=30.0).save_pretrained(tmp_path)
+    with pytest.raises(LlmkitError, match="final_logit_softcapping=30.0"):
+        load_hf(tmp_path)
