@@ -9,15 +9,20 @@ import dataclasses
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from llmkit import Config, LlmkitError
+from llmkit.checkpoints.gguf import load_gguf
 from llmkit.checkpoints.hf import export_hf, load_hf
 from llmkit.checkpoints.hf_config import config_from_hf
 from llmkit.generate.decode import generate_tokens
 from llmkit.models.decoder import Decoder
+from llmkit.quant.gguf_load import load_gguf_quantized
+from llmkit.tokenizer import Tokenizer
+from tests.test_checkpoints_gguf import write_gguf
 
 VOCAB = 128
 WINDOW = 5  # tokens a local layer sees (its own included); the test sequences are several windows long
@@ -203,3 +208,113 @@ def test_softcapping_is_refused(tmp_path):
     hf_gemma3(final_logit_softcapping=30.0).save_pretrained(tmp_path)
     with pytest.raises(LlmkitError, match="final_logit_softcapping=30.0"):
         load_hf(tmp_path)
+
+
+# --------------------------------------------------------------------------- GGUF (architecture gemma3)
+
+GGUF_BLOCK_NAMES = {"attn_norm": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+                    "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+                    "post_attn_norm": "post_attention_norm", "mlp_norm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "post_mlp_norm": "post_ffw_norm"}
+
+
+def write_gemma3_gguf(path: Path, model: Decoder) -> Path:
+    """`model` as llama.cpp's converter writes a Gemma 3: HF row order (NEOX RoPE), norm weights stored as (1 + w),
+    tied head (no output.weight), the window in metadata (pattern and local RoPE base are llama.cpp constants)."""
+    config, tensors = model.config, {}
+    for name, tensor in model.state_dict().items():
+        array = tensor.numpy().copy()
+        if name.endswith("norm.weight"):
+            array = array + 1
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            module, suffix = rest.rsplit(".", 1)
+            tensors[f"blk.{index}.{GGUF_BLOCK_NAMES[module]}.{suffix}"] = array
+        else:
+            tensors[{"embed.weight": "token_embd.weight", "final_norm.weight": "output_norm.weight"}[name]] = array
+    arch = "gemma3"
+    metadata = {
+        f"{arch}.block_count": config.n_layers, f"{arch}.context_length": config.max_seq_len,
+        f"{arch}.embedding_length": config.d_model, f"{arch}.feed_forward_length": config.d_ff,
+        f"{arch}.attention.head_count": config.n_heads, f"{arch}.attention.head_count_kv": config.n_kv_heads,
+        f"{arch}.attention.key_length": config.head_dim, f"{arch}.attention.value_length": config.head_dim,
+        f"{arch}.rope.freq_base": config.rope_theta, f"{arch}.attention.layer_norm_rms_epsilon": config.norm_eps,
+        f"{arch}.attention.sliding_window": config.sliding_window, f"{arch}.vocab_size": config.vocab_size,
+        "tokenizer.ggml.bos_token_id": config.bos_id, "tokenizer.ggml.eos_token_id": config.eos_id,
+    }
+    return write_gguf(path, metadata, tensors, arch)
+
+
+def test_gguf_import_matches_transformers(tmp_path):
+    """A tiny Gemma 3 written the way llama.cpp's converter does; llama.cpp's constants (every 6th layer global,
+    local RoPE base 10k, scale 1/sqrt(head_dim)) are what the HF model is given."""
+    hf_model = hf_gemma3(query_pre_attn_scalar=32, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    hf_model.save_pretrained(tmp_path / "hf")
+    path = write_gemma3_gguf(tmp_path / "tiny-gemma3.gguf", load_llmkit(tmp_path / "hf"))
+    config, state = load_gguf(path)
+    model = Decoder(config).eval()
+    model.load_state_dict(state)
+    quantized = load_gguf_quantized(path)
+    ids = token_ids(length=4 * WINDOW)
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        assert max_difference(model(ids), expected) <= TOLERANCE
+        assert max_difference(quantized(ids), expected) <= TOLERANCE
+    assert config.layer_types == ("local",) * 5 + ("global",) and config.rope_local_theta == 10000.0
+
+
+SPM_PIECES = ["\u2581", "a", "b", "c", "ab", "\u2581a", "\u2581ab", "abc", "\u2581abc", "ca", "\u2581c", "\u2581b", "bc",
+              "\u2581\u2581", "\u00e9", "\u2581\u00e9"]
+
+
+def write_spm_gguf(path: Path, add_space_prefix: bool) -> Path:
+    """A tiny SentencePiece ('llama') vocabulary as Gemma's GGUF holds one: control tokens, a user-defined run of
+    spaces written as real spaces, 256 byte-fallback tokens, pieces in merge order (scores deliberately not)."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "   ", "\n\n"]
+    types = [3, 3, 3, 2, 3, 4, 4]
+    tokens += [f"<0x{byte:02X}>" for byte in range(256)]
+    types += [6] * 256
+    tokens += SPM_PIECES
+    types += [1] * len(SPM_PIECES)
+    scores = [-1000.0] * 263 + [float(-i) for i in range(len(SPM_PIECES))][::-1]  # reversed: the order must win
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+SPM_TEXTS = ["abc", "ab ab  abc", "   abc", "cab bca", "a\n\nb", "z\u00e9\u00e9 \u00e9", "<start_of_turn>abc", "\u65e5 ok",
+             " a  b   c    a"]
+
+
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    path = write_spm_gguf(tmp_path / "spm.gguf", add_space_prefix=False)
+    ours = Tokenizer.from_gguf(path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_TEXTS:
+        assert ours.encode(text) == theirs(text).input_ids, text
+        assert ours.decode(ours.encode(text, add_bos=False)) == text
+    assert ours.encode("\u65e5")[1:] == [7 + 0xE6, 7 + 0x97, 7 + 0xA5]  # byte fallback: UTF-8 bytes' tokens
+    assert ours.encode("ab")[0] == 2 and ours.add_bos  # the file says add BOS
+
+
+def test_sentencepiece_space_prefix(tmp_path):
+    """Llama 1/2 files ask for a space in front of the text (tokenizer.ggml.add_space_prefix, default true)."""
+    ours = Tokenizer.from_gguf(write_spm_gguf(tmp_path / "spm.gguf", add_space_prefix=True))
+    abc = SPM_PIECES.index("\u2581abc") + 263
+    assert ours.encode("abc", add_bos=False) == [abc]
+    assert ours.decode([abc]) == "abc"
