@@ -18,10 +18,12 @@ from llmkit import Config, LlmkitError
 from llmkit.checkpoints.gguf import load_gguf
 from llmkit.checkpoints.hf import export_hf, load_hf
 from llmkit.checkpoints.hf_config import config_from_hf
-from llmkit.generate.decode import generate_tokens
+from llmkit.generate.decode import generate, generate_tokens
 from llmkit.models.decoder import Decoder
-from llmkit.quant.gguf_load import load_gguf_quantized
+from llmkit.quant.gguf_load import load_gguf_quantized, weight_bytes
+from llmkit.quant.linear import QuantLinear
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import run_cli
 from tests.test_checkpoints_gguf import write_gguf
 
 VOCAB = 128
@@ -158,10 +160,10 @@ def test_cached_decode_matches_full_forward_and_reference_kernel(pair):
 def test_greedy_tokens_equal_transformers_generate(pair):
     hf_model, model, _ = pair
     prompt = token_ids(length=3, batch=1)[0].tolist()
-    steps = list(generate_tokens(model, prompt, max_new_tokens=4 * WINDOW))
+    steps = list(generate_tokens(model, prompt, max_new_tokens=3 * WINDOW))
     ours = [tokens[0] for tokens in steps]
     with torch.no_grad():
-        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=4 * WINDOW, do_sample=False,
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=3 * WINDOW, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == theirs
 
@@ -318,3 +320,84 @@ def test_sentencepiece_space_prefix(tmp_path):
     abc = SPM_PIECES.index("\u2581abc") + 263
     assert ours.encode("abc", add_bos=False) == [abc]
     assert ours.decode([abc]) == "abc"
+
+
+# --------------------------------------------------------------------------- real weights: Gemma 3 270M Q4_K_M
+
+PROMPT = "The capital of France is"
+# varied text for the tokenizer: runs of spaces and newlines, code, accents, CJK, emoji, digits, special tokens
+REAL_TEXTS = SPM_TEXTS + [
+    PROMPT, "  leading spaces and   runs   of spaces\n\n\nnewlines\ttabs",
+    "\u00dcn\u00efc\u00f6d\u00e9 \u2014 \u201cquotes\u201d \u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "emoji \U0001f600 \U0001f1eb\U0001f1f7 and a rare \u1e01\u0336",
+    "code: def f(x):\n    return x**2  # comment", "<start_of_turn>user\nhi<end_of_turn>",
+    "numbers 1234567 3.14159 and 1,000,000", "<bos>text <eos> more", "a" * 50, " trailing space ",
+]
+
+
+@pytest.fixture(scope="module")
+def real_quantized(gemma3_gguf):
+    return load_gguf_quantized(gemma3_gguf)
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(gemma3_gguf):
+    return Tokenizer.from_gguf(gemma3_gguf)
+
+
+@pytest.fixture(scope="module")
+def real_transformers(gemma3_gguf):
+    """transformers' own GGUF reader (it dequantizes every tensor to fp32)."""
+    return AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_real_gemma3_continues_coherently_with_quantized_weights(real_quantized, real_tokenizer, gemma3_gguf):
+    """llama.cpp continues the prompt with "... the capital of the country of France ..."; the file's Q4_K, Q5_0,
+    Q6_K and Q8_0 matrices stay packed, the weights in RAM within 1.2x the file's size."""
+    text = generate(real_quantized, real_tokenizer, PROMPT, max_new_tokens=12)
+    assert "the capital of the country of France" in text, text
+    schemes = {module.scheme for module in real_quantized.modules() if isinstance(module, QuantLinear)}
+    assert schemes == {"q4_k", "q5_0", "q6_k", "q8_0"}
+    assert weight_bytes(real_quantized) <= 1.2 * gemma3_gguf.stat().st_size
+
+
+@pytest.mark.slow
+def test_real_gemma3_greedy_tokens_equal_transformers(real_transformers, real_quantized, gemma3_gguf):
+    """llmkit's dequantized import computes what transformers computes from the same file (same fp32 weights); the
+    quantized path runs its int8 block products with bf16 activations (llmkit.quant.linear), hence the looser bound."""
+    config, state = load_gguf(gemma3_gguf)
+    model = Decoder(config).eval()
+    model.load_state_dict(state)
+    del state
+    prompt = [2, 818, 5279, 529, 7001, 563]  # <bos> The capital of France is
+    with torch.no_grad():
+        theirs = real_transformers.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, 6:]
+        ours = [tokens[0] for tokens in generate_tokens(model, prompt, max_new_tokens=20)]
+        ids = torch.tensor([prompt + theirs.tolist()])
+        expected = real_transformers(ids).logits
+        assert max_difference(model(ids), expected) <= 1e-3  # fp32, 640-wide sums: ~1e-5 seen
+        quantized = real_quantized(ids)
+    assert ours == theirs.tolist()
+    assert max_difference(quantized, expected) <= 0.5  # bf16 activations: ~0.1 seen, logits up to ~30
+    assert torch.equal(quantized[0, :6].argmax(-1), expected[0, :6].argmax(-1))
+
+
+@pytest.mark.slow
+def test_real_gemma3_tokenizer_matches_transformers(real_tokenizer, gemma3_gguf):
+    theirs = AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name)
+    for text in REAL_TEXTS:
+        assert real_tokenizer.encode(text) == theirs(text).input_ids, text
+        assert real_tokenizer.decode(real_tokenizer.encode(text, add_bos=False)) == text
+
+
+@pytest.mark.slow
+def test_real_gemma3_info_and_generate_cli(gemma3_gguf, capsys):
+    code, out, err = run_cli(capsys, "info", "--model", str(gemma3_gguf))
+    assert code == 0, err
+    assert "Q4_K" in out and "Q6_K" in out and "gemma" in out.lower()
+    code, out, err = run_cli(capsys, "generate", "--model", str(gemma3_gguf), "--prompt", PROMPT,
+                             "--max_new_tokens", "12")
+    assert code == 0, err
+    assert "capital of the country of France" in out
