@@ -393,10 +393,14 @@ def test_real_gemma3_tokenizer_matches_transformers(real_tokenizer, gemma3_gguf)
 
 
 @pytest.mark.slow
-def test_real_gemma3_info_and_generate_cli(gemma3_gguf, capsys):
+def test_real_gemma3_info_cli(gemma3_gguf, capsys):
     code, out, err = run_cli(capsys, "info", "--model", str(gemma3_gguf))
     assert code == 0, err
     assert "Q4_K" in out and "Q6_K" in out and "gemma" in out.lower()
+
+
+@pytest.mark.slow
+def test_real_gemma3_generate_cli(gemma3_gguf, capsys):
     code, out, err = run_cli(capsys, "generate", "--model", str(gemma3_gguf), "--prompt", PROMPT,
                              "--max_new_tokens", "12")
     assert code == 0, err
