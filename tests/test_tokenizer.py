@@ -356,8 +356,8 @@ def test_unsupported_gguf_tokenizers(tiny_bpe, tmp_path):
     vocab, merges = tiny_bpe
     with pytest.raises(LlmkitError, match="tokenizer.ggml.pre = 'mystery' is not a pre-tokenizer llmkit knows"):
         Tokenizer.from_gguf(write_gguf(tmp_path / "a.gguf", vocab, merges, "mystery"))
-    with pytest.raises(LlmkitError, match="tokenizer.ggml.model = 'llama' is not supported"):
-        Tokenizer.from_gguf(write_gguf(tmp_path / "b.gguf", vocab, merges, "gpt-2", model="llama"))
+    with pytest.raises(LlmkitError, match="tokenizer.ggml.model = 't5' is not supported"):  # Unigram
+        Tokenizer.from_gguf(write_gguf(tmp_path / "b.gguf", vocab, merges, "gpt-2", model="t5"))
     with pytest.raises(LlmkitError, match="tokenizer.ggml.merges do not fit tokenizer.ggml.tokens"):
         Tokenizer.from_gguf(write_gguf(tmp_path / "c.gguf", vocab, [*merges, ("zz", "qq")], "gpt-2"))
 

@@ -9,6 +9,10 @@ Q4_1: 32 4-bit values + scale and minimum, y = d * q + m; K-quants: 256-value su
 llama.cpp's converter reorders the rows of each Q and K head of llama-architecture models from the
 Hugging Face "rotate half" layout (channel i pairs with i + D/2) to interleaved pairs (2i, 2i + 1),
 the layout its RoPE kernel rotates; `unpermute_rows` undoes it so llmkit's RoPE sees HF order.
+
+Gemma 3 (`gemma3`): llama.cpp's converter stores each RMSNorm weight as (1 + w), the scale Gemma applies; llmkit
+keeps Gemma's w (norm_offset 1.0, as in its Hugging Face checkpoints), so 1 is taken off again at load. Facts the
+file leaves out are llama.cpp's constants for the architecture (GEMMA3_* below).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ ROPE_SCALING_TYPE_KEY = "rope.scaling.type"
 ROPE_SCALING_FACTOR_KEY = "rope.scaling.factor"
 ROPE_SCALE_LINEAR_KEY = "rope.scale_linear"  # older files: a bare linear factor
 ROPE_ORIGINAL_CONTEXT_KEY = "rope.scaling.original_context_length"
+SLIDING_WINDOW_KEY = "attention.sliding_window"
 
 # --- tensor names
 OUTPUT_TENSOR = "output.weight"  # absent when the LM head is tied to token_embd
@@ -66,20 +71,32 @@ BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Gemma 3: QK-norm and the norms on each sublayer's output
+    "attn_q_norm": "attn.q_norm",
+    "attn_k_norm": "attn.k_norm",
+    "post_attention_norm": "post_attn_norm",
+    "post_ffw_norm": "post_mlp_norm",
 }
 SUPPORTED_TYPES = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, IQ and TQ types"
 # Llama 3 RoPE recipe constants that llama.cpp bakes into rope_freqs.weight without storing them
 LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT = 1.0, 4.0, 8192
+# Gemma 3 facts llama.cpp hard-codes instead of storing (src/llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer is
+# global, the others local; local RoPE base 10k; attention scale 1/sqrt(head_dim), except 27B's 1/sqrt(d_model/heads)
+GEMMA3_GLOBAL_EVERY = 6
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0
+GEMMA3_27B_LAYERS = 62
 
 
 @dataclass(frozen=True)
 class Architecture:
     """What differs between GGUF architectures that map onto llmkit's Decoder."""
 
-    permuted_qk: bool  # llama.cpp interleaved the Q/K rows (llama) or kept HF order (qwen2: NEOX rope)
+    permuted_qk: bool  # llama.cpp interleaved the Q/K rows (llama) or kept HF order (qwen2, gemma3: NEOX rope)
+    norm_offset: float = 0.0  # the converter stored RMSNorm weights as (norm_offset + w) (Gemma: 1)
 
 
-ARCHITECTURES = {"llama": Architecture(permuted_qk=True), "qwen2": Architecture(permuted_qk=False)}
+ARCHITECTURES = {"llama": Architecture(permuted_qk=True), "qwen2": Architecture(permuted_qk=False),
+                 "gemma3": Architecture(permuted_qk=False, norm_offset=1.0)}
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -218,9 +235,9 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
     names = {t.name for t in reader.tensors}
     keys = {"n_layers": BLOCK_COUNT_KEY, "n_heads": HEAD_COUNT_KEY, "n_kv_heads": HEAD_COUNT_KV_KEY,
             "d_model": EMBEDDING_LENGTH_KEY, "head_dim": KEY_LENGTH_KEY, "d_ff": FEED_FORWARD_LENGTH_KEY,
-            "max_seq_len": CONTEXT_LENGTH_KEY, "norm_eps": RMS_EPSILON_KEY, "vocab_size": VOCAB_SIZE_KEY}
-    return build_config(
-        source, {field: f"{arch}.{key}" for field, key in keys.items()},
+            "max_seq_len": CONTEXT_LENGTH_KEY, "norm_eps": RMS_EPSILON_KEY, "vocab_size": VOCAB_SIZE_KEY,
+            "sliding_window": SLIDING_WINDOW_KEY}
+    fields = dict(
         name=source.stem,
         vocab_size=vocab_size,
         n_layers=count(BLOCK_COUNT_KEY),
@@ -245,6 +262,21 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
         extra={"source": str(source), "format": "gguf", "architecture": arch,  # notes only
                "gguf_name": str(_metadata(reader, MODEL_NAME_KEY, ""))},
     )
+    if arch == "gemma3":
+        fields.update(_gemma3_fields(reader, fields))
+    return build_config(source, {field: f"{arch}.{key}" for field, key in keys.items()}, **fields)
+
+
+def _gemma3_fields(reader: GGUFReader, fields: dict[str, Any]) -> dict[str, Any]:
+    """What Gemma 3 changes from the Llama fields: GeGLU (tanh), embeddings times sqrt(d), (1 + w) norms, QK-norm,
+    sandwich norms, sliding-window local layers (window from the file; pattern, local RoPE base and attention scale
+    from llama.cpp's constants). A RoPE scaling in the file applies to the global layers only, as in llama.cpp."""
+    n_layers = fields["n_layers"]
+    scalar = fields["d_model"] / fields["n_heads"] if n_layers == GEMMA3_27B_LAYERS else fields["head_dim"]
+    return dict(mlp="geglu", gelu_approximate="tanh", scale_embeddings=True, norm_offset=1.0, qk_norm=True,
+                post_norms=True, sliding_window=_int_metadata(reader, f"gemma3.{SLIDING_WINDOW_KEY}"),
+                layer_types=tuple("global" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "local" for i in range(n_layers)),
+                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, attention_scale=scalar**-0.5)
 
 
 def llmkit_name(gguf_name: str) -> str | None:
@@ -285,7 +317,8 @@ def numpy_shape(tensor: ReaderTensor) -> tuple[int, ...]:
 
 
 def dequantized_tensor(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
-    """A tensor's values as float32 in numpy order; unsupported types name the tensor and the fix."""
+    """A tensor's values as float32 in numpy order, as llmkit's model holds them (a Gemma norm weight without the
+    converter's +1); unsupported types name the tensor and the fix."""
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
@@ -293,7 +326,11 @@ def dequantized_tensor(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
             f"{_source(reader)}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which cannot be "
             f"dequantized; re-quantize the model to one of {SUPPORTED_TYPES}"
         ) from None
-    return values.reshape(numpy_shape(tensor))  # (out, in) for linear weights
+    values = values.reshape(numpy_shape(tensor))  # (out, in) for linear weights
+    offset = ARCHITECTURES.get(_metadata(reader, ARCHITECTURE_KEY, None), ARCHITECTURES["llama"]).norm_offset
+    if offset and tensor.name.endswith("norm.weight"):
+        values = values - np.float32(offset)
+    return values
 
 
 def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:

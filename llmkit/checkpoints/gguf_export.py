@@ -69,7 +69,7 @@ PAD_TOKEN = "[PAD{}]"  # llama.cpp's filler for ids the tokenizer does not defin
 # What a llama-family decoder leaves at these values; anything else has no place in GGUF's llama/qwen2 graphs.
 LLAMA_FAMILY = dict(arch="decoder", norm="rmsnorm", mlp="swiglu", position="rope", out_bias=False, mlp_bias=False,
                     embed_norm=False, scale_embeddings=False, norm_offset=0.0, rope_fraction=1.0, n_experts=0,
-                    attention_scale=None)
+                    attention_scale=None, qk_norm=False, post_norms=False, sliding_window=None)
 SUPPORTED = "llama-family decoders: llama, mistral, smollm2 (GGUF 'llama') and qwen2 (GGUF 'qwen2')"
 PERMUTED_QK = {"llama": True, "qwen2": False}  # as ARCHITECTURES in llmkit.checkpoints.gguf
 

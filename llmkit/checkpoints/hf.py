@@ -1,4 +1,4 @@
-"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral, Qwen2, BLOOM, Phi-3, Gemma, StableLM
+"""Hugging Face safetensors directories in and out: GPT-2, Llama, Mistral, Qwen2, BLOOM, Phi-3, Gemma, Gemma 3, StableLM
 decoders here; `export_hf` writes every family (BERT encoders through hf_bert.py, T5 through hf_t5.py).
 
 Each family has one explicit key map between Hugging Face tensor names and llmkit's, chosen by
@@ -19,6 +19,7 @@ from llmkit.checkpoints.hf_bert import bert_config_dict, to_hf_bert_state_dict
 from llmkit.checkpoints.hf_config import (
     BLOOM,
     GEMMA,
+    GEMMA3,
     GPT2,
     LLAMA,
     MISTRAL,
@@ -89,7 +90,18 @@ MIXTRAL_MODULES = {
     "model.layers.{i}.block_sparse_moe.experts.{j}.w3": "blocks.{i}.mlp.experts.{j}.up_proj",
     "model.layers.{i}.block_sparse_moe.experts.{j}.w2": "blocks.{i}.mlp.experts.{j}.down_proj",
 }
-MODULES = {GPT2: GPT2_MODULES, BLOOM: BLOOM_MODULES, PHI3: PHI3_MODULES, MIXTRAL: MIXTRAL_MODULES}  # else Llama's
+# Gemma 3 is Llama with QK-norm and a norm on each side of both sublayers; note its post_attention_layernorm is the
+# attention output's norm, and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention_layernorm)
+GEMMA3_MODULES = {
+    **{hf_name: name for hf_name, name in LLAMA_MODULES.items() if "post_attention_layernorm" not in hf_name},
+    "model.layers.{i}.self_attn.q_norm": "blocks.{i}.attn.q_norm",
+    "model.layers.{i}.self_attn.k_norm": "blocks.{i}.attn.k_norm",
+    "model.layers.{i}.post_attention_layernorm": "blocks.{i}.post_attn_norm",
+    "model.layers.{i}.pre_feedforward_layernorm": "blocks.{i}.mlp_norm",
+    "model.layers.{i}.post_feedforward_layernorm": "blocks.{i}.post_mlp_norm",
+}
+MODULES = {GPT2: GPT2_MODULES, BLOOM: BLOOM_MODULES, PHI3: PHI3_MODULES, MIXTRAL: MIXTRAL_MODULES,
+           GEMMA3: GEMMA3_MODULES}  # else Llama's
 # Fused HF linears: HF module -> the llmkit modules whose output rows it holds, in order.
 QKV = ("blocks.{i}.attn.q_proj", "blocks.{i}.attn.k_proj", "blocks.{i}.attn.v_proj")
 FUSED = {
@@ -105,7 +117,8 @@ GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D
 # Non-persistent buffers some exporters saved anyway (causal masks, rotary tables): not weights.
 ROTARY_BUFFER = (".rotary_emb.inv_freq",)
 BUFFER_SUFFIXES = {GPT2: (".attn.bias", ".attn.masked_bias"), LLAMA: ROTARY_BUFFER, MISTRAL: ROTARY_BUFFER,
-                   QWEN2: ROTARY_BUFFER, BLOOM: (), PHI3: ROTARY_BUFFER, GEMMA: ROTARY_BUFFER, MIXTRAL: ROTARY_BUFFER,
+                   QWEN2: ROTARY_BUFFER, BLOOM: (), PHI3: ROTARY_BUFFER, GEMMA: ROTARY_BUFFER, GEMMA3: ROTARY_BUFFER,
+                   MIXTRAL: ROTARY_BUFFER,
                    STABLELM: ROTARY_BUFFER}
 
 

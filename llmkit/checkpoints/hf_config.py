@@ -1,6 +1,6 @@
 """config.json <-> Config for the Hugging Face families llmkit imports and exports: GPT-2, Llama,
-Mistral, Qwen2, BLOOM, Phi-3, Gemma and StableLM. The family is the one config.json declares, never guessed from
-tensor names."""
+Mistral, Qwen2, BLOOM, Phi-3, Gemma, Gemma 3 (text) and StableLM. The family is the one config.json declares, never
+guessed from tensor names."""
 
 from __future__ import annotations
 
@@ -23,15 +23,21 @@ QWEN2 = "Qwen2ForCausalLM"
 BLOOM = "BloomForCausalLM"
 PHI3 = "Phi3ForCausalLM"
 GEMMA = "GemmaForCausalLM"
+GEMMA3 = "Gemma3ForCausalLM"  # the text-only model (model_type gemma3_text), e.g. gemma-3-270m and gemma-3-1b
+GEMMAS = (GEMMA, GEMMA3)
 MIXTRAL = "MixtralForCausalLM"
 STABLELM = "StableLmForCausalLM"
 MODEL_TYPES = {GPT2: "gpt2", LLAMA: "llama", MISTRAL: "mistral", QWEN2: "qwen2", BLOOM: "bloom", PHI3: "phi3",
-               GEMMA: "gemma", MIXTRAL: "mixtral", STABLELM: "stablelm"}
+               GEMMA: "gemma", GEMMA3: "gemma3_text", MIXTRAL: "mixtral", STABLELM: "stablelm"}
 GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # transformers runs Gemma's legacy "gelu" as the tanh approximation
 BLOOM_CONTEXT = 2048  # BLOOM's training length; ALiBi has no position table, so config.json may not say it
 # Fields only some families have: every other family needs them at these (Config's) defaults.
-FAMILY_ONLY_FIELDS = dict(embed_norm=False, scale_embeddings=False, norm_offset=0.0, n_experts=0, rope_fraction=1.0)
+FAMILY_ONLY_FIELDS = dict(embed_norm=False, scale_embeddings=False, norm_offset=0.0, n_experts=0, rope_fraction=1.0,
+                          qk_norm=False, post_norms=False, sliding_window=None, layer_types=(), rope_local_theta=None,
+                          attention_scale=None)
+# Gemma 3's layer_types names -> llmkit's
+GEMMA3_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 # Families whose RoPE may rotate only part of each head, with transformers' default partial_rotary_factor
 PARTIAL_ROTARY = {PHI3: 1.0, STABLELM: 0.25}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -182,11 +188,13 @@ def _bloom_fields(data: dict[str, Any], config_file: Path) -> dict[str, Any]:
 
 def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) -> dict[str, Any]:
     """Llama and the families that differ from it in a few fields (Mistral, Qwen2, Phi-3, Gemma, StableLM)."""
-    activation = read_field(data, "hidden_act", config_file, str, "gelu_pytorch_tanh" if architecture == GEMMA else "silu")
-    if architecture == GEMMA and activation not in GEMMA_ACTIVATIONS:
-        raise LlmkitError(f"{config_file}: hidden_act={activation!r}; llmkit's Gemma GeGLU MLP supports "
+    activation_key = "hidden_activation" if architecture == GEMMA3 else "hidden_act"
+    default_activation = "gelu_pytorch_tanh" if architecture in GEMMAS else "silu"
+    activation = read_field(data, activation_key, config_file, str, default_activation)
+    if architecture in GEMMAS and activation not in GEMMA_ACTIVATIONS:
+        raise LlmkitError(f"{config_file}: {activation_key}={activation!r}; llmkit's Gemma GeGLU MLP supports "
                           f"{', '.join(GEMMA_ACTIVATIONS)} (both the tanh approximation)")
-    if architecture != GEMMA and activation != "silu":
+    if architecture not in GEMMAS and activation != "silu":
         raise LlmkitError(f"{config_file}: hidden_act={activation!r}; llmkit's SwiGLU MLP supports only 'silu'")
     parameters = read_field(data, "rope_parameters", config_file, dict, {})
     rope_fraction = read_field(parameters, "partial_rotary_factor", config_file, float, None, where="rope_parameters")
@@ -212,9 +220,13 @@ def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) ->
         head_dim=read_field(data, "head_dim", config_file, int, 0) or None,
         d_ff=read_field(data, "intermediate_size", config_file, int), max_seq_len=max_seq_len, norm="rmsnorm",
         norm_eps=read_field(data, "rms_norm_eps", config_file, float, 1e-6), mlp="swiglu",
-        tie_embeddings=read_field(data, "tie_word_embeddings", config_file, bool, architecture == GEMMA),
-        position="rope", rope_fraction=rope_fraction, **_rope_fields(data, config_file, max_seq_len),
+        tie_embeddings=read_field(data, "tie_word_embeddings", config_file, bool, architecture in GEMMAS),
+        position="rope", rope_fraction=rope_fraction,
     )
+    if architecture == GEMMA3:
+        fields.update(_gemma3_fields(data, config_file, n_layers, max_seq_len))
+    else:
+        fields.update(_rope_fields(data, config_file, max_seq_len))
     if rope_fraction != 1.0 and fields["rope_scaling"] is not None:
         raise LlmkitError(f"{config_file}: partial_rotary_factor={rope_fraction} with RoPE scaling is not supported; "
                           "llmkit scales RoPE only when it rotates whole heads")
@@ -224,7 +236,7 @@ def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) ->
                       mlp_bias=read_field(data, "mlp_bias", config_file, bool, False))
     if architecture == QWEN2:  # Qwen2 always has q/k/v biases and no output bias
         fields.update(qkv_bias=True)
-    if architecture == GEMMA:  # embeddings times sqrt(d), norms scale by (1 + weight), gated GELU (tanh)
+    if architecture in GEMMAS:  # embeddings times sqrt(d), norms scale by (1 + weight), gated GELU (tanh)
         fields.update(qkv_bias=attention_bias, out_bias=attention_bias, scale_embeddings=True, norm_offset=1.0,
                       mlp="geglu", gelu_approximate="tanh")
     if architecture == STABLELM:  # LayerNorm with bias, optional q/k/v bias, partial rotary (above)
@@ -251,6 +263,38 @@ def _llama_fields(data: dict[str, Any], config_file: Path, architecture: str) ->
             )
         fields["extra"] = {"sliding_window": window}  # a note: within max_seq_len full attention is exact
     return fields
+
+
+def _gemma3_fields(data: dict[str, Any], config_file: Path, n_layers: int, max_seq_len: int) -> dict[str, Any]:
+    """What Gemma 3 adds to Gemma: QK-norm, sandwich norms, local (sliding-window) and global layers with their own
+    RoPE bases (rope_parameters per layer type, or the older rope_theta / rope_local_base_freq / rope_scaling; the
+    scaling applies to global layers only), and 1/sqrt(query_pre_attn_scalar) as the attention scale."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if data.get(key) is not None:
+            raise LlmkitError(f"{config_file}: {key}={data[key]!r}; llmkit's Gemma 3 has no logit soft-capping "
+                              "(Gemma 3 checkpoints set it to null): this checkpoint cannot be imported")
+    window = read_field(data, "sliding_window", config_file, int, 4096)
+    pattern = read_field(data, "sliding_window_pattern", config_file, int, 6)
+    hf_types = read_field(data, "layer_types", config_file, list, None) or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    unknown = sorted({kind for kind in hf_types if kind not in GEMMA3_LAYER_TYPES}, key=str)
+    if unknown:
+        raise LlmkitError(f"{config_file}: layer_types holds {unknown}; Gemma 3 layers are one of "
+                          f"{list(GEMMA3_LAYER_TYPES)}: fix layer_types in the file")
+    parameters = read_field(data, "rope_parameters", config_file, dict, {})
+    full = read_field(parameters, "full_attention", config_file, dict, {}, where="rope_parameters")
+    local = read_field(parameters, "sliding_attention", config_file, dict, {}, where="rope_parameters")
+    global_rope = _rope_fields({"rope_parameters": full, "rope_scaling": data.get("rope_scaling"),
+                                "rope_theta": data.get("rope_theta", 1_000_000.0)}, config_file, max_seq_len)
+    local_rope = _rope_fields({"rope_parameters": local, "rope_theta": data.get("rope_local_base_freq", 10_000.0)},
+                              config_file, max_seq_len)
+    if local_rope["rope_scaling"] is not None:
+        raise LlmkitError(f"{config_file}: rope_parameters.sliding_attention scales RoPE; llmkit's Gemma 3 scales only "
+                          "the global layers' RoPE (as the released checkpoints do)")
+    scalar = read_field(data, "query_pre_attn_scalar", config_file, float, 256.0)
+    return dict(qk_norm=True, post_norms=True, sliding_window=window,
+                layer_types=tuple(GEMMA3_LAYER_TYPES[kind] for kind in hf_types),
+                rope_local_theta=local_rope["rope_theta"], attention_scale=scalar**-0.5, **global_rope)
 
 
 def _rope_fields(data: dict[str, Any], config_file: Path, max_seq_len: int) -> dict[str, Any]:
@@ -293,6 +337,8 @@ def hf_architecture(config: Config) -> str:
         candidate = GPT2
     elif config.position == "alibi":
         candidate = BLOOM
+    elif config.qk_norm or config.post_norms or config.local_layers:
+        candidate = GEMMA3
     elif config.scale_embeddings or config.norm_offset or config.mlp == "geglu":
         candidate = GEMMA
     elif config.norm == "layernorm":
@@ -326,7 +372,7 @@ def _misfit(architecture: str, config: Config) -> str | None:
             return "n_kv_heads == n_heads, head_dim * n_heads == d_model and d_ff == 4 * d_model"
     else:
         wanted = dict(position="rope", norm="rmsnorm", mlp="swiglu")
-        if architecture in (LLAMA, GEMMA) and config.qkv_bias != config.out_bias:
+        if architecture in (LLAMA, *GEMMAS) and config.qkv_bias != config.out_bias:
             return "qkv_bias == out_bias (one attention_bias flag)"
         if architecture in (QWEN2, MISTRAL, PHI3, MIXTRAL):
             wanted.update(qkv_bias=architecture == QWEN2, out_bias=False, mlp_bias=False)
@@ -340,8 +386,14 @@ def _misfit(architecture: str, config: Config) -> str | None:
                 return "head_dim * n_heads == d_model"
         if architecture == STABLELM:
             wanted.update(norm="layernorm", out_bias=False, mlp_bias=False)
-        if architecture == GEMMA:
+        if architecture in GEMMAS:
             wanted.update(mlp="geglu", gelu_approximate="tanh", mlp_bias=False, scale_embeddings=True, norm_offset=1.0)
+        if architecture == GEMMA3:
+            if config.sliding_window is None or config.rope_local_theta is None or config.attention_scale is None:
+                return "sliding_window, rope_local_theta and attention_scale set"
+            wanted.update(qk_norm=True, post_norms=True, sliding_window=config.sliding_window,
+                          layer_types=config.layer_types or ("local",) * config.n_layers,
+                          rope_local_theta=config.rope_local_theta, attention_scale=config.attention_scale)
     for field, value in {**FAMILY_ONLY_FIELDS, **wanted}.items():
         if getattr(config, field) != value:
             return f"{field}={value!r} (this config has {getattr(config, field)!r})"
@@ -403,7 +455,21 @@ def hf_config_dict(config: Config, architecture: str, dtype: torch.dtype = torch
                       use_parallel_residual=False, hidden_dropout=0.0)
     if architecture == GEMMA:
         fields.update(hidden_act="gelu_pytorch_tanh", attention_bias=config.qkv_bias)
+    if architecture == GEMMA3:
+        layer_types = config.layer_types or ("local",) * config.n_layers
+        local = dict(rope_type="default", rope_theta=config.rope_local_theta)
+        fields.update(hidden_activation="gelu_pytorch_tanh", attention_bias=config.qkv_bias,
+                      query_pre_attn_scalar=_whole(config.attention_scale**-2), sliding_window=config.sliding_window,
+                      layer_types=[{"local": "sliding_attention", "global": "full_attention"}[t] for t in layer_types],
+                      rope_local_base_freq=config.rope_local_theta, final_logit_softcapping=None,
+                      attn_logit_softcapping=None,
+                      rope_parameters={"full_attention": fields["rope_parameters"], "sliding_attention": local})
     return fields
+
+
+def _whole(value: float) -> float | int:
+    """An integer when `value` is one (within float rounding), since transformers types some fields as int."""
+    return round(value) if abs(value - round(value)) < 1e-6 else value
 
 
 def check_round_trip(config: Config, back: Config, architecture: str) -> None:

@@ -2,6 +2,8 @@
 
     tokens -> embedding (x sqrt(d), norm; + learned positions) -> n_layers x Block -> final norm -> LM head -> logits
 
+Gemma 3's local (sliding-window) and global layers share one context: each Attention takes the part for its kind.
+
 Variants (norm, MLP, position scheme, biases, GQA, tied head) are `Config` fields; the mask, positions and cache slots
 of a forward come from `causal_context` (nn/attention.py). Fine-tuning methods change the model from outside
 (llmkit/peft): LoRA and IA3 swap linears; prompt and prefix tuning subclass it, through `inputs_embeds` and the cache.
@@ -38,6 +40,7 @@ class Decoder(nn.Module):
         # Position tables follow from the config, so checkpoints leave them out; None where the scheme has none.
         tables = position_inputs(config)
         self.register_buffer("inv_freq", tables.get("inv_freq"), persistent=False)  # RoPE speeds (rope_dim / 2,)
+        self.register_buffer("local_inv_freq", tables.get("local_inv_freq"), persistent=False)  # sliding-window layers'
         self.register_buffer("alibi_slopes", tables.get("alibi_slopes"), persistent=False)  # ALiBi (n_heads,)
         self.kernel: AttentionKernel = "sdpa"
         if not self.embed.weight.is_meta:  # meta = shapes only: checkpoint loading assigns the real weights
@@ -107,8 +110,8 @@ class Decoder(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         context = causal_context(self.config, B, T, cache, attention_mask, document_ids, inv_freq=self.inv_freq,
-                                 alibi_slopes=self.alibi_slopes, dtype=self.activation_dtype_device()[0], device=x.device,
-                                 kernel=self.kernel)
+                                 local_inv_freq=self.local_inv_freq, alibi_slopes=self.alibi_slopes,
+                                 dtype=self.activation_dtype_device()[0], device=x.device, kernel=self.kernel)
         if self.config.scale_embeddings:
             # Gemma: times sqrt(d_model), a factor first rounded to the embedding dtype as its checkpoints expect
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)

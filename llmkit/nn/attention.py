@@ -12,11 +12,17 @@ the softmax out by hand, for reading and for testing the fast path.
 the mask or ALiBi bias, the KV-cache slots) from the caller's padding mask, cache and packed-document ids.
 `RowKVCache` keeps rows of different lengths (the serving engine's slots); a forward over some of its rows gets a
 per-row mask and per-row positions instead.
+
+Sliding-window ("local") layers (Mistral; Gemma 3 on 5 of every 6 layers) let query slot t see key slots s with
+t - window < s <= t, so each token attends to its last `window` tokens, itself included (transformers' and
+llama.cpp's convention). The cache keeps every slot; the local mask hides the old ones. Their part of the context,
+`AttentionContext.local`, has that mask and, when the model gives local layers their own RoPE base, their rotary
+tables. Gemma 3 also normalises each head's q and k (QK-norm, RMSNorm over head_dim) before RoPE.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -27,6 +33,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.nn.fused import fused_product
 from llmkit.nn.linear import Linear
+from llmkit.nn.norm import RMSNorm
 from llmkit.nn.position import alibi_bias, apply_rope, rope_cos_sin
 
 AttentionKernel = Literal["sdpa", "reference"]
@@ -159,6 +166,7 @@ class AttentionContext:
     cache: KVCache | RowCacheView | None = None
     start: int = 0  # cache slot of the first new token
     kernel: AttentionKernel = "sdpa"
+    local: AttentionContext | None = None  # what sliding-window layers use instead (mask within the window)
 
 
 def causal_context(
@@ -170,6 +178,7 @@ def causal_context(
     document_ids: torch.Tensor | None = None,
     *,
     inv_freq: torch.Tensor | None = None,
+    local_inv_freq: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -182,7 +191,8 @@ def causal_context(
     stored before them. `document_ids` (B, T) packs several documents in a row (training, no cache): each run of equal
     ids attends only to itself and restarts its positions. `inv_freq` (RoPE) gives the rotary tables; `alibi_slopes`
     (ALiBi) turns the mask into an additive bias, in `dtype`. A `RowCacheView` cache puts each row's tokens at that
-    row's own slots and positions (no padding mask: every row is its own sequence).
+    row's own slots and positions (no padding mask: every row is its own sequence). A config with sliding-window layers
+    also gets `context.local` (its window in the mask; `local_inv_freq`'s rotary tables when given).
 
     Raises:
         LlmkitError: a mask or document ids of the wrong shape, document ids with a cache, a cache made for another
@@ -190,7 +200,7 @@ def causal_context(
     """
     B, T = batch_size, n_tokens
     if isinstance(cache, RowCacheView):
-        return _row_context(config, B, T, cache, inv_freq, alibi_slopes, dtype, device, kernel)
+        return _row_context(config, B, T, cache, inv_freq, alibi_slopes, dtype, device, kernel, local_inv_freq)
     start, end, valid, padded = _claim_slots(B, T, cache, attention_mask, document_ids)
     if end > config.max_seq_len:
         raise LlmkitError(
@@ -213,22 +223,26 @@ def causal_context(
     needs_mask = padded or config.position == "alibi" or (start > 0 and T > 1) or documents is not None
     if not needs_mask:
         context.is_causal = T > 1  # start == 0 here, so queries and keys share slots
-        return context
-    allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
-    if config.position == "alibi":
-        bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
-        context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
     else:
-        context.mask = allowed
+        allowed = _allowed_keys(start, end, valid, documents, device)  # (B or 1, 1, T, S)
+        if config.position == "alibi":
+            bias = alibi_bias(alibi_slopes, positions.expand(B, T), all_positions.expand(B, end))
+            context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
+        else:
+            context.mask = allowed
+    if config.local_layers:
+        context.local = _local_context(context, config.sliding_window, end, valid, documents, local_inv_freq, dtype)
     return context
 
 
 def _row_context(
     config: Config, B: int, T: int, view: RowCacheView, inv_freq: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None, dtype: torch.dtype, device: torch.device | str, kernel: AttentionKernel,
+    local_inv_freq: torch.Tensor | None = None,
 ) -> AttentionContext:
     """`causal_context` over rows of a `RowKVCache`: row b's tokens sit at positions starts[b] + 0..T-1 (slot =
-    position) and attend to its own slots up to themselves: a (B, 1, T, S) mask, RoPE at each row's positions."""
+    position) and attend to its own slots up to themselves: a (B, 1, T, S) mask, RoPE at each row's positions.
+    Sliding-window layers get `context.local`: the same mask limited to each query's last `window` slots."""
     if len(view.row_ids) != B:
         raise LlmkitError(f"row KV cache view names {len(view.row_ids)} rows, got a batch of {B}")
     end = max(view.starts) + T
@@ -246,7 +260,32 @@ def _row_context(
         context.mask = bias.masked_fill(~allowed, float("-inf")).to(dtype)  # (B, H, T, S)
     else:
         context.mask = allowed
+    if config.local_layers:
+        local = replace(context, mask=allowed & (positions[:, None, :, None] - key_slots < config.sliding_window))
+        if local_inv_freq is not None:
+            local.cos, local.sin = rope_cos_sin(positions, local_inv_freq, dtype)
+        context.local = local
     return context
+
+
+def _local_context(
+    context: AttentionContext, window: int, end: int, valid: torch.Tensor | None, documents: torch.Tensor | None,
+    local_inv_freq: torch.Tensor | None, dtype: torch.dtype,
+) -> AttentionContext:
+    """The global `context` narrowed for sliding-window layers: keys more than `window` - 1 slots before the query are
+    hidden (only once some query is that far in: before, the window is the whole causal span)."""
+    local = replace(context)
+    if local_inv_freq is not None:
+        local.cos, local.sin = rope_cos_sin(context.positions, local_inv_freq, dtype)
+    if end <= window:
+        return local
+    device = context.positions.device
+    allowed = context.mask if context.mask is not None else _allowed_keys(context.start, end, valid, documents, device)
+    query_slots = torch.arange(context.start, end, device=device)[:, None]  # (T, 1)
+    key_slots = torch.arange(end, device=device)[None]  # (1, S)
+    local.mask = allowed & (query_slots - key_slots < window)  # (B or 1, 1, T, S)
+    local.is_causal = False
+    return local
 
 
 def _claim_slots(
@@ -309,7 +348,11 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.v_proj = Linear(config.d_model, config.kv_dim, bias=config.qkv_bias)
         self.o_proj = Linear(config.q_dim, config.d_model, bias=config.out_bias)
-        self.scale = config.attention_scale  # None: 1/sqrt(head_dim)
+        self.scale = config.attention_scale  # None: 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar**-0.5
+        # QK-norm (Gemma 3): one RMSNorm over head_dim shared by every head of q, another for k
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
+        self.sliding = layer_index in config.local_layers  # takes the context's sliding-window part
 
     def forward(
         self, x: torch.Tensor, context: AttentionContext, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -317,10 +360,13 @@ class Attention(nn.Module):
         """Self-attention over x (B, T, C); cross-attention when `keys_values` holds another sequence's keys and
         values (from `project_keys_values`, e.g. of the encoder states; the context then has no rotary tables or cache)."""
         B, T, _ = x.shape
+        if self.sliding:
+            context = context.local
         if keys_values is None:
             q, k, v = self.project_qkv(x, context)
         else:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+            q = q if self.q_norm is None else self.q_norm(q)
             k, v = keys_values  # (B, Hkv, S, D)
         if context.cache is not None:
             k, v = context.cache.store(self.layer_index, context.start, k, v)  # (B, Hkv, S, D)
@@ -334,18 +380,21 @@ class Attention(nn.Module):
     def project_qkv(self, x: torch.Tensor, context: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x (B, T, C), queries and keys rotated when the
         context has rotary tables. Where `fuse_projections` joined q/k/v: one product, and one rotation of queries and
-        keys together (they sit side by side in its output)."""
+        keys together (they sit side by side in its output). QK-norm (Gemma 3) normalises q and k before the rotation."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
         qkv = fused_product(self, x)  # (B, T, (H + 2 Hkv) * D) or None
         if qkv is None:
             q = self.q_proj(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k, v = self.project_keys_values(x)  # (B, Hkv, T, D)
+            q = q if self.q_norm is None else self.q_norm(q)
+            k, v = self.project_keys_values(x)  # (B, Hkv, T, D), k normalised when QK-norm is on
             if context.cos is not None:
                 q, k = apply_rope(q, context.cos, context.sin), apply_rope(k, context.cos, context.sin)
             return q, k, v
         qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
+        if self.q_norm is not None:  # QK-norm: each part its own RMSNorm before the rotation
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         if context.cos is not None:
             qk = apply_rope(qk, context.cos, context.sin)
         return qk[:, :H], qk[:, H:], v
@@ -355,6 +404,8 @@ class Attention(nn.Module):
         B, S, _ = states.shape
         k = self.k_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         v = self.v_proj(states).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         return k, v
 
 

@@ -1,5 +1,8 @@
 """A pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)). It receives its parts,
-so a LoRA linear, a mixture-of-experts FFN or another norm is a swap, not a subclass."""
+so a LoRA linear, a mixture-of-experts FFN or another norm is a swap, not a subclass.
+
+Gemma 2/3 wrap each sublayer in two norms ("sandwich"): x + norm_post(attn(norm_pre(x))), the same around the FFN;
+the block then carries `post_attn_norm` and `post_mlp_norm`."""
 
 from __future__ import annotations
 
@@ -14,19 +17,30 @@ from llmkit.nn.norm import build_norm
 
 
 class Block(nn.Module):
-    def __init__(self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module) -> None:
+    def __init__(
+        self, attn: nn.Module, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
+        post_attn_norm: nn.Module | None = None, post_mlp_norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.attn_norm = attn_norm
         self.attn = attn
+        self.post_attn_norm = post_attn_norm  # Gemma's sandwich norms, on each sublayer's output; None: none
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        self.post_mlp_norm = post_mlp_norm
         # Slots for bottleneck adapters (llmkit/peft/adapters.py) on each sublayer's output, before the residual
         self.attn_adapter: nn.Module = nn.Identity()
         self.mlp_adapter: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = x + self.attn_adapter(self.attn(self.attn_norm(x), context))
-        return x + self.mlp_adapter(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), context)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + self.attn_adapter(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + self.mlp_adapter(h)
 
 
 class PostNormBlock(Block):
@@ -44,12 +58,18 @@ def build_mlp(config: Config) -> nn.Module:
 
 
 def build_block(config: Config, layer_index: int) -> Block:
-    """The standard block for `config`: pre-norm, or post-norm when `config.post_norm` (BERT)."""
-    return (PostNormBlock if config.post_norm else Block)(
+    """The standard block for `config`: pre-norm, with sandwich norms when `config.post_norms` (Gemma 2/3), or
+    post-norm when `config.post_norm` (BERT)."""
+    if config.post_norm:
+        return PostNormBlock(attn=Attention(config, layer_index), mlp=build_mlp(config), attn_norm=build_norm(config),
+                             mlp_norm=build_norm(config))
+    return Block(
         attn=Attention(config, layer_index),
         mlp=build_mlp(config),
         attn_norm=build_norm(config),
         mlp_norm=build_norm(config),
+        post_attn_norm=build_norm(config) if config.post_norms else None,
+        post_mlp_norm=build_norm(config) if config.post_norms else None,
     )
 
 

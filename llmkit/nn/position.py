@@ -110,9 +110,13 @@ class RelativePositionBias(nn.Module):
 
 
 def position_inputs(config: Config) -> dict[str, torch.Tensor]:
-    """Buffers a decoder needs for its position scheme (inverse frequencies or ALiBi slopes)."""
+    """Buffers a decoder needs for its position scheme (inverse frequencies or ALiBi slopes). Sliding-window layers
+    with their own RoPE base (Gemma 3: 10k locally, 1M globally) get a second, unscaled table, `local_inv_freq`."""
     if config.position == "rope":
-        return {"inv_freq": rope_inverse_frequencies(config.rope_dim, config.rope_theta, config.rope_scaling)}
+        tables = {"inv_freq": rope_inverse_frequencies(config.rope_dim, config.rope_theta, config.rope_scaling)}
+        if config.local_layers and config.rope_local_theta is not None:
+            tables["local_inv_freq"] = rope_inverse_frequencies(config.rope_dim, config.rope_local_theta)
+        return tables
     if config.position == "alibi":
         return {"alibi_slopes": alibi_slopes(config.n_heads)}
     return {}
