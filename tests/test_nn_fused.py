@@ -25,6 +25,9 @@ VARIANTS = {
     "qwen2-bias": dict(preset="tiny-llama", qkv_bias=True),  # q/k/v biases are fused too
     "gemma-geglu": dict(preset="tiny-llama", mlp="geglu", gelu_approximate="tanh"),
     "gpt2": dict(preset="tiny-gpt2"),  # MHA, learned positions, GELU MLP (nothing to fuse in the MLP)
+    # Gemma 3: QK-norm between the fused product and the rotation, local layers with their own RoPE base
+    "gemma3-qk-norm": dict(preset="tiny-llama", qk_norm=True, post_norms=True, layer_types=("local", "global"),
+                           sliding_window=4, rope_local_theta=500.0),
 }
 
 

@@ -67,6 +67,19 @@ def test_batched_greedy_tokens_equal_each_request_alone(preset):
     assert all(row[-1].finish_reason == "length" and len(row) == 12 for row in events)
 
 
+def test_sliding_window_qk_norm_model_batched_equals_alone():
+    """Gemma 3's attention (local layers with their own RoPE base and a 6-token window, QK-norm, sandwich norms): rows
+    of the engine's per-row cache see only their window, as the plain loop's cache does; prompts span many windows."""
+    model = tiny_decoder(n_layers=3, layer_types=("local", "local", "global"), sliding_window=6, rope_local_theta=500.0,
+                         qk_norm=True, post_norms=True)
+    prompts = [random_prompt(length, seed) for seed, length in enumerate((2, 23, 40, 9))]
+    expected = [alone(model, prompt, 10) for prompt in prompts]
+    engine = Engine(model, max_batch_size=4, prefill_chunk=16)
+    handles = [engine.submit(Request(prompt, 10)) for prompt in prompts]
+    run_to_end(engine)
+    assert [tokens_of(handle.events_ready()) for handle in handles] == expected
+
+
 def test_bf16_model_keeps_a_bf16_cache_and_the_plain_loops_tokens():
     model = tiny_decoder().to(torch.bfloat16)
     prompts = [random_prompt(length, 70 + length) for length in (4, 19, 33)]
