@@ -110,7 +110,7 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
     linear = torch.nn.Linear(512, 128, bias=True)
     packed = get_format(scheme).quantize(linear.weight, None)
     layer = QuantLinear(packed, linear.bias)
-    assert layer.kernel == ("dequantize" if scheme in ("q6_k", "f16", "bf16") else "int4pack")
+    assert layer.kernel == {"q6_k": "dequantize", "f16": "half", "bf16": "half"}.get(scheme, "int4pack")
     w_hat = get_format(scheme).dequantize(packed)
     if scheme in ("q4_k", "q5_k", "q6_k", "q5_0", "q5_1"):  # bit for bit what llama.cpp's reference computes
         reference = gguf.quants.dequantize(packed.tensors["blocks"].numpy(), GGML[scheme.upper()])
@@ -119,7 +119,8 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
     x = torch.randn(rows, 512)
     with torch.no_grad():
         y = layer(x)
-    if layer.kernel == "int4pack" and rows <= KERNEL_MAX_ROWS:  # bf16 x, scales and y (tests/test_quant_linear.py)
+    if layer.kernel != "dequantize" and rows <= KERNEL_MAX_ROWS:
+        # int4pack: bf16 x, scales and y (tests/test_quant_linear.py); half: x and y rounded to f16 (2^-11) or bf16
         reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
         scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
         assert bool(((y.double() - reference).abs() <= 2 * BF16 * scale).all())

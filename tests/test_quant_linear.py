@@ -13,7 +13,7 @@ from llmkit.quant.tinygemm import codes_of, from_tinygemm, kernel_weight, to_tin
 
 KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": "int4pack", "q4_1": "int4pack",
            "q8_0": "int4pack", "nf4": "dequantize", "q5_0": "int4pack", "q5_1": "int4pack", "q4_k": "int4pack",
-           "q5_k": "int4pack", "q6_k": "dequantize", "f16": "dequantize", "bf16": "dequantize"}
+           "q5_k": "int4pack", "q6_k": "dequantize", "f16": "half", "bf16": "half"}
 BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it
 
 

@@ -46,6 +46,7 @@ from llmkit.quant.tinygemm import KERNEL_GROUPS, codes_of, from_tinygemm, int4_m
 
 KERNEL_MAX_ROWS = 16  # rows per call up to which the aten weight-only kernels are used (decode steps)
 SPLIT_SCHEMES = ("q8_0", "q5_0", "q5_1", "q5_k")  # codes wider than 4 bits: two 4-bit pieces (tinygemm.py)
+HALF_SCHEMES = ("f16", "bf16")  # few rows: activations cast to the weight's half type, as llama.cpp does for F16
 
 
 def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -57,9 +58,11 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 def kernel_for(packed: QuantizedWeight) -> str:
-    """"int8pack", "int4pack" or "dequantize": the path a layer of this format takes for few rows."""
+    """"int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes for few rows."""
     if packed.scheme == "int8":
         return "int8pack"
+    if packed.scheme in HALF_SCHEMES:
+        return "half"
     if packed.scheme in affine.AFFINE_SCHEMES and (packed.scheme not in ("int4", "int4_asym")
                                                     or packed.group_size in KERNEL_GROUPS):
         return "int4pack"
@@ -142,6 +145,8 @@ class QuantLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
+        elif self.kernel == "half":
+            y = F.linear(flat.to(self.weight_weight.dtype), self.weight_weight)
         else:
             y = int4_matmul(flat, self.weight_int4pack, self.kernel_group, self.kernel_scales, self.pieces,
                             self.out_features)
