@@ -13,24 +13,40 @@ benchmarks/quant_linear.py reproduces the columns). "aten" = torch._weight_int8p
     1536 x 576   512   2.8           3.0        140           6.3                   3.7        388             -
 
 So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten
-weight-only kernels with bf16 activations
-(`torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for int4, int4_asym, q4_0 and q4_1, whose
-w = (u - 8) s + z covers all four with z = (8 - zero) s, 0, and m + 8 d); their fp32-activation variants are 5-30x
-slower than fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the
-fastest there. q8_0 has per-block scales, which `_weight_int8pack_mm` (one scale per output row) cannot take in one
-call, so few-row q8_0 calls run it once per block column b: y = sum_b x_b Q_b^T diag(d_b), where Q_b (out, 32) holds
-the codes of block b of every row (kept in that layout, "int8blocks"). Measured for the 49152 x 576 head of SmolLM2
-(1 row, machine shared): fp32 F.linear 12.5 ms, one int8pack call 8.0, 18 per-block calls 3.4, dequantize + F.linear
-111; for 576 x 576 the 18 calls cost ~0.16 ms against ~0.03 ms fp32 (Python call overhead: a fused kernel's job).
-nf4 has no aten kernel (a code book): always dequantize-then-F.linear, as do the GGUF-only formats (gguf_types.py).
-A `torch.compile`d dequantize-matmul was not measured in this slice.
+weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu`
+for every format with an affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4,
+int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces
+in one call (quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation variants are 5-30x slower than
+fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the fastest there.
+f16/bf16 matrices multiply in their own half type for few rows (x cast to it, as llama.cpp's F16 path casts
+activations to f16). q6_k (16-value sub-blocks: no group-32 view) and nf4 (a code book) dequantize per call.
+
+Per-block-scaled int8 (q8_0) in one call: options measured (1 row, 2 threads, ms per call, best of 5; load average
+3.5-7 on the 2-core VM, so indicative; benchmarks/quant_linear.py):
+
+    out x in      fp32    split int4 x2   per-block loop   masked rows   compiled GEMV
+    576 x 576     0.012       0.024            0.62            0.10        21 (!)
+    1536 x 576    0.036       0.051            3.1             0.67         0.055
+    576 x 1536    0.032       0.056            1.75            1.8          0.053
+    49152 x 576  19.3         4.8             17.3            80             -     (dequantize + F.linear: 111)
+
+- split int4 x2 (kept): q = 16 h + l, both 4-bit, one int4 kernel call over [x | x] (quant/tinygemm.py). Exact up
+  to bf16 scales; 8 bits per code as int8, plus 4 bf16 per 32 weights (10.5 bits against Q8_0's 8.5 in the file).
+- per-block loop (the previous path): one `_weight_int8pack_mm` per 32-wide block column, y = sum_b x_b Q_b^T
+  diag(d_b): 18-48 calls per product, Python-bound for the small matrices.
+- masked rows: the block scales folded out of the weight, P = (M * x) Q^T with M (n_blocks, in) the block masks
+  and y = sum_b d_b P_b: one call, but n_blocks x the multiply work.
+- torch.compile (inductor) of the fused dequantize-GEMV sum_k x_k q_ok d_o,k/32: on par with the split where
+  inductor picks a good schedule, 1000x slower where it does not (576 x 576, reproduced), 0.2-35 s of compilation
+  per shape and a C++ compiler at run time: not kept.
+- a C++ extension built at pip install (not attempted: no wheel build on a fresh machine without a compiler) and
+  numba (not installed; the split already runs at 1.5-2x fp32's time for one row, 4x faster for the head).
 Decode through the bf16 kernels rounds x, the scales and y to bf16: |y - y_ref| <= 2^-8 (|x| |W_hat|^T) + 2^-8 |y|
 (tests/test_quant_linear.py holds it to that).
 
-The int4 kernels read the weight in tinygemm's layout: rows in tiles of 64, byte [tile, k, j] = code (64 tile + j, k)
-| code (64 tile + 32 + j, k) << 4 (equal to aten._convert_weight_to_int4pack_for_cpu, tested); the layer keeps the
-codes only in that layout (plus the format's own scales), so memory stays ~4 bits + scales per weight, and rebuilds
-the format's canonical tensors when asked (`packed`, saving).
+The int4 kernels read the weight in tinygemm's layout (quant/tinygemm.py); the layer keeps the codes only in that
+layout (plus the format's own scale bytes), so memory stays ~4 bits (split: 8) + scales per weight, and rebuilds the
+format's canonical tensors when asked (`packed`, saving: byte for byte the file's, tested).
 """
 
 from __future__ import annotations
