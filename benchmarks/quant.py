@@ -57,7 +57,8 @@ def export_files(source: Path, workdir: Path, precisions: list[str]) -> dict[str
         if not path.is_file():
             print(f"exporting {path.name} with llmkit convert ...", flush=True)
             subprocess.run([sys.executable, "-m", "llmkit.cli", "convert", "--model", str(source), "--output",
-                            str(path), "--to", "gguf", "--quant", precision], check=True, stdout=subprocess.DEVNULL)
+                            str(path), "--to", "gguf", "--quant", precision], check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "JSONARGPARSE_DEPRECATION_WARNINGS": "off"})
         files[precision] = path
     return files
 
