@@ -18,16 +18,18 @@ the script says so in one line and prints llmkit's columns.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
-from generate import in_child  # benchmarks/generate.py: one engine per fresh process
 
 from llmkit.memory import peak_rss_mb
 
@@ -47,6 +49,15 @@ def copy_bandwidth(threads: int, gib: float = 1.0) -> float:
         target.copy_(source)
         times.append(time.perf_counter() - start)
     return 2 * source.numel() * 4 / statistics.median(times)
+
+
+def in_child(fn, *args) -> dict | None:  # noqa: ANN001
+    """fn(*args) in a fresh process (so its peak RSS is its own); None when that process dies (a segfault)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            return None
 
 
 def export_files(source: Path, workdir: Path, precisions: list[str]) -> dict[str, Path]:
@@ -98,12 +109,14 @@ def run_llmkit(path: str, threads: int, ids: list[int], n_new: int) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def run_llama_cpp(path: str, threads: int, ids: list[int], n_new: int) -> dict:
+def run_llama_cpp(path: str, threads: int, ids: list[int], n_new: int, batch: int | None = None) -> dict:
+    """batch: tokens per llama.cpp decode call in the prefill (default: the whole prompt at once)."""
     import llama_cpp
     import numpy as np
 
+    batch = batch or len(ids)
     llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=len(ids) + n_new + 8,
-                          n_batch=len(ids), verbose=False)
+                          n_batch=batch, n_ubatch=batch, verbose=False)
     n_vocab = llm.n_vocab()
 
     def greedy_next() -> int:  # the last evaluated token's logits (the only row llama.cpp computed)
@@ -123,7 +136,21 @@ def run_llama_cpp(path: str, threads: int, ids: list[int], n_new: int) -> dict:
     generation(ids[:64], 8)  # warm-up
     tokens, prefill_s, decode_s = generation(ids, n_new)
     return {"tokens": tokens, "prefill_tps": len(ids) / prefill_s, "decode_tps": (n_new - 1) / decode_s,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "batch": batch}
+
+
+def run_engine(engine: str, path: str, threads: int, ids: list[int], n_new: int) -> dict:
+    """One timed generation in a fresh process. llama-cpp-python 0.3.36 on the 2-core AMX VM segfaults on any
+    batch of more than one token with a quantized file (its AMX/repack path): then the prefill is rerun one token
+    per decode call, and the table marks that prefill with *."""
+    if engine == "llmkit":
+        result = in_child(run_llmkit, path, threads, ids, n_new)
+    else:
+        result = in_child(run_llama_cpp, path, threads, ids, n_new) or in_child(
+            run_llama_cpp, path, threads, ids, n_new, 1)
+    if result is None:
+        raise SystemExit(f"{engine} crashed on {path}")
+    return result
 
 
 def agreement(ours: list[int], theirs: list[int]) -> str:
@@ -160,12 +187,11 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python is not installed (pip install -e \".[bench]\"): printing llmkit's columns only")
         engines = ENGINES[:1]
-    runners = {"llmkit": run_llmkit, "llama.cpp": run_llama_cpp}
     results = {(e, p): [] for e in engines for p in precisions}
     for round_index in range(args.rounds):
         for precision in precisions:
             for engine in engines if round_index % 2 == 0 else engines[::-1]:
-                result = in_child(runners[engine], str(files[precision]), args.threads, ids, args.new_tokens)
+                result = run_engine(engine, str(files[precision]), args.threads, ids, args.new_tokens)
                 results[engine, precision].append(result)
                 print(f"round {round_index + 1} {precision} {engine}: decode {result['decode_tps']:.1f} tok/s, "
                       f"prefill {result['prefill_tps']:.0f} tok/s", flush=True)
@@ -185,7 +211,8 @@ def main() -> None:
         cells = [precision, f"{files[precision].stat().st_size / 1e6:.0f}"]
         for key in ("decode_tps", "prefill_tps"):
             values = {e: [r[key] for r in runs[e]] for e in engines}
-            cells += [median_range(values[e]) for e in engines]
+            one_by_one = {e: key == "prefill_tps" and any(r.get("batch") == 1 for r in runs[e]) for e in engines}
+            cells += [median_range(values[e]) + (" *" if one_by_one[e] else "") for e in engines]
             if both:
                 cells.append(f"{statistics.median(values['llmkit']) / statistics.median(values['llama.cpp']):.2f}")
         cells += [f"{max(r['peak_rss_mb'] for r in runs[e]):.0f}" for e in engines]
@@ -194,6 +221,7 @@ def main() -> None:
         if both:
             cells.append(agreement(runs["llmkit"][0]["tokens"], runs["llama.cpp"][0]["tokens"]))
         print("| " + " | ".join(cells) + " |")
+    print("* llama.cpp prefill one token per call (its batched path crashed on this file and machine)")
 
 if __name__ == "__main__":
     main()
