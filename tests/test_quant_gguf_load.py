@@ -234,11 +234,13 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     added, held = map(int, result.stdout.strip().splitlines()[-1].split())
     print(f"SmolLM2 Q4_1 file {file_bytes / 2**20:.1f} MiB; loaded quantized: tensors {held / 2**20:.1f} MiB, RSS "
           f"added {added / 2**20:.1f} MiB (fp32 load: ~531 MiB)")
-    # the tensors: the file's blocks plus, for the int4 kernel, bf16 copies of the scales (measured 1.13x)
+    # the tensors: the file's blocks plus, for the int4 kernel, bf16 copies of the scales; the Q8_0 head runs as two
+    # 4-bit pieces with two scale/offset pairs per block (10.5 bits per 8.5-bit weight): measured 1.19x
     assert held <= 1.2 * file_bytes
-    # the process: measured 1.39x, the rest being freed header/layout temporaries that stay resident in the heap
-    # (pymalloc arenas, glibc fragmentation) after malloc_trim; the bound holds that figure, not the 1.2x goal
-    assert added <= 1.45 * file_bytes
+    # the process: measured 1.48x (1.39x before the head's split pieces), the rest being freed header/layout
+    # temporaries that stay resident in the heap (pymalloc arenas, glibc fragmentation) after malloc_trim; the bound
+    # holds that figure, not the 1.2x goal
+    assert added <= 1.55 * file_bytes
 
     smol_tokenizer = load_tokenizer(path)
 
