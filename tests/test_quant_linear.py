@@ -1,16 +1,20 @@
 """QuantLinear against F.linear with the dequantized weight (1 row and many, fp32 and bf16 activations), the int4
-tinygemm layout against aten's own packer, the kernel each format takes, and that packed buffers stay packed."""
+tinygemm layout against aten's own packer, the affine block view of each format against its dequantizer, wide codes
+split into two 4-bit pieces, the kernel each format takes, and that packed buffers stay packed."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.quant.formats import FORMATS, get_format
-from llmkit.quant.linear import KERNEL_MAX_ROWS, QuantLinear, from_tinygemm, kernel_for, to_tinygemm
+from llmkit.quant import affine
+from llmkit.quant.formats import FORMATS, GGUF_FORMATS, get_format
+from llmkit.quant.linear import KERNEL_MAX_ROWS, QuantLinear, kernel_for
+from llmkit.quant.tinygemm import codes_of, from_tinygemm, kernel_weight, to_tinygemm
 
 KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": "int4pack", "q4_1": "int4pack",
-           "q8_0": "int8blocks", "nf4": "dequantize"}
-BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-9 of it; two by ~2^-8
+           "q8_0": "int4pack", "nf4": "dequantize", "q5_0": "int4pack", "q5_1": "int4pack", "q4_k": "int4pack",
+           "q5_k": "int4pack", "q6_k": "dequantize", "f16": "half", "bf16": "half"}
+BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (576, 576), (192, 1536)])
@@ -47,11 +51,65 @@ def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dt
         assert torch.allclose(y, expected, rtol=0, atol=1e-5)
 
 
-def test_kernel_choice_by_shape():
+def test_kernel_choice_by_format():
     for scheme, kernel in KERNELS.items():
-        assert kernel_for(get_format(scheme).quantize(torch.randn(64, 64), None)) == kernel
-    # int4 kernels need output rows in tiles of 64: other shapes dequantize
-    assert kernel_for(get_format("int4").quantize(torch.randn(96, 64), None)) == "dequantize"
+        # 96 output rows: not a multiple of the int4 kernel's tile of 64, which pads them
+        assert kernel_for(get_format(scheme).quantize(torch.randn(96, 256), None)) == kernel
+
+
+@pytest.mark.parametrize("scheme", affine.AFFINE_SCHEMES)
+def test_affine_view_equals_the_format_and_rebuilds_its_bytes(scheme):
+    torch.manual_seed(0)
+    packed = get_format(scheme).quantize(torch.randn(96, 512), None)
+    view = affine.split(packed)
+    rebuilt = affine.join(scheme, packed.shape, packed.group_size, view.codes, view.extras)
+    assert rebuilt.tensors.keys() == packed.tensors.keys()
+    assert all(torch.equal(rebuilt.tensors[k], t) for k, t in packed.tensors.items())
+    if scheme.startswith("int4"):  # (q - zero) scale vs s q + z: one fp32 rounding apart
+        assert torch.allclose(view.dequantize(), get_format(scheme).dequantize(packed), rtol=1e-6, atol=1e-7)
+    else:  # the dequantizer's own products, bit for bit
+        assert torch.equal(view.dequantize(), get_format(scheme).dequantize(packed))
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q5_0", "q5_1", "q5_k"])
+def test_wide_codes_split_into_two_4_bit_pieces_exactly(scheme):
+    torch.manual_seed(0)
+    view = affine.split(get_format(scheme).quantize(torch.randn(96, 512), None))  # 96 rows: padded to 128
+    codes, scales = kernel_weight(view, pieces=2)
+    assert codes.shape == (128, 512) and scales.shape == (2 * 512 // 32, 128, 2)
+    kernel_codes = from_tinygemm(codes)
+    assert torch.equal(codes_of(kernel_codes, 2)[:96], view.codes)
+    assert bool((kernel_codes[96:] == 0).all()) and bool((scales[:, 96:] == 0).all())
+    # the weight the kernel computes with, (u - 8) s + z' per piece, summed over the two pieces
+    u = kernel_codes[:96].float().view(96, 2, -1, 32)  # (out, piece, group, 32)
+    s, z = scales[:, :96].float().view(2, -1, 96, 2).permute(2, 0, 1, 3).unbind(-1)  # (out, piece, group) each
+    w_kernel = ((u - 8) * s[..., None] + z[..., None]).sum(1).view(96, 512)
+    w_hat = view.dequantize()
+    # bf16 scales: each of 16 s, s and 8 s + z is within 2^-8 of itself (8 significant bits), so
+    # |dw| <= 2^-8 (|16 s h| + |s (l - 8)| + |8 s + z|)
+    h, low = (view.codes >> 4).float().view(96, -1, 32), (view.codes & 15).float().view(96, -1, 32)
+    step, offset = view.step[..., None], view.offset[..., None]
+    bound = 2.0**-8 * (16 * (step * h).abs() + (step * (low - 8)).abs() + (8 * step + offset).abs()) + 1e-7
+    assert bool(((w_kernel - w_hat).abs() <= bound.view(96, 512)).all())
+
+
+@pytest.mark.parametrize("scheme", sorted(set(affine.AFFINE_SCHEMES) - set(FORMATS)))
+@pytest.mark.parametrize("rows", [1, 40])
+def test_gguf_block_formats_through_the_int4_kernel_equal_f_linear(scheme, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 96, bias=True)  # 96 output rows: not a multiple of the kernel's tile of 64
+    layer = QuantLinear(GGUF_FORMATS[scheme].quantize(linear.weight, None), linear.bias)
+    assert layer.kernel == "int4pack"
+    w_hat = layer.dequantized_weight()
+    x = torch.randn(rows, 512)
+    with torch.no_grad():
+        y = layer(x)
+    reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
+    if rows <= KERNEL_MAX_ROWS:  # bf16 x, scales and y (see the test above the int4 family)
+        scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
+        assert bool(((y.double() - reference).abs() <= 2 * BF16 * scale).all())
+    else:  # dequantize-then-F.linear in fp32
+        assert torch.allclose(y, F.linear(x, w_hat, linear.bias), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "q4_1", "nf4"])

@@ -2,19 +2,22 @@
 blocks, so the model's RAM is about the file's size instead of 4 bytes per weight (checkpoints/gguf.py's
 `load_gguf` dequantizes every tensor to float).
 
-    GGUF type            held as                                       computed (1-16 rows on CPU; more: dequantize)
-    Q8_0                 q8_0: int8 codes (n_blocks, out, 32) + fp16 d  _weight_int8pack_mm per block column (linear.py)
-    Q4_0, Q4_1           q4_0/q4_1: codes in tinygemm layout + fp16 d/m _weight_int4pack_mm_for_cpu, bf16 activations
-    Q5_0, Q5_1           q5_0/q5_1: the file's block bytes              dequantize per call (gguf.quants), F.linear
-    Q4_K, Q5_K, Q6_K     q4_k/q5_k/q6_k: the file's block bytes         dequantize per call (kquants), F.linear
-    F16, BF16            f16/bf16: the half matrix                      upcast per call, F.linear (see HALF_NOTE)
-    F32 (and 1-D)        float tensors in `dtype`, as load_gguf         F.linear (column-major fp32 decode path)
+    GGUF type            held as                                         computed (1-16 rows on CPU; more: dequantize)
+    Q4_0, Q4_1, Q4_K     4-bit codes in tinygemm layout + the file's     _weight_int4pack_mm_for_cpu, bf16 activations,
+                         scale bytes (d/m fp16; K: 16 header bytes)      group 32 (Q4_K: s = d sc_j, z = -dmin m_j)
+    Q8_0, Q5_0, Q5_1,    the codes as two 4-bit pieces (8 bits) in       the same kernel, one call over [x | x]
+    Q5_K                 tinygemm layout + the file's scale bytes        (quant/tinygemm.py)
+    Q6_K                 the file's block bytes                          dequantize per call (kquants), F.linear
+    F16, BF16            f16/bf16: the half matrix                       F.linear in the half type (x cast to it)
+    F32 (and 1-D)        float tensors in `dtype`, as load_gguf          F.linear (column-major fp32 decode path)
 
-No value is dequantized and requantized: the Q8_0/Q4_0/Q4_1 block bytes ARE llmkit's q8_0/q4_0/q4_1 format
-(gguf_blocks.py), and `QuantLinear.packed` gives back the file's bytes exactly (tested). llama.cpp's Q/K row
-interleaving is undone on the rows of bytes (`permuted_heads`): the blocks of a row lie within that row, so moving
-whole rows is exact for any block format. The token embedding stays packed too (`QuantEmbedding`, which dequantizes
-only the looked-up rows); when the LM head is tied to it (SmolLM2's Q8_0 table) both share one QuantLinear.
+No value is dequantized and requantized: the block bytes ARE llmkit's formats of the same names (gguf_blocks.py,
+gguf_types.py), the kernel layout is a lossless rearrangement of their codes, and `QuantLinear.packed` gives back
+the file's bytes exactly (tested). The kernel's bf16 copies of the scales add 1 bit per weight (2 when split).
+llama.cpp's Q/K row interleaving is undone on the rows of bytes (`permuted_heads`): the blocks of a row lie within
+that row, so moving whole rows is exact for any block format. The token embedding stays packed too
+(`QuantEmbedding`, which dequantizes only the looked-up rows); when the LM head is tied to it (SmolLM2's Q8_0 table)
+both share one QuantLinear.
 Types with no path here (IQ*, TQ*, Q2_K, Q3_K, MXFP4, ...) raise naming the tensor and its type.
 """
 

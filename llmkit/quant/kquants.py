@@ -202,33 +202,62 @@ def quantize_q5_k(weight: np.ndarray | torch.Tensor, search: bool = True) -> np.
     """Q5_K bytes, uint8 (rows, cols / 256 * 176), of a float weight (rows, cols); as `quantize_q4_k`."""
     def blocks(values: np.ndarray) -> np.ndarray:
         d, dmin, scales, codes = _quantize_min_blocks(values, 31, -0.5, 15, search)
-        high = ((codes >> 4) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
-        qh = np.bitwise_or.reduce(high, axis=1).astype(np.uint8)  # (n, 32): bit j = high bit of sub-block j
-        return np.concatenate([d, dmin, scales, qh, _pack_nibbles(codes)], axis=1)
+        return np.concatenate([d, dmin, scales, q5_k_body(codes)], axis=1)
     return _quantize_rows(_weight_matrix(weight, "q5_k"), "q5_k", blocks)
 
 
 def _dequantize_min_blocks(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K: (d * sc_j) * q - (dmin * m_j) in float32, as ggml computes it."""
-    d, dmin = _fp16_values(blocks[:, 0:2]), _fp16_values(blocks[:, 2:4])
-    sc, mins = unpack_scales_mins(blocks[:, 4:16])
-    step = (d[:, None] * sc.astype(F32))[:, :, None]  # (n, 8, 1)
-    offset = (dmin[:, None] * mins.astype(F32))[:, :, None]
+    step, offset = min_block_steps(blocks[:, :16])  # (n, 8) each
+    step, offset = step[:, :, None], offset[:, :, None]
     return (step * codes.reshape(-1, 8, 32).astype(F32) - offset).reshape(-1, QK_K)
 
 
 def dequantize_q4_k(data: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     """float32 (rows, cols) of Q4_K bytes (as `quantize_q4_k` or a GGUF file stores them)."""
     blocks = _packed_blocks(data, shape, "q4_k")
-    return _dequantize_min_blocks(blocks, _unpack_nibbles(blocks[:, 16:])).reshape(shape)
+    return _dequantize_min_blocks(blocks, q4_k_codes(blocks)).reshape(shape)
 
 
 def dequantize_q5_k(data: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
     """float32 (rows, cols) of Q5_K bytes."""
     blocks = _packed_blocks(data, shape, "q5_k")
+    return _dequantize_min_blocks(blocks, q5_k_codes(blocks)).reshape(shape)
+
+
+
+# --- the codes and scales of Q4_K/Q5_K blocks on their own (quant/affine.py: the int4 kernel's view of them)
+
+
+def min_block_steps(header: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 16) header bytes (d, dmin, 12 scale bytes) of Q4_K/Q5_K blocks -> (d * sc_j, dmin * m_j), float32 (n, 8):
+    the products ggml computes, so w_hat = step * q - offset per 32-value sub-block j."""
+    d, dmin = _fp16_values(header[:, 0:2]), _fp16_values(header[:, 2:4])
+    sc, mins = unpack_scales_mins(header[:, 4:16])
+    return d[:, None] * sc.astype(F32), dmin[:, None] * mins.astype(F32)
+
+
+def q4_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """(n, 144) Q4_K blocks -> codes (n, 256) uint8 0..15."""
+    return _unpack_nibbles(blocks[:, 16:])
+
+
+def q4_k_body(codes: np.ndarray) -> np.ndarray:
+    """Inverse of `q4_k_codes` for the bytes after the header: (n, 256) -> qs (n, 128)."""
+    return _pack_nibbles(codes)
+
+
+def q5_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """(n, 176) Q5_K blocks -> codes (n, 256) uint8 0..31."""
     qh = blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8)[None, :, None]  # (n, 8, 32)
-    codes = _unpack_nibbles(blocks[:, 48:]) | ((qh & 1) << 4).reshape(-1, QK_K)
-    return _dequantize_min_blocks(blocks, codes).reshape(shape)
+    return _unpack_nibbles(blocks[:, 48:]) | ((qh & 1) << 4).reshape(-1, QK_K)
+
+
+def q5_k_body(codes: np.ndarray) -> np.ndarray:
+    """Inverse of `q5_k_codes` for the bytes after the header: (n, 256) -> qh (n, 32) | qs (n, 128)."""
+    high = ((codes >> 4) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    qh = np.bitwise_or.reduce(high, axis=1).astype(np.uint8)  # (n, 32): bit j = high bit of sub-block j
+    return np.concatenate([qh, _pack_nibbles(codes)], axis=1)
 
 
 # --- Q6_K: 16 sub-blocks of 16, int8 scales

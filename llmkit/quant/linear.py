@@ -13,24 +13,40 @@ benchmarks/quant_linear.py reproduces the columns). "aten" = torch._weight_int8p
     1536 x 576   512   2.8           3.0        140           6.3                   3.7        388             -
 
 So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten
-weight-only kernels with bf16 activations
-(`torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for int4, int4_asym, q4_0 and q4_1, whose
-w = (u - 8) s + z covers all four with z = (8 - zero) s, 0, and m + 8 d); their fp32-activation variants are 5-30x
-slower than fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the
-fastest there. q8_0 has per-block scales, which `_weight_int8pack_mm` (one scale per output row) cannot take in one
-call, so few-row q8_0 calls run it once per block column b: y = sum_b x_b Q_b^T diag(d_b), where Q_b (out, 32) holds
-the codes of block b of every row (kept in that layout, "int8blocks"). Measured for the 49152 x 576 head of SmolLM2
-(1 row, machine shared): fp32 F.linear 12.5 ms, one int8pack call 8.0, 18 per-block calls 3.4, dequantize + F.linear
-111; for 576 x 576 the 18 calls cost ~0.16 ms against ~0.03 ms fp32 (Python call overhead: a fused kernel's job).
-nf4 has no aten kernel (a code book): always dequantize-then-F.linear, as do the GGUF-only formats (gguf_types.py).
-A `torch.compile`d dequantize-matmul was not measured in this slice.
+weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu`
+for every format with an affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4,
+int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces
+in one call (quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation variants are 5-30x slower than
+fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the fastest there.
+f16/bf16 matrices multiply in their own half type for few rows (x cast to it, as llama.cpp's F16 path casts
+activations to f16). q6_k (16-value sub-blocks: no group-32 view) and nf4 (a code book) dequantize per call.
+
+Per-block-scaled int8 (q8_0) in one call: options measured (1 row, 2 threads, ms per call, best of 5; load average
+3.5-7 on the 2-core VM, so indicative; benchmarks/quant_linear.py):
+
+    out x in      fp32    split int4 x2   per-block loop   masked rows   compiled GEMV
+    576 x 576     0.012       0.024            0.62            0.10        21 (!)
+    1536 x 576    0.036       0.051            3.1             0.67         0.055
+    576 x 1536    0.032       0.056            1.75            1.8          0.053
+    49152 x 576  19.3         4.8             17.3            80             -     (dequantize + F.linear: 111)
+
+- split int4 x2 (kept): q = 16 h + l, both 4-bit, one int4 kernel call over [x | x] (quant/tinygemm.py). Exact up
+  to bf16 scales; 8 bits per code as int8, plus 4 bf16 per 32 weights (10.5 bits against Q8_0's 8.5 in the file).
+- per-block loop (the previous path): one `_weight_int8pack_mm` per 32-wide block column, y = sum_b x_b Q_b^T
+  diag(d_b): 18-48 calls per product, Python-bound for the small matrices.
+- masked rows: the block scales folded out of the weight, P = (M * x) Q^T with M (n_blocks, in) the block masks
+  and y = sum_b d_b P_b: one call, but n_blocks x the multiply work.
+- torch.compile (inductor) of the fused dequantize-GEMV sum_k x_k q_ok d_o,k/32: on par with the split where
+  inductor picks a good schedule, 1000x slower where it does not (576 x 576, reproduced), 0.2-35 s of compilation
+  per shape and a C++ compiler at run time: not kept.
+- a C++ extension built at pip install (not attempted: no wheel build on a fresh machine without a compiler) and
+  numba (not installed; the split already runs at 1.5-2x fp32's time for one row, 4x faster for the head).
 Decode through the bf16 kernels rounds x, the scales and y to bf16: |y - y_ref| <= 2^-8 (|x| |W_hat|^T) + 2^-8 |y|
 (tests/test_quant_linear.py holds it to that).
 
-The int4 kernels read the weight in tinygemm's layout: rows in tiles of 64, byte [tile, k, j] = code (64 tile + j, k)
-| code (64 tile + 32 + j, k) << 4 (equal to aten._convert_weight_to_int4pack_for_cpu, tested); the layer keeps the
-codes only in that layout (plus the format's own scales), so memory stays ~4 bits + scales per weight, and rebuilds
-the format's canonical tensors when asked (`packed`, saving).
+The int4 kernels read the weight in tinygemm's layout (quant/tinygemm.py); the layer keeps the codes only in that
+layout (plus the format's own scale bytes), so memory stays ~4 bits (split: 8) + scales per weight, and rebuilds the
+format's canonical tensors when asked (`packed`, saving: byte for byte the file's, tested).
 """
 
 from __future__ import annotations
@@ -39,77 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.quant import gguf_blocks
+from llmkit.quant import affine
 from llmkit.quant.formats import get_format
-from llmkit.quant.integer import int4_codes_scale_zero
-from llmkit.quant.packed import QuantizedWeight, pack_nibbles
+from llmkit.quant.packed import QuantizedWeight
+from llmkit.quant.tinygemm import KERNEL_GROUPS, codes_of, from_tinygemm, int4_matmul, kernel_weight, tinygemm_rows
 
 KERNEL_MAX_ROWS = 16  # rows per call up to which the aten weight-only kernels are used (decode steps)
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
-TILE = 64  # output rows per tile of the tinygemm int4 layout
-INT4_FAMILY = ("int4", "int4_asym", "q4_0", "q4_1")
-
-
-def to_tinygemm(codes: torch.Tensor) -> torch.Tensor:
-    """(out, in) uint8 codes 0..15, out % 64 == 0 -> (out, in / 2) uint8 in aten's CPU int4pack layout."""
-    out_features, in_features = codes.shape
-    tiles = codes.to(torch.uint8).view(out_features // TILE, 2, TILE // 2, in_features)  # (tiles, half, j, in)
-    return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().view(out_features, in_features // 2)
-
-
-def from_tinygemm(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_tinygemm`: (out, in / 2) uint8 -> (out, in) uint8 codes."""
-    out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    tiles = packed.view(out_features // TILE, in_features, TILE // 2).transpose(1, 2)  # (tiles, j, in)
-    return torch.stack([tiles & 0xF, tiles >> 4], dim=1).reshape(out_features, in_features)
-
-
-def tinygemm_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Codes (len(rows), in) uint8 of the given output rows of a weight in tinygemm layout, without unpacking the
-    rest: row r sits in tile r // 64, column j = r % 32 of it, low nibble for r % 64 < 32 and high nibble otherwise."""
-    in_features = packed.shape[1] * 2
-    tiles = packed.view(-1, in_features, TILE // 2)  # (tiles, in, j)
-    picked = tiles[rows // TILE, :, rows % (TILE // 2)]  # (n, in)
-    shift = ((rows % TILE) // (TILE // 2) * 4).to(torch.uint8)[:, None]
-    return (picked >> shift) & 0xF
-
-
-def q8_0_join(d: torch.Tensor, codes: torch.Tensor) -> QuantizedWeight:
-    """The canonical q8_0 QuantizedWeight (GGUF block bytes) from scales d fp16 (out, n_blocks) and int8 codes
-    (out, n_blocks, 32)."""
-    out_features, n_blocks = d.shape
-    raw = torch.cat([d[..., None].view(torch.uint8), codes.contiguous().view(torch.uint8)], dim=-1)
-    blocks = raw.reshape(out_features, n_blocks * gguf_blocks.BLOCK_BYTES["q8_0"])
-    return QuantizedWeight("q8_0", (out_features, n_blocks * gguf_blocks.BLOCK), gguf_blocks.BLOCK, {"blocks": blocks})
-
-
-def int4_split(packed: QuantizedWeight) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(codes uint8 (out, in), the format's scale tensors, kernel scale s and offset z, both fp32 (out, in / g), with
-    w_hat = (code - 8) s + z) of an int4-family weight."""
-    if packed.scheme in ("int4", "int4_asym"):
-        codes, scale, zero = int4_codes_scale_zero(packed)
-        extras = {k: v for k, v in packed.tensors.items() if k != "codes"}
-        return codes, extras, scale, (8 - zero) * scale
-    d, codes, m = gguf_blocks.block_fields(packed)
-    raw = packed.tensors["blocks"].view(*d.shape, gguf_blocks.BLOCK_BYTES[packed.scheme])
-    extras = {"d": raw[..., :2].contiguous().view(torch.float16).squeeze(-1)}  # (out, n_blocks) fp16, exact
-    if m is None:
-        return codes.reshape(packed.shape), extras, d, torch.zeros_like(d)
-    extras["m"] = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
-    return codes.reshape(packed.shape), extras, d, m + 8 * d
-
-
-def int4_join(scheme: str, shape: tuple[int, int], group_size: int, codes: torch.Tensor,
-              extras: dict[str, torch.Tensor]) -> QuantizedWeight:
-    """Inverse of `int4_split`: the format's canonical QuantizedWeight from codes (out, in) and its scale tensors."""
-    if scheme in ("int4", "int4_asym"):
-        return QuantizedWeight(scheme, shape, group_size, {"codes": pack_nibbles(codes), **extras})
-    blocks = codes.view(shape[0], -1, gguf_blocks.BLOCK)
-    parts = [extras["d"][..., None].view(torch.uint8)]
-    if "m" in extras:
-        parts.append(extras["m"][..., None].view(torch.uint8))
-    parts.append(blocks[..., :16] | (blocks[..., 16:] << 4))
-    return QuantizedWeight(scheme, shape, group_size, {"blocks": torch.cat(parts, dim=-1).reshape(shape[0], -1)})
+SPLIT_SCHEMES = ("q8_0", "q5_0", "q5_1", "q5_k")  # codes wider than 4 bits: two 4-bit pieces (tinygemm.py)
+HALF_SCHEMES = ("f16", "bf16")  # few rows: activations cast to the weight's half type, as llama.cpp does for F16
 
 
 def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -121,20 +74,21 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 def kernel_for(packed: QuantizedWeight) -> str:
-    """"int8pack", "int8blocks", "int4pack" or "dequantize": the path a layer of this format and shape takes for few
-    rows."""
+    """"int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes for few rows."""
     if packed.scheme == "int8":
         return "int8pack"
-    if packed.scheme == "q8_0":
-        return "int8blocks"
-    if packed.scheme in INT4_FAMILY and packed.shape[0] % TILE == 0 and packed.group_size in INT4_KERNEL_GROUPS:
+    if packed.scheme in HALF_SCHEMES:
+        return "half"
+    if packed.scheme in affine.AFFINE_SCHEMES and (packed.scheme not in ("int4", "int4_asym")
+                                                    or packed.group_size in KERNEL_GROUPS):
         return "int4pack"
     return "dequantize"
 
 
 class QuantLinear(nn.Module):
     """Frozen y = x W_hat^T + b with W held packed. Buffers `weight_<name>` are the format's tensors (int4pack: the
-    codes in tinygemm layout as `weight_int4pack`); `bias` a frozen parameter."""
+    4-bit kernel codes in tinygemm layout as `weight_int4pack` plus the extras of quant/affine.py that rebuild the
+    format's bytes); `bias` a frozen parameter."""
 
     def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -143,21 +97,17 @@ class QuantLinear(nn.Module):
         self.scheme, self.group_size = packed.scheme, packed.group_size
         self.out_features, self.in_features = packed.shape
         self.kernel = kernel_for(packed)
-        if self.kernel == "int8blocks":
-            d, codes, _ = gguf_blocks.block_fields(packed)  # (out, n_blocks) fp32 of fp16, (out, n_blocks, 32) int8
-            self.register_buffer("weight_q8blocks", codes.transpose(0, 1).contiguous())  # (n_blocks, out, 32)
-            self.register_buffer("weight_d", d.to(torch.float16))  # (out, n_blocks), exact: d was fp16
-            self._extras = ("d",)
-            self.register_buffer("kernel_scales", d.t().contiguous().to(torch.bfloat16), persistent=False)
-        elif self.kernel == "int4pack":
-            codes, extras, scale, offset = int4_split(packed)
-            self.register_buffer("weight_int4pack", to_tinygemm(codes))
-            for name, tensor in extras.items():
-                self.register_buffer(f"weight_{name}", tensor)
-            self._extras = tuple(extras)
-            # (in / g, out, 2): scale and offset per group as the kernel reads them, in bf16 (derived, not saved)
-            self.register_buffer("kernel_scales", torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16),
-                                 persistent=False)
+        self.pieces = 2 if self.scheme in SPLIT_SCHEMES else 1
+        if self.kernel == "int4pack":
+            view = affine.split(packed)
+            self.kernel_group = view.group
+            codes, scales = kernel_weight(view, self.pieces)
+            self.register_buffer("weight_int4pack", codes)
+            for name, tensor in view.extras.items():
+                self.register_buffer(f"weight_{name}", tensor.contiguous())
+            self._extras = tuple(view.extras)
+            # (pieces * in / group, out padded to 64, 2): scale and offset per group as the kernel reads them, bf16
+            self.register_buffer("kernel_scales", scales, persistent=False)  # (derived, not saved)
         else:
             for name, tensor in packed.tensors.items():
                 self.register_buffer(f"weight_{name}", tensor)
@@ -172,21 +122,20 @@ class QuantLinear(nn.Module):
         module = cls(get_format(scheme).quantize(linear.weight, group_size), linear.bias)
         return module.to(linear.weight.device)
 
+    def _joined(self, kernel_codes: torch.Tensor, extras: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """The format's QuantizedWeight of some rows from their 4-bit kernel codes (n, pieces * in) and extras."""
+        codes = codes_of(kernel_codes, self.pieces)
+        return affine.join(self.scheme, (codes.shape[0], self.in_features), self.group_size, codes, extras)
+
     @property
     def packed(self) -> QuantizedWeight:
         """The weight in its format's canonical tensors (what a checkpoint stores)."""
-        shape = (self.out_features, self.in_features)
         extras = {name: getattr(self, f"weight_{name}") for name in self._extras}
         if self.kernel == "int4pack":
-            return int4_join(self.scheme, shape, self.group_size, from_tinygemm(self.weight_int4pack), extras)
-        if self.kernel == "int8blocks":
-            return q8_0_join(self.weight_d, self.weight_q8blocks.transpose(0, 1))
-        return QuantizedWeight(self.scheme, shape, self.group_size, extras)
+            return self._joined(from_tinygemm(self.weight_int4pack)[:self.out_features], extras)
+        return QuantizedWeight(self.scheme, (self.out_features, self.in_features), self.group_size, extras)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.kernel == "int8blocks":  # d q in fp32, as dequantize_blocks, without rebuilding the bytes
-            w = self.weight_q8blocks.float() * self.weight_d.t().float()[..., None]  # (n_blocks, out, 32)
-            return w.transpose(0, 1).reshape(self.out_features, self.in_features).to(dtype)
         return get_format(self.scheme).dequantize(self.packed, dtype)  # (out, in)
 
     def dequantized_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -194,18 +143,13 @@ class QuantLinear(nn.Module):
         bytes are the row alone): what an embedding lookup into a quantized table needs. Equal to
         dequantized_weight()[rows]."""
         rows = rows.reshape(-1)
-        if self.kernel == "int8blocks":
-            w = self.weight_q8blocks[:, rows].float() * self.weight_d[rows].t().float()[..., None]  # (nb, n, 32)
-            return w.transpose(0, 1).reshape(len(rows), self.in_features).to(dtype)
-        shape = (len(rows), self.in_features)
         extras = {name: getattr(self, f"weight_{name}")[rows] for name in self._extras}
         if self.kernel == "int4pack":
-            codes = tinygemm_rows(self.weight_int4pack, rows)
-            packed = int4_join(self.scheme, shape, self.group_size, codes, extras)
+            packed = self._joined(tinygemm_rows(self.weight_int4pack, rows), extras)
         elif self.scheme == "nf4":  # blocks and double-quantized scales run over the flattened weight
             return self.dequantized_weight(dtype)[rows]
         else:  # every other format stores one row of packed values (and scales) per output row
-            packed = QuantizedWeight(self.scheme, shape, self.group_size, extras)
+            packed = QuantizedWeight(self.scheme, (len(rows), self.in_features), self.group_size, extras)
         return get_format(self.scheme).dequantize(packed, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,17 +158,14 @@ class QuantLinear(nn.Module):
                 and not (torch.is_grad_enabled() and x.requires_grad))
         if not fast:
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+        flat = x.reshape(rows, self.in_features)
         if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(flat, self.weight_qweight, self.kernel_scales)
-        elif self.kernel == "int8blocks":
-            blocks = flat.view(rows, -1, gguf_blocks.BLOCK)  # (rows, n_blocks, 32)
-            y = torch.zeros(rows, self.out_features)
-            for b in range(blocks.shape[1]):  # fp32 sum of the per-block products
-                y += torch._weight_int8pack_mm(blocks[:, b], self.weight_q8blocks[b], self.kernel_scales[b])
+            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
+        elif self.kernel == "half":
+            y = F.linear(flat.to(self.weight_weight.dtype), self.weight_weight)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4pack, self.group_size,
-                                                           self.kernel_scales)
+            y = int4_matmul(flat, self.weight_int4pack, self.kernel_group, self.kernel_scales, self.pieces,
+                            self.out_features)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
