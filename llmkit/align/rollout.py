@@ -142,3 +142,38 @@ def brevity_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[flo
 
 
 TOY_REWARDS: dict[str, RewardFn] = {"toy_exclamation": exclamation_reward, "toy_brevity": brevity_reward}
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------------------
+
+SST2_TRAIN = "sst2/train.tsv"
+
+
+def load_prompts(paths: Sequence[str], limit: int | None = None) -> list[str]:
+    """The "prompt" field of every line of the JSONL files `paths` (at most `limit`)."""
+    from llmkit.data.jsonl import read_jsonl
+
+    prompts: list[str] = []
+    for path in paths:
+        for _, row in read_jsonl(path, fields=("prompt",), hint='each line must be {"prompt": "..."}'):
+            prompts.append(row["prompt"])
+            if limit is not None and len(prompts) >= limit:
+                return prompts
+    if not prompts:
+        raise LlmkitError(f"--prompts {', '.join(paths)} holds no prompts; add lines like {{\"prompt\": \"...\"}}")
+    return prompts
+
+
+def sst2_prefixes(limit: int, words: int = 5) -> list[str]:
+    """The first `words` words of SST-2 training sentences that have at least twice as many (GLUE SST-2 in the
+    shared data): movie-review openings for the policy to continue, as in the classic sentiment-steering demo."""
+    from llmkit.data.shared import shared_data_file
+
+    prefixes: list[str] = []
+    for line in shared_data_file(SST2_TRAIN).read_text(encoding="utf-8").splitlines()[1:]:
+        sentence = line.rsplit("\t", 1)[0].split()
+        if len(sentence) >= 2 * words:
+            prefixes.append(" ".join(sentence[:words]))
+            if len(prefixes) >= limit:
+                break
+    return prefixes
