@@ -75,7 +75,7 @@ def token_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Te
     kl = kl_estimate(logps, ref_logps, estimator) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(dim=1) - 1).clamp(min=0).long()  # (B,)
-    rewards[torch.arange(len(last)), last] += scores * (mask.sum(dim=1) > 0)
+    rewards[torch.arange(len(last), device=last.device), last] += scores * (mask.sum(dim=1) > 0)
     return rewards, kl
 
 

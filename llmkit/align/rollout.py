@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmkit.align.ppo import PolicyWithValue, response_logps_of
+from llmkit.align.runs import pad_id_of
 from llmkit.align.settings import PPOSettings, PPOTrainSettings
 from llmkit.errors import LlmkitError
 from llmkit.generate.decode import generate_tokens, tokenizer_stop_ids
@@ -95,7 +96,7 @@ def collect_rollout(model: PolicyWithValue, reference: nn.Module | None, tokeniz
                     reward_fn: RewardFn, settings: PPOSettings, train: PPOTrainSettings, seed: int) -> Rollout:
     """Sample, decode and score responses to `prompts`, with old log-probs, reference log-probs and values."""
     stop_ids = tokenizer_stop_ids(tokenizer)
-    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+    pad_id = pad_id_of(tokenizer)
     prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
     was_training = model.training
     model.eval()

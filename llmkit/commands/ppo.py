@@ -15,9 +15,9 @@ POLICY_DIR = "policy"
 VALUE_HEAD_FILE = "value_head.safetensors"
 SUMMARY_FILE = "summary.json"
 TOY_NAMES = ("toy_exclamation", "toy_brevity")  # keys of llmkit.align.rollout.TOY_REWARDS (a test keeps them equal)
-DEMO_REWARD = "toy_exclamation"
+DEMO_REWARD = "toy_brevity"
 # A few minutes on 2 idle CPU cores: SmolLM2-135M + LoRA, 8 prompts x 16 new tokens per step.
-PPO_DEFAULTS = PPOTrainSettings(steps=8, rollout_batch=8, lr=2e-4, max_new_tokens=16)
+PPO_DEFAULTS = PPOTrainSettings(steps=6, rollout_batch=8, lr=5e-4, max_new_tokens=16)
 
 
 def ppo(
@@ -62,7 +62,7 @@ def ppo(
         policy: .gguf file, Hugging Face directory or llmkit directory (default, the demo: SmolLM2-135M-Instruct).
         reward: a reward model directory (`llmkit reward train`'s OUTPUT/reward_model), or a TOY built-in that
             measures nothing useful: toy_exclamation (count of '!', at most 3), toy_brevity (fewer words score
-            higher). Required with --policy; the demo uses toy_exclamation.
+            higher). Required with --policy; the demo uses toy_brevity.
         prompts: JSONL files with a "prompt" field per line (default: openings of SST-2 movie-review sentences).
         method: lora (adapters on a frozen base; the reference is the base) or full (a frozen copy is the reference).
         lora: --method lora: rank, alpha, dropout, targets, ...
