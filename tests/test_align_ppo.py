@@ -262,3 +262,25 @@ def test_cli_bad_reward_is_one_line_with_exit_2(tmp_path, capsys):
     assert err.startswith("error: --reward") and "toy_exclamation" in err and len(err.strip().splitlines()) == 1
     code, err = cli_status(capsys, "ppo", "--policy", str(policy_dir), "--output", str(tmp_path / "run"))
     assert code == 2 and "--reward is required" in err
+
+
+# ---- real weights ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_ppo_steps_on_smollm2_with_lora_start_at_kl_zero_and_move_the_adapter():
+    from llmkit.align.rollout import sst2_prefixes
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+
+    path = default_model_path()
+    torch.manual_seed(0)
+    model = PolicyWithValue(apply_lora(load_model(path, arch="decoder"), LoraSettings(rank=8, targets=("q_proj", "v_proj"))))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    train = PPOTrainSettings(steps=2, rollout_batch=4, lr=1e-3, max_new_tokens=6)
+    result = train_ppo(model, None, load_tokenizer(path), sst2_prefixes(4), TOY_REWARDS["toy_brevity"],
+                       PPOSettings(ppo_epochs=1, minibatch_size=4), train)
+    first, second = result.rows
+    assert first["kl"] == 0.0  # B = 0: the adapted policy is its base, the reference, exactly
+    assert first["approx_kl"] < 1e-8  # the first minibatch re-scores the rollout: ratio 1
+    assert second["kl"] != 0.0 and all(isinstance(text, str) and "->" in text for text in second["samples"])
+    moved = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    assert any("lora_B" in name for name in moved) and any("value_head" in name for name in moved)
