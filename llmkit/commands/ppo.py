@@ -16,8 +16,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 SUMMARY_FILE = "summary.json"
 TOY_NAMES = ("toy_exclamation", "toy_brevity")  # keys of llmkit.align.rollout.TOY_REWARDS (a test keeps them equal)
 DEMO_REWARD = "toy_brevity"
-# SmolLM2-135M + LoRA, 8 prompts x 12 new tokens per step, 5 steps (docs/alignment.md has the measured time).
-PPO_DEFAULTS = PPOTrainSettings(steps=5, rollout_batch=8, lr=5e-4, max_new_tokens=12)
+# SmolLM2-135M + LoRA, 16 prompts x 12 new tokens per step, 8 steps: 1.5 minutes at load 1-2 (docs/alignment.md).
+PPO_DEFAULTS = PPOTrainSettings(steps=8, rollout_batch=16, lr=2e-4, max_new_tokens=12)
 
 
 def ppo(
