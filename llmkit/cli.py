@@ -24,6 +24,7 @@ COMMANDS: dict[str, Any] = {
     "finetune": "finetune:finetune",
     "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
     "dpo": "dpo:dpo",
+    "ppo": "ppo:ppo",
     "moe": {"upcycle": "moe:moe_upcycle"},
     "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",

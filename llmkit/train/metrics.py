@@ -74,7 +74,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot_losses(rows: list[dict], path: Path, title: str = "loss") -> Path | None:
     """Training and validation loss against steps, as a PNG."""
-    train = [(row["step"], row["loss"]) for row in rows if row.get("kind") == "train"]
+    train = [(row["step"], row["loss"]) for row in rows if row.get("kind") == "train" and "loss" in row]
     val = [(row["step"], row["val_loss"]) for row in rows if row.get("kind") == "eval"]
     if not train and not val:
         return None
