@@ -51,6 +51,37 @@ def preference_data(
     return PreferenceData(train_ids, held_ids, report)
 
 
+@dataclass
+class PreferenceRun:
+    """What a preference recipe (reward train, dpo) starts from: the model's path, its tokenizer, the tokenized pairs,
+    the pad id and the network with its training method applied."""
+
+    path: Path
+    tokenizer: Tokenizer
+    pairs: PreferenceData
+    pad_id: int
+    network: nn.Module
+
+
+def start_preference_run(
+    model: str | None, data: Sequence[str], limit: int | None, held_out: float, seed: int, max_length: int,
+    max_prompt_length: int, skip_bad_rows: bool, method: AlignMethod, lora: LoraSettings,
+) -> PreferenceRun:
+    """Load the tokenizer of `model` (default SmolLM2-135M-Instruct), read and split the pairs (printing how many),
+    seed torch, load the decoder and apply LoRA or full training."""
+    import torch
+
+    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+
+    path = Path(model) if model else default_model_path()
+    tokenizer = load_tokenizer(path)
+    pairs = preference_data(data, tokenizer, limit, held_out, seed, max_length, max_prompt_length, skip_bad_rows)
+    print(f"{len(pairs.train):,} training pairs, {len(pairs.held_out):,} held out; {pairs.report.summary()}")
+    torch.manual_seed(seed)
+    network = apply_training_method(load_model(path, arch="decoder"), method, lora)
+    return PreferenceRun(path, tokenizer, pairs, pad_id_of(tokenizer), network)
+
+
 def pad_id_of(tokenizer: Tokenizer) -> int:
     """The pad id batches are filled with (the attention mask, not this id, says what is real; SmolLM2's is EOS)."""
     for token_id in (tokenizer.pad_id, tokenizer.eos_id):

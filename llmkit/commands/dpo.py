@@ -76,22 +76,17 @@ def dpo(
 
     from llmkit.align.dpo import cache_reference_logps, dpo_objective, preference_metrics
     from llmkit.align.preference import PairBatches, held_out_batches
-    from llmkit.align.runs import apply_training_method, pad_id_of, plot_metrics, preference_data, write_summary
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
+    from llmkit.align.runs import plot_metrics, start_preference_run, write_summary
+    from llmkit.checkpoints import save_model
     from llmkit.peft.core import save_adapter
     from llmkit.train.loop import train as train_loop
     from llmkit.train.metrics import METRICS_FILE
 
     settings = DPOSettings(loss, beta, label_smoothing, simpo_gamma, discopop_tau)
     check_settings(train)
-    path = Path(model) if model else default_model_path()
-    tokenizer = load_tokenizer(path)
-    pairs = preference_data(as_paths(data), tokenizer, limit, held_out, train.seed, max_length, max_prompt_length,
-                            skip_bad_rows)
-    print(f"{len(pairs.train):,} training pairs, {len(pairs.held_out):,} held out; {pairs.report.summary()}")
-    pad_id = pad_id_of(tokenizer)
-    torch.manual_seed(train.seed)
-    policy = apply_training_method(load_model(path, arch="decoder"), method, lora)
+    run = start_preference_run(model, as_paths(data), limit, held_out, train.seed, max_length, max_prompt_length,
+                               skip_bad_rows, method, lora)
+    path, tokenizer, pairs, pad_id, policy = run.path, run.tokenizer, run.pairs, run.pad_id, run.network
     if not settings.reference_free:
         print(f"reference log-probs of {len(pairs.train) + len(pairs.held_out):,} pairs (computed once)")
         cache_reference_logps(policy, pairs.train + pairs.held_out, pad_id, batch_size=train.batch_size)

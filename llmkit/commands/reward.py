@@ -66,20 +66,14 @@ def reward_train(
 
     from llmkit.align.preference import PairBatches, held_out_batches
     from llmkit.align.reward import RewardModel, pairwise_accuracy, reward_objective, save_reward_model
-    from llmkit.align.runs import apply_training_method, pad_id_of, plot_metrics, preference_data, write_summary
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+    from llmkit.align.runs import plot_metrics, start_preference_run, write_summary
     from llmkit.train.loop import train as train_loop
     from llmkit.train.metrics import METRICS_FILE
 
     check_settings(train)
-    path = Path(model) if model else default_model_path()
-    tokenizer = load_tokenizer(path)
-    pairs = preference_data(as_paths(data), tokenizer, limit, held_out, train.seed, max_length, max_prompt_length,
-                            skip_bad_rows)
-    print(f"{len(pairs.train):,} training pairs, {len(pairs.held_out):,} held out; {pairs.report.summary()}")
-    pad_id = pad_id_of(tokenizer)
-    torch.manual_seed(train.seed)
-    network = apply_training_method(load_model(path, arch="decoder"), method, lora)
+    run = start_preference_run(model, as_paths(data), limit, held_out, train.seed, max_length, max_prompt_length,
+                               skip_bad_rows, method, lora)
+    path, tokenizer, pairs, pad_id, network = run.path, run.tokenizer, run.pairs, run.pad_id, run.network
     reward_model = RewardModel(network)
     evals = held_out_batches(pairs.held_out, train.batch_size, pad_id)
 
