@@ -418,3 +418,21 @@ def test_smollm2_concurrent_greedy_requests_equal_each_alone():
     handles = [engine.submit(Request(prompt, 8)) for prompt in prompts]
     assert [tokens_of(list(handle.events(timeout=120))) for handle in handles] == expected
     engine.shutdown(timeout=60)
+
+
+def test_run_steps_in_the_calling_thread_until_shutdown(model):
+    """`Engine.run()` is the loop `start()` runs, in the caller's thread (llmkit serve: the main thread); shutdown from
+    another thread lets the requests in flight finish, then run() returns; a second loop is refused."""
+    import threading
+
+    prompt = random_prompt(9, seed=5)
+    engine = Engine(model, max_batch_size=2)
+    handle = engine.submit(Request(prompt, 6))
+    runner = threading.Thread(target=engine.run)
+    runner.start()
+    with pytest.raises(LlmkitError, match="already runs"):
+        engine.run()
+    engine.shutdown()  # waits for the loop to end, not for the thread that ran it
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert tokens_of(handle.events_ready()) == alone(model, prompt, 6)

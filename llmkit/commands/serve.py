@@ -99,7 +99,7 @@ def serve(
         print(f"llmkit serve: loading {name} from {path}; {shown} answers /health with 503 until it is ready",
               file=sys.stderr, flush=True)
         try:
-            served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name,
+            served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name, start=False,
                                   max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
         except BaseException as error:
             app.state.llmkit.fail(error)
@@ -109,6 +109,10 @@ def serve(
         app.state.llmkit.attach(served)  # uvicorn shuts the engine down when it stops
         if not server.should_exit:
             print(f"llmkit serve: {name} ready at {shown} (OpenAI API under /v1; Ctrl-C stops)", flush=True)
+            # The engine steps on this (main) thread: torch's CPU ops ran ~3x slower from another thread
+            # (Engine.run). It returns once uvicorn, stopping, has shut the engine down and in-flight requests ended.
+            threading.Thread(target=lambda: (thread.join(), served.engine.shutdown()), daemon=True).start()  # uvicorn gone
+            served.engine.run()
         while thread.is_alive():
             thread.join(0.5)  # short waits, so the signal handlers run in this thread
 

@@ -64,12 +64,15 @@ class Job:
     chat: bool
 
 
-def start_engine(model: Any, tokenizer: Tokenizer, name: str, **engine_options: Any) -> ServedModel:
-    """A running Engine over `model` (options: max_batch_size, max_queue, kv_cache_tokens, ...), ready to serve."""
+def start_engine(model: Any, tokenizer: Tokenizer, name: str, start: bool = True, **engine_options: Any) -> ServedModel:
+    """An Engine over `model` (options: max_batch_size, max_queue, kv_cache_tokens, ...), ready to serve: running on
+    its own thread, or, with `start=False`, for the caller to run (`served.engine.run()`, as `llmkit serve` does on
+    the main thread)."""
     from llmkit.serve import Engine
 
     engine = Engine(model, **engine_options)
-    engine.start()
+    if start:
+        engine.start()
     return ServedModel(name, engine, tokenizer, model.config.max_seq_len)
 
 
