@@ -14,6 +14,7 @@ constraint uses it to keep a document closable within a token budget.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 
 from llmkit.generate.json_schema import ANY, Node, array_shortest, compact_json, entry_length, members_cost, shortest
 
@@ -28,23 +29,24 @@ OK, POP, REJECT = 0, 1, 2  # a frame consumed the byte / ended before it (the pa
 # ---- frames ------------------------------------------------------------------------------------------------------
 
 
-class Frame:
+class Frame(ABC):
     """One open JSON value. feed(parser, byte) -> OK | POP | REJECT; a frame that ends on its own last byte sets
-    `closed`. distance() counts the bytes this frame still needs, not its open children's."""
+    `closed`. distance() counts the bytes this frame still needs, not its open children's. A frame that holds
+    children (object, array) hears of each finished one through child_done; the others ignore it."""
 
     closed = False
 
-    def feed(self, parser: JsonParser, byte: int) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def feed(self, parser: JsonParser, byte: int) -> int: ...
 
     def can_end(self) -> bool:
         return False
 
-    def distance(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def distance(self) -> int: ...
 
-    def child_done(self, child: Frame) -> None:
-        pass
+    def child_done(self, child: Frame) -> None:  # noqa: B027 (a no-op by default, on purpose)
+        return None
 
 
 class ValueFrame(Frame):
