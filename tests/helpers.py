@@ -19,6 +19,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from llmkit.checkpoints.hf import load_hf
 from llmkit.cli import main
 from llmkit.config import Config
 from llmkit.data.shared import shared_data_file
@@ -61,6 +62,14 @@ def byte_tokenizer(
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True) for token in specials])
     return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, chat_template=chat_template)
+
+
+def load_llmkit(directory: Path) -> Decoder:
+    """An llmkit Decoder (eval mode) from a Hugging Face directory, through `load_hf` alone (config + state dict)."""
+    config, state = load_hf(directory)
+    model = Decoder(config)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def tiny_decoder(preset: str = "tiny-llama", seed: int = 0, **overrides: Any) -> Decoder:

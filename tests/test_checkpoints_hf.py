@@ -32,6 +32,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.tokenizer import Tokenizer
+from tests.helpers import load_llmkit
 
 VOCAB = 128
 MAX_POSITIONS = 64
@@ -89,13 +90,6 @@ def save_hf(kind: str, directory: Path, **save_options) -> torch.nn.Module:
     randomize(model)
     model.save_pretrained(directory, **save_options)
     return model
-
-
-def load_llmkit(directory: Path) -> Decoder:
-    config, state = load_hf(directory)
-    model = Decoder(config)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def token_ids(length: int = 40, batch: int = 2) -> torch.Tensor:

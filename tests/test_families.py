@@ -30,6 +30,7 @@ from llmkit.checkpoints.hf_config import config_from_hf, hf_architecture
 from llmkit.estimate import count_parameters
 from llmkit.models.decoder import Decoder
 from llmkit.nn.position import alibi_slopes
+from tests.helpers import load_llmkit
 
 VOCAB = 128
 MAX_POSITIONS = 64
@@ -83,13 +84,6 @@ def save_hf(kind: str, directory: Path) -> torch.nn.Module:
     randomize(model)
     model.save_pretrained(directory)
     return model
-
-
-def load_llmkit(directory: Path) -> Decoder:
-    config, state = load_hf(directory)
-    model = Decoder(config)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def token_ids(length: int = 40, batch: int = 2, seed: int = 1) -> torch.Tensor:

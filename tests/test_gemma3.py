@@ -23,7 +23,7 @@ from llmkit.models.decoder import Decoder
 from llmkit.quant.gguf_load import load_gguf_quantized, weight_bytes
 from llmkit.quant.linear import QuantLinear
 from llmkit.tokenizer import Tokenizer
-from tests.helpers import run_cli
+from tests.helpers import load_llmkit, run_cli
 from tests.test_checkpoints_gguf import write_gguf
 
 VOCAB = 128
@@ -49,13 +49,6 @@ def hf_gemma3(**changes) -> Gemma3ForCausalLM:
         for name, parameter in model.named_parameters():
             parameter.normal_(mean=0.0, std=0.3 if "norm" in name else 0.1)  # Gemma norms scale by (1 + w)
     return model
-
-
-def load_llmkit(directory: Path) -> Decoder:
-    config, state = load_hf(directory)
-    model = Decoder(config)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
