@@ -22,6 +22,7 @@ COMMANDS: dict[str, Any] = {
     "augment": "augment:augment",
     "pretrain": "pretrain:pretrain",
     "finetune": "finetune:finetune",
+    "distill": "distill:distill",
     "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
     "dpo": "dpo:dpo",
     "ppo": "ppo:ppo",
