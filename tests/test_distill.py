@@ -247,3 +247,15 @@ def test_cli_refuses_a_student_of_another_vocabulary_size(capsys, teacher_dir, t
 def test_cli_errors_are_one_line(capsys, teacher_dir, tmp_path, flags, message):
     code, err = cli_status(capsys, "distill", "--teacher", str(teacher_dir), "--output", str(tmp_path / "run"), *flags)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_student_equal_to_its_teacher_has_zero_divergence_and_hidden_loss(text_tokens):
+    teacher = tiny_decoder("tiny-llama", n_layers=2, seed=3)
+    clone = student_from_layers(teacher, [0, 1]).eval()
+    batch = window_batches(text_tokens[0], SEQ_LEN, seed=0)(0, 2, 0, 1)
+    settings = DistillSettings(loss="kl", temperature=2.0, alpha=0.5, hidden_weight=1.0, hidden_loss="mse")
+    terms = DecoderDistillation(teacher, settings)(clone, batch)
+    assert terms.metrics["divergence"].item() == pytest.approx(0, abs=1e-4)
+    assert terms.metrics["hidden"].item() == pytest.approx(0, abs=1e-6)
+    cross_entropy = causal_lm_loss(teacher, batch).total.item()
+    assert terms.total.item() == pytest.approx(0.5 * cross_entropy, rel=1e-4)
