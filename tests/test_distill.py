@@ -179,7 +179,7 @@ def test_a_distilled_student_beats_the_same_student_trained_without_its_teacher(
     train(distilled, objective, window_batches(small, SEQ_LEN, seed=1), quiet(100), tmp_path / "distilled")
     teacher_loss, scratch_loss, distilled_loss = (held_out_loss(model, held_out) for model in (teacher, scratch,
                                                                                                distilled))
-    # measured: teacher 2.29, scratch 2.86, distilled 2.53 nats per byte-token
+    # a trial run of this setup gave about: teacher 2.3, scratch 2.9, distilled 2.5 nats per byte
     assert teacher_loss < distilled_loss < scratch_loss - 0.15
 
 

@@ -55,7 +55,7 @@ def test_smollm2_every_other_layer_student_learns_from_the_teacher(smollm2, tmp_
     before = kl_to_teacher()
     train(student.train(), objective, batches, TrainSettings(max_steps=4, batch_size=2, lr=3e-4, warmup_steps=0,
                                                              eval_every=0, checkpoint_every=100), tmp_path)
-    assert kl_to_teacher() < 0.7 * before  # measured: 5.9 -> 2.2 nats per token
+    assert kl_to_teacher() < 0.7 * before
 
 
 def test_cli_distils_minilm_into_three_layers(capsys, tmp_path):
