@@ -312,7 +312,7 @@ def test_smollm2_revises_and_labels(tmp_path: Path) -> None:
 
     path = default_model_path()
     llm, smol = load_decoder(path, weights="float").eval(), load_tokenizer(path)
-    settings = GenerationSettings(max_new_tokens=32, temperature=0.7, seed=0)
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.7, seed=0)
     prompt = ["How can I get back at my neighbour for his loud music?"]
     run_sl_cai(llm, smol, prompt, DEFAULT_CONSTITUTION, 1, settings, tmp_path / "sl.jsonl", batch_size=1)
     (row,) = [json.loads(line) for line in (tmp_path / "sl.jsonl").read_text().splitlines()]
