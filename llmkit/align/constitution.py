@@ -276,11 +276,14 @@ def write_replies(model: torch.nn.Module, tokenizer: Tokenizer, conversations: S
 
 
 def revise_chunk(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], first_index: int,
-                 principles: Sequence[Principle], rounds: int, settings: GenerationSettings, chunk: int
-                 ) -> list[dict[str, Any]]:
+                 principles: Sequence[Principle], rounds: int, settings: GenerationSettings, chunk: int,
+                 progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """SL-CAI on consecutive prompts (indices first_index, ...): one trace row each, with the SFT `messages`."""
+    where = f"SL-CAI prompts {first_index + 1}-{first_index + len(prompts)}"
     plans = [principle_plan(principles, first_index + k, rounds, settings.seed) for k in range(len(prompts))]
     initial = write_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], settings, chunk, 0)
+    if progress:
+        progress(f"{where}: initial replies written")
     replies, critiques, revisions = list(initial), [[] for _ in prompts], [[] for _ in prompts]
     for round_ in range(rounds):
         round_principles = [plan[round_] for plan in plans]
@@ -289,6 +292,8 @@ def revise_chunk(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence
         asks = [revision_messages(p, y, c, k) for p, y, c, k in zip(prompts, replies, round_principles, said,
                                                                     strict=True)]
         replies = write_replies(model, tokenizer, asks, settings, chunk, 2 + STAGES_PER_ROUND * round_)
+        if progress:
+            progress(f"{where}: round {round_ + 1}/{rounds} critiqued and revised")
         for k in range(len(prompts)):
             critiques[k].append(said[k])
             revisions[k].append(replies[k])
@@ -326,7 +331,7 @@ def run_sl_cai(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[s
     counts = RunCounts(resumed_from=resume_index(output))
     for first, end in pending_chunks(len(prompts), counts.resumed_from, stop, batch_size):
         rows = revise_chunk(model, tokenizer, prompts[first:end], first, principles, rounds, settings,
-                            first // batch_size)
+                            first // batch_size, progress)
         kept = [row for row in rows if counts.resumed_from <= row[INDEX] < stop and row["revisions"][-1]]
         counts.skipped += sum(1 for row in rows if counts.resumed_from <= row[INDEX] < stop
                               and not row["revisions"][-1])

@@ -125,11 +125,13 @@ def principle_for(principles: Sequence[Principle], index: int, seed: int) -> Pri
 
 def label_chunk(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], first_index: int,
                 principles: Sequence[Principle], settings: GenerationSettings, chunk: int, position_average: bool,
-                batch_size: int) -> list[dict[str, Any] | None]:
+                batch_size: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any] | None]:
     """Two sampled replies per prompt, labelled by the model: one preference row each (None where the two replies
     are the same text or one is empty: such a pair teaches nothing, and the preference reader refuses it)."""
     asks = [[{"role": "user", "content": prompt}] for prompt in prompts for _ in range(2)]
     replies = write_replies(model, tokenizer, asks, settings, chunk, 0)  # rows 2k, 2k + 1: prompt k's two samples
+    if progress:
+        progress(f"RLAIF prompts {first_index + 1}-{first_index + len(prompts)}: two replies each sampled")
     usable = [k for k in range(len(prompts)) if replies[2 * k] and replies[2 * k + 1]
               and replies[2 * k] != replies[2 * k + 1]]
     chosen_principles = [principle_for(principles, first_index + k, settings.seed) for k in usable]
@@ -154,7 +156,7 @@ def run_rlaif(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[st
     counts = RunCounts(resumed_from=resume_index(output))
     for first, end in pending_chunks(len(prompts), counts.resumed_from, stop, batch_size):
         rows = label_chunk(model, tokenizer, prompts[first:end], first, principles, settings, first // batch_size,
-                           position_average, batch_size)
+                           position_average, batch_size, progress)
         wanted = range(max(first, counts.resumed_from) - first, min(end, stop) - first)
         kept = [rows[k] for k in wanted if rows[k] is not None]
         counts.skipped += len(wanted) - len(kept)

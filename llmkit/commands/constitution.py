@@ -12,6 +12,10 @@ from typing import Any, Literal
 from llmkit.commands.common import Device, Dtype, as_paths
 from llmkit.errors import LlmkitError
 
+# The stage helpers take torch-side objects as Any: a TYPE_CHECKING import would still be run by jsonargparse when it
+# builds --help, which must never import torch.
+Model = Tokenizer = Principle = GenerationSettings = Any
+
 SL_CAI_FILE = "sl_cai.jsonl"
 RLAIF_FILE = "rlaif.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -129,7 +133,7 @@ def prompt_texts(paths: list[str], limit: int | None) -> tuple[list[str], int | 
     return red_team_prompts(builtin_hh_rlhf()), limit or DEMO_PROMPTS
 
 
-def fingerprint(principles: list) -> str:  # noqa: ANN001 (Principle, imported lazily)
+def fingerprint(principles: list[Principle]) -> str:
     """A short hash of the principles' texts: a resumed run must use the same constitution."""
     text = json.dumps([[p.name, p.critique, p.revision, p.comparison] for p in principles])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -151,7 +155,8 @@ def check_resume_settings(run: Path, settings: dict[str, Any]) -> None:
     atomic_write_text(recorded, json.dumps(settings, indent=2) + "\n")
 
 
-def revise_stage(llm, tokenizer, prompts, principles, rounds, settings, run, limit, batch_size) -> dict[str, Any]:  # noqa: ANN001
+def revise_stage(llm: Model, tokenizer: Tokenizer, prompts: list[str], principles: list[Principle], rounds: int,
+                 settings: GenerationSettings, run: Path, limit: int | None, batch_size: int) -> dict[str, Any]:
     """SL-CAI into OUTPUT/sl_cai.jsonl; prints one before/after sample."""
     from llmkit.align.constitution import run_sl_cai
 
@@ -171,7 +176,8 @@ def revise_stage(llm, tokenizer, prompts, principles, rounds, settings, run, lim
             "skipped_empty": counts.skipped, "changed": changed}
 
 
-def label_stage(llm, tokenizer, prompts, principles, settings, run, limit, batch_size, position_average  # noqa: ANN001
+def label_stage(llm: Model, tokenizer: Tokenizer, prompts: list[str], principles: list[Principle],
+                settings: GenerationSettings, run: Path, limit: int | None, batch_size: int, position_average: bool
                 ) -> dict[str, Any]:
     """RLAIF into OUTPUT/rlaif.jsonl; prints the count, the mean preference and the position bias."""
     from llmkit.align.constitution_feedback import position_bias, run_rlaif
@@ -188,7 +194,8 @@ def label_stage(llm, tokenizer, prompts, principles, settings, run, limit, batch
             "skipped": counts.skipped, "mean_preference": mean, "position_bias": bias}
 
 
-def agreement_stage(llm, tokenizer, principles, n_pairs, seed, batch_size) -> dict[str, float]:  # noqa: ANN001
+def agreement_stage(llm: Model, tokenizer: Tokenizer, principles: list[Principle], n_pairs: int, seed: int,
+                    batch_size: int) -> dict[str, float]:
     """The AI labels of human-labelled HH-RLHF pairs: the share that agrees, with its 95% interval."""
     from llmkit.align.constitution_feedback import human_agreement, short_pairs
     from llmkit.align.preference import builtin_hh_rlhf
