@@ -26,6 +26,7 @@ COMMANDS: dict[str, Any] = {
     "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
     "dpo": "dpo:dpo",
     "ppo": "ppo:ppo",
+    "constitution": "constitution:constitution",
     "moe": {"upcycle": "moe:moe_upcycle"},
     "quantize": "quantize:quantize",
     "evaluate": "evaluate:evaluate",
