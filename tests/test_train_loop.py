@@ -267,6 +267,24 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path, one_thread):
     assert result.best_checkpoint.name == "step-00000002"
 
 
+@pytest.mark.parametrize("label", [None, "Bradley-Terry loss (nats/pair)"])
+def test_validation_perplexity_is_reported_only_for_cross_entropy(tmp_path, one_thread, label):
+    def eval_batches():
+        yield {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+
+    def objective(model, batch):
+        return causal_lm_loss(model, batch)
+
+    if label is not None:  # a pairwise objective names its loss: exp(loss) would be no perplexity
+        objective.loss_label = label
+    train(tiny_model(), objective, token_source(), quiet_settings(max_steps=2, eval_every=1), tmp_path,
+          eval_batches=eval_batches)
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    evals = [row for row in rows if row["kind"] == "eval"]
+    assert len(evals) == 2 and all("val_loss" in row for row in evals)
+    assert all(("val_perplexity" in row) == (label is None) for row in evals)
+
+
 def test_a_finished_checkpoint_is_a_usable_model_directory(tmp_path, one_thread):
     from llmkit.checkpoints import load_model
 

@@ -212,6 +212,7 @@ def dpo_objective(settings: DPOSettings):  # noqa: ANN201 (an llmkit.train.objec
         losses = preference_losses(scores, settings)
         return TokenLoss(losses.sum(), torch.tensor(len(losses)), metrics=reward_metrics(scores, settings))
 
+    objective.loss_label = f"{settings.loss} preference loss (per pair)"
     return objective
 
 

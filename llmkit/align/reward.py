@@ -89,6 +89,7 @@ def reward_objective(margin: float = 0.0):  # noqa: ANN201 (an llmkit.train.obje
         metrics = {"accuracy": wins(chosen, rejected).sum(), "margin": (chosen - rejected).detach().sum()}
         return TokenLoss(losses.sum(), torch.tensor(len(losses)), metrics=metrics)
 
+    objective.loss_label = "Bradley-Terry loss (nats/pair)"
     return objective
 
 

@@ -37,6 +37,8 @@ class SentenceDistillation:
     """The objective: embedding loss between the student's and the teacher's pooled sentence vectors, plus
     `hidden_weight` x the hidden-state loss averaged over each sentence's real tokens (needs a same-width student)."""
 
+    loss_label = "embedding distillation loss (per sentence)"
+
     def __init__(self, teacher: nn.Module | None, sentence: SentenceSettings, embedding_loss: HiddenLoss = "cosine",
                  hidden_weight: float = 0.0, hidden_loss: HiddenLoss = "cosine") -> None:
         if hidden_weight > 0 and teacher is None:

@@ -50,6 +50,8 @@ class DecoderDistillation:
     """The objective distilling `teacher` (a Decoder) into the model the loop trains. `cache` keeps teacher logits
     on disk; `top_k` keeps the teacher's k largest logits per position (on the fly too, so both agree)."""
 
+    loss_label = "distillation loss (per token)"  # a divergence (mixed with CE by alpha), not a perplexity
+
     def __init__(self, teacher: nn.Module, settings: DistillSettings, cache: TeacherLogitCache | None = None,
                  top_k: int | None = None) -> None:
         settings.validate()

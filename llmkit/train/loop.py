@@ -41,8 +41,8 @@ from llmkit.train.distributed import (
     unwrap,
     wrap_model,
 )
-from llmkit.train.metrics import MetricsLog
-from llmkit.train.objectives import Objective, label_tokens
+from llmkit.train.metrics import CROSS_ENTROPY, MetricsLog
+from llmkit.train.objectives import Objective, label_tokens, loss_label
 from llmkit.train.optim import build_optimizer, build_scheduler
 from llmkit.train.precision import autocast, compute_dtype, grad_scaler
 from llmkit.train.recompute import enable_activation_checkpointing
@@ -179,20 +179,21 @@ def train(
                 last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster,
                                                   tokenizer, settings.keep_last)
                 progress.close()
-                metrics.close(plot_title=f"{unwrap(model).config.name}: loss")
+                metrics.close(plot_title=f"{unwrap(model).config.name}: loss", ylabel=loss_label(objective))
                 raise interrupted(stop.requested or signal.SIGINT, state.step, last_checkpoint, cluster)
 
             is_last = state.step == settings.max_steps
             if eval_batches is not None and settings.eval_every and (state.step % settings.eval_every == 0 or is_last):
                 val_loss = evaluate_loss(step_model, objective, eval_batches, settings, cluster, autocast_precision)
-                row = {"kind": "eval", "step": state.step, "val_loss": val_loss,
-                       "val_perplexity": math.exp(min(val_loss, 50))}
+                row = {"kind": "eval", "step": state.step, "val_loss": val_loss}
+                if loss_label(objective) == CROSS_ENTROPY:  # exp(loss) is a perplexity only for cross-entropy
+                    row["val_perplexity"] = math.exp(min(val_loss, 50))
                 if on_eval is not None:
                     row.update(on_eval(unwrap(model), state.step) or {})
                 metrics.log(row)
                 if cluster.is_main:
-                    progress.write(f"step {state.step}: validation loss {val_loss:.4f}, "
-                                   f"perplexity {row['val_perplexity']:.2f}")
+                    perplexity = f", perplexity {row['val_perplexity']:.2f}" if "val_perplexity" in row else ""
+                    progress.write(f"step {state.step}: validation loss {val_loss:.4f}{perplexity}")
                 improved = state.best_val_loss is None or val_loss < state.best_val_loss
                 if improved:
                     state.best_val_loss, state.best_step = val_loss, state.step
@@ -203,7 +204,7 @@ def train(
                 last_checkpoint = save_checkpoint(run_dir, state, model, optimizer, scheduler, scaler, cluster, tokenizer,
                                                   settings.keep_last)
     progress.close()
-    plot = metrics.close(plot_title=f"{unwrap(model).config.name}: loss")
+    plot = metrics.close(plot_title=f"{unwrap(model).config.name}: loss", ylabel=loss_label(objective))
     checkpoints = list_checkpoints(run_dir)
     best = next((path for path in checkpoints if state.best_step is not None and path.name.endswith(
         f"{state.best_step:08d}")), None)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from llmkit.io import atomic_write, atomic_write_text
 
+CROSS_ENTROPY = "cross-entropy (nats/token)"  # what a language-model loss is; other objectives name theirs
+
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 PLOT_FILE = "loss.png"
@@ -52,7 +54,7 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key != "step":
                     self.tensorboard.add_scalar(f"{row['kind']}/{key}", value, row["step"])
 
-    def close(self, plot_title: str = "loss") -> Path | None:
+    def close(self, plot_title: str = "loss", ylabel: str = CROSS_ENTROPY) -> Path | None:
         """Write the CSV and the loss PNG; returns the PNG's path (None when there is nothing to plot)."""
         if not self.enabled:
             return None
@@ -60,7 +62,7 @@ class MetricsLog:
         if self.tensorboard is not None:
             self.tensorboard.close()
         write_csv(self.rows, self.run_dir / CSV_FILE)
-        return plot_losses(self.rows, self.run_dir / PLOT_FILE, plot_title)
+        return plot_losses(self.rows, self.run_dir / PLOT_FILE, plot_title, ylabel)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -72,8 +74,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_losses(rows: list[dict], path: Path, title: str = "loss") -> Path | None:
-    """Training and validation loss against steps, as a PNG."""
+def plot_losses(rows: list[dict], path: Path, title: str = "loss", ylabel: str = CROSS_ENTROPY
+                ) -> Path | None:
+    """Training and validation loss against steps, as a PNG; `ylabel` says what the loss is."""
     train = [(row["step"], row["loss"]) for row in rows if row.get("kind") == "train" and "loss" in row]
     val = [(row["step"], row["val_loss"]) for row in rows if row.get("kind") == "eval"]
     if not train and not val:
@@ -89,7 +92,7 @@ def plot_losses(rows: list[dict], path: Path, title: str = "loss") -> Path | Non
     if val:
         axes.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
     axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -25,6 +25,7 @@ from torch import nn
 from llmkit.data.batch import IGNORE_INDEX, Batch
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import moe_aux_loss, moe_layers
+from llmkit.train.metrics import CROSS_ENTROPY
 
 
 @dataclass
@@ -52,6 +53,13 @@ class TokenLoss:
 
 
 Objective = Callable[[nn.Module, Batch], TokenLoss]
+
+
+def loss_label(objective: Objective) -> str:
+    """What an objective's loss measures, for logs and plots. An objective whose loss is not a per-token
+    cross-entropy (a pairwise preference loss, a distillation divergence) says so in a `loss_label` attribute; the
+    loop reports a validation perplexity, exp(loss), only for cross-entropy, where it means something."""
+    return getattr(objective, "loss_label", CROSS_ENTROPY)
 
 
 def label_tokens(batch: Batch) -> torch.Tensor:
