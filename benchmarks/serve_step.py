@@ -2,9 +2,8 @@
 it), B requests decoding together, ms per decode step; and the engine's prefill speed in tok/s.
 
 Runs on the main thread (torch CPU ops from a worker thread ran ~3x slower here; llmkit/serve/engine.py `run`).
-Parts come from torch.profiler over the timed steps, grouped by the code that issued them: the LM head, the other
-quantized linears, attention (SDPA), RoPE/norms/activations and the rest of the model forward, and the engine's own
-work outside the forward (choosing tokens: sampling, penalties, log-probs; KV bookkeeping).
+With --profile it prints torch.profiler's table of the timed steps (aten ops by self CPU time: the int4 kernel,
+SDPA, copies, ...), which splits a step into the model's parts and what the engine does around the forward.
 
     python benchmarks/serve_step.py [--rows 1,8,16] [--steps 20] [--sampled] [--profile]   (THREADS=2 by default)
 
