@@ -1,6 +1,5 @@
-"""The engine's throughput levers keep a request's tokens: prefill in forwards of at most PREFILL_FORWARD_TOKENS rows
-(a quantized model's linears take the packed kernel up to that many, llmkit/quant/linear.py), and decode rows in slot
-order so the cache is read as one slice (llmkit/serve/engine.py)."""
+"""The engine's throughput levers keep a request's tokens: decode rows go in slot order so the cache is read as one
+slice (llmkit/serve/engine.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import torch
 from llmkit.generate import generate_tokens
 from llmkit.nn.attention import RowKVCache
 from llmkit.serve import Engine, Request
-from llmkit.serve import engine as engine_module
 from tests.helpers import tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,23 +33,6 @@ def run_to_end(engine: Engine) -> None:
             return
         engine.step()
     raise AssertionError("engine still busy after 1000 steps")
-
-
-def test_a_step_budget_prefills_in_forwards_of_at_most_prefill_forward_tokens(model, monkeypatch):
-    monkeypatch.setattr(engine_module, "PREFILL_FORWARD_TOKENS", 8)
-    lengths = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda ids, **kwargs: (lengths.append(ids.shape[1]), forward(ids, **kwargs))[1])
-    ids = prompt(30, 1)
-    engine = Engine(model, prefill_chunk=20, prefix_cache=False)
-    handle = engine.submit(Request(ids, 5))
-    engine.step()  # 20 of the 30 prompt tokens: 8 + 8 + 4
-    assert lengths == [8, 8, 4] and not handle.events_ready()
-    engine.step()  # the last 10: 8 + 2, then the first token
-    assert lengths == [8, 8, 4, 8, 2] and len(handle.events_ready()) == 1
-    run_to_end(engine)
-    events = handle.events_ready()
-    assert [event.token_id for event in events] == alone(model, ids, 5)[1:]
 
 
 def test_decode_reads_rows_in_slot_order_and_keeps_each_requests_tokens(model, monkeypatch):

@@ -2,7 +2,7 @@
 blocks, so the model's RAM is about the file's size instead of 4 bytes per weight (checkpoints/gguf.py's
 `load_gguf` dequantizes every tensor to float).
 
-    GGUF type            held as                                         computed (<= kernel_rows rows, CPU; else dequantize)
+    GGUF type            held as                                         computed (1-16 rows on CPU; more: dequantize)
     Q4_0, Q4_1, Q4_K     4-bit codes in tinygemm layout + the file's     _weight_int4pack_mm_for_cpu, bf16 activations,
                          scale bytes (d/m fp16; K: 16 header bytes)      group 32 (Q4_K: s = d sc_j, z = -dmin m_j)
     Q8_0, Q5_0, Q5_1,    the codes as two 4-bit pieces (8 bits) in       the same kernel, one call over [x | x]

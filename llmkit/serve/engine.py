@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.quant.linear import KERNEL_MAX_ROWS
 from llmkit.serve.active import ActiveRequest
 from llmkit.serve.kv import SlotTable
 from llmkit.serve.request import (
@@ -41,10 +40,6 @@ from llmkit.serve.request import (
     TokenConstraint,
     TokenEvent,
 )
-
-# Prompt tokens per prefill forward: a quantized model's linears take the packed-weight kernel up to this many rows and
-# dequantize every matrix per forward above it (llmkit/quant/linear.py), so a 256-token step budget runs as 2 x 128.
-PREFILL_FORWARD_TOKENS = KERNEL_MAX_ROWS
 
 __all__ = ["Engine", "EngineClosedError", "EngineStats", "QueueFullError", "Request", "RequestHandle",
            "TokenConstraint", "TokenEvent"]
@@ -302,14 +297,12 @@ class Engine:
                     self._finish(seq, TokenEvent(None, finish_reason="error", error=message))
 
     def _prefill(self, seq: ActiveRequest, n_tokens: int) -> None:
-        """Feed the next `n_tokens` prompt tokens of one request, in forwards of at most PREFILL_FORWARD_TOKENS; after
-        its last one, choose its first token."""
-        logits = None
-        for start in range(seq.prefilled, seq.prefilled + n_tokens, PREFILL_FORWARD_TOKENS):
-            chunk = seq.request.prompt_ids[start : min(start + PREFILL_FORWARD_TOKENS, seq.prefilled + n_tokens)]
-            view = self.slots.cache.rows([seq.slot.row], [start])
-            logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1, 1, V)
-            seq.slot.tokens.extend(chunk)
+        """Feed the next `n_tokens` prompt tokens of one request; after its last one, choose its first token."""
+        start = seq.prefilled
+        chunk = seq.request.prompt_ids[start : start + n_tokens]
+        view = self.slots.cache.rows([seq.slot.row], [start])
+        logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1, 1, V)
+        seq.slot.tokens.extend(chunk)
         seq.prefilled += n_tokens
         if seq.prefilled == len(seq.request.prompt_ids):
             self._emit(seq, seq.choose(logits[0, -1]))
