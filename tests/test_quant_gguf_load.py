@@ -104,7 +104,7 @@ def test_row_permutation_of_block_bytes_equals_permutation_of_values():
 
 
 @pytest.mark.parametrize("scheme", sorted(GGUF_FORMATS))
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 40, 200])
 def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows):
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 128, bias=True)
@@ -119,7 +119,7 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
     x = torch.randn(rows, 512)
     with torch.no_grad():
         y = layer(x)
-    if layer.kernel != "dequantize" and rows <= KERNEL_MAX_ROWS:
+    if rows <= layer.kernel_rows:
         # int4pack: bf16 x, scales and y (tests/test_quant_linear.py); half: x and y rounded to f16 (2^-11) or bf16
         reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
         scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llmkit.quant import affine
 from llmkit.quant.formats import FORMATS, GGUF_FORMATS, get_format
-from llmkit.quant.linear import KERNEL_MAX_ROWS, QuantLinear, kernel_for
+from llmkit.quant.linear import QuantLinear, kernel_for
 from llmkit.quant.tinygemm import codes_of, from_tinygemm, kernel_weight, to_tinygemm
 
 KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": "int4pack", "q4_1": "int4pack",
@@ -26,7 +26,7 @@ def test_tinygemm_layout_equals_aten_packer(shape):
 
 
 @pytest.mark.parametrize("scheme", list(FORMATS))
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 40, 200])  # 200: over every kernel_rows, the dequantize path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dtype):
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dt
         y = layer(x)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], 128)
     reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
-    fast_path = layer.kernel != "dequantize" and x.numel() // 256 <= KERNEL_MAX_ROWS
+    fast_path = x.numel() // 256 <= layer.kernel_rows
     if fast_path or dtype == torch.bfloat16:
         # bf16 rounds x, the kernel's scales and y: |y - y_ref| <= 2^-8 (|x| |W_hat|^T + |y_ref|) (+ bias in bf16)
         scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
@@ -94,7 +94,7 @@ def test_wide_codes_split_into_two_4_bit_pieces_exactly(scheme):
 
 
 @pytest.mark.parametrize("scheme", sorted(set(affine.AFFINE_SCHEMES) - set(FORMATS)))
-@pytest.mark.parametrize("rows", [1, 40])
+@pytest.mark.parametrize("rows", [1, 40, 200])  # 200: over every kernel_rows, the dequantize path
 def test_gguf_block_formats_through_the_int4_kernel_equal_f_linear(scheme, rows):
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 96, bias=True)  # 96 output rows: not a multiple of the kernel's tile of 64
@@ -105,7 +105,7 @@ def test_gguf_block_formats_through_the_int4_kernel_equal_f_linear(scheme, rows)
     with torch.no_grad():
         y = layer(x)
     reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
-    if rows <= KERNEL_MAX_ROWS:  # bf16 x, scales and y (see the test above the int4 family)
+    if rows <= layer.kernel_rows:  # bf16 x, scales and y (see the test above the int4 family)
         scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
         assert bool(((y.double() - reference).abs() <= 2 * BF16 * scale).all())
     else:  # dequantize-then-F.linear in fp32

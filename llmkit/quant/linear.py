@@ -12,7 +12,25 @@ benchmarks/quant_linear.py reproduces the columns). "aten" = torch._weight_int8p
     576 x 576    512   1.06          2.06        51           2.3                   2.2        146             -
     1536 x 576   512   2.8           3.0        140           6.3                   3.7        388             -
 
-So: few rows (decode, <= KERNEL_MAX_ROWS; 16 is a guess between the measured 1 and 512) on CPU -> the aten
+Where the int4 kernel stops paying (benchmarks/quant_linear_rows.py: kernel and dequantize + F.linear interleaved,
+median of 5 rounds of best-of-3, ms per call; 2026-12-05, 2 threads, load average 2.3 and rising, so indicative):
+
+    q4_1   rows    576 x 576       192 x 576       1536 x 576      576 x 1536     (kernel / dequantize)
+             16   0.43 / 1.13     0.043 / 0.35     0.22 / (noisy)   0.21 / 14
+             64   0.31 / 1.17     0.12 / 0.39      0.76 / 17.6      0.81 / 13.9
+            128   0.58 / 1.22     0.22 / 0.44      1.48 / 26        1.49 / 22
+            192   0.82 / 1.34     0.32 / 0.52     10.5 / 23        13.5 / 14.7
+            512  20 / 9.1         0.85 / 10.8     28 / 24          26 / 38
+    q8_0 (split)  the kernel wins every matrix up to 96 rows; at 128, 192 x 576 ties and 576 x 1536 loses
+
+The kernel's time grows linearly with the rows up to ~160 and then jumps (5-10x at 192 rows for the 1536-wide
+matrices): for speed alone the limit would be 128 rows for 4-bit codes and 64 for split ones. It stays at 16
+(KERNEL_MAX_ROWS): with 128, prompts of up to 128 tokens run through bf16 activations, and SmolLM2-135M-Instruct's
+greedy answer to "What is the capital of France?" (`llmkit chat`) turned from "The capital of France is Paris." into
+"L'Etoile, la Marseillaise, ..." (tests/test_quant_gguf_load.py's slow test); raising it needs that quality question
+settled first (e.g. bf16 only for the serving engine's prefill, or an fp32-activation kernel).
+
+So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> the aten
 weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu`
 for every format with an affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4,
 int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces
@@ -60,7 +78,7 @@ from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
 from llmkit.quant.tinygemm import KERNEL_GROUPS, codes_of, from_tinygemm, int4_matmul, kernel_weight, tinygemm_rows
 
-KERNEL_MAX_ROWS = 16  # rows per call up to which the aten weight-only kernels are used (decode steps)
+KERNEL_MAX_ROWS = 16  # most rows per call that take the kernels (decode); why not the measured 128: module docstring
 SPLIT_SCHEMES = ("q8_0", "q5_0", "q5_1", "q5_k")  # codes wider than 4 bits: two 4-bit pieces (tinygemm.py)
 HALF_SCHEMES = ("f16", "bf16")  # few rows: activations cast to the weight's half type, as llama.cpp does for F16
 
@@ -116,6 +134,11 @@ class QuantLinear(nn.Module):
                 self.register_buffer("kernel_scales", packed.tensors["scale"].to(torch.bfloat16), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    @property
+    def kernel_rows(self) -> int:
+        """Most rows per call that take the kernel path (0: this format always dequantizes)."""
+        return 0 if self.kernel == "dequantize" else KERNEL_MAX_ROWS
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None = None) -> QuantLinear:
         """The quantized version of an nn.Linear (bias kept in its dtype, frozen)."""
@@ -154,10 +177,17 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        fast = (self.kernel != "dequantize" and rows <= KERNEL_MAX_ROWS and x.device.type == "cpu"
+        fast = (rows <= self.kernel_rows and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and x.requires_grad))
-        if not fast:
-            return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self.kernel_forward(x) if fast else self.dequantize_forward(x)
+
+    def dequantize_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The many-row path: dequantize the whole weight to x's dtype, one F.linear (exact in x's dtype)."""
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The few-row path (CPU, no gradient): the aten weight-only kernel of `self.kernel` on the packed weight."""
+        rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
         if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)

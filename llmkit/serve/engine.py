@@ -308,7 +308,10 @@ class Engine:
             self._emit(seq, seq.choose(logits[0, -1]))
 
     def _decode(self, seqs: list[ActiveRequest]) -> None:
-        """One batched forward of each decoding request's pending token, then each request's next token."""
+        """One batched forward of each decoding request's pending token, then each request's next token. Rows go in
+        slot order, so when the busy slots are a run (every slot busy, the loaded case) the forward reads the cache
+        as one slice instead of gathering every layer's keys/values (llmkit.nn.attention.RowCacheView)."""
+        seqs = sorted(seqs, key=lambda seq: seq.slot.row)
         view = self.slots.cache.rows([seq.slot.row for seq in seqs], [len(seq.slot.tokens) for seq in seqs])
         tokens = torch.tensor([[seq.pending] for seq in seqs], device=self.device)  # (B, 1)
         logits = self.model(tokens, cache=view)[:, -1]  # (B, V)
