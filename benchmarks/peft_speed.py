@@ -91,18 +91,33 @@ def apply_seeded_lora(model: torch.nn.Module, lora):  # noqa: ANN001, ANN201 (a 
 def peft_model_from(preset: str, decoder, lora):  # noqa: ANN001, ANN201
     """transformers' model of the decoder's base weights, wrapped by peft.get_peft_model with the decoder's
     LoRA settings, holding the decoder's adapter tensors (exported as a PEFT directory, loaded back)."""
+    base = llmkit_decoder(preset)  # the same seeded weights, without the adapter tensors
+    hf_model = train_benchmark.hf_model_from(base, MODELS[preset])
+    del base
+    return wrap_with_peft(hf_model, decoder, lora)
+
+
+def wrap_with_peft(hf_model: torch.nn.Module, decoder, lora):  # noqa: ANN001, ANN201
+    """peft.get_peft_model over a transformers model holding the decoder's base weights, with the decoder's LoRA
+    settings and adapter tensors (`copy_adapter`); in training mode."""
+    import peft
+
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.targets), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(hf_model, config)
+    copy_adapter(model, decoder)
+    return model.train()
+
+
+def copy_adapter(model: torch.nn.Module, decoder) -> None:  # noqa: ANN001
+    """Load the decoder's LoRA tensors (exported as a PEFT directory by llmkit) into the peft model, and check
+    that peft now holds exactly them."""
     import peft
     from safetensors.torch import load_file
 
     from llmkit.peft.hf_peft import PEFT_WEIGHTS_FILE, export_peft_lora
     from llmkit.peft.lora import lora_layers
 
-    base = llmkit_decoder(preset)  # the same seeded weights, without the adapter tensors
-    hf_model = train_benchmark.hf_model_from(base, MODELS[preset])
-    del base
-    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.targets), task_type="CAUSAL_LM")
-    model = peft.get_peft_model(hf_model, config)
     with tempfile.TemporaryDirectory() as directory:
         tensors = load_file(str(export_peft_lora(decoder, directory) / PEFT_WEIGHTS_FILE))
     result = peft.set_peft_model_state_dict(model, tensors)
@@ -110,7 +125,6 @@ def peft_model_from(preset: str, decoder, lora):  # noqa: ANN001, ANN201
     loaded = peft.get_peft_model_state_dict(model)
     assert loaded.keys() == tensors.keys() and len(tensors) == 2 * len(lora_layers(decoder)), sorted(loaded)[:4]
     assert all(torch.equal(loaded[key], tensors[key]) for key in tensors), "peft holds other adapter tensors"
-    return model.train()
 
 
 def peft_parameter_groups(model: torch.nn.Module) -> list[dict]:

@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,12 +158,49 @@ class StepGate:
         return time.perf_counter() - start
 
 
+@dataclass
+class GatedTraining:
+    """What `gated_train` measured: each step's seconds (its gate wait left out), the losses, the peak RSS before
+    the last step, and the seconds from the call to the first batch request (the loop's own setup)."""
+
+    step_seconds: list[float]
+    losses: list[float]
+    peak_rss_mb: float
+    start_s: float
+
+
+def gated_train(model: torch.nn.Module, objective, step_batch, gate: StepGate, settings,  # noqa: ANN001
+                first_gate_step: int = 0) -> GatedTraining:
+    """llmkit.train.loop.train (with `settings`, a TrainSettings) on `step_batch(step)` for each step, waiting on the
+    lockstep gate (as gate step `first_gate_step + step`) before each batch; step times come from the elapsed_s
+    column of its metrics.jsonl, less the waits."""
+    from llmkit.train.loop import train
+
+    steps, started = settings.max_steps, time.perf_counter()
+    waits, marks = [], {}
+
+    def batches(position: int, size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        step = position // size
+        marks.setdefault("first_request", time.perf_counter())
+        if step == steps - 1:  # peak over steps 1..N-1: the final checkpoint save is not a training step
+            marks["rss_mb"] = peak_rss_mb()
+        waits.append(gate.wait(first_gate_step + step))
+        return step_batch(step)
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        losses = train(model, objective, batches, settings, run_dir).losses
+        rows = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
+    elapsed = [row["elapsed_s"] for row in rows if row["kind"] == "train"]  # seconds since the loop started
+    step_seconds = [b - a - wait for a, b, wait in zip([0.0] + elapsed, elapsed, waits)]
+    return GatedTraining(step_seconds, losses, marks["rss_mb"], marks["first_request"] - started)
+
+
 def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int, warmup: int,
                precision: str, compile: bool, loop: str, prepare=None, make_batches=random_batches) -> dict:  # noqa: ANN001
     """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead;
     `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA);
     `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch."""
-    from llmkit.train.loop import clip_gradients, train
+    from llmkit.train.loop import clip_gradients
     from llmkit.train.objectives import causal_lm_loss
     from llmkit.train.optim import build_optimizer
     from llmkit.train.precision import autocast
@@ -174,25 +212,14 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
         model = prepare(model)
     step_batches = make_batches(model.config.vocab_size, steps, batch_size, seq_len)
     kernel = adamw_kernel(build_optimizer(model, LR, WEIGHT_DECAY, BETAS, EPS))  # the one train() builds (no state yet)
-    waits, peak = [], {}
-
-    def batches(position: int, size: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-        step = position // size
-        if step == steps - 1:  # peak over steps 1..N-1: the final checkpoint save is not a training step
-            peak["rss_mb"] = peak_rss_mb()
-        waits.append(gate.wait(step))
-        return step_batches[step]
 
     if loop == "train":
         settings = TrainSettings(max_steps=steps, batch_size=batch_size, lr=LR, schedule="constant", warmup_steps=0,
                                  weight_decay=WEIGHT_DECAY, betas=BETAS, grad_clip=GRAD_CLIP, precision=precision,
                                  compile=compile, eval_every=0, log_every=1, checkpoint_every=steps + 1, keep_last=1,
                                  resume="never", device="cpu")
-        with tempfile.TemporaryDirectory() as run_dir:
-            losses = train(model, causal_lm_loss, batches, settings, run_dir).losses
-            rows = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines()]
-        elapsed = [row["elapsed_s"] for row in rows if row["kind"] == "train"]  # seconds since the loop started
-        step_seconds = [b - a - wait for a, b, wait in zip([0.0] + elapsed, elapsed, waits)]
+        timed = gated_train(model, causal_lm_loss, step_batches.__getitem__, gate, settings)
+        step_seconds, losses, peak_mb = timed.step_seconds, timed.losses, timed.peak_rss_mb
     else:
         optimizer = build_optimizer(model, LR, WEIGHT_DECAY, BETAS, EPS)
         parameters = [p for p in model.parameters() if p.requires_grad]
@@ -200,7 +227,10 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
         step_model.train()
         step_seconds, losses = [], []
         for step in range(steps):
-            batch = batches(step * batch_size, batch_size, 0, 1)
+            if step == steps - 1:
+                peak_mb = peak_rss_mb()
+            gate.wait(step)
+            batch = step_batches[step]
             start = time.perf_counter()
             with autocast(precision, torch.device("cpu")):
                 loss = causal_lm_loss(step_model, batch).mean()
@@ -210,8 +240,7 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step_seconds.append(time.perf_counter() - start)
-    return _summary(step_seconds, gate, losses, warmup, batch_size * seq_len, peak["rss_mb"], model.num_parameters(),
-                    kernel)
+    return _summary(step_seconds, gate, losses, warmup, batch_size * seq_len, peak_mb, model.num_parameters(), kernel)
 
 
 def run_transformers(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int,
