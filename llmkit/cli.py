@@ -27,6 +27,7 @@ COMMANDS: dict[str, Any] = {
     "ppo": "ppo:ppo",
     "moe": {"upcycle": "moe:moe_upcycle"},
     "quantize": "quantize:quantize",
+    "prune": "prune:prune",
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
     "bench": {"peft": "bench:bench_peft", "quant": "bench_quant:bench_quant", "serve": "bench_serve:bench_serve"},
