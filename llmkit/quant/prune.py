@@ -42,6 +42,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm.auto import tqdm
 
 from llmkit.errors import LlmkitError
@@ -295,7 +296,7 @@ class MaskKeeper:
         if unknown:
             raise LlmkitError(f"masks name layers the model lacks: {unknown[:3]}; build the masks from this model")
         self.pairs = [(linears[name].weight, mask.to(linears[name].weight.device)) for name, mask in masks.items()]
-        self.handle = torch.optim.optimizer.register_optimizer_step_post_hook(self._reapply)
+        self.handle = register_optimizer_step_post_hook(self._reapply)
 
     def _reapply(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
