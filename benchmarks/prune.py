@@ -31,7 +31,7 @@ from llmkit.data.sources import builtin_corpus_path
 from llmkit.eval.perplexity import perplexity
 from llmkit.quant.calibration import calibration_batches
 from llmkit.quant.prune import prune
-from llmkit.quant.prune_structured import parameter_count, prune_structured
+from llmkit.quant.prune_structured import activation_statistics, parameter_count, prune_structured
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 HELD_OUT_TOKENS = 2048
@@ -91,14 +91,22 @@ def main() -> None:
         rows.append({"name": f"{method} {setting}", "perplexity": perplexities(model, tokenizer, texts),
                      "seconds": seconds, "parameters": parameter_count(model)[1]})
         print(f"{rows[-1]['name']}: {rows[-1]['perplexity']} ({seconds:.0f} s)", flush=True)
-    structured = []
+    result = {"date": str(date.today()), "load_average": load, "threads": args.threads,
+              "calibration": f"{args.n_sequences} x {args.seq_len} tokens of Tiny Shakespeare",
+              "held_out": f"first {HELD_OUT_TOKENS} tokens of each text, windows of 512",
+              "cpu": subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip(),
+              "unstructured": rows, "structured": []}
+    (DOCS / "prune.json").write_text(json.dumps(result, indent=1) + "\n")  # kept if the structured part fails
+    structured = result["structured"]
     if args.structured:
         model.load_state_dict(dense_state)
         dense_speed = decode_tokens_per_second(model, prompt)
         structured.append({"name": "dense", "parameters": parameter_count(model)[0], "decode_tps": dense_speed,
-                           "perplexity": rows[0]["perplexity"], "config": (30, 9, 1536)})
+                           "perplexity": rows[0]["perplexity"],
+                           "config": (model.config.n_layers, model.config.n_heads, model.config.d_ff)})
+        statistics = activation_statistics(model, ids)  # one calibration walk for the three structures
         for what, amount in STRUCTURED:
-            smaller = prune_structured(model, what, amount, ids)
+            smaller = prune_structured(model, what, amount, statistics=statistics)
             config = smaller.config
             structured.append({"name": f"{what} -{amount:.0%}", "parameters": parameter_count(smaller)[0],
                                "decode_tps": decode_tokens_per_second(smaller, prompt),
@@ -106,11 +114,7 @@ def main() -> None:
                                "config": (config.n_layers, config.n_heads, config.d_ff)})
             print(f"{structured[-1]}", flush=True)
             del smaller
-    result = {"date": str(date.today()), "load_average": load, "threads": args.threads,
-              "calibration": f"{args.n_sequences} x {args.seq_len} tokens of Tiny Shakespeare",
-              "held_out": f"first {HELD_OUT_TOKENS} tokens of each text, windows of 512",
-              "cpu": subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip(),
-              "unstructured": rows, "structured": structured}
+    result["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3] if load else []
     print_table(result)
     (DOCS / "prune.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, DOCS / "prune.png")

@@ -190,9 +190,11 @@ def removal_count(amount: float, total: int, what: str) -> int:
 def prune_structured(
     model: Decoder, structure: Structure, amount: float, calibration: torch.Tensor | None = None,
     importance: Importance = "activation", batch_size: int = DEFAULT_BATCH_SIZE,
+    statistics: ActivationStatistics | None = None,
 ) -> Decoder:
     """A new, smaller decoder without the least important `amount` (a fraction) of its heads (per KV group),
-    neurons or layers; `calibration` ids (N, T) for importance="activation" (blocks always need it).
+    neurons or layers; `calibration` ids (N, T) for importance="activation" (blocks always need it), or the
+    `statistics` an earlier `activation_statistics` of this model collected (several prunings, one walk).
 
     Raises:
         LlmkitError: not a decoder, an unknown structure or importance, an amount that removes none or all, or
@@ -203,11 +205,14 @@ def prune_structured(
         raise LlmkitError(f"--structured {structure!r} is not one of {', '.join(STRUCTURES)}")
     if importance not in ("magnitude", "activation"):
         raise LlmkitError(f"--importance {importance!r}: choose magnitude or activation")
-    if calibration is None and (importance == "activation" or structure == "layers"):
+    needs_statistics = importance == "activation" or structure == "layers"
+    if needs_statistics and calibration is None and statistics is None:
         raise LlmkitError(f"--structured {structure} with activation importance scores on calibration text: pass --data"
                           + ("" if structure == "layers" else " (or --importance magnitude)"))
-    statistics = activation_statistics(model, calibration, batch_size) if importance == "activation" or (
-        structure == "layers") else None
+    if not needs_statistics:
+        statistics = None
+    elif statistics is None:
+        statistics = activation_statistics(model, calibration, batch_size)
     if structure == "heads":
         group = config.n_heads // config.n_kv_heads
         removed = removal_count(amount, group, "query heads of each key/value group")
