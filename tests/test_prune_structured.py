@@ -116,15 +116,17 @@ def test_the_smaller_checkpoint_reloads_and_matches(tmp_path):
     torch.testing.assert_close(reloaded(ids()), smaller(ids()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("structure", "amount", "message"), [
-    ("heads", 0.1, "removes 0"),
-    ("heads", 1.0, "is not a fraction"),
-    ("layers", 0.5, "pass --data"),
-    ("experts", 0.5, "is not one of"),
+@pytest.mark.parametrize(("structure", "amount", "importance", "message"), [
+    ("heads", 0.1, "magnitude", "removes 0"),
+    ("heads", 1.0, "magnitude", "is not a fraction"),
+    ("neurons", 0.5, "activation", r"pass --data \(or --importance magnitude\)"),
+    ("layers", 0.5, "activation", "pass --data"),
+    ("layers", 0.5, "magnitude", "drop --importance magnitude"),
+    ("experts", 0.5, "magnitude", "is not one of"),
 ])
-def test_bad_structured_settings_raise_one_readable_line(structure, amount, message):
+def test_bad_structured_settings_raise_one_readable_line(structure, amount, importance, message):
     with pytest.raises(LlmkitError, match=message) as error:
-        prune_structured(tiny_decoder(), structure, amount, importance="magnitude")
+        prune_structured(tiny_decoder(), structure, amount, importance=importance)
     assert "\n" not in str(error.value)
 
 

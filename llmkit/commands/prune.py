@@ -106,7 +106,7 @@ def prune(
             f"{method}-{pattern.replace(':', 'of')}" if pattern else f"{method}-{round(100 * sparsity)}")
     out_dir = Path(output) if output else Path(DEFAULT_OUTPUT) / f"{path.stem}-{what}"
     return _run(path, out_dir, overwrite, method, sparsity, pattern, scope, structured, amount, importance,
-                data if needs_data or data else None, needs_data, n_sequences, seq_len, perplexity_tokens, what)
+                data, needs_data, n_sequences, seq_len, perplexity_tokens, what)
 
 
 def _run(path: Path, out_dir: Path, overwrite: bool, method: str, sparsity: float | None, pattern: str | None,

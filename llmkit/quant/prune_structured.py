@@ -205,6 +205,9 @@ def prune_structured(
         raise LlmkitError(f"--structured {structure!r} is not one of {', '.join(STRUCTURES)}")
     if importance not in ("magnitude", "activation"):
         raise LlmkitError(f"--importance {importance!r}: choose magnitude or activation")
+    if structure == "layers" and importance == "magnitude":
+        raise LlmkitError("--structured layers scores blocks on calibration text (block influence); drop "
+                          "--importance magnitude and pass --data")
     needs_statistics = importance == "activation" or structure == "layers"
     if needs_statistics and calibration is None and statistics is None:
         raise LlmkitError(f"--structured {structure} with activation importance scores on calibration text: pass --data"
