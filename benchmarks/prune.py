@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--structured", action="store_true", help="also structured pruning (parameters, tok/s)")
-    parser.add_argument("--only", default=None, help="comma-separated methods, e.g. wanda,sparsegpt")
+    parser.add_argument("--only", default=None, help="comma-separated methods or rows, e.g. wanda,sparsegpt 2:4")
+    parser.add_argument("--json", type=Path, default=DOCS / "prune.json", help="where the figures go")
     parser.add_argument("--heal", type=int, default=0, help="only: prune 25%% of the neurons, LoRA-heal this many steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,7 +137,7 @@ def main() -> None:
              "parameters": parameter_count(model)[1]}]
     print(f"dense: {rows[0]['perplexity']}", flush=True)
     for method, setting in UNSTRUCTURED:
-        if args.only and method not in args.only.split(","):
+        if args.only and not {method, f"{method} {setting}"} & set(args.only.split(",")):
             continue
         model.load_state_dict(dense_state)
         started = time.perf_counter()
@@ -151,7 +152,7 @@ def main() -> None:
               "held_out": f"first {HELD_OUT_TOKENS} tokens of each text, windows of 512",
               "cpu": subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip(),
               "unstructured": rows, "structured": []}
-    (DOCS / "prune.json").write_text(json.dumps(result, indent=1) + "\n")  # kept if the structured part fails
+    args.json.write_text(json.dumps(result, indent=1) + "\n")  # kept if the structured part fails
     structured = result["structured"]
     if args.structured:
         model.load_state_dict(dense_state)
@@ -171,8 +172,8 @@ def main() -> None:
             del smaller
     result["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3] if load else []
     print_table(result)
-    (DOCS / "prune.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, DOCS / "prune.png")
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.json.with_suffix(".png"))
 
 
 def print_table(result: dict) -> None:

@@ -9,6 +9,7 @@ from llmkit.quant.prune import (
     MaskKeeper,
     layer_sparsity,
     lowest_mask,
+    n_m_mask,
     prune,
     pruned_masks,
     sparsegpt_prune_weight,
@@ -125,6 +126,9 @@ def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude_and_wanda
     assert int((sparsegpt == 0).sum()) == weight.numel() // 2
     assert output_error(sparsegpt) < 0.7 * output_error(magnitude)
     assert output_error(sparsegpt) < output_error(wanda) < output_error(magnitude)
+    two_of_four = sparsegpt_prune_weight(weight, hessian, pattern=(2, 4), block_size=64)
+    magnitude_two_of_four = weight * n_m_mask(weight.abs(), 2, 4)
+    assert output_error(two_of_four) < 0.7 * output_error(magnitude_two_of_four)
 
 
 def quiet_settings(**overrides) -> TrainSettings:

@@ -23,7 +23,8 @@ H = 2 X^T X / n, pruning weight q of a row w (setting it to 0) and letting the r
 minimises the row's output error ||X w^T - X w'^T||^2 (OBS, Hassibi & Stork 1993). Columns are taken left to right
 with the same Cholesky factor U (H^-1 = U^T U) as GPTQ, in lazy blocks of `block_size` columns; a block's mask is
 chosen when the block starts (the paper's adaptive mask selection, with the scores of the weights as updated by the
-blocks before): the round(sparsity * out * block) lowest scores of the block, or N of every M for a pattern.
+blocks before): the round(sparsity * out * block) lowest scores of the block; an N:M group's mask is chosen when the
+group starts, from the weights as updated by the columns before it (as the paper's reference code does).
 Dampening: H += percdamp * mean(diag H) * I.
 
 Calibration: both data-aware methods walk the decoder block by block (`block_inputs`), collect the inputs of each
@@ -145,12 +146,15 @@ def sparsegpt_prune_weight(
         errors = torch.zeros_like(block)
         u_block = u[i1:i2, i1:i2]
         # OBS saliency w_j^2 / [H_F^-1]_jj, F = the columns not yet reached: [H_F^-1]_jj = U_jj^2
-        scores = block**2 / u_block.diagonal()[None, :] ** 2
-        if pattern is not None:
-            keep = n_m_mask(scores, *pattern)
+        saliency = u_block.diagonal()[None, :] ** 2  # (1, count)
+        if pattern is None:  # the block's mask at its start
+            keep = lowest_mask(block**2 / saliency, round(sparsity * block.numel()))
         else:
-            keep = lowest_mask(scores, round(sparsity * scores.numel()))
+            keep = torch.ones_like(block, dtype=torch.bool)
         for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:  # each N:M group's mask at its start, from updated weights
+                group = slice(i, i + pattern[1])
+                keep[:, group] = n_m_mask(block[:, group] ** 2 / saliency[:, group], *pattern)
             pruned = torch.where(keep[:, i], block[:, i], 0)
             errors[:, i] = (block[:, i] - pruned) / u_block[i, i]
             block[:, i:] -= errors[:, i : i + 1] * u_block[i : i + 1, i:]  # (out, 1) x (1, count - i)
