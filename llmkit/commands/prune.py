@@ -66,10 +66,24 @@ def prune(
         overwrite: replace the files of an existing --output directory.
         perplexity_tokens: score this many tokens of Tiny Shakespeare before and after (0: skip).
     """
+    sparsity, needs_data = _check_flags(model is None, method, sparsity, pattern, scope, structured, amount,
+                                        importance, data, n_sequences, seq_len, perplexity_tokens)
+    path = model_path(model)
+    what = (f"{structured}-{amount:g}" if structured else
+            f"{method}-{pattern.replace(':', 'of')}" if pattern else f"{method}-{round(100 * sparsity)}")
+    out_dir = Path(output) if output else Path(DEFAULT_OUTPUT) / f"{path.stem}-{what}"
+    return _run(path, out_dir, overwrite, method, sparsity, pattern, scope, structured, amount, importance,
+                data, needs_data, n_sequences, seq_len, perplexity_tokens, what)
+
+
+def _check_flags(demo: bool, method: str, sparsity: float | None, pattern: str | None, scope: str,
+                 structured: str | None, amount: float | None, importance: str, data: str | None, n_sequences: int,
+                 seq_len: int, perplexity_tokens: int) -> tuple[float | None, bool]:
+    """Refuse contradicting or out-of-range flags before loading anything; returns (sparsity with its default,
+    whether calibration data is needed)."""
     from llmkit.errors import LlmkitError
     from llmkit.quant.prune import CALIBRATED_METHODS, check_sparsity, parse_pattern
 
-    demo = model is None
     if structured is not None:
         if sparsity is not None or pattern is not None:
             raise LlmkitError("--structured removes whole parts by --amount; drop --sparsity / --pattern (they zero "
@@ -91,6 +105,9 @@ def prune(
         else:
             sparsity = check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
         needs_data = method in CALIBRATED_METHODS
+        if scope == "global" and (method != "magnitude" or pattern is not None):
+            raise LlmkitError("--scope global ranks weights across layers by magnitude: use it with --method magnitude "
+                              "and --sparsity")
     if needs_data and data is None and not demo:
         what = f"--structured {structured}" if structured else f"--method {method}"
         raise LlmkitError(f"{what} scores weights by their inputs: pass calibration text with --data FILE"
@@ -101,12 +118,7 @@ def prune(
         raise LlmkitError(f"--n_sequences must be >= 1 and --seq_len >= 2; got {n_sequences} and {seq_len}")
     if perplexity_tokens < 0:
         raise LlmkitError(f"--perplexity_tokens must be >= 0 (0 skips the check); got {perplexity_tokens}")
-    path = model_path(model)
-    what = (f"{structured}-{amount:g}" if structured else
-            f"{method}-{pattern.replace(':', 'of')}" if pattern else f"{method}-{round(100 * sparsity)}")
-    out_dir = Path(output) if output else Path(DEFAULT_OUTPUT) / f"{path.stem}-{what}"
-    return _run(path, out_dir, overwrite, method, sparsity, pattern, scope, structured, amount, importance,
-                data, needs_data, n_sequences, seq_len, perplexity_tokens, what)
+    return sparsity, needs_data
 
 
 def _run(path: Path, out_dir: Path, overwrite: bool, method: str, sparsity: float | None, pattern: str | None,
