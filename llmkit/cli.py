@@ -29,6 +29,7 @@ COMMANDS: dict[str, Any] = {
     "constitution": "constitution:constitution",
     "moe": {"upcycle": "moe:moe_upcycle"},
     "quantize": "quantize:quantize",
+    "prune": "prune:prune",
     "evaluate": "evaluate:evaluate",
     "perplexity": "perplexity:perplexity",
     "bench": {"peft": "bench:bench_peft", "quant": "bench_quant:bench_quant", "serve": "bench_serve:bench_serve"},
