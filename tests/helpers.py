@@ -93,3 +93,14 @@ def cli_status(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run `llmkit ARGV` in this process: (exit code, stderr)."""
     code, _, err = run_cli(capsys, *argv)
     return code, err
+
+
+def correlated_inputs(n: int = 1024, width: int = 256, seed: int = 0) -> torch.Tensor:
+    """Layer inputs (n, width) whose channels are strongly correlated (a random mixing of fewer latent factors, plus
+    a few loud channels): where GPTQ's and SparseGPT's spreading of one column's error over the others pays."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, width // 4, generator=g, dtype=torch.float64)
+    x = latent @ torch.randn(width // 4, width, generator=g, dtype=torch.float64) / 8
+    x += 0.05 * torch.randn(n, width, generator=g, dtype=torch.float64)
+    x[:, :4] *= 10
+    return x

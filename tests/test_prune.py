@@ -18,7 +18,7 @@ from llmkit.quant.prune import (
 from llmkit.train.loop import train
 from llmkit.train.objectives import causal_lm_loss
 from llmkit.train.settings import TrainSettings
-from tests.helpers import tiny_decoder
+from tests.helpers import correlated_inputs, tiny_decoder
 from tests.train_script import token_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def calibration_ids(n: int = 8, length: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(0))
 
-
-def correlated_inputs(n: int = 1024, width: int = 128, seed: int = 0) -> torch.Tensor:
-    """Channels mixed from fewer latent factors plus a few loud channels: where OBS's compensation pays."""
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(n, width // 4, generator=g, dtype=torch.float64)
-    x = latent @ torch.randn(width // 4, width, generator=g, dtype=torch.float64) / 8
-    x += 0.05 * torch.randn(n, width, generator=g, dtype=torch.float64)
-    x[:, :4] *= 10
-    return x
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -111,7 +102,7 @@ def test_sparsegpt_pruning_one_column_equals_the_closed_form_obs_update():
 
 
 def test_sparsegpt_reconstructs_the_layer_output_better_than_magnitude_and_wanda():
-    x = correlated_inputs()
+    x = correlated_inputs(width=128)
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     hessian = 2 * x.t() @ x / x.shape[0]
 

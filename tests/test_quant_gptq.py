@@ -9,20 +9,10 @@ from llmkit.quant import QuantLinear, load_quantized, quantize_weight, save_quan
 from llmkit.quant.calibration import HELD_OUT_TOKENS, calibration_batches
 from llmkit.quant.formats import dequantize_weight
 from llmkit.quant.gptq import gptq, gptq_quantize_weight
-from tests.helpers import byte_tokenizer, tiny_decoder
+from tests.helpers import byte_tokenizer, correlated_inputs, tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def correlated_inputs(n: int = 1024, width: int = 256, seed: int = 0) -> torch.Tensor:
-    """Inputs whose channels are strongly correlated (a random mixing of fewer latent factors, plus a few loud
-    channels), the situation where spreading one column's rounding error over the others pays."""
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(n, width // 4, generator=g, dtype=torch.float64)
-    x = latent @ torch.randn(width // 4, width, generator=g, dtype=torch.float64) / 8
-    x += 0.05 * torch.randn(n, width, generator=g, dtype=torch.float64)
-    x[:, :4] *= 10
-    return x
 
 
 def obs_reference(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, percdamp: float = 0.01) -> torch.Tensor:
