@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from llmkit.align.rollout import sst2_prefixes
 from llmkit.data.shared import shared_data_file
 from llmkit.io import atomic_write_text
 
@@ -90,11 +91,6 @@ def classifier_report(reward_dir: Path, fit: list[tuple[str, int]], dev: list[tu
             "dev_accuracy": correct / len(dev), "threshold": threshold, "fit_sentences": len(fit),
             "dev_score_mean": sum(dev_scores) / len(dev),
             "dev_score_std": float(torch.tensor(dev_scores).std())}
-
-
-def openings(sentences: list[tuple[str, int]], words: int, limit: int) -> list[str]:
-    """The first `words` words of sentences at least twice as long (what `llmkit ppo`'s built-in prompts are)."""
-    return [" ".join(text.split()[:words]) for text, _ in sentences if len(text.split()) >= 2 * words][:limit]
 
 
 @torch.no_grad()
@@ -237,7 +233,7 @@ def main() -> None:
         from llmkit.commands.ppo import ppo
 
         prompts_file = work / "prompts.jsonl"
-        prompts = openings(train_sentences, args.prefix_words, 10_000)
+        prompts = sst2_prefixes(10_000, args.prefix_words, SST2_TRAIN)
         atomic_write_text(prompts_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
         train = PPOTrainSettings(steps=args.ppo_steps, rollout_batch=args.rollout_batch, lr=args.ppo_lr,
                                  max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -246,7 +242,7 @@ def main() -> None:
     timings["ppo_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    evaluation = evaluate_policy(ppo_dir, reward_dir, openings(dev, args.prefix_words, args.eval_prompts),
+    evaluation = evaluate_policy(ppo_dir, reward_dir, sst2_prefixes(args.eval_prompts, args.prefix_words, SST2_DEV),
                                  args.eval_samples, args.max_new_tokens, args.seed + 1000)
     timings["evaluation_s"] = time.perf_counter() - start
     met = evaluation["reward_gain"] >= GOAL_REWARD_GAIN and evaluation["kl_nats_per_sequence"] <= GOAL_MAX_KL

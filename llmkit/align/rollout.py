@@ -165,13 +165,14 @@ def load_prompts(paths: Sequence[str], limit: int | None = None) -> list[str]:
     return prompts
 
 
-def sst2_prefixes(limit: int, words: int = 5) -> list[str]:
-    """The first `words` words of SST-2 training sentences that have at least twice as many (GLUE SST-2 in the
-    shared data): movie-review openings for the policy to continue, as in the classic sentiment-steering demo."""
+def sst2_prefixes(limit: int, words: int = 5, split: str = SST2_TRAIN) -> list[str]:
+    """The first `words` words of SST-2 sentences (the `split` file, training by default) that have at least twice
+    as many (GLUE SST-2 in the shared data): movie-review openings for the policy to continue, as in the classic
+    sentiment-steering demo."""
     from llmkit.data.shared import shared_data_file
 
     prefixes: list[str] = []
-    for line in shared_data_file(SST2_TRAIN).read_text(encoding="utf-8").splitlines()[1:]:
+    for line in shared_data_file(split).read_text(encoding="utf-8").splitlines()[1:]:
         sentence = line.rsplit("\t", 1)[0].split()
         if len(sentence) >= 2 * words:
             prefixes.append(" ".join(sentence[:words]))
