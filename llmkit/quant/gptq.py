@@ -134,7 +134,7 @@ def gptq_quantize_weight(
     return QuantizedWeight(fmt, (out_features, columns), group_size, tensors)
 
 
-def _linear_groups(block: nn.Module, names: list[str], batch: tuple) -> list[list[str]]:
+def linear_groups(block: nn.Module, names: list[str], batch: tuple) -> list[list[str]]:
     """`names` of a block's linears grouped by shared input tensor, in call order (one forward of one batch)."""
     seen: list[tuple[torch.Tensor, list[str]]] = []
 
@@ -157,7 +157,7 @@ def _linear_groups(block: nn.Module, names: list[str], batch: tuple) -> list[lis
     return [group for _, group in seen]
 
 
-def _hessians(block: nn.Module, groups: list[list[str]], batches: list[tuple]) -> dict[str, torch.Tensor]:
+def layer_hessians(block: nn.Module, groups: list[list[str]], batches: list[tuple]) -> dict[str, torch.Tensor]:
     """H = 2 X^T X / n (float64; each batch's product in fp32) of each group's input, over all batches."""
     sums = {group[0]: None for group in groups}
     counts = dict.fromkeys(sums, 0)
@@ -207,10 +207,10 @@ def gptq(
     batches = block_inputs(decoder, calibration, batch_size)
     for block, block_names in tqdm(list(zip(decoder.blocks, names, strict=True)), desc="gptq", unit="block",
                                    disable=not progress):
-        groups = _linear_groups(block, block_names, batches[0]) if block_names else []
+        groups = linear_groups(block, block_names, batches[0]) if block_names else []
         steps = [[group] for group in groups] if true_sequential else [groups]
         for step in steps:
-            hessians = _hessians(block, step, batches)
+            hessians = layer_hessians(block, step, batches)
             for name in (name for group in step for name in group):
                 linear = block.get_submodule(name)
                 packed = gptq_quantize_weight(linear.weight, hessians[name], group_size, fmt, percdamp, block_size,

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from llmkit.errors import LlmkitError
 from llmkit.quant.calibration import DEFAULT_BATCH_SIZE, block_inputs, check_decoder
-from llmkit.quant.gptq import BLOCK_SIZE, PERCDAMP, _hessians, _linear_groups
+from llmkit.quant.gptq import BLOCK_SIZE, PERCDAMP, layer_hessians, linear_groups
 from llmkit.quant.model import DEFAULT_TARGETS
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
@@ -269,7 +269,7 @@ def _prune_calibrated(
         names = [name for name, m in block.named_modules()
                  if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
         if names:
-            hessians = _hessians(block, _linear_groups(block, names, batches[0]), batches)
+            hessians = layer_hessians(block, linear_groups(block, names, batches[0]), batches)
             with torch.no_grad():
                 for name in names:
                     linear = block.get_submodule(name)

@@ -38,7 +38,7 @@ from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.quant.calibration import DEFAULT_BATCH_SIZE, block_inputs, check_decoder
-from llmkit.quant.gptq import _hessians, _linear_groups
+from llmkit.quant.gptq import layer_hessians, linear_groups
 
 Structure = Literal["heads", "neurons", "layers"]
 Importance = Literal["magnitude", "activation"]
@@ -65,7 +65,7 @@ def activation_statistics(model: Decoder, calibration: torch.Tensor,
     heads, neurons, influence = [], [], []
     for block in decoder.blocks:
         names = [HEAD_INPUT, NEURON_INPUT]
-        hessians = _hessians(block, _linear_groups(block, names, batches[0]), batches)
+        hessians = layer_hessians(block, linear_groups(block, names, batches[0]), batches)
         heads.append(hessians[HEAD_INPUT].diagonal().float())
         neurons.append(hessians[NEURON_INPUT].diagonal().float())
         cosines, tokens = 0.0, 0
