@@ -227,6 +227,67 @@ def test_mean_reward_rises_on_a_learnable_reward_while_the_kl_stays_bounded():
     assert max(row["kl"] for row in result.rows) < 8.0  # nats per 8-token response; the penalty holds it
 
 
+def lora_policy(seed: int = 0) -> PolicyWithValue:
+    torch.manual_seed(seed)
+    return PolicyWithValue(apply_lora(tiny_decoder(vocab_size=VOCAB), LORA))
+
+
+def trained_tensors(model: PolicyWithValue) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_run_resumed_from_its_checkpoint_repeats_an_unbroken_run_exactly(tmp_path):
+    settings = PPOSettings(target_kl=1.0, minibatch_size=4)  # adaptive: the KL coefficient must be restored too
+    whole = lora_policy()
+    unbroken = train_ppo(whole, None, tokenizer(), toy_prompts(), letter_share, settings,
+                         small_train(steps=4, checkpoint_every=2), tmp_path / "whole")
+    first = lora_policy()
+    train_ppo(first, None, tokenizer(), toy_prompts(), letter_share, settings, small_train(steps=2, checkpoint_every=2),
+              tmp_path / "parts")
+    second = lora_policy(seed=1)  # other starting weights: the checkpoint must overwrite them
+    resumed = train_ppo(second, None, tokenizer(), toy_prompts(), letter_share, settings,
+                        small_train(steps=4, checkpoint_every=2), tmp_path / "parts")
+    assert [row["step"] for row in resumed.rows] == [1, 2, 3, 4]
+    for a, b in zip(unbroken.rows, resumed.rows):
+        assert a["reward"] == b["reward"] and a["kl"] == b["kl"] and a["kl_coef"] == b["kl_coef"], (a, b)
+    assert unbroken.rows[2]["kl_coef"] != settings.kl_coef  # the controller had moved before the break
+    expected, got = trained_tensors(whole), trained_tensors(second)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    metrics = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics] == [1, 2, 3, 4]
+
+
+def test_resume_never_refuses_a_run_directory_with_checkpoints(tmp_path):
+    train_ppo(lora_policy(), None, tokenizer(), toy_prompts(), letter_share, PPOSettings(),
+              small_train(steps=1), tmp_path)
+    with pytest.raises(LlmkitError, match="--train.resume auto"):
+        train_ppo(lora_policy(), None, tokenizer(), toy_prompts(), letter_share, PPOSettings(),
+                  small_train(steps=2, resume="never"), tmp_path)
+
+
+def test_bf16_mixed_precision_rolls_out_and_updates_under_autocast():
+    model = lora_policy()
+    before = trained_tensors(model)
+    result = train_ppo(model, None, tokenizer(), toy_prompts(), letter_share, PPOSettings(),
+                       small_train(precision="bf16-mixed"))
+    assert all(math.isfinite(row["kl"]) and math.isfinite(row["value_loss"]) for row in result.rows)
+    after = trained_tensors(model)
+    assert all(after[name].dtype == torch.float32 for name in after)  # master weights stay fp32
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_train_settings_reject_fp16_and_bad_checkpoint_settings():
+    with pytest.raises(LlmkitError, match="--train.precision fp16-mixed"):
+        PPOTrainSettings(precision="fp16-mixed")
+    with pytest.raises(LlmkitError, match="--train.checkpoint_every"):
+        PPOTrainSettings(checkpoint_every=0)
+    with pytest.raises(LlmkitError, match="unknown device 'banana'"):
+        train_ppo(lora_policy(), None, tokenizer(), toy_prompts(), letter_share, PPOSettings(),
+                  small_train(device="banana"))
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------------------------
 
 def test_cli_end_to_end_on_a_tiny_model(tmp_path, capsys):

@@ -138,6 +138,13 @@ class PPOTrainSettings:
         top_p: nucleus sampling mass (null: off).
         seed: seeds the prompt order, the value head and the sampling.
         samples_logged: responses written into each step's metrics row.
+        precision: fp32, or bf16-mixed (autocast of rollouts and updates over fp32 weights; fp16 would need loss
+            scaling, which this loop does not do).
+        device: auto, cpu, cuda or cuda:N (the policy, its reference and a reward model all move there).
+        checkpoint_every: steps between checkpoints in OUTPUT/checkpoints (one is also written at the end and on
+            Ctrl-C / SIGTERM).
+        keep_last: checkpoints kept.
+        resume: auto continues from OUTPUT's latest checkpoint (same settings); never refuses an OUTPUT that holds one.
     """
 
     steps: int = 10
@@ -151,8 +158,21 @@ class PPOTrainSettings:
     top_p: float | None = None
     seed: int = 0
     samples_logged: int = 2
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    device: str = "auto"
+    checkpoint_every: int = 10
+    keep_last: int = 2
+    resume: Literal["auto", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16-mixed"):
+            raise LlmkitError(f"--train.precision {self.precision} is not supported by PPO; use fp32 or bf16-mixed "
+                              "(fp16 needs loss scaling)")
+        if self.checkpoint_every < 1 or self.keep_last < 1:
+            raise LlmkitError(f"--train.checkpoint_every {self.checkpoint_every} and --train.keep_last "
+                              f"{self.keep_last} must each be >= 1")
+        if self.resume not in ("auto", "never"):
+            raise LlmkitError(f"--train.resume {self.resume} must be auto or never")
         if self.steps < 1 or self.rollout_batch < 1 or self.max_new_tokens < 1:
             raise LlmkitError(f"--train.steps {self.steps}, --train.rollout_batch {self.rollout_batch} and "
                               f"--train.max_new_tokens {self.max_new_tokens} must each be >= 1")

@@ -56,7 +56,10 @@ def ppo(
     policy, and runs --ppo_epochs passes of clipped updates over minibatches. Logs reward, KL (nats per sequence),
     kl_coef, entropy, value loss, policy loss, clip fraction and samples per step to OUTPUT/metrics.jsonl and plots
     OUTPUT/ppo.png; writes OUTPUT/policy/ (the LoRA adapter, or the whole model with --method full), the value head
-    and summary.json. The demo is a smoke run of the machinery, not the sentiment benchmark: its reward is a toy.
+    and summary.json. Checkpoints go to OUTPUT/checkpoints every --train.checkpoint_every steps and on Ctrl-C or
+    SIGTERM; the same command again resumes from the latest (--train.resume never refuses instead). --train.device
+    cuda and --train.precision bf16-mixed run it on a GPU. The demo is a smoke run of the machinery, not the sentiment
+    benchmark: its reward is a toy.
 
     Args:
         policy: .gguf file, Hugging Face directory or llmkit directory (default, the demo: SmolLM2-135M-Instruct).
@@ -102,7 +105,7 @@ def ppo(
     path = Path(policy) if policy else default_model_path()
     tokenizer = load_tokenizer(path)
     reward_name = reward or DEMO_REWARD
-    reward_fn = reward_function(reward_name)
+    reward_fn = reward_function(reward_name, train.device)
     prompt_list = prompt_texts(as_paths(prompts), limit)
     print(f"{len(prompt_list):,} prompts; reward: {reward_name}; policy: {path} ({method})")
     torch.manual_seed(train.seed)
@@ -134,8 +137,8 @@ def ppo(
     return summary
 
 
-def reward_function(reward: str):  # noqa: ANN201 (an llmkit.align.rollout.RewardFn)
-    """A toy built-in by name, or the reward model in the directory `reward` (with its own tokenizer)."""
+def reward_function(reward: str, device: str = "cpu"):  # noqa: ANN201 (an llmkit.align.rollout.RewardFn)
+    """A toy built-in by name, or the reward model in the directory `reward` (with its own tokenizer) on `device`."""
     from llmkit.align.reward import is_reward_model, load_reward_model
     from llmkit.align.rollout import TOY_REWARDS, reward_model_scorer
     from llmkit.checkpoints import load_tokenizer
@@ -145,7 +148,10 @@ def reward_function(reward: str):  # noqa: ANN201 (an llmkit.align.rollout.Rewar
     if not Path(reward).is_dir() or not is_reward_model(reward):
         raise LlmkitError(f"--reward {reward} is neither a reward model directory (the reward_model/ folder that "
                           f"`llmkit reward train` writes) nor a toy built-in ({', '.join(TOY_NAMES)})")
-    return reward_model_scorer(load_reward_model(reward), load_tokenizer(reward))
+    from llmkit.device import resolve_device
+
+    model = load_reward_model(reward, device=str(resolve_device(device)))
+    return reward_model_scorer(model, load_tokenizer(reward))
 
 
 def prompt_texts(paths: list[str], limit: int | None) -> list[str]:

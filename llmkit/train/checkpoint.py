@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,13 +69,15 @@ RESTART_ADVICE = ("delete that checkpoint directory to resume from the one befor
 
 @dataclass
 class TrainerState:
-    """Progress of a run: optimizer steps taken, training samples consumed (all ranks), tokens seen, best eval."""
+    """Progress of a run: optimizer steps taken, training samples consumed (all ranks), tokens seen, best eval, and
+    what a recipe with its own loop keeps besides (`extra`, JSON values: PPO's KL coefficient)."""
 
     step: int = 0
     position: int = 0
     tokens: int = 0
     best_val_loss: float | None = None
     best_step: int | None = None
+    extra: dict = field(default_factory=dict)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -108,8 +110,11 @@ def save_checkpoint(
     cluster: Cluster,
     tokenizer: Tokenizer | None = None,
     keep_last: int = 2,
+    trainable_only: bool = False,
 ) -> Path:
-    """Write a checkpoint of step `state.step` (every rank calls this) and prune old ones; returns its path."""
+    """Write a checkpoint of step `state.step` (every rank calls this) and prune old ones; returns its path.
+    `trainable_only` writes the trained parameters by name even when all of them train (a model that is not a plain
+    llmkit model, such as PPO's policy with its value head, has no native form)."""
     final = checkpoint_path(run_dir, state.step)
     temporary = final.parent / f"{TEMPORARY_PREFIX}{final.name}"
     if cluster.is_main:
@@ -118,7 +123,7 @@ def save_checkpoint(
     barrier(cluster)
     weights = full_state_dict(model, cluster)  # collective under FSDP
     trainable = {name for name, parameter in unwrap(model).named_parameters() if parameter.requires_grad}
-    partial = len(trainable) < len(list(unwrap(model).parameters()))
+    partial = trainable_only or len(trainable) < len(list(unwrap(model).parameters()))
     optimizer_state = full_optimizer_state_dict(model, optimizer)  # collective under FSDP; whole on rank 0 only
     rng = {"cpu": torch.get_rng_state()}
     if cluster.device.type == "cuda":
