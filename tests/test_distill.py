@@ -9,6 +9,7 @@ import torch
 import llmkit.distill.objective as objective_module
 from llmkit.checkpoints import save_model
 from llmkit.config import Config
+from llmkit.data.templates import FieldMap
 from llmkit.distill.cache import TeacherLogitCache
 from llmkit.distill.data import (
     TokensInMemory,
@@ -259,3 +260,67 @@ def test_a_student_equal_to_its_teacher_has_zero_divergence_and_hidden_loss(text
     assert terms.metrics["hidden"].item() == pytest.approx(0, abs=1e-6)
     cross_entropy = causal_lm_loss(teacher, batch).total.item()
     assert terms.total.item() == pytest.approx(0.5 * cross_entropy, rel=1e-4)
+
+
+# ---- instruction data (--template) -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def instruction_teacher(tmp_path_factory):
+    """A tiny decoder whose byte tokenizer has an EOS (instruction examples end with it), and 24 Alpaca rows."""
+    import json
+
+    root = tmp_path_factory.mktemp("instruct")
+    tokenizer = byte_tokenizer(specials=["<eos>"], eos_id=256, pad_id=256)
+    save_model(tiny_decoder("tiny-llama", n_layers=2, vocab_size=257), root / "teacher", tokenizer=tokenizer)
+    rows = [{"instruction": "Repeat the word twice.", "input": word, "output": f"{word} {word}"}
+            for word in ("king", "queen", "lord", "lady", "sword", "crown") * 4]
+    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root, tokenizer
+
+
+def test_instruction_distillation_scores_the_response_tokens_only(instruction_teacher):
+    from llmkit.commands.distill import TextSource, instruction_batches
+    from llmkit.distill.losses import forward_kl
+    from llmkit.train.objectives import IGNORE_INDEX
+
+    root, tokenizer = instruction_teacher
+    settings = quiet(1, batch_size=4, eval_batches=1)
+    source = TextSource([str(root / "data.jsonl")], "alpaca", FieldMap())
+    batches, _, tokens = instruction_batches(source, tokenizer, 96, None, 0.25, settings)
+    batch = batches(0, 4, 0, 1)
+    scored = batch["labels"] != IGNORE_INDEX  # (B, T): the responses ("word word" + EOS) only
+    # 18 training rows (the last 6 are held out): three of each word, each response "word word" in bytes + EOS
+    assert tokens == 3 * sum(len(f"{w} {w}") + 1 for w in ("king", "queen", "lord", "lady", "sword", "crown"))
+    assert int(scored.sum()) < int(batch["attention_mask"].sum()) / 3  # the prompt is most of each example
+    teacher = tiny_decoder("tiny-llama", n_layers=2, vocab_size=257, seed=1).eval()
+    student = tiny_decoder("tiny-llama", n_layers=2, vocab_size=257, seed=2).eval()
+    terms = DecoderDistillation(teacher, DistillSettings(loss="kl", temperature=2.0, alpha=1.0))(student, batch)
+    with torch.no_grad():
+        mask = batch["attention_mask"]
+        expected = forward_kl(student(batch["input_ids"], attention_mask=mask)[scored],
+                              teacher(batch["input_ids"], attention_mask=mask)[scored], temperature=2.0)
+    assert int(terms.tokens) == int(scored.sum())
+    assert terms.metrics["divergence"].item() == pytest.approx(expected.sum().item(), rel=1e-5)
+
+
+def test_cli_distils_on_instruction_data_with_a_template(capsys, instruction_teacher, tmp_path, one_thread):
+    from llmkit.commands.distill import distill
+
+    root, _ = instruction_teacher
+    summary = distill(teacher=str(root / "teacher"), data=[str(root / "data.jsonl")], template="alpaca", seq_len=96,
+                      held_out_fraction=0.25, train=quiet(4, batch_size=4, eval_batches=2),
+                      output=str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "training tokens (responses)" in out and summary["steps"] == 4
+    assert summary["student_perplexity"] < summary["student_perplexity_before"]  # lr 3e-3 on 4 steps moves it
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_cli_refuses_on_policy_batches_of_instruction_data(capsys, instruction_teacher, tmp_path):
+    root, _ = instruction_teacher
+    code, err = cli_status(capsys, "distill", "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"),
+                           "--template", "alpaca", "--loss", "gkd", "--lmbda", "0.5", "--train.max_steps", "2",
+                           "--train.batch_size", "4", "--train.warmup_steps", "0", "--seq_len", "96",
+                           "--output", str(tmp_path / "run"))
+    assert code == 2 and "--lmbda 0" in err and err.count("\n") == 1

@@ -3,9 +3,11 @@ load the teacher, build the student (every other layer, a preset or a path), rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmkit.data.templates import FieldMap
 from llmkit.distill.settings import DistillSettings, HiddenLoss, LossName
 from llmkit.errors import LlmkitError
 from llmkit.train.settings import TrainSettings, check_settings
@@ -23,6 +25,8 @@ def distill(
     student: str | None = None,
     student_layers: str = EVERY_OTHER,
     data: list[str] | str | None = None,
+    template: str | None = None,
+    fields: FieldMap = FieldMap(),  # noqa: B008 (frozen)
     loss: LossName = "kl",
     temperature: float = 2.0,
     alpha: float = 0.5,
@@ -47,6 +51,8 @@ def distill(
              llmkit distill --teacher model.gguf --student_layers 0,2,4,6 --loss reverse_kl --temperature 1
              llmkit distill --teacher model/ --student mini --data "[books/]" --loss gkd --beta 0.5 --lmbda 0.5
              llmkit distill --teacher pruned_teacher/ --student pruned_student/ --cache runs/teacher_logits
+             llmkit distill --template flan_dialogue_summary     (instruction data: DialogSum, loss on summaries)
+             llmkit distill --data "[chat.jsonl]" --template chatml --fields.messages conversation
              llmkit distill --teacher all-MiniLM-L6-v2/ --data wiki.jsonl --embedding_loss mse --output runs/minilm3
 
     The student is --student (a preset, built with the teacher's vocabulary, or a checkpoint: e.g. a pruned
@@ -55,15 +61,22 @@ def distill(
     being T^2 KL(teacher || student) (kl), T^2 KL(student || teacher) (reverse_kl) or the generalised JSD(beta)
     (gkd; with --lmbda, that share of batches is first rewritten by the student's own samples: on-policy). An
     encoder teacher (a BERT / sentence-transformers directory) is distilled on pooled sentence embeddings
-    (--embedding_loss), each --data text one sentence. --cache DIR keeps the teacher's logits on disk (its top
-    --cache_top_k per token; kl only unless null = the full vocabulary). Writes OUTPUT/student/, checkpoints,
+    (--embedding_loss), each --data text one sentence. With --template, --data is instruction data as `llmkit
+    finetune` reads it (Alpaca, prompt/completion or chat messages; built-in: DialogSum): each example is rendered
+    with the template and both losses count only its response tokens; the held-out share is the last
+    --held_out_fraction of the examples. --cache DIR keeps the teacher's logits on disk (its top --cache_top_k per
+    token; kl only unless null = the full vocabulary). Writes OUTPUT/student/, checkpoints,
     metrics and loss.png; the loop's flags are --train.X (--train.max_steps, --train.lr, --train.device, ...).
 
     Args:
         teacher: the teacher: .gguf file, Hugging Face or llmkit directory (default: SmolLM2-135M-Instruct).
         student: a preset name or a checkpoint path to train as the student (default: the teacher's layers).
         student_layers: the teacher layers the student keeps when --student is not given: every_other or 0,2,4.
-        data: .txt/.md/.jsonl(.gz)/.parquet files or folders (default: Wikipedia vital-article summaries).
+        data: .txt/.md/.jsonl(.gz)/.parquet files or folders (default: Wikipedia vital-article summaries; with
+            --template: DialogSum's training dialogues and summaries).
+        template: decoders: read --data as instruction data rendered with this prompt template (as llmkit finetune
+            --template: alpaca, flan_dialogue_summary, chatml, ...); the loss counts response tokens only.
+        fields: --template: which column holds each field (--fields.input dialogue, --fields.output summary).
         loss: kl (Hinton et al. 2015), reverse_kl (MiniLLM) or gkd (generalised JSD, Agarwal et al. 2024).
         temperature: softens both distributions (the KLs are multiplied by T^2; gkd is not, as in TRL).
         alpha: weight of the distillation term; 1 - alpha goes to cross-entropy on the text.
@@ -73,8 +86,10 @@ def distill(
         hidden_weight: weight of DistilBERT's hidden-state loss on the last layer (same-width students).
         hidden_loss: cosine or mse, for the hidden-state loss.
         embedding_loss: encoders: cosine or mse between the student's and the teacher's sentence embeddings.
-        seq_len: decoders: tokens per training window; encoders: longest text in tokens.
-        max_tokens: decoders: use at most this many tokens of --data (null: all of it).
+        seq_len: decoders: tokens per training window (with --template: longest example, cut on the left);
+            encoders: longest text in tokens.
+        max_tokens: decoders: use at most this many tokens of --data (null: all of it; with --template: of the
+            rendered examples, whole examples only).
         held_out_fraction: the last share of the text (or of the texts) held out for the before/after comparison.
         cache: a folder keeping the teacher's logits, keyed by teacher and data, for reuse by later runs.
         cache_top_k: logits per token the cache keeps (null: the whole vocabulary).
@@ -92,12 +107,18 @@ def distill(
         raise LlmkitError(f"--held_out_fraction {held_out_fraction} must be between 0 and 1 (0.05 is usual)")
     if student is not None and student_layers != EVERY_OTHER:
         raise LlmkitError(f"--student {student} and --student_layers {student_layers} both name the student; pass one")
+    if template is not None and lmbda > 0:
+        raise LlmkitError(f"--lmbda {lmbda}: on-policy batches rewrite plain text windows with the student's samples; "
+                          "with --template (instruction data) pass --lmbda 0")
     teacher_path = model_path(teacher)
     if teacher_arch(teacher_path) == "encoder":
+        if template is not None:
+            raise LlmkitError(f"--template {template} renders instruction data for a decoder; an encoder teacher is "
+                              "distilled on plain sentences: drop --template")
         return distill_encoder(teacher_path, student, student_layers, data, settings, embedding_loss, seq_len,
                                held_out_fraction, train, Path(output))
-    return distill_decoder(teacher_path, student, student_layers, data, settings, seq_len, max_tokens,
-                           held_out_fraction, cache, cache_top_k, train, Path(output))
+    return distill_decoder(teacher_path, student, student_layers, TextSource(data, template, fields), settings,
+                           seq_len, max_tokens, held_out_fraction, cache, cache_top_k, train, Path(output))
 
 
 def teacher_arch(path: Path) -> str:
@@ -154,7 +175,51 @@ def documents(data: list[str] | str | None) -> list[str]:
     return texts
 
 
-def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers: str, data: Any,
+@dataclass(frozen=True)
+class TextSource:
+    """What a decoder is distilled on: plain text windows, or instruction examples when `template` is given."""
+
+    data: list[str] | str | None
+    template: str | None
+    fields: FieldMap
+
+
+def instruction_batches(source: TextSource, tokenizer: Any, seq_len: int, max_tokens: int | None,
+                        held_out_fraction: float, train: TrainSettings) -> tuple[Any, Any, int]:
+    """(training batches, held-out eval batches, training tokens) of instruction examples rendered with
+    `source.template`; labels cover the responses only (llmkit.data.sft), so the loss and perplexity do too."""
+    from llmkit.commands.common import as_paths
+    from llmkit.data.packing import sft_batches, sft_validation_batches
+    from llmkit.data.sft import SFTReport, builtin_dialogsum, load_sft_records, tokenize_records
+
+    paths = as_paths(source.data)
+    if paths:
+        records, report = load_sft_records(paths, source.fields)
+    else:
+        records = builtin_dialogsum("train")
+        report = SFTReport(rows=len(records))
+    examples, report = tokenize_records(records, tokenizer, source.template, seq_len, seed=train.seed, report=report)
+    if max_tokens is not None:
+        kept, total = [], 0
+        for example in examples:
+            total += len(example.input_ids)
+            if total > max_tokens:
+                break
+            kept.append(example)
+        examples = kept
+    n_held = max(1, round(held_out_fraction * len(examples)))
+    if len(examples) - n_held < train.batch_size:
+        raise LlmkitError(f"{len(examples)} instruction examples (after --max_tokens {max_tokens}) leave fewer than "
+                          f"--train.batch_size {train.batch_size} for training; give more --data or raise --max_tokens")
+    print(report.summary())
+    training, held_out = examples[:-n_held], examples[-n_held:]
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    evals = sft_validation_batches(held_out[:train.batch_size * train.eval_batches], train.batch_size, pad_id=pad_id)
+    tokens = sum(sum(label >= 0 for label in example.labels) for example in training)
+    return sft_batches(training, train.batch_size, seed=train.seed, pad_id=pad_id), evals, tokens
+
+
+def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers: str, source: TextSource,
                     settings: DistillSettings, seq_len: int, max_tokens: int | None, held_out_fraction: float,
                     cache: str | None, cache_top_k: int | None, train: TrainSettings, output: Path) -> dict[str, Any]:
     """Token-level distillation of a decoder on text windows; held-out perplexity of teacher and student."""
@@ -183,16 +248,22 @@ def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers
     torch.manual_seed(train.seed)
     student = build_student(student_spec, student_layers, teacher, train.seed)
     check_same_vocabulary(student, teacher)
-    ids = tokenize_documents(tokenizer, documents(data), max_tokens)
-    training, held_out = split_held_out(ids, held_out_fraction, seq_len)
-    evals = held_out_batches(held_out, seq_len, train.batch_size, max_batches=train.eval_batches)
+    if source.template is None:
+        ids = tokenize_documents(tokenizer, documents(source.data), max_tokens)
+        training, held_out = split_held_out(ids, held_out_fraction, seq_len)
+        evals = held_out_batches(held_out, seq_len, train.batch_size, max_batches=train.eval_batches)
+        batches, training_tokens = window_batches(training, seq_len, train.seed), len(training)
+    else:
+        batches, evals, training_tokens = instruction_batches(source, tokenizer, seq_len, max_tokens,
+                                                              held_out_fraction, train)
     logit_cache = TeacherLogitCache(cache, teacher, cache_top_k) if cache else None
     objective = DecoderDistillation(teacher, settings, cache=logit_cache, top_k=cache_top_k if cache else None)
     teacher_ppl, before = held_out_perplexity(teacher, evals), held_out_perplexity(student, evals)
     print(f"teacher {teacher.config.name}: {teacher.num_parameters():,} parameters, held-out perplexity "
           f"{teacher_ppl:.2f}; student {student.config.n_layers} layers, {student.num_parameters():,} parameters, "
-          f"{before:.2f} before training; {len(training):,} training tokens")
-    result = train_loop(student, objective, window_batches(training, seq_len, train.seed), train, output,
+          f"{before:.2f} before training; {training_tokens:,} training tokens" +
+          (" (responses)" if source.template else ""))
+    result = train_loop(student, objective, batches, train, output,
                         eval_batches=evals, tokenizer=tokenizer)
     after = held_out_perplexity(student, evals)
     save_model(student, output / STUDENT_DIR, tokenizer=tokenizer)

@@ -96,7 +96,7 @@ def finetune(
 
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
     from llmkit.data.packing import sft_batches, sft_validation_batches
-    from llmkit.data.sft import builtin_dialogsum, load_sft_records, tokenize_records
+    from llmkit.data.sft import SFTReport, builtin_dialogsum, load_sft_records, tokenize_records
     from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
     from llmkit.peft.registry import apply_method
@@ -125,7 +125,8 @@ def finetune(
             records, report = load_sft_records(as_paths(data), fields, skip_bad_rows=skip_bad_rows, limit=limit)
             held_out = []
         else:
-            records, report = builtin_dialogsum("train", limit), None
+            records = builtin_dialogsum("train", limit)
+            report = SFTReport(rows=len(records))
             held_out = builtin_dialogsum("test", rouge_rows) if rouge_rows else []
         n_validation = max(1, len(records) // 20)
         examples, token_report = tokenize_records(records, tokenizer, template, max_length, seed=train.seed,
