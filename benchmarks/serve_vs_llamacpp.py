@@ -12,8 +12,7 @@ f16 file (`llmkit convert --to gguf --quant f16`) with `--gguf`.
 
 llama-cpp-python's server runs one request at a time (a lock around its single llama context: no parallel slots,
 no continuous batching); the C++ `llama-server` with `--parallel N` batches slots, and is not measured here (it is
-not part of the pip package). Needs the bench extra: `pip install "llmkit[bench]"` and its server's packages
-(`pip install sse-starlette starlette-context pydantic-settings python-dotenv`).
+not part of the pip package). Needs the bench extra, `pip install "llmkit[bench]"` (llama-cpp-python[server]).
 
     python benchmarks/serve_vs_llamacpp.py --concurrency 1,4,16 --num_requests 16 --max_tokens 64 \
         --json docs/serve_vs_llamacpp.json
