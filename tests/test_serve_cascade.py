@@ -45,7 +45,7 @@ from llmkit.serve.cascade_stages import (
     sample_agreement,
 )
 from llmkit.serve.router import fit_logistic, route, router_points
-from tests.helpers import byte_tokenizer, tiny_decoder
+from tests.helpers import byte_tokenizer, cli_status, tiny_decoder
 
 WEAK_SCORES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.45, 0.3, 0.2, 0.1)
 
@@ -193,3 +193,86 @@ def test_stages_on_different_examples_or_wrong_threshold_count():
         evaluate_cascade([weak(), strong()], [])
     with pytest.raises(LlmkitError, match="no gap to recover"):
         apgr([single_model_point(weak())], strong(), Outcomes("s", (False,) * 10, (0.0,) * 10, (Fraction(20),) * 10))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_rejects_bad_costs_and_budget_before_loading_a_model(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")  # never loaded: the checks come first
+    code, err = cli_status(capsys, "cascade", "--models", f"[{a}, {b}]", "--costs", "[1/1/0]")
+    assert code == 2 and err.strip().splitlines() == [
+        'error: --costs has 1 prices for 2 models (--models); give one "IN/OUT/FEE" per model, in the same order']
+    code, err = cli_status(capsys, "cascade", "--models", f"[{a}, {b}]", "--costs", "[1/1/0, 2/-3/0]")
+    assert code == 2 and "--costs entry 2 per output token is -3; a price cannot be negative" in err
+    code, err = cli_status(capsys, "cascade", "--models", f"[{a}, {b}]", "--budget", "cheap")
+    assert code == 2 and "--budget is 'cheap', not a number" in err and "Traceback" not in err
+
+
+MODEL_COSTS = "[1/2/0, 3/5/0.25]"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):  # noqa: ANN201
+    """Two tiny random decoders saved as llmkit directories, and one `llmkit cascade` over 16 SST-2 rows with them:
+    (model paths, output folder, exit code, stdout, stderr)."""
+    from llmkit.checkpoints import save_model
+
+    root = tmp_path_factory.mktemp("cascade")
+    models = []
+    for seed in (0, 1):
+        models.append(root / f"tiny{seed}")
+        save_model(tiny_decoder(vocab_size=256, seed=seed), models[-1], tokenizer=byte_tokenizer())
+    out = root / "out"
+    import contextlib  # run_cli reads capsys, which a module fixture cannot use: capture by hand
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            from llmkit.cli import main
+
+            main(["cascade", "--models", f"[{models[0]}, {models[1]}]", "--costs", MODEL_COSTS, "--limit", "16",
+                  "--budget", "500", "--output", str(out), "--progress", "false"])
+            code = 0
+        except SystemExit as exit:
+            code = exit.code or 0
+    return models, out, code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_cli_end_to_end_on_tiny_models_and_its_accounting(tiny_run):
+    import json
+
+    from llmkit.serve.cascade_task import answer_from_json
+
+    models, out, code, stdout, err = tiny_run
+    assert code == 0, err
+    fitted = json.loads((out / "cascade.json").read_text())
+    assert [stage["model"] for stage in fitted["stages"]] == [str(m) for m in models]
+    assert fitted["stages"][1]["price"] == ["3", "5", "1/4"] and fitted["options"] == [" negative", " positive"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_fit"] + report["n_held_out"] == 16 and (out / "cascade.png").stat().st_size > 1000
+    # the held-out figures follow from the cached answers and the prices
+    caches = sorted((out / "answers").glob("*.json"))
+    assert len(caches) == 2
+    held = sorted(set(range(16)) - set(_fit_rows(16)))
+    by_method = {p["method"]: p for p in report["held_out"]}
+    for name, cache, price in zip(("tiny0", "tiny1"), caches, (Price.of(1, 2, 0), Price.of(3, 5, "0.25"))):
+        answers = [answer_from_json(a) for a in json.loads(cache.read_text()).values()]
+        assert all(a.output_tokens == len(a.text.encode()) for a in answers)  # byte tokens: one per byte
+        expected = sum(price.cost(answers[i].input_tokens, answers[i].output_tokens) for i in held) / len(held)
+        assert by_method[name]["cost"] == pytest.approx(float(expected), rel=1e-12)
+    assert "| cascade (fitted) |" in stdout
+
+
+def test_cli_budget_below_the_cheapest_model_exits_2(tiny_run, capsys):
+    models, out, *_ = tiny_run  # its answers are cached: no model runs again
+    code, err = cli_status(capsys, "cascade", "--models", f"[{models[0]}, {models[1]}]", "--costs", MODEL_COSTS,
+                           "--limit", "16", "--output", str(out), "--budget", "1", "--progress", "false")
+    assert code == 2 and "--budget 1 is below the cheapest operating point" in err
+
+
+def _fit_rows(n: int) -> list[int]:
+    from llmkit.serve.cascade_task import split_indices
+
+    return split_indices(n, 0.5, 0)[0]
