@@ -80,6 +80,7 @@ class Stage:
     answer: Callable[[str], Answer]
     price: Price
     threshold: float = math.inf  # ignored for the last stage
+    scorer: Scorer | None = None  # this stage's own scorer (a trained one is fitted per stage); None: the cascade's
 
     def cost(self, answer: Answer) -> Fraction:
         return self.price.cost(answer.input_tokens, answer.output_tokens)
@@ -105,7 +106,8 @@ class CascadeResult:
 
 @dataclass(frozen=True)
 class Cascade:
-    """Stages cheapest first; a stage's answer is final when scorer(answer) >= its threshold, or when it is last."""
+    """Stages cheapest first; a stage's answer is final when its score (the stage's scorer, else `scorer`) is >= its
+    threshold, or when it is the last stage."""
 
     stages: tuple[Stage, ...]
     scorer: Scorer = mean_logprob
@@ -121,7 +123,7 @@ class Cascade:
             cost = stage.cost(answer)
             total += cost
             last = index == len(self.stages) - 1
-            score = self.scorer(answer)
+            score = (stage.scorer or self.scorer)(answer)
             steps.append(StepRecord(stage.name, score, cost))
             if last or score >= stage.threshold:
                 return CascadeResult(answer.text, stage.name, index, total, tuple(steps))
