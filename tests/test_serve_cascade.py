@@ -295,70 +295,33 @@ def smollm2_pair():  # noqa: ANN201
 def test_two_stage_cascade_on_smollm2_accounts_for_every_token(smollm2_pair):
     from llmkit.eval.builtin import load_builtin
     from llmkit.eval.scoring import continuation_logprobs
-    from llmkit.serve.cascade_stages import choice_answerer
+    from llmkit.serve.cascade_stages import choice_answers
     from llmkit.serve.cascade_task import choice_task
 
     cheap, strong, tokenizer = smollm2_pair
-    task = choice_task(load_builtin("sst2"), limit=6, num_fewshot=0)
+    task = choice_task(load_builtin("sst2"), limit=5, num_fewshot=0)
+    answers = {model: dict(zip(task.prompts, choice_answers(model, tokenizer, task.prompts, task.options)))
+               for model in (cheap, strong)}
+    # the reference: lm-eval-style log-likelihood of each option, from llmkit.eval.scoring
+    requests = [(prompt, option) for prompt in task.prompts for option in task.options]
+    reference = {model: [s.logprob for s in continuation_logprobs(model, tokenizer, requests)] for model in (cheap, strong)}
     prices = (Price.of("1/10", "1/5", "1/100"), Price.of(1, 2, "1/10"))
-    stage_cheap = Stage("q4_1", choice_answerer(cheap, tokenizer, task.options), prices[0])
-    answers = [stage_cheap.answer(prompt) for prompt in task.prompts]
-    median = sorted(mean_logprob(a) for a in answers)[len(answers) // 2]
-    cascade = Cascade((Stage("q4_1", stage_cheap.answer, prices[0], threshold=median),
-                       Stage("fp32", choice_answerer(strong, tokenizer, task.options), prices[1])))
+    median = sorted(mean_logprob(a) for a in answers[cheap].values())[len(task.prompts) // 2]
+    cascade = Cascade((Stage("q4_1", answers[cheap].__getitem__, prices[0], threshold=median),
+                       Stage("fp32", answers[strong].__getitem__, prices[1])))
     escalated = 0
-    for prompt, answer in zip(task.prompts, answers):
+    for row, prompt in enumerate(task.prompts):
         result = cascade(prompt)
         n_prompt = len(tokenizer.encode(prompt))  # "...Sentiment:" has no trailing space: its tokens are the context
         n_option = {option: len(tokenizer.encode(prompt + option)) - n_prompt for option in task.options}
-        assert answer.input_tokens == n_prompt and answer.output_tokens == n_option[answer.text]
-        assert result.steps[0].cost == prices[0].cost(n_prompt, n_option[answer.text])
-        # the reference: lm-eval style log-likelihoods of each option, from llmkit.eval.scoring
-        models = (cheap, strong)[: len(result.steps)]
-        for step, model in zip(result.steps, models):
-            logprobs = [s.logprob for s in continuation_logprobs(model, tokenizer, [(prompt, o) for o in task.options])]
-            assert step.score == pytest.approx(max(logprobs) / n_option[task.options[logprobs.index(max(logprobs))]],
-                                               abs=1e-9)
-        if result.stage == "fp32":
-            escalated += 1
-            strong_cost = prices[1].cost(n_prompt, n_option[result.text])
-            assert result.cost == result.steps[0].cost + strong_cost
-        else:
-            assert mean_logprob(answer) >= median and result.cost == result.steps[0].cost
+        for step, model, price in zip(result.steps, (cheap, strong), prices):
+            answer = answers[model][prompt]
+            assert answer.input_tokens == n_prompt and answer.output_tokens == n_option[answer.text]
+            assert step.cost == price.cost(n_prompt, n_option[answer.text])
+            logprobs = reference[model][row * 2: row * 2 + 2]
+            best = task.options[logprobs.index(max(logprobs))]
+            assert answer.text == best and step.score == pytest.approx(max(logprobs) / n_option[best], abs=1e-9)
+        assert result.cost == sum(step.cost for step in result.steps)
+        escalated += result.stage == "fp32"
+        assert (result.stage == "q4_1") == (result.steps[0].score >= median)
     assert 0 < escalated < len(task.prompts)
-
-
-def test_serve_answers_the_cascade_model_and_passes_other_requests_through(tiny_run):
-    from fastapi.testclient import TestClient
-
-    from llmkit.checkpoints import load_tokenizer
-    from llmkit.commands.common import load_decoder
-    from llmkit.serve.cascade_http import load_cascade, with_cascade
-    from llmkit.serve.http import create_app, start_engine
-
-    models, out, code, *_ = tiny_run
-    assert code == 0
-    cascade = load_cascade(out / "cascade.json", lambda path: (load_decoder(path), load_tokenizer(path)))
-    app = create_app(api_key="k")
-    served = start_engine(load_decoder(models[0]), load_tokenizer(models[0]), "tiny0")
-    app.state.llmkit.attach(served)
-    prompt = "Is the sentiment of each movie review positive or negative?\n\nReview: a gem of a film .\nSentiment:"
-    expected = cascade(prompt)
-    try:
-        with TestClient(with_cascade(app, cascade, api_key="k")) as client:
-            auth = {"Authorization": "Bearer k"}
-            reply = client.post("/v1/chat/completions", headers=auth,
-                                json={"model": "cascade", "messages": [{"role": "user", "content": prompt}]})
-            assert reply.status_code == 200, reply.text
-            body = reply.json()
-            assert body["choices"][0]["message"]["content"] == expected.text
-            assert body["cascade"]["stage"] == expected.stage and Fraction(body["cascade"]["cost"]) == expected.cost
-            assert [Fraction(step["cost"]) for step in body["cascade"]["steps"]] == [s.cost for s in expected.steps]
-            completion = client.post("/v1/completions", headers=auth, json={"model": "cascade", "prompt": prompt})
-            assert completion.json()["choices"][0]["text"] == expected.text
-            assert client.post("/v1/completions", json={"model": "cascade", "prompt": prompt}).status_code == 401
-            # another model's request reaches the server's own route, body intact
-            other = client.post("/v1/completions", headers=auth, json={"model": "tiny0", "prompt": "ab", "max_tokens": 2})
-            assert other.status_code == 200 and other.json()["model"] == "tiny0"
-    finally:
-        served.engine.shutdown()

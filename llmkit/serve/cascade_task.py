@@ -145,7 +145,8 @@ def cascade_report(fit: Sequence[Outcomes], held: Sequence[Outcomes], budget: Fr
     for name, points in {**curves, "weak": [single_model_point(weak)], "strong": [single_model_point(strong)]}.items():
         summary[name] = {"apgr": apgr(points, weak, strong) if gap else None,
                          "auc": area_under_curve(points, weak, strong) if gap else None,
-                         **{f"cost_to_recover_{int(f * 100)}": _maybe_float(cost_to_recover(points, weak, strong, f))
+                         **{f"cost_to_recover_{int(f * 100)}":
+                            _maybe_float(cost_to_recover(points, weak, strong, f)) if gap else None
                             for f in GAP_FRACTIONS}}
     return {
         "budget": float(budget), "thresholds": [_threshold_json(t) for t in fitted.thresholds],
@@ -171,12 +172,12 @@ def report_table(report: dict) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in report["summary"].items():
         costs = [f"{s[f'cost_to_recover_{int(f * 100)}']:.2f}" if s[f"cost_to_recover_{int(f * 100)}"] is not None
-                 else "never" for f in GAP_FRACTIONS]
+                 else "never" if s["apgr"] is not None else "n/a" for f in GAP_FRACTIONS]
         apgr_auc = " | ".join("n/a" if s[key] is None else f"{s[key]:.3f}" for key in ("apgr", "auc"))
         lines.append(f"| {name} | {apgr_auc} | " + " | ".join(costs) + " |")
     if report["summary"]["weak"]["apgr"] is None:
-        lines.append("\nAPGR and AUC are n/a: on the held-out rows the last model is not both more accurate and "
-                     "dearer than the first (no gap to recover)")
+        lines.append("\nAPGR, AUC and costs to recover the gap are n/a: on the held-out rows the last model is not "
+                     "both more accurate and dearer than the first (no gap to recover)")
     return "\n".join(lines)
 
 
