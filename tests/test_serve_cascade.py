@@ -325,3 +325,53 @@ def test_two_stage_cascade_on_smollm2_accounts_for_every_token(smollm2_pair):
         escalated += result.stage == "fp32"
         assert (result.stage == "q4_1") == (result.steps[0].score >= median)
     assert 0 < escalated < len(task.prompts)
+
+
+def test_serve_refuses_a_file_that_is_not_a_fitted_cascade(tiny_run, tmp_path, capsys):
+    import json
+    import socket
+
+    models, *_ = tiny_run
+    (tmp_path / "wrong.json").write_text(json.dumps({"format": "something else"}))
+    with socket.socket() as probe:  # a port free right now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, err = cli_status(capsys, "serve", "--model", str(models[0]), "--port", str(port), "--cascade",
+                           str(tmp_path / "wrong.json"))
+    assert code == 2 and "is not a fitted cascade (format 'something else'" in err and "Traceback" not in err
+
+
+def test_serve_answers_the_cascade_model_and_passes_other_requests_through(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
+    from llmkit.serve.cascade_http import load_cascade, with_cascade
+    from llmkit.serve.http import create_app, start_engine
+
+    models, out, code, *_ = tiny_run
+    assert code == 0
+    cascade = load_cascade(out / "cascade.json", lambda path: (load_decoder(path), load_tokenizer(path)))
+    app = create_app(api_key="k")
+    served = start_engine(load_decoder(models[0]), load_tokenizer(models[0]), "tiny0")
+    app.state.llmkit.attach(served)
+    prompt = "Is the sentiment of each movie review positive or negative?\n\nReview: a gem of a film .\nSentiment:"
+    expected = cascade(prompt)
+    try:
+        with TestClient(with_cascade(app, cascade, api_key="k")) as client:
+            auth = {"Authorization": "Bearer k"}
+            reply = client.post("/v1/chat/completions", headers=auth,
+                                json={"model": "cascade", "messages": [{"role": "user", "content": prompt}]})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["choices"][0]["message"]["content"] == expected.text
+            assert body["cascade"]["stage"] == expected.stage and Fraction(body["cascade"]["cost"]) == expected.cost
+            assert [Fraction(step["cost"]) for step in body["cascade"]["steps"]] == [s.cost for s in expected.steps]
+            completion = client.post("/v1/completions", headers=auth, json={"model": "cascade", "prompt": prompt})
+            assert completion.json()["choices"][0]["text"] == expected.text
+            assert client.post("/v1/completions", json={"model": "cascade", "prompt": prompt}).status_code == 401
+            # another model's request reaches the server's own route, body intact
+            other = client.post("/v1/completions", headers=auth, json={"model": "tiny0", "prompt": "ab", "max_tokens": 2})
+            assert other.status_code == 200 and other.json()["model"] == "tiny0"
+    finally:
+        served.engine.shutdown()
