@@ -233,7 +233,7 @@ def tiny_run(tmp_path_factory):  # noqa: ANN201
             from llmkit.cli import main
 
             main(["cascade", "--models", f"[{models[0]}, {models[1]}]", "--costs", MODEL_COSTS, "--limit", "16",
-                  "--budget", "500", "--output", str(out), "--progress", "false"])
+                  "--num_fewshot", "0", "--budget", "500", "--output", str(out), "--progress", "false"])
             code = 0
         except SystemExit as exit:
             code = exit.code or 0
@@ -268,7 +268,8 @@ def test_cli_end_to_end_on_tiny_models_and_its_accounting(tiny_run):
 def test_cli_budget_below_the_cheapest_model_exits_2(tiny_run, capsys):
     models, out, *_ = tiny_run  # its answers are cached: no model runs again
     code, err = cli_status(capsys, "cascade", "--models", f"[{models[0]}, {models[1]}]", "--costs", MODEL_COSTS,
-                           "--limit", "16", "--output", str(out), "--budget", "1", "--progress", "false")
+                           "--limit", "16", "--num_fewshot", "0", "--output", str(out), "--budget", "1",
+                           "--progress", "false")
     assert code == 2 and "--budget 1 is below the cheapest operating point" in err
 
 
