@@ -37,6 +37,7 @@ COMMANDS: dict[str, Any] = {
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
+    "cascade": "cascade:cascade",
     "convert": "convert:convert",
 }
 

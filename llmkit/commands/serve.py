@@ -48,6 +48,7 @@ def serve(
     kv_cache_tokens: int | None = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
+    cascade: str | None = None,
 ) -> None:
     """Serve a model over the OpenAI API: any `openai` client, curl, or a browser at http://HOST:PORT/ (a chat page).
 
@@ -71,6 +72,8 @@ def serve(
         kv_cache_tokens: KV-cache size in tokens, shared by all running requests (default: max_batch_size x context).
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
+        cascade: a fitted cascade (the cascade.json `llmkit cascade` writes): requests for the model "cascade" run its
+            stages in order and report which stage answered and the cost (docs/cascade.md).
     """
     import uvicorn
 
@@ -89,7 +92,8 @@ def serve(
     check_address(host, port)
     name = served_name(path)
     app = create_app(api_key=api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    served_app = app if cascade is None else _with_cascade(app, cascade, api_key, dtype, device)
+    server = uvicorn.Server(uvicorn.Config(served_app, host=host, port=port, log_level="warning", access_log=False))
     shown = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
     with _stop_on_signals(server, app.state.llmkit):
         # uvicorn answers (/health: 503) from its own thread while this one loads the model: a model loaded in
@@ -115,6 +119,17 @@ def serve(
             served.engine.run()
         while thread.is_alive():
             thread.join(0.5)  # short waits, so the signal handlers run in this thread
+
+
+def _with_cascade(app, cascade: str, api_key: str | None, dtype: str, device: str):  # noqa: ANN001, ANN202 (ASGI apps)
+    """`app` answering the model "cascade" with the fitted cascade file `cascade` (its models loaded here, in the
+    main thread)."""
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
+    from llmkit.serve.cascade_http import load_cascade, with_cascade
+
+    fitted = load_cascade(cascade, lambda path: (load_decoder(path, dtype, device), load_tokenizer(path)))
+    return with_cascade(app, fitted, api_key)
 
 
 @contextmanager

@@ -76,6 +76,14 @@ def score_token_pairs(
     model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, progress: bool = False  # noqa: ANN001
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation ids | context ids), is_greedy) per (context ids, continuation ids) pair."""
+    return [(sum(logprobs), greedy) for logprobs, greedy in token_logprobs_of_pairs(model, pairs, batch_size, progress)]
+
+
+def token_logprobs_of_pairs(
+    model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8, progress: bool = False  # noqa: ANN001
+) -> list[tuple[list[float], bool]]:
+    """(log p of each continuation token given everything before it, is_greedy) per (context ids, continuation ids)
+    pair: what score_token_pairs sums, kept per token (a cascade's scorer wants the mean and the minimum)."""
     if batch_size < 1:
         raise LlmkitError(f"batch_size is {batch_size}; pass 1 or more")
     max_len = model.config.max_seq_len
@@ -92,7 +100,7 @@ def score_token_pairs(
         inputs = (list(context_ids) + list(continuation_ids))[-(max_len + 1) :][:-1]  # left-truncated, last token dropped
         rows.setdefault(tuple(inputs), []).append(index)
 
-    results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    results: list[tuple[list[float], bool] | None] = [None] * len(pairs)
     ordered = sorted(rows.items(), key=lambda item: -len(item[0]))  # longest first: equal lengths batch together
     device = next(model.parameters()).device
     bar = tqdm(total=len(pairs), desc="scoring continuations", unit="request", disable=not progress)
@@ -116,11 +124,11 @@ def score_token_pairs(
         )
         totals: dict[int, list] = {}
         for owner, logprob, is_greedy in zip(owners, logprobs.tolist(), greedy.tolist()):
-            total = totals.setdefault(owner, [0.0, True])
-            total[0] += logprob
+            total = totals.setdefault(owner, [[], True])
+            total[0].append(logprob)
             total[1] = total[1] and is_greedy
-        for index, (logprob, is_greedy) in totals.items():
-            results[index] = (logprob, is_greedy)
+        for index, (logprobs_of_pair, is_greedy) in totals.items():
+            results[index] = (logprobs_of_pair, is_greedy)
         bar.update(len(totals))
     bar.close()
     return results  # type: ignore[return-value]  # every index was filled: each pair belongs to one row
