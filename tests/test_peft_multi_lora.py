@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_decoder
+from helpers import byte_tokenizer, cli_status, run_cli, tiny_decoder
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -231,3 +231,28 @@ def test_errors_name_the_fix(adapters, tmp_path):
     assert adapter_names(other) == []
     with pytest.raises(LlmkitError, match=r"the model has no adapter 'nope'"):
         remove_lora_adapter(model, "nope")
+
+
+def test_generate_cli_runs_each_prompt_with_its_adapter(adapters, tmp_path, capsys):
+    """`llmkit generate --adapters`: one batch, prompt i with adapter i, equals each prompt run alone with --adapter."""
+    from llmkit.checkpoints import save_model
+
+    base, root = adapters
+    save_model(base, tmp_path / "tiny", byte_tokenizer())
+    model = str(tmp_path / "tiny")
+    prompts = ["First the", "And then", "Last of all"]
+    code, out, err = run_cli(capsys, "generate", "--model", model, "--max_new_tokens", "6",
+                             "--prompt", f"[{', '.join(prompts)}]",
+                             "--adapters", f"[{root / 'large'}, base, {root / 'small'}]")
+    assert code == 0, err
+    texts = [block.split("\n", 1)[1].rstrip("\n") for block in out.split("--- [")[1:]]
+    alone = []
+    for prompt, adapter in zip(prompts, [root / "large", None, root / "small"]):
+        extra = ["--adapter", str(adapter)] if adapter else []
+        code, single, err = run_cli(capsys, "generate", "--model", model, "--max_new_tokens", "6", "--prompt",
+                                    f"[{prompt}, {prompt}]", *extra)  # a batch of two: the same left-padded path
+        alone.append(single.split("--- [")[1].split("\n", 1)[1].rstrip("\n"))
+    assert texts == alone
+    assert len(set(alone)) == 3  # the adapters change what the model writes
+    code, err = cli_status(capsys, "generate", "--model", model, "--prompt", "[a, b]", "--adapters", "[base]")
+    assert code == 2 and "--adapters lists 1 entries for 2 prompts" in err
