@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from helpers import byte_tokenizer, cli_status, run_cli, tiny_decoder
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,33 +17,17 @@ from llmkit.checkpoints.hf import load_hf
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.peft.core import save_adapter
-from llmkit.peft.lora import LoraSettings, adapter_names, apply_lora, merge_lora
+from llmkit.peft.lora import adapter_names, merge_lora
 from llmkit.peft.multi_lora import batch_adapters, load_lora_adapter, remove_lora_adapter
 from llmkit.peft.registry import apply_method, load_adapter
 from llmkit.quant import dequantize, quantize
+from tests.helpers import byte_tokenizer, cli_status, random_lora_dir, run_cli, tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # fp32 everywhere: merged (W0 + s B A) x and W0 x + s B (A x) differ only in summation order (~1e-6 on logits of
 # size ~1); a row given another row's adapter, a wrong scale or a missed layer moves them by 1e-2 or more.
 TOLERANCE = 1e-5
 RANKS = {"small": 2, "medium": 4, "large": 8}
-
-
-def randomize_adapter(model: nn.Module, seed: int) -> None:
-    """Non-zero B (a fresh adapter's B is zero: it would hide every bug in the update)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-
-
-def save_random_lora(base: nn.Module, directory, rank: int, seed: int, **settings) -> None:
-    """A rank-`rank` llmkit LoRA adapter directory with random A and B for `base`."""
-    settings = LoraSettings(rank=rank, alpha=2.0 * rank, **settings)
-    model = apply_lora(copy.deepcopy(base), settings)
-    randomize_adapter(model, seed)
-    save_adapter(model, directory, "lora", settings)
 
 
 def merged_logits(base: nn.Module, directory, ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +49,7 @@ def adapters(tmp_path_factory):
     targets = {"small": ("q_proj", "v_proj"), "medium": ("q_proj", "k_proj", "v_proj", "o_proj"),
                "large": ("o_proj", "down_proj", "up_proj")}
     for seed, (name, rank) in enumerate(RANKS.items()):
-        save_random_lora(base, root / name, rank, seed, targets=targets[name])
+        random_lora_dir(base, root / name, rank, seed, targets=targets[name])
     return base, root
 
 
@@ -205,7 +188,7 @@ def test_refuses_other_methods_and_dora(adapters, tmp_path):
     save_adapter(ia3, tmp_path / "ia3", "ia3", IA3Settings())
     with pytest.raises(LlmkitError, match=r"holds a 'ia3' adapter; multi-adapter batching takes LoRA adapters only"):
         load_lora_adapter(model, "x", tmp_path / "ia3")
-    save_random_lora(base, tmp_path / "dora", 2, 0, dora=True)
+    random_lora_dir(base, tmp_path / "dora", 2, 0, dora=True)
     with pytest.raises(LlmkitError, match=r"is a DoRA adapter; multi-adapter batching takes plain LoRA only"):
         load_lora_adapter(model, "x", tmp_path / "dora")
     with pytest.raises(LlmkitError, match=r"adapter path .*nowhere is not a directory"):

@@ -216,8 +216,7 @@ class RowAdapters:
 def _stacked(layer: LoraLinear, used: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A_cat (R, in), B_cat (out, R)) of the adapters `used` on `layer`, cached on it until the set or a tensor
     changes (storage and in-place version counter of each tensor are part of the key)."""
-    key = tuple((name, layer.lora_A[name].data_ptr(), layer.lora_B[name].data_ptr(), layer.lora_A[name]._version,
-                 layer.lora_B[name]._version) for name in used)
+    key = tuple((name, *(_identity(layer.lora_A[name])), *(_identity(layer.lora_B[name]))) for name in used)
     cache = layer.multi_lora_cache
     if cache is None or cache[0] != key:
         with torch.no_grad():
@@ -225,3 +224,8 @@ def _stacked(layer: LoraLinear, used: tuple[str, ...]) -> tuple[torch.Tensor, to
             b_cat = torch.cat([layer.lora_B[name].detach() for name in used], dim=1)  # (out, R)
         cache = layer.multi_lora_cache = (key, a_cat, b_cat)
     return cache[1], cache[2]
+
+
+def _identity(tensor: torch.Tensor) -> tuple[int, int]:
+    """(storage address, in-place version) of a tensor; an inference-mode tensor keeps no version counter (0)."""
+    return tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version
