@@ -195,7 +195,10 @@ class RowAdapters:
         a_cat, b_cat = _stacked(layer, used)  # (R, in), (out, R)
         mask = self._mask(layer, used, a_cat)  # (B, 1, R)
         low_rank = F.linear(x.to(a_cat.dtype), a_cat)  # (B, T, R): every used adapter's A x
-        low_rank = low_rank * mask.view(mask.shape[0], *([1] * (low_rank.dim() - 2)), mask.shape[-1])
+        low_rank.mul_(mask.view(mask.shape[0], *([1] * (low_rank.dim() - 2)), mask.shape[-1]))  # its own, scaled
+        if result.dtype == b_cat.dtype:  # result + low_rank B_cat^T as one GEMM (beta = 1), as LoraLinear does
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]), b_cat.t())
+            return out.view(result.shape)  # (B, T, out)
         return result + F.linear(low_rank, b_cat).to(result.dtype)  # (B, T, out)
 
     def _mask(self, layer: LoraLinear, used: tuple[str, ...], like: torch.Tensor) -> torch.Tensor:
