@@ -227,6 +227,26 @@ def test_http_load_and_unload_at_run_time(adapter_server, setup, tmp_path):
 # ---- real weights ---------------------------------------------------------------------------------------------
 
 
+def save_random_adapter(model: torch.nn.Module, name: str, directory, seed: int):  # noqa: ANN001, ANN201
+    """A rank-8 LoRA on q,k,v,o with random non-zero B, saved from `model` itself (a deep copy of a 135M model per
+    adapter would cost seconds) and removed from it again."""
+    from llmkit.peft.core import save_adapter
+    from llmkit.peft.lora import LoraSettings, add_adapter, apply_lora, lora_layers, set_adapter
+    from llmkit.peft.multi_lora import remove_lora_adapter
+
+    settings = LoraSettings(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter_name=name)
+    (add_adapter if lora_layers(model) else apply_lora)(model, settings)
+    set_adapter(model, name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for table in (layer.lora_A, layer.lora_B):
+                table[name].copy_(torch.randn(table[name].shape, generator=generator) * 0.05)
+    save_adapter(model, directory, "lora", settings)
+    remove_lora_adapter(model, name)
+    return directory
+
+
 @pytest.mark.slow
 def test_smollm2_mixed_batch_equals_each_adapter_merged(tmp_path):
     """SmolLM2-135M (fp32, dequantized from the GGUF) with two rank-8 adapters on q,k,v,o: a decode batch that mixes
@@ -239,9 +259,7 @@ def test_smollm2_mixed_batch_equals_each_adapter_merged(tmp_path):
     path = default_model_path()
     model = load_decoder(path, weights="float")
     tokenizer = load_tokenizer(path)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-    paths = {name: random_lora_dir(model, tmp_path / name, 8, seed, std=0.05, targets=targets)
-             for seed, name in enumerate(("one", "two"))}
+    paths = {name: save_random_adapter(model, name, tmp_path / name, seed) for seed, name in enumerate(("one", "two"))}
     texts = ["The capital of France is", "Water boils at a temperature of", "The capital of France is"]
     prompts = [tokenizer.encode(text) for text in texts]
     wanted = ["one", None, "two"]
