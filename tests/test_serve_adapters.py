@@ -277,3 +277,14 @@ def test_smollm2_mixed_batch_equals_each_adapter_merged(tmp_path):
     run_to_end(engine)
     assert [tokens_of(list(handle.events(timeout=5))) for handle in handles] == expected
     assert expected[0] != expected[2]  # same prompt, two adapters, two answers
+
+
+def test_serve_command_checks_adapters_before_loading(capsys, tmp_path):
+    from tests.helpers import cli_status
+
+    code, err = cli_status(capsys, "serve", "--adapters", "[runs/sql/adapter]")
+    assert code == 2 and "--adapters entry 'runs/sql/adapter' is not NAME=DIRECTORY" in err
+    code, err = cli_status(capsys, "serve", "--adapters", f"[sql={tmp_path / 'missing'}]")
+    assert code == 2 and "is not a directory" in err
+    code, err = cli_status(capsys, "serve", "--max_loaded_adapters", "0", "--adapters", "[]")
+    assert code == 2 and "--max_loaded_adapters 0 must be at least 1" in err
