@@ -17,7 +17,7 @@ from llmkit.checkpoints.hf import load_hf
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.peft.core import save_adapter
-from llmkit.peft.lora import adapter_names, merge_lora
+from llmkit.peft.lora import adapter_names, apply_lora, merge_lora
 from llmkit.peft.multi_lora import batch_adapters, load_lora_adapter, remove_lora_adapter
 from llmkit.peft.registry import apply_method, load_adapter
 from llmkit.quant import dequantize, quantize
@@ -239,3 +239,30 @@ def test_generate_cli_runs_each_prompt_with_its_adapter(adapters, tmp_path, caps
     assert len(set(alone)) == 3  # the adapters change what the model writes
     code, err = cli_status(capsys, "generate", "--model", model, "--prompt", "[a, b]", "--adapters", "[base]")
     assert code == 2 and "--adapters lists 1 entries for 2 prompts" in err
+
+
+def test_qlora_trained_adapter_applies_to_the_loaded_base(adapters, tmp_path):
+    """A qlora adapter's A and B, loaded onto the fp32 base, equal the same A and B as a LoRA merged into it."""
+    from llmkit.peft.core import load_trained_tensors, read_adapter
+    from llmkit.peft.qlora import QLoraSettings, apply_qlora
+
+    base, _ = adapters
+    settings = QLoraSettings(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    trained = apply_qlora(copy.deepcopy(base), settings)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    save_adapter(trained, tmp_path / "qlora", "qlora", settings)
+    model = copy.deepcopy(base)
+    load_lora_adapter(model, "q", tmp_path / "qlora")
+    reference = apply_lora(copy.deepcopy(base), settings.lora())
+    load_trained_tensors(reference, read_adapter(tmp_path / "qlora")[2], tmp_path / "qlora")
+    ids = ids_for(2)
+    with torch.no_grad(), batch_adapters(model, ["q", None]):
+        mixed = model(ids)
+    with torch.no_grad():
+        expected = merge_lora(reference.eval())(ids[:1])
+        assert (mixed[0] - expected[0]).abs().max().item() <= TOLERANCE
+        assert (mixed[1] - base(ids[1:])[0]).abs().max().item() <= TOLERANCE
