@@ -157,7 +157,7 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
     Every forward inside must have len(names) rows. A model without LoRA layers accepts an all-None list."""
     names = list(names)
     layers = lora_layers(model)
-    known = set(adapter_names(model))
+    known = {name for layer in layers.values() for name in layer.settings}
     unknown = sorted({name for name in names if name is not None and name not in known})
     if unknown:
         raise LlmkitError(f"batch_adapters names adapters {unknown} the model does not have; it has {sorted(known)}: "
