@@ -6,10 +6,13 @@ transformers (`model.generate(..., adapter_names=[...])`) on the same weights an
     python benchmarks/multi_lora.py --json docs/multi_lora.json          (THREADS=2 by default)
     python benchmarks/multi_lora.py --new_tokens 6 --rounds 1 --no-json  (a quick check that it runs)
 
-Decode tok/s = B x (N - 1) / (time of generating N tokens - time of generating 1), so the prompt's prefill is not
-counted; the median of --rounds rounds. llmkit runs `generate_tokens` inside `batch_adapters` (llmkit.peft.multi_lora);
-its "base" row is the model as `load_decoder` gives it (fused q/k/v, no LoRA layers). Before timing, the mixed
-batch's logits are compared with peft's (max |difference| is printed and recorded).
+Decode tok/s = B x (N - 1) / (time from the first new token to the last), so the prompt's prefill is not counted
+(transformers: timed with a streamer); the median of --rounds rounds. llmkit runs `generate_tokens` inside
+`batch_adapters` (llmkit.peft.multi_lora); its "base" row is the model as `load_decoder` gives it (fused q/k/v, no
+LoRA layers); the "adapters loaded, unused" row runs the base through the LoRA-wrapped layers (q/k/v no longer
+fused: three products instead of one, see llmkit/nn/fused.py), which splits the loss into that part and the
+updates' own. Before timing, the mixed batch's logits are compared with peft's (max |difference| is printed and
+recorded).
 The issue's goal: <= 20% throughput loss at 4 adapters against the base model.
 """
 
@@ -62,8 +65,8 @@ def make_adapters(model: torch.nn.Module, root: Path) -> list[tuple[str, Path, P
 
 
 def row_names(rows: int, distinct: int) -> list[str | None]:
-    """Adapter per row: `distinct` adapters round-robin over the rows (0: the base model)."""
-    return [None if distinct == 0 else f"a{row % distinct}" for row in range(rows)]
+    """Adapter per row: `distinct` adapters round-robin over the rows (0 or -1: none, the base model)."""
+    return [None if distinct <= 0 else f"a{row % distinct}" for row in range(rows)]
 
 
 def prompt_batch(tokenizer, rows: int) -> torch.Tensor:  # noqa: ANN001
@@ -72,30 +75,46 @@ def prompt_batch(tokenizer, rows: int) -> torch.Tensor:  # noqa: ANN001
     return torch.tensor([[ids[0] + row] + ids[1:] for row in range(rows)])
 
 
-def llmkit_seconds(model: torch.nn.Module, ids: torch.Tensor, names: list[str | None], new_tokens: int) -> float:
-    start = time.perf_counter()
+def llmkit_decode_seconds(model: torch.nn.Module, ids: torch.Tensor, names: list[str | None], new_tokens: int) -> float:
+    """Seconds from the first new token (prefill done) to the last."""
     with batch_adapters(model, names):
-        for _ in generate_tokens(model, ids.tolist(), new_tokens):
+        steps = generate_tokens(model, ids.tolist(), new_tokens)
+        next(steps)
+        start = time.perf_counter()
+        for _ in steps:
             pass
     return time.perf_counter() - start
 
 
-def peft_seconds(model, ids: torch.Tensor, names: list[str | None], new_tokens: int) -> float:  # noqa: ANN001
-    start = time.perf_counter()
+class FirstTokenClock:
+    """A transformers streamer that notes when the first new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts, self.first = 0, None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def peft_decode_seconds(model, ids: torch.Tensor, names: list[str | None], new_tokens: int) -> float:  # noqa: ANN001
+    """Seconds from the first new token to the last, in peft's mixed-batch generate."""
+    clock = FirstTokenClock()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock,
                        adapter_names=[name or "__base__" for name in names])
-    return time.perf_counter() - start
+    return time.perf_counter() - clock.first
 
 
 def decode_tok_s(seconds, ids: torch.Tensor, names, new_tokens: int, rounds: int) -> float:  # noqa: ANN001
-    """B (N - 1) / (t(N) - t(1)), median over rounds."""
-    rates = []
-    for _ in range(rounds):
-        long, short = seconds(ids, names, new_tokens), seconds(ids, names, 1)
-        rates.append(ids.shape[0] * (new_tokens - 1) / max(long - short, 1e-9))
-    return statistics.median(rates)
+    """B (N - 1) tokens over the time from the first new token to the last, median over rounds (after a warm-up)."""
+    seconds(ids, names, 3)
+    return statistics.median(ids.shape[0] * (new_tokens - 1) / seconds(ids, names, new_tokens) for _ in range(rounds))
 
 
 def parity(model, peft_model, ids: torch.Tensor, names: list[str | None]) -> float:  # noqa: ANN001
@@ -109,7 +128,9 @@ def parity(model, peft_model, ids: torch.Tensor, names: list[str | None]) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16, help="batch rows B")
-    parser.add_argument("--distinct", default="0,1,4,16", help="distinct adapters in the batch (0: base model)")
+    parser.add_argument("--distinct", default="0,-1,1,4,16",
+                        help="distinct adapters in the batch (0: the base model as loaded; -1: the model with the "
+                             "adapters loaded but every row on the base, which shows the cost of unfused q/k/v)")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default="docs/multi_lora.json")
@@ -141,9 +162,9 @@ def main() -> None:
     for distinct in (int(n) for n in args.distinct.split(",")):
         names = row_names(args.rows, distinct)
         ours_model = base if distinct == 0 else adapted
-        ours = decode_tok_s(lambda i, n, t, m=ours_model: llmkit_seconds(m, i, n, t), ids, names, args.new_tokens,
-                            args.rounds)
-        theirs = decode_tok_s(lambda i, n, t: peft_seconds(peft_model, i, n, t), ids, names, args.new_tokens,
+        ours = decode_tok_s(lambda i, n, t, m=ours_model: llmkit_decode_seconds(m, i, n, t), ids, names,
+                            args.new_tokens, args.rounds)
+        theirs = decode_tok_s(lambda i, n, t: peft_decode_seconds(peft_model, i, n, t), ids, names, args.new_tokens,
                               args.rounds)
         results.append({"distinct_adapters": distinct, "llmkit_tok_s": round(ours, 2), "peft_tok_s": round(theirs, 2)})
     base_ours, base_theirs = results[0]["llmkit_tok_s"], results[0]["peft_tok_s"]
@@ -152,7 +173,8 @@ def main() -> None:
     for row in results:
         row["llmkit_vs_base"] = round(row["llmkit_tok_s"] / base_ours, 3)
         row["peft_vs_base"] = round(row["peft_tok_s"] / base_theirs, 3)
-        label = "base model" if row["distinct_adapters"] == 0 else str(row["distinct_adapters"])
+        label = {0: "base model", -1: "0 (adapters loaded, unused)"}.get(row["distinct_adapters"],
+                                                                          str(row["distinct_adapters"]))
         print(f"| {label} | {row['llmkit_tok_s']:.1f} | {row['llmkit_vs_base']:.2f} | {row['peft_tok_s']:.1f} | "
               f"{row['peft_vs_base']:.2f} | {row['llmkit_tok_s'] / row['peft_tok_s']:.2f} |")
     if args.json:
