@@ -137,10 +137,11 @@ def remove_lora_adapter(model: nn.Module, name: str) -> nn.Module:
     layers = lora_layers(model)
     if name not in adapter_names(model):
         raise LlmkitError(f"the model has no adapter {name!r}; it has {adapter_names(model)}")
+    merged = next((layer for layer in layers.values() if layer.merged is not None), None)
+    if merged is not None:
+        raise LlmkitError(f"cannot remove adapter {name!r} while {merged.merged!r} is merged into {merged.name}; "
+                          "call unmerge_lora(model) first")
     for layer in layers.values():
-        if layer.merged is not None:
-            raise LlmkitError(f"cannot remove adapter {name!r} while {layer.merged!r} is merged into {layer.name}; "
-                              "call unmerge_lora(model) first")
         for table in (layer.lora_A, layer.lora_B, layer.lora_magnitude):
             if name in table:
                 del table[name]
@@ -163,8 +164,8 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
         raise LlmkitError(f"batch_adapters names adapters {unknown} the model does not have; it has {sorted(known)}: "
                           "load them with load_lora_adapter(model, name, directory)")
     plan = RowAdapters(names) if any(name is not None for name in names) else None
-    for layer in layers.values():
-        if any(layer.settings[name].dora for name in plan.used if name in layer.settings) if plan else False:
+    for layer in layers.values() if plan is not None else ():
+        if any(layer.settings[name].dora for name in plan.used if name in layer.settings):
             raise LlmkitError(f"{layer.name} holds a DoRA adapter; batch_adapters takes plain LoRA adapters only")
     previous = {name: layer.batch_plan for name, layer in layers.items()}
     for layer in layers.values():
