@@ -104,3 +104,22 @@ def correlated_inputs(n: int = 1024, width: int = 256, seed: int = 0) -> torch.T
     x += 0.05 * torch.randn(n, width, generator=g, dtype=torch.float64)
     x[:, :4] *= 10
     return x
+
+
+def random_lora_dir(base: torch.nn.Module, directory: Path, rank: int, seed: int, std: float = 0.2,
+                    **settings: Any) -> Path:
+    """An llmkit LoRA adapter directory for `base` (left unchanged) with random A and a random, non-zero B (a fresh
+    adapter's B is zero, which would hide every bug in the update); alpha = 2 x rank."""
+    import copy
+
+    from llmkit.peft.core import save_adapter
+    from llmkit.peft.lora import LoraSettings, apply_lora
+
+    lora = LoraSettings(rank=rank, alpha=2.0 * rank, **settings)
+    model = apply_lora(copy.deepcopy(base), lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return save_adapter(model, directory, "lora", lora)

@@ -9,6 +9,7 @@ from llmkit.chat_template import PLAIN_STOP, plain_transcript
 from llmkit.commands.common import Device, Dtype, model_path, with_adapter
 from llmkit.errors import LlmkitError
 
+BASE_ROW = "base"  # an --adapters entry for a prompt that runs on the base model alone
 SURROGATE = re.compile("[\ud800-\udfff]")  # what undecodable bytes become in argv and surrogateescape'd stdin
 
 
@@ -159,6 +160,7 @@ def generate(
     prompt: list[str] | str,
     model: str | None = None,
     adapter: str | None = None,
+    adapters: list[str] | str | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -175,11 +177,14 @@ def generate(
 
     Example: llmkit generate --prompt "Once upon a time" --max_new_tokens 50
              llmkit generate --model model.gguf --prompt "[A, B]" --temperature 0.8 --top_p 0.95 --seed 1
+             llmkit generate --prompt "[A, B, C]" --adapters "[sql/adapter, base, sum/adapter]"   (one batch)
 
     Args:
         prompt: the text to continue, or a list "[text one, text two]" to run as one batch.
         model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct).
         adapter: fine-tuned adapter directory to apply (llmkit finetune's OUTPUT/adapter, or a PEFT adapter).
+        adapters: one LoRA adapter directory per prompt ("base" for none): prompt i runs with adapter i, all
+            in one batch over one copy of the base weights (multi-LoRA, unmerged); a directory named twice loads once.
         max_new_tokens: tokens to generate per prompt.
         temperature: 0 is greedy decoding; higher samples more freely.
         top_k: sample only among the k most likely tokens.
@@ -196,22 +201,56 @@ def generate(
     from llmkit.commands.common import load_decoder
     from llmkit.generate import generate as generate_texts
     from llmkit.generate import stream
+    from llmkit.peft.multi_lora import batch_adapters
 
     prompt = [checked_text(text, "--prompt") for text in ([prompt] if isinstance(prompt, str) else prompt)]
+    adapters = check_row_adapters(adapters, len(prompt), adapter)
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
     llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
+    row_adapters = load_row_adapters(llm, adapters) if adapters else [None] * len(prompt)
     tokenizer = load_tokenizer(path)
     if chat_template:
         prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
     options = dict(max_new_tokens=max_new_tokens, settings=settings, stop_strings=tuple(stop or ()),
                    truncate_prompt=truncate_prompt)
-    if len(prompt) == 1:
-        for piece in stream(llm, tokenizer, prompt[0], **options):
-            print(piece, end="", flush=True)
-        print()
-        return
-    for i, text in enumerate(generate_texts(llm, tokenizer, prompt, **options)):
-        print(f"--- [{i}] {prompt[i]!r}\n{text}")
+    with batch_adapters(llm, row_adapters):
+        if len(prompt) == 1:
+            for piece in stream(llm, tokenizer, prompt[0], **options):
+                print(piece, end="", flush=True)
+            print()
+            return
+        texts = generate_texts(llm, tokenizer, prompt, **options)
+    for i, text in enumerate(texts):
+        label = f" ({adapters[i]})" if adapters else ""
+        print(f"--- [{i}]{label} {prompt[i]!r}\n{text}")
+
+
+def check_row_adapters(adapters: list[str] | str | None, n_prompts: int, adapter: str | None) -> list[str] | None:
+    """--adapters as a list with one entry per prompt (None when not given); one clear error otherwise."""
+    if adapters is None:
+        return None
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    if adapter:
+        raise LlmkitError("--adapter and --adapters both given; pass --adapter for one adapter on every prompt, or "
+                          "--adapters with one directory per prompt")
+    if len(adapters) != n_prompts:
+        raise LlmkitError(f"--adapters lists {len(adapters)} entries for {n_prompts} prompts; give one adapter "
+                          "directory (or \"base\") per --prompt entry")
+    return adapters
+
+
+def load_row_adapters(llm, adapters: list[str]) -> list[str | None]:  # noqa: ANN001 (a Decoder)
+    """--adapters: each distinct directory loaded once onto `llm` (llmkit.peft.multi_lora); the adapter name of each
+    prompt's row (None for "base")."""
+    from llmkit.peft.multi_lora import load_lora_adapter
+
+    names: dict[str, str] = {}
+    for directory in adapters:
+        if directory != BASE_ROW and directory not in names:
+            names[directory] = f"adapter{len(names)}"
+            load_lora_adapter(llm, names[directory], directory)
+    llm.eval()
+    return [None if directory == BASE_ROW else names[directory] for directory in adapters]

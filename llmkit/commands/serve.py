@@ -46,6 +46,8 @@ def serve(
     max_batch_size: int = 8,
     max_queue: int = 64,
     kv_cache_tokens: int | None = None,
+    adapters: list[str] | None = None,
+    max_loaded_adapters: int = 4,
     dtype: Dtype = "float32",
     device: Device = "auto",
     cascade: str | None = None,
@@ -54,12 +56,18 @@ def serve(
 
     Example: llmkit serve                                   (SmolLM2-135M-Instruct on http://127.0.0.1:8000)
              llmkit serve --model my_model/ --port 8080 --api_key secret --max_batch_size 16
+             llmkit serve --adapters "[summarize=runs/sum/adapter, sql=runs/sql/adapter]" --max_loaded_adapters 2
              curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
                   -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
     Routes: POST /v1/chat/completions and /v1/completions (streaming, n, stop, seed, logprobs, response_format
     json_object / json_schema), GET /v1/models, /health (503 until the model is loaded), /metrics (Prometheus,
     vLLM's metric names). Ctrl-C or SIGTERM stops accepting requests, finishes those in flight, and exits 0.
+
+    LoRA adapters (with --adapters): a request's "model" picks one by name ("summarize", or "BASE:summarize"), the
+    base's own name runs the base; requests for different adapters share one decode batch over one copy of the base
+    weights. POST /v1/adapters {"name": ..., "path": ...} loads another at run time, DELETE /v1/adapters/NAME unloads
+    one; GET /v1/models lists the base and its adapters.
 
     Args:
         model: .gguf file, Hugging Face directory or llmkit directory (default: SmolLM2-135M-Instruct). Clients name
@@ -70,6 +78,9 @@ def serve(
         max_batch_size: most requests decoded together in one step (continuous batching).
         max_queue: most requests waiting for a batch slot; more get HTTP 429.
         kv_cache_tokens: KV-cache size in tokens, shared by all running requests (default: max_batch_size x context).
+        adapters: LoRA adapters to serve on the base, as NAME=DIRECTORY (llmkit finetune's OUTPUT/adapter or a PEFT
+            LoRA directory); loaded at their first request. "[]" serves none yet but allows POST /v1/adapters.
+        max_loaded_adapters: most adapters loaded at once; the least recently used idle one is unloaded for another.
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
         cascade: a fitted cascade (the cascade.json `llmkit cascade` writes): requests for the model "cascade" run its
@@ -84,6 +95,9 @@ def serve(
     for flag, value in (("--max_batch_size", max_batch_size), ("--max_queue", max_queue)):
         if value < 1:
             raise LlmkitError(f"{flag} {value} must be at least 1")
+    if max_loaded_adapters < 1:
+        raise LlmkitError(f"--max_loaded_adapters {max_loaded_adapters} must be at least 1")
+    named_adapters = None if adapters is None else parse_adapters(adapters)
     if kv_cache_tokens is not None and kv_cache_tokens < 1:
         raise LlmkitError(f"--kv_cache_tokens {kv_cache_tokens} must be at least 1 (or left out for the default)")
     path = model_path(model)
@@ -104,6 +118,7 @@ def serve(
               file=sys.stderr, flush=True)
         try:
             served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name, start=False,
+                                  adapters=named_adapters, max_loaded_adapters=max_loaded_adapters,
                                   max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
         except BaseException as error:
             app.state.llmkit.fail(error)
@@ -130,6 +145,25 @@ def _with_cascade(app, cascade: str, api_key: str | None, dtype: str, device: st
 
     fitted = load_cascade(cascade, lambda path: (load_decoder(path, dtype, device), load_tokenizer(path)))
     return with_cascade(app, fitted, api_key)
+
+
+def parse_adapters(entries: list[str] | str) -> dict[str, str]:
+    """--adapters NAME=DIRECTORY entries as {name: directory}; each directory checked to be a LoRA adapter now,
+    before the model loads."""
+    from llmkit.peft.multi_lora import check_lora_adapter_dir
+
+    named: dict[str, str] = {}
+    for entry in [entries] if isinstance(entries, str) else entries:
+        name, sep, directory = entry.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name.isidentifier() or not directory:
+            raise LlmkitError(f"--adapters entry {entry!r} is not NAME=DIRECTORY (NAME: letters, digits, _); "
+                              "e.g. summarize=runs/finetune/adapter")
+        if name in named:
+            raise LlmkitError(f"--adapters names {name!r} twice; give each adapter its own name")
+        check_lora_adapter_dir(directory)
+        named[name] = directory
+    return named
 
 
 @contextmanager

@@ -62,6 +62,9 @@ class LoraLinear(nn.Module):
         self.disabled = False  # set by `disable_adapters`
         # DoRA: the row norm at merge time, which `unmerge` divides by (a buffer so it moves with the model)
         self.register_buffer("merged_norm", None, persistent=False)
+        # multi-LoRA (llmkit.peft.multi_lora): a per-row adapter plan set by `batch_adapters`, and its cached tensors
+        self.batch_plan = None
+        self.multi_lora_cache = None
 
     def add(self, settings: LoraSettings) -> None:
         """New adapter tensors: A initialised as `settings.init` says, B zero (so the output is unchanged)."""
@@ -104,6 +107,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x) if self.base is not None else linear(x, self.weight, self.bias)  # W0 x + b
+        if self.batch_plan is not None and not self.disabled and self.merged is None:
+            return self.batch_plan.add_updates(self, x, result)  # each row its own adapter (multi_lora.py)
         name = self.active
         if name is None or self.disabled or self.merged is not None:
             return result

@@ -12,6 +12,11 @@ requests keep producing a token every step meanwhile.
 Admission: a request waits (FIFO) until a slot is free and its prompt + max_new_tokens fit in what `kv_cache_tokens`
 has left; at most `max_queue` wait, beyond that `submit` raises QueueFullError.
 
+Multi-LoRA (S-LoRA, Sheng et al. 2023): with an `AdapterRegistry` (llmkit/serve/adapters.py) a request may name a
+LoRA adapter (`Request.adapter`). Requests for different adapters share one decode batch: each forward tells the
+model's LoRA layers which adapter each row uses (llmkit.peft.multi_lora.batch_adapters). An adapter loads when its
+first request is admitted; a request whose adapter finds no room (every loaded adapter in use) waits.
+
     engine = Engine(model); engine.start()
     handle = engine.submit(Request(prompt_ids=ids, max_new_tokens=32))
     for event in handle.events(): ...        # or `async for event in handle` inside an asyncio loop
@@ -24,7 +29,11 @@ import asyncio
 import itertools
 import threading
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,7 +77,7 @@ class Engine:
 
     def __init__(
         self, model: torch.nn.Module, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
-        max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True,
+        max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True, adapters: Any = None,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
@@ -83,6 +92,8 @@ class Engine:
                               "(prompt + new tokens of the longest request)")
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
+        self.adapters = adapters  # an AdapterRegistry (llmkit.serve.adapters) over this model, or None
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run_between_steps
         self.device = model.activation_dtype_device()[1]
         self.slots = SlotTable(model, max_batch_size, min(self.context, self.kv_cache_tokens))
         self._lock = threading.Condition()
@@ -154,6 +165,17 @@ class Engine:
             return
         self._loop_done.wait(timeout)
 
+    def run_between_steps(self, call: Callable[[], Any]) -> Future:
+        """Run `call()` on the engine's thread before the next step (no forward runs meanwhile) and return a Future
+        of its result: how the server loads an adapter into the model the step loop is using. Thread-safe."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down; nothing more runs on it")
+            self._calls.append((call, future))
+            self._lock.notify_all()
+        return future
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(
@@ -191,6 +213,11 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise LlmkitError(f"{name}={value!r} must be a number from -2.0 to 2.0 (OpenAI's range); 0 is off")
         request.sampling.validate()
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise LlmkitError(f"the request names adapter {request.adapter!r} but this engine serves no adapters; "
+                                  "give the Engine an AdapterRegistry (llmkit.serve.adapters)")
+            self.adapters.require(request.adapter)
 
     def _wake(self) -> None:
         with self._lock:
@@ -202,7 +229,7 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not self._waiting and not self._running and not self._closed:
+                    while not self._waiting and not self._running and not self._calls and not self._closed:
                         self._lock.wait()
                     if self._closed and not self._waiting and not self._running:
                         return
@@ -211,6 +238,10 @@ class Engine:
                 except Exception as error:  # noqa: BLE001 (a bug outside one request's work must not hang every consumer)
                     self._fail_everything(one_line(error))
         finally:
+            with self._lock:
+                calls, self._calls = list(self._calls), deque()
+            for _, future in calls:
+                future.cancel()
             self._loop_done.set()
 
     def _fail_everything(self, message: str) -> None:
@@ -232,6 +263,7 @@ class Engine:
         """
         if self._thread is not None and threading.current_thread() is not self._thread:
             raise LlmkitError("Engine.step() drives an engine that was not start()ed; this one runs its own loop")
+        self._run_calls()
         self._drop_cancelled()
         self._admit()
         decoding = [seq for seq in self._running if not seq.prefilling]
@@ -256,6 +288,20 @@ class Engine:
             with self._lock:
                 self._steps += 1
 
+    def _run_calls(self) -> None:
+        """The calls queued by `run_between_steps`, then drop the adapters no longer offered and no longer used."""
+        while True:
+            with self._lock:
+                if not self._calls:
+                    break
+                call, future = self._calls.popleft()
+            try:  # not in inference mode: an adapter loaded here must stay an ordinary tensor
+                future.set_result(call())
+            except Exception as error:  # noqa: BLE001 (the caller gets it through the future)
+                future.set_exception(error)
+        if self.adapters is not None:
+            self.adapters.sync()
+
     def _drop_cancelled(self) -> None:
         with self._lock:
             cancelled = [handle for _, handle in self._waiting if handle.cancelled]
@@ -273,10 +319,19 @@ class Engine:
                 needed = len(request.prompt_ids) + request.max_new_tokens
                 if self._reserved + needed > self.kv_cache_tokens:
                     break
+                if request.adapter is not None and not self.adapters.can_acquire(request.adapter):
+                    break  # every loaded adapter is in use: wait for one to be free
                 self._waiting.popleft()
                 try:
-                    slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache)
+                    kv_key = None if request.adapter is None else self.adapters.acquire(request.adapter)
+                except Exception as error:  # noqa: BLE001 (an adapter that fails to load: this request only)
+                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
+                    continue
+                try:
+                    slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache, kv_key)
                 except Exception as error:  # noqa: BLE001 (e.g. out of memory growing the rows: this request only)
+                    if request.adapter is not None:
+                        self.adapters.release(request.adapter)
                     handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
                     continue
                 self._queries += len(request.prompt_ids) if self.prefix_cache else 0
@@ -301,7 +356,8 @@ class Engine:
         start = seq.prefilled
         chunk = seq.request.prompt_ids[start : start + n_tokens]
         view = self.slots.cache.rows([seq.slot.row], [start])
-        logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1, 1, V)
+        with self._row_adapters([seq]):
+            logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1,1,V)
         seq.slot.tokens.extend(chunk)
         seq.prefilled += n_tokens
         if seq.prefilled == len(seq.request.prompt_ids):
@@ -314,7 +370,8 @@ class Engine:
         seqs = sorted(seqs, key=lambda seq: seq.slot.row)
         view = self.slots.cache.rows([seq.slot.row for seq in seqs], [len(seq.slot.tokens) for seq in seqs])
         tokens = torch.tensor([[seq.pending] for seq in seqs], device=self.device)  # (B, 1)
-        logits = self.model(tokens, cache=view)[:, -1]  # (B, V)
+        with self._row_adapters(seqs):
+            logits = self.model(tokens, cache=view)[:, -1]  # (B, V)
         for seq in seqs:
             seq.slot.tokens.append(seq.pending)
         greedy = logits.argmax(-1).tolist() if any(seq.plain_greedy for seq in seqs) else None
@@ -329,6 +386,14 @@ class Engine:
                 self._finish(seq, TokenEvent(None, finish_reason="error", error=one_line(error)))
                 continue
             self._emit(seq, event)
+
+    def _row_adapters(self, seqs: list[ActiveRequest]) -> AbstractContextManager:
+        """Each row of the next forward with its request's LoRA adapter (nothing to do without a registry)."""
+        if self.adapters is None:
+            return nullcontext()
+        from llmkit.peft.multi_lora import batch_adapters
+
+        return batch_adapters(self.model, [seq.request.adapter for seq in seqs])
 
     def _emit(self, seq: ActiveRequest, event: TokenEvent) -> None:
         """Send a chosen token's event, ending the request when the token ends it."""
@@ -348,4 +413,6 @@ class Engine:
             self._running.remove(seq)
             self._reserved -= seq.reserved
             self.slots.release(seq.slot)
+            if seq.request.adapter is not None:
+                self.adapters.release(seq.request.adapter)
         seq.handle.push(final)

@@ -3,6 +3,10 @@
     POST /v1/chat/completions   messages -> the model's chat template (plain "User: ... Assistant:" without one)
     POST /v1/completions        prompt: a string, a list of strings, a list of token ids, or a list of those
     GET  /v1/models, /health (503 while the model loads), /metrics (Prometheus text), /  (the chat page)
+    POST /v1/adapters {"name", "path"}, DELETE /v1/adapters/{name}   LoRA adapters on the base (multi-LoRA)
+
+With LoRA adapters (llmkit/serve/adapters.py) the request's `model` picks one: "NAME" or "BASE:NAME" (BASE the
+served model's name); the base's own name runs the base. Requests for different adapters share the engine's batch.
 
 Each of the `n` choices is one engine request (choice i seeded with seed + i); llmkit/serve/choices.py turns its
 token events into text (stop strings cut there). Streaming uses server-sent events (`data: {chunk}` ...
@@ -49,6 +53,7 @@ class ServedModel:
     tokenizer: Tokenizer
     context: int  # the model's context window, in tokens
     created: int = field(default_factory=api.now)
+    adapters: Any = None  # llmkit.serve.adapters.AdapterRegistry, or None: the base model only
 
 
 @dataclass
@@ -64,16 +69,20 @@ class Job:
     chat: bool
 
 
-def start_engine(model: Any, tokenizer: Tokenizer, name: str, start: bool = True, **engine_options: Any) -> ServedModel:
+def start_engine(model: Any, tokenizer: Tokenizer, name: str, start: bool = True, adapters: dict[str, Any] | None = None,
+                 max_loaded_adapters: int = 4, **engine_options: Any) -> ServedModel:
     """An Engine over `model` (options: max_batch_size, max_queue, kv_cache_tokens, ...), ready to serve: running on
     its own thread, or, with `start=False`, for the caller to run (`served.engine.run()`, as `llmkit serve` does on
-    the main thread)."""
+    the main thread). `adapters` (name -> LoRA adapter directory, possibly empty) turns on multi-LoRA serving with at
+    most `max_loaded_adapters` loaded at once; None serves the base model only."""
     from llmkit.serve import Engine
+    from llmkit.serve.adapters import AdapterRegistry
 
-    engine = Engine(model, **engine_options)
+    registry = None if adapters is None else AdapterRegistry(model, adapters, max_loaded_adapters)
+    engine = Engine(model, adapters=registry, **engine_options)
     if start:
         engine.start()
-    return ServedModel(name, engine, tokenizer, model.config.max_seq_len)
+    return ServedModel(name, engine, tokenizer, model.config.max_seq_len, adapters=registry)
 
 
 class ServerState:
@@ -128,9 +137,7 @@ def create_app(api_key: str | None = None) -> FastAPI:
         served, metrics = ready()
         authorize(request)
         body = api.parse_body(await read_body(request), model)
-        if body.model != served.name:
-            raise api.ApiError(404, f"the model `{body.model}` does not exist; this server serves `{served.name}` "
-                               "(GET /v1/models)", "model_not_found", "model")
+        requested_adapter(served, body.model)  # 404 for a model it does not serve
         return served, metrics, body
 
     @app.exception_handler(api.ApiError)
@@ -171,7 +178,8 @@ def create_app(api_key: str | None = None) -> FastAPI:
     async def models(request: Request) -> JSONResponse:
         served, _ = ready()
         authorize(request)
-        return JSONResponse(api.model_list(served.name, served.created))
+        adapters = [] if served.adapters is None else served.adapters.names()
+        return JSONResponse(api.model_list(served.name, served.created, adapters))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -185,7 +193,69 @@ def create_app(api_key: str | None = None) -> FastAPI:
         served, metrics, body = await validated(request, api.CompletionRequest)
         return await respond(request, served, metrics, completion_job(served, body), arrival)
 
+    add_adapter_routes(app, ready, authorize)
     return app
+
+
+# ---- LoRA adapters (multi-LoRA serving) ----------------------------------------------------------------------------
+
+
+def requested_adapter(served: ServedModel, model: str) -> str | None:
+    """The adapter a request's `model` names ("NAME" or "BASE:NAME"), None for the base; 404 when it serves neither."""
+    if model == served.name:
+        return None
+    name = model.removeprefix(f"{served.name}:")
+    if served.adapters is not None and name in served.adapters:
+        return name
+    offered = "" if served.adapters is None else f" and the adapters {served.adapters.names()}"
+    raise api.ApiError(404, f"the model `{model}` does not exist; this server serves `{served.name}`{offered} "
+                       "(GET /v1/models)", "model_not_found", "model")
+
+
+def add_adapter_routes(app: FastAPI, ready: Any, authorize: Any) -> None:
+    """POST /v1/adapters loads a LoRA adapter ({"name", "path"}: a directory on the server) and DELETE
+    /v1/adapters/{name} unloads one (at once, or when the last running request using it ends)."""
+
+    def registry_of(served: ServedModel) -> Any:
+        if served.adapters is None:
+            raise api.ApiError(400, "this server was started without LoRA adapters; start it with --adapters (even "
+                               "\"[]\") to load adapters at run time", "adapters_disabled")
+        return served.adapters
+
+    @app.post("/v1/adapters")
+    async def load_adapter(request: Request) -> JSONResponse:
+        served, _ = ready()
+        authorize(request)
+        body = api.parse_body(await read_body(request), api.AdapterLoadRequest)
+        registry = registry_of(served)
+        if body.name == served.name:
+            raise api.ApiError(400, f"name `{body.name}` is the base model's; choose another adapter name",
+                               "invalid_value", "name")
+        try:
+            registry.add(body.name, body.path)
+        except LlmkitError as error:
+            raise api.ApiError(400, str(error), "invalid_value") from None
+        try:  # load it now, on the engine's thread, so an adapter that does not fit fails here
+            await asyncio.wrap_future(served.engine.run_between_steps(lambda: registry.preload(body.name)))
+        except Exception as error:  # noqa: BLE001 (any failure to load: the adapter is not offered)
+            registry.remove(body.name)
+            raise api.ApiError(400, f"adapter {body.name!r} from {body.path} does not load: {error}",
+                               "invalid_value", "path") from None
+        return JSONResponse(api.model_card(body.name, api.now(), served.name))
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(request: Request, name: str) -> JSONResponse:
+        from llmkit.serve.adapters import UnknownAdapterError
+
+        served, _ = ready()
+        authorize(request)
+        registry = registry_of(served)
+        try:
+            registry.remove(name)
+        except UnknownAdapterError as error:
+            raise api.ApiError(404, str(error), "model_not_found", "name") from None
+        await asyncio.wrap_future(served.engine.run_between_steps(registry.sync))
+        return JSONResponse({"id": name, "object": "model", "deleted": True})
 
 
 async def read_body(request: Request) -> bytes:
@@ -291,7 +361,8 @@ def engine_requests(served: ServedModel, job: Job) -> list[Any]:
             settings = SamplingSettings(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                         seed=None if body.seed is None else body.seed + i)
             requests.append(EngineRequest(list(prompt), budget, settings, body.presence_penalty, body.frequency_penalty,
-                                          stop_ids, job.logprobs, constraint(served, job.schema, budget)))
+                                          stop_ids, job.logprobs, constraint(served, job.schema, budget),
+                                          adapter=requested_adapter(served, body.model)))
     return requests
 
 

@@ -8,9 +8,12 @@ tokens that running requests may reserve (prompt + max_new_tokens each): the adm
 
 Prefix caching: a slot remembers the tokens whose keys/values it stores. When a request ends its slot keeps them
 (least recently used first to be overwritten), and a new request whose prompt shares a prefix with any slot's tokens
-(a finished one, or one still running: rows only ever append) starts from that prefix: it takes the finished slot
-itself, or copies the prefix's keys/values into its own row (checked again before each prefill chunk, so requests
-with the same prompt that arrive together, such as OpenAI's `n` choices, compute it once), and prefills only the rest.
+(a finished one, or one still running: rows only ever append) and the same `kv_key` starts from that prefix: it
+takes the finished slot itself, or copies the prefix's keys/values into its own row (checked again before each
+prefill chunk, so requests with the same prompt that arrive together, such as OpenAI's `n` choices, compute it
+once), and prefills only the rest. The `kv_key` names the weights that computed a slot's keys/values (None: the
+base model; a LoRA adapter's load, see llmkit/serve/adapters.py): an adapter on q/k/v/o changes them, so slots of
+different keys never share a prefix.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     busy: bool = False  # a running request writes to it
     last_used: int = 0  # LRU clock of when it was last released
+    kv_key: str | None = None  # which weights computed the keys/values (None: the base model)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -55,19 +59,21 @@ class SlotTable:
         self.slots = [Slot(row) for row in range(n_slots)]
         self.clock = 0
 
-    def acquire(self, prompt: list[int], needed_tokens: int, reuse_prefix: bool = True) -> tuple[Slot, int]:
+    def acquire(self, prompt: list[int], needed_tokens: int, reuse_prefix: bool = True,
+                kv_key: str | None = None) -> tuple[Slot, int]:
         """A free slot for a prompt that will need `needed_tokens` slots, and how many of its first tokens it
-        already holds: the free slot sharing the longest prefix with the prompt is taken over as it is (else an
-        empty slot, else the least recently used). The caller has checked that a slot is free."""
+        already holds: the free slot of the same `kv_key` sharing the longest prefix with the prompt is taken over
+        as it is (else an empty slot, else the least recently used). The caller has checked that a slot is free."""
         self._grow(needed_tokens)
         free = [slot for slot in self.slots if not slot.busy]
         reused, target = 0, min(free, key=lambda slot: (bool(slot.tokens), slot.last_used))
         if reuse_prefix:
-            best = max(free, key=lambda slot: self._shared(slot, prompt))
-            if self._shared(best, prompt) > 0:
-                reused, target = self._shared(best, prompt), best
+            best = max(free, key=lambda slot: self._shared(slot, prompt, kv_key))
+            if self._shared(best, prompt, kv_key) > 0:
+                reused, target = self._shared(best, prompt, kv_key), best
         target.tokens = prompt[:reused]
         target.busy = True
+        target.kv_key = kv_key
         return target, reused
 
     def extend_prefix(self, slot: Slot, prompt: list[int]) -> int:
@@ -75,8 +81,8 @@ class SlotTable:
         so requests sharing a prefix compute it once, even when they arrive together; returns how many were copied.
         Called before each prefill chunk: a sibling may have just computed the next part."""
         done = len(slot.tokens)
-        source = max(self.slots, key=lambda other: self._shared(other, prompt))
-        shared = self._shared(source, prompt)
+        source = max(self.slots, key=lambda other: self._shared(other, prompt, slot.kv_key))
+        shared = self._shared(source, prompt, slot.kv_key)
         if source is slot or shared <= done:
             return 0
         self.cache.copy_slots(source.row, slot.row, done, shared)
@@ -84,9 +90,11 @@ class SlotTable:
         return shared - done
 
     @staticmethod
-    def _shared(slot: Slot, prompt: list[int]) -> int:
+    def _shared(slot: Slot, prompt: list[int], kv_key: str | None = None) -> int:
         """Prompt tokens a slot's keys/values can stand for: the common prefix, short of the last prompt token (it is
-        always computed, for its logits)."""
+        always computed, for its logits); none when other weights (another adapter) computed them."""
+        if slot.kv_key != kv_key:
+            return 0
         return min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
 
     def release(self, slot: Slot) -> None:

@@ -305,5 +305,22 @@ def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def model_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmkit"}]}
+def model_list(model: str, created: int, adapters: list[str] = ()) -> dict[str, Any]:
+    """The base model, then each LoRA adapter served on it (`parent`: the base, as vLLM lists LoRA modules)."""
+    return {"object": "list", "data": [model_card(model, created)] + [model_card(name, created, model)
+                                                                       for name in adapters]}
+
+
+def model_card(model: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": created, "owned_by": "llmkit"}
+    return card if parent is None else {**card, "parent": parent, "root": parent}
+
+
+class AdapterLoadRequest(_Strict):
+    """POST /v1/adapters: offer the LoRA adapter directory `path` (on the server's disk) under `name`."""
+
+    name: str
+    path: str
+
+    def refuse_unsupported(self) -> None:
+        """Nothing to refuse (parse_body calls it on every body)."""

@@ -53,6 +53,7 @@ class Request:
     OpenAI's penalties subtract presence * (count[t] > 0) + frequency * count[t] from logit t, counts taken over this
     request's generated tokens; `sampling.repetition_penalty` (CTRL) is applied after them, over prompt and output.
     `logprobs` k asks for the chosen token's log-probability and the k most likely (0 <= k <= 20).
+    `adapter` names a LoRA adapter of the engine's AdapterRegistry (llmkit/serve/adapters.py); None: the base model.
     """
 
     prompt_ids: list[int]
@@ -63,6 +64,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     constraint: TokenConstraint | None = None
+    adapter: str | None = None
 
 
 @dataclass
