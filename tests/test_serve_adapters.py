@@ -183,6 +183,7 @@ def test_http_model_field_picks_the_adapter(adapter_server, setup):
     for model, reference in (("alpha", merged["alpha"]), ("tiny:alpha", merged["alpha"]), ("tiny", merged[None])):
         reply = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
         assert reply.choices[0].text == tokenizer.decode(alone(reference, ids)), model
+        assert reply.model == model  # the answer names the adapter (or base) that wrote it
     listed = client.models.list()
     assert [model.id for model in listed.data] == ["tiny", "alpha"]
     with pytest.raises(openai.NotFoundError) as error:

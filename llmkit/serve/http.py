@@ -407,8 +407,9 @@ async def respond(request: Request, served: ServedModel, metrics: ServerMetrics,
     streams = [choice_pieces(i, handle, served.tokenizer, job.stops, job.logprobs is not None, metrics, arrival)
                for i, handle in enumerate(handles)]
     id_ = api.new_id("chatcmpl" if job.chat else "cmpl")
+    answered = served.name if requested_adapter(served, job.body.model) is None else job.body.model  # who answered
     if job.body.stream:
-        events = sse_events(id_, served.name, job, streams, handles, prompt_tokens, metrics, arrival)
+        events = sse_events(id_, answered, job, streams, handles, prompt_tokens, metrics, arrival)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collected = asyncio.ensure_future(asyncio.gather(*(collect(stream) for stream in streams)))
     watcher = asyncio.ensure_future(watch_disconnect(request))
@@ -430,10 +431,10 @@ async def respond(request: Request, served: ServedModel, metrics: ServerMetrics,
     if job.chat:
         choices = [api.chat_choice(p.index, p.text, p.finish_reason,
                                    None if job.logprobs is None else api.chat_logprobs(p.logprobs)) for p in results]
-        return JSONResponse(api.chat_completion(id_, served.name, choices, used))
+        return JSONResponse(api.chat_completion(id_, answered, choices, used))
     choices = [api.text_choice(p.index, p.text, p.finish_reason,
                                None if job.logprobs is None else api.completion_logprobs(p.logprobs)) for p in results]
-    return JSONResponse(api.text_completion(id_, served.name, choices, used))
+    return JSONResponse(api.text_completion(id_, answered, choices, used))
 
 
 async def watch_disconnect(request: Request) -> None:
