@@ -62,6 +62,12 @@ class SpeculativeStats:
                 f"{self.tokens_per_forward:.2f} tokens per target forward")
 
 
+def check_speculative_tokens(k: int, flag: str = "num_speculative_tokens") -> None:
+    """Raise `LlmkitError` unless k, the tokens proposed per step, is an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LlmkitError(f"{flag}={k!r} must be an integer >= 1 (tokens proposed per step); use e.g. 5")
+
+
 def make_proposer(target: torch.nn.Module, draft: torch.nn.Module | str) -> Proposer:
     """A proposer from what the user names: a draft model, or "ngram" for prompt lookup."""
     if isinstance(draft, str):
@@ -99,10 +105,7 @@ def speculative_tokens(
     Raises:
         LlmkitError: k < 1, a draft with another vocabulary or device, or any of `generate_tokens`' bad inputs.
     """
-    if isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int) \
-            or num_speculative_tokens < 1:
-        raise LlmkitError(f"num_speculative_tokens={num_speculative_tokens!r} must be an integer >= 1 (tokens "
-                          "proposed per step); use e.g. 5")
+    check_speculative_tokens(num_speculative_tokens)
     settings = settings or SamplingSettings()
     settings.validate()
     proposer = make_proposer(target, draft)
@@ -167,7 +170,8 @@ def _speculative_loop(
         generated[row] += len(tokens)
         finished[row] = stop is not None or generated[row] == max_new_tokens
         if seen is not None:
-            seen[row, torch.tensor(tokens, device=device)] = True
+            with torch.inference_mode():
+                seen[row, torch.tensor(tokens, device=device)] = True
         stats.emitted += len(tokens)
         return tokens
 
