@@ -4,14 +4,16 @@ and bad inputs are one clear error."""
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import json
 import re
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from llmkit.checkpoints import default_model_path, load_tokenizer, save_model
+from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
 from llmkit.errors import LlmkitError
 from llmkit.generate import SamplingSettings, generate_tokens, process_logits
 from llmkit.generate.proposers import NgramProposer
@@ -243,19 +245,16 @@ def test_cli_speculation_errors_exit_2_with_one_line(capsys, model_dirs, extra, 
 
 @pytest.mark.slow
 def test_smollm2_prompt_lookup_equals_plain_greedy_on_a_summary():
-    from llmkit.commands.common import load_decoder
+    from llmkit.data.shared import shared_data_file
     from llmkit.generate.decode import tokenizer_stop_ids
 
     path = default_model_path()
-    model, tokenizer = load_decoder(path), load_tokenizer(path)
-    dialogue = ("#Person1#: Hi, I'd like to book a table for two at seven tonight.\n#Person2#: Sure. May I have your "
-                "name?\n#Person1#: It's Daniel Lee.\n#Person2#: Thank you, Mr. Lee. A table for two at seven tonight. "
-                "Would you like a window seat?\n#Person1#: Yes, please. A window seat would be great.")
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"Summarise this dialogue in one sentence.\n\n{dialogue}"}])
-    ids = tokenizer.encode(prompt)
-    stop_ids = tokenizer_stop_ids(tokenizer)
-    expected = plain_greedy(model, [ids], 48, stop_ids)
-    out, stats = speculative(model, [ids], 48, stop_ids=stop_ids, draft="ngram", num_speculative_tokens=5)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    with gzip.open(shared_data_file("dialogsum/dialogsum.dev.jsonl.gz"), "rt", encoding="utf-8") as file:
+        dialogue = json.loads(file.readlines()[1])["dialogue"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarise this dialogue.\n\n{dialogue}"}])
+    ids, stop_ids = tokenizer.encode(prompt), tokenizer_stop_ids(tokenizer)
+    expected = plain_greedy(model, [ids], 40, stop_ids)
+    out, stats = speculative(model, [ids], 40, stop_ids=stop_ids, draft="ngram", num_speculative_tokens=5)
     assert out == expected
     assert stats.accepted > 0 and stats.tokens_per_forward > 1
