@@ -9,14 +9,15 @@ summary copies names and phrases from the dialogue, where prompt lookup pays). G
 
 Rows (each checked to give exactly the plain greedy tokens of its engine):
 - llmkit fp32 target (GGUF dequantized, `load_decoder(weights="float")`) and its quantized form (the GGUF's Q4_1
-  blocks, `load_decoder`): plain; prompt lookup (`draft="ngram"`); for fp32, the drafts
+  blocks, `load_decoder`): plain; prompt lookup (`draft="ngram"`, k fixed and adaptive); for fp32, the drafts
   `q4_1` (the same GGUF's Q4_1 blocks, llmkit.quant), `int4` (llmkit.quant.quantize int4, group 64, head too) and
   `student` (llmkit.distill.student_from_layers keeping --student_layers of the 30, untrained: expect little accepted).
 - transformers fp32 (`from_pretrained(gguf_file=...)`): plain `generate`, `generate(prompt_lookup_num_tokens=k)`, and
   `generate(assistant_model=...)` with the same student exported by llmkit.checkpoints.export_hf.
 
-decode tok/s = new tokens / (generation time - the target's prefill time on that prompt), summed over prompts, median
-over rounds; a draft's own prefill counts as its overhead. Writes docs/speculative.json.
+decode tok/s = the new tokens after each prompt's first (which the prefill gives) / the time from that first token to
+the last, summed over prompts, median over rounds (every case runs once per round, in turn, after a warm-up round);
+a draft's own prefill counts as its overhead. Writes docs/speculative.json.
 """
 
 from __future__ import annotations
@@ -46,30 +47,39 @@ def dialogsum_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
         [{"role": "user", "content": f"Summarise this dialogue.\n\n{dialogue}"}])) for dialogue in dialogues]
 
 
-def llmkit_prefill_seconds(model, ids: list[int]) -> float:  # noqa: ANN001
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(ids) + 1)
-        start = time.perf_counter()
-        model(torch.tensor([ids]), cache=cache, last_token_only=True)
-        return time.perf_counter() - start
+class FirstTokenClock:
+    """A transformers streamer that only notes when the first new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts, self.first = 0, None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def run_llmkit(model, prompts: list[list[int]], n_new: int, stop_ids: frozenset[int], draft=None,  # noqa: ANN001
-               k: int = 5) -> dict:
-    """One round: each prompt's greedy tokens, decode seconds (prefill subtracted) and, speculating, the counts."""
+               k: int = 5, adaptive: bool = False) -> dict:
+    """One round: each prompt's greedy tokens, decode seconds (from the first new token on) and the counts."""
     from llmkit.generate import generate_tokens
     from llmkit.generate.speculative import SpeculativeStats, speculative_tokens
 
     stats, tokens, seconds = SpeculativeStats(), [], 0.0
     for ids in prompts:
-        prefill = llmkit_prefill_seconds(model, ids)
-        start = time.perf_counter()
         if draft is None:
-            out = [step[0] for step in generate_tokens(model, [ids], n_new, stop_ids=stop_ids)]
+            steps = ([token] for (token,) in generate_tokens(model, [ids], n_new, stop_ids=stop_ids))
         else:
-            out = [t for step in speculative_tokens(model, [ids], n_new, stop_ids=stop_ids, draft=draft,
-                                                    num_speculative_tokens=k, stats=stats) for t in step[0]]
-        seconds += time.perf_counter() - start - prefill
+            steps = (step[0] for step in speculative_tokens(model, [ids], n_new, stop_ids=stop_ids, draft=draft,
+                                                             num_speculative_tokens=k, adaptive=adaptive, stats=stats))
+        out = list(next(steps))  # the prefill's token
+        first = time.perf_counter()
+        for new in steps:
+            out.extend(new)
+        seconds += time.perf_counter() - first
         tokens.append(out)
     return {"tokens": tokens, "seconds": seconds, "acceptance": stats.acceptance_rate if draft is not None else None,
             "tokens_per_forward": stats.tokens_per_forward if draft is not None else 1.0}
@@ -79,38 +89,35 @@ def run_transformers(model, prompts: list[list[int]], n_new: int, stop_ids: froz
                      **options) -> dict:
     tokens, seconds = [], 0.0
     for ids in prompts:
-        input_ids = torch.tensor([ids])
+        input_ids, clock = torch.tensor([ids]), FirstTokenClock()
         with torch.inference_mode():
-            start = time.perf_counter()
-            model(input_ids, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n_new,
-                                 do_sample=False, eos_token_id=sorted(stop_ids), pad_token_id=0, **options)
-            seconds += time.perf_counter() - start - prefill
+                                 do_sample=False, eos_token_id=sorted(stop_ids), pad_token_id=0, streamer=clock,
+                                 **options)
+            seconds += time.perf_counter() - clock.first
         tokens.append(out[0, len(ids):].tolist())
     return {"tokens": tokens, "seconds": seconds, "acceptance": None, "tokens_per_forward": None}
 
 
-def measured(rounds: int, run, *args, **options) -> dict:  # noqa: ANN001, ANN002, ANN003
-    """`run(*args, **options)` `rounds` times after one warm-up; the median round's seconds, the tokens of the first."""
-    results = [run(*args, **options) for _ in range(rounds + 1)][1:]
-    first = results[0]
-    first["seconds"] = statistics.median(result["seconds"] for result in results)
+def summarise(results: list[dict]) -> dict:
+    """The rounds of one case: the median round's decode tok/s (and the range), the first round's tokens and counts."""
+    first = dict(results[0])
     first["n_tokens"] = sum(len(tokens) for tokens in first["tokens"])
-    first["decode_tps"] = first["n_tokens"] / first["seconds"]
+    # Decode: the tokens after each prompt's first one (which comes with the prefill) over the time they took.
+    decoded = first["n_tokens"] - len(first["tokens"])
+    speeds = [decoded / result["seconds"] for result in results]
+    first["decode_tps"], first["decode_tps_range"] = statistics.median(speeds), (min(speeds), max(speeds))
     return first
 
 
-def build_drafts(path: Path, names: list[str], student_layers: list[int]) -> dict:
+def build_drafts(path: Path, names: list[str], student_layers: list[int], quantized: torch.nn.Module) -> dict:
     from llmkit.checkpoints import load_model
-    from llmkit.commands.common import load_decoder
     from llmkit.distill.student import student_from_layers
     from llmkit.quant import quantize
 
     drafts = {}
     if "q4_1" in names:
-        drafts["q4_1"] = load_decoder(path)
+        drafts["q4_1"] = quantized  # the GGUF's blocks as load_decoder keeps them (also the q4_1 target)
     if "int4" in names:
         drafts["int4"] = quantize(load_model(path), "int4", group_size=64, head=True).eval()
     if "student" in names:
@@ -155,47 +162,49 @@ def main() -> None:
     path = Path(args.model or default_model_path())
     tokenizer = load_tokenizer(path)
     prompts, stop_ids = dialogsum_prompts(tokenizer, args.prompts), tokenizer_stop_ids(tokenizer)
-    rows: list[dict] = []
-
-    def add(engine: str, target: str, method: str, result: dict, plain: dict | None) -> None:
-        same = plain is None or result["tokens"] == plain["tokens"]
-        rows.append({"engine": engine, "target": target, "method": method, "decode_tps": result["decode_tps"],
-                     "speedup": result["decode_tps"] / (plain or result)["decode_tps"], "n_tokens": result["n_tokens"],
-                     "acceptance": result["acceptance"], "tokens_per_forward": result["tokens_per_forward"],
-                     "same_tokens_as_plain": same})
-        print(f"  {engine} {target} {method}: {result['decode_tps']:.1f} tok/s"
-              + ("" if plain is None else f", {rows[-1]['speedup']:.2f}x plain")
-              + ("" if result["acceptance"] is None else f", accepted {result['acceptance']:.1%}, "
-                 f"{result['tokens_per_forward']:.2f} tokens/forward") + ("" if same else "  TOKENS DIFFER"), flush=True)
-
+    # (engine, target, method) -> (function, arguments, options); every case runs once per round, in turn, so a load
+    # that drifts during the run weighs on all of them alike.
+    cases: dict[tuple[str, str, str], tuple] = {}
     targets = {"fp32": load_decoder(path, "float32", weights="float"), "q4_1": load_decoder(path)}
-    drafts = build_drafts(path, args.drafts, args.student_layers)
+    drafts = build_drafts(path, args.drafts, args.student_layers, quantized=targets["q4_1"])
+    lookup = f"prompt lookup k={args.ngram_k}"
     for name, target in targets.items():
-        plain = measured(args.rounds, run_llmkit, target, prompts, args.new_tokens, stop_ids)
-        add("llmkit", name, "plain", plain, None)
-        result = measured(args.rounds, run_llmkit, target, prompts, args.new_tokens, stop_ids, "ngram", args.ngram_k)
-        add("llmkit", name, f"prompt lookup k={args.ngram_k}", result, plain)
-        if name != "fp32":
-            continue
-        for draft_name, draft in drafts.items():
-            result = measured(args.rounds, run_llmkit, target, prompts, args.new_tokens, stop_ids, draft, args.k)
-            add("llmkit", name, f"draft {draft_name} k={args.k}", result, plain)
-
+        common = (target, prompts, args.new_tokens, stop_ids)
+        cases["llmkit", name, "plain"] = (run_llmkit, common, {})
+        cases["llmkit", name, lookup] = (run_llmkit, common, dict(draft="ngram", k=args.ngram_k))
+        cases["llmkit", name, f"prompt lookup adaptive from k={args.k}"] = (
+            run_llmkit, common, dict(draft="ngram", k=args.k, adaptive=True))
+        if name == "fp32":
+            for draft_name, draft in drafts.items():
+                cases["llmkit", name, f"draft {draft_name} k={args.k}"] = (run_llmkit, common, dict(draft=draft, k=args.k))
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        plain = measured(args.rounds, run_transformers, hf, prompts, args.new_tokens, stop_ids)
-        add("transformers", "fp32", "plain", plain, None)
-        result = measured(args.rounds, run_transformers, hf, prompts, args.new_tokens, stop_ids,
-                          prompt_lookup_num_tokens=args.ngram_k)
-        add("transformers", "fp32", f"prompt lookup k={args.ngram_k}", result, plain)
+        common = (hf, prompts, args.new_tokens, stop_ids)
+        cases["transformers", "fp32", "plain"] = (run_transformers, common, {})
+        cases["transformers", "fp32", lookup] = (run_transformers, common, dict(prompt_lookup_num_tokens=args.ngram_k))
         if "student" in drafts:
-            assistant = hf_student(drafts["student"])
-            result = measured(args.rounds, run_transformers, hf, prompts, args.new_tokens, stop_ids,
-                              assistant_model=assistant)
-            add("transformers", "fp32", "draft student (assistant_model)", result, plain)
+            cases["transformers", "fp32", "draft student (assistant_model)"] = (
+                run_transformers, common, dict(assistant_model=hf_student(drafts["student"])))
 
+    runs: dict[tuple[str, str, str], list[dict]] = {key: [] for key in cases}
+    for round_index in range(args.rounds + 1):  # round 0 warms up
+        for key, (run, arguments, options) in cases.items():
+            runs[key].append(run(*arguments, **options))
+            if round_index == args.rounds:
+                print(f"  {' '.join(key)}: {summarise(runs[key][1:])['decode_tps']:.1f} tok/s", flush=True)
+    results = {key: summarise(found[1:]) for key, found in runs.items()}
+    rows = []
+    for (engine, target, method), result in results.items():
+        plain = results[engine, target, "plain"]
+        reference = results.get(("transformers", target, method)) if engine == "llmkit" else None
+        rows.append({"engine": engine, "target": target, "method": method, "decode_tps": result["decode_tps"],
+                     "decode_tps_range": result["decode_tps_range"], "n_tokens": result["n_tokens"],
+                     "speedup": result["decode_tps"] / plain["decode_tps"],
+                     "vs_transformers": None if reference is None else result["decode_tps"] / reference["decode_tps"],
+                     "acceptance": result["acceptance"], "tokens_per_forward": result["tokens_per_forward"],
+                     "same_tokens_as_plain": result["tokens"] == plain["tokens"]})
     print_table(rows)
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor()
               or platform.machine(), "threads": args.threads, "load_average": os.getloadavg(), "model": path.name,
@@ -208,14 +217,15 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"| {'engine':<12} | {'target':<6} | {'method':<32} | {'decode tok/s':>12} | {'vs plain':>8} | "
-              f"{'accepted':>8} | {'tok/forward':>11} | same tokens |")
+    header = (f"| {'engine':<12} | {'target':<6} | {'method':<34} | {'decode tok/s':>12} | {'vs plain':>8} | "
+              f"{'vs HF':>6} | {'accepted':>8} | {'tok/forward':>11} | same tokens |")
     print("\n" + header + "\n|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for row in rows:
         accepted = "" if row["acceptance"] is None else f"{row['acceptance']:.1%}"
         per_forward = "" if row["tokens_per_forward"] is None else f"{row['tokens_per_forward']:.2f}"
-        print(f"| {row['engine']:<12} | {row['target']:<6} | {row['method']:<32} | {row['decode_tps']:>12.1f} | "
-              f"{row['speedup']:>7.2f}x | {accepted:>8} | {per_forward:>11} | "
+        versus = "" if row["vs_transformers"] is None else f"{row['vs_transformers']:.2f}x"
+        print(f"| {row['engine']:<12} | {row['target']:<6} | {row['method']:<34} | {row['decode_tps']:>12.1f} | "
+              f"{row['speedup']:>7.2f}x | {versus:>6} | {accepted:>8} | {per_forward:>11} | "
               f"{'yes' if row['same_tokens_as_plain'] else 'NO':<11} |")
 
 
