@@ -77,7 +77,9 @@ def test_greedy_equals_plain_greedy(target, drafts, method, k, batch, one_thread
 
 
 def test_ngram_lookup_proposes_what_followed_the_earliest_match():
-    ngram = NgramProposer(max_ngram=3)
+    assert NgramProposer().lookup([7, 2, 9, 4, 2, 9, 8, 3, 9], 3) == []  # by default a match is 3 tokens long
+    assert NgramProposer().lookup([1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]
+    ngram = NgramProposer(max_ngram=3, min_ngram=1)
     assert ngram.lookup([1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]  # the 3-gram 1 2 3 matched
     assert ngram.lookup([7, 2, 9, 4, 2, 9, 8, 3, 9], 3) == [4, 2, 9]  # only the 1-gram 9: its first occurrence
     assert ngram.lookup([1, 2, 3, 4], 3) == []
@@ -101,7 +103,7 @@ def test_text_generation_with_token_steps_matches_plain(target, one_thread):
     plain = generate(target, tokenizer, prompts, max_new_tokens=20)
     stats = SpeculativeStats()
     assert generate(target, tokenizer, prompts, max_new_tokens=20,
-                    token_steps=speculative_steps_with("ngram", 3, stats=stats)) == plain
+                    token_steps=speculative_steps_with(NgramProposer(min_ngram=1), 3, stats=stats)) == plain
     assert stats.proposed > 0
 
 
