@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Literal
 
 from llmkit.chat_template import PLAIN_STOP, plain_transcript
 from llmkit.commands.common import Device, Dtype, model_path, with_adapter
@@ -170,6 +171,10 @@ def generate(
     seed: int | None = None,
     chat_template: bool = False,
     truncate_prompt: bool = False,
+    draft: str | None = None,
+    speculate: Literal["ngram"] | None = None,
+    num_speculative_tokens: int = 5,
+    adaptive_speculation: bool = False,
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> None:
@@ -178,6 +183,8 @@ def generate(
     Example: llmkit generate --prompt "Once upon a time" --max_new_tokens 50
              llmkit generate --model model.gguf --prompt "[A, B]" --temperature 0.8 --top_p 0.95 --seed 1
              llmkit generate --prompt "[A, B, C]" --adapters "[sql/adapter, base, sum/adapter]"   (one batch)
+             llmkit generate --prompt "Summarise: ..." --chat_template true --speculate ngram   (prompt lookup)
+             llmkit generate --model big/ --draft small/ --num_speculative_tokens 4   (speculative decoding)
 
     Args:
         prompt: the text to continue, or a list "[text one, text two]" to run as one batch.
@@ -194,6 +201,14 @@ def generate(
         seed: random seed, for reproducible sampling.
         chat_template: wrap each prompt as one user message with the model's chat template.
         truncate_prompt: keep the last tokens of a prompt that does not fit the context window instead of failing.
+        draft: speculative decoding with this draft model (same tokenizer as --model, loaded like it): it proposes
+            tokens that --model checks, several per forward; the output is that of plain decoding (the same tokens
+            when greedy, the same distribution when sampling). The acceptance rate is printed to stderr at the end.
+        speculate: ngram: speculative decoding by prompt lookup (tokens that followed the last few tokens earlier in
+            the prompt or output are proposed; no draft model; pays when the output copies the prompt).
+        num_speculative_tokens: tokens proposed per step with --draft or --speculate.
+        adaptive_speculation: grow a row's proposal by 2 after a step that accepts all of it, shrink it by 1 after a
+            rejection (between 1 and twice --num_speculative_tokens).
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
@@ -207,6 +222,15 @@ def generate(
     adapters = check_row_adapters(adapters, len(prompt), adapter)
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
+    if draft is not None or speculate is not None:
+        from llmkit.generate.speculative import check_speculative_tokens
+
+        check_speculative_tokens(num_speculative_tokens, "--num_speculative_tokens")
+        if draft is not None and speculate is not None:
+            raise LlmkitError("--draft and --speculate ngram are two ways to propose tokens; pass one of them")
+        if adapters:
+            raise LlmkitError("--adapters runs each prompt with its own adapter; speculative decoding (--draft, "
+                              "--speculate) checks rows in another batch order: use one or the other")
     llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
@@ -216,16 +240,25 @@ def generate(
         prompt = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompt]
     options = dict(max_new_tokens=max_new_tokens, settings=settings, stop_strings=tuple(stop or ()),
                    truncate_prompt=truncate_prompt)
+    stats = None
+    if draft is not None or speculate is not None:
+        from llmkit.generate.speculative import SpeculativeStats, speculative_steps_with
+
+        proposer = speculate or _draft_model(draft, tokenizer, llm, dtype)
+        stats = SpeculativeStats()
+        options["token_steps"] = speculative_steps_with(proposer, num_speculative_tokens, adaptive_speculation, stats)
     with batch_adapters(llm, row_adapters):
         if len(prompt) == 1:
             for piece in stream(llm, tokenizer, prompt[0], **options):
                 print(piece, end="", flush=True)
             print()
-            return
-        texts = generate_texts(llm, tokenizer, prompt, **options)
-    for i, text in enumerate(texts):
-        label = f" ({adapters[i]})" if adapters else ""
-        print(f"--- [{i}]{label} {prompt[i]!r}\n{text}")
+        else:
+            for i, text in enumerate(generate_texts(llm, tokenizer, prompt, **options)):
+                label = f" ({adapters[i]})" if adapters else ""
+                print(f"--- [{i}]{label} {prompt[i]!r}\n{text}")
+    if stats is not None:
+        method = "prompt lookup" if speculate else f"draft {draft}"
+        print(f"speculative decoding ({method}): {stats.summary()}", file=sys.stderr)
 
 
 def check_row_adapters(adapters: list[str] | str | None, n_prompts: int, adapter: str | None) -> list[str] | None:
@@ -254,3 +287,15 @@ def load_row_adapters(llm, adapters: list[str]) -> list[str | None]:  # noqa: AN
             load_lora_adapter(llm, names[directory], directory)
     llm.eval()
     return [None if directory == BASE_ROW else names[directory] for directory in adapters]
+
+
+def _draft_model(draft: str, tokenizer, llm, dtype: str):  # noqa: ANN001, ANN202 (torch types)
+    """The --draft model, on --model's device, after checking that it reads text with --model's tokenizer."""
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder
+
+    path = model_path(draft)
+    if load_tokenizer(path).backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise LlmkitError(f"--draft {draft} has another tokenizer than --model: a draft must use the same token ids; "
+                          "pick a draft of the same family (e.g. llmkit quantize or distill of the model)")
+    return load_decoder(path, dtype, str(llm.activation_dtype_device()[1]))

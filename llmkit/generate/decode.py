@@ -20,6 +20,7 @@ from llmkit.generate.sampling import SamplingSettings, make_generator, sample_ne
 from llmkit.tokenizer import StreamDecoder
 
 DEFAULT_MAX_NEW_TOKENS = 128
+TokenSteps = Callable[..., Iterator[list[int | None]]]  # generate_tokens' signature: one token per row per step
 
 
 def fit_prompt(
@@ -46,22 +47,15 @@ def fit_prompt(
     )
 
 
-def generate_tokens(
+def checked_prompts(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]] | Sequence[int],
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    settings: SamplingSettings | None = None,
-    stop_ids: Iterable[int] = (),
-    pad_id: int = 0,
-    truncate_prompt: bool = False,
-) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each sequence: a list of B ids, None for rows already finished.
-
-    A row finishes after yielding one of `stop_ids`; the loop ends when all rows finish or after
-    `max_new_tokens` steps. Left padding uses `pad_id` (masked out, so any valid id works).
-    """
-    settings = settings or SamplingSettings()
-    settings.validate()
+    max_new_tokens: int,
+    pad_id: int,
+    truncate_prompt: bool,
+) -> list[list[int]]:
+    """The prompts as lists of ids (one prompt or a batch), each checked against the vocabulary and fitted to the
+    context with `max_new_tokens` to spare; `pad_id` checked too. Raises `LlmkitError` naming the prompt and the fix."""
     if max_new_tokens < 1:
         raise LlmkitError(f"max_new_tokens={max_new_tokens} must be >= 1; ask for at least one new token")
     single = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], Sequence)
@@ -80,7 +74,26 @@ def generate_tokens(
             )
     if not 0 <= pad_id < vocab_size:
         raise LlmkitError(f"pad_id={pad_id} is outside the vocabulary of {vocab_size:,} ids; use e.g. the EOS id")
+    return rows
 
+
+def generate_tokens(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]] | Sequence[int],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    settings: SamplingSettings | None = None,
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+    truncate_prompt: bool = False,
+) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of each sequence: a list of B ids, None for rows already finished.
+
+    A row finishes after yielding one of `stop_ids`; the loop ends when all rows finish or after
+    `max_new_tokens` steps. Left padding uses `pad_id` (masked out, so any valid id works).
+    """
+    settings = settings or SamplingSettings()
+    settings.validate()
+    rows = checked_prompts(model, prompt_ids, max_new_tokens, pad_id, truncate_prompt)
     device = next(model.parameters()).device
     longest = max(len(row) for row in rows)
     input_ids = torch.tensor([[pad_id] * (longest - len(row)) + row for row in rows], device=device)  # (B, T)
@@ -199,11 +212,13 @@ def generate(
     settings: SamplingSettings | None = None,
     stop_strings: Sequence[str] = (),
     truncate_prompt: bool = False,
+    token_steps: TokenSteps | None = None,
 ) -> str | list[str]:
     """Continue one prompt (-> str) or a batch (-> list[str]); returns only the new text.
 
     Each row stops at EOS / the tokenizer's stop ids, at the first of `stop_strings` (cut off), or
-    after `max_new_tokens`.
+    after `max_new_tokens`. `token_steps` replaces `generate_tokens` as the source of tokens (same arguments and
+    steps), e.g. speculative decoding's `llmkit.generate.speculative.speculative_token_steps`.
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -212,7 +227,7 @@ def generate(
     stop_strings = _check_stop_strings(stop_strings)
     prompt_ids = [tokenizer.encode(text) for text in texts]
     stop_ids = tokenizer_stop_ids(tokenizer)
-    steps = generate_tokens(
+    steps = (token_steps or generate_tokens)(
         model,
         prompt_ids[0] if single else prompt_ids,
         max_new_tokens,
@@ -289,15 +304,18 @@ def stream(
     settings: SamplingSettings | None = None,
     stop_strings: Sequence[str] = (),
     truncate_prompt: bool = False,
+    token_steps: TokenSteps | None = None,
 ) -> Iterator[str]:
     """Yield the new text of one prompt piece by piece as it is generated (never a broken character
-    or part of a stop string); the pieces join to what `generate` returns."""
+    or part of a stop string); the pieces join to what `generate` returns. `token_steps` as in `generate`."""
     if not isinstance(prompt, str):
         raise LlmkitError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     stop_strings = _check_stop_strings(stop_strings)
     ids = tokenizer.encode(prompt)
     stop_ids = tokenizer_stop_ids(tokenizer)
-    steps = generate_tokens(model, ids, max_new_tokens, settings, stop_ids, _pad_id(tokenizer), truncate_prompt)
+    steps = (token_steps or generate_tokens)(
+        model, ids, max_new_tokens, settings, stop_ids, _pad_id(tokenizer), truncate_prompt
+    )
     return _stream_text(steps, StreamDecoder(tokenizer), StopStringFilter(stop_strings), stop_ids)
 
 
