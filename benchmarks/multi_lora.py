@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from streamer_clock import FirstTokenClock
 
 from llmkit.checkpoints import default_model_path, load_tokenizer
 from llmkit.commands.common import load_decoder
@@ -84,21 +85,6 @@ def llmkit_decode_seconds(model: torch.nn.Module, ids: torch.Tensor, names: list
         for _ in steps:
             pass
     return time.perf_counter() - start
-
-
-class FirstTokenClock:
-    """A transformers streamer that notes when the first new token arrives (its first `put` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.puts, self.first = 0, None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 def peft_decode_seconds(model, ids: torch.Tensor, names: list[str | None], new_tokens: int) -> float:  # noqa: ANN001

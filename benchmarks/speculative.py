@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from streamer_clock import FirstTokenClock
 
 DIALOGSUM = "dialogsum/dialogsum.dev.jsonl.gz"
 OUT_JSON = Path("docs/speculative.json")
@@ -45,21 +46,6 @@ def dialogsum_prompts(tokenizer, n: int) -> list[list[int]]:  # noqa: ANN001
         dialogues = [json.loads(line)["dialogue"] for _, line in zip(range(n), file)]
     return [tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": f"Summarise this dialogue.\n\n{dialogue}"}])) for dialogue in dialogues]
-
-
-class FirstTokenClock:
-    """A transformers streamer that only notes when the first new token arrives (its first `put` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.puts, self.first = 0, None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts += 1
-        if self.puts == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 def run_llmkit(model, prompts: list[list[int]], n_new: int, stop_ids: frozenset[int], draft=None,  # noqa: ANN001
