@@ -6,6 +6,7 @@ The engine is driven one `step()` at a time, so which tokens arrive in which ste
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 
@@ -13,9 +14,12 @@ import pytest
 import torch
 
 from llmkit.generate import SamplingSettings
+from llmkit.peft.lora import merge_lora
+from llmkit.peft.registry import load_adapter
 from llmkit.serve import Engine, Request, TokenEvent
+from llmkit.serve.adapters import AdapterRegistry
 from llmkit.serve.metrics import ServerMetrics
-from tests.helpers import run_cli, tiny_decoder
+from tests.helpers import random_lora_dir, run_cli, tiny_decoder
 from tests.test_generate_speculative import (
     N_TOKENS,
     P_VALUE_FLOOR,
@@ -131,6 +135,26 @@ def test_a_sampling_request_follows_the_targets_distribution():
     assert chi_square_p(counts, law) > P_VALUE_FLOOR
     # The test can tell laws apart: the law at another temperature is rejected outright.
     assert chi_square_p(counts, exact_law(target, SamplingSettings(temperature=1.5, top_k=6))) < 1e-6
+
+
+def test_lora_adapters_follow_their_rows_through_speculative_steps(tmp_path):
+    """Rows for three adapters (ranks 2, 4, 8) and the base in one batch, each proposing a different number of
+    tokens: each request's tokens equal its adapter merged into the weights, run alone."""
+    base = tiny_decoder()
+    paths = {name: random_lora_dir(base, tmp_path / name, rank, seed, std=0.5, targets=("q_proj", "v_proj", "o_proj"))
+             for seed, (name, rank) in enumerate(zip(("alpha", "beta", "gamma"), (2, 4, 8)))}
+    merged = {name: merge_lora(load_adapter(copy.deepcopy(base), path)).eval() for name, path in paths.items()}
+    merged[None] = base
+    wanted = ["alpha", None, "beta", "gamma", "alpha", None]
+    prompts = [repeating_prompt(3 + index, seed=index) for index in range(len(wanted))]
+    model = copy.deepcopy(base)
+    engine = Engine(model, adapters=AdapterRegistry(model, paths, 3), max_batch_size=8, prefill_chunk=128,
+                    speculate="ngram", num_speculative_tokens=4)
+    handles = [engine.submit(Request(prompt, 24, adapter=name)) for prompt, name in zip(prompts, wanted)]
+    steps = events_per_step(engine, handles)
+    assert [tokens_of(flat(row)) for row in steps] == [alone(merged[name], prompt, 24)
+                                                        for prompt, name in zip(prompts, wanted)]
+    assert engine.stats().spec_accepted_tokens > 0
 
 
 def test_metrics_expose_proposed_and_accepted_tokens(model):
