@@ -182,6 +182,35 @@ def test_kv_bookkeeping_stays_exact_for_the_prefix_cache(model):
     assert tokens_of(flat(steps[0])) == alone(model, follow_up, 10)
 
 
+def test_openai_client_gets_the_same_streamed_text_usage_and_stop_string_cut():
+    """Through HTTP: a streamed greedy completion from a server with --speculate equals the plain server's, chunk by
+    text and usage included; a stop string cuts the text where the plain server does;
+    /metrics shows the accepted tokens."""
+    import openai
+
+    from tests.test_serve_http import http_get, serve_tiny
+
+    texts, metrics = {}, ""
+    for speculate in (None, "ngram"):
+        server, _, _ = serve_tiny(api_key=None, speculate=speculate, num_speculative_tokens=4)
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            options = dict(model="tiny", prompt="the cat and the hat and the cat and the hat and the", max_tokens=48,
+                           temperature=0)
+            chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **options))
+            text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+            stop = text[len(text) // 2 : len(text) // 2 + 3]
+            stopped = client.completions.create(stop=[stop], **options)
+            texts[speculate] = (text, chunks[-1].usage.completion_tokens, stopped.choices[0].text,
+                                stopped.choices[0].finish_reason, stopped.usage.completion_tokens)
+            metrics = http_get(server.url + "/metrics")[1]
+        finally:
+            server.stop()
+    assert texts["ngram"] == texts[None] and texts[None][1] == 48 and texts[None][3] == "stop"
+    accepted = next(line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_accepted_tokens_"))
+    assert float(accepted.split()[-1]) > 0
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--num_speculative_tokens", "0"], "--num_speculative_tokens=0 must be an integer >= 1"),
     (["--speculate", "ngram", "--num_speculative_tokens", "-2"], "--num_speculative_tokens=-2 must be"),
