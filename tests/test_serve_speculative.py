@@ -183,9 +183,8 @@ def test_kv_bookkeeping_stays_exact_for_the_prefix_cache(model):
 
 
 def test_openai_client_gets_the_same_streamed_text_usage_and_stop_string_cut():
-    """Through HTTP: a streamed greedy completion from a server with --speculate equals the plain server's, chunk by
-    text and usage included; a stop string cuts the text where the plain server does;
-    /metrics shows the accepted tokens."""
+    """Through HTTP: a streamed greedy completion from a server with --speculate equals the plain server's, text and
+    usage included; a stop string cuts the text where the plain server does; /metrics shows the accepted tokens."""
     import openai
 
     from tests.test_serve_http import http_get, serve_tiny
