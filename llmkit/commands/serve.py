@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from llmkit.commands.common import Device, Dtype, model_path
 from llmkit.errors import LlmkitError
@@ -51,12 +52,15 @@ def serve(
     dtype: Dtype = "float32",
     device: Device = "auto",
     cascade: str | None = None,
+    speculate: Literal["ngram"] | None = None,
+    num_speculative_tokens: int = 5,
 ) -> None:
     """Serve a model over the OpenAI API: any `openai` client, curl, or a browser at http://HOST:PORT/ (a chat page).
 
     Example: llmkit serve                                   (SmolLM2-135M-Instruct on http://127.0.0.1:8000)
              llmkit serve --model my_model/ --port 8080 --api_key secret --max_batch_size 16
              llmkit serve --adapters "[summarize=runs/sum/adapter, sql=runs/sql/adapter]" --max_loaded_adapters 2
+             llmkit serve --speculate ngram --num_speculative_tokens 5   (prompt lookup decoding in every batch)
              curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
                   -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -85,12 +89,18 @@ def serve(
         device: auto, cpu, cuda or cuda:N.
         cascade: a fitted cascade (the cascade.json `llmkit cascade` writes): requests for the model "cascade" run its
             stages in order and report which stage answered and the cost (docs/cascade.md).
+        speculate: ngram: speculative decoding by prompt lookup inside the batch: each request proposes the tokens
+            that followed its last 3 tokens earlier in its prompt or output, one forward checks them (greedy output
+            unchanged, sampling distributed as without it). Requests with a JSON schema, logprobs or penalties decode
+            one token per step as without it. /metrics counts proposed and accepted tokens.
+        num_speculative_tokens: most tokens a request proposes per step with --speculate.
     """
     import uvicorn
 
     from llmkit.checkpoints import load_tokenizer
     from llmkit.commands.common import load_decoder
     from llmkit.serve.http import create_app, start_engine
+    from llmkit.serve.speculation import check_speculation
 
     for flag, value in (("--max_batch_size", max_batch_size), ("--max_queue", max_queue)):
         if value < 1:
@@ -98,6 +108,7 @@ def serve(
     if max_loaded_adapters < 1:
         raise LlmkitError(f"--max_loaded_adapters {max_loaded_adapters} must be at least 1")
     named_adapters = None if adapters is None else parse_adapters(adapters)
+    check_speculation(speculate, num_speculative_tokens)
     if kv_cache_tokens is not None and kv_cache_tokens < 1:
         raise LlmkitError(f"--kv_cache_tokens {kv_cache_tokens} must be at least 1 (or left out for the default)")
     path = model_path(model)
@@ -119,7 +130,8 @@ def serve(
         try:
             served = start_engine(load_decoder(path, dtype, device), load_tokenizer(path), name, start=False,
                                   adapters=named_adapters, max_loaded_adapters=max_loaded_adapters,
-                                  max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens)
+                                  max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens,
+                                  speculate=speculate, num_speculative_tokens=num_speculative_tokens)
         except BaseException as error:
             app.state.llmkit.fail(error)
             server.should_exit = True

@@ -234,11 +234,33 @@ def _verify(
     lengths = torch.tensor([len(proposal) for proposal in proposals], device=device)  # (A,)
     proposed_ids = ids[:, 1:]  # (A, k)
     if settings.greedy:
-        choice = processed.argmax(dim=-1)  # (A, k + 1)
-        agree = choice[:, :-1] == proposed_ids
-        n_accepted = _leading_true(agree, lengths)
-        return n_accepted.tolist(), choice.gather(1, n_accepted[:, None]).squeeze(1).tolist()
-    p = processed.softmax(dim=-1)  # (A, k + 1, V)
+        n_accepted, tokens = accept_greedy(processed, proposed_ids, lengths)
+    else:
+        n_accepted, tokens = accept_sampled(processed.softmax(dim=-1), proposed_ids, lengths, q, generator)
+    return n_accepted.tolist(), tokens.tolist()
+
+
+def accept_greedy(
+    logits: torch.Tensor, proposed_ids: torch.Tensor, lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification: per row, how many proposed tokens equal the argmax of the target's (processed) logits
+    (A, k + 1, V) before the first that does not, and the argmax that follows them (the correction or the bonus).
+    `proposed_ids` (A, k) holds row a's proposal in its first lengths[a] columns. Returns two (A,) tensors."""
+    choice = logits.argmax(dim=-1)  # (A, k + 1)
+    n_accepted = _leading_true(choice[:, :-1] == proposed_ids, lengths)
+    return n_accepted, choice.gather(1, n_accepted[:, None]).squeeze(1)
+
+
+def accept_sampled(
+    p: torch.Tensor, proposed_ids: torch.Tensor, lengths: torch.Tensor, q: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Leviathan/Chen rule on the target's probabilities p (A, k + 1, V) after each proposed prefix: accept x_j
+    with probability min(1, p_{j-1}(x_j) / q_j(x_j)) (q (A, k, V), None for a deterministic proposer: q one-hot, so
+    with probability p_{j-1}(x_j)); at the first rejection draw from norm(max(0, p_{j-1} - q_j)), after a full accept
+    from p_k. Returns how many were accepted (A,) and the token drawn after them (A,)."""
+    A, device = p.shape[0], p.device
+    k = proposed_ids.shape[1]
     p_proposed = p[:, :-1].gather(2, proposed_ids[:, :, None]).squeeze(2)  # (A, k) p_{j-1}(x_j)
     q_proposed = torch.ones_like(p_proposed) if q is None else q.gather(2, proposed_ids[:, :, None]).squeeze(2)
     draws = torch.rand(p_proposed.shape, generator=generator, device=device)
@@ -256,7 +278,7 @@ def _verify(
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, after)
         after = torch.where(rejected[:, None], residual, after)
     tokens = torch.multinomial(after, 1, generator=generator).squeeze(1)  # normalises each row
-    return n_accepted.tolist(), tokens.tolist()
+    return n_accepted, tokens
 
 
 def _leading_true(flags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

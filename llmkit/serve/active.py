@@ -60,6 +60,14 @@ class ActiveRequest:
         return (request.sampling.greedy and self.seen is None and self.counts is None and request.logprobs is None
                 and request.constraint is None)
 
+    @property
+    def can_speculate(self) -> bool:
+        """Its tokens depend only on the logits and its temperature / top-k / top-p, so a speculative step can verify
+        several at once (llmkit/serve/speculation.py): no constraint, log-probs or penalties, whose state moves with
+        each token."""
+        request = self.request
+        return request.constraint is None and request.logprobs is None and self.seen is None and self.counts is None
+
     def choose(self, logits: torch.Tensor) -> TokenEvent:
         """The next token from this request's raw logits (V,), as an event without a finish reason; records it."""
         request = self.request

@@ -17,6 +17,10 @@ LoRA adapter (`Request.adapter`). Requests for different adapters share one deco
 model's LoRA layers which adapter each row uses (llmkit.peft.multi_lora.batch_adapters). An adapter loads when its
 first request is admitted; a request whose adapter finds no room (every loaded adapter in use) waits.
 
+Speculative decoding (`speculate="ngram"`, llmkit/serve/speculation.py): a decode step feeds each row its pending
+token and up to `num_speculative_tokens` tokens proposed by prompt lookup, and emits every token the row accepts,
+each as its own event; greedy output is the same as without it, sampled output has the same distribution.
+
     engine = Engine(model); engine.start()
     handle = engine.submit(Request(prompt_ids=ids, max_new_tokens=32))
     for event in handle.events(): ...        # or `async for event in handle` inside an asyncio loop
@@ -49,6 +53,7 @@ from llmkit.serve.request import (
     TokenConstraint,
     TokenEvent,
 )
+from llmkit.serve.speculation import Speculator
 
 __all__ = ["Engine", "EngineClosedError", "EngineStats", "QueueFullError", "Request", "RequestHandle",
            "TokenConstraint", "TokenEvent"]
@@ -70,6 +75,9 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # prompt tokens whose keys/values were reused
     steps: int  # steps that ran a forward
+    spec_drafts: int = 0  # speculative decoding: row-steps that proposed tokens
+    spec_draft_tokens: int = 0  # tokens proposed
+    spec_accepted_tokens: int = 0  # of those, the ones accepted
 
 
 class Engine:
@@ -78,6 +86,7 @@ class Engine:
     def __init__(
         self, model: torch.nn.Module, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
         max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True, adapters: Any = None,
+        speculate: str | None = None, num_speculative_tokens: int = 5,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk)):
@@ -93,6 +102,7 @@ class Engine:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # an AdapterRegistry (llmkit.serve.adapters) over this model, or None
+        self.speculator = None if speculate is None else Speculator(speculate, num_speculative_tokens)
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run_between_steps
         self.device = model.activation_dtype_device()[1]
         self.slots = SlotTable(model, max_batch_size, min(self.context, self.kv_cache_tokens))
@@ -182,6 +192,9 @@ class Engine:
                 running=len(self._running), waiting=len(self._waiting), kv_tokens_used=self.slots.used_tokens(),
                 kv_tokens_total=self.kv_cache_tokens, prefix_cache_queries=self._queries,
                 prefix_cache_hits=self._hits, steps=self._steps,
+                **({} if self.speculator is None else {
+                    "spec_drafts": self.speculator.drafts, "spec_draft_tokens": self.speculator.proposed,
+                    "spec_accepted_tokens": self.speculator.accepted}),
             )
 
     def _check(self, request: Request) -> None:
@@ -328,7 +341,9 @@ class Engine:
                     handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
                     continue
                 try:
-                    slot, reused = self.slots.acquire(request.prompt_ids, needed, self.prefix_cache, kv_key)
+                    # A speculative step writes up to k proposed tokens past the row's end: grow rows for them too.
+                    row_tokens = needed + (0 if self.speculator is None else self.speculator.k)
+                    slot, reused = self.slots.acquire(request.prompt_ids, row_tokens, self.prefix_cache, kv_key)
                 except Exception as error:  # noqa: BLE001 (e.g. out of memory growing the rows: this request only)
                     if request.adapter is not None:
                         self.adapters.release(request.adapter)
@@ -364,28 +379,46 @@ class Engine:
             self._emit(seq, seq.choose(logits[0, -1]))
 
     def _decode(self, seqs: list[ActiveRequest]) -> None:
-        """One batched forward of each decoding request's pending token, then each request's next token. Rows go in
-        slot order, so when the busy slots are a run (every slot busy, the loaded case) the forward reads the cache
-        as one slice instead of gathering every layer's keys/values (llmkit.nn.attention.RowCacheView)."""
+        """One batched forward of each decoding request's pending token (and, speculating, its proposed tokens),
+        then each request's next token(s). Rows go in slot order, so when the busy slots are a run (every slot busy,
+        the loaded case) the forward reads the cache as one slice instead of gathering every layer's keys/values
+        (llmkit.nn.attention.RowCacheView)."""
         seqs = sorted(seqs, key=lambda seq: seq.slot.row)
+        proposals = ([[] for _ in seqs] if self.speculator is None
+                     else self.speculator.propose(seqs, self.slots.cache.capacity))
+        width = max(len(proposal) for proposal in proposals)
         view = self.slots.cache.rows([seq.slot.row for seq in seqs], [len(seq.slot.tokens) for seq in seqs])
-        tokens = torch.tensor([[seq.pending] for seq in seqs], device=self.device)  # (B, 1)
-        with self._row_adapters(seqs):
-            logits = self.model(tokens, cache=view)[:, -1]  # (B, V)
-        for seq in seqs:
+        tokens = torch.tensor([[seq.pending] + proposal + [seq.pending] * (width - len(proposal))
+                               for seq, proposal in zip(seqs, proposals)], device=self.device)  # (B, 1 + width)
+        with self._row_adapters(seqs):  # one adapter per row, in the forward's row order
+            logits = self.model(tokens, cache=view)  # (B, 1 + width, V)
+        plain = [seq.plain_greedy and not proposal for seq, proposal in zip(seqs, proposals)]
+        greedy = logits[:, 0].argmax(-1).tolist() if any(plain) else None
+        for row, (seq, proposal) in enumerate(zip(seqs, proposals)):
             seq.slot.tokens.append(seq.pending)
-        greedy = logits.argmax(-1).tolist() if any(seq.plain_greedy for seq in seqs) else None
-        for row, seq in enumerate(seqs):
             try:
-                if seq.plain_greedy:
+                if proposal:
+                    self._emit_run(seq, self.speculator.verify(seq, logits[row], proposal))
+                    continue
+                if plain[row]:
                     seq.record(greedy[row])
                     event = TokenEvent(greedy[row])
                 else:
-                    event = seq.choose(logits[row])
+                    event = seq.choose(logits[row, 0])
             except Exception as error:  # noqa: BLE001 (a constraint's failure ends only its request)
                 self._finish(seq, TokenEvent(None, finish_reason="error", error=one_line(error)))
                 continue
             self._emit(seq, event)
+
+    def _emit_run(self, seq: ActiveRequest, tokens: list[int]) -> None:
+        """Emit a speculative step's tokens (accepted proposal + the token after it) one event each, until one
+        ends the request. The accepted ones' keys/values were computed in this step's forward: the slot holds them."""
+        seq.slot.tokens.extend(tokens[:-1])
+        for token in tokens:
+            seq.record(token)
+            self._emit(seq, TokenEvent(token))
+            if seq not in self._running:
+                return
 
     def _row_adapters(self, seqs: list[ActiveRequest]) -> AbstractContextManager:
         """Each row of the next forward with its request's LoRA adapter (nothing to do without a registry)."""

@@ -6,6 +6,8 @@ library), under vLLM's metric names and buckets so dashboards built for vLLM rea
     vllm:e2e_request_latency_seconds   histogram  request arrival -> its last choice finished
     vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (0-1)             gauges, read from the engine
     vllm:prefix_cache_queries_total / _hits_total (prompt tokens looked up / reused)  counters, read from the engine
+    vllm:spec_decode_num_drafts_total / _num_draft_tokens_total / _num_accepted_tokens_total
+                      (speculative decoding: rows that proposed, tokens proposed, tokens accepted)  counters, engine
     vllm:prompt_tokens_total, vllm:generation_tokens_total                            counters
     vllm:request_success_total{finished_reason="stop"|"length"|"abort"}               counter
 
@@ -100,7 +102,11 @@ class ServerMetrics:
             counters = [("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
                          stats.prefix_cache_queries),
                         ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                         stats.prefix_cache_hits)]
+                         stats.prefix_cache_hits),
+                        ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", stats.spec_drafts),
+                        ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", stats.spec_draft_tokens),
+                        ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                         stats.spec_accepted_tokens)]
         out: list[str] = []
         for name, help_text, value in gauges:
             out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{{{labels}}} {float(value)!r}"]
