@@ -11,8 +11,10 @@ quantized file (its AMX/repack path; f16 works; benchmarks/quant.py hits the sam
 f16 file (`llmkit convert --to gguf --quant f16`) with `--gguf`.
 
 llama-cpp-python's server runs one request at a time (a lock around its single llama context: no parallel slots,
-no continuous batching); the C++ `llama-server` with `--parallel N` batches slots, and is not measured here (it is
-not part of the pip package). Needs the bench extra, `pip install "llmkit[bench]"` (llama-cpp-python[server]).
+no continuous batching), and by default interrupts the running request when a new one arrives: it is started with
+`--interrupt_requests False`, so requests queue instead. The C++ `llama-server` with `--parallel N` batches slots;
+it is not part of the pip package and not measured here. Needs the bench extra, `pip install "llmkit[bench]"`
+(llama-cpp-python[server]).
 
     python benchmarks/serve_vs_llamacpp.py --concurrency 1,4,16 --num_requests 16 --max_tokens 64 \
         --json docs/serve_vs_llamacpp.json
@@ -93,7 +95,7 @@ def main() -> None:
         "llama.cpp": ([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(args.port),
                        "--host", "127.0.0.1", "--n_threads", str(args.threads), "--n_threads_batch",
                        str(args.threads), "--n_ctx", str(args.n_ctx), "--n_batch", str(args.llama_batch),
-                       "--n_ubatch", str(args.llama_batch)], f"{base}/v1/models"),
+                       "--n_ubatch", str(args.llama_batch), "--interrupt_requests", "False"], f"{base}/v1/models"),
     }
     results: dict[str, list[dict]] = {}
     for name, (command, ready) in servers.items():
