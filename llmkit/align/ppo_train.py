@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,6 @@ def train_ppo(model: PolicyWithValue, reference: nn.Module | None, tokenizer: To
     from llmkit.align.runs import plot_metrics
     from llmkit.device import resolve_device
     from llmkit.train.checkpoint import save_checkpoint
-    from llmkit.train.distributed import Cluster
     from llmkit.train.loop import StopSignals, interrupted
     from llmkit.train.metrics import METRICS_FILE, MetricsLog
     from llmkit.train.optim import build_optimizer, build_scheduler
@@ -135,7 +135,8 @@ def train_ppo(model: PolicyWithValue, reference: nn.Module | None, tokenizer: To
                                keep_last=train.keep_last, trainable_only=True)
 
     model.eval()  # no dropout: the update's log-probs must match the rollout's while the weights are unchanged
-    with StopSignals() as stop:
+    # Ctrl-C / SIGTERM: finish the step and checkpoint it (with an OUTPUT; without one they stop the run at once).
+    with StopSignals() if output is not None else nullcontext() as stop:
         for step in range(state.step + 1, train.steps + 1):
             start = (step - 1) * train.rollout_batch
             batch = [order[(start + i) % len(order)] for i in range(train.rollout_batch)]
