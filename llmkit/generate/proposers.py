@@ -64,7 +64,7 @@ class NgramProposer:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def start(self, prompts: list[list[int]], capacity: int) -> None:
-        pass
+        """Nothing to prepare: prompt lookup reads the sequences themselves at each step."""
 
     def propose(
         self, active: list[int], sequences: list[list[int]], counts: list[int], settings: SamplingSettings,
@@ -88,7 +88,7 @@ class NgramProposer:
         return []
 
     def keep(self, row: int, length: int) -> None:
-        pass
+        """Nothing to roll back: prompt lookup keeps no per-row state (a draft model's cache does)."""
 
 
 class DraftProposer:
