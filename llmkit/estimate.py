@@ -11,6 +11,10 @@ for weights + gradients + AdamW's two moments (m, v):
     bf16        2 + 2 + 4 = 8 (torch keeps the Adam moments in the parameter dtype)
     adamw-8bit  Adam states of 1 byte per moment + one float32 scale per 2,048-value block (Dettmers et al. 2022);
                 tensors under 4,096 values keep 32-bit states, as bitsandbytes does.
+    adamw-4bit  half a byte per moment + one float32 scale per 128-value block (Li et al. 2023); small tensors as above.
+    lomo        no state; the update runs inside backward, so only one parameter's gradient exists at a time
+    adalomo     as lomo, plus Adafactor's factored second moment: rows + columns per matrix, a full one per vector
+(llmkit/train/optimizers.py).
 
 FSDP over N devices divides weights, gradients and optimizer states by N and adds the gathered weights of the root
 (embedding, head) and of the blocks in flight; activations per device do not change (each device runs its own
@@ -24,6 +28,8 @@ about 20 tokens per parameter (Chinchilla, Hoffmann et al. 2022).
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -32,10 +38,15 @@ from llmkit.config import GATED_MLPS, Config
 from llmkit.errors import LlmkitError
 
 Precision = Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"]
-OptimizerName = Literal["adamw", "adamw-8bit"]
+OptimizerName = Literal["adamw", "adamw-8bit", "adamw-4bit", "lomo", "adalomo"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-8bit", "adamw-4bit", "lomo", "adalomo")
+FUSED_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")  # update inside backward: no whole gradient, no accumulation
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
 EIGHT_BIT_BLOCK = 2048  # values per quantization block of an 8-bit optimizer state (one float32 scale each)
-EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this
+FOUR_BIT_BLOCK = 128  # values per block of a 4-bit optimizer state
+LOW_BIT_CHUNK = 2**20  # values a low-bit AdamW step dequantizes at once (llmkit.train.optimizers)
+LOW_BIT_TEMPORARIES = 6  # float32 temporaries per value of that chunk: m, v, denominator, update, quantizer buffers
+EIGHT_BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for tensors smaller than this (llmkit's low-bit AdamW too)
 INT64, FLOAT32 = 8, 4
 
 # Peak dense (no sparsity) bf16 tensor-core TFLOP/s, from the vendor datasheets:
@@ -132,35 +143,48 @@ def kv_cache_bytes(config: Config, batch_size: int, n_tokens: int, bytes_per_val
 # --------------------------------------------------------------------------- parameters by tensor
 
 
-def block_tensor_sizes(config: Config) -> list[int]:
-    """Number of values in each parameter tensor of one block (weights, biases, norm scales)."""
+def block_tensor_shapes(config: Config) -> list[tuple[int, ...]]:
+    """Shape of each parameter tensor of one block (weights, biases, norm scales), as (out, in) for matrices."""
     d, f, q, kv = config.d_model, config.d_ff, config.q_dim, config.kv_dim
-    norms = [d, d] * (2 if config.norm == "layernorm" else 1)
-    sizes = norms + [d * q, d * kv, d * kv, q * d]
+    norms = [(d,), (d,)] * (2 if config.norm == "layernorm" else 1)
+    shapes = norms + [(q, d), (kv, d), (kv, d), (d, q)]
     if config.qkv_bias:
-        sizes += [q, kv, kv]
+        shapes += [(q,), (kv,), (kv,)]
     if config.out_bias:
-        sizes.append(d)
+        shapes.append((d,))
     n_mlp_in = 2 if config.mlp in GATED_MLPS else 1
-    mlp = [d * f] * (n_mlp_in + 1)
+    mlp = [(f, d)] * n_mlp_in + [(d, f)]
     if config.mlp_bias:
-        mlp += [f] * n_mlp_in + [d]
+        mlp += [(f,)] * n_mlp_in + [(d,)]
     if config.n_experts:  # mixture of experts: n_experts whole MLPs and the router's (n_experts, d) matrix
-        mlp = mlp * config.n_experts + [config.n_experts * d]
-    return sizes + mlp
+        mlp = mlp * config.n_experts + [(config.n_experts, d)]
+    return shapes + mlp
 
 
-def outside_tensor_sizes(config: Config) -> list[int]:
+def block_tensor_sizes(config: Config) -> list[int]:
+    """Number of values in each parameter tensor of one block."""
+    return [_numel(shape) for shape in block_tensor_shapes(config)]
+
+
+def outside_tensor_shapes(config: Config) -> list[tuple[int, ...]]:
     """Parameter tensors outside the blocks: token embedding, its norm (BLOOM), learned positions, final norm,
     untied head."""
     d = config.d_model
-    norm = [d] * (2 if config.norm == "layernorm" else 1)
-    sizes = [config.vocab_size * d] + norm * (2 if config.embed_norm else 1)
+    norm = [(d,)] * (2 if config.norm == "layernorm" else 1)
+    shapes = [(config.vocab_size, d)] + norm * (2 if config.embed_norm else 1)
     if config.position == "learned":
-        sizes.append(config.max_seq_len * d)
+        shapes.append((config.max_seq_len, d))
     if not config.tie_embeddings:
-        sizes.append(config.vocab_size * d)
-    return sizes
+        shapes.append((config.vocab_size, d))
+    return shapes
+
+
+def outside_tensor_sizes(config: Config) -> list[int]:
+    return [_numel(shape) for shape in outside_tensor_shapes(config)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return functools.reduce(operator.mul, shape, 1)
 
 
 def matmul_weights(config: Config) -> int:
@@ -170,15 +194,26 @@ def matmul_weights(config: Config) -> int:
     return config.n_layers * (2 * d * q + 2 * d * kv + (n_mlp_in + 1) * d * f) + config.vocab_size * d
 
 
-def optimizer_bytes(sizes: list[int], optimizer: OptimizerName, precision: Precision) -> float:
-    """AdamW's two moments for parameter tensors of `sizes` values each."""
+def optimizer_bytes(sizes: list[int], optimizer: OptimizerName, precision: Precision,
+                    shapes: list[tuple[int, ...]] | None = None) -> float:
+    """The optimizer's state for parameter tensors of `sizes` values each (AdaLomo's factored state needs their
+    `shapes`)."""
     moment = _precision(precision).adam_moment
     if optimizer == "adamw":
         return 2 * moment * sum(sizes)
-    if optimizer == "adamw-8bit":
-        return sum(2 * (size + FLOAT32 * -(-size // EIGHT_BIT_BLOCK)) if size >= EIGHT_BIT_MIN_SIZE else 8 * size
-                   for size in sizes)
-    raise LlmkitError(f"unknown optimizer {optimizer!r}; choose adamw or adamw-8bit")
+    if optimizer in ("adamw-8bit", "adamw-4bit"):
+        block, code_bytes = (EIGHT_BIT_BLOCK, 1) if optimizer == "adamw-8bit" else (FOUR_BIT_BLOCK, 0.5)
+        states = sum(2 * (code_bytes * size + FLOAT32 * -(-size // block)) if size >= EIGHT_BIT_MIN_SIZE else 8 * size
+                     for size in sizes)
+        return states + LOW_BIT_TEMPORARIES * FLOAT32 * min(max(sizes), LOW_BIT_CHUNK)  # one chunk in flight
+    if optimizer == "lomo":
+        return 0
+    if optimizer == "adalomo":
+        if shapes is None:
+            raise LlmkitError("adalomo's state size needs the parameter shapes")
+        factored = FLOAT32 * sum(shape[-2] + shape[-1] if len(shape) >= 2 else shape[0] for shape in shapes)
+        return factored + FLOAT32 * max(sizes)  # plus the one update tensor in flight
+    raise LlmkitError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 # --------------------------------------------------------------------------- activations
@@ -284,8 +319,12 @@ def training_memory(
     compute_precision = "bf16" if sharded and p.autocast else precision
     activations = activation_memory(config, batch_size, seq_len, compute_precision, activation_checkpointing)
     weights = _ceil(p.weight * parameters / shards)
-    gradients = _ceil(p.weight * parameters / shards)
-    optimizer_states = _ceil(optimizer_bytes(block_sizes * config.n_layers + outside_sizes, optimizer, precision) / shards)
+    # LOMO/AdaLomo update each tensor as soon as its gradient is whole and free it: one gradient at a time
+    gradients = _ceil(p.weight * (max(block_sizes + outside_sizes) if optimizer in FUSED_BACKWARD_OPTIMIZERS
+                                  else parameters) / shards)
+    shapes = block_tensor_shapes(config) * config.n_layers + outside_tensor_shapes(config)
+    optimizer_states = _ceil(optimizer_bytes(block_sizes * config.n_layers + outside_sizes, optimizer, precision,
+                                             shapes) / shards)
     gather = p.weight_copy or p.weight  # FSDP gathers weights in the compute dtype
     if sharded:
         # The root (embedding, final norm, head) stays gathered through the step; two blocks are gathered at once

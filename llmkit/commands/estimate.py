@@ -16,6 +16,8 @@ from typing import Any, Literal
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.estimate import (
+    FUSED_BACKWARD_OPTIMIZERS,
+    OptimizerName,
     Precision,
     count_parameters,
     inference_memory,
@@ -49,7 +51,7 @@ def estimate(
     batch_size: int = 8,
     seq_len: int | None = None,
     precision: Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"] = "bf16-mixed",
-    optimizer: Literal["adamw", "adamw-8bit"] = "adamw",
+    optimizer: Literal["adamw", "adamw-8bit", "adamw-4bit", "lomo", "adalomo"] = "adamw",
     activation_checkpointing: bool = False,
     devices: int = 1,
     fsdp: bool = False,
@@ -82,7 +84,8 @@ def estimate(
         batch_size: sequences per device per step (the micro-batch).
         seq_len: tokens per sequence (default: the model's context window).
         precision: fp32; bf16-mixed / fp16-mixed (fp32 weights, autocast compute); bf16 (weights and states in bf16).
-        optimizer: adamw, or adamw-8bit (1 byte per Adam moment, as bitsandbytes).
+        optimizer: adamw; adamw-8bit or adamw-4bit (1 byte or half a byte per Adam moment, block-wise quantized);
+            lomo (no state; one parameter's gradient at a time) or adalomo (lomo + factored second moments).
         activation_checkpointing: recompute each block in the backward instead of keeping its activations.
         devices: number of GPUs (per-device memory; FLOPs are shared among them).
         fsdp: shard weights, gradients and optimizer states over the devices (FSDP / ZeRO-3).
@@ -102,9 +105,11 @@ def estimate(
                               f"({config.max_seq_len:,})")
     seq_len = seq_len or config.max_seq_len
     context = context or config.max_seq_len
-    if measure and (fsdp or optimizer != "adamw"):
-        raise LlmkitError("--measure runs plain AdamW on one device; drop --fsdp and --optimizer adamw-8bit to measure "
-                          "(the per-device estimate still covers them)")
+    if measure and fsdp:
+        raise LlmkitError("--measure runs on one device; drop --fsdp to measure (the per-device estimate still covers it)")
+    if optimizer in FUSED_BACKWARD_OPTIMIZERS and precision == "fp16-mixed":
+        raise LlmkitError(f"--optimizer {optimizer} cannot unscale fp16 gradients before its fused update; use "
+                          "--precision bf16-mixed or fp32")
     if steps < 1:
         raise LlmkitError(f"steps={steps} must be at least 1")
     memory = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing, devices, fsdp)
@@ -145,7 +150,8 @@ def estimate(
     if measure:
         single = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing)
         check_memory_for_measuring(single.total, device)
-        result = measure_training(config, batch_size, seq_len, precision, activation_checkpointing, steps, device)
+        result = measure_training(config, batch_size, seq_len, precision, activation_checkpointing, steps, device,
+                                  optimizer)
         print(format_measurement(result, memory.total))
 
 
@@ -226,6 +232,7 @@ def measure_training(
     activation_checkpointing: bool = False,
     steps: int = 3,
     device: str = "auto",
+    optimizer: OptimizerName = "adamw",
 ) -> Measurement:
     """Peak memory and speed of real training steps, run in a fresh (spawned) process so that this process's
     allocations do not count: a warm-up step, `steps` steps (two at least) for the peak, then on CPU `steps` + 1
@@ -233,7 +240,7 @@ def measure_training(
     from llmkit.device import resolve_device
 
     resolved = str(resolve_device(device))
-    arguments = (config.to_dict(), batch_size, seq_len, precision, activation_checkpointing, steps, resolved)
+    arguments = (config.to_dict(), batch_size, seq_len, precision, activation_checkpointing, steps, resolved, optimizer)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return Measurement(**pool.apply(_measure_in_this_process, arguments))
 
@@ -246,6 +253,7 @@ def _measure_in_this_process(
     activation_checkpointing: bool,
     steps: int,
     device_name: str,
+    optimizer: OptimizerName,
 ) -> dict[str, Any]:
     """Training steps as llmkit's loop runs them; the peak counts everything allocated from the model on."""
     import torch
@@ -262,7 +270,7 @@ def _measure_in_this_process(
         libc.mallopt(M_MMAP_THRESHOLD, TENSOR_MMAP_THRESHOLD)
     # A warm-up step of the same shapes loads the kernels' code, starts the thread pools and fills the caches made once
     # per shape (oneDNN's compiled bf16 kernels: about 8 MB on CPU; cuBLAS workspaces), so the peak counts training.
-    _train(config, batch_size, seq_len, precision, activation_checkpointing, 1, device)
+    _train(config, batch_size, seq_len, precision, activation_checkpointing, 1, device, optimizer)
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -281,7 +289,8 @@ def _measure_in_this_process(
         method = "/proc is unavailable here, so the CPU peak memory could not be read"
 
     # Two steps at least: the first step's backward runs before its optimizer.step() creates the Adam states.
-    seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, max(steps, 2), device)
+    seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, max(steps, 2), device,
+                     optimizer)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - baseline
     elif readable:
@@ -292,7 +301,8 @@ def _measure_in_this_process(
         # Time further steps with the allocator as glibc settles by itself (blocks under 32 MiB reused from the heap):
         # mapping every tensor afresh costs page faults the usual run does not pay.
         libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
-        seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, steps + 1, device)
+        seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, steps + 1, device,
+                         optimizer)
     step_seconds = statistics.median(seconds[1:] or seconds)
     return dict(device=str(device), peak_bytes=peak, method=method, step_seconds=step_seconds,
                 tokens_per_second=batch_size * seq_len / step_seconds)
@@ -306,8 +316,10 @@ def _train(
     activation_checkpointing: bool,
     steps: int,
     device: Any,  # torch.device (torch is imported lazily)
+    optimizer_name: OptimizerName = "adamw",
 ) -> list[float]:
-    """Build a Decoder and AdamW and run `steps` steps on random tokens; returns each step's seconds."""
+    """Build a Decoder and the optimizer and run `steps` steps on random tokens; returns each step's seconds (LOMO
+    and AdaLomo update inside backward: their step() has nothing left to do)."""
     import torch
 
     from llmkit.models.decoder import Decoder
@@ -324,7 +336,7 @@ def _train(
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    optimizer = build_optimizer(model, lr=1e-4)
+    optimizer = build_optimizer(model, lr=1e-4, optimizer=optimizer_name)
     mixed = "fp32" if precision == "bf16" else precision  # pure bf16 runs without autocast
     scaler = grad_scaler(mixed, device)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)  # (B, T+1)

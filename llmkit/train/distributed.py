@@ -162,6 +162,10 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     differ from the saving run's. Every rank reads the same files, so a bad file fails on every rank alike."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state["state"] and not optimizer.state:  # a stateless optimizer (LOMO): only the hyper-parameters
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        return
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
     # The full-state path flattens and rebuilds the groups, turning tuples (AdamW's betas) into lists: put them back.
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):

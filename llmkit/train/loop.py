@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,7 +94,11 @@ def train(
         enable_activation_checkpointing(model)
     dtype = compute_dtype(settings.precision)
     model = wrap_model(model, cluster, param_dtype=dtype if dtype != torch.float32 else None)
-    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas)
+    if settings.optimizer in estimate.FUSED_BACKWARD_OPTIMIZERS and cluster.world_size > 1:
+        raise LlmkitError(f"--train.optimizer {settings.optimizer} updates each weight during backward, before DDP/FSDP "
+                          "could average its gradient over processes; run it on one process or use adamw-8bit")
+    optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas, optimizer=settings.optimizer)
+    fused_backward = getattr(optimizer, "updates_in_backward", False)
     scheduler = build_scheduler(optimizer, settings.schedule, settings.warmup_steps, settings.max_steps,
                                 settings.min_lr_ratio)
     scaler = grad_scaler(settings.precision, cluster.device)
@@ -138,12 +143,17 @@ def train(
             if flops_per_token is None and peak_flops is not None:
                 flops_per_token = estimate.flops_per_token(unwrap(model).config, micro_batches[0]["input_ids"].shape[1],
                                                            attention=True)
-            sums = accumulate_gradients(step_model, objective, micro_batches, cluster, autocast_precision, scaler,
-                                        step=state.step + 1)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = clip_gradients(parameters, settings.grad_clip)
             lr = scheduler.get_last_lr()[0]
+            if fused_backward:  # LOMO / AdaLomo: the backward pass itself updates the weights
+                sums, grad_norm = fused_backward_step(optimizer, settings.grad_clip, partial(
+                    accumulate_gradients, step_model, objective, micro_batches, cluster, autocast_precision,
+                    step=state.step + 1))
+            else:
+                sums = accumulate_gradients(step_model, objective, micro_batches, cluster, autocast_precision, scaler,
+                                            step=state.step + 1)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = clip_gradients(parameters, settings.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -364,6 +374,20 @@ def peak_flops_of(gpu_name: str) -> float | None:
     """Dense bf16 peak FLOP/s of a GPU from its CUDA device name, or None when llmkit.estimate does not list it."""
     key = next((key for pattern, key in GPU_NAME_PATTERNS if re.search(pattern, gpu_name.upper())), None)
     return estimate.GPU_PEAK_TFLOPS[key] * 1e12 if key else None
+
+
+def fused_backward_step(optimizer: torch.optim.Optimizer, max_norm: float | None,
+                        backward: Callable[[], StepSums]) -> tuple[StepSums, float | None]:
+    """One step of an optimizer that updates inside backward (llmkit.train.optimizers: LOMO, AdaLomo): `backward()`
+    runs the step's forward and backward. LOMO clips by the global norm with a first pass that only measures it
+    (twice the compute); AdaLomo normalises its updates and reports no norm."""
+    grad_norm = None
+    if max_norm is not None and optimizer.needs_grad_norm_pass:
+        with optimizer.measure_grad_norm():
+            backward()
+        grad_norm = optimizer.grad_norm()
+        optimizer.clip_to(max_norm, grad_norm)
+    return backward(), grad_norm
 
 
 def clip_gradients(parameters: list[torch.Tensor], max_norm: float | None) -> float:

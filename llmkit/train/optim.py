@@ -1,4 +1,5 @@
-"""AdamW with the usual parameter groups, and learning-rate schedules (warmup, then cosine, linear or constant)."""
+"""The optimizer (AdamW, low-bit AdamW, LOMO, AdaLomo) with the usual parameter groups, and learning-rate schedules
+(warmup, then cosine, linear or constant)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.estimate import OPTIMIZERS
 from llmkit.train.settings import Schedule
 
 NO_DECAY_NAMES = ("embed", "pos_embed")  # embeddings are lookup tables: decaying them only shrinks rare tokens
@@ -28,13 +30,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
-) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`; the fused kernel when every parameter sits on a device that has one."""
+    model: nn.Module, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+    optimizer: str = "adamw",
+) -> torch.optim.Optimizer:
+    """The named optimizer over `parameter_groups`: torch's AdamW (the fused kernel when every parameter sits on a
+    device that has one), or one of llmkit.train.optimizers (adamw-8bit, adamw-4bit, lomo, adalomo). LOMO and
+    AdaLomo hook into the parameters: from here on, every backward pass updates the weights."""
     groups = parameter_groups(model, weight_decay)
-    devices = {p.device.type for group in groups for p in group["params"]}
-    fused = devices <= {"cuda", "cpu"} and not _has_dtensor(groups)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+    if optimizer == "adamw":
+        devices = {p.device.type for group in groups for p in group["params"]}
+        fused = devices <= {"cuda", "cpu"} and not _has_dtensor(groups)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
+    from llmkit.train.optimizers import AdaLomo, Lomo, QuantizedAdamW
+
+    if optimizer in ("adamw-8bit", "adamw-4bit"):
+        return QuantizedAdamW(groups, lr=lr, betas=betas, eps=eps, bits=8 if optimizer == "adamw-8bit" else 4)
+    if optimizer == "lomo":
+        return Lomo(groups, lr=lr)
+    if optimizer == "adalomo":
+        return AdaLomo(groups, lr=lr)
+    raise LlmkitError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def _has_dtensor(groups: list[dict]) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from llmkit.errors import LlmkitError
+from llmkit.estimate import FUSED_BACKWARD_OPTIMIZERS, OPTIMIZERS, OptimizerName
 
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
@@ -24,9 +25,13 @@ class TrainSettings:
         min_lr_ratio: the schedule decays the learning rate to lr x this.
         schedule: decay after the warmup: cosine, linear or constant.
         warmup_steps: steps of linear warmup from 0 to lr.
-        weight_decay: AdamW weight decay (never on norms, biases and embeddings).
+        optimizer: adamw; adamw-8bit or adamw-4bit (AdamW with block-wise quantized moments: ~1/4 or ~1/8 of its
+            state memory); lomo (SGD fused into backward: no state, no whole gradient; clipping by the global norm
+            costs a second backward) or adalomo (lomo with Adafactor's factored second moment and normalised
+            updates; no clipping). lomo/adalomo need accumulation_steps 1, one process, and not fp16-mixed.
+        weight_decay: decoupled weight decay (never on norms, biases and embeddings).
         betas: AdamW's moment decay rates.
-        grad_clip: largest global gradient norm (null turns clipping off).
+        grad_clip: largest global gradient norm (null turns clipping off; adalomo normalises its updates instead).
         precision: fp32, bf16-mixed (autocast; fastest on recent GPUs) or fp16-mixed (with loss scaling).
         compile: torch.compile the model (slow first steps, faster after).
         activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
@@ -49,6 +54,7 @@ class TrainSettings:
     min_lr_ratio: float = 0.1
     schedule: Schedule = "cosine"
     warmup_steps: int = 100
+    optimizer: OptimizerName = "adamw"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
@@ -101,3 +107,13 @@ def check_settings(settings: TrainSettings, prefix: str = "--train.") -> None:
                           "usual)")
     if settings.grad_clip is not None and not settings.grad_clip > 0:
         raise LlmkitError(f"{prefix}grad_clip={settings.grad_clip} must be positive (or null to turn clipping off)")
+    if settings.optimizer not in OPTIMIZERS:
+        raise LlmkitError(f"{prefix}optimizer={settings.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if settings.optimizer in FUSED_BACKWARD_OPTIMIZERS:
+        if settings.accumulation_steps != 1:
+            raise LlmkitError(f"{prefix}optimizer={settings.optimizer} updates the weights during each backward pass, so "
+                              f"it cannot accumulate gradients over {settings.accumulation_steps} micro-batches; set "
+                              f"{prefix}accumulation_steps 1 (raise {prefix}batch_size instead) or use adamw-8bit")
+        if settings.precision == "fp16-mixed":
+            raise LlmkitError(f"{prefix}optimizer={settings.optimizer} cannot unscale fp16 gradients before its fused "
+                              f"update; use {prefix}precision bf16-mixed or fp32")
