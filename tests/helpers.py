@@ -123,3 +123,43 @@ def random_lora_dir(base: torch.nn.Module, directory: Path, rank: int, seed: int
             if ".lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     return save_adapter(model, directory, "lora", lora)
+
+
+class ScriptedModel:
+    """A deterministic stand-in for an application's TextModel (llmkit.apps.pipeline): each call answers with the
+    next scripted reply, or with `reply(prompt)` when a function is given, and records the prompts it saw. Chat
+    prompts are the plain transcript ("User: ...\nAssistant:"); tokens are counted as whitespace-separated words."""
+
+    def __init__(self, replies: Sequence[str] | Any, context_window: int = 2048) -> None:
+        self.reply = replies if callable(replies) else None
+        self.replies = [] if callable(replies) else list(replies)
+        self.prompts: list[str] = []
+        self.context_window = context_window
+
+    def _next(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        if self.reply is not None:
+            return self.reply(prompt)
+        if not self.replies:
+            raise AssertionError(f"ScriptedModel ran out of replies at prompt {prompt[-80:]!r}")
+        return self.replies.pop(0)
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int, settings: Any = None,
+                 stop: Sequence[str] = ()) -> list[str]:
+        outputs = []
+        for prompt in prompts:
+            text = self._next(prompt)
+            cuts = [text.index(s) for s in stop if s in text]
+            outputs.append(text[:min(cuts)] if cuts else text)
+        return outputs
+
+    def complete_json(self, prompt: str, schema: Any, max_new_tokens: int, settings: Any = None) -> str:
+        return self._next(prompt)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        from llmkit.chat_template import plain_transcript
+
+        return plain_transcript(messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())

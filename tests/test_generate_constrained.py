@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 
 from llmkit import LlmkitError
 from llmkit.generate import SamplingSettings
-from llmkit.generate.constrained import JsonConstraint, token_table
+from llmkit.generate.constrained import JsonConstraint, constrained_ids, token_table
 from llmkit.generate.json_grammar import JsonParser
 from llmkit.generate.json_schema import ANY, compile_schema
 from llmkit.generate.sampling import process_logits
@@ -202,21 +202,6 @@ def eos_tokenizer():
     return byte_tokenizer(specials=[EOS], eos_id=256)
 
 
-def constrained_generate(model: torch.nn.Module, prompt: list[int], constraint: JsonConstraint,
-                         settings: SamplingSettings, max_new_tokens: int, generator: torch.Generator | None) -> list[int]:
-    """A KV-cached decode loop driven by the constraint (what the serving engine does per request)."""
-    out: list[int] = []
-    with torch.inference_mode():
-        cache = model.new_cache(1, len(prompt) + max_new_tokens)
-        logits = model(torch.tensor([prompt]), cache=cache, last_token_only=True)[0, -1]
-        while len(out) < max_new_tokens and not constraint.complete:
-            token = constraint.pick(logits, settings, generator)
-            constraint.advance(token)
-            out.append(token)
-            logits = model(torch.tensor([[token]]), cache=cache)[0, -1]
-    return out
-
-
 def document_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids])
 
@@ -230,7 +215,7 @@ def test_every_sampled_output_parses_and_validates(schema, one_thread):
     budget = 48
     for seed in range(4):
         constraint = JsonConstraint(tokenizer, schema, max_tokens=budget)
-        ids = constrained_generate(model, [1, 2, 3], constraint, settings, budget, torch.Generator().manual_seed(seed))
+        ids = constrained_ids(model, [1, 2, 3], constraint, budget, settings, torch.Generator().manual_seed(seed))
         text = document_text(tokenizer, ids)
         value = json.loads(text)  # the budget forced the document closed in time
         assert len(ids) <= budget and constraint.complete
@@ -274,8 +259,8 @@ def test_without_a_budget_the_output_is_a_valid_prefix(one_thread):
     is a prefix of a valid document."""
     tokenizer = eos_tokenizer()
     constraint = JsonConstraint(tokenizer)
-    ids = constrained_generate(tiny_decoder(vocab_size=257), [1], constraint, SamplingSettings(temperature=1.0), 30,
-                               torch.Generator().manual_seed(0))
+    ids = constrained_ids(tiny_decoder(vocab_size=257), [1], constraint, 30, SamplingSettings(temperature=1.0),
+                          torch.Generator().manual_seed(0))
     parser = JsonParser(compile_schema(None))
     assert feed_all(parser, bytes(ids)) is None
 
@@ -337,8 +322,8 @@ def test_picks_follow_the_renormalised_allowed_distribution(top_k, one_thread):
 def test_seeded_picks_repeat(one_thread):
     tokenizer = eos_tokenizer()
     model = tiny_decoder(vocab_size=257)
-    runs = [constrained_generate(model, [5], JsonConstraint(tokenizer, NESTED, max_tokens=40),
-                                 SamplingSettings(temperature=1.0), 40, torch.Generator().manual_seed(3))
+    runs = [constrained_ids(model, [5], JsonConstraint(tokenizer, NESTED, max_tokens=40), 40,
+                            SamplingSettings(temperature=1.0), torch.Generator().manual_seed(3))
             for _ in range(2)]
     assert runs[0] == runs[1]
 
@@ -417,7 +402,7 @@ def test_smollm2_json_outputs_parse_and_validate(smollm2):
         prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
         for seed in seeds:
             constraint = JsonConstraint(tokenizer, schema_case, max_tokens=32)
-            ids = constrained_generate(model, prompt, constraint, SamplingSettings(temperature=1.0), 32,
-                                       torch.Generator().manual_seed(seed))
+            ids = constrained_ids(model, prompt, constraint, 32, SamplingSettings(temperature=1.0),
+                                  torch.Generator().manual_seed(seed))
             value = json.loads(document_text(tokenizer, ids))
             assert validate(value, schema_case or {"type": "object"}) == []

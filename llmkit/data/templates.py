@@ -63,6 +63,15 @@ class PromptTemplate:
         """The record fields the pattern uses, e.g. {'input'}."""
         return {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name}
 
+    def format(self, **values: Any) -> str:
+        """The pattern with its fields filled from `values` (extra values are ignored); a missing field raises
+        LlmkitError naming it. Literal braces are written doubled, as in str.format: '{{' and '}}'."""
+        missing = sorted(self.fields() - values.keys())
+        if missing:
+            raise LlmkitError(f"template {self.prompt[:60]!r} needs {', '.join(missing)}; pass "
+                              f"{', '.join(f'{name}=...' for name in missing)}")
+        return self.prompt.format(**values)
+
 
 @dataclass(frozen=True)
 class TemplateSet:

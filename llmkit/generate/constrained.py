@@ -39,9 +39,16 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.decode import checked_prompts
 from llmkit.generate.json_grammar import JsonParser
 from llmkit.generate.json_schema import compile_schema
-from llmkit.generate.sampling import SamplingSettings, process_logits
+from llmkit.generate.sampling import (
+    SamplingSettings,
+    apply_repetition_penalty,
+    make_generator,
+    process_logits,
+    seen_tokens,
+)
 from llmkit.tokenizer import Tokenizer
 
 CHECK_BATCH = 64  # candidates checked in Python per vectorised top-k
@@ -251,3 +258,59 @@ class JsonConstraint:
             if first_batch:
                 scores.masked_fill_(~self._prefilter(scores.shape[0]), float("-inf"))
                 first_batch = False
+
+
+def generate_constrained(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    constraint: JsonConstraint,
+    max_new_tokens: int,
+    settings: SamplingSettings | None = None,
+    truncate_prompt: bool = False,
+) -> str:
+    """Continue one prompt choosing every token through `constraint`, e.g. a JsonConstraint, so the new text is
+    what the constraint allows; returns the new text (see `constrained_ids`)."""
+    settings = settings or SamplingSettings()
+    ids = checked_prompts(model, tokenizer.encode(prompt), max_new_tokens, 0, truncate_prompt)[0]
+    generator = make_generator(settings, next(model.parameters()).device)
+    new_ids = constrained_ids(model, ids, constraint, max_new_tokens, settings, generator, frozenset(tokenizer.stop_ids))
+    return tokenizer.decode(new_ids)
+
+
+def constrained_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    constraint: JsonConstraint,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+    stop_ids: frozenset[int] = frozenset(),
+) -> list[int]:
+    """The new ids of a KV-cached decode loop (one forward per token, as `generate_tokens`) in which the constraint
+    chooses every token (`pick` then `advance`: the serving engine's TokenConstraint protocol). Stops when the
+    constraint is complete, after a stop id (not returned), or after `max_new_tokens`: give the constraint the same
+    budget (`max_tokens`) and the output is always whole. The repetition penalty applies before `pick`, as in
+    `sample_next`."""
+    settings.validate()
+    device = next(model.parameters()).device
+    new_ids: list[int] = []
+    with torch.inference_mode():
+        input_ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+        seen = seen_tokens(input_ids, model.config.vocab_size) if settings.repetition_penalty != 1.0 else None
+        cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+        logits = model(input_ids, cache=cache, last_token_only=True)[:, -1]  # (1, V)
+        for _ in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
+            token = constraint.pick(logits[0], settings, generator)
+            constraint.advance(token)
+            if token in stop_ids:
+                break
+            new_ids.append(token)
+            if constraint.complete:
+                break
+            if seen is not None:
+                seen[0, token] = True
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
+    return new_ids
