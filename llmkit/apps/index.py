@@ -223,6 +223,16 @@ class _Transaction:
         index.vectors = _read_vectors(index.folder, meta, store.count_chunks(index.connection))
 
 
+def index_meta(folder: str | Path) -> dict[str, str]:
+    """The settings an index folder records (model, model_source, dims, max_tokens, overlap, ...), without its
+    vectors: what `rag ask` needs to load the right embedding model."""
+    connection = store.connect(Path(folder))
+    try:
+        return store.read_meta(connection)
+    finally:
+        connection.close()
+
+
 def _check_model(folder: Path, meta: dict[str, str], embedder: Embedder) -> None:
     """The index's embedding model must be `embedder`'s: same name, dims and tokenizer."""
     path = folder / store.SQLITE_FILE
