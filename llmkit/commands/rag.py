@@ -96,6 +96,15 @@ def _open_index(folder: str | Path, model: str | None, max_tokens: int | None, o
     return RagIndex.open_or_create(folder, embedder, chunking)
 
 
+def _open_existing_index(folder: str, device: str):  # noqa: ANN202 (a RagIndex)
+    """The index in `folder`, with the embedding model it was built with; never a new one."""
+    from llmkit.apps.embedder import Embedder
+    from llmkit.apps.index import RagIndex, index_meta
+
+    embedder = Embedder.load(index_meta(folder).get("model_source") or None, device=device)
+    return RagIndex.open(folder, embedder)
+
+
 def rag_ask(
     question: str = DEFAULT_QUESTION,
     index: str | None = None,
@@ -137,7 +146,7 @@ def rag_ask(
     if index is None:
         with _builtin_index(device) as opened:
             return _answer(opened, question, k, method, model, max_new_tokens, context_tokens, dtype, device)
-    with _open_index(index, None, None, None, 32, device) as opened:
+    with _open_existing_index(index, device) as opened:
         return _answer(opened, question, k, method, model, max_new_tokens, context_tokens, dtype, device)
 
 
