@@ -127,6 +127,10 @@ class RagIndex:
         """Add new documents, replace changed ones (same id, other content), leave unchanged ones as they are (stored
         documents not passed stay too: `remove` removes)."""
         stored, documents = store.document_hashes(self.connection), list(documents)
+        ids = [doc.id for doc in documents]
+        if len(set(ids)) < len(ids):
+            repeated = next(doc_id for doc_id in ids if ids.count(doc_id) > 1)
+            raise LlmkitError(f"document id {repeated!r} is given twice; each document needs its own id")
         new = [doc for doc in documents if stored.get(doc.id) != doc.content_hash]
         if not new:
             return UpdateReport(unchanged=len(documents))

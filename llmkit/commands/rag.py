@@ -10,7 +10,7 @@ from typing import Any, Literal
 from llmkit.commands.common import Device, Dtype
 
 Method = Literal["dense", "bm25", "hybrid"]
-DEFAULT_QUESTION = "Who painted the Mona Lisa, and where is it kept?"
+DEFAULT_QUESTION = "What is the highest mountain on Earth?"
 BUILTIN_INDEX = "llmkit/rag/wiki_vital"  # under $XDG_CACHE_HOME (default ~/.cache)
 
 
@@ -119,7 +119,7 @@ def rag_ask(
     """Answer a question from an index: retrieve chunks, pack them into the prompt, answer citing them as [i].
 
     Example: llmkit rag ask                                    (indexes the built-in Wikipedia once, then answers)
-             llmkit rag ask --question "What is the highest mountain on Earth?"
+             llmkit rag ask --question "Who painted the Mona Lisa?" --k 3
              llmkit rag ask --index notes.index --question "When is the release?" --method bm25 --k 8
 
     Prints the answer, then the sources it was given: number, title, document id, character span and the exact
