@@ -240,3 +240,32 @@ def test_smollm2_answers_from_packed_wikipedia_chunks(wiki_index: RagIndex, smol
     assert set(result.cited) <= set(range(1, len(result.sources) + 1))
     assert result.cited == cited_sources(result.answer, len(result.sources))
     assert "Everest" in result.answer  # the retrieved chunk says so; the model reads it from the prompt
+
+
+def test_rag_ask_and_eval_cli(tmp_path: Path, encoder_dir: Path, smollm2_shaped: LocalModel, wiki, capsys) -> None:
+    import json
+
+    articles = [doc for doc in wiki if doc.title in ("Mona Lisa", "Mount Everest", "Photosynthesis")]
+    with RagIndex.create(tmp_path / "index", Embedder.load(str(encoder_dir), device="cpu"),
+                         ChunkSettings(64, 8)) as index:
+        index.update(articles)
+    save_model(smollm2_shaped.model, tmp_path / "decoder", smollm2_shaped.tokenizer)  # a random tiny generator
+    code, out, err = run_cli(capsys, "rag", "ask", "--index", str(tmp_path / "index"), "--model",
+                             str(tmp_path / "decoder"), "--question", "How high is Mount Everest?", "--method",
+                             "bm25", "--k", "2", "--max_new_tokens", "8")
+    assert code == 0, err
+    assert out.startswith("Question: How high is Mount Everest?\n")
+    assert re.search(r"^[* ]\[1\] Mount Everest \(document 'Mount Everest', characters 0-\d+\): Mount Everest is",
+                     out, re.M)
+    code, err = cli_status(capsys, "rag", "ask", "--index", str(tmp_path / "index"), "--model",
+                           str(tmp_path / "decoder"), "--question", "Why?", "--max_new_tokens", "299")
+    assert code == 2 and "--max_new_tokens 299 leaves" in err and err.count("\n") == 1
+    output = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "rag", "eval", "--model", str(encoder_dir), "--n_docs", "80", "--n_queries",
+                             "12", "--methods", "[bm25]", "--max_tokens", "64", "--overlap", "8", "--output",
+                             str(output))
+    assert code == 0, err
+    assert "| bm25 |" in out and "12 held-out sentences against 80 wiki_vital articles" in out
+    saved = json.loads(output.read_text())
+    assert saved["settings"]["n_queries"] == 12 and saved["settings"]["max_tokens"] == 64
+    assert set(saved["results"]) == {"bm25"} and saved["results"]["bm25"]["recall@10"] >= 0.5  # chance: 10 / 80
