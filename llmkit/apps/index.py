@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,9 @@ class RagIndex:
         """Add new documents, replace changed ones (same id, other content), leave unchanged ones as they are (stored
         documents not passed stay too: `remove` removes)."""
         stored, documents = store.document_hashes(self.connection), list(documents)
-        ids = [doc.id for doc in documents]
-        if len(set(ids)) < len(ids):
-            repeated = next(doc_id for doc_id in ids if ids.count(doc_id) > 1)
-            raise LlmkitError(f"document id {repeated!r} is given twice; each document needs its own id")
+        repeated = [doc_id for doc_id, n in Counter(doc.id for doc in documents).items() if n > 1]
+        if repeated:
+            raise LlmkitError(f"document id {repeated[0]!r} is given twice; each document needs its own id")
         new = [doc for doc in documents if stored.get(doc.id) != doc.content_hash]
         if not new:
             return UpdateReport(unchanged=len(documents))
@@ -139,9 +139,7 @@ class RagIndex:
         vectors = self._embed([chunk.text for chunk in flat], progress)
         replaced = sum(doc.id in stored for doc in new)
         with self._transaction():
-            for doc in new:
-                if doc.id in stored:
-                    self._drop(doc.id)
+            self._drop([doc.id for doc in new if doc.id in stored])
             ids = [cid for doc, doc_chunks in zip(new, chunks)
                    for cid in store.insert_document(self.connection, doc, doc_chunks)]
             if ids:
@@ -157,12 +155,12 @@ class RagIndex:
             raise LlmkitError(f"--delete {missing[0]!r}: no document with that id in {self.folder}; check the id "
                               "(a folder's documents are named by their path inside it, e.g. notes/a.md)")
         with self._transaction():
-            for doc_id in dict.fromkeys(doc_ids):
-                self._drop(doc_id)
+            self._drop(list(dict.fromkeys(doc_ids)))
         return UpdateReport(removed=len(set(doc_ids)))
 
-    def _drop(self, doc_id: str) -> None:
-        ids = store.delete_document(self.connection, doc_id)
+    def _drop(self, doc_ids: Sequence[str]) -> None:
+        """Delete documents' rows, then their vectors in one pass over the faiss index (each removal scans it)."""
+        ids = [chunk_id for doc_id in doc_ids for chunk_id in store.delete_document(self.connection, doc_id)]
         if ids:
             self.vectors.remove_ids(np.asarray(ids, dtype=np.int64))
 
