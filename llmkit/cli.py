@@ -37,6 +37,7 @@ COMMANDS: dict[str, Any] = {
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
+    "rag": {"index": "rag:rag_index", "ask": "rag:rag_ask", "eval": "rag:rag_eval"},
     "cascade": "cascade:cascade",
     "convert": "convert:convert",
 }
