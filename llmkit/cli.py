@@ -38,6 +38,8 @@ COMMANDS: dict[str, Any] = {
     "chat": "chat:chat",
     "embed": "embed:embed",
     "cascade": "cascade:cascade",
+    "pal": "pal:pal",
+    "agent": "agent:agent",
     "convert": "convert:convert",
 }
 

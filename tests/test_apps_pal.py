@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import ScriptedModel
+from helpers import ScriptedModel, cli_status, run_cli
 
 from llmkit.apps.pal import EXAMPLES, PROGRAM_START, extract_program, pal_prompt, parse_number, solve_with_program
 from llmkit.apps.sandbox import run_python
@@ -72,6 +72,19 @@ def test_reply_that_stops_at_once_has_no_body() -> None:
 def test_parse_number() -> None:
     assert [parse_number(text) for text in ("31", "31.0", "$1,200", "12.50", "7%", "abc", "nan", "1 2")] == \
         [31, 31, 1200, 12.5, 7, None, None, None]
+
+
+def test_pal_cli_solves_a_gsm8k_test_problem_and_shows_the_reference(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    model = ScriptedModel(["    eggs = 16 - 3 - 4\n    return eggs * 2\n"])
+    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: model)
+    code, out, err = run_cli(capsys, "pal", "--timeout", "2")
+    assert code == 0, err
+    assert "Janet" in out and "return eggs * 2" in out and "Answer: 18" in out and "Reference answer: 18" in out
+
+
+def test_pal_cli_rejects_a_gsm8k_index_out_of_range(capsys: pytest.CaptureFixture) -> None:
+    code, err = cli_status(capsys, "pal", "--gsm8k_index", "5000")
+    assert code == 2 and "--gsm8k_index 5000 is out of range" in err
 
 
 @pytest.mark.slow
