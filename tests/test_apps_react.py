@@ -149,7 +149,7 @@ def test_agent_cli_rejects_an_unknown_tool(capsys: pytest.CaptureFixture) -> Non
 @pytest.mark.slow
 def test_constrained_agent_on_smollm2_parses_every_step(smollm2_local) -> None:
     tools = make_tools(["calculator"])
-    transcript = run_agent(smollm2_local, "What is 37 times 12?", tools, max_steps=3)
+    transcript = run_agent(smollm2_local, "What is 37 times 12?", tools, max_steps=2)
     assert transcript.parse_failures == 0 and transcript.steps
     assert all(s.action in ("calculator", FINISH) for s in transcript.steps)
     assert transcript.max_prompt_tokens + 112 <= smollm2_local.context_window
@@ -177,7 +177,7 @@ def test_agent_cli_on_smollm2_writes_the_transcript(smollm2_local, capsys: pytes
     monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: smollm2_local)  # the shared fixture's model
     output = tmp_path / "run.json"
     code, out, err = run_cli(capsys, "agent", "--tools", "calculator,python", "--question", "What is 9 + 10?",
-                             "--max_steps", "2", "--output", str(output))
+                             "--max_steps", "1", "--output", str(output))
     assert code == 0, err
     saved = json.loads(output.read_text())
     assert saved["question"] == "What is 9 + 10?" and saved["parse_failures"] == 0 and "Question: What is 9 + 10?" in out
