@@ -39,6 +39,8 @@ COMMANDS: dict[str, Any] = {
     "embed": "embed:embed",
     "rag": {"index": "rag:rag_index", "ask": "rag:rag_ask", "eval": "rag:rag_eval"},
     "cascade": "cascade:cascade",
+    "pal": "pal:pal",
+    "agent": "agent:agent",
     "convert": "convert:convert",
 }
 

