@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import pytest
-from helpers import ScriptedModel, cli_status, run_cli
 
 from llmkit.apps.pal import EXAMPLES, PROGRAM_START, extract_program, pal_prompt, parse_number, solve_with_program
 from llmkit.apps.sandbox import run_python
+from tests.helpers import ScriptedModel, cli_status, run_cli
 
 PROBLEM = "Tom has 3 boxes of 12 pens and gives away 5. How many pens are left?"
 

@@ -8,12 +8,12 @@ import json
 import math
 
 import pytest
-from helpers import ScriptedModel, cli_status, run_cli
 
 from llmkit.apps.react import ELIDED, FINISH, action_schema, run_agent
 from llmkit.apps.tools import calculate, make_tools
 from llmkit.errors import LlmkitError
 from llmkit.generate.json_schema import compile_schema
+from tests.helpers import ScriptedModel, cli_status, run_cli
 
 
 def step(thought: str, action: str, text: str) -> str:
@@ -183,3 +183,29 @@ def test_agent_cli_on_smollm2_writes_the_transcript(smollm2_local, capsys: pytes
     assert saved["question"] == "What is 9 + 10?" and saved["parse_failures"] == 0 and "Question: What is 9 + 10?" in out
     assert all(s["action"] in ("calculator", "python", "finish") for s in saved["steps"])
     assert math.isfinite(saved["max_prompt_tokens"]) and saved["max_prompt_tokens"] + 112 <= smollm2_local.context_window
+
+
+def test_agent_cli_searches_an_index(capsys: pytest.CaptureFixture, tmp_path, monkeypatch) -> None:
+    """--tools search reads a `llmkit rag index` folder: the observation holds the indexed passage (BM25 half of the
+    hybrid ranking finds the exact words even with a tiny random encoder)."""
+    from llmkit.checkpoints import save_model
+    from tests.test_apps_index import tiny_embedder
+
+    embedder = tiny_embedder()
+    save_model(embedder.model, tmp_path / "encoder", embedder.tokenizer)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "everest.txt").write_text("Mount Everest was first climbed in 1953 by Hillary and Norgay.", encoding="utf-8")
+    (docs / "paris.txt").write_text("Paris is the capital of France.", encoding="utf-8")
+    index = tmp_path / "index"
+    code, _, err = run_cli(capsys, "rag", "index", "--docs", str(docs), "--output", str(index), "--model",
+                           str(tmp_path / "encoder"))
+    assert code == 0, err
+    model = ScriptedModel([step("Look it up.", "search", "Everest first climbed"), step("Found it.", FINISH, "1953")])
+    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: model)
+    code, out, err = run_cli(capsys, "agent", "--tools", "search", "--index", str(index), "--question",
+                             "When was Everest first climbed?")
+    assert code == 0, err
+    assert "Observation: [1] everest: Mount Everest was first climbed in 1953" in out and "Answer: 1953" in out
+    code, err = cli_status(capsys, "agent", "--tools", "calculator", "--index", str(index))
+    assert code == 2 and "--index is read by the search tool only" in err

@@ -143,11 +143,13 @@ def rag_ask(
     from llmkit.commands.chat import checked_text
 
     question = checked_text(question, "--question")
-    if index is None:
-        with _builtin_index(device) as opened:
-            return _answer(opened, question, k, method, model, max_new_tokens, context_tokens, dtype, device)
-    with _open_existing_index(index, device) as opened:
+    with open_rag_index(index, device) as opened:
         return _answer(opened, question, k, method, model, max_new_tokens, context_tokens, dtype, device)
+
+
+def open_rag_index(index: str | None, device: str):  # noqa: ANN201 (a RagIndex, a context manager)
+    """The index in folder `index` (never a new one), or without one the built-in Wikipedia index, built first."""
+    return _builtin_index(device) if index is None else _open_existing_index(index, device)
 
 
 def _answer(index, question: str, k: int, method: str, model: str | None, max_new_tokens: int,  # noqa: ANN001
