@@ -37,6 +37,7 @@ COMMANDS: dict[str, Any] = {
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
+    "reason": "reason:reason",
     "cascade": "cascade:cascade",
     "convert": "convert:convert",
 }
