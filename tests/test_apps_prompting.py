@@ -103,3 +103,22 @@ def test_self_consistency_votes_per_prompt_over_sampled_chains():
     assert results[0].replies == tuple(replies[:3]) and results[1].vote.share == pytest.approx(1 / 3)
     with pytest.raises(LlmkitError, match="temperature=0"):
         self_consistency(model, ["p"], 3, 10, SamplingSettings(), extract=str)
+
+
+@pytest.mark.slow
+def test_similarity_with_minilm_finds_the_paraphrase():
+    """The default embedder (all-MiniLM-L6-v2): a reworded pool question is the query's nearest example, and the
+    order matches a brute-force cosine over the same embeddings."""
+    from llmkit.apps.prompting import default_embedder
+
+    pool = ["Tom has 3 apples and buys 5 more. How many apples does he have?",
+            "A train travels 60 miles per hour for 3 hours. How far does it go?",
+            "Sara reads 20 pages a day. How many pages does she read in a week?",
+            "The recipe needs 2 cups of flour per cake. How much flour for 4 cakes?"]
+    embed = default_embedder()
+    query = "How far does a train go in 3 hours at 60 miles per hour?"
+    chosen = SimilaritySelector(pool, embed).select(query, 4)
+    assert chosen[0] == 1
+    vectors, target = embed(pool), embed([query])[0]
+    scores = torch.nn.functional.cosine_similarity(vectors, target[None], dim=-1)
+    assert chosen == torch.argsort(scores, descending=True).tolist()

@@ -35,6 +35,7 @@ from llmkit.apps.prompting import (
     FewShotPrompt,
     FixedSelector,
     RandomSelector,
+    SampledChains,
     SimilaritySelector,
     fewshot_prompt,
     self_consistency,
@@ -203,10 +204,16 @@ def self_consistency_cot(model: TextModel, problems: Sequence[Problem], setup: S
     settings = SamplingSettings(temperature=setup.temperature, seed=setup.seed)
     voted = self_consistency(model, [p.text for p in prompts], setup.samples, setup.cot_tokens, settings,
                              extract_answer, setup.stops(model))
-    return [Prediction(chains.vote.answer, chains.replies[chains.vote.answers.index(chains.vote.answer)]
-                       if chains.vote.answer is not None else chains.replies[0], prompt.text, prompt.n_examples,
-                       chains.vote.share, chains.replies)
+    return [Prediction(chains.vote.answer, _winning_chain(chains), prompt.text, prompt.n_examples, chains.vote.share,
+                       chains.replies)
             for prompt, chains in zip(prompts, voted)]
+
+
+def _winning_chain(chains: SampledChains) -> str:
+    """The first chain that gave the majority answer (the first chain when none gave an answer)."""
+    if chains.vote.answer is None:
+        return chains.replies[0]
+    return chains.replies[chains.vote.answers.index(chains.vote.answer)]
 
 
 METHODS: dict[str, Callable[..., list[Prediction]]] = {

@@ -27,6 +27,7 @@ def reason(
     batch_size: int = 8,
     output: str = "reason_out",
     progress: bool = True,
+    weights: Literal["float", "quantized"] = "float",
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> list[dict[str, Any]]:
@@ -58,6 +59,8 @@ def reason(
         batch_size: problems per batched generation.
         output: folder for results.json, table.md and samples/.
         progress: show a progress bar per method.
+        weights: a .gguf's matrices dequantized at load (float) or kept in their blocks (quantized: less memory,
+            but few-shot prompts are long and the quantized path dequantizes every matrix on each prefill forward).
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
@@ -81,7 +84,7 @@ def reason(
     setup = Setup(shots=shots, selection=selection, seed=seed, chat=chat, cot_tokens=cot_tokens, samples=samples,
                   temperature=temperature)
     path = model_path(model)
-    llm = LocalModel(load_decoder(path, dtype, device), load_tokenizer(path), batch_size=batch_size)
+    llm = LocalModel(load_decoder(path, dtype, device, weights), load_tokenizer(path), batch_size=batch_size)
     if progress:
         layout = "chat turns" if setup.uses_chat(llm) else "plain Q/A"
         print(f"GSM8K {split}: {len(problems)} problems, {shots}-shot ({selection}), {layout} prompts, {path.name}",
