@@ -136,7 +136,7 @@ def test_methods_on_smollm2(smollm2_local, pool):
     """Each method on 3 real problems: replies come back, answers are extracted or marked missing, the CoT prompt
     holds the rationales, self-consistency draws n different chains."""
     problems = load_gsm8k("test", limit=3)
-    setup = Setup(shots=2, pool=pool, cot_tokens=48, answer_tokens=8, samples=3)
+    setup = Setup(shots=2, pool=pool, cot_tokens=48, answer_tokens=8, samples=2)  # SC: 6 chains, one batch
     for name, method in METHODS.items():
         predictions = method(smollm2_local, problems, setup)
         assert len(predictions) == 3 and all(p.reply.strip() for p in predictions), name
@@ -148,4 +148,34 @@ def test_methods_on_smollm2(smollm2_local, pool):
                 shown = [e for e in pool if e.question in p.prompt]
                 assert p.n_examples == len(shown) == 2 and all(rationale(e.solution) in p.prompt for e in shown)
         if name == "self_consistency":
-            assert all(len(set(p.replies)) == 3 for p in predictions)  # sampled: 3 different chains per problem
+            assert all(len(p.replies) == len(set(p.replies)) == 2 for p in predictions)  # sampled: 2 different chains
+
+
+def test_reason_cli_end_to_end_on_a_tiny_model(tmp_path, capsys, one_thread):
+    """`llmkit reason` on a tiny random model: the table, results.json and per-method samples agree with each other
+    and with GSM8K's references; plain prompts (no chat template), examples dropped to fit a 1,024-token window."""
+    import json
+
+    from llmkit.checkpoints import save_model
+    from tests.helpers import byte_tokenizer, run_cli, tiny_decoder
+
+    save_model(tiny_decoder(max_seq_len=1024), tmp_path / "model", byte_tokenizer())
+    code, out, err = run_cli(capsys, "reason", "--model", str(tmp_path / "model"), "--methods",
+                             "direct,self_consistency", "--limit", "2", "--shots", "2", "--samples", "2",
+                             "--cot_tokens", "8", "--batch_size", "2", "--output", str(tmp_path / "out"),
+                             "--progress", "false")
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [m["method"] for m in results["methods"]] == ["direct", "self_consistency"]
+    for method in results["methods"]:
+        records = [json.loads(line) for line in (tmp_path / "out" / "samples" / f"{method['method']}.jsonl").open()]
+        assert [r["reference"] for r in records] == ["18", "3"]  # the first two test problems
+        assert method["n_correct"] == sum(r["correct"] for r in records) and method["n_problems"] == 2
+        budget = 24 if method["method"] == "direct" else 8  # new tokens; byte tokens: one per UTF-8 byte
+        for r in records:
+            assert r["prompt"].endswith(f"Q: {r['question']}\nA:") and r["prompt"].count("Q: ") == r["n_examples"] + 1
+            assert len(r["prompt"].encode()) + budget <= 1024, (method["method"], r["n_examples"])
+        if method["method"] == "self_consistency":  # two rationales do not fit beside the question: one is dropped
+            assert [r["n_examples"] for r in records] == [1, 1]
+    assert all(len(r["replies"]) == 2 for r in map(json.loads, (tmp_path / "out/samples/self_consistency.jsonl").open()))
+    assert "| direct |" in out and (tmp_path / "out" / "table.md").read_text().strip() in out
