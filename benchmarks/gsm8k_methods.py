@@ -1,7 +1,7 @@
 """GSM8K method table: direct vs zero-shot CoT vs few-shot CoT vs self-consistency on the same test problems and the
 same model, exact-match accuracy, with each method's generation budget and time per problem. Writes
-docs/gsm8k_methods.json (one entry per model, others kept; methods run one at a time on the same problems join
-the model's table) and prints the markdown table.
+docs/gsm8k_methods.json (one entry per model and problem count, others kept; methods run one at a time on the same
+problems join that entry's table) and prints the markdown table.
 
     nice python benchmarks/gsm8k_methods.py                            # SmolLM2-135M-Instruct, first 50 test problems
     nice python benchmarks/gsm8k_methods.py --model gemma3 --methods direct,zero_shot_cot,fewshot_cot
@@ -61,14 +61,15 @@ def main() -> None:
                          "cpus": os.cpu_count(), "load_average_before": load_before,
                          "load_average_after": os.getloadavg(), "seconds": round(time.time() - started, 1)}}
     report = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
-    earlier = report.get(args.model, {})
+    key = f"{args.model}, first {args.limit}"
+    earlier = report.get(key, {})
     if earlier.get("problems") == entry["problems"]:  # methods run separately on the same problems join one table
         kept = [m for m in earlier["methods"] if m["method"] not in {s["method"] for s in summaries}]
         entry["methods"] = kept + summaries
         entry["machine"] = [*_as_list(earlier["machine"]), entry["machine"]]
-    report[args.model] = entry
+    report[key] = entry
     atomic_write_text(OUT_JSON, json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {OUT_JSON} ({args.model}: {entry['machine']['seconds']} s)")
+    print(f"\nwrote {OUT_JSON} ({key}: {entry['machine']['seconds']} s)")
 
 
 def _as_list(value: dict | list) -> list:
