@@ -124,13 +124,13 @@ def default_embedder(batch_size: int = 64) -> Embedder:
 
 # ----------------------------------------------------------------------------- laying out the prompt
 
-def plain_prompt(examples: Sequence[Example], question: str, answer_prefix: str = "") -> str:
+def plain_fewshot_prompt(examples: Sequence[Example], question: str, answer_prefix: str = "") -> str:
     """Q/A pairs, then the question and "A:" (followed by `answer_prefix`, e.g. the CoT trigger)."""
     shots = "".join(f"Q: {example.question}\nA: {example.answer}\n\n" for example in examples)
     return f"{shots}Q: {question}\nA:" + (f" {answer_prefix}" if answer_prefix else "")
 
 
-def chat_prompt(model: TextModel, examples: Sequence[Example], question: str, answer_prefix: str = "",
+def chat_fewshot_prompt(model: TextModel, examples: Sequence[Example], question: str, answer_prefix: str = "",
                 system: str | None = None) -> str:
     """Each example as a user turn and an assistant turn, then the question, through the model's chat template;
     `answer_prefix` starts the assistant's reply."""
@@ -150,8 +150,8 @@ def fewshot_prompt(model: TextModel, examples: Sequence[Example], question: str,
     `max_new_tokens` of reply; raises LlmkitError when the question alone does not fit."""
     def build(shots: Sequence[Example]) -> str:
         if chat:
-            return chat_prompt(model, shots, question, answer_prefix, system)
-        return (f"{system}\n\n" if system else "") + plain_prompt(shots, question, answer_prefix)
+            return chat_fewshot_prompt(model, shots, question, answer_prefix, system)
+        return (f"{system}\n\n" if system else "") + plain_fewshot_prompt(shots, question, answer_prefix)
 
     budget = model.context_window - max_new_tokens
     for n in range(len(examples), -1, -1):
