@@ -60,6 +60,7 @@ def main() -> None:
              "machine": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
                          "cpus": os.cpu_count(), "load_average_before": load_before,
                          "load_average_after": os.getloadavg(), "seconds": round(time.time() - started, 1)}}
+    seconds = entry["machine"]["seconds"]
     report = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
     key = f"{args.model}, first {args.limit}"
     earlier = report.get(key, {})
@@ -69,7 +70,7 @@ def main() -> None:
         entry["machine"] = [*_as_list(earlier["machine"]), entry["machine"]]
     report[key] = entry
     atomic_write_text(OUT_JSON, json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {OUT_JSON} ({key}: {entry['machine']['seconds']} s)")
+    print(f"\nwrote {OUT_JSON} ({key}: {seconds} s)")
 
 
 def _as_list(value: dict | list) -> list:
