@@ -38,6 +38,7 @@ COMMANDS: dict[str, Any] = {
     "chat": "chat:chat",
     "embed": "embed:embed",
     "rag": {"index": "rag:rag_index", "ask": "rag:rag_ask", "eval": "rag:rag_eval"},
+    "reason": "reason:reason",
     "cascade": "cascade:cascade",
     "pal": "pal:pal",
     "agent": "agent:agent",
