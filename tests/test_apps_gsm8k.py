@@ -17,6 +17,7 @@ from llmkit.apps.gsm8k import (
     fewshot_cot,
     load_gsm8k,
     method_table,
+    program_aided,
     rationale,
     run_method,
     self_consistency_cot,
@@ -124,6 +125,18 @@ def test_run_method_counts_missing_answers_and_tabulates(problems, pool):
     assert re.match(r"\| direct \| 75\.0% \| 3/4 \| 1 \| 24 tokens \| \d+\.\d \|", row)
     with pytest.raises(LlmkitError, match="3 predictions for 4 problems"):
         accuracy([Prediction(Fraction(1), "", "")] * 3, problems)
+
+
+def test_pal_method_runs_each_program_and_scores_its_printed_number(problems):
+    """Programs that return the reference (problem 0), a wrong number (1), raise (2) and print text (3)."""
+    bodies = [f"    return {problems[0].answer}\n", f"    return {problems[1].answer} + 1\n",
+              "    return 1 / 0\n", "    return 'many'\n"]
+    model = ScriptedModel(lambda prompt: next(body for p, body in zip(problems, bodies) if p.question in prompt))
+    predictions = program_aided(model, problems, Setup(cot_tokens=64))
+    assert [p.answer for p in predictions] == [problems[0].answer, problems[1].answer + 1, None, None]
+    assert accuracy(predictions, problems) == pytest.approx(1 / 4)
+    assert "ZeroDivisionError" in predictions[2].reply and "not a number" in predictions[3].reply
+    assert "pal" in METHODS and predictions[0].prompt.endswith("def solution():\n")
 
 
 def test_reason_cli_rejects_unknown_methods(capsys):

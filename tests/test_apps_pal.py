@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
-from llmkit.apps.pal import EXAMPLES, PROGRAM_START, extract_program, pal_prompt, parse_number, solve_with_program
+from llmkit.apps.pal import EXAMPLES, PROGRAM_START, extract_program, pal_prompt, printed_number, solve_with_program
 from llmkit.apps.sandbox import run_python
 from tests.helpers import ScriptedModel, cli_status, run_cli
 
@@ -16,7 +18,7 @@ def test_the_prompt_examples_compute_their_gsm8k_answers() -> None:
     answers = []
     for _, body in EXAMPLES:
         result = run_python(PROGRAM_START + body + "\nprint(solution())\n", timeout=2)
-        answers.append(parse_number(result.stdout))
+        answers.append(printed_number(result.stdout))
     assert answers == [5, 16, 5]  # the GSM8K train answers of the problems they were written from
 
 
@@ -69,14 +71,17 @@ def test_reply_that_stops_at_once_has_no_body() -> None:
     assert result.answer is None and result.sandbox is None and "does not parse" in result.reason
 
 
-def test_parse_number() -> None:
-    assert [parse_number(text) for text in ("31", "31.0", "$1,200", "12.50", "7%", "abc", "nan", "1 2")] == \
-        [31, 31, 1200, 12.5, 7, None, None, None]
+def test_printed_number() -> None:
+    texts = ("31", "31.0", "$1,200", "12.50", "7%", "0.30000000000000004", "-2.5", "abc", "nan", "1 2", "x 3")
+    assert [printed_number(text) for text in texts] == \
+        [31, 31, 1200, Fraction(25, 2), 7, Fraction("0.30000000000000004"), Fraction(-5, 2),
+         None, None, None, None]
+    assert printed_number("17.999999999999996") == 18  # float rounding of the program's arithmetic
 
 
 def test_pal_cli_solves_a_gsm8k_test_problem_and_shows_the_reference(capsys: pytest.CaptureFixture, monkeypatch) -> None:
     model = ScriptedModel(["    eggs = 16 - 3 - 4\n    return eggs * 2\n"])
-    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: model)
+    monkeypatch.setattr("llmkit.commands.common.local_model", lambda *args: model)
     code, out, err = run_cli(capsys, "pal", "--timeout", "2")
     assert code == 0, err
     assert "Janet" in out and "return eggs * 2" in out and "Answer: 18" in out and "Reference answer: 18" in out
@@ -95,6 +100,6 @@ def test_pal_on_smollm2_runs_the_extracted_program(smollm2_local) -> None:
     if result.sandbox is not None:  # it parsed, so it ran: the sandbox's output is what was parsed
         assert result.sandbox.protections and (result.answer is not None) == (result.reason is None)
         if result.answer is not None:
-            assert parse_number(result.sandbox.stdout.strip().splitlines()[-1]) == result.answer
+            assert printed_number(result.sandbox.stdout.strip().splitlines()[-1]) == result.answer
     else:
         assert "does not parse" in result.reason

@@ -162,7 +162,7 @@ def test_constrained_agent_on_smollm2_parses_every_step(smollm2_local) -> None:
 
 def test_agent_cli_prints_the_transcript_and_writes_json(capsys: pytest.CaptureFixture, tmp_path, monkeypatch) -> None:
     model = ScriptedModel([step("Multiply.", "calculator", "84 * 3.5 + 60 * 2"), step("Done.", FINISH, "414")])
-    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: model)
+    monkeypatch.setattr("llmkit.commands.common.local_model", lambda *args: model)
     output = tmp_path / "run.json"
     code, out, err = run_cli(capsys, "agent", "--tools", "calculator", "--max_steps", "3", "--output", str(output))
     assert code == 0, err
@@ -174,7 +174,7 @@ def test_agent_cli_prints_the_transcript_and_writes_json(capsys: pytest.CaptureF
 @pytest.mark.slow
 def test_agent_cli_on_smollm2_writes_the_transcript(smollm2_local, capsys: pytest.CaptureFixture, tmp_path,
                                                     monkeypatch) -> None:
-    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: smollm2_local)  # the shared fixture's model
+    monkeypatch.setattr("llmkit.commands.common.local_model", lambda *args: smollm2_local)  # the shared fixture's model
     output = tmp_path / "run.json"
     code, out, err = run_cli(capsys, "agent", "--tools", "calculator,python", "--question", "What is 9 + 10?",
                              "--max_steps", "1", "--output", str(output))
@@ -202,7 +202,7 @@ def test_agent_cli_searches_an_index(capsys: pytest.CaptureFixture, tmp_path, mo
                            str(tmp_path / "encoder"))
     assert code == 0, err
     model = ScriptedModel([step("Look it up.", "search", "Everest first climbed"), step("Found it.", FINISH, "1953")])
-    monkeypatch.setattr("llmkit.commands.pal.local_model", lambda *args: model)
+    monkeypatch.setattr("llmkit.commands.common.local_model", lambda *args: model)
     code, out, err = run_cli(capsys, "agent", "--tools", "search", "--index", str(index), "--question",
                              "When was Everest first climbed?")
     assert code == 0, err

@@ -9,6 +9,8 @@ joins the table by being one more such function:
     fewshot_cot         k examples with worked rationales: the TRAIN split's solutions, calculator annotations
                         "<<48/2=24>>" removed, ending "The answer is X." (Wei et al. 2022)
     self_consistency    the few-shot CoT prompt, n chains sampled at temperature T, majority vote (Wang et al. 2023)
+    pal                 the model writes `def solution():`, the sandbox runs it, the printed number is the answer
+                        (Gao et al. 2022; llmkit.apps.pal, its own 3 worked programs as examples)
 
 Examples come from the train split, so no test answer is ever shown; which ones is the Setup's choice (random per
 problem, seeded; by similarity; fixed). A tiny model scores near 0 on GSM8K: the comparison between methods on the
@@ -26,6 +28,8 @@ from functools import cached_property
 from typing import Any, Literal
 
 from llmkit.apps.answers import answers_match, extract_answer, first_number, format_number, reference_answer
+from llmkit.apps.pal import EXAMPLES as PAL_EXAMPLES
+from llmkit.apps.pal import pal_prompt, solve_with_program
 from llmkit.apps.pipeline import TextModel
 from llmkit.apps.prompting import (
     ANSWER_TRIGGER,
@@ -90,6 +94,14 @@ def load_gsm8k(split: str = "test", limit: int | None = None) -> list[Problem]:
             break
         problems.append(Problem(index, row["question"], row["answer"], reference_answer(row["answer"])))
     return problems
+
+
+def gsm8k_problem(split: str, index: int, flag: str = "index") -> Problem:
+    """Problem number `index` of a split; out of range raises LlmkitError naming `flag` and the valid range."""
+    problems = load_gsm8k(split)
+    if not 0 <= index < len(problems):
+        raise LlmkitError(f"{flag} {index} is out of range; GSM8K's {split} split has problems 0-{len(problems) - 1}")
+    return problems[index]
 
 
 def rationale(solution: str) -> str:
@@ -216,11 +228,25 @@ def _winning_chain(chains: SampledChains) -> str:
     return chains.replies[chains.vote.answers.index(chains.vote.answer)]
 
 
+def program_aided(model: TextModel, problems: Sequence[Problem], setup: Setup | None = None) -> list[Prediction]:
+    """PAL: a program per problem (greedy, up to the CoT budget), run in the sandbox; a program that does not
+    parse, fails or prints no number gives no answer (the reason is in the reply field)."""
+    setup = setup or Setup()
+    predictions = []
+    for problem in problems:
+        result = solve_with_program(model, problem.question, setup.cot_tokens)
+        output = result.sandbox.stdout if result.sandbox is not None else ""
+        reply = f"{result.code}\n# output: {output.strip()[-200:]}" + (f"\n# {result.reason}" if result.reason else "")
+        predictions.append(Prediction(result.answer, reply, pal_prompt(problem.question), len(PAL_EXAMPLES)))
+    return predictions
+
+
 METHODS: dict[str, Callable[..., list[Prediction]]] = {
     "direct": direct,
     "zero_shot_cot": zero_shot_cot,
     "fewshot_cot": fewshot_cot,
     "self_consistency": self_consistency_cot,
+    "pal": program_aided,
 }
 
 
@@ -229,7 +255,8 @@ def method_budget(name: str, setup: Setup) -> str:
     return {"direct": f"{setup.direct_tokens} tokens, greedy",
             "zero_shot_cot": f"{setup.cot_tokens} + {setup.answer_tokens} tokens, greedy",
             "fewshot_cot": f"{setup.cot_tokens} tokens, greedy",
-            "self_consistency": f"{setup.samples} x {setup.cot_tokens} tokens, T={setup.temperature}"}.get(name, "")
+            "self_consistency": f"{setup.samples} x {setup.cot_tokens} tokens, T={setup.temperature}",
+            "pal": f"{setup.cot_tokens} tokens of program, greedy; sandboxed run"}.get(name, "")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -18,7 +18,9 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
+from llmkit.apps.answers import NUMBER_PATTERN, parse_number
 from llmkit.apps.pipeline import TextModel
 from llmkit.apps.sandbox import DEFAULT_TIMEOUT, SandboxResult, run_python
 from llmkit.errors import LlmkitError
@@ -66,7 +68,7 @@ class PalResult:
     reply: str
     code: str
     sandbox: SandboxResult | None
-    answer: int | float | None
+    answer: Fraction | None
     reason: str | None = None  # why answer is None
 
 
@@ -96,17 +98,16 @@ def extract_program(text: str) -> str | None:
     return "\n".join(kept).rstrip() + "\n"
 
 
-def parse_number(text: str) -> int | float | None:
-    """The number in a printed result ("31", "31.0", "$1,200", "12.50"), as an int when it is whole; None if the
-    text is not one number."""
-    cleaned = text.strip().replace(",", "").removeprefix("$").rstrip("%").strip()
-    try:
-        value = float(cleaned)
-    except ValueError:
+def printed_number(line: str) -> Fraction | None:
+    """The value of a printed result line that is one number ("31", "31.0", "$1,200", "12.50", "7%"), exact as
+    llmkit.apps.answers reads numbers; a float within 1e-9 of a whole number (0.1 + 0.2 style rounding of the
+    program's arithmetic) counts as that whole number. None if the line is not one number."""
+    text = line.strip().rstrip("%").strip()
+    if NUMBER_PATTERN.fullmatch(text) is None:
         return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return None
-    return int(value) if value.is_integer() else value
+    value = parse_number(text)
+    nearest = round(value)
+    return Fraction(nearest) if abs(value - nearest) <= Fraction(1, 10**9) else value
 
 
 def solve_with_program(model: TextModel, problem: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -125,7 +126,7 @@ def solve_with_program(model: TextModel, problem: str, max_new_tokens: int = DEF
     if not result.ok:
         return PalResult(problem, reply, code, result, None, f"the program did not finish: {result.status}, {result.detail}")
     lines = result.stdout.strip().splitlines()
-    answer = parse_number(lines[-1]) if lines else None
+    answer = printed_number(lines[-1]) if lines else None
     if answer is None:
         printed = lines[-1][:80] if lines else ""
         return PalResult(problem, reply, code, result, None, f"the program printed {printed!r}, not a number")

@@ -47,7 +47,7 @@ def agent(
 
     from llmkit.apps.react import run_agent
     from llmkit.apps.tools import make_tools
-    from llmkit.commands.pal import local_model
+    from llmkit.commands.common import local_model
     from llmkit.io import atomic_write_text
 
     names = [name.strip() for name in tools.split(",") if name.strip()]

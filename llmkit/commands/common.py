@@ -52,6 +52,20 @@ def _load_unfused_decoder(path: Path, dtype: str, device: str, weights: GgufWeig
     return load_model(path, dtype=dtype, device=device, arch="decoder")
 
 
+def local_model(model: str | None, dtype: str = "float32", device: str = "cpu", weights: GgufWeights = "quantized",
+                batch_size: int | None = None):  # noqa: ANN201 (an llmkit.apps.LocalModel)
+    """The decoder at `model` (default SmolLM2-135M-Instruct) and its tokenizer as an application model
+    (llmkit.apps.LocalModel), loaded as `load_decoder` loads it; `batch_size` prompts per generate call."""
+    from llmkit.apps import LocalModel
+    from llmkit.checkpoints import load_tokenizer
+
+    path = model_path(model)
+    llm = LocalModel(load_decoder(path, dtype, device, weights), load_tokenizer(path))
+    if batch_size is not None:
+        llm.batch_size = batch_size
+    return llm
+
+
 def with_adapter(llm, adapter: str, path: Path):  # noqa: ANN001, ANN202 (torch types, imported lazily)
     """`llm` with the fine-tuned adapter directory `adapter` applied, in eval mode."""
     from llmkit.checkpoints import load_tokenizer

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from llmkit.commands.common import Device, Dtype
-
-GSM8K_TEST_FILE = "gsm8k/test.jsonl.gz"  # under the shared data folder
 
 
 def pal(
@@ -33,42 +29,21 @@ def pal(
         dtype: activations' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
+    from llmkit.apps.answers import format_number
+    from llmkit.apps.gsm8k import gsm8k_problem
     from llmkit.apps.pal import solve_with_program
+    from llmkit.commands.common import local_model
 
     reference = None
     if problem is None:
-        problem, reference = gsm8k_test_problem(gsm8k_index)
+        chosen = gsm8k_problem("test", gsm8k_index, flag="--gsm8k_index")
+        problem, reference = chosen.question, format_number(chosen.answer)
     result = solve_with_program(local_model(model, dtype, device), problem, max_new_tokens, timeout)
     print(f"Problem: {problem}\n\nProgram:\n{result.code}")
     if result.sandbox is not None:
         print(f"Output ({result.sandbox.status}, {result.sandbox.seconds:.2f} s):\n{result.sandbox.stdout.rstrip()}")
         if result.sandbox.stderr.strip():
             print(result.sandbox.stderr.rstrip())
-    print(f"\nAnswer: {result.answer if result.answer is not None else f'none ({result.reason})'}")
+    print(f"\nAnswer: {format_number(result.answer) if result.answer is not None else f'none ({result.reason})'}")
     if reference is not None:
         print(f"Reference answer: {reference}")
-
-
-def gsm8k_test_problem(index: int) -> tuple[str, str]:
-    """(question, reference answer) of GSM8K test problem `index`."""
-    import gzip
-    import json
-
-    from llmkit.data.shared import shared_data_file
-    from llmkit.errors import LlmkitError
-
-    lines = gzip.decompress(shared_data_file(GSM8K_TEST_FILE).read_bytes()).decode("utf-8").splitlines()
-    if not 0 <= index < len(lines):
-        raise LlmkitError(f"--gsm8k_index {index} is out of range; GSM8K's test split has problems 0-{len(lines) - 1}")
-    record = json.loads(lines[index])
-    return record["question"], record["answer"].rsplit("####", 1)[-1].strip()
-
-
-def local_model(model: str | None, dtype: str, device: str) -> Any:
-    """The decoder at `model` (default SmolLM2-135M-Instruct) as an application model (llmkit.apps.LocalModel)."""
-    from llmkit.apps import LocalModel
-    from llmkit.checkpoints import load_tokenizer
-    from llmkit.commands.common import load_decoder, model_path
-
-    path = model_path(model)
-    return LocalModel(load_decoder(path, dtype, device), load_tokenizer(path))

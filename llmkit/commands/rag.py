@@ -154,13 +154,10 @@ def open_rag_index(index: str | None, device: str):  # noqa: ANN201 (a RagIndex,
 
 def _answer(index, question: str, k: int, method: str, model: str | None, max_new_tokens: int,  # noqa: ANN001
             context_tokens: int | None, dtype: str, device: str) -> Any:
-    from llmkit.apps import LocalModel
     from llmkit.apps.rag import answer_question
-    from llmkit.checkpoints import load_tokenizer
-    from llmkit.commands.common import load_decoder, model_path
+    from llmkit.commands.common import local_model
 
-    path = model_path(model)
-    llm = LocalModel(load_decoder(path, dtype=dtype, device=device), load_tokenizer(path))
+    llm = local_model(model, dtype, device)
     result = answer_question(index, llm, question, k, method, max_new_tokens, context_tokens)
     print(f"Question: {question}\n\n{result.format()}")
     return result

@@ -1,4 +1,4 @@
-"""`llmkit reason`: prompting methods (direct, chain of thought, self-consistency) side by side on GSM8K."""
+"""`llmkit reason`: prompting methods (direct, chain of thought, self-consistency, PAL) side by side on GSM8K."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal
 from llmkit.commands.common import Device, Dtype
 from llmkit.errors import LlmkitError
 
-DEFAULT_METHODS = "direct,zero_shot_cot,fewshot_cot,self_consistency"
+DEFAULT_METHODS = "direct,zero_shot_cot,fewshot_cot,self_consistency,pal"
 RESULTS_FILE, TABLE_FILE, SAMPLES_DIR = "results.json", "table.md", "samples"
 
 
@@ -39,7 +39,8 @@ def reason(
 
     Methods: direct (few-shot, answer only), zero_shot_cot ("Let's think step by step.", Kojima et al. 2022),
     fewshot_cot (worked rationales from the train split, Wei et al. 2022), self_consistency (the few-shot CoT
-    prompt, SAMPLES chains at TEMPERATURE, majority vote; Wang et al. 2023). Prints the table and writes
+    prompt, SAMPLES chains at TEMPERATURE, majority vote; Wang et al. 2023), pal (the model writes a Python
+    program, a sandbox runs it, the printed number is the answer; Gao et al. 2022). Prints the table and writes
     OUTPUT/results.json, OUTPUT/table.md and OUTPUT/samples/METHOD.jsonl (every prompt, reply and answer).
     Small models score near 0 on GSM8K: compare the methods with each other on one model.
 
@@ -67,10 +68,8 @@ def reason(
     import json
     from functools import partial
 
-    from llmkit.apps import LocalModel
     from llmkit.apps.gsm8k import METHODS, Setup, load_gsm8k, method_budget, method_table, prediction_record, run_method
-    from llmkit.checkpoints import load_tokenizer
-    from llmkit.commands.common import load_decoder, model_path
+    from llmkit.commands.common import local_model, model_path
     from llmkit.io import atomic_write_text
 
     names = [name.strip() for name in methods.split(",") if name.strip()]
@@ -84,7 +83,7 @@ def reason(
     setup = Setup(shots=shots, selection=selection, seed=seed, chat=chat, cot_tokens=cot_tokens, samples=samples,
                   temperature=temperature)
     path = model_path(model)
-    llm = LocalModel(load_decoder(path, dtype, device, weights), load_tokenizer(path), batch_size=batch_size)
+    llm = local_model(model, dtype, device, weights, batch_size)
     if progress:
         layout = "chat turns" if setup.uses_chat(llm) else "plain Q/A"
         print(f"GSM8K {split}: {len(problems)} problems, {shots}-shot ({selection}), {layout} prompts, {path.name}",
