@@ -23,6 +23,7 @@ from llmkit.apps.gsm8k import (
     self_consistency_cot,
     zero_shot_cot,
 )
+from llmkit.apps.pal import printed_number
 from llmkit.apps.prompting import ANSWER_TRIGGER, COT_TRIGGER
 from llmkit.errors import LlmkitError
 from tests.helpers import ScriptedModel, cli_status
@@ -135,7 +136,8 @@ def test_pal_method_runs_each_program_and_scores_its_printed_number(problems):
     predictions = program_aided(model, problems, Setup(cot_tokens=64))
     assert [p.answer for p in predictions] == [problems[0].answer, problems[1].answer + 1, None, None]
     assert accuracy(predictions, problems) == pytest.approx(1 / 4)
-    assert "ZeroDivisionError" in predictions[2].reply and "not a number" in predictions[3].reply
+    assert "# no answer: " in predictions[2].reply and "ZeroDivisionError" in predictions[2].reply
+    assert "# printed: many" in predictions[3].reply and "not a number" in predictions[3].reply
     assert "pal" in METHODS and predictions[0].prompt.endswith("def solution():\n")
 
 
@@ -154,6 +156,10 @@ def test_methods_on_smollm2(smollm2_local, pool):
         predictions = method(smollm2_local, problems, setup)
         assert len(predictions) == 3 and all(p.reply.strip() for p in predictions), name
         for p in predictions:
+            if name == "pal":  # the answer is the program's last printed line, read as one number
+                printed = p.reply.split("\n# printed: ")[-1].split("\n")[0]
+                assert p.answer == printed_number(printed) and (p.answer is None) == ("# no answer: " in p.reply)
+                continue
             has_number = NUMBER_PATTERN.search(p.reply.split(ANSWER_TRIGGER)[-1]) is not None
             assert (p.answer is None) == (not has_number), (name, p.reply)
         if name == "fewshot_cot":

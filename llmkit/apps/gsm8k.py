@@ -235,8 +235,9 @@ def program_aided(model: TextModel, problems: Sequence[Problem], setup: Setup | 
     predictions = []
     for problem in problems:
         result = solve_with_program(model, problem.question, setup.cot_tokens)
-        output = result.sandbox.stdout if result.sandbox is not None else ""
-        reply = f"{result.code}\n# output: {output.strip()[-200:]}" + (f"\n# {result.reason}" if result.reason else "")
+        printed = result.sandbox.stdout.strip().splitlines() if result.sandbox is not None else []
+        reply = f"{result.code}\n# printed: {printed[-1][:200] if printed else ''}"
+        reply += f"\n# no answer: {result.reason}" if result.reason else ""
         predictions.append(Prediction(result.answer, reply, pal_prompt(problem.question), len(PAL_EXAMPLES)))
     return predictions
 
