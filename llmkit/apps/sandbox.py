@@ -69,8 +69,8 @@ def unshare_network():
             try:
                 with open(f"/proc/self/{name}", "w") as handle:
                     handle.write(text)
-            except OSError:
-                pass
+            except OSError:  # a kernel may refuse a map; the namespaces stand without it (ids show as nobody)
+                continue
         return ["user_namespace", "network_namespace"]
     if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET alone, where we hold CAP_SYS_ADMIN
         return ["network_namespace"]
@@ -78,8 +78,8 @@ def unshare_network():
 
 try:
     protections += unshare_network()
-except Exception:
-    pass
+except Exception:  # no libc to call (or no /proc): run without namespaces; `protections` will not list them
+    protections += []
 for name in [name for name in sys.modules if name == "ctypes" or name.startswith(("ctypes.", "_ctypes"))]:
     del sys.modules[name]  # a re-import must go through the audit hook
 for name, value in (("RLIMIT_CPU", limits["cpu"]), ("RLIMIT_AS", limits["memory"]), ("RLIMIT_NPROC", limits["nproc"]),
@@ -247,7 +247,7 @@ def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return  # the group is gone already: nothing left to stop
 
 
 def _read_protections(fd: int) -> tuple[str, ...]:
