@@ -138,7 +138,7 @@ def test_pal_method_runs_each_program_and_scores_its_printed_number(problems):
     assert accuracy(predictions, problems) == pytest.approx(1 / 4)
     assert "# no answer: " in predictions[2].reply and "ZeroDivisionError" in predictions[2].reply
     assert "# printed: many" in predictions[3].reply and "not a number" in predictions[3].reply
-    assert "pal" in METHODS and predictions[0].prompt.endswith("def solution():\n")
+    assert "pal" in METHODS and predictions[0].prompt.endswith("```python\ndef solution():")
 
 
 def test_reason_cli_rejects_unknown_methods(capsys):

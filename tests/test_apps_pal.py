@@ -7,8 +7,17 @@ from fractions import Fraction
 
 import pytest
 
-from llmkit.apps.pal import EXAMPLES, PROGRAM_START, extract_program, pal_prompt, printed_number, solve_with_program
+from llmkit.apps.pal import (
+    EXAMPLES,
+    PROGRAM_START,
+    PROMPT_END,
+    extract_program,
+    pal_prompt,
+    printed_number,
+    solve_with_program,
+)
 from llmkit.apps.sandbox import run_python
+from llmkit.errors import LlmkitError
 from tests.helpers import ScriptedModel, cli_status, run_cli
 
 PROBLEM = "Tom has 3 boxes of 12 pens and gives away 5. How many pens are left?"
@@ -22,12 +31,30 @@ def test_the_prompt_examples_compute_their_gsm8k_answers() -> None:
     assert answers == [5, 16, 5]  # the GSM8K train answers of the problems they were written from
 
 
-def test_body_continuation_is_run_and_answered() -> None:
-    model = ScriptedModel(["    boxes = 3\n    pens = boxes * 12\n    answer = pens - 5\n    return answer\n"])
+class BaseModel(ScriptedModel):
+    """A scripted model without a chat template (a base model)."""
+
+    def chat_prompt(self, messages):
+        raise LlmkitError("this model's tokenizer has no chat template")
+
+
+@pytest.mark.parametrize("newline", ["\n", ""])  # a real model writes the newline itself (one "\n   " token)
+def test_body_continuation_is_run_and_answered(newline) -> None:
+    model = ScriptedModel([newline + "    boxes = 3\n    pens = boxes * 12\n    answer = pens - 5\n    return answer\n"])
     result = solve_with_program(model, PROBLEM, timeout=2)
     assert (result.answer, result.reason) == (31, None)
-    assert model.prompts[0] == pal_prompt(PROBLEM) and model.prompts[0].endswith(f"{PROBLEM}\n```python\n{PROGRAM_START}")
+    prompt = model.prompts[0]  # a chat model: each example is a user turn and the assistant's program
+    assert prompt == pal_prompt(PROBLEM, model)
+    assert prompt.endswith(f"Question: {PROBLEM}\nAssistant:```python\n{PROMPT_END}")
+    assert prompt.count("Assistant: ```python\ndef solution():\n") == len(EXAMPLES)
     assert result.code.startswith(PROGRAM_START) and result.sandbox.stdout == "31\n"
+
+
+def test_a_base_model_gets_one_plain_prompt() -> None:
+    model = BaseModel(["\n    return 7 * 6\n"])
+    assert solve_with_program(model, PROBLEM, timeout=2).answer == 42
+    assert model.prompts[0] == pal_prompt(PROBLEM) and model.prompts[0].endswith(f"{PROBLEM}\n```python\n{PROMPT_END}")
+    assert "Assistant:" not in model.prompts[0] and model.prompts[0].count("```python\ndef solution():\n") == 3
 
 
 def test_fenced_program_with_trailing_chatter_is_extracted() -> None:

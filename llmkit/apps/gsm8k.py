@@ -30,7 +30,7 @@ from typing import Any, Literal
 from llmkit.apps.answers import answers_match, extract_answer, first_number, format_number, reference_answer
 from llmkit.apps.pal import EXAMPLES as PAL_EXAMPLES
 from llmkit.apps.pal import pal_prompt, solve_with_program
-from llmkit.apps.pipeline import TextModel
+from llmkit.apps.pipeline import TextModel, has_chat_template
 from llmkit.apps.prompting import (
     ANSWER_TRIGGER,
     COT_TRIGGER,
@@ -159,13 +159,7 @@ class Setup:
                         else f"The answer is {format_number(shot.answer)}.") for shot in chosen]
 
     def uses_chat(self, model: TextModel) -> bool:
-        if self.chat is not None:
-            return self.chat
-        try:
-            model.chat_prompt([{"role": "user", "content": "?"}])
-        except LlmkitError:  # a base model (Gemma 3 270M): plain Q/A prompts
-            return False
-        return True
+        return self.chat if self.chat is not None else has_chat_template(model)  # a base model: plain Q/A prompts
 
     def prompt(self, model: TextModel, problem: Problem, examples: Sequence[Example], max_new_tokens: int,
                answer_prefix: str = "") -> FewShotPrompt:
@@ -238,7 +232,7 @@ def program_aided(model: TextModel, problems: Sequence[Problem], setup: Setup | 
         printed = result.sandbox.stdout.strip().splitlines() if result.sandbox is not None else []
         reply = f"{result.code}\n# printed: {printed[-1][:200] if printed else ''}"
         reply += f"\n# no answer: {result.reason}" if result.reason else ""
-        predictions.append(Prediction(result.answer, reply, pal_prompt(problem.question), len(PAL_EXAMPLES)))
+        predictions.append(Prediction(result.answer, reply, pal_prompt(problem.question, model), len(PAL_EXAMPLES)))
     return predictions
 
 

@@ -58,6 +58,15 @@ class TextModel(Protocol):
         ...
 
 
+def has_chat_template(model: TextModel) -> bool:
+    """Whether `model` can lay out chat messages (an instruct model); a base model's `chat_prompt` refuses."""
+    try:
+        model.chat_prompt([{"role": "user", "content": "?"}])
+    except LlmkitError:
+        return False
+    return True
+
+
 @dataclass
 class LocalModel:
     """An llmkit decoder and its tokenizer as a TextModel (load one with llmkit.commands.common.load_decoder or
