@@ -15,6 +15,9 @@ MiniLM tokens, 32 overlapping). Columns:
 - query latency: median ms per query (embed the query, search, fetch the chunks' text);
 - ratio: llmkit's throughput over the engine's.
 
+The engines run in rounds (--rounds, 3 by default), their order rotated each round, and speeds are medians over the
+rounds, so a change of the machine's load does not land on one engine only.
+
 LangChain reaches the model through a LangChain `Embeddings` adapter around sentence-transformers (langchain-
 huggingface is not a dependency); its FAISS store ranks by L2 distance, the same order as the inner product on unit
 vectors. Each engine embeds with batch 32 on the same torch threads, after a warm-up batch.
@@ -127,6 +130,18 @@ def _row(ranks, latencies, chunks_per_s) -> dict:  # noqa: ANN001
     return row
 
 
+def median_rows(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each engine's row with indexing speed and query latency as medians over the rounds (recall is the same in
+    every round: same chunks, same vectors)."""
+    rows = {}
+    for name, row in rounds[-1].items():
+        rows[name] = dict(row)
+        for key in ("chunks/s", "query ms"):
+            if row[key] is not None:
+                rows[name][key] = statistics.median(r[name][key] for r in rounds)
+    return rows
+
+
 def table(rows: dict[str, dict]) -> str:
     lines = ["| engine | recall@1 | recall@5 | recall@10 | MRR@10 | index chunks/s | query ms | llmkit ratio |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -145,6 +160,7 @@ def main() -> None:
     parser.add_argument("--n_queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="each engine runs once per round; medians are reported")
     parser.add_argument("--output", type=Path, help="JSON file for the rows and settings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,15 +172,25 @@ def main() -> None:
     chunks = [chunk for doc in documents for chunk in chunk_document(doc, embedder.tokenizer, ChunkSettings())]
     model = SentenceTransformer(str(default_encoder_path()), device="cpu")
     model.encode(["warm-up sentence"] * BATCH, batch_size=BATCH)
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        rows |= run_llmkit(documents, queries, Path(scratch) / "llmkit")
-        (Path(scratch) / "langchain").mkdir()
-        rows |= run_langchain(chunks, queries, Path(scratch) / "langchain", model)
-        rows |= run_sentence_transformers(chunks, queries, Path(scratch), model)
+    engines = [lambda folder: run_llmkit(documents, queries, folder),
+               lambda folder: run_langchain(chunks, queries, folder, model),
+               lambda folder: run_sentence_transformers(chunks, queries, folder, model)]
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(args.rounds):  # the order rotates each round, so no engine always meets the same load
+        rows: dict[str, dict] = {}
+        order = engines[round_index % 3:] + engines[:round_index % 3]
+        for engine in order:
+            with tempfile.TemporaryDirectory() as scratch:
+                rows |= engine(Path(scratch))
+        rounds.append(rows)
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {row['chunks/s']:.1f}" for name, row in rows.items() if row["chunks/s"]), flush=True)
+    rows = median_rows(rounds)
     settings = {"n_docs": len(documents), "n_queries": len(queries), "chunks": len(chunks), "seed": args.seed,
-                "threads": args.threads, "machine": platform.processor() or platform.machine(),
-                "date": time.strftime("%Y-%m-%d")}
+                "threads": args.threads, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
+                "date": time.strftime("%Y-%m-%d"),
+                "chunks_per_s_by_round": [{name: row["chunks/s"] for name, row in r.items() if row["chunks/s"]}
+                                          for r in rounds]}
     print(f"{len(queries)} held-out queries, {len(documents):,} wiki_vital articles, {len(chunks):,} chunks, "
           f"{args.threads} threads\n{table(rows)}")
     if args.output:

@@ -240,3 +240,20 @@ def test_the_planner_estimate_is_within_10_percent_of_the_measured_peak(monkeypa
     estimated = training_memory(config, 2, 64, "fp32", optimizer).total
     assert measured.peak_bytes is not None
     assert abs(estimated - measured.peak_bytes) / measured.peak_bytes <= 0.10, (estimated, measured.peak_bytes)
+
+
+def test_small_and_non_contiguous_tensors_get_exact_adamw():
+    """Tensors under min_quantized_numel keep fp32 moments: the update is AdamW's exactly, also for a parameter that
+    is a transposed view (as some imported weights are)."""
+    torch.manual_seed(0)
+    data = torch.randn(6, 8)
+    ours, reference = torch.nn.Parameter(data.t()), torch.nn.Parameter(data.t().contiguous())
+    assert not ours.is_contiguous()
+    optimizer = QuantizedAdamW([ours], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), bits=4)
+    torch_adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
+    for step in range(3):
+        gradient = torch.randn(8, 6, generator=torch.Generator().manual_seed(step))
+        ours.grad, reference.grad = gradient.clone(), gradient.clone()
+        optimizer.step()
+        torch_adamw.step()
+    assert torch.allclose(ours, reference, atol=1e-6) and "exp_avg" in optimizer.state[ours]

@@ -80,9 +80,13 @@ class QuantizedAdamW(torch.optim.Optimizer):
                 if not state:
                     self._init_state(state, p)
                 state["step"] += 1
-                weight, grad = p.view(-1), p.grad.view(-1)  # (n,) each; parameters are contiguous
+                # (n,) views; a non-contiguous parameter (e.g. a transposed import) is updated in a copy, written back
+                weight = p.data.view(-1) if p.is_contiguous() else p.data.contiguous().view(-1)
+                grad = p.grad.reshape(-1)
                 for start in range(0, weight.numel(), CHUNK):  # bounded fp32 temporaries, however large the tensor
                     self._update_chunk(state, group, weight, grad, start, min(start + CHUNK, weight.numel()))
+                if not p.is_contiguous():
+                    p.data.copy_(weight.view(p.shape))
         return loss
 
     def _init_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
