@@ -13,6 +13,7 @@ from llmkit.commands.estimate import measure_training
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.estimate import training_memory
+from llmkit.train.distributed import Cluster
 from llmkit.train.loop import train
 from llmkit.train.lowbit import FIRST_MOMENT, SECOND_MOMENT, dequantize, dynamic_map, quantize
 from llmkit.train.objectives import causal_lm_loss
@@ -257,3 +258,16 @@ def test_small_and_non_contiguous_tensors_get_exact_adamw():
         optimizer.step()
         torch_adamw.step()
     assert torch.allclose(ours, reference, atol=1e-6) and "exp_avg" in optimizer.state[ours]
+
+
+@pytest.mark.parametrize(("optimizer", "strategy", "world_size", "message"), [
+    ("adamw-8bit", "fsdp", 2, "adamw-8bit keeps whole-tensor quantization blocks, which FSDP's sharded parameters split"),
+    ("lomo", "ddp", 2, "lomo updates each weight during backward, before DDP/FSDP could average its gradient"),
+    ("adalomo", "fsdp", 2, "adalomo updates each weight during backward"),
+])
+def test_optimizers_that_cannot_be_distributed_are_refused_before_any_work(tmp_path, optimizer, strategy, world_size,
+                                                                          message):
+    cluster = Cluster(rank=0, world_size=world_size, strategy=strategy)
+    with pytest.raises(LlmkitError, match=message):
+        train(tiny_model(), causal_lm_loss, token_source(), quiet_settings(optimizer=optimizer), tmp_path, cluster=cluster)
+    assert not any(tmp_path.iterdir())  # refused before the run directory was touched

@@ -89,14 +89,17 @@ def train(
     cluster = cluster or init_cluster(resolve_device(settings.device), settings.distributed)
     if settings.precision == "fp16-mixed" and cluster.strategy == "fsdp":
         raise LlmkitError("fp16-mixed is not supported with FSDP; use --precision bf16-mixed")
+    if settings.optimizer in ("adamw-8bit", "adamw-4bit") and cluster.strategy == "fsdp":
+        raise LlmkitError(f"--train.optimizer {settings.optimizer} keeps whole-tensor quantization blocks, which FSDP's "
+                          "sharded parameters split; use --train.distributed auto (DDP) or --train.optimizer adamw")
+    if settings.optimizer in estimate.FUSED_BACKWARD_OPTIMIZERS and cluster.world_size > 1:
+        raise LlmkitError(f"--train.optimizer {settings.optimizer} updates each weight during backward, before DDP/FSDP "
+                          "could average its gradient over processes; run it on one process or use adamw-8bit")
     model.to(cluster.device)
     if settings.activation_checkpointing:
         enable_activation_checkpointing(model)
     dtype = compute_dtype(settings.precision)
     model = wrap_model(model, cluster, param_dtype=dtype if dtype != torch.float32 else None)
-    if settings.optimizer in estimate.FUSED_BACKWARD_OPTIMIZERS and cluster.world_size > 1:
-        raise LlmkitError(f"--train.optimizer {settings.optimizer} updates each weight during backward, before DDP/FSDP "
-                          "could average its gradient over processes; run it on one process or use adamw-8bit")
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas, optimizer=settings.optimizer)
     fused_backward = getattr(optimizer, "updates_in_backward", False)
     scheduler = build_scheduler(optimizer, settings.schedule, settings.warmup_steps, settings.max_steps,
