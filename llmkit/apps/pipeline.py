@@ -165,7 +165,9 @@ class Pipeline:
 
     def prompt(self, **values: Any) -> str:
         """The exact prompt text the model would see for these values (with memory and chat template applied)."""
-        text = self.template.format(**values)
+        return self._prompt_for(self.template.format(**values))
+
+    def _prompt_for(self, text: str) -> str:
         if self.memory is not None:
             return self.model.chat_prompt(self.memory.messages(text))
         return self.model.chat_prompt([{"role": "user", "content": text}]) if self.chat else text
@@ -175,13 +177,14 @@ class Pipeline:
 
     def run(self, **values: Any) -> tuple[str, Any]:
         """(reply text, parsed result) for one call."""
-        prompt = self.prompt(**values)
+        text = self.template.format(**values)
+        prompt = self._prompt_for(text)
         if self.schema is not None:
             reply = self.model.complete_json(prompt, self.schema, self.max_new_tokens, self.settings)
         else:
             reply = self.model.complete([prompt], self.max_new_tokens, self.settings, self.stop)[0]
         if self.memory is not None:
-            self.memory.add(self.template.format(**values), reply)
+            self.memory.add(text, reply)
         return reply, self.parse(reply)
 
     def sample(self, n: int, seed: int | None = None, **values: Any) -> list[tuple[str, Any]]:

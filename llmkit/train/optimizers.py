@@ -37,6 +37,7 @@ so the state of an n x m matrix is n + m numbers. The normalised update needs no
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
@@ -148,7 +149,7 @@ class QuantizedAdamW(torch.optim.Optimizer):
                     self.state[p][name] = saved[key][name].to(p.device)
 
 
-class FusedBackwardOptimizer(torch.optim.Optimizer):
+class FusedBackwardOptimizer(torch.optim.Optimizer, abc.ABC):
     """An optimizer that updates each parameter inside backward, as soon as its gradient is complete, and frees the
     gradient. The training loop runs backward only: `step()` updates nothing (the updates already happened), it
     closes the step. Gradient accumulation is impossible (each backward updates), and so is gradient clipping by the
@@ -176,9 +177,9 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
                 self.update(p, grad, group, self.clip_coefficient)
         p.grad = None
 
+    @abc.abstractmethod
     def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], scale: float) -> None:
         """Update `p` from its gradient times `scale` (the clipping coefficient); `grad` may be reused as scratch."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def measure_grad_norm(self) -> Iterator[None]:
