@@ -32,8 +32,12 @@ def pal(
     from llmkit.apps.answers import format_number
     from llmkit.apps.gsm8k import gsm8k_problem
     from llmkit.apps.pal import solve_with_program
+    from llmkit.commands.chat import checked_text
     from llmkit.commands.common import local_model
+    from llmkit.errors import LlmkitError
 
+    if problem is not None and not checked_text(problem, "--problem").strip():
+        raise LlmkitError("--problem is empty; pass the word problem to solve (or leave it out for a GSM8K problem)")
     reference = None
     if problem is None:
         chosen = gsm8k_problem("test", gsm8k_index, flag="--gsm8k_index")

@@ -79,6 +79,8 @@ def reason(
                           f"{', '.join(METHODS)}")
     if batch_size < 1:
         raise LlmkitError(f"--batch_size {batch_size} must be >= 1")
+    if limit is not None and limit < 1:
+        raise LlmkitError(f"--limit {limit} must be >= 1 (or leave it out for the whole split)")
     problems = load_gsm8k(split, limit)
     setup = Setup(shots=shots, selection=selection, seed=seed, chat=chat, cot_tokens=cot_tokens, samples=samples,
                   temperature=temperature)
