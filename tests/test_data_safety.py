@@ -126,7 +126,7 @@ def test_filter_verb_with_safety(tmp_path, capsys):
     code, _, _ = run_cli(capsys, "filter", "--data", str(source), "--output", str(tmp_path / "r.jsonl"), "--rules",
                          str(write_rules(tmp_path)), "--pii", "report")
     findings = [json.loads(line) for line in (tmp_path / "r.pii.jsonl").read_text().splitlines()]
-    assert code == 0 and findings == [{"document": 1, "spans": [[9, 30, "email"], [39, 54, "phone"], [89, 100, "ip"]]},
+    assert code == 0 and findings == [{"document": 1, "spans": [[9, 30, "email"], [39, 55, "phone"], [90, 101, "ip"]]},
                                       {"document": 2, "spans": [[4, 21, "email"]]}]
     assert (WITH_PII[9:30], WITH_PII[39:55]) == ("anna.berg@example.com", "+46 8 123 456 78")
     code, err = cli_status(capsys, "filter", "--data", str(source), "--output", str(tmp_path / "x.jsonl"),
