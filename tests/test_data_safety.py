@@ -2,8 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from llmkit.checkpoints import load_tokenizer
+from llmkit.commands.prepare import prepare_corpus
 from llmkit.data.filter import filter_documents
 from llmkit.data.harmful import (
     HH_RLHF_FILE,
@@ -16,7 +19,9 @@ from llmkit.data.harmful import (
     train_classifier,
 )
 from llmkit.data.safety import HarmfulRule, SafetyRules, load_safety_rules
+from llmkit.data.sft import filter_records
 from llmkit.data.shared import shared_data_file
+from llmkit.data.templates import SFTRecord
 from llmkit.errors import LlmkitError
 from tests.helpers import cli_status, run_cli, write_jsonl
 
@@ -139,3 +144,40 @@ def write_rules(tmp_path):
     path = tmp_path / "quality.yaml"
     path.write_text("disabled: [min_words, stop_words, alpha_words]\n")  # short test documents pass
     return path
+
+
+def test_filter_records_redacts_every_field_and_drops_harmful_rows():
+    records = [
+        SFTRecord("Sure, mail me at bo@example.com.", instruction="Reply", input="I am at +1 555 010 9999"),
+        SFTRecord("You bastard.", instruction="Insult me"),
+        SFTRecord("Fine.", messages=({"role": "user", "content": "my IP is 10.1.1.1"},)),
+        SFTRecord("No personal data here.", instruction="Say something"),
+    ]
+    kept, report = filter_records(records, SafetyRules(pii="redact", harmful="drop"))
+    assert [record.output for record in kept] == ["Sure, mail me at <EMAIL>.", "Fine.", "No personal data here."]
+    assert kept[0].input == "I am at <PHONE>" and kept[0].instruction == "Reply"
+    assert kept[1].messages == ({"role": "user", "content": "my IP is <IP>"},) and kept[2] == records[3]
+    assert report.dropped_documents == {"harmful_blocklist": 1}
+    assert sum(before != after for before, after in zip([records[0], records[2], records[3]], kept)) == 2
+    assert report.redacted_documents == {"pii_email": 1, "pii_phone": 1, "pii_ip": 1}
+
+
+def test_prepare_applies_the_safety_rules(tmp_path):
+    source = write_jsonl(tmp_path / "raw.jsonl", [{"text": CLEAN}, {"text": WITH_PII}, {"text": "what a bastard"}] * 10)
+    manifest = prepare_corpus([str(source)], tmp_path / "shards", vocab_size=300, progress=False,
+                              safety=SafetyRules(pii="redact", harmful="drop"))
+    assert manifest["settings"]["safety"]["pii"] == "redact"
+    splits = manifest["splits"]
+    assert sum(split["n_documents"] for split in splits.values()) == 20
+    reasons = manifest["safety_report"]["reasons"]
+    assert reasons["harmful_blocklist"]["dropped_documents"] == 10 and reasons["pii_email"]["redacted_documents"] == 10
+    tokenizer = load_tokenizer(tmp_path / "shards" / "tokenizer")
+    ids = np.concatenate([np.fromfile(tmp_path / "shards" / entry["name"], dtype=manifest["dtype"])
+                          for split in splits.values() for entry in split["files"]])
+    text = tokenizer.decode(ids.tolist())
+    assert "<EMAIL>" in text and "anna.berg" not in text and "bastard" not in text
+
+
+def test_finetune_refuses_bad_safety_flags_before_loading_a_model(capsys):
+    code, err = cli_status(capsys, "finetune", "--pii", "redact", "--pii_types", "[card]")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: unknown PII type(s) ['card']")
