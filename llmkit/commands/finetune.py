@@ -106,11 +106,14 @@ def finetune(
         merge: also save the model with the adapter merged into its weights (lora, ia3).
         rouge_rows: built-in data only: DialogSum test dialogues scored with ROUGE before and after (0: skip).
     """
+    from llmkit.data.safety import load_safety_rules
+
+    safety = load_safety_rules(None, pii=pii, pii_types=pii_types, pii_allow=pii_allow, harmful=harmful,
+                               harmful_method=harmful_method, harmful_threshold=harmful_threshold)  # before heavy work
     import torch
 
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
     from llmkit.data.packing import sft_batches, sft_validation_batches
-    from llmkit.data.safety import load_safety_rules
     from llmkit.data.sft import SFTReport, builtin_dialogsum, filter_records, load_sft_records, tokenize_records
     from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
@@ -126,8 +129,6 @@ def finetune(
     if rouge_rows < 0:
         raise LlmkitError(f"--rouge_rows {rouge_rows} must be 0 (no ROUGE) or more")
     check_settings(train)  # one readable line before any data or model work
-    safety = load_safety_rules(None, pii=pii, pii_types=pii_types, pii_allow=pii_allow, harmful=harmful,
-                               harmful_method=harmful_method, harmful_threshold=harmful_threshold)
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     try:
         path = Path(model) if model else default_model_path()
