@@ -15,8 +15,9 @@ processes megabytes per second on a CPU. A document's lowercased word unigrams a
 trained with binary cross-entropy. The built-in one learns from Anthropic's HH-RLHF harmless-base (Bai et al. 2022;
 ../shared/data/hh_rlhf): for each dialogue, crowdworkers marked which of two assistant replies was more harmful.
 The rejected reply is the harmful example, the chosen one the harmless one (pairs split 80/20 by a seed, so a
-reply's twin is never on the other side). These labels are relative (a rejected reply is *more* harmful than its
-twin, not always harmful), so the held-out precision/recall it reports is modest, and honest.
+reply's twin is never on the other side), and 1,000 passages of Wikipedia summaries are harmless examples too (see
+`builtin_classifier`). These labels are relative (a rejected reply is *more* harmful than its twin, not always
+harmful), so the held-out precision/recall it reports is modest (about 55%), and honest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from torch import nn
 from llmkit.errors import LlmkitError
 
 HH_RLHF_FILE = "hh_rlhf/harmless-base/test.jsonl.gz"
+WIKI_VITAL_FILE = "wiki_vital/summaries_en.jsonl.gz"
+WIKIPEDIA_PASSAGES = 1000
 ASSISTANT_TURN = "\n\nAssistant:"
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -173,12 +176,33 @@ def evaluate_classifier(model: HarmfulClassifier, examples: Sequence[tuple[str, 
     )
 
 
+def wikipedia_passages(path: Path, count: int, sentences: int = 3) -> list[str]:
+    """`count` passages of `sentences` sentences cut from the LAST summaries of wiki_vital (benchmarks read the
+    first ones): clean encyclopedic text, the harmless examples that keep the classifier from flagging all prose."""
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        summaries = [json.loads(line)["text"] for line in file]
+    passages: list[str] = []
+    for summary in reversed(summaries):
+        pieces = re.split(r"(?<=[.!?]) ", summary)
+        passages += [" ".join(pieces[i:i + sentences]) for i in range(0, len(pieces), sentences)]
+        if len(passages) >= count:
+            break
+    return passages[:count]
+
+
 @lru_cache(maxsize=1)
 def builtin_classifier(seed: int = 0) -> tuple[HarmfulClassifier, ClassifierReport]:
-    """The classifier trained on HH-RLHF harmless-base's 80% split, and its report on the other 20% (trained in a
-    few seconds on first use in a process)."""
+    """The classifier trained on HH-RLHF harmless-base's 80% split plus WIKIPEDIA_PASSAGES harmless passages, and its
+    report on the other 20% of HH-RLHF (trained in a few seconds on first use in a process).
+
+    Why the Wikipedia passages: every HH-RLHF text is a chat reply, and the harmless ones are often refusals, so a
+    classifier trained on HH-RLHF alone learns "not a refusal = harmful" and flags 83% of Wikipedia summaries at 0.5
+    (benchmarks/harmful.py); with 1,000 encyclopedic passages as harmless examples it flags under 1%, at the same
+    held-out accuracy on HH-RLHF."""
     from llmkit.data.shared import shared_data_file
 
     train, held_out = hh_rlhf_split(shared_data_file(HH_RLHF_FILE), seed=seed)
-    model = train_classifier([text for text, _ in train], [label for _, label in train], seed=seed)
+    texts = [text for text, _ in train] + wikipedia_passages(shared_data_file(WIKI_VITAL_FILE), WIKIPEDIA_PASSAGES)
+    labels = [label for _, label in train] + [0] * (len(texts) - len(train))
+    model = train_classifier(texts, labels, seed=seed)
     return model, evaluate_classifier(model, held_out)
