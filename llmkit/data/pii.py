@@ -8,7 +8,8 @@ the format has one, a checksum that rejects look-alikes:
 - EMAIL: local@domain.tld (RFC 5322's common subset: no quoted local parts, no IP-literal domains).
 - PHONE: "+" and a country code then 6-14 more digits in groups ("+44 20 7946 0958", "+1-555-123-4567"), or a
   North American 3-3-4 number with separators ("(555) 123-4567", "555.123.4567"), or a national number starting with
-  0 in 2-4 groups ("020 7946 0958", "030 12345678"). Dates, years and plain digit runs are not phone numbers.
+  0 in 2-5 groups ("020 7946 0958", "030 12345678"), or a bare run of 7-15 digits right after a word that announces
+  a number ("call me at 5558929", "telephone number is 8456086363"). Dates, years and other digit runs are not.
 - IP: IPv4 dotted quads with every octet 0..255 (not inside a longer dotted run, not after "v"/"version": those are
   version strings), and IPv6 addresses as Python's `ipaddress` parses them.
 - CREDIT_CARD: 13-19 digits, optionally in groups split by single spaces or hyphens, with an issuer prefix (Visa 4,
@@ -50,8 +51,11 @@ class PiiSpan:
 
 # ---- patterns --------------------------------------------------------------------------------------------------------
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
-                    r"[A-Za-z]{2,24}(?![\w-])")
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:"
+                    r"(?:" + _DOMAIN_LABEL + r"\.)+[A-Za-z]{2,24}"
+                    r"|(?:" + _DOMAIN_LABEL + r"\.)*" + _DOMAIN_LABEL + r"\. (?:com|net|org|edu|gov|info|io|uk|de|fr|cn|jp)"
+                    r")(?![\w-])")  # the second form: transcripts write "name@yahoo. com"
 _SEP = r"[ .\-]"
 # a run of digit groups ("+44 20 7946 0958 4111 1111 ..."): phone numbers and cards are read out of it group by group
 _DIGIT_RUN = re.compile(r"(?<![\w+.\-])\+?(?:\(\d{1,4}\)|\d)(?:[ .\-]?(?:\(\d{1,4}\)|\d))*(?![\w])")
@@ -63,6 +67,10 @@ _PHONE = re.compile(
     r"|0\d{1,4}(?:" + _SEP + r"\d{2,8}){1,4}"  # national: 020 7946 0958, 01 23 45 67 89
 )
 _CARD = re.compile(r"\d(?:[ -]?\d){12,18}")
+# a bare run of 7-15 digits is a phone number only right after words that announce one ("call me at 5558929")
+_BARE_PHONE = re.compile(r"\+?\d(?:[ -]?\d){6,14}")
+_PHONE_CONTEXT = re.compile(r"(?<!<)\b(?:phone|telephone|tel|cell|mobile|fax|call|dial|ring|reach|contact|extension|ext)"
+                            r"\b(?!>)[^.\n\d]{0,40}$", re.IGNORECASE)  # not inside a placeholder such as <PHONE>
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w]|[ -]\d)")
@@ -165,6 +173,9 @@ def _valid_card(candidate: str) -> bool:
 def _phones(text: str) -> Iterator[PiiSpan]:
     for start, end in _digit_runs(text, _plausible_phone):
         yield PiiSpan(start, end, "phone")
+    for run in _DIGIT_RUN.finditer(text):
+        if _BARE_PHONE.fullmatch(run.group()) and _PHONE_CONTEXT.search(text, max(0, run.start() - 60), run.start()):
+            yield PiiSpan(run.start(), run.end(), "phone")
 
 
 def _ips(text: str) -> Iterator[PiiSpan]:
