@@ -26,7 +26,8 @@ def redacted(text: str, **options) -> str:
      "dates 01.02.2023 and 2023-01-15, 555-123.4567, year 1999, ref 12345678, +1 555"),
     ("Call me at 5558929. My telephone number is 8456086363; mail bo@yahoo. com", "Call me at <PHONE>. My telephone "
      "number is <PHONE>; mail <EMAIL>"),
-    ("In 1999 the town had 1234567 people; bwhite@uk.net. My reply", "In 1999 the town had 1234567 people; <EMAIL>. My reply"),
+    ("In 1999 the town had 1234567 people; bwhite@uk.net. My reply",
+     "In 1999 the town had 1234567 people; <EMAIL>. My reply"),
     # IP addresses; version strings are not
     ("host 192.168.1.20 and 8.8.8.8.", "host <IP> and <IP>."),
     ("version 1.2.3.4, v10.0.0.1, release 2.0.0.1, 1.2.3.4.5, 256.1.1.1", "version 1.2.3.4, v10.0.0.1, release 2.0.0.1, "
