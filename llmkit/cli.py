@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser(argv)
     parsed = parser.parse_args(argv)
     try:
-        arguments = parser.instantiate_classes(parsed)  # dataclass options become instances, which check their values
+        # dataclass options become instances, which check their values (`instantiate` since jsonargparse 4.49)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        arguments = instantiate(parsed)
         target, arguments = COMMANDS[arguments.verb], arguments[arguments.verb]
         if isinstance(target, dict):
             target, arguments = target[arguments.action], arguments[arguments.action]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmkit.commands.common import as_paths
+from llmkit.data.safety import HarmfulMode, PiiMode
 from llmkit.data.templates import FieldMap
 from llmkit.errors import LlmkitError
 from llmkit.peft.settings import (
@@ -39,6 +40,12 @@ def finetune(
     max_length: int = 512,
     packing: bool = False,
     skip_bad_rows: bool = False,
+    pii: PiiMode = "off",
+    pii_types: list[str] | None = None,
+    pii_allow: list[str] | None = None,
+    harmful: HarmfulMode = "off",
+    harmful_method: str = "blocklist",
+    harmful_threshold: float = 0.5,
     lora: LoraSettings = LoraSettings(),  # noqa: B008 (each method's settings are typed flags: --lora.rank 16)
     qlora: QLoraSettings = QLoraSettings(),  # noqa: B008
     prompt: PromptTuningSettings = PromptTuningSettings(),  # noqa: B008
@@ -59,6 +66,7 @@ def finetune(
              llmkit finetune --method qlora --qlora.rank 16 --qlora.alpha 32 --train.max_steps 200
              llmkit finetune --method prefix --prefix.n_virtual_tokens 20
              llmkit finetune --method selective --selective.mode last_blocks --selective.n_blocks 2
+             llmkit finetune --data "[chats.jsonl]" --template chat --pii redact --harmful drop
              llmkit chat --model SmolLM2.gguf --adapter runs/finetune/adapter
 
     Data rows are Alpaca style (instruction/input/output), prompt/completion, or chat `messages`; rename
@@ -80,6 +88,12 @@ def finetune(
         max_length: longest example in tokens (longer prompts are cut from the left; the count is reported).
         packing: pack several examples per row (with attention boundaries) instead of padding.
         skip_bad_rows: skip malformed rows (counted) instead of stopping at the first.
+        pii: personal data and secrets in the rows (see llmkit filter): redact, drop the row, report, or off.
+        pii_types: which PII detectors run (default all: email, phone, ip, credit_card, iban, secret).
+        pii_allow: PII findings kept as they are (compared case-insensitively).
+        harmful: drop or report harmful rows (see llmkit filter), or off.
+        harmful_method: blocklist (C4's rule), classifier (trained on HH-RLHF) or both.
+        harmful_threshold: the classifier flags a row when p(harmful) >= this.
         lora: --method lora: rank, alpha, dropout, targets, rslora, dora, init.
         qlora: --method qlora: LoRA's settings plus the NF4 base's (double_quant, compute_dtype, block_size).
         prompt: --method prompt: soft prompt length and initialisation.
@@ -92,11 +106,15 @@ def finetune(
         merge: also save the model with the adapter merged into its weights (lora, ia3).
         rouge_rows: built-in data only: DialogSum test dialogues scored with ROUGE before and after (0: skip).
     """
+    from llmkit.data.safety import load_safety_rules
+
+    safety = load_safety_rules(None, pii=pii, pii_types=pii_types, pii_allow=pii_allow, harmful=harmful,
+                               harmful_method=harmful_method, harmful_threshold=harmful_threshold)  # before heavy work
     import torch
 
     from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
     from llmkit.data.packing import sft_batches, sft_validation_batches
-    from llmkit.data.sft import SFTReport, builtin_dialogsum, load_sft_records, tokenize_records
+    from llmkit.data.sft import SFTReport, builtin_dialogsum, filter_records, load_sft_records, tokenize_records
     from llmkit.device import resolve_device
     from llmkit.peft.core import save_adapter, trainable_table
     from llmkit.peft.registry import apply_method
@@ -128,6 +146,11 @@ def finetune(
             records = builtin_dialogsum("train", limit)
             report = SFTReport(rows=len(records))
             held_out = builtin_dialogsum("test", rouge_rows) if rouge_rows else []
+        if safety.active:
+            records, safety_report = filter_records(records, safety)
+            if cluster.is_main:
+                print(f"safety rules: kept {len(records):,} of {safety_report.total_documents:,} rows\n"
+                      + safety_report.to_markdown())
         n_validation = max(1, len(records) // 20)
         examples, token_report = tokenize_records(records, tokenizer, template, max_length, seed=train.seed,
                                                   skip_bad_rows=skip_bad_rows, report=report)

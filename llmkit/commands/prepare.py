@@ -7,6 +7,7 @@ from typing import Any
 
 from llmkit.commands.common import as_paths, refuse_writing_onto_inputs
 from llmkit.data.prepare import TOKENIZER_DIR, manifest_header, prepare, previous_manifest
+from llmkit.data.safety import HarmfulMode, PiiMode, SafetyRules, load_safety_rules
 from llmkit.errors import LlmkitError
 
 REPLACE_HINT = "pass --overwrite to replace it, or choose another --output"
@@ -25,6 +26,12 @@ def prepare_data(
     seed: int = 0,
     progress: bool = True,
     special_tokens: list[str] | None = None,
+    pii: PiiMode = "off",
+    pii_types: list[str] | None = None,
+    pii_allow: list[str] | None = None,
+    harmful: HarmfulMode = "off",
+    harmful_method: str = "blocklist",
+    harmful_threshold: float = 0.5,
     overwrite: bool = False,
 ) -> None:
     """Tokenize text into token shards for pretraining (training a tokenizer first unless you give one).
@@ -32,6 +39,7 @@ def prepare_data(
     Example: llmkit prepare                                  (built-in Tiny Shakespeare, new 8,192-token BPE)
              llmkit prepare --data "[books/, web.jsonl.gz]" --output data --vocab_size 32000
              llmkit prepare --data corpus.parquet --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf
+             llmkit prepare --data web.jsonl.gz --pii redact --harmful drop     (safety rules, as in llmkit filter)
 
     Writes OUTPUT/train-00000.bin ... (raw uint16 ids, uint32 above 65,536 tokens), val-*.bin and manifest.json;
     without --tokenizer also OUTPUT/tokenizer/. Each document ends with EOS. With 20 or more documents each one
@@ -53,12 +61,23 @@ def prepare_data(
         progress: show progress bars.
         special_tokens: special tokens of the tokenizer trained when --tokenizer is not given; the first is EOS
             (default: <|endoftext|>; masked-LM pretraining adds [MASK]).
+        pii: personal data and secrets (see llmkit filter): redact, drop the document, report, or off.
+        pii_types: which PII detectors run (default all: email, phone, ip, credit_card, iban, secret).
+        pii_allow: PII findings kept as they are (compared case-insensitively).
+        harmful: drop or report harmful documents (see llmkit filter), or off.
+        harmful_method: blocklist (C4's rule), classifier (trained on HH-RLHF) or both.
+        harmful_threshold: the classifier flags a document when p(harmful) >= this.
         overwrite: replace data in OUTPUT that was prepared from other inputs, tokenizer or settings.
+
+    The safety rules run on each document before it is tokenized, and manifest.json's "safety_report" counts what
+    they dropped and redacted; a tokenizer trained here still learns from the unfiltered text.
     """
+    safety = load_safety_rules(None, pii=pii, pii_types=pii_types, pii_allow=pii_allow, harmful=harmful,
+                               harmful_method=harmful_method, harmful_threshold=harmful_threshold)
     prepare_corpus(as_paths(data), output, tokenizer, text_field=text_field, val_fraction=val_fraction,
                    vocab_size=vocab_size, min_frequency=min_frequency, shard_tokens=shard_tokens,
                    document_separator=document_separator, seed=seed, progress=progress, special_tokens=special_tokens,
-                   overwrite=overwrite, replace_hint=REPLACE_HINT)
+                   overwrite=overwrite, replace_hint=REPLACE_HINT, safety=safety)
 
 
 def prepare_corpus(
@@ -76,6 +95,7 @@ def prepare_corpus(
     special_tokens: list[str] | None = None,
     overwrite: bool = False,
     replace_hint: str = REPLACE_HINT,
+    safety: SafetyRules | None = None,
 ) -> dict[str, Any]:
     """`llmkit prepare` for callers (pretrain too): returns the manifest. Data already in OUTPUT that was prepared
     from other inputs, tokenizer or settings raises (naming `replace_hint`, the fix in the caller's flags) unless
@@ -114,12 +134,14 @@ def prepare_corpus(
         tokenizer_path, loaded = tokenizer, load_tokenizer(tokenizer)
     if previous is not None:
         header = manifest_header(paths, output, loaded, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
-                                 shard_tokens=shard_tokens, document_separator=document_separator, seed=seed)
+                                 shard_tokens=shard_tokens, document_separator=document_separator, seed=seed,
+                                 safety=safety)
         differing = [key for key in header if previous.get(key) != header[key]]
         if differing:
             _refuse_replacing(output, differing, replace_hint)
     manifest = prepare(paths, output, loaded, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
-                       shard_tokens=shard_tokens, document_separator=document_separator, seed=seed, show_progress=progress)
+                       shard_tokens=shard_tokens, document_separator=document_separator, seed=seed, show_progress=progress,
+                       safety=safety)
     print(summary(manifest, output))
     return manifest
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmkit.data.filter import DocumentFilter
+from llmkit.data.safety import SafetyRules
+from llmkit.data.sources import read_documents
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write, atomic_write_text, read_json_object
 from llmkit.tokenizer import PIECE_CHARS, Tokenizer
@@ -47,8 +50,11 @@ def prepare(
     document_separator: str | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    safety: SafetyRules | None = None,
 ) -> dict[str, Any]:
-    """Tokenize `inputs` into OUTPUT/{train,val}-NNNNN.bin + manifest.json; a no-op when those are up to date."""
+    """Tokenize `inputs` into OUTPUT/{train,val}-NNNNN.bin + manifest.json; a no-op when those are up to date.
+    With active `safety` rules each document first passes them (harmful ones dropped, PII redacted or dropped) and
+    the manifest's "safety" entry reports what they changed."""
     if not 0 <= val_fraction < 1:
         raise LlmkitError(f"val_fraction {val_fraction} must be in [0, 1): 0.1 keeps a tenth for validation, 0 none")
     if shard_tokens < 1 or batch_documents < 1:
@@ -62,7 +68,8 @@ def prepare(
     if output.exists() and not output.is_dir():
         raise LlmkitError(f"output {output} is a file: pass a folder for the shards and {MANIFEST}")
     header = manifest_header(inputs, output, tokenizer, tokenizer_path, text_field=text_field, val_fraction=val_fraction,
-                             shard_tokens=shard_tokens, document_separator=document_separator, seed=seed)
+                             shard_tokens=shard_tokens, document_separator=document_separator, seed=seed,
+                             safety=safety)
     previous = previous_manifest(output)
     if previous is not None and {key: previous.get(key) for key in header} == header and _intact(output):
         if show_progress:
@@ -74,9 +81,16 @@ def prepare(
     writers = {TRAIN: _ShardWriter(output, TRAIN, dtype, shard_tokens)}
     if val_fraction > 0:
         writers[VAL] = _ShardWriter(output, VAL, dtype, shard_tokens)
-    documents = _encoded_documents(inputs, tokenizer, text_field, document_separator, batch_documents, dtype, show_progress)
+    texts = read_documents(inputs, text_field, document_separator)
+    safety_filter = None
+    if safety is not None and safety.active:
+        safety_filter = DocumentFilter(None, exact_dedup=False, near_dedup=False, safety=safety)
+        texts = (text for reason, text in map(safety_filter.process, texts) if reason is None)
+    documents = _encoded_documents(texts, tokenizer, batch_documents, dtype, show_progress)
     split_mode = _split(documents, writers, val_fraction, seed)
     manifest = {**header, "split_mode": split_mode, "splits": {name: writer.close() for name, writer in writers.items()}}
+    if safety_filter is not None:
+        manifest["safety_report"] = safety_filter.report.to_dict()
     atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -91,6 +105,7 @@ def manifest_header(
     shard_tokens: int,
     document_separator: str | None,
     seed: int,
+    safety: SafetyRules | None = None,
 ) -> dict[str, Any]:
     """What prepared shards depend on (inputs, tokenizer, settings): equal headers mean the same shards."""
     from llmkit.data.sources import fingerprint_inputs
@@ -106,7 +121,8 @@ def manifest_header(
                       "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest(),
                       "vocab_sha256": tokenizer.fingerprint},
         "settings": {"text_field": text_field, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
-                     "document_separator": document_separator, "seed": seed},
+                     "document_separator": document_separator, "seed": seed,
+                     **({"safety": safety.to_dict()} if safety is not None and safety.active else {})},
         "inputs": fingerprint_inputs(inputs),
     }))  # fmt: skip
 
@@ -147,13 +163,10 @@ def manifest_tokenizer_path(directory: str | Path, manifest: dict[str, Any]) -> 
 
 
 def _encoded_documents(
-    inputs: Sequence[str | Path], tokenizer: Tokenizer, text_field: str, document_separator: str | None,
-    batch_documents: int, dtype: np.dtype, show_progress: bool,
+    texts: Iterable[str], tokenizer: Tokenizer, batch_documents: int, dtype: np.dtype, show_progress: bool,
 ) -> Iterator[np.ndarray]:
     """Each non-empty document's ids followed by EOS, tokenized `batch_documents` at a time (in parallel, in Rust)."""
     from tqdm import tqdm
-
-    from llmkit.data.sources import read_documents
 
     def encoded(batch: list[str]) -> Iterator[np.ndarray]:
         for ids in tokenizer.encode_batch(batch, add_bos=False):
@@ -166,7 +179,7 @@ def _encoded_documents(
     with tqdm(desc="tokenizing", unit=" docs", disable=None if show_progress else True) as progress:
         batch: list[str] = []
         batch_chars = 0
-        for text in read_documents(inputs, text_field, document_separator):
+        for text in texts:
             if len(text) > PIECE_CHARS:  # a long document streams through in pieces (order kept: the batch first)
                 yield from encoded(batch)
                 batch, batch_chars = [], 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,13 @@ def document_measures(text: str, rules: QualityRules | None = None) -> dict[str,
     return measures
 
 
-def load_quality_rules(path: str | Path | None = None, disable: list[str] | None = None) -> QualityRules:
-    """QualityRules with the fields a YAML/JSON file sets (others keep their defaults) and `disable`d rules added."""
+def load_quality_rules(path: str | Path | None = None, disable: list[str] | None = None,
+                       other_keys: Iterable[str] = ()) -> QualityRules:
+    """QualityRules with the fields a YAML/JSON file sets (others keep their defaults) and `disable`d rules added.
+    Keys in `other_keys` belong to other rules kept in the same file (the safety rules) and are skipped."""
     values: dict[str, Any] = {}
     if path is not None:
-        values = _read_rules_file(Path(path))
+        values = {name: value for name, value in read_rules_file(Path(path)).items() if name not in set(other_keys)}
         valid = [item.name for item in fields(QualityRules)]
         unknown = sorted(set(values) - set(valid))
         if unknown:
@@ -238,7 +241,7 @@ def _ngram_thresholds(what: str, thresholds: Any) -> dict[int, float]:
     return converted
 
 
-def _read_rules_file(path: Path) -> dict[str, Any]:
+def read_rules_file(path: Path) -> dict[str, Any]:
     if path.suffix not in RULES_FILE_SUFFIXES:
         raise LlmkitError(f"{path}: quality rules file must be {', '.join(RULES_FILE_SUFFIXES)}; rename or convert it")
     try:

@@ -15,6 +15,7 @@ over-long example. Both are counted in the SFTReport.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llmkit.data.batch import IGNORE_INDEX
+from llmkit.data.filter import DocumentFilter, FilterReport
 from llmkit.data.jsonl import GZIP_ERRORS, JSONL_SUFFIXES, parse_object, read_lines
+from llmkit.data.pii import redact
+from llmkit.data.safety import SafetyRules
 from llmkit.data.templates import CHAT, FieldMap, SFTRecord, Template, check_template, render
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
@@ -323,3 +327,33 @@ def load_sft_dataset(
     """Read, check, render and tokenize SFT files in one call: (examples, report of rows, skips, truncations)."""
     records, report = load_sft_records(paths, field_map, skip_bad_rows, limit)
     return tokenize_records(records, tokenizer, template, max_length, truncation, seed, skip_bad_rows, report)
+
+
+# ---- safety rules ----------------------------------------------------------------------------------------------------
+
+FIELD_JOINER = "\x00"  # joins a record's fields into one document for the safety pass; no PII pattern spans it
+
+
+def filter_records(records: Sequence[SFTRecord], safety: SafetyRules) -> tuple[list[SFTRecord], FilterReport]:
+    """The records that pass the safety rules (llmkit/data/safety.py), redacted where PII is redacted, and the report.
+
+    A record is checked as one document (its instruction, input, messages and output joined by NUL): a harmful one
+    is dropped whole, and PII is redacted in every field.
+    """
+    document_filter = DocumentFilter(None, exact_dedup=False, near_dedup=False, safety=safety)
+    kept = []
+    for record in records:
+        parts = [record.instruction, record.input, *(message.get("content", "") for message in record.messages),
+                 record.output]
+        reason, text = document_filter.process(FIELD_JOINER.join(parts))
+        if reason is not None:
+            continue
+        redacted = text.split(FIELD_JOINER)
+        if len(redacted) != len(parts):  # a field held NUL, or a finding spanned two fields: redact each field alone
+            finder = document_filter.safety.pii if document_filter.safety is not None else None
+            redacted = [redact(part, finder.find(part)) if finder is not None else part for part in parts]
+        instruction, input_text, *contents, output = redacted
+        messages = tuple({**message, "content": content} for message, content in zip(record.messages, contents))
+        kept.append(dataclasses.replace(record, instruction=instruction, input=input_text, messages=messages,
+                                        output=output))
+    return kept, document_filter.report
