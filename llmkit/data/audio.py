@@ -39,7 +39,8 @@ def read_wav(source: str | Path | BinaryIO | bytes, name: str | None = None) -> 
     if isinstance(source, (str, Path)) and not Path(source).is_file():
         raise LlmkitError(f"{label} does not exist; pass a WAV file")
     try:
-        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else source, "rb") as reader:
+        opened = io.BytesIO(source) if isinstance(source, bytes) else str(source) if isinstance(source, Path) else source
+        with wave.open(opened, "rb") as reader:
             channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
             if channels != 1 or width != 2:
                 raise LlmkitError(f"{label} is {channels}-channel {8 * width}-bit audio; llmkit reads mono 16-bit PCM "
