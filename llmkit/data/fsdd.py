@@ -7,8 +7,9 @@ jackson, nicolas and yweweler and holds out lucas (German accent) and theo (US E
 the training set also has.
 
 Training batches (`DigitBatches`) are drawn at random from the position the loop gives, so a resumed run sees the
-same batches; each recording is augmented (speed 0.85-1.15x, gain, a shift in time, light noise) before its log-mel
-features: four voices are few, and these are the variations a new voice brings.
+same batches; each recording is augmented (speed 0.8-1.25x, gain, a shift in time, light noise) before its log-mel
+features, which are then masked in bands and spans (SpecAugment): four voices are few, and these are the variations
+a new voice brings.
 """
 
 from __future__ import annotations
@@ -91,15 +92,33 @@ def digit_tokenizer() -> Tokenizer:
 
 
 def augment(samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random variant of 16 kHz `samples` (N,): speed x0.85-1.15 (pitch and tempo, linear interpolation), gain
+    """One random variant of 16 kHz `samples` (N,): speed x0.8-1.25 (pitch and tempo, linear interpolation), gain
     -10..+6 dB, up to 0.15 s of leading silence, Gaussian noise 40-60 dB below full scale."""
     uniform = lambda low, high: low + (high - low) * float(torch.rand((), generator=generator))
-    speed = uniform(0.85, 1.15)
+    speed = uniform(0.8, 1.25)
     length = max(2, round(samples.shape[0] / speed))
     x = torch.nn.functional.interpolate(samples[None, None], size=length, mode="linear", align_corners=True)[0, 0]
     x = x * 10 ** (uniform(-10.0, 6.0) / 20)
     x = torch.cat([torch.zeros(int(uniform(0.0, 0.15) * SAMPLE_RATE)), x])
     return x + torch.randn(x.shape, generator=generator) * 10 ** (-uniform(40.0, 60.0) / 20)
+
+
+def spec_augment(features: torch.Tensor, generator: torch.Generator, n_masks: int = 2, max_mels: int = 10,
+                 max_frames: int = 10) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) of log-mel features (B, n_mels, frames): each clip gets `n_masks` bands of up to
+    `max_mels` channels and `n_masks` spans of up to `max_frames` frames set to its mean, so the model cannot lean on
+    one formant region or one instant -- what differs most between voices."""
+    out = features.clone()
+    B, n_mels, n_frames = features.shape
+    draw = lambda high: int(torch.randint(high, (), generator=generator))
+    for b in range(B):
+        mean = out[b].mean()
+        for _ in range(n_masks):
+            width, start = draw(max_mels + 1), draw(n_mels)
+            out[b, start : start + width] = mean
+            width, start = draw(max_frames + 1), draw(n_frames)
+            out[b, :, start : start + width] = mean
+    return out
 
 
 def features(recordings: list[torch.Tensor], n_mels: int, n_frames: int) -> torch.Tensor:
@@ -131,5 +150,6 @@ class DigitBatches:
         picks = torch.randint(len(self.recordings), (batch_size,), generator=generator).tolist()
         chosen = [self.recordings[i] for i in picks]
         clips = [augment(r.samples, generator) if self.augmented else r.samples for r in chosen]
-        return {"input_features": features(clips, self.n_mels, self.n_frames),
+        inputs = features(clips, self.n_mels, self.n_frames)
+        return {"input_features": spec_augment(inputs, generator) if self.augmented else inputs,
                 "labels": digit_labels([r.digit for r in chosen], self.tokenizer)}
