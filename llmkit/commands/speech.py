@@ -9,7 +9,7 @@ from llmkit.commands.common import Device
 from llmkit.train.settings import TrainSettings
 
 # A few minutes on this 2-core CPU for the ~0.5M-parameter digit model (docs/multimodal.md, "## Speech")
-SPEECH_DEFAULTS = TrainSettings(max_steps=1200, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05,
+SPEECH_DEFAULTS = TrainSettings(max_steps=2000, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05,
                                 eval_every=0, checkpoint_every=400, log_every=50, device="cpu")
 # Whisper's task tokens after <|startoftranscript|>: English, transcribe, no timestamps (when the vocabulary has them)
 WHISPER_TASK_TOKENS = ("<|en|>", "<|transcribe|>", "<|notimestamps|>")
