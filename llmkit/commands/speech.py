@@ -8,7 +8,7 @@ from typing import Any
 from llmkit.commands.common import Device
 from llmkit.train.settings import TrainSettings
 
-# A few minutes on this 2-core CPU for the ~0.5M-parameter digit model (docs/multimodal.md, "## Speech")
+# ~15 minutes for the 1.0M-parameter digit model on the shared 2-core CPU under load (docs/multimodal.md, "## Speech")
 SPEECH_DEFAULTS = TrainSettings(max_steps=2000, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05,
                                 eval_every=0, checkpoint_every=400, log_every=50, device="cpu")
 # Whisper's task tokens after <|startoftranscript|>: English, transcribe, no timestamps (when the vocabulary has them)
@@ -28,7 +28,7 @@ def speech_train(
 ) -> Any:
     """Train a small Whisper-style model to transcribe spoken digits; report accuracy on two unheard speakers.
 
-    Example: llmkit speech train                                  (FSDD, ~0.5M parameters, a few minutes on a CPU)
+    Example: llmkit speech train                                  (FSDD, 1.0M parameters, ~15 minutes on a 2-core CPU)
              llmkit speech train --train.max_steps 3000 --d_model 192 --output runs/digits-big
 
     Trains on 2,000 real recordings by 4 speakers of the Free Spoken Digit Dataset (../shared/data/
@@ -110,7 +110,7 @@ def speech_transcribe(
 ) -> Any:
     """Transcribe mono 16-bit WAV files with a speech model (llmkit's, or an imported Hugging Face Whisper).
 
-    Example: llmkit speech transcribe --model runs/speech-digits/checkpoints/step-1200 --files "[7_theo_0.wav]"
+    Example: llmkit speech transcribe --model runs/speech-digits/checkpoints/step-00002000 --files "[7_theo_0.wav]"
              llmkit speech transcribe --model whisper-tiny.en/ --files "[talk.wav, note.wav]"
 
     Audio at any sample rate is resampled to 16 kHz and turned into Whisper's log-mel features over the model's
