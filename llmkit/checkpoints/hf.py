@@ -33,12 +33,14 @@ from llmkit.checkpoints.hf_config import (
 )
 from llmkit.checkpoints.hf_files import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, check_tokenizer, tensor_locations, write_hf_dir
 from llmkit.checkpoints.hf_t5 import t5_config_dict, to_hf_t5_state_dict
+from llmkit.checkpoints.hf_whisper import to_hf_whisper_state_dict, whisper_config_dict
 from llmkit.checkpoints.native import saved_config
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.decoder import Decoder
 from llmkit.models.encoder import build_encoder_model
 from llmkit.models.seq2seq import Seq2Seq
+from llmkit.models.speech import SpeechModel
 
 # HF module name -> llmkit module name; "{i}" is the layer index. Parameter suffixes (.weight/.bias) carry over.
 LLAMA_MODULES = {
@@ -213,6 +215,8 @@ def _expected_state(config: Config) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         if config.arch == "encoder":
             return build_encoder_model(config).state_dict()
+        if config.arch == "speech":
+            return SpeechModel(config).state_dict()
         return (Seq2Seq(config) if config.arch == "seq2seq" else Decoder(config)).state_dict()
 
 
@@ -283,7 +287,8 @@ def export_hf(
     """Write a Hugging Face directory (config.json + model.safetensors, each atomically; `tokenizer.save(out_dir)`
     when given) that transformers loads, for every family: a decoder as its causal-LM class
     (`AutoModelForCausalLM`), a BERT encoder as BertModel / BertForMaskedLM / BertFor{Sequence,Token}Classification
-    (the head the model carries), a seq2seq model as T5ForConditionalGeneration. Importing the result gives back the
+    (the head the model carries), a seq2seq model as T5ForConditionalGeneration, a speech model as
+    WhisperForConditionalGeneration. Importing the result gives back the
     same config and tensors; a config the family's config.json cannot express is refused before anything is written."""
     config, state = (saved_config(model), model.state_dict()) if isinstance(model, nn.Module) else model
     check_tokenizer(tokenizer)
@@ -299,6 +304,8 @@ def _hf_files(config: Config, state: dict[str, torch.Tensor]) -> tuple[dict[str,
         return bert_config_dict(config, dtype), to_hf_bert_state_dict(config, state)
     if config.arch == "seq2seq":
         return t5_config_dict(config, dtype), to_hf_t5_state_dict(config, state)
+    if config.arch == "speech":
+        return whisper_config_dict(config, dtype), to_hf_whisper_state_dict(config, state)
     architecture = hf_architecture(config)
     return hf_config_dict(config, architecture, dtype), to_hf_state_dict(config, state, architecture)
 

@@ -1,6 +1,6 @@
-"""Generation with an encoder-decoder (T5): the encoder runs once, every decoder layer's cross-attention keys/values
-are projected once, then the shared decode loop (`sample_steps`) adds one target token per step through the
-decoder's self-attention KV cache."""
+"""Generation with an encoder-decoder (T5 over token ids, Whisper over log-mel features): the encoder runs once,
+every decoder layer's cross-attention keys/values are projected once, then the shared decode loop (`sample_steps`)
+adds one target token per step through the decoder's self-attention KV cache."""
 
 from __future__ import annotations
 
@@ -12,22 +12,26 @@ from llmkit.errors import LlmkitError
 from llmkit.generate.decode import sample_steps
 from llmkit.generate.sampling import SamplingSettings
 from llmkit.models.seq2seq import Seq2Seq
+from llmkit.models.speech import SpeechModel
 
 
 def generate_seq2seq(
-    model: Seq2Seq,
+    model: Seq2Seq | SpeechModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
     settings: SamplingSettings | None = None,
     stop_ids: Iterable[int] = (),
     pad_id: int | None = None,
+    decoder_prompt: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """New tokens (B, N) for source ids (B, S), N <= max_new_tokens: greedy (default) or sampled (`settings`).
+    """New tokens (B, N) for source ids (B, S) (a SpeechModel: log-mel features (B, n_mels, frames)), N <=
+    max_new_tokens: greedy (default) or sampled (`settings`).
 
-    The decoder starts from `config.decoder_start_id`. A row that produced one of `stop_ids` is filled with
-    `pad_id` (default: the decoder start id) afterwards; generation ends when every row has stopped, as
-    transformers' `generate` does.
+    The decoder starts from `config.decoder_start_id`, or from `decoder_prompt` (B, P) when given (Whisper:
+    <|startoftranscript|><|en|><|transcribe|><|notimestamps|>), which is not part of the result. A row that produced
+    one of `stop_ids` is filled with `pad_id` (default: the decoder start id) afterwards; generation ends when every
+    row has stopped, as transformers' `generate` does.
     """
     config = model.config
     settings = settings or SamplingSettings()
@@ -37,15 +41,21 @@ def generate_seq2seq(
     if config.decoder_start_id is None:
         raise LlmkitError(f"config {config.name!r} has no decoder_start_id, the first decoder input; set it (T5 uses "
                           "its pad id, 0)")
-    if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < config.vocab_size):
+    token_ids = not input_ids.is_floating_point()  # T5's source ids (Whisper's features are floats)
+    if token_ids and input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < config.vocab_size):
         raise LlmkitError(f"input_ids hold ids outside {config.name}'s vocabulary of {config.vocab_size:,}; use the "
                           "tokenizer that belongs to this model")
     pad_id = config.decoder_start_id if pad_id is None else pad_id
     batch_size = input_ids.shape[0]
     with torch.inference_mode():
         encoder_keys_values = model.encoder_keys_values(model.encode(input_ids, attention_mask))  # once
-        cache = model.new_cache(batch_size, max_new_tokens)
-        start = torch.full((batch_size, 1), config.decoder_start_id, dtype=torch.long, device=input_ids.device)
+        start = decoder_prompt
+        if start is None:
+            start = torch.full((batch_size, 1), config.decoder_start_id, dtype=torch.long, device=input_ids.device)
+        elif start.dim() != 2 or start.shape[0] != batch_size or start.shape[1] == 0:
+            raise LlmkitError(f"decoder_prompt has shape {tuple(start.shape)}; expected (batch, tokens) = "
+                              f"({batch_size}, at least 1)")
+        cache = model.new_cache(batch_size, start.shape[1] + max_new_tokens)
         seen = None
         if settings.repetition_penalty != 1.0:
             seen = torch.zeros(batch_size, config.vocab_size, dtype=torch.bool, device=input_ids.device)  # (B, V)

@@ -238,8 +238,9 @@ def shift_right(labels: torch.Tensor, decoder_start_id: int) -> torch.Tensor:
 
 
 def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
-    """Summed cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids`,
-    decoder inputs being the labels shifted right (`decoder_input_ids`, or made here from the config's start id)."""
+    """Summed cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids` (a
+    speech model, models.speech.SpeechModel: from `input_features`), decoder inputs being the labels shifted right
+    (`decoder_input_ids`, or made here from the config's start id)."""
     decoder_input_ids = batch.get("decoder_input_ids")
     if decoder_input_ids is None:
         from llmkit.train.distributed import unwrap
@@ -249,5 +250,6 @@ def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
             raise LlmkitError("the model's config has no decoder_start_id and the batch no decoder_input_ids; set "
                               "decoder_start_id (T5: 0)")
         decoder_input_ids = shift_right(batch["labels"], start)
-    logits = model(batch["input_ids"], decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
+    source = batch["input_features"] if "input_features" in batch else batch["input_ids"]
+    logits = model(source, decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
     return TokenLoss(token_cross_entropy(logits, batch["labels"], reduction="sum"), label_tokens(batch))

@@ -1,0 +1,121 @@
+"""Audio in: WAV files, resampling to 16 kHz, and Whisper's log-mel features computed in torch.
+
+Whisper (Radford et al. 2022) reads 16 kHz audio as an 80-channel (large-v3: 128) log-mel spectrogram, exactly as
+transformers' `WhisperFeatureExtractor` computes it (tests/test_data_audio.py holds the two equal):
+
+    pad or cut the samples to n_frames * 160 (30 s = 3000 frames; silence is zeros)
+    |STFT|^2 with a 400-sample periodic Hann window, hop 160, centred frames (reflect padding); the last frame dropped
+    mel = Slaney-normalised triangular filters on the Slaney mel scale, 0..8 kHz, applied to the power spectrum
+    log10(max(mel, 1e-10)), floored at (its maximum - 8), then (x + 4) / 4
+
+Resampling uses `scipy.signal.resample_poly` (scipy comes with scikit-learn, a dependency): a polyphase FIR with a
+Kaiser-windowed sinc, the standard exact-ratio resampler (8 kHz -> 16 kHz is up 2, down 1), so no home-made filter
+needs its own proof.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import wave
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from llmkit.errors import LlmkitError
+
+SAMPLE_RATE = 16000  # Whisper's input rate
+N_FFT = 400  # 25 ms window
+HOP_LENGTH = 160  # 10 ms hop: 100 frames per second
+CHUNK_FRAMES = 3000  # Whisper's 30-second window
+MEL_MAX_HZ = 8000.0
+
+
+def read_wav(source: str | Path | BinaryIO | bytes, name: str | None = None) -> tuple[torch.Tensor, int]:
+    """Samples (N,) float32 in [-1, 1) and the sample rate of a mono 16-bit PCM WAV (a path, an open binary file
+    or the file's bytes; `name` names it in errors). Anything else is one error naming the file and the fix."""
+    label = name or str(source if isinstance(source, (str, Path)) else "audio")
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise LlmkitError(f"{label} does not exist; pass a WAV file")
+    try:
+        opened = io.BytesIO(source) if isinstance(source, bytes) else str(source) if isinstance(source, Path) else source
+        with wave.open(opened, "rb") as reader:
+            channels, width, rate = reader.getnchannels(), reader.getsampwidth(), reader.getframerate()
+            if channels != 1 or width != 2:
+                raise LlmkitError(f"{label} is {channels}-channel {8 * width}-bit audio; llmkit reads mono 16-bit PCM "
+                                  "WAV: convert it (e.g. `sox in.wav -c 1 -b 16 out.wav`)")
+            frames = reader.readframes(reader.getnframes())
+    except (wave.Error, EOFError) as error:
+        raise LlmkitError(f"{label} is not a PCM WAV file ({error}); pass a mono 16-bit PCM WAV") from None
+    if not frames:
+        raise LlmkitError(f"{label} holds no samples; pass a WAV with audio in it")
+    samples = torch.frombuffer(bytearray(frames), dtype=torch.int16).float() / 32768.0  # little-endian, as WAV is
+    return samples, rate
+
+
+def resample(samples: torch.Tensor, rate: int, target_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """`samples` (N,) at `rate` Hz resampled to `target_rate` (scipy's polyphase filter; unchanged if equal)."""
+    if rate == target_rate:
+        return samples
+    if rate <= 0:
+        raise LlmkitError(f"sample rate {rate} must be positive; the WAV header is damaged")
+    from scipy.signal import resample_poly
+
+    divisor = math.gcd(rate, target_rate)
+    out = resample_poly(samples.double().numpy(), target_rate // divisor, rate // divisor)
+    return torch.from_numpy(out).float()
+
+
+def load_audio(source: str | Path | BinaryIO | bytes, name: str | None = None) -> torch.Tensor:
+    """A mono 16-bit WAV as 16 kHz float samples (N,), what Whisper's features expect."""
+    samples, rate = read_wav(source, name)
+    return resample(samples, rate)
+
+
+def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale (librosa's default, Whisper's): linear below 1 kHz (3 mels per 200 Hz), log above."""
+    linear = 3.0 * hz / 200.0
+    logarithmic = 15.0 + torch.log(hz.clamp(min=1e-10) / 1000.0) * (27.0 / math.log(6.4))
+    return torch.where(hz >= 1000.0, logarithmic, linear)
+
+
+def mel_to_hz(mels: torch.Tensor) -> torch.Tensor:
+    """The inverse of `hz_to_mel`."""
+    linear = 200.0 * mels / 3.0
+    logarithmic = 1000.0 * torch.exp(math.log(6.4) / 27.0 * (mels - 15.0))
+    return torch.where(mels >= 15.0, logarithmic, linear)
+
+
+def mel_filters(n_mels: int = 80, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Triangular mel filters (n_fft // 2 + 1, n_mels), Slaney-normalised (each filter's area 1 over its Hz width),
+    centres evenly spaced in mels over 0..8 kHz; computed in float64 like transformers' `mel_filter_bank`."""
+    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # (F,)
+    edges_mel = torch.linspace(float(hz_to_mel(torch.tensor(0.0, dtype=torch.float64))),
+                               float(hz_to_mel(torch.tensor(MEL_MAX_HZ, dtype=torch.float64))), n_mels + 2,
+                               dtype=torch.float64)
+    edges = mel_to_hz(edges_mel)  # (M + 2,) left edge, centre, right edge of each filter in turn
+    widths = edges.diff()  # (M + 1,)
+    slopes = edges[None, :] - fft_hz[:, None]  # (F, M + 2)
+    rising = -slopes[:, :-2] / widths[:-1]  # (F, M)
+    falling = slopes[:, 2:] / widths[1:]
+    filters = torch.clamp(torch.minimum(rising, falling), min=0.0)  # (F, M)
+    return (filters * (2.0 / (edges[2:] - edges[:-2]))).float()
+
+
+def log_mel_spectrogram(samples: torch.Tensor, n_mels: int = 80, n_frames: int = CHUNK_FRAMES) -> torch.Tensor:
+    """Whisper's log-mel features (B, n_mels, n_frames) of 16 kHz samples (N,) or a batch (B, N): each clip padded
+    with silence or cut to n_frames * 160 samples (3000 frames = Whisper's 30 s; small models use fewer)."""
+    if samples.dim() not in (1, 2) or n_frames < 1:
+        raise LlmkitError(f"samples of shape {tuple(samples.shape)} with n_frames={n_frames}: pass (samples,) or "
+                          "(batch, samples) of 16 kHz audio and n_frames >= 1")
+    batch = samples[None] if samples.dim() == 1 else samples
+    length = n_frames * HOP_LENGTH
+    batch = torch.nn.functional.pad(batch.float(), (0, max(0, length - batch.shape[1])))[:, :length]  # (B, L)
+    window = torch.hann_window(N_FFT, device=batch.device)  # periodic, as Whisper's
+    stft = torch.stft(batch, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, F, n_frames + 1)
+    power = stft[..., :-1].abs() ** 2  # (B, F, n_frames)
+    mel = mel_filters(n_mels).to(batch.device).T @ power  # (B, n_mels, n_frames)
+    log_spec = mel.clamp(min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip
+    return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0

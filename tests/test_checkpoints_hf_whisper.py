@@ -1,0 +1,127 @@
+"""Hugging Face Whisper checkpoints in and out (WhisperForConditionalGeneration), through load_model and export_hf, and
+the `llmkit speech transcribe` verb's handling of models and bad input."""
+
+import struct
+import wave
+
+import pytest
+import torch
+
+from llmkit.checkpoints import load_model, load_weights, save_model
+from llmkit.checkpoints.hf import export_hf
+from llmkit.config import Config
+from llmkit.data.fsdd import digit_tokenizer
+from llmkit.errors import LlmkitError
+from llmkit.models.speech import SpeechModel
+from tests.helpers import cli_status, run_cli, tiny_decoder
+from tests.test_models_speech import tiny_whisper
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def speech_config(**overrides) -> Config:  # noqa: ANN003
+    fields = dict(name="tiny-speech", arch="speech", vocab_size=12, n_layers=2, n_decoder_layers=1, n_heads=4,
+                  d_model=32, d_ff=64, max_seq_len=16, norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True,
+                  mlp_bias=True, tie_embeddings=True, position="learned", n_mels=80, n_audio_ctx=50,
+                  decoder_start_id=1, eos_id=0)
+    return Config(**{**fields, **overrides})
+
+
+def random_speech_model(seed: int = 0, **overrides) -> SpeechModel:  # noqa: ANN003
+    """Random weights everywhere, biases included (the key bias too: export must drop it and stay exact)."""
+    torch.manual_seed(seed)
+    model = SpeechModel(speech_config(**overrides))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(std=0.2)
+    return model.eval()
+
+
+def write_wav(path, samples, rate=8000, channels=1, width=2):  # noqa: ANN001, ANN201
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(rate)
+        writer.writeframes(struct.pack(f"<{len(samples)}{'h' if width == 2 else 'B'}", *samples))
+    return path
+
+
+def test_a_transformers_whisper_directory_loads_with_the_same_outputs(tmp_path):
+    reference = tiny_whisper(seed=1)
+    reference.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert isinstance(model, SpeechModel) and model.config.hf_architecture == "WhisperForConditionalGeneration"
+    features, ids = torch.randn(2, 16, 40), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        expected = reference(input_features=features, decoder_input_ids=ids).logits
+        assert (model(features, ids) - expected).abs().max() <= 1e-4
+    assert not model.encoder.blocks[0].attn.k_proj.bias.any()  # Whisper's keys have no bias: imported as zero
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_loads_in_transformers_with_the_same_outputs_and_imports_back(tmp_path, tied):
+    from transformers import WhisperForConditionalGeneration
+
+    model = random_speech_model(tie_embeddings=tied)
+    export_hf(model, tmp_path)
+    reference = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    features, ids = torch.randn(2, 80, 100), torch.randint(0, 12, (2, 5))
+    with torch.no_grad():
+        ours = model(features, ids)
+        # the dropped key bias (random here) shifts each query's scores alike: the softmax cancels it
+        assert (reference(input_features=features, decoder_input_ids=ids).logits - ours).abs().max() <= 1e-4
+    config, state = load_weights(tmp_path)
+    assert config.tie_embeddings == tied and config.n_audio_ctx == 50 and config.n_decoder_layers == 1
+    back = SpeechModel(config)
+    back.load_state_dict(state)
+    with torch.no_grad():
+        assert (back.eval()(features, ids) - ours).abs().max() <= 1e-4
+
+
+def test_native_checkpoint_round_trip(tmp_path):
+    model = random_speech_model()
+    save_model(model, tmp_path, tokenizer=digit_tokenizer())
+    loaded = load_model(tmp_path, arch="speech")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_a_whisper_config_llmkit_cannot_compute_is_refused(tmp_path):
+    reference = tiny_whisper()
+    reference.config.activation_function = "relu"
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(LlmkitError, match="activation_function='relu'.*computes Whisper's 'gelu'"):
+        load_model(tmp_path)
+
+
+def test_transcribe_runs_an_exported_model_and_names_bad_inputs(tmp_path, capsys):
+    """The verb on an HF Whisper directory with a word-level tokenizer: one line per file; then each bad input is one
+    `error:` line naming the flag."""
+    model_dir = tmp_path / "whisper"
+    export_hf(random_speech_model(), model_dir, tokenizer=digit_tokenizer())
+    clip = write_wav(tmp_path / "tone.wav", [int(8000 * ((i // 20) % 2) - 4000) for i in range(4000)])
+    code, out, _ = run_cli(capsys, "speech", "transcribe", "--model", str(model_dir), "--files", f"[{clip}]")
+    assert code == 0 and out.startswith(f"{clip}\t")
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.speech import transcribe
+    from llmkit.data.audio import load_audio
+
+    expected = transcribe(load_model(model_dir), load_tokenizer(model_dir), [load_audio(clip)])[0]
+    assert out == f"{clip}\t{expected}\n"
+
+    stereo = write_wav(tmp_path / "stereo.wav", [0, 0, 1, 1], channels=2)
+    text = tmp_path / "text.wav"
+    text.write_text("hello")
+    decoder_dir = tmp_path / "decoder"
+    save_model(tiny_decoder(), decoder_dir)
+    for files, model, message in [
+        (str(tmp_path / "missing.wav"), model_dir, "--files: .*missing.wav does not exist"),
+        (str(stereo), model_dir, "--files: .*stereo.wav is 2-channel 16-bit audio"),
+        (str(text), model_dir, "--files: .*text.wav is not a PCM WAV file"),
+        (str(clip), decoder_dir, "--model: .*holds a decoder model .* this needs a speech model"),
+        (str(clip), tmp_path / "nowhere", "--model .*nowhere does not exist"),
+    ]:
+        code, err = cli_status(capsys, "speech", "transcribe", "--model", str(model), "--files", f"[{files}]")
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("error: ") and __import__("re").search(message, err), err
