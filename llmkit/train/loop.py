@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit import estimate
-from llmkit.data.batch import Batch
+from llmkit.data.batch import Batch, input_units
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import expert_utilisation
 from llmkit.tokenizer import Tokenizer
@@ -142,8 +142,8 @@ def train(
             micro_batches = [train_batches(state.position + micro * settings.batch_size * world, settings.batch_size,
                                            rank, world) for micro in range(settings.accumulation_steps)]
             state.position += settings.accumulation_steps * settings.batch_size * world
-            step_tokens = sum(batch["input_ids"].numel() for batch in micro_batches) * world
-            if flops_per_token is None and peak_flops is not None:
+            step_tokens = sum(input_units(batch) for batch in micro_batches) * world  # images for image batches
+            if flops_per_token is None and peak_flops is not None and "pixel_values" not in micro_batches[0]:
                 flops_per_token = estimate.flops_per_token(unwrap(model).config, micro_batches[0]["input_ids"].shape[1],
                                                            attention=True)
             lr = scheduler.get_last_lr()[0]
