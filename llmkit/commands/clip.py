@@ -21,6 +21,8 @@ def clip_train(
     d_model: int = 64,
     n_layers: int = 2,
     projection_dim: int = 64,
+    patch_size: int = 4,
+    logit_scale_init: float = 1.0,
     eval_every: int = 250,
     seed: int = 0,
     device: Device = "auto",
@@ -46,6 +48,10 @@ def clip_train(
         d_model: width of both towers.
         n_layers: transformer blocks per tower.
         projection_dim: width of the shared embedding space.
+        patch_size: side of a square image patch in pixels (8x8 digits: 4 gives 4 patches).
+        logit_scale_init: log of the starting inverse temperature. CLIP starts at log(1/0.07) = 2.66; with 10
+            classes a batch holds many captions of the same digit, and that sharp start pulls every embedding
+            together before they separate (the loss sits at log(batch) for hundreds of steps); 1.0 does not.
         eval_every: steps between zero-shot evaluations.
         seed: random seed (weights, data order, captions).
         device: auto, cpu, cuda or cuda:N.
@@ -72,8 +78,8 @@ def clip_train(
     config = ClipConfig(
         text=clip_text_config(tokenizer.vocab_size, tokenizer.eos_id, MAX_CAPTION_TOKENS, d_model, n_layers,
                               pad_id=tokenizer.pad_id),
-        vision=clip_vision_config(DIGIT_IMAGE_SIZE, 2, 1, d_model, n_layers), projection_dim=projection_dim,
-        name="clip-digits")
+        vision=clip_vision_config(DIGIT_IMAGE_SIZE, patch_size, 1, d_model, n_layers), projection_dim=projection_dim,
+        logit_scale_init=logit_scale_init, name="clip-digits")
     torch.manual_seed(seed)
     model = CLIP(config)
     split = load_digits_split()

@@ -41,7 +41,7 @@ class DigitsSplit:
 
 
 def load_digits_split() -> DigitsSplit:
-    """scikit-learn's digits, every HELD_OUT_EVERY-th image of each class held out (359 of 1,797)."""
+    """scikit-learn's digits, every HELD_OUT_EVERY-th image of each class held out (364 of 1,797)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -33,7 +33,6 @@ from torch import nn
 
 from llmkit.config import Config, check_field_types
 from llmkit.errors import LlmkitError
-from llmkit.models.encoder import initialise
 from llmkit.models.vision import ViT
 from llmkit.nn.attention import AttentionContext, AttentionKernel
 from llmkit.nn.block import build_block
@@ -157,9 +156,7 @@ class CLIP(nn.Module):
         self.text_projection = Linear(config.text.d_model, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         if not self.logit_scale.is_meta:
-            initialise(self.text, config.text.n_layers)
-            for projection in (self.visual_projection, self.text_projection):
-                nn.init.normal_(projection.weight, std=projection.weight.shape[1] ** -0.5)
+            initialise_clip(self)
 
     def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (B, projection_dim) of images (B, C, H, W)."""
@@ -181,6 +178,32 @@ class CLIP(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def initialise_clip(model: CLIP) -> None:
+    """CLIP's initialisation (as transformers' CLIPModel): attention inputs and the MLP's output N(0, d^-1/2 (2L)^-1/2),
+    attention outputs N(0, d^-1/2), the MLP's input N(0, (2d)^-1/2), projections N(0, d^-1/2), the [CLS] vector
+    N(0, d^-1/2), embeddings N(0, 0.02) (text positions 0.01), zero biases. Each layer keeps the signal's scale, so
+    images differ in their embeddings from the first step (GPT-2's 0.02 leaves them almost equal at small widths,
+    and the contrastive loss then sits at log(batch) for many steps)."""
+    for tower, config in ((model.text, model.config.text), (model.vision, model.config.vision)):
+        d, layers = config.d_model, config.n_layers
+        for name, child in tower.named_modules():
+            if isinstance(child, nn.Linear):
+                if name.endswith(("q_proj", "k_proj", "v_proj", "down_proj")):
+                    std = d**-0.5 * (2 * layers) ** -0.5
+                else:
+                    std = d**-0.5 if name.endswith("o_proj") else (2 * d) ** -0.5
+                nn.init.normal_(child.weight, std=std)
+                if child.bias is not None:
+                    nn.init.zeros_(child.bias)
+    nn.init.normal_(model.text.embed.weight, std=0.02)
+    nn.init.normal_(model.text.pos_embed.weight, std=0.01)
+    nn.init.normal_(model.vision.cls_token, std=model.config.vision.d_model**-0.5)
+    nn.init.normal_(model.vision.patch_embed.weight, std=0.02)
+    nn.init.normal_(model.vision.pos_embed, std=0.02)
+    for projection in (model.visual_projection, model.text_projection):
+        nn.init.normal_(projection.weight, std=projection.weight.shape[1] ** -0.5)
 
 
 def contrastive_loss(logits_per_image: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
