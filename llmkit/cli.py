@@ -23,6 +23,8 @@ COMMANDS: dict[str, Any] = {
     "pretrain": "pretrain:pretrain",
     "finetune": "finetune:finetune",
     "distill": "distill:distill",
+    "vision": {"train": "vision:vision_train", "classify": "vision:vision_classify"},
+    "clip": {"train": "clip:clip_train", "classify": "clip:clip_classify"},
     "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
     "dpo": "dpo:dpo",
     "ppo": "ppo:ppo",

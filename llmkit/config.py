@@ -24,7 +24,7 @@ MLPS = ("swiglu", "gelu", "geglu", "relu")
 GATED_MLPS = ("swiglu", "geglu")  # gate_proj, up_proj and down_proj
 POSITIONS = ("rope", "learned", "alibi", "relative")
 ROPE_SCALINGS = ("linear", "llama3")
-ARCHS = ("decoder", "encoder", "seq2seq", "speech")
+ARCHS = ("decoder", "encoder", "seq2seq", "speech", "vision")
 ROUTERS = ("topk", "switch")
 ENCODER_HEADS = ("base", "masked_lm", "sequence_classification", "token_classification")
 LABELLED_HEADS = ("sequence_classification", "token_classification")  # these need n_labels
@@ -36,7 +36,8 @@ LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf
 OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
 # Fields added after native config.json files were first written: a file without one ran with its default, which
 # leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
-LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx")
+LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx",
+                "image_size", "patch_size", "n_channels", "patch_bias")
 LAYER_TYPES = ("global", "local")
 
 
@@ -79,7 +80,7 @@ class Config:
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
     mlp: Literal["swiglu", "gelu", "geglu", "relu"] = "swiglu"  # geglu: Gemma's gated GELU (gelu_approximate applies)
-    gelu_approximate: Literal["none", "tanh"] = "none"  # GPT-2 uses "tanh"
+    gelu_approximate: Literal["none", "tanh", "quick"] = "none"  # GPT-2: "tanh"; CLIP: "quick", x * sigmoid(1.702 x)
     qkv_bias: bool = False  # Qwen2 / GPT-2: bias on the q, k, v projections
     out_bias: bool = False  # GPT-2: bias on the attention output projection
     mlp_bias: bool = False  # GPT-2: bias in the MLP linears
@@ -95,8 +96,8 @@ class Config:
     eos_id: int | None = None
 
     # --- architecture family: "encoder" is BERT (models/encoder.py), "seq2seq" is T5, "speech" is Whisper
-    # (models/speech.py); decoders keep the defaults
-    arch: Literal["decoder", "encoder", "seq2seq", "speech"] = "decoder"
+    # (models/speech.py), "vision" is ViT (models/vision.py); decoders keep the defaults
+    arch: Literal["decoder", "encoder", "seq2seq", "speech", "vision"] = "decoder"
     # --- encoder (BERT)
     type_vocab_size: int = 0  # segment (token type) embeddings: BERT has 2; 0 = none
     post_norm: bool = False  # BERT: LayerNorm after each residual add (x = norm(x + f(x))) and after the embeddings
@@ -140,7 +141,13 @@ class Config:
 
     # --- where the weights came from; these choose the model class and the export format
     encoder_head: Literal["base", "masked_lm", "sequence_classification", "token_classification"] = "base"  # encoders
-    n_labels: int | None = None  # classifier outputs of a sequence/token classification head
+    n_labels: int | None = None  # classifier outputs of a sequence/token classification head (a ViT's image classes)
+    # --- images (arch="vision", ViT): a square image of n_channels x image_size^2 pixels is cut into
+    # (image_size / patch_size)^2 patches; embed_norm=True is CLIP's pre-layernorm of the vision tower
+    image_size: int = 224
+    patch_size: int = 16
+    n_channels: int = 3
+    patch_bias: bool = True  # bias of the patch-embedding convolution (ViT: yes; CLIP: no)
     hf_architecture: str | None = None  # HF class imported from ("LlamaForCausalLM"), written back on export
     eos_ids: tuple[int, ...] = ()  # every stop token when there are several (Llama 3 instruct); eos_id is the first
 
@@ -259,6 +266,10 @@ class Config:
     def _validate_head(self) -> None:
         """encoder_head and n_labels: a classifier head needs its number of labels, and only encoders have heads."""
         where = f"config {self.name!r}"
+        if self.arch == "vision" and (self.image_size < 1 or self.patch_size < 1 or self.n_channels < 1
+                                      or self.image_size % self.patch_size):
+            raise LlmkitError(f"{where}: image_size={self.image_size} must be a positive multiple of patch_size="
+                              f"{self.patch_size} and n_channels={self.n_channels} positive; fix them")
         if self.encoder_head != "base" and self.arch != "encoder":
             raise LlmkitError(f"{where}: encoder_head={self.encoder_head!r} applies to arch='encoder' only (this is "
                               f"arch={self.arch!r}); set encoder_head='base'")
@@ -295,6 +306,11 @@ class Config:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_patches(self) -> int:
+        """Patches of one image (arch="vision"): (image_size / patch_size)^2."""
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def rope_dim(self) -> int:

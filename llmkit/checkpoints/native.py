@@ -14,6 +14,7 @@ from torch import nn
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import atomic_write
+from llmkit.models.clip import CLIP_ARCH, ClipConfig
 from llmkit.models.encoder import encoder_head_of
 
 CONFIG_FILE = "config.json"
@@ -34,10 +35,10 @@ def is_native_dir(path: Path) -> bool:
         data = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(data, dict) and "d_model" in data and "model_type" not in data
+    return isinstance(data, dict) and ("d_model" in data or data.get("arch") == CLIP_ARCH) and "model_type" not in data
 
 
-def save_native(config: Config, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+def save_native(config: Config | ClipConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
     """Write config.json and model.safetensors into `out_dir`, each atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,14 @@ def save_native(config: Config, state_dict: dict[str, torch.Tensor], out_dir: st
     config.save(out_dir / CONFIG_FILE)
 
 
-def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+def load_native_config(path: Path) -> Config | ClipConfig:
+    """An llmkit config.json: a `Config`, or a `ClipConfig` when it says arch "clip"."""
+    from llmkit.io import read_json_object
+
+    return ClipConfig.load(path) if read_json_object(path).get("arch") == CLIP_ARCH else Config.load(path)
+
+
+def load_native(path: str | Path) -> tuple[Config | ClipConfig, dict[str, torch.Tensor]]:
     """Read an llmkit checkpoint directory; errors name the file and the fix."""
     path = Path(path)
     if (path / QUANTIZATION_FILE).is_file():
@@ -55,7 +63,7 @@ def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
                           "packed integers; load it with llmkit.quant.load_quantized(path), as the generate, chat, "
                           "perplexity, evaluate and info verbs do, or write a float copy with "
                           "llmkit.quant.dequantize")
-    config = Config.load(path / CONFIG_FILE)
+    config = load_native_config(path / CONFIG_FILE)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LlmkitError(f"{weights} is missing; the checkpoint directory is incomplete (re-save or re-convert it)")
@@ -66,7 +74,7 @@ def load_native(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return config, state_dict
 
 
-def saved_config(model: nn.Module) -> Config:
+def saved_config(model: nn.Module) -> Config | ClipConfig:
     """`model.config` with the encoder head (and label count) of the model's actual class, so a MaskedLM built from
     a config that left encoder_head at "base" still reloads as a MaskedLM."""
     config = model.config

@@ -12,6 +12,13 @@ from llmkit.nn.fused import fused_product
 from llmkit.nn.linear import Linear
 
 
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU, exact ("none"), tanh-approximated ("tanh", GPT-2) or CLIP's "quick" x * sigmoid(1.702 x)."""
+    if approximate == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate=approximate)
+
+
 class GeluMLP(nn.Module):
     """y = down(gelu(up(x)))."""
 
@@ -22,7 +29,7 @@ class GeluMLP(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
+        return self.down_proj(gelu(self.up_proj(x), self.approximate))
 
 
 class SwiGLU(nn.Module):
@@ -55,7 +62,7 @@ class GeGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = gate_and_up(self, x)
-        return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)
+        return self.down_proj(gelu(gate, self.approximate) * up)
 
 
 class ReluMLP(nn.Module):

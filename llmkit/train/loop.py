@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit import estimate
-from llmkit.data.batch import Batch, batch_tokens
+from llmkit.data.batch import Batch, input_units
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import expert_utilisation
 from llmkit.tokenizer import Tokenizer
@@ -142,7 +142,7 @@ def train(
             micro_batches = [train_batches(state.position + micro * settings.batch_size * world, settings.batch_size,
                                            rank, world) for micro in range(settings.accumulation_steps)]
             state.position += settings.accumulation_steps * settings.batch_size * world
-            step_tokens = sum(batch_tokens(batch) for batch in micro_batches) * world
+            step_tokens = sum(input_units(batch) for batch in micro_batches) * world  # images for image batches
             if flops_per_token is None and peak_flops is not None and "input_ids" in micro_batches[0]:
                 flops_per_token = estimate.flops_per_token(unwrap(model).config, micro_batches[0]["input_ids"].shape[1],
                                                            attention=True)

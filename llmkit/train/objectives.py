@@ -253,3 +253,38 @@ def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
     source = batch["input_features"] if "input_features" in batch else batch["input_ids"]
     logits = model(source, decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
     return TokenLoss(token_cross_entropy(logits, batch["labels"], reduction="sum"), label_tokens(batch))
+
+
+# --------------------------------------------------------------------------- images (ViT, CLIP)
+
+IMAGE_CROSS_ENTROPY = "cross-entropy (nats/image)"
+CONTRASTIVE = "symmetric InfoNCE (nats/pair)"
+
+
+def image_classification_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """Summed cross-entropy of an image classifier (models.vision.ImageClassifier) over the batch's images:
+    pixel_values (B, C, H, W), labels (B,) class ids; each image counts as one label "token"."""
+    logits = model(batch["pixel_values"])  # (B, n_labels)
+    total = F.cross_entropy(logits.float(), batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+    return TokenLoss(total, label_tokens(batch))
+
+
+image_classification_loss.loss_label = IMAGE_CROSS_ENTROPY
+
+
+def clip_contrastive_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """CLIP's symmetric InfoNCE loss (models.clip.contrastive_loss), summed over the batch's image-caption pairs:
+    pixel_values (B, C, H, W), input_ids (B, T) captions, labels (B,) the caption row of each image (a
+    permutation; arange(B) when caption i describes image i). Each pair counts as one label "token"."""
+    from llmkit.models.clip import contrastive_loss
+
+    labels = batch["labels"]
+    if labels.shape != (len(batch["pixel_values"]),) or labels.shape != (len(batch["input_ids"]),) or bool(
+            (labels.sort().values != torch.arange(len(labels), device=labels.device)).any()):
+        raise LlmkitError("a CLIP batch needs one caption per image: labels (B,) must be a permutation of 0..B-1 "
+                          "naming each image's caption row")
+    logits = model(batch["pixel_values"], batch["input_ids"])  # (B images, B captions)
+    return TokenLoss(contrastive_loss(logits[:, labels], reduction="sum"), label_tokens(batch))  # true pairs on the diagonal
+
+
+clip_contrastive_loss.loss_label = CONTRASTIVE
