@@ -93,7 +93,7 @@ class ImplicitFilter(nn.Module):
 
 class Hyena(nn.Module):
     """The Hyena operator in a Block: u (B, T, C) -> (B, T, C); with a cache this layer's slot holds the short
-    conv's last inputs and each long convolution's input history."""
+    conv's last inputs, each long convolution's input history and the filters (computed once, for every slot)."""
 
     def __init__(self, config: Config, layer_index: int) -> None:
         super().__init__()
@@ -119,13 +119,16 @@ class Hyena(nn.Module):
         if keep is not None:
             projected = projected * keep
         states = context.cache.states if context.cache is not None else None
-        conv_state, histories = (states[self.layer_index] or (None, None)) if states is not None else (None, None)
+        conv_state, histories, filters = (None, None, None)
+        if states is not None and states[self.layer_index] is not None:
+            conv_state, histories, filters = states[self.layer_index]
         projected, conv_state = causal_conv(projected, self.short_conv_weight, self.short_conv_bias, conv_state)
         if keep is not None:
             projected = projected * keep
         *gates, z = projected.split(C, dim=-1)  # N gates x_n and v, each (B, T, C)
         past = 0 if histories is None else histories[0].shape[1]
-        filters = self.filter(past + T, u.device)  # (N, S, C) lags 0..S-1, S = past + T
+        if filters is None:  # (N, S, C) for lags 0..S-1: this forward's, or once for every slot of the cache
+            filters = self.filter(T if states is None else context.cache.max_len, u.device)
         new_histories = []
         for n, gate in enumerate(gates):
             history = z if histories is None else torch.cat([histories[n], z], dim=1)  # (B, S, C) the conv's input
@@ -133,8 +136,8 @@ class Hyena(nn.Module):
             if T == 1 and histories is not None:
                 long = direct_causal_conv(history, filters[n])  # (B, 1, C) O(S) decode step
             else:
-                long = fft_causal_conv(history, filters[n])[:, past:]  # (B, T, C)
+                long = fft_causal_conv(history, filters[n, : past + T])[:, past:]  # (B, T, C)
             z = gate * (long + self.filter.bias[n] * z)
         if states is not None:
-            states[self.layer_index] = (conv_state, new_histories)  # grows by one token per step (see docstring)
+            states[self.layer_index] = (conv_state, new_histories, filters)  # histories grow a token per step
         return self.o_proj(z)
