@@ -108,18 +108,8 @@ class MultiScaleRetention(nn.Module):
         self.group_norm = nn.GroupNorm(H, H * self.value_dim, eps=config.norm_eps)
         self.o_proj = Linear(H * self.value_dim, config.d_model, bias=False)
         self.chunk_size = CHUNK_SIZE
-        # log gamma_h in float64 (1 - 2^-12 must not round), a constant of the config: never in a checkpoint
-        self.register_buffer("log_gamma", head_decays(H).log(), persistent=False)
-        rotary = self.key_dim - self.key_dim % 2  # an odd key size leaves its last channel unrotated
-        self.register_buffer("inv_freq", rope_inverse_frequencies(rotary, ROTATION_THETA), persistent=False)
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
-        module = super()._apply(fn, recurse)
-        device = self.q_proj.weight.device  # `.to(bfloat16)` must never round the decays or the angles
-        self.log_gamma = head_decays(self.n_heads).log().to(device)
-        rotary = self.key_dim - self.key_dim % 2
-        self.inv_freq = rope_inverse_frequencies(rotary, ROTATION_THETA).to(device)
-        return module
+        # The decays (float64: 1 - 2^-12 must not round) and rotation speeds are constants of the config, made in
+        # each forward (H and Dk/2 numbers): never in a checkpoint, never rounded by `.to(bfloat16)`.
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -127,13 +117,15 @@ class MultiScaleRetention(nn.Module):
         q = self.q_proj(x).view(B, T, H, self.key_dim).transpose(1, 2)  # (B, H, T, Dk)
         k = self.k_proj(x).view(B, T, H, self.key_dim).transpose(1, 2) * self.key_dim**-0.5
         v = self.v_proj(x).view(B, T, H, self.value_dim).transpose(1, 2)  # (B, H, T, Dv)
-        cos, sin = rope_cos_sin(context.positions, self.inv_freq, x.dtype)  # (B or 1, 1, T, Dk rounded down to even)
+        rotary = self.key_dim - self.key_dim % 2  # an odd key size leaves its last channel unrotated
+        inv_freq = rope_inverse_frequencies(rotary, ROTATION_THETA).to(x.device)
+        cos, sin = rope_cos_sin(context.positions, inv_freq, x.dtype)  # (B or 1, 1, T, Dk rounded down to even)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if context.valid is not None:
             k = k * context.valid[:, None, :, None].to(k.dtype)  # padding adds nothing to the state
         states = context.cache.states if context.cache is not None else None
         state = states[self.layer_index] if states is not None else None
-        log_gamma = self.log_gamma.to(torch.float64)
+        log_gamma = head_decays(H).log().to(x.device)  # (H,) float64
         if T == 1 and states is not None:
             y, state = recurrent_retention(q, k, v, log_gamma, state)
         elif T <= self.chunk_size and states is None:
