@@ -83,12 +83,12 @@ def cache_bytes(cache) -> int:  # noqa: ANN001
 
 @torch.no_grad()
 def decode_speed(model: Decoder, prompt: torch.Tensor, n_tokens: int, rounds: int) -> tuple[float, int]:
-    """Median tokens/s of `n_tokens` greedy decode steps after prefilling `prompt` (1, L), over `rounds` rounds after
-    a warm-up round; the cache's bytes."""
+    """Median tokens/s of `rounds` runs of `n_tokens` greedy decode steps (after a warm-up run) that continue one
+    prefill of `prompt` (1, L); the cache's bytes at the end."""
+    cache = model.new_cache(1, prompt.shape[1] + (rounds + 1) * n_tokens)
+    next_id = model(prompt, cache=cache, last_token_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     speeds = []
     for _ in range(rounds + 1):
-        cache = model.new_cache(1, prompt.shape[1] + n_tokens)
-        next_id = model(prompt, cache=cache, last_token_only=True)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         started = time.perf_counter()
         for _ in range(n_tokens):
             next_id = model(next_id, cache=cache)[:, -1].argmax(-1, keepdim=True)
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mixers", type=lambda text: text.split(","), default=list(MIXERS))
+    parser.add_argument("--decode_only", action="store_true", help="skip training: decoding speed and memory only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None, help="path prefix: PREFIX_loss.png and PREFIX_decode.png")
     parser.add_argument("--json", type=Path, default=None)
@@ -127,7 +128,12 @@ def main() -> None:
     results = {}
     for mixer in args.mixers:
         config = matched_config(mixer, budget, **fields)
-        model, result = train_model(config, work / "data", work / mixer, args)
+        if args.decode_only:  # speed and memory do not depend on the weights: a seeded random init
+            torch.manual_seed(0)
+            model = Decoder(config).eval()
+            result = {"parameters": model.num_parameters(), "d_ff": config.d_ff}
+        else:
+            model, result = train_model(config, work / "data", work / mixer, args)
         budget = budget or result["parameters"]
         result["decode"] = {}
         for length in args.contexts:
@@ -135,7 +141,8 @@ def main() -> None:
             result["decode"][length] = {"tokens_per_s": speed, "cache_bytes": memory}
             print(f"{mixer}: context {length:,}: {speed:.1f} tok/s, cache {memory / 2**20:.2f} MiB", flush=True)
         results[mixer] = result
-    report(results, args)
+    if not args.decode_only:
+        report(results, args)
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"plot": str(args.plot), "json": str(args.json)},
                                          "results": results}, indent=2))
@@ -166,6 +173,13 @@ def plot(results: dict, args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not args.decode_only:
+        plot_losses(results, args, plt)
+    plot_decoding(results, args, plt)
+    print(f"plots: {args.plot}_loss.png, {args.plot}_decode.png")
+
+
+def plot_losses(results: dict, args: argparse.Namespace, plt) -> None:  # noqa: ANN001
     figure, axes = plt.subplots(figsize=(6.5, 4))
     for mixer, result in results.items():
         steps, losses = zip(*result["val_curve"])
@@ -178,6 +192,8 @@ def plot(results: dict, args: argparse.Namespace) -> None:
     figure.tight_layout()
     figure.savefig(f"{args.plot}_loss.png", dpi=110)
 
+
+def plot_decoding(results: dict, args: argparse.Namespace, plt) -> None:  # noqa: ANN001
     figure, (speed_axes, memory_axes) = plt.subplots(1, 2, figsize=(10, 4))
     for mixer, result in results.items():
         speed_axes.plot(args.contexts, [result["decode"][n]["tokens_per_s"] for n in args.contexts], "o-", label=mixer)
@@ -192,7 +208,6 @@ def plot(results: dict, args: argparse.Namespace) -> None:
     memory_axes.set_yscale("log")
     figure.tight_layout()
     figure.savefig(f"{args.plot}_decode.png", dpi=110)
-    print(f"plots: {args.plot}_loss.png, {args.plot}_decode.png")
 
 
 if __name__ == "__main__":
