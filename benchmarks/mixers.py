@@ -123,7 +123,7 @@ def main() -> None:
     text = validation.read(0, len(validation)).astype(np.int64)
     prompt_pool = torch.from_numpy(np.tile(text, max(args.contexts) // len(text) + 1))
     fields = dict(vocab_size=manifest["vocab_size"], eos_id=manifest["eos_id"],
-                  max_seq_len=max(args.contexts) + args.decode_tokens, ssm_state_dim=args.ssm_state_dim)
+                  max_seq_len=max(args.contexts) + (args.rounds + 1) * args.decode_tokens, ssm_state_dim=args.ssm_state_dim)
     budget = None
     results = {}
     for mixer in args.mixers:
