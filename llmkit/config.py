@@ -34,10 +34,13 @@ LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf
 # Fields a native config.json may leave out: the name, free-form notes, and the fields that replaced `extra` keys
 # (older files carry those under `extra`, see LEGACY_EXTRA_KEYS). Every other field shapes the network.
 OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
+MIXERS = ("attention", "hyena", "retnet", "mamba")  # a block's sequence mixer (nn/mixers.py builds it)
+MIXER_FIELDS = ("mixer", "mixer_pattern", "hyena_order", "hyena_filter_dim", "short_conv_kernel", "ssm_state_dim",
+                "ssm_expand")
 # Fields added after native config.json files were first written: a file without one ran with its default, which
 # leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
 LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx",
-                "image_size", "patch_size", "n_channels", "patch_bias")
+                "image_size", "patch_size", "n_channels", "patch_bias", *MIXER_FIELDS)
 LAYER_TYPES = ("global", "local")
 
 
@@ -153,6 +156,16 @@ class Config:
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (source, licence); never read by code
 
+    # --- sequence mixers other than attention (decoders; nn/hyena.py, nn/retnet.py, nn/mamba.py). Each block's
+    # attention is replaced by the mixer; RetNet uses n_heads and head_dim (its key size; values are 2 x head_dim)
+    mixer: Literal["attention", "hyena", "retnet", "mamba"] = "attention"
+    mixer_pattern: tuple[Literal["attention", "hyena", "retnet", "mamba"], ...] = ()  # per layer (hybrids); () = all `mixer`
+    hyena_order: int = 2  # Hyena's N: N gates and N long convolutions
+    hyena_filter_dim: int = 64  # width of the MLP that generates Hyena's implicit long filters
+    short_conv_kernel: int = 4  # causal depthwise conv width: Mamba's conv (4) and Hyena's short gating convs
+    ssm_state_dim: int = 16  # Mamba's state size N per channel
+    ssm_expand: int = 2  # Mamba's inner width = ssm_expand * d_model
+
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = _rope_scaling_from_dict(self.rope_scaling, self.name)
@@ -160,6 +173,8 @@ class Config:
             self.eos_ids = tuple(self.eos_ids)
         if isinstance(self.layer_types, list):
             self.layer_types = tuple(self.layer_types)
+        if isinstance(self.mixer_pattern, list):
+            self.mixer_pattern = tuple(self.mixer_pattern)
         check_field_types(self, f"config {self.name!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -199,7 +214,7 @@ class Config:
         for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("arch", ARCHS)):
             if getattr(self, name) not in allowed:
                 raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)!r}; choose one of {allowed}")
-        if self.position == "rope":
+        if self.position == "rope" and len(self.recurrent_layers) < self.n_layers:  # some attention layer rotates
             if self.head_dim % 2:
                 raise LlmkitError(f"config {self.name!r}: RoPE needs an even head_dim, got {self.head_dim}")
             if not 0 < self.rope_fraction <= 1 or self.rope_dim <= 0 or self.rope_dim % 2:
@@ -215,6 +230,7 @@ class Config:
         if self.n_experts:
             self._validate_experts()
         self._validate_attention_variants()
+        self._validate_mixers()
         if self.norm_offset and self.norm != "rmsnorm":
             raise LlmkitError(f"config {self.name!r}: norm_offset={self.norm_offset} applies to RMSNorm only; set "
                               "norm='rmsnorm' or norm_offset=0.0")
@@ -262,6 +278,30 @@ class Config:
         if self.rope_local_theta is not None and self.rope_local_theta <= 0:
             raise LlmkitError(f"{where}: rope_local_theta={self.rope_local_theta} must be > 0 (or null: local "
                               "layers use rope_theta)")
+
+    def _validate_mixers(self) -> None:
+        """mixer / mixer_pattern and the mixers' sizes: non-attention mixers are built for causal decoders, carry
+        their own notion of order (RetNet's xPos and decay, Hyena's filters, Mamba's recurrence) and have no
+        attention bias or window to apply."""
+        where = f"config {self.name!r}"
+        if self.mixer_pattern and len(self.mixer_pattern) != self.n_layers:
+            raise LlmkitError(f"{where}: mixer_pattern lists {len(self.mixer_pattern)} layers but n_layers="
+                              f"{self.n_layers}; give one of {MIXERS} per layer (or [] for all `mixer`)")
+        for name in ("hyena_order", "hyena_filter_dim", "short_conv_kernel", "ssm_state_dim", "ssm_expand"):
+            if getattr(self, name) < 1:
+                raise LlmkitError(f"{where}: {name}={getattr(self, name)} must be a positive integer")
+        if not self.recurrent_layers:
+            return
+        kinds = sorted({self.layer_mixers[i] for i in self.recurrent_layers})
+        if self.arch != "decoder":
+            raise LlmkitError(f"{where}: mixer {kinds[0]!r} is for causal decoders, but arch={self.arch!r}; set "
+                              "mixer='attention'")
+        if self.position not in ("rope", "learned"):
+            raise LlmkitError(f"{where}: position={self.position!r} is an attention bias that mixer {kinds[0]!r} "
+                              "cannot apply; use position='rope' (attention layers only) or 'learned'")
+        if self.sliding_window is not None:
+            raise LlmkitError(f"{where}: sliding_window={self.sliding_window} is an attention window; mixer "
+                              f"{kinds[0]!r} has none: set sliding_window to null")
 
     def _validate_head(self) -> None:
         """encoder_head and n_labels: a classifier head needs its number of labels, and only encoders have heads."""
@@ -325,6 +365,16 @@ class Config:
         if not self.layer_types:
             return tuple(range(self.n_layers))
         return tuple(i for i, kind in enumerate(self.layer_types) if kind == "local")
+
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        """Each layer's sequence mixer: `mixer_pattern`, or `mixer` for every layer."""
+        return self.mixer_pattern or (self.mixer,) * self.n_layers
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        """Indices of the layers whose mixer is not attention (they keep a recurrent state, not keys and values)."""
+        return tuple(i for i, kind in enumerate(self.layer_mixers) if kind != "attention")
 
     # --- construction
     @classmethod

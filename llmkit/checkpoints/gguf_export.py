@@ -254,6 +254,9 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Tokenizer, quant:
     if quant not in QUANT_TYPES:
         raise LlmkitError(f"--quant {quant!r} is not a GGUF export type; choose one of {', '.join(QUANT_TYPES)}")
     config = model.config
+    if config.recurrent_layers:
+        raise LlmkitError(f"{config.name} has {config.layer_mixers[config.recurrent_layers[0]]} layers, which llmkit's "
+                          "GGUF export does not write; keep it in llmkit's own format (a checkpoint directory)")
     arch = gguf_architecture(config)
     metadata = {**model_metadata(config, arch, quant), **tokenizer_metadata(tokenizer, config)}
     tensors = gguf_tensors(model, arch, quant)  # every tensor checked before the file is opened

@@ -43,6 +43,7 @@ def pretrain(
     vocab_size: int = 2048,
     seq_len: int = 128,
     init: str | None = None,
+    mixer: Literal["attention", "hyena", "retnet", "mamba"] = "attention",
     output: str = "runs/pretrain",
     train: TrainSettings = PRETRAIN_DEFAULTS,
     sample: SampleSettings = SampleSettings(),  # noqa: B008 (a frozen value; jsonargparse shows its fields)
@@ -54,6 +55,7 @@ def pretrain(
              llmkit pretrain --data "[books/, web.jsonl.gz]" --vocab_size 8192 --train.device cuda
              llmkit pretrain --data data/corpus          (a folder made by `llmkit prepare`: it holds manifest.json)
              llmkit pretrain --arch seq2seq --output runs/t5   (mini-t5 encoder-decoder, T5 span corruption)
+             llmkit pretrain --mixer retnet --output runs/retnet   (RetNet retention instead of attention)
              llmkit pretrain --config recipes/pretrain_gpt2_124m.yaml
              torchrun --nproc_per_node 8 -m llmkit.cli pretrain --config recipes/pretrain_gpt2_124m.yaml
 
@@ -76,6 +78,8 @@ def pretrain(
         vocab_size: raw --data only: size of the tokenizer trained when none is given.
         seq_len: tokens per training sequence (at most the model's context window).
         init: start from these weights instead of a random init (continued pretraining): .gguf, HF or llmkit path.
+        mixer: each block's sequence mixer in a decoder built from --model: attention, or hyena, retnet or mamba
+            in its place (docs/mixers.md).
         output: run directory (checkpoints, metrics, plots); an existing run there is resumed.
         train: the training loop's settings (steps, batch, lr, schedule, precision, device, compile, distributed, ...).
         sample: text sampled at each evaluation.
@@ -94,6 +98,9 @@ def pretrain(
     if arch not in DEFAULT_PRESETS:
         raise LlmkitError(f"arch={arch!r} cannot be pretrained by this recipe; choose one of {', '.join(DEFAULT_PRESETS)}")
     model = model or DEFAULT_PRESETS[arch]
+    if mixer != "attention" and (arch != "decoder" or init is not None):
+        raise LlmkitError(f"--mixer {mixer} builds a new decoder; it goes with --arch decoder and without --init "
+                          "(a loaded model keeps its own mixers)")
     check_settings(train)  # one readable line before any data or model work
     cluster = init_cluster(resolve_device(train.device), train.distributed)
     try:
@@ -120,7 +127,7 @@ def pretrain(
         elif arch == "seq2seq":
             network, objective, to_batch = span_corruption_parts(model, init, manifest, text_tokenizer, train.seed)
         else:
-            network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len)
+            network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len, mixer)
             objective, to_batch = causal_lm_loss, lambda tokens, key: causal_lm_batch(tokens)
         stream = SequenceStream(TokenShards(data_dir, "train"), seq_len, seed=train.seed)
         has_validation = manifest["splits"].get("val", {}).get("n_tokens", 0) > seq_len
@@ -234,8 +241,10 @@ def check_resume_vocabulary(run_dir: Path, data_dir: Path, manifest: dict, token
     )
 
 
-def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int) -> Any:
-    """The model to train: a preset resized to the data's vocabulary, or pretrained weights (`init`)."""
+def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | None, seq_len: int,
+                  mixer: str = "attention") -> Any:
+    """The model to train: a preset resized to the data's vocabulary (its blocks' sequence mixer `mixer`), or
+    pretrained weights (`init`)."""
     from llmkit.config import Config
     from llmkit.models.decoder import Decoder
 
@@ -249,7 +258,7 @@ def build_network(model: str, init: str | None, vocab_size: int, eos_id: int | N
                               f"to {vocab_size - 1}; prepare the data with that model's tokenizer (--tokenizer {init})")
         config = network.config
     else:
-        config = Config.from_name(model, vocab_size=vocab_size, eos_id=eos_id, bos_id=None)
+        config = Config.from_name(model, vocab_size=vocab_size, eos_id=eos_id, bos_id=None, mixer=mixer)
         network = Decoder(config)
     if seq_len > config.max_seq_len:
         raise LlmkitError(f"seq_len={seq_len} exceeds {config.name}'s context window of {config.max_seq_len}; "

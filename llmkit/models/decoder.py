@@ -21,6 +21,7 @@ from llmkit.errors import LlmkitError
 from llmkit.nn.attention import AttentionKernel, KVCache, causal_context
 from llmkit.nn.block import build_block
 from llmkit.nn.linear import Linear, PackedWeight, linear
+from llmkit.nn.mixers import MixerCache
 from llmkit.nn.norm import build_norm
 from llmkit.nn.position import position_inputs
 
@@ -53,6 +54,9 @@ class Decoder(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        for module in self.modules():  # Hyena's filter network and Mamba's dt/A/D keep their papers' init
+            if hasattr(module, "reset_mixer_parameters"):
+                module.reset_mixer_parameters()
 
     @staticmethod
     def _normal_init(module: nn.Module) -> None:
@@ -109,6 +113,10 @@ class Decoder(nn.Module):
         `embed(input_ids)`: prompt tuning passes its soft prompt's embeddings before the tokens' this way."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
+        if document_ids is not None and self.config.recurrent_layers:
+            raise LlmkitError(f"{self.config.name}: packed rows (document_ids) need attention's block-diagonal mask; "
+                              f"mixer {self.config.layer_mixers[self.config.recurrent_layers[0]]!r} carries state "
+                              "across documents: train on unpacked rows")
         context = causal_context(self.config, B, T, cache, attention_mask, document_ids, inv_freq=self.inv_freq,
                                  local_inv_freq=self.local_inv_freq, alibi_slopes=self.alibi_slopes,
                                  dtype=self.activation_dtype_device()[0], device=x.device, kernel=self.kernel)
@@ -129,9 +137,11 @@ class Decoder(nn.Module):
         return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight, packed=self.head_packed)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache for `max_len` tokens per row, on this model's device and in its dtype."""
+        """An empty KV cache for `max_len` tokens per row, on this model's device and in its dtype; a `MixerCache`
+        (recurrent states for Hyena / RetNet / Mamba layers) when the model has such layers."""
         dtype, device = self.activation_dtype_device()
-        return KVCache(self.config, batch_size, max_len, dtype, device)
+        cache_class = MixerCache if self.config.recurrent_layers else KVCache
+        return cache_class(self.config, batch_size, max_len, dtype, device)
 
     def activation_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         """The dtype and device activations (and the KV cache) take: those of the token embedding's float table, or,

@@ -167,6 +167,7 @@ class AttentionContext:
     start: int = 0  # cache slot of the first new token
     kernel: AttentionKernel = "sdpa"
     local: AttentionContext | None = None  # what sliding-window layers use instead (mask within the window)
+    valid: torch.Tensor | None = None  # bool (B, T): the new tokens that are not padding; None = all (recurrent mixers)
 
 
 def causal_context(
@@ -218,6 +219,7 @@ def causal_context(
     positions = all_positions[:, start:end]  # (B or 1, T)
 
     context = AttentionContext(positions=positions, cache=cache, start=start, kernel=kernel)
+    context.valid = valid[:, start:end] if padded else None
     if config.position == "rope":
         context.cos, context.sin = rope_cos_sin(positions, inv_freq, dtype)
     needs_mask = padded or config.position == "alibi" or (start > 0 and T > 1) or documents is not None

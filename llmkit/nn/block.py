@@ -11,6 +11,7 @@ from torch import nn
 
 from llmkit.config import Config
 from llmkit.nn.attention import Attention, AttentionContext
+from llmkit.nn.mixers import build_mixer
 from llmkit.nn.mlp import MLP_CLASSES
 from llmkit.nn.moe import MoE
 from llmkit.nn.norm import build_norm
@@ -59,12 +60,13 @@ def build_mlp(config: Config) -> nn.Module:
 
 def build_block(config: Config, layer_index: int) -> Block:
     """The standard block for `config`: pre-norm, with sandwich norms when `config.post_norms` (Gemma 2/3), or
-    post-norm when `config.post_norm` (BERT)."""
+    post-norm when `config.post_norm` (BERT). Its `attn` is the layer's sequence mixer (`config.layer_mixers`):
+    attention, or Hyena / RetNet / Mamba in its place."""
     if config.post_norm:
         return PostNormBlock(attn=Attention(config, layer_index), mlp=build_mlp(config), attn_norm=build_norm(config),
                              mlp_norm=build_norm(config))
     return Block(
-        attn=Attention(config, layer_index),
+        attn=build_mixer(config, layer_index),
         mlp=build_mlp(config),
         attn_norm=build_norm(config),
         mlp_norm=build_norm(config),

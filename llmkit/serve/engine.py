@@ -92,6 +92,9 @@ class Engine:
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LlmkitError(f"engine setting {name}={value!r} must be an integer >= 1")
+        if model.config.recurrent_layers:
+            raise LlmkitError(f"{model.config.name} has {model.config.layer_mixers[model.config.recurrent_layers[0]]} "
+                              "layers; the serving engine pages attention's KV cache only: use `llmkit generate`")
         self.model = model.eval()
         self.config = model.config
         self.context = self.config.max_seq_len
