@@ -263,7 +263,7 @@ def activation_memory(
     else:
         head = tokens * (_norm_bytes(config, p, consumers=1) + FLOAT32 * config.vocab_size)
     outside = batch_size * (seq_len + 1) * INT64 + tokens * INT64 + positions + head
-    head_copy = p.weight_copy * config.vocab_size * d
+    head_copy = 0 if loss_chunk else p.weight_copy * config.vocab_size * d  # the chunked head casts it unsaved
     block_copies = p.weight_copy * (matmul_weights(config) - config.vocab_size * d)
     if activation_checkpointing:
         blocks = config.n_layers * tokens * d * p.residual
