@@ -220,7 +220,8 @@ def optimizer_bytes(sizes: list[int], optimizer: OptimizerName, precision: Preci
 
 
 def activation_memory(
-    config: Config, batch_size: int, seq_len: int, precision: Precision = "fp32", activation_checkpointing: bool = False
+    config: Config, batch_size: int, seq_len: int, precision: Precision = "fp32", activation_checkpointing: bool = False,
+    loss_chunk: int = 0,
 ) -> ActivationMemory:
     """What autograd saves in one `causal_lm_loss` forward of llmkit's Decoder (fused SDPA kernel), per token:
 
@@ -233,7 +234,10 @@ def activation_memory(
     outside blocks   token ids (B, T+1) int64, labels (B, T) int64, positions / rotary tables, final norm,
                      the head input and the float32 log-softmax of the logits (B, T, V) that cross-entropy keeps
     Residual additions and RoPE's multiplications by constant tables save nothing. Checkpointing keeps only each
-    block's input and recomputes one block at a time during the backward.
+    block's input and recomputes one block at a time during the backward. With `loss_chunk` (the fused LM head +
+    cross-entropy, llmkit/train/chunked_loss.py) the head keeps the gradients it computed in the forward instead of
+    the logits: the hidden states' (B, T, C) and the head weight's (V, C); one chunk's logits and softmax, and the
+    float32 weight-gradient accumulator, exist only during the forward.
     """
     p = _precision(precision)
     _check_shape(config, batch_size, seq_len)
@@ -253,9 +257,13 @@ def activation_memory(
         positions = seq_len * INT64
     else:
         positions = batch_size * config.n_heads * seq_len * seq_len * p.residual  # the ALiBi bias (B, H, T, T)
-    head = tokens * (_norm_bytes(config, p, consumers=1) + FLOAT32 * config.vocab_size)
+    if loss_chunk:  # the final norm's own tensors (no linear saves its output), dL/dh, dL/dW
+        norm_own = _norm_bytes(config, p, consumers=0) - (0 if p.autocast else p.residual * d)
+        head = tokens * (norm_own + p.residual * d) + p.weight * config.vocab_size * d
+    else:
+        head = tokens * (_norm_bytes(config, p, consumers=1) + FLOAT32 * config.vocab_size)
     outside = batch_size * (seq_len + 1) * INT64 + tokens * INT64 + positions + head
-    head_copy = p.weight_copy * config.vocab_size * d
+    head_copy = 0 if loss_chunk else p.weight_copy * config.vocab_size * d  # the chunked head casts it unsaved
     block_copies = p.weight_copy * (matmul_weights(config) - config.vocab_size * d)
     if activation_checkpointing:
         blocks = config.n_layers * tokens * d * p.residual
@@ -268,9 +276,12 @@ def activation_memory(
     # - the end of the forward: the logits and their float32 copy for the loss (fp32 logits need no copy) are still
     #   alive, and with checkpointing so are autocast's copies of the block weights (its cache lives until autocast exits);
     logits = tokens * config.vocab_size * (p.compute + (FLOAT32 if p.compute != FLOAT32 else 0))
-    forward_end = logits + (block_copies if activation_checkpointing else 0)
     # - the start of the backward: the gradients of the log-softmax output and of its input, float32 (B, T, V) each;
     loss_backward = 2 * tokens * config.vocab_size * FLOAT32
+    if loss_chunk:  # one chunk's logits and softmax, the float32 weight-gradient sum; the backward only scales
+        logits = min(loss_chunk, tokens) * config.vocab_size * 2 * FLOAT32 + FLOAT32 * config.vocab_size * d
+        loss_backward = tokens * d * p.residual + p.weight * config.vocab_size * d
+    forward_end = logits + (block_copies if activation_checkpointing else 0)
     transient = max(forward_end, loss_backward)
     if activation_checkpointing:
         # - with checkpointing, recomputing the last block: the head's tensors are gone and its weight gradient exists;
@@ -305,6 +316,7 @@ def training_memory(
     activation_checkpointing: bool = False,
     devices: int = 1,
     fsdp: bool = False,
+    loss_chunk: int = 0,
 ) -> MemoryBreakdown:
     """Peak memory of one device for training with `batch_size` sequences of `seq_len` tokens per device.
     With FSDP (llmkit.train.distributed: FSDP2 over each block, then the root) mixed precision casts the weights at
@@ -317,7 +329,8 @@ def training_memory(
     block_sizes, outside_sizes = block_tensor_sizes(config), outside_tensor_sizes(config)
     parameters = count_parameters(config)
     compute_precision = "bf16" if sharded and p.autocast else precision
-    activations = activation_memory(config, batch_size, seq_len, compute_precision, activation_checkpointing)
+    activations = activation_memory(config, batch_size, seq_len, compute_precision, activation_checkpointing,
+                                    loss_chunk)
     weights = _ceil(p.weight * parameters / shards)
     # LOMO/AdaLomo update each tensor as soon as its gradient is whole and free it: one gradient at a time
     gradients = _ceil(p.weight * (max(block_sizes + outside_sizes) if optimizer in FUSED_BACKWARD_OPTIMIZERS

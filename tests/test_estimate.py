@@ -26,7 +26,7 @@ from llmkit.estimate import (
     training_memory,
 )
 from llmkit.models.decoder import Decoder
-from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
+from llmkit.train.objectives import causal_lm_batch, causal_lm_objective
 from llmkit.train.recompute import enable_activation_checkpointing
 from tests.helpers import cli_status
 
@@ -143,7 +143,8 @@ def test_bad_compute_inputs(arguments, message):
 # --------------------------------------------------------------------------- activations vs what autograd saves
 
 
-def saved_bytes(config: Config, batch_size: int, seq_len: int, precision: str, checkpointing: bool) -> int:
+def saved_bytes(config: Config, batch_size: int, seq_len: int, precision: str, checkpointing: bool,
+                loss_chunk: int = 0) -> int:
     """Bytes of every distinct storage autograd saves in one causal-LM forward, parameters excluded."""
     torch.manual_seed(0)
     model = Decoder(config)
@@ -163,7 +164,7 @@ def saved_bytes(config: Config, batch_size: int, seq_len: int, precision: str, c
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            causal_lm_loss(model, causal_lm_batch(tokens)).mean()
+            causal_lm_objective(loss_chunk)(model, causal_lm_batch(tokens)).mean()
     return sum(storages.values())
 
 
@@ -177,6 +178,15 @@ def test_activation_model_matches_saved_tensors(one_thread, name, precision, che
     # 10%: the model counts tensor by tensor (it matches to a few bytes here); with checkpointing the rotary tables
     # live in the blocks' recomputation closures, which the hooks do not see, but which do take memory.
     assert abs(estimated - counted) / counted <= 0.10, (estimated, counted)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_activation_model_with_the_chunked_loss(one_thread, precision):
+    config = Config.from_name("tiny-llama", vocab_size=4096)
+    counted = saved_bytes(config, 4, 64, precision, False, loss_chunk=32)
+    estimated = activation_memory(config, 4, 64, precision, loss_chunk=32).saved
+    assert abs(estimated - counted) / counted <= 0.10, (estimated, counted)
+    assert estimated < activation_memory(config, 4, 64, precision).saved  # the (tokens x vocab) logits are gone
 
 
 # --------------------------------------------------------------------------- estimate vs measured training steps
@@ -193,6 +203,18 @@ def test_estimate_within_20_percent_of_measured_peak(monkeypatch, name, checkpoi
     assert measured.peak_bytes is not None and measured.peak_bytes > 40 * 2**20
     assert abs(estimated - measured.peak_bytes) / measured.peak_bytes <= 0.20, (estimated, measured.peak_bytes)
     assert measured.step_seconds > 0 and measured.tokens_per_second == pytest.approx(32 * 256 / measured.step_seconds)
+
+
+def test_chunked_loss_estimate_within_20_percent_of_measured_peak(monkeypatch):
+    """A 16k vocabulary makes the logits (32 x 256 x 16,384 float32: 512 MB) the largest activation of the plain
+    path; the chunked loss's peak is a fraction of it, and the estimate follows."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = Config.from_name("tiny-llama", vocab_size=16384)
+    measured = measure_training(config, 32, 256, "fp32", False, steps=2, device="cpu", loss_chunk=1024)
+    estimated = training_memory(config, 32, 256, "fp32", loss_chunk=1024).total
+    assert measured.peak_bytes is not None and measured.peak_bytes > 40 * 2**20
+    assert abs(estimated - measured.peak_bytes) / measured.peak_bytes <= 0.20, (estimated, measured.peak_bytes)
+    assert estimated < 0.5 * training_memory(config, 32, 256, "fp32").total
 
 
 def test_measurement_says_when_proc_is_unavailable(monkeypatch, one_thread):

@@ -53,6 +53,7 @@ def estimate(
     precision: Literal["fp32", "bf16-mixed", "bf16", "fp16-mixed"] = "bf16-mixed",
     optimizer: Literal["adamw", "adamw-8bit", "adamw-4bit", "lomo", "adalomo"] = "adamw",
     activation_checkpointing: bool = False,
+    loss_chunk: int = 0,
     devices: int = 1,
     fsdp: bool = False,
     tokens: float | None = None,
@@ -87,6 +88,7 @@ def estimate(
         optimizer: adamw; adamw-8bit or adamw-4bit (1 byte or half a byte per Adam moment, block-wise quantized);
             lomo (no state; one parameter's gradient at a time) or adalomo (lomo + factored second moments).
         activation_checkpointing: recompute each block in the backward instead of keeping its activations.
+        loss_chunk: tokens per chunk of the fused LM head + cross-entropy (--train.loss_chunk; 0: the plain head).
         devices: number of GPUs (per-device memory; FLOPs are shared among them).
         fsdp: shard weights, gradients and optimizer states over the devices (FSDP / ZeRO-3).
         tokens: training tokens (default: Chinchilla's 20 per parameter).
@@ -112,7 +114,10 @@ def estimate(
                           "--precision bf16-mixed or fp32")
     if steps < 1:
         raise LlmkitError(f"steps={steps} must be at least 1")
-    memory = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing, devices, fsdp)
+    if loss_chunk < 0:
+        raise LlmkitError(f"--loss_chunk {loss_chunk} must be 0 (the plain LM head) or a number of tokens per chunk")
+    memory = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing, devices, fsdp,
+                             loss_chunk)
     serving_dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(precision, "bf16")
     serving_bytes = 4 if serving_dtype == "fp32" else 2
     serving = inference_memory(config, batch_size, context, weight_bytes=serving_bytes, kv_bytes=serving_bytes)
@@ -120,6 +125,7 @@ def estimate(
     with_attention = training_compute(config, tokens, seq_len, gpu, mfu, devices, tflops, attention=True)
 
     options = [precision, optimizer] + (["activation checkpointing"] if activation_checkpointing else [])
+    options += [f"LM head + loss in chunks of {loss_chunk} tokens"] if loss_chunk else []
     if devices > 1:
         options.append(f"{'FSDP' if fsdp else 'DDP'} over {devices} devices")
     rows = [("weights", memory.weights), ("gradients", memory.gradients), ("optimizer", memory.optimizer),
@@ -148,10 +154,11 @@ def estimate(
     ]
     print("\n".join(lines), flush=True)
     if measure:
-        single = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing)
+        single = training_memory(config, batch_size, seq_len, precision, optimizer, activation_checkpointing,
+                                 loss_chunk=loss_chunk)
         check_memory_for_measuring(single.total, device)
         result = measure_training(config, batch_size, seq_len, precision, activation_checkpointing, steps, device,
-                                  optimizer)
+                                  optimizer, loss_chunk)
         print(format_measurement(result, memory.total))
 
 
@@ -233,6 +240,7 @@ def measure_training(
     steps: int = 3,
     device: str = "auto",
     optimizer: OptimizerName = "adamw",
+    loss_chunk: int = 0,
 ) -> Measurement:
     """Peak memory and speed of real training steps, run in a fresh (spawned) process so that this process's
     allocations do not count: a warm-up step, `steps` steps (two at least) for the peak, then on CPU `steps` + 1
@@ -240,7 +248,8 @@ def measure_training(
     from llmkit.device import resolve_device
 
     resolved = str(resolve_device(device))
-    arguments = (config.to_dict(), batch_size, seq_len, precision, activation_checkpointing, steps, resolved, optimizer)
+    arguments = (config.to_dict(), batch_size, seq_len, precision, activation_checkpointing, steps, resolved, optimizer,
+                 loss_chunk)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return Measurement(**pool.apply(_measure_in_this_process, arguments))
 
@@ -254,6 +263,7 @@ def _measure_in_this_process(
     steps: int,
     device_name: str,
     optimizer: OptimizerName,
+    loss_chunk: int = 0,
 ) -> dict[str, Any]:
     """Training steps as llmkit's loop runs them; the peak counts everything allocated from the model on."""
     import torch
@@ -270,7 +280,7 @@ def _measure_in_this_process(
         libc.mallopt(M_MMAP_THRESHOLD, TENSOR_MMAP_THRESHOLD)
     # A warm-up step of the same shapes loads the kernels' code, starts the thread pools and fills the caches made once
     # per shape (oneDNN's compiled bf16 kernels: about 8 MB on CPU; cuBLAS workspaces), so the peak counts training.
-    _train(config, batch_size, seq_len, precision, activation_checkpointing, 1, device, optimizer)
+    _train(config, batch_size, seq_len, precision, activation_checkpointing, 1, device, optimizer, loss_chunk)
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -290,7 +300,7 @@ def _measure_in_this_process(
 
     # Two steps at least: the first step's backward runs before its optimizer.step() creates the Adam states.
     seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, max(steps, 2), device,
-                     optimizer)
+                     optimizer, loss_chunk)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - baseline
     elif readable:
@@ -302,7 +312,7 @@ def _measure_in_this_process(
         # mapping every tensor afresh costs page faults the usual run does not pay.
         libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
         seconds = _train(config, batch_size, seq_len, precision, activation_checkpointing, steps + 1, device,
-                         optimizer)
+                         optimizer, loss_chunk)
     step_seconds = statistics.median(seconds[1:] or seconds)
     return dict(device=str(device), peak_bytes=peak, method=method, step_seconds=step_seconds,
                 tokens_per_second=batch_size * seq_len / step_seconds)
@@ -317,13 +327,14 @@ def _train(
     steps: int,
     device: Any,  # torch.device (torch is imported lazily)
     optimizer_name: OptimizerName = "adamw",
+    loss_chunk: int = 0,
 ) -> list[float]:
     """Build a Decoder and the optimizer and run `steps` steps on random tokens; returns each step's seconds (LOMO
     and AdaLomo update inside backward: their step() has nothing left to do)."""
     import torch
 
     from llmkit.models.decoder import Decoder
-    from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
+    from llmkit.train.objectives import causal_lm_batch, causal_lm_objective
     from llmkit.train.optim import build_optimizer
     from llmkit.train.precision import autocast, grad_scaler
     from llmkit.train.recompute import enable_activation_checkpointing
@@ -340,11 +351,12 @@ def _train(
     mixed = "fp32" if precision == "bf16" else precision  # pure bf16 runs without autocast
     scaler = grad_scaler(mixed, device)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)  # (B, T+1)
+    objective = causal_lm_objective(loss_chunk)
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
         with autocast(mixed, device):
-            loss = causal_lm_loss(model, causal_lm_batch(tokens)).mean()
+            loss = objective(model, causal_lm_batch(tokens)).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -120,7 +120,7 @@ def finetune(
     from llmkit.peft.registry import apply_method
     from llmkit.train.distributed import init_cluster, shut_down
     from llmkit.train.loop import train as train_loop
-    from llmkit.train.objectives import causal_lm_loss
+    from llmkit.train.objectives import causal_lm_objective
 
     method_settings = chosen_settings(method, dict(lora=lora, qlora=qlora, prompt=prompt, prefix=prefix, ia3=ia3,
                                                    adapter=adapter, selective=selective))
@@ -172,7 +172,8 @@ def finetune(
         width = max_length if packing or train.compile else None
         batches = sft_batches(examples, train.batch_size, seed=train.seed, packing=packing, max_length=width, pad_id=pad_id)
         evals = sft_validation_batches(validation, train.batch_size, packing=packing, max_length=width, pad_id=pad_id)
-        result = train_loop(network, causal_lm_loss, batches, train, output, eval_batches=evals, cluster=cluster)
+        result = train_loop(network, causal_lm_objective(train.loss_chunk), batches, train, output, eval_batches=evals,
+                            cluster=cluster)
 
         summary: dict[str, Any] = {"method": method, "steps": result.steps, "train_loss": result.train_loss,
                                    "val_loss": result.val_loss, "rouge_before": before}

@@ -93,7 +93,7 @@ def pretrain(
     from llmkit.device import resolve_device
     from llmkit.train.distributed import barrier, init_cluster, shut_down
     from llmkit.train.loop import train as train_loop
-    from llmkit.train.objectives import causal_lm_batch, causal_lm_loss
+    from llmkit.train.objectives import causal_lm_batch, causal_lm_objective
 
     if arch not in DEFAULT_PRESETS:
         raise LlmkitError(f"arch={arch!r} cannot be pretrained by this recipe; choose one of {', '.join(DEFAULT_PRESETS)}")
@@ -128,7 +128,7 @@ def pretrain(
             network, objective, to_batch = span_corruption_parts(model, init, manifest, text_tokenizer, train.seed)
         else:
             network = build_network(model, init, manifest["vocab_size"], manifest["eos_id"], seq_len, mixer)
-            objective, to_batch = causal_lm_loss, lambda tokens, key: causal_lm_batch(tokens)
+            objective, to_batch = causal_lm_objective(train.loss_chunk), lambda tokens, key: causal_lm_batch(tokens)
         stream = SequenceStream(TokenShards(data_dir, "train"), seq_len, seed=train.seed)
         has_validation = manifest["splits"].get("val", {}).get("n_tokens", 0) > seq_len
         if not has_validation and train.eval_every:

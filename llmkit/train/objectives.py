@@ -24,7 +24,10 @@ from torch import nn
 
 from llmkit.data.batch import IGNORE_INDEX, Batch
 from llmkit.errors import LlmkitError
+from llmkit.models.decoder import Decoder
+from llmkit.nn.linear import Linear
 from llmkit.nn.moe import moe_aux_loss, moe_layers
+from llmkit.train.chunked_loss import linear_cross_entropy
 from llmkit.train.metrics import CROSS_ENTROPY
 
 
@@ -87,6 +90,43 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> TokenLoss:
         total = F.cross_entropy(logits.float(), labels[scored], reduction="sum")  # logits (N, V)
     aux = moe_aux_loss(model) if model.training and moe_layers(model) else None
     return TokenLoss(total, label_tokens(batch), aux)
+
+
+def causal_lm_objective(loss_chunk: int = 0) -> Objective:
+    """`causal_lm_loss`, or with `loss_chunk` > 0 the same loss through the chunked LM head + cross-entropy
+    (llmkit/train/chunked_loss.py: the (tokens x vocab) logits never exist in full; same value and gradients).
+    Models whose head is not a plain matrix (quantized, adapted, packed) or whose forward is not the Decoder's
+    (prompt tuning) keep the plain path."""
+    if loss_chunk < 0:
+        raise LlmkitError(f"--train.loss_chunk {loss_chunk} must be 0 (plain LM head) or a number of tokens per chunk")
+    if loss_chunk == 0:
+        return causal_lm_loss
+
+    def chunked_causal_lm_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+        weight = plain_head_weight(model)
+        if weight is None:
+            return causal_lm_loss(model, batch)
+        labels = batch["labels"]
+        scored = labels != IGNORE_INDEX  # (B, T)
+        packed = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+        hidden = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed)
+        normed = model.final_norm(hidden[scored])  # (N, C)
+        total = linear_cross_entropy(normed, weight, labels[scored], loss_chunk)
+        aux = moe_aux_loss(model) if model.training and moe_layers(model) else None
+        return TokenLoss(total, label_tokens(batch), aux)
+
+    return chunked_causal_lm_loss
+
+
+def plain_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's (V, C) float weight of a Decoder whose logits are final_norm(h) @ W^T, else None."""
+    if type(model).forward is not Decoder.forward or type(model).head is not Decoder.head or model.head_packed is not None:
+        return None
+    if model.lm_head is None:
+        weight = getattr(model.embed, "weight", None)
+        return weight if type(model.embed) is nn.Embedding and weight is not None and weight.is_floating_point() else None
+    head = model.lm_head
+    return head.weight if type(head) is Linear and head.bias is None and head.packed is None else None
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -35,6 +35,8 @@ class TrainSettings:
         precision: fp32, bf16-mixed (autocast; fastest on recent GPUs) or fp16-mixed (with loss scaling).
         compile: torch.compile the model (slow first steps, faster after).
         activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
+        loss_chunk: tokens per chunk of the fused LM head + cross-entropy (0: the plain head): the (tokens x vocab)
+            logits and their gradient never exist in full; same loss and gradients (llmkit/train/chunked_loss.py).
         distributed: under torchrun: auto (DDP, weights replicated) or fsdp (FSDP2, weights sharded).
         eval_every: steps between validation runs and text samples (0 turns them off).
         eval_batches: validation batches per run.
@@ -61,6 +63,7 @@ class TrainSettings:
     precision: Precision = "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
+    loss_chunk: int = 0
     distributed: Strategy = "auto"
     eval_every: int = 200
     eval_batches: int = 20
@@ -74,7 +77,7 @@ class TrainSettings:
 
 # fields that count something and must be at least 1 (eval_every may be 0: off; keep_last 0 keeps the latest only)
 AT_LEAST_ONE = ("max_steps", "batch_size", "accumulation_steps", "log_every", "checkpoint_every", "eval_batches")
-AT_LEAST_ZERO = ("warmup_steps", "eval_every", "keep_last")
+AT_LEAST_ZERO = ("warmup_steps", "eval_every", "keep_last", "loss_chunk")
 
 
 def check_settings(settings: TrainSettings, prefix: str = "--train.") -> None:
