@@ -286,7 +286,7 @@ def export_hf(
     the result gives back the
     same config and tensors; a config the family's config.json cannot express is refused before anything is written."""
     config, state = (saved_config(model), model.state_dict()) if isinstance(model, nn.Module) else model
-    if config.recurrent_layers:
+    if isinstance(config, Config) and config.recurrent_layers:  # a ClipConfig holds two attention towers
         raise LlmkitError(f"{config.name} has {config.layer_mixers[config.recurrent_layers[0]]} layers, which no "
                           "Hugging Face decoder class holds; save it in llmkit's own format (a checkpoint directory)")
     check_tokenizer(tokenizer)

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, check_round_trip, read_field
-from llmkit.checkpoints.hf_files import tensor_locations
+from llmkit.checkpoints.hf_files import read_mapped_tensors
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -227,28 +226,8 @@ def _read_hf_state(directory: Path, config: Config, expected: set[str]) -> dict[
     """llmkit-named tensors of a HF BERT directory's safetensors file(s), through the key map."""
     task = config.encoder_head
     names = hf_to_llmkit_names(config, expected)
-    locations, _ = tensor_locations(directory)  # refuses pickled weights, follows a shard index
-    state = {}
-    for file in dict.fromkeys(locations.values()):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for stored in (name for name, where in locations.items() if where == file):
-                    name = stored.removeprefix(BODY_PREFIX) if task == "base" else stored  # some BertModels keep bert.
-                    if _skipped(name, task, config):
-                        continue
-                    if name not in names:
-                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {config.hf_architecture} "
-                                          "with this config.json has no such weight; the weights and config.json "
-                                          "disagree, use the config.json that came with these weights")
-                    state[names[name]] = handle.get_tensor(stored)
-        except (SafetensorError, OSError) as error:
-            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download it") from None
-    absent = sorted(hf for hf, name in names.items() if name not in state)
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise LlmkitError(f"tensor {absent[0]}{more} is missing from {directory}; the checkpoint is incomplete: "
-                          "re-download or re-export it")
-    return state
+    return read_mapped_tensors(directory, names, lambda name: _skipped(name, task, config), config.hf_architecture,
+                               rename=lambda stored: stored.removeprefix(BODY_PREFIX) if task == "base" else stored)
 
 
 # --------------------------------------------------------------------------- sentence-transformers

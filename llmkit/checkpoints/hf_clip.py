@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, read_field
-from llmkit.checkpoints.hf_vit import HIDDEN_ACTS, hidden_activation, read_mapped_tensors
+from llmkit.checkpoints.hf_files import read_mapped_tensors
+from llmkit.checkpoints.hf_vit import HIDDEN_ACTS, hidden_activation
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
 from llmkit.models.clip import CLIP, ClipConfig, clip_text_config, clip_vision_config

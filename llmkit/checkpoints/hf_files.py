@@ -5,6 +5,7 @@ config.json + model.safetensors (+ tokenizer files) atomically."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,34 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         owned[name] = tensor.clone() if pointer in seen else tensor
         seen.add(pointer)
     return owned
+
+
+def read_mapped_tensors(
+    directory: Path, names: dict[str, str], skip: Callable[[str], bool], architecture: str | None,
+    rename: Callable[[str], str] = lambda stored: stored,
+) -> dict[str, torch.Tensor]:
+    """llmkit-named tensors of a HF directory's safetensors file(s) through the key map `names` (HF -> llmkit);
+    `rename(stored)` is the HF name a stored tensor goes by (a prefix some checkpoints add removed), and `skip(name)`
+    marks tensors llmkit does not load. An unknown or missing tensor is an error."""
+    locations, _ = tensor_locations(directory)  # refuses pickled weights, follows a shard index
+    state = {}
+    for file in dict.fromkeys(locations.values()):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for stored in (name for name, where in locations.items() if where == file):
+                    name = rename(stored)
+                    if skip(name):
+                        continue
+                    if name not in names:
+                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {architecture} with this "
+                                          "config.json has no such weight; use the config.json that came with these "
+                                          "weights")
+                    state[names[name]] = handle.get_tensor(stored)
+        except (SafetensorError, OSError) as error:
+            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download it") from None
+    absent = sorted(hf for hf, name in names.items() if name not in state)
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise LlmkitError(f"tensor {absent[0]}{more} is missing from {directory}; the checkpoint is incomplete: "
+                          "re-download or re-export it")
+    return state

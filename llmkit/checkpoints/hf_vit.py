@@ -3,20 +3,18 @@
 
 One explicit key map from Hugging Face tensor names (as stored on disk) to llmkit's; export inverts it. The [CLS]
 token (1, 1, d) and the position table (1, N + 1, d) lose their leading 1s on import and get them back on export.
-`read_mapped_tensors` is the safetensors reader hf_clip.py shares.
+The safetensors reading goes through `hf_files.read_mapped_tensors`, shared with BERT and CLIP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, check_round_trip, read_field
-from llmkit.checkpoints.hf_files import tensor_locations
+from llmkit.checkpoints.hf_files import read_mapped_tensors
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -157,31 +155,3 @@ def load_hf_vit(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
             if key in state:
                 state[key] = state[key].reshape(state[key].shape[-2:] if name == "pos_embed" else state[key].shape[-1:])
     return config, state
-
-
-def read_mapped_tensors(
-    directory: Path, names: dict[str, str], skip: Callable[[str], bool], architecture: str | None
-) -> dict[str, torch.Tensor]:
-    """llmkit-named tensors of a HF directory's safetensors file(s) through the key map `names` (HF -> llmkit);
-    `skip(name)` marks stored tensors llmkit does not load. An unknown or missing tensor is an error."""
-    locations, _ = tensor_locations(directory)  # refuses pickled weights, follows a shard index
-    state = {}
-    for file in dict.fromkeys(locations.values()):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for stored in (name for name, where in locations.items() if where == file):
-                    if skip(stored):
-                        continue
-                    if stored not in names:
-                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {architecture} with this "
-                                          "config.json has no such weight; use the config.json that came with these "
-                                          "weights")
-                    state[names[stored]] = handle.get_tensor(stored)
-        except (SafetensorError, OSError) as error:
-            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download it") from None
-    absent = sorted(hf for hf, name in names.items() if name not in state)
-    if absent:
-        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-        raise LlmkitError(f"tensor {absent[0]}{more} is missing from {directory}; the checkpoint is incomplete: "
-                          "re-download or re-export it")
-    return state
