@@ -231,7 +231,7 @@ def test_pre_tokenizer_is_recognised_from_tokenizer_json(tmp_path, tokenizer):
 
 
 def test_models_gguf_cannot_hold_are_refused(tmp_path, tokenizer):
-    with pytest.raises(LlmkitError, match=r"exporting .* \(an encoder model\) to GGUF is not supported; supported: "
+    with pytest.raises(LlmkitError, match=r"exporting .* \(arch='encoder'\) to GGUF is not supported; supported: "
                                           r"llama-family decoders"):
         export_gguf(_encoder(), tmp_path / "x.gguf", tokenizer)
     with pytest.raises(LlmkitError, match=r"exporting tiny-gpt2 to GGUF is not supported \(it has norm='layernorm', "
@@ -281,7 +281,7 @@ def test_cli_convert_to_gguf(tmp_path, capsys, tokenizer):
     save_model(_encoder(), tmp_path / "bert")
     code, err = cli_status(capsys, "convert", "--model", str(tmp_path / "bert"), "--output", str(tmp_path / "b.gguf"),
                            "--to", "gguf")
-    assert code == 2 and "(an encoder model) to GGUF is not supported" in err and not (tmp_path / "b.gguf").exists()
+    assert code == 2 and "(arch='encoder') to GGUF is not supported" in err and not (tmp_path / "b.gguf").exists()
 
 
 # --- the real SmolLM2-135M-Instruct (GGUF Q4_1): import -> export -> import

@@ -78,7 +78,7 @@ def gguf_architecture(config: Config) -> str:
     """The GGUF architecture `config` exports as ('llama' or 'qwen2'); other models raise naming what differs."""
     what = config.hf_architecture or config.extra.get("architecture") or config.name
     if config.arch != "decoder":
-        raise LlmkitError(f"exporting {what} (an {config.arch} model) to GGUF is not supported; supported: {SUPPORTED}: "
+        raise LlmkitError(f"exporting {what} (arch={config.arch!r}) to GGUF is not supported; supported: {SUPPORTED}: "
                           "export it with --to hf or --to native instead")
     different = [f"{field}={getattr(config, field)!r}" for field, value in LLAMA_FAMILY.items()
                  if getattr(config, field) != value]
