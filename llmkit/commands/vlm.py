@@ -20,7 +20,7 @@ BUILTIN_RUN = "llmkit/vlm/{style}-digits"  # under $XDG_CACHE_HOME (default ~/.c
 VLM_CONFIG_FILE = "vlm_config.json"
 VLM_WEIGHTS_FILE = "vlm.safetensors"
 VISION_DIR = "vision"  # a run's own ViT, when `vlm train` trains one
-EVAL_IMAGES = 100  # held-out digits captioned at each evaluation
+EVAL_IMAGES = 50  # held-out digits captioned at each evaluation
 MAX_CAPTION_TOKENS = 10
 
 
@@ -29,16 +29,16 @@ def vlm_train(
     output: str | None = None,
     model: str | None = None,
     vision: str | None = None,
-    steps: int = 150,
+    steps: int = 60,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     n_latents: int = 8,
     resampler_layers: int = 1,
     cross_attn_every: int = 6,
     projector: Literal["linear", "mlp"] = "mlp",
-    max_shots: int = 3,
-    vision_steps: int = 400,
-    eval_every: int = 50,
+    max_shots: int = 2,
+    vision_steps: int = 300,
+    eval_every: int = 30,
     seed: int = 0,
     device: Device = "auto",
 ) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def vlm_train(
     The language model and the ViT stay frozen; only the new parts train (Flamingo: a Perceiver resampler, gated
     cross-attention layers before every CROSS_ATTN_EVERY-th block and the <image> embedding; LLaVA: the projector),
     on the caption tokens only. Flamingo rows interleave 1 to MAX_SHOTS + 1 captioned digits, the form it is asked in
-    with in-context examples. Evaluation captions 100 held-out digits (every 5th of each class) and counts those whose
+    with in-context examples. Evaluation captions 50 held-out digits (every 5th of each class) and counts those whose
     caption names the right digit. OUTPUT gets the loop's checkpoints/, metrics.jsonl, loss.png, accuracy.png and
     model/ (vlm_config.json + vlm.safetensors: the new parts only, and the paths of the frozen models).
 
