@@ -25,6 +25,7 @@ COMMANDS: dict[str, Any] = {
     "distill": "distill:distill",
     "vision": {"train": "vision:vision_train", "classify": "vision:vision_classify"},
     "clip": {"train": "clip:clip_train", "classify": "clip:clip_classify"},
+    "vlm": {"train": "vlm:vlm_train", "ask": "vlm:vlm_ask"},
     "reward": {"train": "reward:reward_train", "score": "reward:reward_score"},
     "dpo": "dpo:dpo",
     "ppo": "ppo:ppo",

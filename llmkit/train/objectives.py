@@ -328,3 +328,15 @@ def clip_contrastive_loss(model: nn.Module, batch: Batch) -> TokenLoss:
 
 
 clip_contrastive_loss.loss_label = CONTRASTIVE
+
+
+# --------------------------------------------------------------------------- vision-language models (Flamingo, LLaVA)
+
+
+def vlm_caption_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+    """Summed next-token cross-entropy on the caption tokens only of a vision-language model (models.vlm): input_ids
+    (B, T) with `<image>` markers, pixel_values (B, M, C, H, W), labels (B, T) IGNORE_INDEX off the captions."""
+    scored = batch["labels"] != IGNORE_INDEX  # (B, T)
+    logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch.get("attention_mask"),
+                   logits_at=scored)  # (N, V)
+    return TokenLoss(F.cross_entropy(logits.float(), batch["labels"][scored], reduction="sum"), label_tokens(batch))
