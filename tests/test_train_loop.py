@@ -441,3 +441,16 @@ def test_pretrain_and_finetune_shut_the_process_group_down_even_when_they_fail(m
         else:
             finetune(model=missing, output=str(tmp_path / "run"))
     assert len(shut) == 1 and isinstance(shut[0], Cluster)
+
+
+def test_mfu_flops_only_for_text_models_fed_token_ids():
+    from llmkit.models.vision import build_vision_model, vit_config
+    from llmkit.train.loop import counts_text_flops
+    from tests.helpers import tiny_decoder
+
+    tokens = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 8, dtype=torch.long)}
+    assert counts_text_flops(tiny_decoder(), tokens)
+    assert not counts_text_flops(tiny_decoder(), {**tokens, "pixel_values": torch.zeros(2, 1, 8, 8)})  # CLIP's batch
+    vision = build_vision_model(vit_config(n_labels=10))
+    assert not counts_text_flops(vision, {"pixel_values": torch.zeros(2, 1, 8, 8), "labels": torch.zeros(2)})
+    assert not counts_text_flops(torch.nn.Linear(2, 2), tokens)  # no config at all

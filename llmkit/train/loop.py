@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmkit import estimate
+from llmkit.config import Config
 from llmkit.data.batch import Batch, input_units
 from llmkit.errors import LlmkitError
 from llmkit.nn.moe import expert_utilisation
@@ -143,7 +144,7 @@ def train(
                                            rank, world) for micro in range(settings.accumulation_steps)]
             state.position += settings.accumulation_steps * settings.batch_size * world
             step_tokens = sum(input_units(batch) for batch in micro_batches) * world  # images for image batches
-            if flops_per_token is None and peak_flops is not None and "input_ids" in micro_batches[0]:
+            if flops_per_token is None and peak_flops is not None and counts_text_flops(unwrap(model), micro_batches[0]):
                 flops_per_token = estimate.flops_per_token(unwrap(model).config, micro_batches[0]["input_ids"].shape[1],
                                                            attention=True)
             lr = scheduler.get_last_lr()[0]
@@ -366,6 +367,14 @@ def interrupted(signal_number: int, step: int, checkpoint: Path, cluster: Cluste
     if cluster.is_main:
         print(message, file=sys.stderr, flush=True)
     return TrainingInterrupted(message, signal_number, checkpoint)
+
+
+def counts_text_flops(model: nn.Module, batch: Batch) -> bool:
+    """Whether the planner's FLOPs per token describe this model and batch (for MFU): a text model's one `Config`
+    (not CLIP's or a VLM's composite one, not a speech model) fed token ids (not images)."""
+    config = getattr(model, "config", None)
+    return (isinstance(config, Config) and config.arch in ("decoder", "encoder", "seq2seq") and "input_ids" in batch
+            and "pixel_values" not in batch)
 
 
 def gpu_peak_flops(device: torch.device) -> float | None:
