@@ -171,13 +171,16 @@ class FusedLinear(torch.autograd.Function):
 
 
 def _still_fused(module: nn.Module, weight: torch.Tensor) -> bool:
-    """Every part is a plain Linear whose weight still lives in the fused tensor (storage pointers: cheap checks)."""
+    """Every part is a plain Linear whose weight still lives in the fused tensor (storage pointers: cheap checks).
+    While torch.compile traces, only the types are checked: dynamo cannot trace storage pointers (a graph break per
+    projection), and a traced model was fused before compiling (`train` fuses right after moving the model)."""
+    parts = [getattr(module, name) for name in type(module).FUSED_PROJECTIONS]
+    if any(type(part) is not Linear for part in parts):
+        return False
+    if torch.compiler.is_compiling():
+        return True
     storage = weight.untyped_storage().data_ptr()
-    for name in type(module).FUSED_PROJECTIONS:
-        part = getattr(module, name)
-        if type(part) is not Linear or part.weight.untyped_storage().data_ptr() != storage:
-            return False
-    return True
+    return all(part.weight.untyped_storage().data_ptr() == storage for part in parts)
 
 
 def _fuse(module: nn.Module, names: tuple[str, ...]) -> None:
