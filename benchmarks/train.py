@@ -2,6 +2,7 @@
 
     python benchmarks/train.py                          # gpt2 (124M) and smollm2-135m, fp32, 2 threads, 4 x 256
     python benchmarks/train.py --models smollm2-135m --steps 8 --compile --plot docs/train.png
+    python benchmarks/train.py --ablation --steps 2 --warmup 1  # one row per speed lever (LEVERS), vs transformers fp32
 
 llmkit runs its real training loop, `llmkit.train.loop.train` (causal_lm_loss, fused AdamW with weight-decay
 groups, clipping at 1.0, a run directory in a temporary folder, evaluation off, checkpoint only at the end);
@@ -14,6 +15,10 @@ Both start from the same weights: the llmkit Decoder is built with a fixed seed 
 project's key map (`to_hf_state_dict`) and config (`hf_config_dict`); a parity check asserts that the
 first-step losses agree to 1e-4 before any timing. Each engine runs in its own spawned process (so peak
 RSS is its own); the first --warmup steps are not timed, the table gives the median of the timed steps.
+
+--ablation times llmkit once per speed lever of TrainSettings (LEVERS: plain, +fused projections, +chunked LM head
+and loss, +bf16-mixed, +compile, all of them), each group of levers in lockstep with transformers fp32 (the same
+baseline, re-run beside each group so a busy spell of the machine hits both): tokens/s, ratio and peak RSS per row.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ LR, BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = 6e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
 SEED = 1337
 LOSS_TOLERANCE = 1e-4  # same weights and tokens in fp32: only summation order differs (observed ~1e-6)
 METRICS_FILE = "metrics.jsonl"  # llmkit.train.metrics.METRICS_FILE
+LOSS_CHUNK = 256  # tokens per chunk of the LM head + loss in the ablation (a quarter of the 4 x 256 batch)
+# --ablation: lever name -> TrainSettings fields (and the chunked objective); each group runs beside transformers fp32
+LEVERS = {
+    "plain": dict(),
+    "+fused": dict(fused_projections=True),
+    "+loss_chunk": dict(loss_chunk=LOSS_CHUNK),
+    "+bf16-mixed": dict(precision="bf16-mixed"),
+    "+compile": dict(compile=True),
+    "all": dict(fused_projections=True, loss_chunk=LOSS_CHUNK, precision="bf16-mixed", compile=True),
+}
+LEVER_GROUPS = [("plain", "+fused", "+loss_chunk"), ("+bf16-mixed", "+compile", "all")]  # 4 processes' RSS at most
 
 
 # --------------------------------------------------------------------------- shared inputs
@@ -196,12 +212,14 @@ def gated_train(model: torch.nn.Module, objective, step_batch, gate: StepGate, s
 
 
 def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int, warmup: int,
-               precision: str, compile: bool, loop: str, prepare=None, make_batches=random_batches) -> dict:  # noqa: ANN001
+               precision: str, compile: bool, loop: str, prepare=None, make_batches=random_batches,  # noqa: ANN001
+               fused_projections: bool = False, loss_chunk: int = 0) -> dict:
     """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead;
     `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA);
-    `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch."""
+    `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch; `fused_projections` and
+    `loss_chunk` are TrainSettings' levers (train loop only)."""
     from llmkit.train.loop import clip_gradients
-    from llmkit.train.objectives import causal_lm_loss
+    from llmkit.train.objectives import causal_lm_loss, causal_lm_objective
     from llmkit.train.optim import build_optimizer
     from llmkit.train.precision import autocast
     from llmkit.train.settings import TrainSettings
@@ -216,9 +234,10 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
     if loop == "train":
         settings = TrainSettings(max_steps=steps, batch_size=batch_size, lr=LR, schedule="constant", warmup_steps=0,
                                  weight_decay=WEIGHT_DECAY, betas=BETAS, grad_clip=GRAD_CLIP, precision=precision,
-                                 compile=compile, eval_every=0, log_every=1, checkpoint_every=steps + 1, keep_last=1,
-                                 resume="never", device="cpu")
-        timed = gated_train(model, causal_lm_loss, step_batches.__getitem__, gate, settings)
+                                 compile=compile, fused_projections=fused_projections, loss_chunk=loss_chunk,
+                                 eval_every=0, log_every=1, checkpoint_every=steps + 1, keep_last=1, resume="never",
+                                 device="cpu")
+        timed = gated_train(model, causal_lm_objective(loss_chunk), step_batches.__getitem__, gate, settings)
         step_seconds, losses, peak_mb = timed.step_seconds, timed.losses, timed.peak_rss_mb
     else:
         optimizer = build_optimizer(model, LR, WEIGHT_DECAY, BETAS, EPS)
@@ -306,6 +325,14 @@ def in_child(fn, *args) -> dict:  # noqa: ANN001
         return pool.apply(fn, args)
 
 
+def run_lever(gate: StepGate, lever: str, preset: str, threads: int, batch_size: int, seq_len: int, steps: int,
+              warmup: int) -> dict:
+    """llmkit's training loop with one LEVERS entry's settings (fp32, eager and plain unless the lever says)."""
+    fields = dict(LEVERS[lever])
+    precision, compile = fields.pop("precision", "fp32"), fields.pop("compile", False)
+    return run_llmkit(gate, preset, threads, batch_size, seq_len, steps, warmup, precision, compile, "train", **fields)
+
+
 ENGINES = {"llmkit": run_llmkit, "transformers": run_transformers}
 
 
@@ -375,6 +402,8 @@ def main() -> None:
     parser.add_argument("--loop_overhead", action="store_true",
                         help="also time llmkit's pieces in a bare loop, to measure what train() itself costs")
     parser.add_argument("--plot", default=None, help="write a bar chart PNG here")
+    parser.add_argument("--ablation", action="store_true",
+                        help="one row per speed lever (LEVERS) instead of the fp32 / --compile comparison")
     args = parser.parse_args()
 
     import transformers
@@ -383,6 +412,9 @@ def main() -> None:
     print(f"{datetime.date.today()}, {cpu_name()}, {args.threads} threads, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; batch {args.batch_size} x {args.seq_len} tokens, {args.precision}, "
           f"{args.warmup} warmup + {args.steps} timed steps; load average now {os.getloadavg()[0]:.2f}")
+    if args.ablation:
+        run_ablation(args, args.warmup + args.steps)
+        return
     variants = [False, True] if args.compile else [False]
     results: dict[tuple[str, bool], dict[str, dict]] = {}
     compile_too_slow = None
@@ -411,6 +443,41 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot, f"training, {args.precision}, batch {args.batch_size} x {args.seq_len}, "
                                  f"{args.threads} CPU threads")
+
+
+def run_ablation(args: argparse.Namespace, steps: int) -> None:
+    """Each LEVER_GROUPS group in lockstep with transformers fp32; prints the ablation table as groups finish (a
+    failing group is reported and the others still run)."""
+    rows = []
+    for preset in args.models:
+        losses = in_child(check_parity, preset, args.threads, args.batch_size, args.seq_len)
+        print(f"{preset}: first-step loss llmkit {losses['llmkit']:.6f}, transformers {losses['transformers']:.6f} "
+              f"(agree to {LOSS_TOLERANCE:g})", flush=True)
+        for group in LEVER_GROUPS:
+            shape = (preset, args.threads, args.batch_size, args.seq_len, steps, args.warmup)
+            engines = {"transformers": ("transformers", shape + ("fp32", False))}
+            engines.update({lever: (run_lever, (lever,) + shape) for lever in group})
+            try:
+                results, load = run_lockstep(engines, steps)
+            except SystemExit as error:
+                print(f"{preset} {', '.join(group)}: failed: {error}", flush=True)
+                continue
+            baseline = results.pop("transformers")
+            for lever, result in results.items():
+                eager_fp32 = LEVERS[lever].get("precision", "fp32") == "fp32" and not LEVERS[lever].get("compile")
+                gap = abs(result["losses"][0] - baseline["losses"][0])
+                if eager_fp32 and gap > LOSS_TOLERANCE:
+                    raise SystemExit(f"{preset} {lever}: first-step loss differs from transformers' by {gap:.2e}")
+                rows.append((preset, lever, result, baseline, load, gap))
+                print(f"{preset} {lever}: {result['tokens_per_s']:.0f} tok/s vs transformers "
+                      f"{baseline['tokens_per_s']:.0f} (mean load {load:.2f}; first-step loss gap {gap:.1e}, "
+                      f"first step {result['first_step_s']:.0f} s)", flush=True)
+    print(f"\n| model | lever | llmkit tok/s | transformers fp32 tok/s | ratio | llmkit peak RSS MB | "
+          f"transformers peak RSS MB | RSS ratio | load |\n|{' --- |' * 9}")
+    for preset, lever, ours, theirs, load, _ in rows:
+        print(f"| {preset} | {lever} | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | "
+              f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | {ours['peak_rss_mb']:,.0f} | "
+              f"{theirs['peak_rss_mb']:,.0f} | {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x | {load:.1f} |")
 
 
 def check_same_training(preset: str, compiled: bool, precision: str, pair: dict) -> None:

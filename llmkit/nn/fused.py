@@ -20,6 +20,16 @@ without a word, because the separate products are then the truth. `unfuse_projec
 storage again (the inverse). Quantized linears (llmkit.quant's QuantLinear) are not fused: their packed layouts
 differ per format and they keep separate products.
 
+Training (`fused_product` with gradients on): the product runs through `FusedLinear`, an autograd function whose
+forward is the same one product over the fused tensor (cast once to the autocast dtype under mixed precision) and
+whose backward computes the whole weight gradient in one product too,
+
+    dL/dx = dL/dy [W_q; W_k; W_v],    dL/d[W_q; W_k; W_v] = (dL/dy)^T x,
+
+then hands each part's rows to that part's own parameter. So the optimizer, weight-decay groups, gradient clipping
+and checkpoints still see q_proj/k_proj/v_proj as separate parameters (an in-place optimizer step writes through the
+views into the fused tensor), and no concatenated copy of the weights is made per step (`--train.fused_projections`).
+
 A module opts in by naming its fusable projections in a class attribute `FUSED_PROJECTIONS` (Attention: q, k, v;
 SwiGLU / GeGLU: gate, up).
 
@@ -30,6 +40,7 @@ matrix the one-token products read (see llmkit/nn/linear.py for why and the meas
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmkit.nn.linear import Linear, PackedWeight, can_pack, linear
@@ -113,17 +124,63 @@ def fused_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight = getattr(module, FUSED_WEIGHT, None)
     if weight is None or not _still_fused(module, weight):
         return None
+    if torch.is_grad_enabled():
+        parts = [getattr(module, name) for name in type(module).FUSED_PROJECTIONS]
+        parameters = [part.weight for part in parts] + [part.bias for part in parts if part.bias is not None]
+        if any(parameter.requires_grad for parameter in parameters) or x.requires_grad:
+            sizes = tuple(part.weight.shape[0] for part in parts)
+            return FusedLinear.apply(x, weight, getattr(module, FUSED_BIAS), sizes, *parameters)
     return linear(x, weight, getattr(module, FUSED_BIAS), getattr(module, FUSED_PACKED, None))
 
 
+class FusedLinear(torch.autograd.Function):
+    """y = x W^T + b over a fused weight W (sum of out, in) whose row blocks (sizes) are the parts' parameters; the
+    backward returns each part's gradient to its own parameter (see the module docstring). Under autocast the
+    product runs in the autocast dtype with W cast once, as F.linear would; gradients come back in each parameter's
+    dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: tuple[int, ...],  # noqa: ANN001
+                *parameters: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        w = weight.to(compute)  # (sum of out, in); no copy in fp32
+        x_compute = x.to(compute)
+        with torch.autocast(device_type, enabled=False):
+            y = F.linear(x_compute, w, None if bias is None else bias.to(compute))  # (..., sum of out)
+        ctx.save_for_backward(x_compute, w)
+        ctx.sizes, ctx.x_dtype = sizes, x.dtype
+        ctx.dtypes = [parameter.dtype for parameter in parameters]
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # noqa: ANN001, ANN205
+        x, w = ctx.saved_tensors
+        grad_y = grad_y.to(w.dtype)
+        grad_x = (grad_y @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        if not any(ctx.needs_input_grad[4:]):  # frozen parts (e.g. prompt tuning): only x's gradient
+            return (grad_x, None, None, None, *[None] * len(ctx.dtypes))
+        rows = grad_y.reshape(-1, grad_y.shape[-1])  # (N, sum of out)
+        grad_w = rows.T @ x.reshape(-1, x.shape[-1])  # (sum of out, in): one product for every part
+        grads = list(grad_w.split(ctx.sizes))
+        if ctx.has_bias:
+            grads += list(rows.sum(0).split(ctx.sizes))
+        grads = [grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes, strict=True)]
+        return (grad_x, None, None, None, *grads)
+
+
 def _still_fused(module: nn.Module, weight: torch.Tensor) -> bool:
-    """Every part is a plain Linear whose weight still lives in the fused tensor (storage pointers: cheap checks)."""
+    """Every part is a plain Linear whose weight still lives in the fused tensor (storage pointers: cheap checks).
+    While torch.compile traces, only the types are checked: dynamo cannot trace storage pointers (a graph break per
+    projection), and a traced model was fused before compiling (`train` fuses right after moving the model)."""
+    parts = [getattr(module, name) for name in type(module).FUSED_PROJECTIONS]
+    if any(type(part) is not Linear for part in parts):
+        return False
+    if torch.compiler.is_compiling():
+        return True
     storage = weight.untyped_storage().data_ptr()
-    for name in type(module).FUSED_PROJECTIONS:
-        part = getattr(module, name)
-        if type(part) is not Linear or part.weight.untyped_storage().data_ptr() != storage:
-            return False
-    return True
+    return all(part.weight.untyped_storage().data_ptr() == storage for part in parts)
 
 
 def _fuse(module: nn.Module, names: tuple[str, ...]) -> None:

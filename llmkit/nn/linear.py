@@ -67,16 +67,18 @@ def linear(
     out_features, in_features = weight.shape
     if packed is not None and x.numel() == in_features and not torch.is_grad_enabled() and packed.is_current():
         return packed(x, bias)
-    n_slabs = torch.get_num_threads()
     if (
         x.numel() != in_features
+        or torch.is_grad_enabled()
         or x.device.type != "cpu"
         or weight.dtype != torch.float32  # CPU bf16/fp16 matrix-vector kernels gain nothing from slabs
-        or n_slabs < 2
-        or in_features % n_slabs
         or weight.stride() != (1, out_features)  # column-major: weight.t() is contiguous (in, out)
-        or torch.is_grad_enabled()
     ):
+        return F.linear(x, weight, bias)
+    # asked only on the one-row path: torch.compile cannot trace get_num_threads (a graph break in every training
+    # step's linear before this test came second)
+    n_slabs = torch.get_num_threads()
+    if n_slabs < 2 or in_features % n_slabs:
         return F.linear(x, weight, bias)
     slabs = weight.t().view(n_slabs, in_features // n_slabs, out_features)  # (S, in/S, out), no copy
     y = torch.bmm(x.reshape(n_slabs, 1, in_features // n_slabs), slabs).sum(0)  # (1, out)

@@ -26,6 +26,7 @@ from llmkit import estimate
 from llmkit.config import Config
 from llmkit.data.batch import Batch, input_units
 from llmkit.errors import LlmkitError
+from llmkit.nn.fused import fuse_projections
 from llmkit.nn.moe import expert_utilisation
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.checkpoint import (
@@ -97,6 +98,8 @@ def train(
         raise LlmkitError(f"--train.optimizer {settings.optimizer} updates each weight during backward, before DDP/FSDP "
                           "could average its gradient over processes; run it on one process or use adamw-8bit")
     model.to(cluster.device)
+    if settings.fused_projections:  # after .to(): moving a model gives each part its own storage again
+        fuse_projections(model)
     if settings.activation_checkpointing:
         enable_activation_checkpointing(model)
     dtype = compute_dtype(settings.precision)

@@ -35,6 +35,8 @@ class TrainSettings:
         precision: fp32, bf16-mixed (autocast; fastest on recent GPUs) or fp16-mixed (with loss scaling).
         compile: torch.compile the model (slow first steps, faster after).
         activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
+        fused_projections: run q/k/v and gate/up as one matrix product each in forward and backward (names,
+            optimizer groups and checkpoints unchanged; a LoRA- or quantization-wrapped projection keeps its own).
         loss_chunk: tokens per chunk of the fused LM head + cross-entropy (0: the plain head): the (tokens x vocab)
             logits and their gradient never exist in full; same loss and gradients (llmkit/train/chunked_loss.py).
         distributed: under torchrun: auto (DDP, weights replicated) or fsdp (FSDP2, weights sharded).
@@ -63,6 +65,7 @@ class TrainSettings:
     precision: Precision = "fp32"
     compile: bool = False
     activation_checkpointing: bool = False
+    fused_projections: bool = False
     loss_chunk: int = 0
     distributed: Strategy = "auto"
     eval_every: int = 200
@@ -112,6 +115,9 @@ def check_settings(settings: TrainSettings, prefix: str = "--train.") -> None:
         raise LlmkitError(f"{prefix}grad_clip={settings.grad_clip} must be positive (or null to turn clipping off)")
     if settings.optimizer not in OPTIMIZERS:
         raise LlmkitError(f"{prefix}optimizer={settings.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if settings.fused_projections and settings.distributed == "fsdp":
+        raise LlmkitError(f"{prefix}fused_projections views q/k/v in one tensor, which FSDP's per-parameter shards "
+                          f"split; drop {prefix}fused_projections or use {prefix}distributed auto (DDP)")
     if settings.optimizer in FUSED_BACKWARD_OPTIMIZERS:
         if settings.accumulation_steps != 1:
             raise LlmkitError(f"{prefix}optimizer={settings.optimizer} updates the weights during each backward pass, so "
