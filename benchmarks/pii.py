@@ -186,8 +186,7 @@ def dialogsum_comparison() -> dict[str, int]:
 def throughput(texts: list[str], safety: SafetyRules | None) -> float:
     start = time.perf_counter()
     kept, _ = filter_documents(texts, QualityRules(), safety=safety)
-    for _ in kept:
-        pass
+    sum(1 for _ in kept)  # the pass runs as the kept documents are read
     return sum(len(text.encode()) for text in texts) / 1e6 / (time.perf_counter() - start)
 
 

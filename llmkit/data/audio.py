@@ -47,7 +47,8 @@ def read_wav(source: str | Path | BinaryIO | bytes, name: str | None = None) -> 
                                   "WAV: convert it (e.g. `sox in.wav -c 1 -b 16 out.wav`)")
             frames = reader.readframes(reader.getnframes())
     except (wave.Error, EOFError) as error:
-        raise LlmkitError(f"{label} is not a PCM WAV file ({error}); pass a mono 16-bit PCM WAV") from None
+        reason = str(error) or type(error).__name__
+        raise LlmkitError(f"{label} is not a PCM WAV file ({reason}); pass a mono 16-bit PCM WAV") from None
     if not frames:
         raise LlmkitError(f"{label} holds no samples; pass a WAV with audio in it")
     samples = torch.frombuffer(bytearray(frames), dtype=torch.int16).float() / 32768.0  # little-endian, as WAV is
