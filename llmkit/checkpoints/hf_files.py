@@ -99,24 +99,60 @@ def read_mapped_tensors(
     `rename(stored)` is the HF name a stored tensor goes by (a prefix some checkpoints add removed), and `skip(name)`
     marks tensors llmkit does not load. An unknown or missing tensor is an error."""
     locations, _ = tensor_locations(directory)  # refuses pickled weights, follows a shard index
-    state = {}
-    for file in dict.fromkeys(locations.values()):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for stored in (name for name, where in locations.items() if where == file):
-                    name = rename(stored)
-                    if skip(name):
-                        continue
-                    if name not in names:
-                        raise LlmkitError(f"unexpected tensor {stored} in {file}: a {architecture} with this "
-                                          "config.json has no such weight; use the config.json that came with these "
-                                          "weights")
-                    state[names[name]] = handle.get_tensor(stored)
-        except (SafetensorError, OSError) as error:
-            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download it") from None
+    wanted = [stored for stored in locations if not skip(rename(stored))]
+    for stored in wanted:
+        if rename(stored) not in names:
+            raise LlmkitError(f"unexpected tensor {stored} in {locations[stored]}: a {architecture} with this "
+                              "config.json has no such weight; use the config.json that came with these weights")
+    state = {names[rename(stored)]: tensor for stored, tensor in read_tensors(locations, wanted).items()}
     absent = sorted(hf for hf, name in names.items() if name not in state)
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise LlmkitError(f"tensor {absent[0]}{more} is missing from {directory}; the checkpoint is incomplete: "
                           "re-download or re-export it")
+    return state
+
+
+def read_tensors(locations: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` (HF names) from the safetensors files `locations` says hold them (`tensor_locations`)."""
+    tensors = {}
+    for file in dict.fromkeys(locations[name] for name in names):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in (n for n in names if locations[n] == file):
+                    tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download or "
+                              "re-export it") from None
+    return tensors
+
+
+def layer_module_map(modules: dict[str, str], encoder_prefix: str, n_layers: int,
+                     n_decoder_layers: int) -> dict[str, str]:
+    """HF module name -> llmkit module name of an encoder-decoder, from a table whose per-layer entries hold `{i}`:
+    modules under `encoder_prefix` repeat n_layers times, the others n_decoder_layers times."""
+    mapped = {}
+    for hf_name, name in modules.items():
+        count = n_layers if hf_name.startswith(encoder_prefix) else n_decoder_layers
+        for i in range(count) if "{i}" in hf_name else [None]:
+            mapped[hf_name.format(i=i)] = name.format(i=i)
+    return mapped
+
+
+def module_state(tensors: dict[str, torch.Tensor], modules: dict[str, str], expected: dict[str, torch.Tensor],
+                 locations: dict[str, Path], model: str, renamed: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """HF tensors renamed to llmkit's through the module map (`renamed`: whole tensor names mapped directly),
+    each checked against `expected` (a meta model's state dict): an unknown name or a wrong shape is an error that
+    names `model` (e.g. "a T5 model with this config.json (6+6 layers)")."""
+    state = {}
+    for hf_name, tensor in tensors.items():
+        module, parameter = hf_name.rsplit(".", 1)
+        name = (renamed or {}).get(hf_name) or (f"{modules[module]}.{parameter}" if module in modules else None)
+        if name not in expected:
+            raise LlmkitError(f"unexpected tensor {hf_name} in {locations[hf_name]}: {model} has no such weight; use "
+                              "the config.json that came with these weights")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LlmkitError(f"tensor {hf_name} has shape {tuple(tensor.shape)} in {locations[hf_name]}, config "
+                              f"expects {tuple(expected[name].shape)}; config.json does not describe these weights")
+        state[name] = tensor
     return state

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, check_round_trip, read_field
-from llmkit.checkpoints.hf_files import tensor_locations
+from llmkit.checkpoints.hf_files import layer_module_map, module_state, read_tensors, tensor_locations
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -143,7 +142,7 @@ def t5_config(path: str | Path) -> Config:
     directory = Path(path)
     t5_config_from_hf(directory)  # refuse a non-T5 directory before touching the weights
     locations, _ = tensor_locations(directory)
-    return t5_config_from_hf(directory, tie_embeddings=not _untied(_read_tensors(
+    return t5_config_from_hf(directory, tie_embeddings=not _untied(read_tensors(
         locations, [name for name in (HEAD, SHARED) if name in locations])))
 
 
@@ -155,12 +154,7 @@ def _untied(tensors: dict[str, torch.Tensor]) -> bool:
 
 def t5_module_map(config: Config) -> dict[str, str]:
     """HF module name -> llmkit module name for every layer of `config`."""
-    modules = {}
-    for hf_name, name in T5_MODULES.items():
-        n_layers = config.n_layers if hf_name.startswith("encoder") else config.n_decoder_layers
-        for i in range(n_layers) if "{i}" in hf_name else [None]:
-            modules[hf_name.format(i=i)] = name.format(i=i)
-    return modules
+    return layer_module_map(T5_MODULES, "encoder", config.n_layers, config.n_decoder_layers)
 
 
 def to_hf_t5_state_dict(config: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,7 +178,7 @@ def load_hf_t5(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
                           f"{CONFIG_FILE} and model.safetensors")
     t5_config_from_hf(directory)  # refuse a non-T5 directory before touching the weights
     locations, _ = tensor_locations(directory)  # HF tensor name -> file (safetensors only; pickles refused)
-    tensors = _read_tensors(locations, [name for name in locations if name not in SKIPPED])
+    tensors = read_tensors(locations, [name for name in locations if name not in SKIPPED])
     untied = _untied(tensors)
     if not untied:
         tensors.pop(HEAD, None)  # a stored copy of the shared embedding
@@ -192,18 +186,8 @@ def load_hf_t5(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     modules = t5_module_map(config)
     with torch.device("meta"):
         expected = Seq2Seq(config).state_dict()
-    state = {}
-    for hf_name, tensor in tensors.items():
-        module, parameter = hf_name.rsplit(".", 1)
-        name = f"{modules[module]}.{parameter}" if module in modules else None
-        if name not in expected:
-            raise LlmkitError(f"unexpected tensor {hf_name} in {locations[hf_name]}: a T5 model with this config.json "
-                              f"({config.n_layers}+{config.n_decoder_layers} layers) has no such weight; use the "
-                              "config.json that came with these weights")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LlmkitError(f"tensor {hf_name} has shape {tuple(tensor.shape)} in {locations[hf_name]}, config "
-                              f"expects {tuple(expected[name].shape)}; config.json does not describe these weights")
-        state[name] = tensor
+    state = module_state(tensors, modules, expected, locations,
+                         f"a T5 model with this config.json ({config.n_layers}+{config.n_decoder_layers} layers)")
     missing = sorted(set(expected) - set(state))
     if missing:
         to_hf = {name: hf for hf, name in modules.items()}
@@ -211,16 +195,3 @@ def load_hf_t5(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
         raise LlmkitError(f"tensor {first} (and {len(missing) - 1} more) missing from {directory}; the checkpoint is "
                           "incomplete (an interrupted download or export): re-download or re-export it")
     return config, state
-
-
-def _read_tensors(locations: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in dict.fromkeys(locations[name] for name in names):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in (n for n in names if locations[n] == file):
-                    tensors[name] = handle.get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise LlmkitError(f"{file} cannot be read ({error}); it is truncated or corrupt: re-download or "
-                              "re-export it") from None
-    return tensors

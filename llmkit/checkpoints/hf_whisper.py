@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from llmkit.checkpoints.hf_config import CONFIG_FILE, REQUIRED, build_config, check_round_trip, read_field
-from llmkit.checkpoints.hf_files import tensor_locations
-from llmkit.checkpoints.hf_t5 import _read_tensors
+from llmkit.checkpoints.hf_files import layer_module_map, module_state, read_tensors, tensor_locations
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.io import read_json_object
@@ -119,12 +118,7 @@ def whisper_config_dict(config: Config, dtype: torch.dtype = torch.float32) -> d
 
 def whisper_module_map(config: Config) -> dict[str, str]:
     """HF module name -> llmkit module name for every layer of `config`."""
-    modules = {}
-    for hf_name, name in WHISPER_MODULES.items():
-        n_layers = config.n_layers if hf_name.startswith("model.encoder") else config.n_decoder_layers
-        for i in range(n_layers) if "{i}" in hf_name else [None]:
-            modules[hf_name.format(i=i)] = name.format(i=i)
-    return modules
+    return layer_module_map(WHISPER_MODULES, "model.encoder", config.n_layers, config.n_decoder_layers)
 
 
 def to_hf_whisper_state_dict(config: Config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,25 +145,15 @@ def load_hf_whisper(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
                           f"{CONFIG_FILE} and model.safetensors")
     config = whisper_config_from_hf(directory)  # refuse a non-Whisper directory before touching the weights
     locations, _ = tensor_locations(directory)  # HF tensor name -> file (safetensors only; pickles refused)
-    tensors = _read_tensors(locations, list(locations))
+    tensors = read_tensors(locations, list(locations))
     if config.tie_embeddings:
         tensors.pop(HEAD, None)  # a stored copy of the token embedding
     modules = whisper_module_map(config)
     with torch.device("meta"):
         expected = SpeechModel(config).state_dict()
-    state = {}
-    for hf_name, tensor in tensors.items():
-        module, parameter = hf_name.rsplit(".", 1)
-        name = ENCODER_POSITIONS[1] if hf_name == ENCODER_POSITIONS[0] else (
-            f"{modules[module]}.{parameter}" if module in modules else None)
-        if name not in expected:
-            raise LlmkitError(f"unexpected tensor {hf_name} in {locations[hf_name]}: a Whisper model with this "
-                              f"config.json ({config.n_layers}+{config.n_decoder_layers} layers) has no such weight; "
-                              "use the config.json that came with these weights")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LlmkitError(f"tensor {hf_name} has shape {tuple(tensor.shape)} in {locations[hf_name]}, config "
-                              f"expects {tuple(expected[name].shape)}; config.json does not describe these weights")
-        state[name] = tensor
+    state = module_state(tensors, modules, expected, locations, f"a Whisper model with this config.json "
+                         f"({config.n_layers}+{config.n_decoder_layers} layers)",
+                         renamed={ENCODER_POSITIONS[0]: ENCODER_POSITIONS[1]})
     for name in expected:  # Whisper's key projections have no bias: llmkit's is zero (see the module docstring)
         if name.endswith(KEY_BIAS) and name not in state:
             state[name] = torch.zeros(expected[name].shape, dtype=state[name.replace(".bias", ".weight")].dtype)
