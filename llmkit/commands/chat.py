@@ -71,6 +71,7 @@ def chat(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    compile: bool = False,
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> None:
@@ -95,6 +96,8 @@ def chat(
         top_p: sample only among the smallest set of tokens whose probability reaches p (nucleus).
         repetition_penalty: >1 discourages tokens already in the conversation.
         seed: random seed, for reproducible sampling.
+        compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
+            CPU): faster tokens after a one-time compilation of tens of seconds at the first reply.
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
     """
@@ -109,6 +112,8 @@ def chat(
     llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
+    if compile:
+        compiled_decoding(llm)
     tokenizer = load_tokenizer(path)
     stop = ()
     if tokenizer.chat_template is None:
@@ -175,6 +180,7 @@ def generate(
     speculate: Literal["ngram"] | None = None,
     num_speculative_tokens: int = 5,
     adaptive_speculation: bool = False,
+    compile: bool = False,
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> None:
@@ -209,6 +215,8 @@ def generate(
         num_speculative_tokens: tokens proposed per step with --draft or --speculate.
         adaptive_speculation: grow a row's proposal by 2 after a step that accepts all of it, shrink it by 1 after a
             rejection (between 1 and twice --num_speculative_tokens).
+        compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
+            CPU): faster tokens after a one-time compilation of tens of seconds at the first token.
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
@@ -231,9 +239,14 @@ def generate(
         if adapters:
             raise LlmkitError("--adapters runs each prompt with its own adapter; speculative decoding (--draft, "
                               "--speculate) checks rows in another batch order: use one or the other")
+    if compile and (draft is not None or speculate is not None or adapters):
+        raise LlmkitError("--compile compiles the plain one-token decode step; --draft, --speculate and --adapters "
+                          "run other steps: drop --compile or those flags")
     llm = load_decoder(path, dtype, device)
     if adapter:
         llm = with_adapter(llm, adapter, path)
+    if compile:
+        compiled_decoding(llm)
     row_adapters = load_row_adapters(llm, adapters) if adapters else [None] * len(prompt)
     tokenizer = load_tokenizer(path)
     if chat_template:
@@ -259,6 +272,16 @@ def generate(
     if stats is not None:
         method = "prompt lookup" if speculate else f"draft {draft}"
         print(f"speculative decoding ({method}): {stats.summary()}", file=sys.stderr)
+
+
+def compiled_decoding(llm):  # noqa: ANN001, ANN201 (a Decoder)
+    """--compile: `llm` with a compiled decode step (llmkit.generate.compile_decode_step), saying on stderr that the
+    first token waits for the compilation."""
+    from llmkit.generate import compile_decode_step
+
+    print("--compile: the decode step compiles at the first token (tens of seconds on a CPU; cached on disk for "
+          "later runs)", file=sys.stderr)
+    return compile_decode_step(llm)
 
 
 def check_row_adapters(adapters: list[str] | str | None, n_prompts: int, adapter: str | None) -> list[str] | None:

@@ -1,5 +1,6 @@
 """Text generation: sampling processors and the KV-cached decode loop (`generate`, `stream`)."""
 
+from llmkit.generate.compiled import compile_decode_step, decode_step
 from llmkit.generate.decode import (
     DEFAULT_MAX_NEW_TOKENS,
     StopStringFilter,
@@ -30,7 +31,9 @@ __all__ = [
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
+    "compile_decode_step",
     "cut_at_stop",
+    "decode_step",
     "fit_prompt",
     "generate",
     "generate_tokens",

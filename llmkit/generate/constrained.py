@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.compiled import decode_step
 from llmkit.generate.decode import checked_prompts
 from llmkit.generate.json_grammar import JsonParser
 from llmkit.generate.json_schema import compile_schema
@@ -312,5 +313,5 @@ def constrained_ids(
                 break
             if seen is not None:
                 seen[0, token] = True
-            logits = model(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
+            logits = decode_step(model)(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
     return new_ids

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.compiled import decode_step
 from llmkit.generate.sampling import SamplingSettings, make_generator, sample_next, seen_tokens
 from llmkit.tokenizer import StreamDecoder
 
@@ -123,9 +124,11 @@ def _decode_loop(
     def prefill() -> torch.Tensor:
         return model(input_ids, cache=cache, attention_mask=attention_mask, last_token_only=True)[:, -1]  # (B, V)
 
+    forward_one = decode_step(model)  # compiled where `compile_decode_step` was applied
+
     def step(next_ids: torch.Tensor) -> torch.Tensor:
         # Padded slots are already marked in the cache and new slots start valid: no mask needed.
-        return model(next_ids[:, None], cache=cache)[:, -1]  # (B, V)
+        return forward_one(next_ids[:, None], cache=cache)[:, -1]  # (B, V)
 
     return sample_steps(prefill, step, max_new_tokens, settings, stop_ids, seen, input_ids.device)
 

@@ -65,6 +65,8 @@ def linear(
     """F.linear, computed as a thread-parallel sum of slab products for a single float32 row on CPU, or from the
     oneDNN-packed copy `packed` of a bfloat16 weight for a single row."""
     out_features, in_features = weight.shape
+    if torch.compiler.is_compiling():  # inductor plans its own product (and cannot trace get_num_threads)
+        return F.linear(x, weight, bias)
     if packed is not None and x.numel() == in_features and not torch.is_grad_enabled() and packed.is_current():
         return packed(x, bias)
     if (

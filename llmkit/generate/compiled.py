@@ -1,0 +1,48 @@
+"""A compiled decode step: the one-token forward of a decoder through `torch.compile` (TorchInductor).
+
+An eager decode step of SmolLM2-135M issues ~700 small ops per token (norms, rotary, residual adds, views, the KV
+write, the attention kernel), each a Python call and an aten dispatch of a few microseconds: at 135M parameters they
+cost as much as reading the weights. Inductor traces the whole step once into one graph, fuses the elementwise ops
+into generated C++ loops and calls the matrix kernels (fp32 GEMV, the int4/int8 weight-only kernels of llmkit.quant)
+as external kernels, so a token costs one graph call plus its products. Measured in docs/benchmarks.md ("Quantized
+GGUF decode").
+
+Only the decode step is compiled: the prompt's prefill runs eagerly (one forward per request, dominated by its
+matrix products), so a prompt of a new length never triggers a compilation. The step is compiled with dynamic
+shapes (`dynamic=True`): the cache's growing length, the batch size and the cache size are symbols, so one
+compilation serves every step of every later request. The first step pays the compilation (tens of seconds on 2
+CPU cores; inductor caches the generated code on disk, so a later process starts faster).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from llmkit.errors import LlmkitError
+
+COMPILED_STEP = "compiled_decode_step"  # the attribute `compile_decode_step` sets on a model
+
+
+def compile_decode_step(model: nn.Module) -> nn.Module:
+    """Give `model` a compiled one-token forward, which the decode loops (`generate_tokens`, constrained decoding)
+    use for every step after the prefill; returns the model. Compilation happens at the first step.
+
+    Inductor writes and builds C++ on CPU, so a C++ compiler must be on PATH (`CXX`, or g++ / clang++)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise LlmkitError("--compile needs a C++ compiler on the CPU (TorchInductor builds the decode step as C++): "
+                          "install one (e.g. `apt install g++`) or run without --compile")
+    # the bound forward, not the module: a compiled module set as an attribute would become its own submodule
+    object.__setattr__(model, COMPILED_STEP, torch.compile(model.forward, dynamic=True))
+    return model
+
+
+def decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """The callable a decode loop feeds one token per row: the compiled step where `compile_decode_step` gave the
+    model one, else the model itself."""
+    return getattr(model, COMPILED_STEP, model)
