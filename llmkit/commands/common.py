@@ -18,17 +18,22 @@ def model_path(model: str | None) -> Path:
 
 
 def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noqa: ANN201 (a Decoder)
-                 weights: GgufWeights = "quantized"):
+                 weights: GgufWeights = "quantized", kv_cache_dtype: str | None = None):
     """The decoder at `path` for the verbs that run one: a quantized llmkit checkpoint through llmkit.quant (it stays
     packed); a .gguf whose matrices are quantized through llmkit.quant.load_gguf_quantized (the file's blocks kept:
     ~1/4 of the fp32 RAM and, measured on SmolLM2 Q4_1, 1.9x the fp32 decode speed on one thread; weights="float"
     dequantizes to fp32 at load instead); any other checkpoint through llmkit.checkpoints.load_model. `dtype` is that
     of the activations and float tensors. For the decode loop, float q/k/v and gate/up projections are fused (one
     product each; names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
-    oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed")."""
+    oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"). `kv_cache_dtype` (None:
+    `dtype`) is the dtype its KV caches take (Decoder.kv_dtype)."""
+    from llmkit.device import resolve_dtype
     from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights
 
-    return pack_bfloat16_weights(fuse_projections(_load_unfused_decoder(path, dtype, device, weights)))
+    model = pack_bfloat16_weights(fuse_projections(_load_unfused_decoder(path, dtype, device, weights)))
+    if kv_cache_dtype is not None:
+        model.kv_dtype = resolve_dtype(kv_cache_dtype)
+    return model
 
 
 def _load_unfused_decoder(path: Path, dtype: str, device: str, weights: GgufWeights):  # noqa: ANN202 (a Decoder)

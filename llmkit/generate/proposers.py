@@ -115,7 +115,7 @@ class DraftProposer:
         if capacity > config.max_seq_len:
             raise LlmkitError(f"the draft model {config.name} holds {config.max_seq_len:,} tokens of context; this "
                               f"generation needs up to {capacity:,}: shorten the prompt or ask for fewer tokens")
-        dtype, device = self.model.activation_dtype_device()
+        dtype, device = self.model.kv_cache_dtype_device()
         self.cache = RowKVCache(config, len(prompts), capacity, dtype, device)
         self.lengths = [0] * len(prompts)
         # The prompts are not fed now: the first `propose` feeds every token the draft has not seen, in one forward.

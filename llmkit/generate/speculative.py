@@ -141,7 +141,7 @@ def _speculative_loop(
     target: torch.nn.Module, proposer: Proposer, rows: list[list[int]], max_new_tokens: int,
     settings: SamplingSettings, stop_ids: frozenset[int], k: int, adaptive: bool, stats: SpeculativeStats,
 ) -> Iterator[list[list[int]]]:
-    dtype, device = target.activation_dtype_device()
+    dtype, device = target.kv_cache_dtype_device()
     vocab_size, batch_size = target.config.vocab_size, len(rows)
     k_max = 2 * k if adaptive else k
     # Room for every row's prompt + new tokens, plus a full proposal past the longest (rows share one forward width).

@@ -143,7 +143,8 @@ class RowCacheView:
         stored = []
         for buffer, new in ((self.cache.keys[layer], keys), (self.cache.values[layer], values)):
             if T == 1:
-                buffer[self.row_index, :, self.start_index] = new[:, :, 0]  # (B, n_kv, D) at (row, slot) pairs
+                # (B, n_kv, D) at (row, slot) pairs; index_put needs the buffer's dtype (Decoder.kv_dtype may differ)
+                buffer[self.row_index, :, self.start_index] = new[:, :, 0].to(buffer.dtype)
             else:
                 for b, (row, row_start) in enumerate(zip(self.row_ids, self.starts)):
                     buffer[row, :, row_start : row_start + T] = new[b]
@@ -372,10 +373,13 @@ class Attention(nn.Module):
             k, v = keys_values  # (B, Hkv, S, D)
         if context.cache is not None:
             k, v = context.cache.store(self.layer_index, context.start, k, v)  # (B, Hkv, S, D)
-        if context.kernel == "reference":
-            y = reference_attention(q, k, v, context.mask, context.is_causal, self.scale)
-        else:
-            y = sdpa_attention(q, k, v, context.mask, context.is_causal, self.scale)
+        attend = reference_attention if context.kernel == "reference" else sdpa_attention
+        if k.dtype == q.dtype:
+            y = attend(q, k, v, context.mask, context.is_causal, self.scale)
+        else:  # a KV cache kept in another dtype (Decoder.kv_dtype): attend in the cache's dtype
+            mask = context.mask
+            mask = mask.to(k.dtype) if mask is not None and mask.is_floating_point() else mask
+            y = attend(q.to(k.dtype), k, v, mask, context.is_causal, self.scale).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 

@@ -53,7 +53,7 @@ class SlotTable:
     """Assigns slots to requests, reuses cached prefixes, and grows the rows as longer requests arrive."""
 
     def __init__(self, model: torch.nn.Module, n_slots: int, max_row_tokens: int) -> None:
-        dtype, device = model.activation_dtype_device()
+        dtype, device = model.kv_cache_dtype_device()
         self.max_row_tokens = max_row_tokens
         self.cache = RowKVCache(model.config, n_slots, min(GROWTH_QUANTUM, max_row_tokens), dtype, device)
         self.slots = [Slot(row) for row in range(n_slots)]
