@@ -133,7 +133,8 @@ class Engine:
 
         Raises:
             LlmkitError: an empty prompt, ids outside the vocabulary, prompt + max_new_tokens over the context or
-                over kv_cache_tokens, logprobs outside 0..20, bad settings.
+                over kv_cache_tokens, logprobs outside 0..20, bad settings; an adapter not offered (UnknownAdapterError)
+                or not loaded with its directory gone (AdapterLoadError).
             QueueFullError: `max_queue` requests already wait.
             EngineClosedError: shutdown has begun.
         """
@@ -296,7 +297,7 @@ class Engine:
                 try:
                     kv_key = None if request.adapter is None else self.adapters.acquire(request.adapter)
                 except Exception as error:  # noqa: BLE001 (an adapter that fails to load: this request only)
-                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
+                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error), cause=error))
                     continue
                 try:
                     # A speculative step writes up to k proposed tokens past the row's end: grow rows for them too.

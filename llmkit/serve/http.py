@@ -196,6 +196,8 @@ def add_adapter_routes(app: FastAPI, ready: Any, authorize: Any) -> None:
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> JSONResponse:
+        from llmkit.serve.adapters import AdapterLoadError
+
         served, _ = ready()
         authorize(request)
         body = api.parse_body(await read_body(request), api.AdapterLoadRequest)
@@ -211,8 +213,9 @@ def add_adapter_routes(app: FastAPI, ready: Any, authorize: Any) -> None:
             await asyncio.wrap_future(served.engine.run_between_steps(lambda: registry.preload(body.name)))
         except Exception as error:  # noqa: BLE001 (any failure to load: the adapter is not offered)
             registry.remove(body.name)
-            raise api.ApiError(400, f"adapter {body.name!r} from {body.path} does not load: {error}",
-                               "invalid_value", "path") from None
+            message = str(error) if isinstance(error, AdapterLoadError) else \
+                f"adapter {body.name!r} from {body.path} does not load: {error}"
+            raise api.ApiError(400, message, "invalid_value", "path") from None
         return JSONResponse(api.model_card(body.name, api.now(), served.name))
 
     @app.delete("/v1/adapters/{name}")

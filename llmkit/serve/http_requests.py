@@ -174,9 +174,18 @@ def constraint(served: ServedModel, schema: dict[str, Any] | None | bool, max_to
         raise api.ApiError(400, f"response_format: {error}", "invalid_value", "response_format") from None
 
 
+def adapter_load_error(error: Any) -> api.ApiError:
+    """An AdapterLoadError as OpenAI's envelope: 404 model_not_found when the adapter's directory is gone, 400
+    invalid_value when its files do not load onto the model; both name the adapter and the reason (param: model)."""
+    if error.missing:
+        return api.ApiError(404, str(error), "model_not_found", "model")
+    return api.ApiError(400, str(error), "invalid_value", "model")
+
+
 def submit_all(served: ServedModel, requests: list[Any]) -> list[Any]:
     """Submit every choice or none: a refusal cancels the ones already queued. 429 when the queue is full."""
     from llmkit.serve import EngineClosedError, QueueFullError
+    from llmkit.serve.adapters import AdapterLoadError
 
     handles = []
     try:
@@ -187,6 +196,8 @@ def submit_all(served: ServedModel, requests: list[Any]) -> list[Any]:
             handle.cancel()
         if isinstance(error, QueueFullError):
             raise api.ApiError(429, f"{error}; retry later", "rate_limit_exceeded", type="rate_limit_error") from None
+        if isinstance(error, AdapterLoadError):
+            raise adapter_load_error(error) from None
         if isinstance(error, EngineClosedError):
             raise api.ApiError(503, f"{error}", "server_shutting_down", type="server_error") from None
         raise api.ApiError(400, str(error), "invalid_value") from None
