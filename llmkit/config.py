@@ -9,39 +9,40 @@ Reading a checkpoint's config (Hugging Face `config.json`, GGUF metadata) is `ll
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llmkit.config_checks import (  # noqa: F401 (the allowed values are importable from llmkit.config, as before)
+    ARCHS,
+    ENCODER_HEADS,
+    GATED_MLPS,
+    LABELLED_HEADS,
+    LAYER_TYPES,
+    MIXERS,
+    MLPS,
+    NORMS,
+    POSITIONS,
+    ROPE_SCALINGS,
+    ROUTERS,
+    validate_config,
+)
+from llmkit.config_types import check_field_types
 from llmkit.errors import LlmkitError
 
-NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu", "geglu", "relu")
-GATED_MLPS = ("swiglu", "geglu")  # gate_proj, up_proj and down_proj
-POSITIONS = ("rope", "learned", "alibi", "relative")
-ROPE_SCALINGS = ("linear", "llama3")
-ARCHS = ("decoder", "encoder", "seq2seq", "speech", "vision")
-ROUTERS = ("topk", "switch")
-ENCODER_HEADS = ("base", "masked_lm", "sequence_classification", "token_classification")
-LABELLED_HEADS = ("sequence_classification", "token_classification")  # these need n_labels
 # config.json files llmkit wrote before these were typed fields kept them in `extra` under these keys
 LEGACY_EXTRA_KEYS = {"encoder_task": "encoder_head", "n_labels": "n_labels", "hf_architecture": "hf_architecture",
                      "eos_token_ids": "eos_ids"}
 # Fields a native config.json may leave out: the name, free-form notes, and the fields that replaced `extra` keys
 # (older files carry those under `extra`, see LEGACY_EXTRA_KEYS). Every other field shapes the network.
 OPTIONAL_FILE_FIELDS = ("name", "extra", *LEGACY_EXTRA_KEYS.values())
-MIXERS = ("attention", "hyena", "retnet", "mamba")  # a block's sequence mixer (nn/mixers.py builds it)
 MIXER_FIELDS = ("mixer", "mixer_pattern", "hyena_order", "hyena_filter_dim", "short_conv_kernel", "ssm_state_dim",
                 "ssm_expand")
 # Fields added after native config.json files were first written: a file without one ran with its default, which
 # leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
 LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx",
                 "image_size", "patch_size", "n_channels", "patch_bias", *MIXER_FIELDS)
-LAYER_TYPES = ("global", "local")
 
 
 @dataclass
@@ -197,146 +198,8 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `LlmkitError` naming the field and the fix for an impossible configuration."""
-        positive = ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "head_dim", "d_ff", "max_seq_len")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
-        if self.type_vocab_size < 0:
-            raise LlmkitError(f"config {self.name!r}: type_vocab_size={self.type_vocab_size} must be >= 0 (0 = no "
-                              "segment embeddings)")
-        self._validate_head()
-        if self.n_heads % self.n_kv_heads:
-            raise LlmkitError(
-                f"config {self.name!r}: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                "each key/value head must serve a whole group of query heads (choose n_kv_heads that divides n_heads)"
-            )
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS), ("arch", ARCHS)):
-            if getattr(self, name) not in allowed:
-                raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)!r}; choose one of {allowed}")
-        if self.position == "rope" and len(self.recurrent_layers) < self.n_layers:  # some attention layer rotates
-            if self.head_dim % 2:
-                raise LlmkitError(f"config {self.name!r}: RoPE needs an even head_dim, got {self.head_dim}")
-            if not 0 < self.rope_fraction <= 1 or self.rope_dim <= 0 or self.rope_dim % 2:
-                raise LlmkitError(f"config {self.name!r}: rope_fraction={self.rope_fraction} rotates "
-                                  f"int(head_dim * rope_fraction) = {self.rope_dim} channels; choose a fraction in "
-                                  "(0, 1] that gives a positive even number")
-            if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
-                raise LlmkitError(
-                    f"config {self.name!r}: rope_scaling.kind={self.rope_scaling.kind!r}; choose one of {ROPE_SCALINGS}"
-                )
-        if self.norm_eps <= 0:
-            raise LlmkitError(f"config {self.name!r}: norm_eps={self.norm_eps} must be > 0")
-        if self.n_experts:
-            self._validate_experts()
-        self._validate_attention_variants()
-        self._validate_mixers()
-        if self.norm_offset and self.norm != "rmsnorm":
-            raise LlmkitError(f"config {self.name!r}: norm_offset={self.norm_offset} applies to RMSNorm only; set "
-                              "norm='rmsnorm' or norm_offset=0.0")
-        if (self.arch == "seq2seq") != (self.position == "relative"):
-            raise LlmkitError(f"config {self.name!r}: arch={self.arch!r} with position={self.position!r}; the "
-                              "encoder-decoder (T5) uses position='relative', and only it does")
-        if self.arch == "speech":
-            self._validate_speech()
-        if self.arch == "seq2seq":
-            for name in ("n_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"):
-                if getattr(self, name) <= 0:
-                    raise LlmkitError(f"config {self.name!r}: {name}={getattr(self, name)} must be a positive integer")
-
-    def _validate_speech(self) -> None:
-        """The Whisper-style model: learned decoder positions (the encoder's are sinusoidal), positive sizes."""
-        where = f"config {self.name!r}"
-        if self.position != "learned":
-            raise LlmkitError(f"{where}: arch='speech' (Whisper) uses learned decoder positions; set position='learned'")
-        for name in ("n_mels", "n_audio_ctx", "n_decoder_layers"):
-            if getattr(self, name) <= 0:
-                raise LlmkitError(f"{where}: {name}={getattr(self, name)} must be a positive integer")
-        if self.d_model % 2:
-            raise LlmkitError(f"{where}: d_model={self.d_model} must be even for the encoder's sinusoidal positions")
-
-    def _validate_attention_variants(self) -> None:
-        """QK-norm, sandwich norms, sliding-window layers and their RoPE base (Gemma 3)."""
-        where = f"config {self.name!r}"
-        if self.qk_norm and self.norm != "rmsnorm":
-            raise LlmkitError(f"{where}: qk_norm=True normalises q and k with RMSNorm; set norm='rmsnorm' or qk_norm=False")
-        if self.post_norms and self.post_norm:
-            raise LlmkitError(f"{where}: post_norms=True (Gemma's sandwich norms) is for pre-norm blocks, but post_norm="
-                              "True; set one of them to False")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise LlmkitError(f"{where}: sliding_window={self.sliding_window} must be a positive number of tokens "
-                              "(or null for full attention)")
-        if self.layer_types and len(self.layer_types) != self.n_layers:
-            raise LlmkitError(f"{where}: layer_types lists {len(self.layer_types)} layers but n_layers="
-                              f"{self.n_layers}; give one of {LAYER_TYPES} per layer")
-        if "local" in self.layer_types and self.sliding_window is None:
-            raise LlmkitError(f"{where}: layer_types has 'local' layers but sliding_window is null; set "
-                              "sliding_window (the local layers' span in tokens)")
-        if self.local_layers and (self.arch != "decoder" or self.position != "rope"):
-            raise LlmkitError(f"{where}: sliding-window layers are implemented for RoPE decoders only (this is "
-                              f"arch={self.arch!r}, position={self.position!r}); set sliding_window to null")
-        if self.rope_local_theta is not None and self.rope_local_theta <= 0:
-            raise LlmkitError(f"{where}: rope_local_theta={self.rope_local_theta} must be > 0 (or null: local "
-                              "layers use rope_theta)")
-
-    def _validate_mixers(self) -> None:
-        """mixer / mixer_pattern and the mixers' sizes: non-attention mixers are built for causal decoders, carry
-        their own notion of order (RetNet's xPos and decay, Hyena's filters, Mamba's recurrence) and have no
-        attention bias or window to apply."""
-        where = f"config {self.name!r}"
-        if self.mixer_pattern and len(self.mixer_pattern) != self.n_layers:
-            raise LlmkitError(f"{where}: mixer_pattern lists {len(self.mixer_pattern)} layers but n_layers="
-                              f"{self.n_layers}; give one of {MIXERS} per layer (or [] for all `mixer`)")
-        for name in ("hyena_order", "hyena_filter_dim", "short_conv_kernel", "ssm_state_dim", "ssm_expand"):
-            if getattr(self, name) < 1:
-                raise LlmkitError(f"{where}: {name}={getattr(self, name)} must be a positive integer")
-        if not self.recurrent_layers:
-            return
-        kinds = sorted({self.layer_mixers[i] for i in self.recurrent_layers})
-        if self.arch != "decoder":
-            raise LlmkitError(f"{where}: mixer {kinds[0]!r} is for causal decoders, but arch={self.arch!r}; set "
-                              "mixer='attention'")
-        if self.position not in ("rope", "learned"):
-            raise LlmkitError(f"{where}: position={self.position!r} is an attention bias that mixer {kinds[0]!r} "
-                              "cannot apply; use position='rope' (attention layers only) or 'learned'")
-        if self.sliding_window is not None:
-            raise LlmkitError(f"{where}: sliding_window={self.sliding_window} is an attention window; mixer "
-                              f"{kinds[0]!r} has none: set sliding_window to null")
-
-    def _validate_head(self) -> None:
-        """encoder_head and n_labels: a classifier head needs its number of labels, and only encoders have heads."""
-        where = f"config {self.name!r}"
-        if self.arch == "vision" and (self.image_size < 1 or self.patch_size < 1 or self.n_channels < 1
-                                      or self.image_size % self.patch_size):
-            raise LlmkitError(f"{where}: image_size={self.image_size} must be a positive multiple of patch_size="
-                              f"{self.patch_size} and n_channels={self.n_channels} positive; fix them")
-        if self.encoder_head != "base" and self.arch != "encoder":
-            raise LlmkitError(f"{where}: encoder_head={self.encoder_head!r} applies to arch='encoder' only (this is "
-                              f"arch={self.arch!r}); set encoder_head='base'")
-        if self.encoder_head in LABELLED_HEADS and self.n_labels is None:
-            raise LlmkitError(f"{where}: a {self.encoder_head} head needs n_labels, its number of labels; set n_labels")
-        if self.n_labels is not None and self.n_labels < 1:
-            raise LlmkitError(f"{where}: n_labels={self.n_labels} must be a positive number of labels")
-
-    def _validate_experts(self) -> None:
-        """The mixture-of-experts fields (checked only when n_experts > 0)."""
-        where = f"config {self.name!r}"
-        if self.n_experts < 0:
-            raise LlmkitError(f"{where}: n_experts={self.n_experts} must be 0 (dense) or a positive number of experts")
-        if self.router not in ROUTERS:
-            raise LlmkitError(f"{where}: router={self.router!r}; choose one of {ROUTERS}")
-        if not 1 <= self.experts_per_token <= self.n_experts:
-            raise LlmkitError(f"{where}: experts_per_token={self.experts_per_token} must be between 1 and "
-                              f"n_experts={self.n_experts}")
-        if self.router == "switch" and self.experts_per_token != 1:
-            raise LlmkitError(f"{where}: the switch router sends each token to one expert, but experts_per_token="
-                              f"{self.experts_per_token}; set experts_per_token=1 or use router='topk'")
-        if self.capacity_factor <= 0:
-            raise LlmkitError(f"{where}: capacity_factor={self.capacity_factor} must be > 0 (1.0 = exactly an even "
-                              "share of the tokens per expert)")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise LlmkitError(f"{where}: {name}={getattr(self, name)} must be >= 0 (0 turns the loss off)")
+        """Raise `LlmkitError` naming the field and the fix for an impossible configuration (llmkit/config_checks.py)."""
+        validate_config(self)
 
     # --- derived sizes
     @property
@@ -452,72 +315,3 @@ def _rope_scaling_from_dict(values: dict[str, Any], config_name: str) -> RopeSca
         raise LlmkitError(f"config {config_name!r}: rope_scaling has unknown keys {unknown}; it takes "
                           f"{_field_names(RopeScaling)}")
     return RopeScaling(**values)
-
-
-# --------------------------------------------------------------------------- field types
-
-
-def check_field_types(instance: Any, where: str, prefix: str = "") -> None:
-    """Check every field of a dataclass against its annotation (bool is not an int; an int is a fine float, and is
-    stored as one), so a "64" or a 2.5 from a JSON file is one readable error instead of a crash far away."""
-    hints = _type_hints(type(instance))
-    for item in dataclasses.fields(instance):
-        value, hint, name = getattr(instance, item.name), hints[item.name], prefix + item.name
-        if not _matches(value, hint) and typing.get_origin(hint) is Literal:
-            raise LlmkitError(f"{where}: {name}={value!r}; choose one of {typing.get_args(hint)}")
-        if not _matches(value, hint):
-            raise LlmkitError(f"{where}: {name}={value!r} is {_kind_of(value)}, but {name} must be "
-                              f"{_describe(hint)}; fix {name}")
-        if hint is float and isinstance(value, int):
-            setattr(instance, item.name, float(value))
-
-
-@functools.cache
-def _type_hints(cls: type) -> dict[str, Any]:
-    """A dataclass's resolved annotations (the module uses postponed annotations); once per class."""
-    return typing.get_type_hints(cls)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether `value` is of the annotated type (the forms Config uses)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
-    if origin is Literal:
-        return isinstance(value, str) and value in args
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_matches(item, args[0]) for item in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    """An annotation in words: "an integer or null", "one of ('rope', 'learned')"."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
-    if origin is Literal:
-        return f"one of {args}"
-    if origin is tuple:
-        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    if origin is dict:
-        return "an object"
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
-             RopeScaling: "an object (kind, factor, ...)"}
-    return words.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _kind_of(value: Any) -> str:
-    """A JSON-ish name of a value's type for error messages."""
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-             tuple: "a list", dict: "an object", type(None): "null"}
-    return names.get(type(value), f"a {type(value).__name__}")

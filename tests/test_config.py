@@ -72,3 +72,18 @@ def test_load_errors(tmp_path):
 def test_kv_cache_bytes():
     config = Config.from_name("smollm2-135m")  # 30 layers x 3 kv heads x 64 dims
     assert kv_cache_bytes(config, batch_size=1, n_tokens=1, bytes_per_value=2) == 2 * 30 * 192 * 2
+
+
+def test_the_names_split_out_of_config_stay_importable_from_it():
+    """config.py's checks live in config_checks.py / config_types.py; every name callers imported stays reachable."""
+    import llmkit.config as config
+    from llmkit import config_checks, config_types
+
+    for name in ("NORMS", "MLPS", "GATED_MLPS", "POSITIONS", "ROPE_SCALINGS", "ARCHS", "ROUTERS", "ENCODER_HEADS",
+                 "LABELLED_HEADS", "MIXERS", "LAYER_TYPES"):
+        assert getattr(config, name) is getattr(config_checks, name), name
+    assert config.check_field_types is config_types.check_field_types
+    with pytest.raises(LlmkitError, match=r"rope_scaling must be an object \(kind, factor, \.\.\.\) or null"):
+        Config(rope_scaling=5)
+    with pytest.raises(LlmkitError, match=r"n_heads=4 is not divisible by n_kv_heads=3"):
+        Config(n_kv_heads=3)

@@ -437,3 +437,46 @@ def test_the_embed_verb_prints_or_saves_the_embeddings(minilm, tmp_path, capsys)
     saved = load_file(str(tmp_path / "vectors.safetensors"))[EMBEDDINGS_KEY]
     assert saved.shape == (3, 384) and not torch.allclose(saved.norm(dim=1), torch.ones(3))  # not normalised
     assert torch.allclose(F.normalize(saved, dim=1), expected, atol=1e-6)
+
+
+# transformers' activation for each GELU a Config can name (llmkit.nn.mlp.gelu's `approximate`)
+HF_GELUS = {"none": "gelu", "tanh": "gelu_pytorch_tanh", "quick": "quick_gelu"}
+
+
+@pytest.mark.parametrize("approximate", sorted(HF_GELUS))
+def test_masked_lm_head_uses_the_gelu_the_config_names(approximate):
+    """The head's transform is dense -> the config's GELU -> LayerNorm (it once called F.gelu, which has no "quick")."""
+    from transformers.activations import ACT2FN
+
+    config = Config(name="tiny-bert", arch="encoder", encoder_head="masked_lm", vocab_size=99, n_layers=1, n_heads=4,
+                    d_model=32, d_ff=37, max_seq_len=40, norm="layernorm", norm_eps=1e-12, mlp="gelu",
+                    gelu_approximate=approximate, position="learned", type_vocab_size=2, post_norm=True,
+                    qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+    head = randomised(MaskedLM(config)).mlm_head
+    hidden, embeddings = torch.randn(3, 5, 32), torch.randn(99, 32)
+    with torch.no_grad():
+        got = head(hidden, embeddings)
+        transformed = F.layer_norm(ACT2FN[HF_GELUS[approximate]](F.linear(hidden, head.dense.weight, head.dense.bias)),
+                                   (32,), head.norm.weight, head.norm.bias, eps=1e-12)
+        expected = transformed @ embeddings.T + head.bias
+    assert (got - expected).abs().max() <= 1e-5  # float32, the same operations in the same order
+
+
+def test_quick_gelu_masked_lm_matches_transformers(tmp_path):
+    """A whole BERT masked LM with hidden_act quick_gelu: the same weights in llmkit with gelu_approximate="quick"
+    (built from the imported exact-GELU model's config; the importer reads only gelu / gelu_new / gelu_pytorch_tanh)
+    give transformers' logits, the head's transform included."""
+    import dataclasses
+
+    reference = randomised(transformers.BertForMaskedLM(tiny_bert_config(hidden_act="quick_gelu")))
+    directory = save_reference(reference, tmp_path)
+    data = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**data, "hidden_act": "gelu"}))
+    imported, _ = load_encoder(directory)
+    model = build_encoder_model(dataclasses.replace(imported.config, gelu_approximate="quick"))
+    model.load_state_dict(imported.state_dict())
+    ids, mask, types = padded_batch(99)
+    with torch.no_grad():
+        expected = reference(ids, attention_mask=mask, token_type_ids=types).logits
+        assert (model.eval()(ids, mask, types) - expected).abs().max() <= TOLERANCE
+        assert (imported(ids, mask, types) - expected).abs().max() > 100 * TOLERANCE  # the activation matters here

@@ -166,6 +166,78 @@ def test_progress_bar(model: Decoder, tokenizer: Tokenizer, capsys: pytest.Captu
     assert "perplexity" in capsys.readouterr().err
 
 
+# ---- a file in pieces ------------------------------------------------------------------------------------------------
+
+
+# tinyshakespeare with multi-byte characters (2, 3 and 4 UTF-8 bytes) sprinkled in, so piece boundaries fall inside
+# words and inside characters
+PIECES_TEXT = shakespeare_text()[:5000].replace("e", "é", 40).replace("the", "th— ", 30).replace("ing", "ing 🎭", 9)
+
+
+def trained_tokenizer(style: str) -> Tokenizer:
+    """A 400-token BPE trained here on PIECES_TEXT, with BOS: GPT-2's byte-level scheme, or SentencePiece's "▁"
+    words with the text's start marked (Metaspace, prepend "first"), which a naive per-piece encode gets wrong."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = BackendTokenizer(models.BPE())
+    if style == "byte-level":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[BOS], initial_alphabet=alphabet, show_progress=False)
+    backend.train_from_iterator([PIECES_TEXT], trainer)
+    return Tokenizer(backend, bos_id=backend.token_to_id(BOS), add_bos=True)
+
+
+@pytest.mark.parametrize("style", ["byte-level", "metaspace"])
+def test_file_in_pieces_equals_the_whole_text(style: str, tmp_path: Path) -> None:
+    from llmkit.eval.text_stream import file_pieces, text_tokens
+
+    tokenizer = trained_tokenizer(style)
+    path = tmp_path / "text.txt"
+    path.write_text(PIECES_TEXT, encoding="utf-8")
+    whole = tokenizer.backend.encode(PIECES_TEXT, add_special_tokens=False)
+    pieces = list(file_pieces(path, 61))
+    assert "".join(pieces) == PIECES_TEXT and len(pieces) > 80
+    assert any(not piece[-1].isspace() and not piece[-1].isascii() for piece in pieces)  # cut next to a character...
+    assert any(len(piece.encode()) != 61 for piece in pieces[:-1])  # ... and inside one (its bytes went on)
+    naive = [token for piece in pieces for token in tokenizer.backend.encode(piece, add_special_tokens=False).ids]
+    assert naive != whole.ids  # the pieces split words: encoding each piece alone is wrong
+    runs = list(text_tokens(tokenizer, file_pieces(path, 61), margin=64))
+    assert len(runs) > 10
+    assert [token for run in runs for token in run.ids] == whole.ids
+    assert [span for run in runs for span in run.spans] == whole.offsets
+    assert "".join(run.text for run in runs) == PIECES_TEXT
+
+    torch.manual_seed(0)
+    model = Decoder(Config.from_name("tiny-llama", vocab_size=400, max_seq_len=64)).eval()
+    for max_tokens in (None, 1001):
+        expected = perplexity(model, tokenizer, PIECES_TEXT, 32, 24, batch_size=3, max_tokens=max_tokens)
+        got = file_perplexity(model, tokenizer, path, window=32, stride=24, batch_size=3, max_tokens=max_tokens,
+                              piece_bytes=61)
+        assert got == expected  # the same ids, windows and batches: the same floats
+    assert expected.n_tokens == 1000 and got.n_bytes < len(PIECES_TEXT.encode())
+
+
+def test_scorer_keeps_only_the_ids_later_windows_read(model: Decoder) -> None:
+    from llmkit.eval.perplexity import WindowScorer
+
+    ids = [int(token) for token in torch.randint(0, 257, (500,), generator=torch.Generator().manual_seed(0))]
+    scorer, held = WindowScorer(model, 32, 16, 2, progress=False), []
+    for start in range(0, len(ids), 7):
+        scorer.add(ids[start : start + 7])
+        held.append(len(scorer.ids))
+    nll_sum, n_tokens, n_windows = scorer.finish()
+    assert max(held) <= 32 + 16 * 2 + 7  # a batch of windows plus one run, never the whole text
+    assert n_windows == len(sliding_windows(500, 32, 16)) and n_tokens == 499
+    assert nll_sum == pytest.approx(sum(hf_sliding_window_nlls(model, ids, 32, 16)), rel=1e-5)
+
+
 # ---- real weights ---------------------------------------------------------------------------------------------------
 
 
@@ -197,3 +269,21 @@ def test_smollm2_perplexity_matches_transformers() -> None:
     assert result.perplexity == pytest.approx(expected, rel=5e-3)  # the issue's bar: within 0.5%
     print(f"SmolLM2-135M-Instruct tinyshakespeare[:2048 tokens] ppl: llmkit {result.perplexity:.4f}, "
           f"transformers {expected:.4f}, bits/byte {result.bits_per_byte:.4f}")
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_in_pieces_equals_the_whole_text(tmp_path: Path) -> None:
+    """SmolLM2's real tokenizer (GPT-2-style byte-level BPE, 49k merges) over 40,000 characters of tinyshakespeare
+    read in 997-byte pieces gives the ids and spans of one encode of the whole text."""
+    from llmkit.checkpoints import default_model_path, load_tokenizer
+    from llmkit.eval.text_stream import file_pieces, text_tokens
+
+    tokenizer = load_tokenizer(default_model_path())
+    text = shakespeare_text()[:40000] + " naïve café — 日本語 🎭"
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    whole = tokenizer.backend.encode(text, add_special_tokens=False)
+    runs = list(text_tokens(tokenizer, file_pieces(path, 997)))
+    assert len(runs) > 30
+    assert [token for run in runs for token in run.ids] == whole.ids
+    assert [span for run in runs for span in run.spans] == whole.offsets

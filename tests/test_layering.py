@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(llmkit.__file__).parent
 # eval) -> (align, serve, apps) -> commands -> cli. Below config sit the leaf helpers every layer may use.
 LAYERS: list[set[str]] = [
     {"errors", "io", "memory", "device"},  # leaf helpers: errors, atomic files, process memory, device/dtype names
-    {"config", "presets", ""},  # "" is the root package, which exports Config
+    {"config", "config_checks", "config_types", "presets", ""},  # "" is the root package, which exports Config
     {"nn"},
     {"models"},
     {"tokenizer", "chat_template"},

@@ -289,3 +289,89 @@ def test_serve_command_checks_adapters_before_loading(capsys, tmp_path):
     assert code == 2 and "is not a directory" in err
     code, err = cli_status(capsys, "serve", "--max_loaded_adapters", "0", "--adapters", "[]")
     assert code == 2 and "--max_loaded_adapters 0 must be at least 1" in err
+
+
+# ---- adapters that fail when they are lazily loaded (issue 13/16) -----------------------------------------------
+
+
+def broken_copies(paths: dict, root) -> dict:  # noqa: ANN001
+    """Adapter directories that pass the start-time check (a LoRA adapter_config.json) and fail at load: `gone`
+    (deleted after the server starts: the caller removes it), `corrupt` (its weights file overwritten with garbage)
+    and `wrong` (saved from another base model's shapes)."""
+    import shutil
+
+    from llmkit.peft.core import ADAPTER_WEIGHTS_FILE
+
+    gone = shutil.copytree(paths["beta"], root / "gone")
+    corrupt = shutil.copytree(paths["beta"], root / "corrupt")
+    (corrupt / ADAPTER_WEIGHTS_FILE).write_bytes(b"\x13" * 64)
+    wrong = random_lora_dir(tiny_decoder(d_model=32, n_heads=2, n_kv_heads=1), root / "wrong", 2, 0)
+    return {"gone": gone, "corrupt": corrupt, "wrong": wrong}
+
+
+def test_an_adapter_deleted_between_submit_and_admission_ends_only_its_request(setup, tmp_path):
+    import shutil
+
+    from llmkit.peft.multi_lora import adapter_names
+    from llmkit.serve.adapters import AdapterLoadError
+
+    _, paths, merged = setup
+    engine, registry = engine_for(setup, max_loaded=1)
+    registry.add("gone", broken_copies(paths, tmp_path)["gone"])
+    prompt = random_prompt(6, seed=4)
+    failing = engine.submit(Request(prompt, NEW_TOKENS, adapter="gone"))  # its directory is still there now
+    others = [engine.submit(Request(prompt, NEW_TOKENS, adapter=name)) for name in ("alpha", None)]
+    shutil.rmtree(tmp_path / "gone")
+    run_to_end(engine)
+    (event,) = list(failing.events(timeout=5))
+    assert event.finish_reason == "error" and isinstance(event.cause, AdapterLoadError) and event.cause.missing
+    assert "adapter 'gone' cannot be loaded: its directory" in event.error and "no longer exists" in event.error
+    assert [tokens_of(list(handle.events(timeout=5))) for handle in others] == \
+        [alone(merged["alpha"], prompt), alone(merged[None], prompt)]
+    assert registry.loaded() == ["alpha"] and "gone" not in adapter_names(engine.model)
+    with pytest.raises(AdapterLoadError, match=r"adapter 'gone' cannot be loaded: its directory .* no longer exists"):
+        engine.submit(Request(prompt, NEW_TOKENS, adapter="gone"))  # refused at once from now on
+
+
+def test_http_adapter_failing_to_load_is_a_4xx_envelope_and_the_server_goes_on(setup, tmp_path):
+    import shutil
+
+    from llmkit.peft.multi_lora import adapter_names
+
+    base, paths, merged = setup
+    broken = broken_copies(paths, tmp_path)
+    tokenizer = byte_tokenizer()
+    served = start_engine(copy.deepcopy(base), tokenizer, "tiny", adapters={"alpha": paths["alpha"], **broken},
+                          max_loaded_adapters=2, max_batch_size=4)
+    shutil.rmtree(broken["gone"])
+    app = create_app(api_key=API_KEY)
+    app.state.llmkit.attach(served)
+    server = ServerThread(app)
+    try:
+        wait_until(lambda: http_get(server.url + "/health")[0] == 200, "the model to load")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+        prompt = "The king said"
+        with pytest.raises(openai.NotFoundError) as error:  # 404: the directory is gone
+            client.completions.create(model="gone", prompt=prompt, max_tokens=NEW_TOKENS)
+        assert error.value.code == "model_not_found" and error.value.param == "model"
+        assert "adapter 'gone' cannot be loaded: its directory" in error.value.message
+        for name, reason in (("corrupt", "adapter.safetensors is missing or unreadable"),
+                             ("wrong", "another base model")):
+            for _ in range(2):  # and again: nothing of the first failure stayed behind
+                with pytest.raises(openai.BadRequestError) as error:  # 400: its files do not load
+                    client.completions.create(model=f"tiny:{name}", prompt=prompt, max_tokens=NEW_TOKENS)
+                assert error.value.status_code == 400 and error.value.code == "invalid_value", name
+                assert f"adapter '{name}' from {broken[name]} does not load:" in error.value.message, name
+                assert reason in error.value.message, error.value.message
+        stream = client.chat.completions.create(model="corrupt", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=NEW_TOKENS, stream=True)
+        with pytest.raises(openai.APIError, match=r"adapter 'corrupt' from .* does not load"):
+            list(stream)  # streamed: the headers went out already; the envelope comes as the stream's event
+        assert sorted(served.adapters.loaded()) == [] and adapter_names(served.engine.model) == []
+        ids = tokenizer.encode(prompt)
+        for model, reference in (("alpha", merged["alpha"]), ("tiny", merged[None])):  # still serving
+            reply = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0)
+            assert reply.choices[0].text == tokenizer.decode(alone(reference, ids)), model
+        assert served.adapters.loaded() == ["alpha"]
+    finally:
+        server.stop()

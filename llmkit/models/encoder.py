@@ -27,6 +27,7 @@ from llmkit.errors import LlmkitError
 from llmkit.nn.attention import AttentionContext, AttentionKernel
 from llmkit.nn.block import build_block
 from llmkit.nn.linear import Linear, linear
+from llmkit.nn.mlp import gelu
 from llmkit.nn.norm import build_norm
 
 
@@ -110,7 +111,9 @@ def initialise(module: nn.Module, n_layers: int) -> None:
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's prediction head: dense -> gelu -> LayerNorm, then the decoder (the word embeddings when tied) + bias."""
+    """BERT's prediction head: dense -> gelu -> LayerNorm, then the decoder (the word embeddings when tied) + bias.
+    The GELU is the config's (`gelu_approximate`: exact, tanh or quick), the same one the blocks' MLPs use, as
+    transformers' BertPredictionHeadTransform applies `hidden_act`."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -121,7 +124,7 @@ class MaskedLMHead(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        x = self.norm(F.gelu(self.dense(x), approximate=self.approximate))
+        x = self.norm(gelu(self.dense(x), self.approximate))
         weight = self.decoder.weight if self.decoder is not None else word_embeddings
         return linear(x, weight, self.bias)  # (..., V)
 

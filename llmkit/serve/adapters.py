@@ -30,6 +30,17 @@ class UnknownAdapterError(LlmkitError):
     """A request names an adapter the registry does not know (an HTTP server answers 404)."""
 
 
+class AdapterLoadError(LlmkitError):
+    """An offered adapter that cannot be loaded when a request needs it: its directory is gone (`missing`; an HTTP
+    server answers 404) or its files do not load onto this model (corrupt, another base model: 400). Nothing of it
+    stays loaded, and the requests for other adapters go on."""
+
+    def __init__(self, name: str, message: str, missing: bool) -> None:
+        super().__init__(message)
+        self.name = name
+        self.missing = missing
+
+
 class AdapterRegistry:
     """Known adapters (name -> directory), the loaded ones in least-recently-used order, and their users."""
 
@@ -91,9 +102,20 @@ class AdapterRegistry:
             return name in self._paths
 
     def require(self, name: str) -> None:
-        """Raise UnknownAdapterError unless `name` is offered."""
-        if name not in self:
-            raise UnknownAdapterError(f"no adapter named {name!r}; the server offers {self.names()}")
+        """Raise UnknownAdapterError unless `name` is offered; AdapterLoadError when it is not loaded and its
+        directory is gone (a request for it could not run)."""
+        with self._lock:
+            if name not in self._paths:
+                raise UnknownAdapterError(f"no adapter named {name!r}; the server offers {sorted(self._paths)}")
+            if name not in self._loaded:
+                self._check_present(name)
+
+    def _check_present(self, name: str) -> None:
+        path = self._paths[name]
+        if not path.is_dir():
+            raise AdapterLoadError(name, f"adapter {name!r} cannot be loaded: its directory {path} no longer exists; "
+                                   "restore it, or stop offering the adapter and add it again from where it is now",
+                                   missing=True)
 
     # --- the model (the engine's thread) ---------------------------------------------------------------------------
 
@@ -109,15 +131,17 @@ class AdapterRegistry:
 
         Raises:
             UnknownAdapterError: `name` is not offered.
-            LlmkitError: the adapter does not fit the model (loading failed; nothing stays half-loaded).
+            AdapterLoadError: its directory is gone, or its files do not load onto the model (corrupt, another base);
+                nothing of it stays loaded, in the model or in the LRU.
         """
         self.require(name)
         with self._lock:
             if name not in self._loaded:
+                self._check_present(name)  # before evicting anything for it
                 if len(self._loaded) >= self.max_loaded:
                     victim = next(loaded for loaded in self._loaded if self._users[loaded] == 0)
                     self._unload(victim)
-                load_lora_adapter(self.model, name, self._paths[name])
+                self._load(name)
                 self._loaded[name] = f"{name}#{next(self._loads)}"
                 self.loads += 1
             self._loaded.move_to_end(name)
@@ -147,6 +171,18 @@ class AdapterRegistry:
     def in_use(self, name: str) -> int:
         with self._lock:
             return self._users[name]
+
+    def _load(self, name: str) -> None:
+        """Put `name`'s weights into the model (load_lora_adapter removes whatever it added when it fails)."""
+        path = self._paths[name]
+        try:
+            load_lora_adapter(self.model, name, path)
+        except Exception as error:  # noqa: BLE001 (a corrupt file raises what its reader raises: one error for all)
+            if not path.is_dir():  # deleted while it loaded
+                self._check_present(name)
+            reason = " ".join(f"{error}".split()) or type(error).__name__
+            raise AdapterLoadError(name, f"adapter {name!r} from {path} does not load: {reason}; fix or replace its "
+                                   "files, or stop offering it", missing=False) from error
 
     def _unload(self, name: str) -> None:
         remove_lora_adapter(self.model, name)

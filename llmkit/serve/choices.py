@@ -52,8 +52,7 @@ async def choice_pieces(index: int, handle: Any, tokenizer: Tokenizer, stops: tu
                 return
         if event.finish_reason is not None:
             if event.finish_reason == "error":
-                raise api.ApiError(500, f"generation failed: {event.error or 'engine error'}", "server_error",
-                                   type="server_error")
+                raise failure(event)
             text += stop_filter.push(decoder.flush()) + stop_filter.flush()
             reason = "length" if event.finish_reason == "length" else "stop"
             yield Piece(index, text, entries, "abort" if event.finish_reason == "cancelled" else reason, tokens)
@@ -61,6 +60,17 @@ async def choice_pieces(index: int, handle: Any, tokenizer: Tokenizer, stops: tu
         if text:
             yield Piece(index, text, entries, None, tokens)
             entries = []
+
+
+def failure(event: Any) -> api.ApiError:
+    """The error a request that ended with finish_reason "error" answers: 404/400 when its adapter does not load (the
+    request's fault, llmkit.serve.http_requests.adapter_load_error), else 500 (the server's)."""
+    from llmkit.serve.adapters import AdapterLoadError
+    from llmkit.serve.http_requests import adapter_load_error
+
+    if isinstance(event.cause, AdapterLoadError):
+        return adapter_load_error(event.cause)
+    return api.ApiError(500, f"generation failed: {event.error or 'engine error'}", "server_error", type="server_error")
 
 
 async def collect(pieces: AsyncIterator[Piece]) -> Piece:

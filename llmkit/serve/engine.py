@@ -21,6 +21,9 @@ Speculative decoding (`speculate="ngram"`, llmkit/serve/speculation.py): a decod
 token and up to `num_speculative_tokens` tokens proposed by prompt lookup, and emits every token the row accepts,
 each as its own event; greedy output is the same as without it, sampled output has the same distribution.
 
+Here: the caller's side and the scheduling (step, admission, emitting, finishing); the checks of settings and
+requests are llmkit/serve/engine_checks.py, the model forwards of a step llmkit/serve/engine_forward.py.
+
     engine = Engine(model); engine.start()
     handle = engine.submit(Request(prompt_ids=ids, max_new_tokens=32))
     for event in handle.events(): ...        # or `async for event in handle` inside an asyncio loop
@@ -35,7 +38,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +45,10 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.active import ActiveRequest
+from llmkit.serve.engine_checks import check_engine_settings, check_kv_cache_tokens, check_request, one_line
+from llmkit.serve.engine_forward import decode_logits, prefill_logits
 from llmkit.serve.kv import SlotTable
 from llmkit.serve.request import (
-    MAX_TOP_LOGPROBS,
     EngineClosedError,
     QueueFullError,
     Request,
@@ -57,11 +60,6 @@ from llmkit.serve.speculation import Speculator
 
 __all__ = ["Engine", "EngineClosedError", "EngineStats", "QueueFullError", "Request", "RequestHandle",
            "TokenConstraint", "TokenEvent"]
-
-
-def one_line(error: Exception) -> str:
-    """An exception as the one-line message a finished-with-error event carries."""
-    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 @dataclass
@@ -88,20 +86,12 @@ class Engine:
         max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True, adapters: Any = None,
         speculate: str | None = None, num_speculative_tokens: int = 5,
     ) -> None:
-        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("prefill_chunk", prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LlmkitError(f"engine setting {name}={value!r} must be an integer >= 1")
-        if model.config.recurrent_layers:
-            raise LlmkitError(f"{model.config.name} has {model.config.layer_mixers[model.config.recurrent_layers[0]]} "
-                              "layers; the serving engine pages attention's KV cache only: use `llmkit generate`")
+        check_engine_settings(model.config, max_batch_size, max_queue, prefill_chunk)
         self.model = model.eval()
         self.config = model.config
         self.context = self.config.max_seq_len
         self.kv_cache_tokens = max_batch_size * self.context if kv_cache_tokens is None else kv_cache_tokens
-        if isinstance(self.kv_cache_tokens, bool) or not isinstance(self.kv_cache_tokens, int) or self.kv_cache_tokens < 2:
-            raise LlmkitError(f"engine setting kv_cache_tokens={kv_cache_tokens!r} must be an integer >= 2 "
-                              "(prompt + new tokens of the longest request)")
+        check_kv_cache_tokens(self.kv_cache_tokens, kv_cache_tokens)
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # an AdapterRegistry (llmkit.serve.adapters) over this model, or None
@@ -143,11 +133,12 @@ class Engine:
 
         Raises:
             LlmkitError: an empty prompt, ids outside the vocabulary, prompt + max_new_tokens over the context or
-                over kv_cache_tokens, logprobs outside 0..20, bad settings.
+                over kv_cache_tokens, logprobs outside 0..20, bad settings; an adapter not offered (UnknownAdapterError)
+                or not loaded with its directory gone (AdapterLoadError).
             QueueFullError: `max_queue` requests already wait.
             EngineClosedError: shutdown has begun.
         """
-        self._check(request)
+        check_request(request, self.config, self.kv_cache_tokens, self.adapters)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -199,41 +190,6 @@ class Engine:
                     "spec_drafts": self.speculator.drafts, "spec_draft_tokens": self.speculator.proposed,
                     "spec_accepted_tokens": self.speculator.accepted}),
             )
-
-    def _check(self, request: Request) -> None:
-        prompt, vocab = request.prompt_ids, self.config.vocab_size
-        if not prompt:
-            raise LlmkitError("prompt is empty (0 tokens); give at least one token to continue from")
-        if any(isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab for token in prompt):
-            bad = next(token for token in prompt if isinstance(token, bool) or not isinstance(token, int)
-                       or not 0 <= token < vocab)
-            raise LlmkitError(f"prompt holds token id {bad!r}, outside {self.config.name}'s vocabulary of {vocab:,} "
-                              "ids; use the tokenizer that belongs to this model")
-        new = request.max_new_tokens
-        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
-            raise LlmkitError(f"max_new_tokens={new!r} must be an integer >= 1")
-        total = len(prompt) + new
-        if total > self.context:
-            raise LlmkitError(f"prompt of {len(prompt):,} tokens + max_new_tokens={new:,} is {total:,} tokens, over "
-                              f"{self.config.name}'s context of {self.context:,}; shorten the prompt or ask for at "
-                              f"most {max(self.context - len(prompt), 0):,} new tokens")
-        if total > self.kv_cache_tokens:
-            raise LlmkitError(f"prompt of {len(prompt):,} tokens + max_new_tokens={new:,} is {total:,} tokens, over "
-                              f"the engine's kv_cache_tokens={self.kv_cache_tokens:,}; ask for fewer tokens or "
-                              "raise kv_cache_tokens")
-        k = request.logprobs
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
-            raise LlmkitError(f"logprobs={k!r} must be an integer from 0 to {MAX_TOP_LOGPROBS} (or None for none)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(request, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
-                raise LlmkitError(f"{name}={value!r} must be a number from -2.0 to 2.0 (OpenAI's range); 0 is off")
-        request.sampling.validate()
-        if request.adapter is not None:
-            if self.adapters is None:
-                raise LlmkitError(f"the request names adapter {request.adapter!r} but this engine serves no adapters; "
-                                  "give the Engine an AdapterRegistry (llmkit.serve.adapters)")
-            self.adapters.require(request.adapter)
 
     def _wake(self) -> None:
         with self._lock:
@@ -341,7 +297,7 @@ class Engine:
                 try:
                     kv_key = None if request.adapter is None else self.adapters.acquire(request.adapter)
                 except Exception as error:  # noqa: BLE001 (an adapter that fails to load: this request only)
-                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error)))
+                    handle.push(TokenEvent(None, finish_reason="error", error=one_line(error), cause=error))
                     continue
                 try:
                     # A speculative step writes up to k proposed tokens past the row's end: grow rows for them too.
@@ -371,11 +327,8 @@ class Engine:
 
     def _prefill(self, seq: ActiveRequest, n_tokens: int) -> None:
         """Feed the next `n_tokens` prompt tokens of one request; after its last one, choose its first token."""
-        start = seq.prefilled
-        chunk = seq.request.prompt_ids[start : start + n_tokens]
-        view = self.slots.cache.rows([seq.slot.row], [start])
-        with self._row_adapters([seq]):
-            logits = self.model(torch.tensor([chunk], device=self.device), cache=view, last_token_only=True)  # (1,1,V)
+        chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + n_tokens]
+        logits = prefill_logits(self.model, self.slots, seq, chunk, self.device, self.adapters)  # (1, 1, V)
         seq.slot.tokens.extend(chunk)
         seq.prefilled += n_tokens
         if seq.prefilled == len(seq.request.prompt_ids):
@@ -389,12 +342,7 @@ class Engine:
         seqs = sorted(seqs, key=lambda seq: seq.slot.row)
         proposals = ([[] for _ in seqs] if self.speculator is None
                      else self.speculator.propose(seqs, self.slots.cache.capacity))
-        width = max(len(proposal) for proposal in proposals)
-        view = self.slots.cache.rows([seq.slot.row for seq in seqs], [len(seq.slot.tokens) for seq in seqs])
-        tokens = torch.tensor([[seq.pending] + proposal + [seq.pending] * (width - len(proposal))
-                               for seq, proposal in zip(seqs, proposals)], device=self.device)  # (B, 1 + width)
-        with self._row_adapters(seqs):  # one adapter per row, in the forward's row order
-            logits = self.model(tokens, cache=view)  # (B, 1 + width, V)
+        logits = decode_logits(self.model, self.slots, seqs, proposals, self.device, self.adapters)  # (B, 1 + width, V)
         plain = [seq.plain_greedy and not proposal for seq, proposal in zip(seqs, proposals)]
         greedy = logits[:, 0].argmax(-1).tolist() if any(plain) else None
         for row, (seq, proposal) in enumerate(zip(seqs, proposals)):
@@ -422,14 +370,6 @@ class Engine:
             self._emit(seq, TokenEvent(token))
             if seq not in self._running:
                 return
-
-    def _row_adapters(self, seqs: list[ActiveRequest]) -> AbstractContextManager:
-        """Each row of the next forward with its request's LoRA adapter (nothing to do without a registry)."""
-        if self.adapters is None:
-            return nullcontext()
-        from llmkit.peft.multi_lora import batch_adapters
-
-        return batch_adapters(self.model, [seq.request.adapter for seq in seqs])
 
     def _emit(self, seq: ActiveRequest, event: TokenEvent) -> None:
         """Send a chosen token's event, ending the request when the token ends it."""

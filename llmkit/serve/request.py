@@ -77,6 +77,8 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: str | None = None  # None mid-stream, else "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # with finish_reason "error": what went wrong, one line
+    cause: Exception | None = None  # with "error": the exception, so a server can tell the request's fault (an
+    # adapter that does not load: llmkit.serve.adapters.AdapterLoadError) from its own
 
 
 class RequestHandle:
