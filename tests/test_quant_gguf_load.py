@@ -20,7 +20,7 @@ from llmkit.checkpoints.gguf_export import export_gguf
 from llmkit.commands.common import load_decoder
 from llmkit.generate.decode import generate_tokens
 from llmkit.generate.sampling import SamplingSettings
-from llmkit.quant import QuantLinear, affine
+from llmkit.quant import QuantLinear, affine, native
 from llmkit.quant.embedding import QuantEmbedding
 from llmkit.quant.formats import FORMATS, GGUF_FORMATS, get_format
 from llmkit.quant.gguf_load import load_gguf_quantized, tensor_type_counts, weight_bytes
@@ -164,10 +164,21 @@ def test_dequantized_rows_equal_rows_of_the_dequantized_weight(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k"])
-def test_int4_kernel_layers_give_back_the_canonical_bytes(scheme):
+def test_int4_kernel_layers_give_back_the_canonical_bytes(scheme, monkeypatch):
+    monkeypatch.setattr(native, "native_kernels_available", lambda: False)  # Q8_0 otherwise keeps its blocks as they are
     packed = get_format(scheme).quantize(torch.randn(96, 256), None)  # 96 rows: padded to the kernel's 128
     layer = QuantLinear(packed)
     assert layer.kernel == "int4pack" and torch.equal(layer.packed.tensors["blocks"], packed.tensors["blocks"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_layers_take_the_gguf_kernels_and_the_head_keeps_float_activations(tmp_path, tokenizer, tied):  # noqa: F811
+    path = export_gguf(make_model("llama", tie_embeddings=tied), tmp_path / "tiny.gguf", tokenizer, "q8_0")
+    model = load_gguf_quantized(path)
+    layer = "gguf" if native.native_kernels_available() else "int4pack"
+    assert model.blocks[0].attn.q_proj.kernel == layer and model.blocks[1].mlp.down_proj.kernel == layer
+    assert model.lm_head.kernel == "int4pack"  # bf16 activations, not int8 (QuantLinear's docstring)
+    assert (model.lm_head is model.embed.table) == tied
 
 
 def test_a_type_with_no_path_names_the_tensor_and_the_type(tmp_path, tokenizer):  # noqa: F811
@@ -234,9 +245,11 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     added, held = map(int, result.stdout.strip().splitlines()[-1].split())
     print(f"SmolLM2 Q4_1 file {file_bytes / 2**20:.1f} MiB; loaded quantized: tensors {held / 2**20:.1f} MiB, RSS "
           f"added {added / 2**20:.1f} MiB (fp32 load: ~531 MiB)")
-    # the tensors: the file's blocks plus, for the int4 kernel, bf16 copies of the scales; the Q8_0 head runs as two
-    # 4-bit pieces with two scale/offset pairs per block (10.5 bits per 8.5-bit weight): measured 1.19x
-    assert held <= 1.2 * file_bytes
+    # the tensors: llmkit's GGUF kernels (quant/native.py) keep the layers' Q4_1 blocks as they are; the tied Q8_0
+    # head/table runs through aten's int4 kernel as two 4-bit pieces with bf16 scale/offset pairs (10.5 bits per
+    # 8.5-bit weight; QuantLinear's docstring says why the head does not take int8 activations): measured 1.08x.
+    # Without a compiler every layer takes the int4 kernel with bf16 copies of its scales: measured 1.19x
+    assert held <= (1.1 if native.native_kernels_available() else 1.2) * file_bytes
     # the process: measured 1.48x (1.39x before the head's split pieces), the rest being freed header/layout
     # temporaries that stay resident in the heap (pymalloc arenas, glibc fragmentation) after malloc_trim; the bound
     # holds that figure, not the 1.2x goal

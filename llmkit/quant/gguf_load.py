@@ -126,9 +126,9 @@ def load_gguf_quantized(path: str | Path, dtype: str | torch.dtype = "float32", 
         module = name.removesuffix(".weight")
         parent, _, attribute = module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attribute,
-                QuantLinear(weight, floats.pop(f"{module}.bias", None)))
+                QuantLinear(weight, floats.pop(f"{module}.bias", None), int8_activations=name != HEAD))
     if EMBED in packed:
-        table = QuantLinear(packed[EMBED])
+        table = QuantLinear(packed[EMBED], int8_activations=not config.tie_embeddings)  # a tied table is the head
         model.embed = QuantEmbedding(table, dtype)
         if config.tie_embeddings:
             model.lm_head = table  # one set of packed bytes for the lookup and the head

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.quant import affine
+from llmkit.quant import affine, native
 from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
 from llmkit.quant.tinygemm import KERNEL_GROUPS, codes_of, from_tinygemm, int4_matmul, kernel_weight, tinygemm_rows
@@ -91,8 +91,12 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def kernel_for(packed: QuantizedWeight) -> str:
-    """"int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes for few rows."""
+def kernel_for(packed: QuantizedWeight, int8_activations: bool = True) -> str:
+    """"gguf", "int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes for few rows
+    ("gguf": llmkit's own kernels on the file's blocks, quant/native.py, where they build on this machine and the
+    layer accepts activations rounded to int8 per block)."""
+    if packed.scheme in native.KINDS and int8_activations and native.native_kernels_available():
+        return "gguf"
     if packed.scheme == "int8":
         return "int8pack"
     if packed.scheme in HALF_SCHEMES:
@@ -106,15 +110,21 @@ def kernel_for(packed: QuantizedWeight) -> str:
 class QuantLinear(nn.Module):
     """Frozen y = x W_hat^T + b with W held packed. Buffers `weight_<name>` are the format's tensors (int4pack: the
     4-bit kernel codes in tinygemm layout as `weight_int4pack` plus the extras of quant/affine.py that rebuild the
-    format's bytes); `bias` a frozen parameter."""
+    format's bytes); `bias` a frozen parameter.
 
-    def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    `int8_activations=False` keeps a Q4_0/Q4_1/Q8_0 layer off llmkit's GGUF kernels, which round each block of x to
+    int8 (as llama.cpp does): the LM head passes it. Its logits decide the token directly, and int8 activations moved
+    them by ~0.1, enough to flip SmolLM2's first answer to "What is the capital of France?" (a 0.08 margin) where
+    aten's bf16-activation kernel keeps fp32's choice; llama-quantize keeps the output matrix at higher precision
+    for the same reason."""
+
+    def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None, int8_activations: bool = True) -> None:
         super().__init__()
         packed = QuantizedWeight(packed.scheme, packed.shape, packed.group_size,
                                  {name: aligned(t) for name, t in packed.tensors.items()})
         self.scheme, self.group_size = packed.scheme, packed.group_size
         self.out_features, self.in_features = packed.shape
-        self.kernel = kernel_for(packed)
+        self.kernel = kernel_for(packed, int8_activations)
         self.pieces = 2 if self.scheme in SPLIT_SCHEMES else 1
         if self.kernel == "int4pack":
             view = affine.split(packed)
@@ -137,6 +147,8 @@ class QuantLinear(nn.Module):
     @property
     def kernel_rows(self) -> int:
         """Most rows per call that take the kernel path (0: this format always dequantizes)."""
+        if self.kernel == "gguf":
+            return min(KERNEL_MAX_ROWS, native.MAX_ROWS)
         return 0 if self.kernel == "dequantize" else KERNEL_MAX_ROWS
 
     @classmethod
@@ -189,7 +201,9 @@ class QuantLinear(nn.Module):
         """The few-row path (CPU, no gradient): the aten weight-only kernel of `self.kernel` on the packed weight."""
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
-        if self.kernel == "int8pack":
+        if self.kernel == "gguf":
+            y = native.gguf_matmul(flat, self.weight_blocks, self.scheme, self.out_features)
+        elif self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
         elif self.kernel == "half":
             y = F.linear(flat.to(self.weight_weight.dtype), self.weight_weight)

@@ -71,7 +71,7 @@ def quantize(
             if not isinstance(model, Decoder):
                 raise LlmkitError("head=True quantizes a decoder's LM head; this model is not a decoder")
             weight = model.lm_head.weight if model.lm_head is not None else model.embed.weight
-            model.lm_head = QuantLinear(fmt.quantize(weight, group_size)).to(weight.device)
+            model.lm_head = QuantLinear(fmt.quantize(weight, group_size), int8_activations=False).to(weight.device)
     return model
 
 
@@ -162,7 +162,7 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype = "float32", devic
         old = model.get_submodule(name) if name != HEAD or model.lm_head is not None else None
         shape = (old.out_features, old.in_features) if old is not None else tuple(model.embed.weight.shape)
         layer = QuantLinear(QuantizedWeight(info["scheme"], shape, info["group_size"], packed_tensors),
-                            None if bias is None else bias.to(dtype))
+                            None if bias is None else bias.to(dtype), int8_activations=name != HEAD)
         parent, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attribute, layer)
     expected = {k for k in model.state_dict() if not any(k.startswith(n + ".") for n in names)}
