@@ -3,6 +3,7 @@ gguf --quant {f32,f16,q8_0,q4_0}`, a 512-token prompt (Tiny Shakespeare), 128 gr
 
     pip install -e ".[bench]"          # llama-cpp-python: builds llama.cpp from source (~12 minutes on 2 cores)
     python benchmarks/quant.py [--precisions f32,f16,q8_0,q4_0] [--rounds 3] [--threads 2] [--workdir DIR]
+                               [--variants llmkit,compiled,compiled+bf16kv,aten-int4]
 
 Each (engine, precision) runs in its own fresh process (so its RSS is its own: peak VmHWM), one warm-up generation
 then one timed one; rounds interleave the engines and precisions. llmkit loads each file with `load_decoder` (what
@@ -12,7 +13,8 @@ precision: median tok/s (range over rounds), ratio llmkit / llama.cpp, peak RSS,
 bandwidth limit, (bytes of the file's tensors, all read once per token: SmolLM2's head is the tied embedding) x
 tok/s / bandwidth, bandwidth measured here by a 1 GiB copy (bytes read + written per second). It also prints whether
 llama.cpp's greedy tokens equal llmkit's on each file, or the first step where they differ. Without llama-cpp-python
-the script says so in one line and prints llmkit's columns.
+the script says so in one line and prints llmkit's columns. --variants runs several llmkit configurations side by
+side (VARIANTS below; a compiled variant's warm-up includes its compilation, printed per run).
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ import torch
 from llmkit.memory import peak_rss_mb
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
-ENGINES = ("llmkit", "llama.cpp")
+# llmkit's configurations (--variants): the default load_decoder path, its decode step compiled
+# (llmkit.generate.compile_decode_step), that with a bfloat16 KV cache, and the default with llmkit's GGUF kernels
+# switched off (aten's int4 kernel for Q4_0/Q4_1/Q8_0, as before llmkit/quant/native.py)
+VARIANTS = {
+    "llmkit": {},
+    "compiled": {"compile": True},
+    "compiled+bf16kv": {"compile": True, "kv_cache_dtype": "bfloat16"},
+    "aten-int4": {"native_kernels": False},
+}
 
 
 def copy_bandwidth(threads: int, gib: float = 1.0) -> float:
@@ -87,12 +97,17 @@ def prompt_ids(source: Path, n_tokens: int) -> list[int]:
     return load_tokenizer(source).encode(BUILTIN_CORPUS.read_text(encoding="utf-8"))[:n_tokens]
 
 
-def run_llmkit(path: str, threads: int, ids: list[int], n_new: int) -> dict:
+def run_llmkit(path: str, threads: int, ids: list[int], n_new: int, variant: str = "llmkit") -> dict:
+    settings = VARIANTS[variant]
+    if not settings.get("native_kernels", True):
+        os.environ["LLMKIT_NATIVE_KERNELS"] = "0"  # read once per process, before the first quantized layer
     from llmkit.commands.common import load_decoder
-    from llmkit.generate import SamplingSettings, generate_tokens
+    from llmkit.generate import SamplingSettings, compile_decode_step, generate_tokens
 
     torch.set_num_threads(threads)
-    model = load_decoder(Path(path))
+    model = load_decoder(Path(path), kv_cache_dtype=settings.get("kv_cache_dtype"))
+    if settings.get("compile"):
+        compile_decode_step(model)
 
     def generation(prompt: list[int], count: int) -> tuple[list[int], float, float]:
         with torch.inference_mode():
@@ -103,10 +118,12 @@ def run_llmkit(path: str, threads: int, ids: list[int], n_new: int) -> dict:
             tokens += [int(step[0]) for step in steps]
         return tokens, first - start, time.perf_counter() - first
 
-    generation(ids[:64], 8)  # warm-up
+    start = time.perf_counter()
+    generation(ids[:64], 8)  # warm-up (and the compilation, with compiled=True)
+    warm_up_s = time.perf_counter() - start
     tokens, prefill_s, decode_s = generation(ids, n_new)
     return {"tokens": tokens, "prefill_tps": len(ids) / prefill_s, "decode_tps": (n_new - 1) / decode_s,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "warm_up_s": warm_up_s}
 
 
 def run_llama_cpp(path: str, threads: int, ids: list[int], n_new: int, batch: int | None = None) -> dict:
@@ -143,8 +160,8 @@ def run_engine(engine: str, path: str, threads: int, ids: list[int], n_new: int)
     """One timed generation in a fresh process. llama-cpp-python 0.3.36 on the 2-core AMX VM segfaults on any
     batch of more than one token with a quantized file (its AMX/repack path): then the prefill is rerun one token
     per decode call, and the table marks that prefill with *."""
-    if engine == "llmkit":
-        result = in_child(run_llmkit, path, threads, ids, n_new)
+    if engine in VARIANTS:
+        result = in_child(run_llmkit, path, threads, ids, n_new, engine)
     else:
         result = in_child(run_llama_cpp, path, threads, ids, n_new) or in_child(
             run_llama_cpp, path, threads, ids, n_new, 1)
@@ -170,6 +187,7 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=512)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default="llmkit", help=f"llmkit's configurations to run, of {list(VARIANTS)}")
     parser.add_argument("--workdir", default=None, help="where the exported GGUFs go (default: a temporary folder)")
     args = parser.parse_args()
 
@@ -181,12 +199,15 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     files = export_files(source, workdir, precisions)
     ids = prompt_ids(source, args.prompt_tokens)
+    engines = args.variants.split(",")
+    unknown = [v for v in engines if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants {unknown}: choose from {list(VARIANTS)}")
     try:
         import llama_cpp  # noqa: F401
-        engines = ENGINES
+        engines.append("llama.cpp")
     except ImportError:
         print("llama-cpp-python is not installed (pip install -e \".[bench]\"): printing llmkit's columns only")
-        engines = ENGINES[:1]
     results = {(e, p): [] for e in engines for p in precisions}
     for round_index in range(args.rounds):
         for precision in precisions:
@@ -194,17 +215,20 @@ def main() -> None:
                 result = run_engine(engine, str(files[precision]), args.threads, ids, args.new_tokens)
                 results[engine, precision].append(result)
                 print(f"round {round_index + 1} {precision} {engine}: decode {result['decode_tps']:.1f} tok/s, "
-                      f"prefill {result['prefill_tps']:.0f} tok/s", flush=True)
+                      f"prefill {result['prefill_tps']:.0f} tok/s, warm-up {result.get('warm_up_s', 0):.0f} s",
+                      flush=True)
     bandwidth = copy_bandwidth(args.threads)
 
     print(f"\n{source.name} exported at each precision; {args.threads} threads, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} greedy tokens, {args.rounds} rounds (median, range); load average "
           f"{os.getloadavg()[0]:.1f}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)\n")
-    both = len(engines) == 2
+    ours = [e for e in engines if e != "llama.cpp"]
+    both = "llama.cpp" in engines
     columns = ["precision", "file MB"]
     for figure in ("decode tok/s", "prefill tok/s", "peak RSS MB", "% of bandwidth"):
-        columns += [f"{figure} {e}" for e in engines] + (["ratio"] if both and "tok/s" in figure else [])
-    columns += ["greedy tokens"] if both else []
+        ratios = [f"ratio {e}" for e in ours] if both and "tok/s" in figure else []
+        columns += [f"{figure} {e}" for e in engines] + ratios
+    columns += [f"greedy tokens {e}" for e in ours] if both else []
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for precision in precisions:
         runs = {e: results[e, precision] for e in engines}
@@ -214,12 +238,12 @@ def main() -> None:
             one_by_one = {e: key == "prefill_tps" and any(r.get("batch") == 1 for r in runs[e]) for e in engines}
             cells += [median_range(values[e]) + (" *" if one_by_one[e] else "") for e in engines]
             if both:
-                cells.append(f"{statistics.median(values['llmkit']) / statistics.median(values['llama.cpp']):.2f}")
+                cells += [f"{statistics.median(values[e]) / statistics.median(values['llama.cpp']):.2f}" for e in ours]
         cells += [f"{max(r['peak_rss_mb'] for r in runs[e]):.0f}" for e in engines]
         size = tensor_bytes(files[precision])
         cells += [f"{size * statistics.median(r['decode_tps'] for r in runs[e]) / bandwidth:.0%}" for e in engines]
         if both:
-            cells.append(agreement(runs["llmkit"][0]["tokens"], runs["llama.cpp"][0]["tokens"]))
+            cells += [agreement(runs[e][0]["tokens"], runs["llama.cpp"][0]["tokens"]) for e in ours]
         print("| " + " | ".join(cells) + " |")
     if any(r.get("batch") == 1 for runs in results.values() for r in runs):
         print("* llama.cpp prefill one token per call (its batched path crashed on this file and machine)")
