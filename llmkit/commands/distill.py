@@ -50,7 +50,7 @@ def distill(
     cosine/MSE for encoders; held-out perplexity (or embedding agreement) before and after.
 
     Example: llmkit distill          (SmolLM2-135M-Instruct -> its even-numbered 15 layers, 30 steps on Wikipedia text)
-             llmkit distill --student_layers block_influence --student_n_layers 24   (drop 6 of 30 blocks, by data)
+             llmkit distill --student_layers block_influence --student_n_layers 20   (drop 10 of 30 blocks, by data)
              llmkit distill --teacher model.gguf --student_layers 0,2,4,6 --loss reverse_kl --temperature 1
              llmkit distill --teacher model/ --student mini --data "[books/]" --loss gkd --beta 0.5 --lmbda 0.5
              llmkit distill --teacher pruned_teacher/ --student pruned_student/ --cache runs/teacher_logits
