@@ -243,7 +243,7 @@ def test_cli_refuses_a_student_of_another_vocabulary_size(capsys, teacher_dir, t
     (["--loss", "kl", "--lmbda", "0.5"], "--lmbda 0.5: on-policy samples belong to --loss gkd"),
     (["--temperature", "0"], "--temperature 0.0 must be positive"),
     (["--student", "tiny-llama", "--student_layers", "0,1"], "both name the student"),
-    (["--student_layers", "zero"], "--student_layers zero: pass every_other or teacher layer numbers"),
+    (["--student_layers", "zero"], "--student_layers zero: pass every_other, block_influence or teacher layer numbers"),
 ])
 def test_cli_errors_are_one_line(capsys, teacher_dir, tmp_path, flags, message):
     code, err = cli_status(capsys, "distill", "--teacher", str(teacher_dir), "--output", str(tmp_path / "run"), *flags)
@@ -324,3 +324,60 @@ def test_cli_refuses_on_policy_batches_of_instruction_data(capsys, instruction_t
                            "--train.batch_size", "4", "--train.warmup_steps", "0", "--seq_len", "96",
                            "--output", str(tmp_path / "run"))
     assert code == 2 and "--lmbda 0" in err and err.count("\n") == 1
+
+
+def identity_block_decoder(n_layers: int = 4, identity: int = 2) -> torch.nn.Module:
+    """A tiny decoder whose block `identity` has zeroed output projections: it returns its input unchanged."""
+    model = tiny_decoder("tiny-llama", n_layers=n_layers).eval()
+    with torch.no_grad():
+        model.blocks[identity].attn.o_proj.weight.zero_()
+        model.blocks[identity].mlp.down_proj.weight.zero_()
+    return model
+
+
+def test_block_influence_student_drops_the_lowest_scored_blocks_identity_first():
+    from llmkit.distill.student import block_influence_layer_indices
+    from llmkit.quant.prune_structured import block_influence
+
+    teacher = identity_block_decoder(n_layers=5, identity=2)
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    scores = block_influence(teacher, calibration)
+    assert block_influence_layer_indices(teacher, calibration, 4) == [0, 1, 3, 4]  # the identity block goes first
+    for keep in (1, 2, 3):  # whatever the size, the kept blocks are those of the highest scores, in model order
+        kept = block_influence_layer_indices(teacher, calibration, keep)
+        dropped = [i for i in range(5) if i not in kept]
+        assert kept == sorted(kept) and len(kept) == keep
+        assert scores[kept].min() >= scores[dropped].max()
+    with pytest.raises(LlmkitError, match="--student_n_layers 5: a student made by block influence keeps 1 to 4"):
+        block_influence_layer_indices(teacher, calibration, 5)
+    encoder = Encoder(Config.from_name("tiny-bert", n_layers=4))
+    with pytest.raises(LlmkitError, match="scores a decoder's blocks"):
+        block_influence_layer_indices(encoder, calibration, 2)
+
+
+def test_cli_builds_a_block_influence_student_from_the_training_text(capsys, tmp_path, one_thread):
+    from llmkit.checkpoints import load_model
+    from llmkit.commands.distill import distill
+
+    teacher = identity_block_decoder(n_layers=4, identity=1)
+    save_model(teacher, tmp_path / "teacher", tokenizer=byte_tokenizer())
+    (tmp_path / "text.txt").write_text(shakespeare_text()[:20_000])
+    distill(teacher=str(tmp_path / "teacher"), student_layers="block_influence", student_n_layers=3,
+            data=[str(tmp_path / "text.txt")], seq_len=32, held_out_fraction=0.1,
+            train=quiet(1, batch_size=2, lr=1e-12, warmup_steps=0), output=str(tmp_path / "run"))
+    assert "block influence keeps teacher layers 0,2,3" in capsys.readouterr().out
+    student = load_model(tmp_path / "run" / "student")
+    assert student.config.n_layers == 3
+    for new, old in enumerate([0, 2, 3]):  # lr 1e-12: the saved weights are still the teacher's blocks
+        torch.testing.assert_close(student.blocks[new].mlp.down_proj.weight, teacher.blocks[old].mlp.down_proj.weight,
+                                   rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--student_n_layers", "1"], "--student_n_layers 1 sizes a --student_layers block_influence student"),
+    (["--student_layers", "block_influence", "--student_n_layers", "2", "--max_tokens", "4000"],
+     "--student_n_layers 2: a student made by"),
+])
+def test_cli_refuses_bad_block_influence_settings(capsys, teacher_dir, tmp_path, flags, message):
+    code, err = cli_status(capsys, "distill", "--teacher", str(teacher_dir), "--output", str(tmp_path / "run"), *flags)
+    assert code == 2 and message in err and err.count("\n") == 1

@@ -133,3 +133,35 @@ def test_bad_structured_settings_raise_one_readable_line(structure, amount, impo
 def test_remove_heads_refuses_uneven_groups():
     with pytest.raises(LlmkitError, match="from each of the 2 key/value groups"):
         remove_heads(tiny_decoder(), [[0, 1], [0, 1]])  # both from group 0
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_between_each_blocks_input_and_output():
+    from llmkit.quant.prune_structured import block_influence
+
+    model = float64_decoder().eval()
+    captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in range(3)}
+    hooks = [block.register_forward_hook(lambda module, args, out, i=i: captured[i].append((args[0], out)))
+             for i, block in enumerate(model.blocks)]
+    calibration = ids()
+    with torch.no_grad():
+        model(calibration)  # the whole model at once: a walk independent of block_influence's block-by-block one
+    for hook in hooks:
+        hook.remove()
+    expected = [1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean().item() for [(x, y)] in captured.values()]
+    torch.testing.assert_close(block_influence(model, calibration, batch_size=3), torch.tensor(expected),
+                               rtol=0, atol=1e-7)  # scores are kept in float32
+
+
+def test_an_identity_block_has_zero_influence_and_is_dropped_first():
+    from llmkit.quant.prune_structured import block_influence, most_influential_blocks
+
+    model = tiny_decoder(n_layers=4)
+    with torch.no_grad():  # zeroed output projections: block 2 returns its input unchanged
+        model.blocks[2].attn.o_proj.weight.zero_()
+        model.blocks[2].mlp.down_proj.weight.zero_()
+    influence = block_influence(model, ids())
+    assert influence[2].abs() < 1e-6 and bool((influence[[0, 1, 3]] > 1e-3).all())
+    assert most_influential_blocks(influence, 3) == [0, 1, 3]
+    assert most_influential_blocks(influence, 1) == [int(influence.argmax())]
+    with pytest.raises(LlmkitError, match="keeping 5 of 4 blocks is impossible"):
+        most_influential_blocks(influence, 5)

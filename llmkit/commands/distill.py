@@ -14,7 +14,8 @@ from llmkit.train.settings import TrainSettings, check_settings
 
 STUDENT_DIR = "student"
 BUILTIN_TEXT = "wiki_vital/summaries_en.jsonl.gz"  # in the shared data: Wikipedia's vital-article summaries
-EVERY_OTHER = "every_other"
+EVERY_OTHER, BLOCK_INFLUENCE = "every_other", "block_influence"  # --student_layers by position or by data
+CALIBRATION_WINDOWS = 16  # training windows (of --seq_len tokens) that score the teacher's blocks for block_influence
 # A few minutes on a laptop CPU: SmolLM2-135M-Instruct -> its 15 even-numbered layers, 30 steps of 4 x 128 tokens.
 DISTILL_DEFAULTS = TrainSettings(max_steps=30, batch_size=4, lr=3e-4, warmup_steps=3, eval_every=15, eval_batches=4,
                                  checkpoint_every=30, log_every=5, weight_decay=0.0)
@@ -24,6 +25,7 @@ def distill(
     teacher: str | None = None,
     student: str | None = None,
     student_layers: str = EVERY_OTHER,
+    student_n_layers: int | None = None,
     data: list[str] | str | None = None,
     template: str | None = None,
     fields: FieldMap = FieldMap(),  # noqa: B008 (frozen)
@@ -48,6 +50,7 @@ def distill(
     cosine/MSE for encoders; held-out perplexity (or embedding agreement) before and after.
 
     Example: llmkit distill          (SmolLM2-135M-Instruct -> its even-numbered 15 layers, 30 steps on Wikipedia text)
+             llmkit distill --student_layers block_influence --student_n_layers 20   (drop 10 of 30 blocks, by data)
              llmkit distill --teacher model.gguf --student_layers 0,2,4,6 --loss reverse_kl --temperature 1
              llmkit distill --teacher model/ --student mini --data "[books/]" --loss gkd --beta 0.5 --lmbda 0.5
              llmkit distill --teacher pruned_teacher/ --student pruned_student/ --cache runs/teacher_logits
@@ -55,23 +58,27 @@ def distill(
              llmkit distill --data "[chat.jsonl]" --template chatml --fields.messages conversation
              llmkit distill --teacher all-MiniLM-L6-v2/ --data wiki.jsonl --embedding_loss mse --output runs/minilm3
 
-    The student is --student (a preset, built with the teacher's vocabulary, or a checkpoint: e.g. a pruned
-    teacher) or, by default, the teacher's own layers --student_layers (every_other: 0, 2, 4, ... as DistilBERT
-    did, or a list such as 0,2,5). Per token, the loss is alpha * D + (1 - alpha) * cross-entropy on the text, D
-    being T^2 KL(teacher || student) (kl), T^2 KL(student || teacher) (reverse_kl) or the generalised JSD(beta)
-    (gkd; with --lmbda, that share of batches is first rewritten by the student's own samples: on-policy). An
-    encoder teacher (a BERT / sentence-transformers directory) is distilled on pooled sentence embeddings
-    (--embedding_loss), each --data text one sentence. With --template, --data is instruction data as `llmkit
-    finetune` reads it (Alpaca, prompt/completion or chat messages; built-in: DialogSum): each example is rendered
-    with the template and both losses count only its response tokens; the held-out share is the last
-    --held_out_fraction of the examples. --cache DIR keeps the teacher's logits on disk (its top --cache_top_k per
-    token; kl only unless null = the full vocabulary). Writes OUTPUT/student/, checkpoints,
-    metrics and loss.png; the loop's flags are --train.X (--train.max_steps, --train.lr, --train.device, ...).
+    The student is --student (a preset, built with the teacher's vocabulary, or a checkpoint: e.g. a pruned teacher)
+    or, by default, the teacher's own layers --student_layers (every_other: 0, 2, 4, ... as DistilBERT did;
+    block_influence: the --student_n_layers blocks that turn the hidden state most on the first training windows,
+    ShortGPT's Block Influence, decoders only; or a list such as 0,2,5). Per token, the loss is alpha * D + (1 -
+    alpha) * cross-entropy on the text, D being T^2 KL(teacher || student) (kl), T^2 KL(student || teacher)
+    (reverse_kl) or the generalised JSD(beta) (gkd; with --lmbda, that share of batches is first rewritten by the
+    student's own samples: on-policy). An encoder teacher (a BERT / sentence-transformers directory) is distilled on
+    pooled sentence embeddings (--embedding_loss), each --data text one sentence. With --template, --data is
+    instruction data as `llmkit finetune` reads it (Alpaca, prompt/completion or chat messages; built-in: DialogSum):
+    each example is rendered with the template and both losses count only its response tokens; the held-out share is
+    the last --held_out_fraction of the examples. --cache DIR keeps the teacher's logits on disk (its top
+    --cache_top_k per token; kl only unless null = the full vocabulary). Writes OUTPUT/student/, checkpoints, metrics
+    and loss.png; the loop's flags are --train.X (--train.max_steps, --train.lr, --train.device, ...).
 
     Args:
         teacher: the teacher: .gguf file, Hugging Face or llmkit directory (default: SmolLM2-135M-Instruct).
         student: a preset name or a checkpoint path to train as the student (default: the teacher's layers).
-        student_layers: the teacher layers the student keeps when --student is not given: every_other or 0,2,4.
+        student_layers: the teacher layers the student keeps when --student is not given: every_other,
+            block_influence or 0,2,4.
+        student_n_layers: --student_layers block_influence: how many blocks the student keeps (default: half,
+            rounded up, as every_other).
         data: .txt/.md/.jsonl(.gz)/.parquet files or folders (default: Wikipedia vital-article summaries; with
             --template: DialogSum's training dialogues and summaries).
         template: decoders: read --data as instruction data rendered with this prompt template (as llmkit finetune
@@ -107,6 +114,9 @@ def distill(
         raise LlmkitError(f"--held_out_fraction {held_out_fraction} must be between 0 and 1 (0.05 is usual)")
     if student is not None and student_layers != EVERY_OTHER:
         raise LlmkitError(f"--student {student} and --student_layers {student_layers} both name the student; pass one")
+    if student_n_layers is not None and student_layers != BLOCK_INFLUENCE:
+        raise LlmkitError(f"--student_n_layers {student_n_layers} sizes a --student_layers {BLOCK_INFLUENCE} student; "
+                          f"pass --student_layers {BLOCK_INFLUENCE} or drop --student_n_layers")
     if template is not None and lmbda > 0:
         raise LlmkitError(f"--lmbda {lmbda}: on-policy batches rewrite plain text windows with the student's samples; "
                           "with --template (instruction data) pass --lmbda 0")
@@ -115,10 +125,13 @@ def distill(
         if template is not None:
             raise LlmkitError(f"--template {template} renders instruction data for a decoder; an encoder teacher is "
                               "distilled on plain sentences: drop --template")
+        if student_layers == BLOCK_INFLUENCE:
+            raise LlmkitError(f"--student_layers {BLOCK_INFLUENCE} scores a decoder's blocks; for an encoder teacher "
+                              f"pass --student_layers {EVERY_OTHER} or layer numbers such as 0,2,4")
         return distill_encoder(teacher_path, student, student_layers, data, settings, embedding_loss, seq_len,
                                held_out_fraction, train, Path(output))
-    return distill_decoder(teacher_path, student, student_layers, TextSource(data, template, fields), settings,
-                           seq_len, max_tokens, held_out_fraction, cache, cache_top_k, train, Path(output))
+    return distill_decoder(teacher_path, student, (student_layers, student_n_layers), TextSource(data, template, fields),
+                           settings, seq_len, max_tokens, held_out_fraction, cache, cache_top_k, train, Path(output))
 
 
 def teacher_arch(path: Path) -> str:
@@ -131,18 +144,31 @@ def teacher_arch(path: Path) -> str:
     return arch
 
 
-def build_student(spec: str | None, layers: str, teacher: Any, seed: int) -> Any:
-    """The student: --student (preset or path) or the teacher's --student_layers."""
-    from llmkit.distill.student import every_other_layer_indices, student_from, student_from_layers
+def build_student(spec: str | None, layers: str, teacher: Any, seed: int, n_layers: int | None = None,
+                  calibration: Any = None) -> Any:
+    """The student: --student (preset or path) or the teacher's --student_layers; block_influence scores the
+    teacher's blocks on `calibration` ids (N, T) and keeps --student_n_layers of them (default: half, rounded up)."""
+    from llmkit.distill.student import (
+        block_influence_layer_indices,
+        every_other_layer_indices,
+        student_from,
+        student_from_layers,
+    )
 
     if spec is not None:
         return student_from(spec, teacher, seed)
     if layers == EVERY_OTHER:
         return student_from_layers(teacher, every_other_layer_indices(teacher.config.n_layers))
+    if layers == BLOCK_INFLUENCE:
+        keep = n_layers if n_layers is not None else len(every_other_layer_indices(teacher.config.n_layers))
+        chosen = block_influence_layer_indices(teacher, calibration, keep)
+        print(f"block influence keeps teacher layers {','.join(map(str, chosen))}")
+        return student_from_layers(teacher, chosen)
     try:
         chosen = [int(layer) for layer in layers.split(",")]
     except ValueError:
-        raise LlmkitError(f"--student_layers {layers}: pass every_other or teacher layer numbers such as 0,2,4") from None
+        raise LlmkitError(f"--student_layers {layers}: pass every_other, block_influence or teacher layer numbers such "
+                          "as 0,2,4") from None
     return student_from_layers(teacher, chosen)
 
 
@@ -219,9 +245,10 @@ def instruction_batches(source: TextSource, tokenizer: Any, seq_len: int, max_to
     return sft_batches(training, train.batch_size, seed=train.seed, pad_id=pad_id), evals, tokens
 
 
-def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers: str, source: TextSource,
-                    settings: DistillSettings, seq_len: int, max_tokens: int | None, held_out_fraction: float,
-                    cache: str | None, cache_top_k: int | None, train: TrainSettings, output: Path) -> dict[str, Any]:
+def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers: tuple[str, int | None],
+                    source: TextSource, settings: DistillSettings, seq_len: int, max_tokens: int | None,
+                    held_out_fraction: float, cache: str | None, cache_top_k: int | None, train: TrainSettings,
+                    output: Path) -> dict[str, Any]:
     """Token-level distillation of a decoder on text windows; held-out perplexity of teacher and student."""
     import torch
 
@@ -245,9 +272,6 @@ def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers
     teacher = load_decoder(teacher_path, weights="float", device=device)  # fp32, fused projections: forward only
     if seq_len + 1 > teacher.config.max_seq_len:
         raise LlmkitError(f"--seq_len {seq_len} exceeds {teacher.config.name}'s context of {teacher.config.max_seq_len}")
-    torch.manual_seed(train.seed)
-    student = build_student(student_spec, student_layers, teacher, train.seed)
-    check_same_vocabulary(student, teacher)
     if source.template is None:
         ids = tokenize_documents(tokenizer, documents(source.data), max_tokens)
         training, held_out = split_held_out(ids, held_out_fraction, seq_len)
@@ -256,6 +280,11 @@ def distill_decoder(teacher_path: Path, student_spec: str | None, student_layers
     else:
         batches, evals, training_tokens = instruction_batches(source, tokenizer, seq_len, max_tokens,
                                                               held_out_fraction, train)
+    layers, n_layers = student_layers
+    calibration = batches(0, CALIBRATION_WINDOWS, 0, 1)["input_ids"] if layers == BLOCK_INFLUENCE else None
+    torch.manual_seed(train.seed)
+    student = build_student(student_spec, layers, teacher, train.seed, n_layers, calibration)
+    check_same_vocabulary(student, teacher)
     logit_cache = TeacherLogitCache(cache, teacher, cache_top_k) if cache else None
     objective = DecoderDistillation(teacher, settings, cache=logit_cache, top_k=cache_top_k if cache else None)
     teacher_ppl, before = held_out_perplexity(teacher, evals), held_out_perplexity(student, evals)

@@ -2,6 +2,16 @@
 two" of BERT: same width, same embeddings, half the blocks, so it starts close to the teacher instead of from
 noise. `every_other_layer` does that for any llmkit decoder or encoder (layers 0, 2, 4, ...); a preset or a
 checkpoint path (a pruned teacher, say) is the other way to give a student (`student_from`).
+
+Which layers to keep can also be chosen by data instead of by position: ShortGPT (Men et al. 2024,
+arXiv:2403.03853) scores block i by its Block Influence on calibration text,
+
+    BI_i = 1 - mean over tokens of cos(x_i, x_{i+1})      x_i: the residual stream entering block i,
+
+and drops the lowest-BI blocks: those that barely turn the hidden state, so the rest still see inputs close to the
+ones they were trained on. `block_influence_layer_indices` keeps the highest-BI blocks (the scoring is
+llmkit.quant.prune_structured's, the one `llmkit prune --structured layers` uses). Every other layer of a deep
+decoder removes blocks that matter (SmolLM2-135M: held-out perplexity 33 -> 2.1 M); by influence, far fewer.
 """
 
 from __future__ import annotations
@@ -16,14 +26,32 @@ from torch import nn
 from llmkit.checkpoints import load_model, network_for
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.quant.prune_structured import block_influence, most_influential_blocks
 
 EVERY_OTHER = "every_other"
+BLOCK_INFLUENCE = "block_influence"
 BLOCK_KEY = re.compile(r"(^|\.)blocks\.(\d+)\.")  # "blocks.3.attn..." or "encoder.blocks.3.attn..."
 
 
 def every_other_layer_indices(n_layers: int) -> list[int]:
     """The teacher layers a DistilBERT-style student keeps: 0, 2, 4, ... (ceil(n / 2) of them)."""
     return list(range(0, n_layers, 2))
+
+
+def block_influence_layer_indices(teacher: nn.Module, calibration: torch.Tensor, n_layers: int) -> list[int]:
+    """The `n_layers` teacher blocks of highest Block Influence on the calibration ids (N, T), in model order.
+
+    Raises:
+        LlmkitError: the teacher is not a decoder, or n_layers is not between 1 and the teacher's depth.
+    """
+    depth = teacher.config.n_layers
+    if not 1 <= n_layers < depth:
+        raise LlmkitError(f"--student_n_layers {n_layers}: a student made by block influence keeps 1 to {depth - 1} "
+                          f"of the teacher's {depth} layers")
+    if teacher.config.arch != "decoder":
+        raise LlmkitError(f"--student_layers {BLOCK_INFLUENCE} scores a decoder's blocks; for a {teacher.config.arch} "
+                          f"teacher pass --student_layers {EVERY_OTHER} or layer numbers such as 0,2,4")
+    return most_influential_blocks(block_influence(teacher, calibration), n_layers)
 
 
 def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
