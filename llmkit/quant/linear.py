@@ -30,7 +30,9 @@ greedy answer to "What is the capital of France?" (`llmkit chat`) turned from "T
 "L'Etoile, la Marseillaise, ..." (tests/test_quant_gguf_load.py's slow test); raising it needs that quality question
 settled first (e.g. bf16 only for the serving engine's prefill, or an fp32-activation kernel).
 
-So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> the aten
+So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> q4_0, q4_1 and q8_0 layers take llmkit's own kernels on the
+file's blocks with int8 activations (quant/native.py; measured per layer in docs/quantization.md), where they build;
+the rest, and those formats in an LM head or without a compiler, take the aten
 weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu`
 for every format with an affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4,
 int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces
