@@ -23,14 +23,17 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     packed); a .gguf whose matrices are quantized through llmkit.quant.load_gguf_quantized (the file's blocks kept:
     ~1/4 of the fp32 RAM and, measured on SmolLM2 Q4_1, 1.9x the fp32 decode speed on one thread; weights="float"
     dequantizes to fp32 at load instead); any other checkpoint through llmkit.checkpoints.load_model. `dtype` is that
-    of the activations and float tensors. For the decode loop, float q/k/v and gate/up projections are fused (one
-    product each; names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
+    of the activations and float tensors. For the decode loop, q/k/v and gate/up projections are fused (one
+    product each, float ones by llmkit.nn.fused, quantized ones on llmkit's GGUF kernels by llmkit.quant.fused;
+    names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
     oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"). `kv_cache_dtype` (None:
     `dtype`) is the dtype its KV caches take (Decoder.kv_dtype)."""
     from llmkit.device import resolve_dtype
     from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights
+    from llmkit.quant.fused import fuse_quantized_projections
 
-    model = pack_bfloat16_weights(fuse_projections(_load_unfused_decoder(path, dtype, device, weights)))
+    model = _load_unfused_decoder(path, dtype, device, weights)
+    model = pack_bfloat16_weights(fuse_projections(fuse_quantized_projections(model)))
     if kv_cache_dtype is not None:
         model.kv_dtype = resolve_dtype(kv_cache_dtype)
     return model

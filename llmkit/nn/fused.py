@@ -17,8 +17,8 @@ into the views, so into the fused tensor) all work unchanged, with no extra memo
 every part is still a plain `Linear` whose weight is such a view (`fused_product`): a projection that PEFT or
 quantization swapped, or a weight that `model.to(...)` or an assignment replaced, falls back to separate products
 without a word, because the separate products are then the truth. `unfuse_projections` gives each part its own
-storage again (the inverse). Quantized linears (llmkit.quant's QuantLinear) are not fused: their packed layouts
-differ per format and they keep separate products.
+storage again (the inverse). Quantized parts are fused by llmkit.quant.fused where their blocks allow it (llmkit's
+GGUF kernels), which sets a callable under FUSED_CALLABLE that `fused_product` runs instead.
 
 Training (`fused_product` with gradients on): the product runs through `FusedLinear`, an autograd function whose
 forward is the same one product over the fused tensor (cast once to the autocast dtype under mixed precision) and
@@ -48,6 +48,7 @@ from llmkit.nn.linear import Linear, PackedWeight, can_pack, linear
 FUSED_WEIGHT = "fused_weight"  # buffer names on the fusing module (not saved: the parts hold the values)
 FUSED_BIAS = "fused_bias"
 FUSED_PACKED = "fused_packed"  # oneDNN copy of the fused weight (pack_bfloat16_weights)
+FUSED_CALLABLE = "fused_quantized"  # one product over quantized parts, set from llmkit.quant.fused (x -> outputs)
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:
@@ -121,6 +122,9 @@ def fused_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The outputs of `module`'s FUSED_PROJECTIONS on x (..., in), side by side in one tensor (..., sum of out) from
     one product, or None where the module is not fused or a part no longer is a view of the fused weight (then the
     caller runs the parts one by one)."""
+    quantized = getattr(module, FUSED_CALLABLE, None)  # quantized parts (llmkit.quant.fused), while still in place
+    if quantized is not None and quantized.covers(module):
+        return quantized(x)
     weight = getattr(module, FUSED_WEIGHT, None)
     if weight is None or not _still_fused(module, weight):
         return None

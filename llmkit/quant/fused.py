@@ -1,0 +1,62 @@
+"""One product for q/k/v and one for gate/up where every part is a QuantLinear on llmkit's GGUF kernels (quant/native.py):
+the float counterpart of llmkit.nn.fused for quantized decoders.
+
+A GGUF block matrix is its rows' bytes one after another, so the parts' blocks concatenated along the rows are the
+blocks of [W_q; W_k; W_v] (or [W_gate; W_up]) and one kernel call gives [q | k | v]: 7 quantized products per
+SmolLM2 block become 4, and the narrow k and v (192 rows) stop being calls of their own. The parts' buffers become
+row views of the concatenation, so no byte is held twice; names, `packed`, checkpoints and adapters see the parts as
+before. The product is used while the module still holds those very parts (`FusedBlocks.covers`): a part that
+PEFT wraps or a transformation replaces is run on its own again, as `llmkit.nn.fused.fused_product` does for float
+parts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmkit.nn.fused import FUSED_CALLABLE
+from llmkit.quant.linear import QuantLinear
+from llmkit.quant.packed import QuantizedWeight
+
+
+class FusedBlocks:
+    """The fused product of a module's quantized FUSED_PROJECTIONS (a plain object, not a submodule: its layer's
+    buffers are the parts' bytes, which the module tree already holds)."""
+
+    def __init__(self, module: nn.Module, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.parts = [getattr(module, name) for name in names]
+        first = self.parts[0]
+        sizes = [part.out_features for part in self.parts]
+        blocks = torch.cat([part.weight_blocks for part in self.parts])  # (sum of out, bytes per row)
+        for part, rows in zip(self.parts, blocks.split(sizes)):
+            part.weight_blocks = rows  # a view: the parts' bytes live in the concatenation
+        bias = None if first.bias is None else torch.cat([part.bias for part in self.parts])
+        packed = QuantizedWeight(first.scheme, (sum(sizes), first.in_features), first.group_size, {"blocks": blocks})
+        self.layer = QuantLinear(packed, bias)
+
+    def covers(self, module: nn.Module) -> bool:
+        """Whether `module` still holds the parts this product was built from."""
+        return all(getattr(module, name) is part for name, part in zip(self.names, self.parts))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)  # (..., sum of out)
+
+
+def can_fuse_blocks(parts: list[nn.Module]) -> bool:
+    """QuantLinears on llmkit's GGUF kernels with one scheme and input width, and a bias on all or none."""
+    return (all(isinstance(part, QuantLinear) and part.kernel == "gguf" for part in parts)
+            and len({(part.scheme, part.in_features) for part in parts}) == 1
+            and len({part.bias is None for part in parts}) == 1)
+
+
+def fuse_quantized_projections(model: nn.Module) -> nn.Module:
+    """Give every module whose FUSED_PROJECTIONS are all fusable quantized parts one product for them (module
+    docstring). In place; returns the model."""
+    with torch.no_grad():
+        for module in model.modules():
+            names = getattr(type(module), "FUSED_PROJECTIONS", None)
+            if names and can_fuse_blocks([getattr(module, name) for name in names]):
+                setattr(module, FUSED_CALLABLE, FusedBlocks(module, names))
+    return model

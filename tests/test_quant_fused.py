@@ -1,0 +1,62 @@
+"""Fused quantized projections (llmkit/quant/fused.py): one product over q/k/v and gate/up equals the parts run one
+by one, the parts' bytes are not held twice, a replaced part is run on its own again, and a fused model saves and
+loads as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_decoder
+
+from llmkit.nn.fused import FUSED_CALLABLE
+from llmkit.quant import QuantLinear, load_quantized, native, quantize, save_quantized
+from llmkit.quant.fused import fuse_quantized_projections
+
+pytestmark = pytest.mark.skipif(not native.native_kernels_available(),
+                                reason="the GGUF CPU kernels did not build here (no C++ compiler)")
+
+
+def decode_logits(model: torch.nn.Module, steps: int = 4) -> torch.Tensor:
+    """Logits (steps, V) of one-token steps after a prompt (the kernel path: one row per call)."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, 32)
+        model(torch.tensor([[3, 1, 4, 1, 5]]), cache=cache)
+        return torch.cat([model(torch.tensor([[t]]), cache=cache)[:, -1] for t in range(9, 9 + steps)])
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q8_0"])
+def test_fused_product_equals_the_parts_bit_for_bit(scheme):
+    model = quantize(tiny_decoder(), scheme)
+    expected = decode_logits(model)
+    fuse_quantized_projections(model)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert FUSED_CALLABLE in vars(attn) and FUSED_CALLABLE in vars(mlp)
+    # every output row is computed from its own bytes and the same int8 activations: identical numbers
+    assert torch.equal(decode_logits(model), expected)
+    fused = vars(attn)[FUSED_CALLABLE].layer.weight_blocks
+    for part in (attn.q_proj, attn.k_proj, attn.v_proj):  # views into the concatenation: no byte held twice
+        assert part.weight_blocks.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
+def test_a_replaced_part_runs_on_its_own_again():
+    model = fuse_quantized_projections(quantize(tiny_decoder(), "q8_0"))
+    attn = model.blocks[0].attn
+    replacement = QuantLinear.from_linear(torch.nn.Linear(attn.k_proj.in_features, attn.k_proj.out_features), "q8_0")
+    attn.k_proj = replacement
+    assert not vars(attn)[FUSED_CALLABLE].covers(attn)
+    reference = quantize(tiny_decoder(), "q8_0")
+    reference.blocks[0].attn.k_proj = replacement
+    assert torch.equal(decode_logits(model), decode_logits(reference))
+
+
+def test_a_fused_model_saves_and_loads_unchanged(tmp_path):
+    model = fuse_quantized_projections(quantize(tiny_decoder(), "q4_0"))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(decode_logits(loaded), decode_logits(model))
+    assert torch.equal(loaded.blocks[1].mlp.up_proj.weight_blocks, model.blocks[1].mlp.up_proj.weight_blocks)
+
+
+def test_parts_on_other_kernels_are_left_alone():
+    model = fuse_quantized_projections(quantize(tiny_decoder(), "int8"))
+    assert FUSED_CALLABLE not in vars(model.blocks[0].attn)
