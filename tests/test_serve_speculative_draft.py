@@ -304,3 +304,31 @@ def test_the_slot_table_moves_the_drafts_rows_with_its_slots(model):
     table.release(taken)
     table.acquire([5] * 10, 600)  # the slots grow to 768; the draft's rows to its context
     assert table.cache.capacity == 768 and proposer.cache.capacity == 300
+
+
+@pytest.mark.slow
+def test_smollm2_engine_with_its_q4_1_blocks_drafting_equals_the_engine_without():
+    """SmolLM2 fp32 (the GGUF dequantized) served with the GGUF's own Q4_1 blocks as the draft: two DialogSum
+    summaries in one batch, the same tokens as the engine without a draft, most proposals accepted."""
+    import gzip
+    import json
+
+    from llmkit.checkpoints import default_model_path, load_tokenizer
+    from llmkit.commands.common import load_decoder
+    from llmkit.data.shared import shared_data_file
+    from llmkit.generate.decode import tokenizer_stop_ids
+
+    path = default_model_path()
+    target, draft, tokenizer = load_decoder(path, weights="float"), load_decoder(path), load_tokenizer(path)
+    with gzip.open(shared_data_file("dialogsum/dialogsum.dev.jsonl.gz"), "rt", encoding="utf-8") as file:
+        dialogues = [json.loads(line)["dialogue"] for line in file.readlines()[1:3]]
+    stop_ids = frozenset(tokenizer_stop_ids(tokenizer))
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Summarise this dialogue.\n\n{dialogue}"}])) for dialogue in dialogues]
+    arrivals = [(0, Request(prompts[0], 24, stop_ids=stop_ids)), (2, Request(prompts[1], 24, stop_ids=stop_ids))]
+    plain = run_with_arrivals(Engine(target, max_batch_size=2, prefill_chunk=128), arrivals)
+    engine = Engine(target, max_batch_size=2, prefill_chunk=128, draft=draft, num_speculative_tokens=4)
+    drafted = run_with_arrivals(engine, arrivals)
+    assert [tokens_of(events) for events in drafted] == [tokens_of(events) for events in plain]
+    stats = engine.stats()
+    assert stats.spec_accepted_tokens > 0.8 * stats.spec_draft_tokens > 0
