@@ -325,7 +325,7 @@ def test_smollm2_engine_with_its_q4_1_blocks_drafting_equals_the_engine_without(
     stop_ids = frozenset(tokenizer_stop_ids(tokenizer))
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(
         [{"role": "user", "content": f"Summarise this dialogue.\n\n{dialogue}"}])) for dialogue in dialogues]
-    arrivals = [(0, Request(prompts[0], 24, stop_ids=stop_ids)), (2, Request(prompts[1], 24, stop_ids=stop_ids))]
+    arrivals = [(0, Request(prompts[0], 16, stop_ids=stop_ids)), (2, Request(prompts[1], 16, stop_ids=stop_ids))]
     plain = run_with_arrivals(Engine(target, max_batch_size=2, prefill_chunk=128), arrivals)
     engine = Engine(target, max_batch_size=2, prefill_chunk=128, draft=draft, num_speculative_tokens=4)
     drafted = run_with_arrivals(engine, arrivals)
