@@ -53,6 +53,7 @@ def serve(
     dtype: Dtype = "float32",
     device: Device = "auto",
     cascade: str | None = None,
+    draft: str | None = None,
     speculate: Literal["ngram"] | None = None,
     num_speculative_tokens: int = 5,
 ) -> None:
@@ -62,6 +63,7 @@ def serve(
              llmkit serve --model my_model/ --port 8080 --api_key secret --max_batch_size 16
              llmkit serve --adapters "[summarize=runs/sum/adapter, sql=runs/sql/adapter]" --max_loaded_adapters 2
              llmkit serve --speculate ngram --num_speculative_tokens 5   (prompt lookup decoding in every batch)
+             llmkit serve --model big/ --draft small/ --num_speculative_tokens 4   (a draft model proposes)
              curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
                   -d '{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -93,15 +95,20 @@ def serve(
         device: auto, cpu, cuda or cuda:N.
         cascade: a fitted cascade (the cascade.json `llmkit cascade` writes): requests for the model "cascade" run its
             stages in order and report which stage answered and the cost (docs/cascade.md).
+        draft: speculative decoding inside the batch with this draft model (same tokenizer as --model, loaded like
+            it, on its device): it proposes tokens for each request from its own KV cache, one forward of --model
+            checks them (greedy output unchanged, sampling distributed as without it). Requests with a JSON schema,
+            logprobs or penalties, or too long for the draft's context, decode one token per step as without it.
         speculate: ngram: speculative decoding by prompt lookup inside the batch: each request proposes the tokens
             that followed its last 3 tokens earlier in its prompt or output, one forward checks them (greedy output
             unchanged, sampling distributed as without it). Requests with a JSON schema, logprobs or penalties decode
             one token per step as without it. /metrics counts proposed and accepted tokens.
-        num_speculative_tokens: most tokens a request proposes per step with --speculate.
+        num_speculative_tokens: most tokens a request proposes per step with --draft or --speculate.
     """
     import uvicorn
 
     from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.chat import _draft_model
     from llmkit.commands.common import load_decoder
     from llmkit.serve.http import create_app, start_engine
     from llmkit.serve.speculation import check_speculation
@@ -112,12 +119,14 @@ def serve(
     if max_loaded_adapters < 1:
         raise LlmkitError(f"--max_loaded_adapters {max_loaded_adapters} must be at least 1")
     named_adapters = None if adapters is None else parse_adapters(adapters)
-    check_speculation(speculate, num_speculative_tokens)
+    check_speculation(speculate, num_speculative_tokens, draft)
     if kv_cache_tokens is not None and kv_cache_tokens < 1:
         raise LlmkitError(f"--kv_cache_tokens {kv_cache_tokens} must be at least 1 (or left out for the default)")
     path = model_path(model)
     if not path.exists():
         raise LlmkitError(f"--model {path} does not exist; pass a .gguf file or a model directory")
+    if draft is not None and not model_path(draft).exists():
+        raise LlmkitError(f"--draft {draft} does not exist; pass a .gguf file or a model directory")
     check_address(host, port)
     name = served_name(path)
     app = create_app(api_key=api_key)
@@ -133,7 +142,9 @@ def serve(
               file=sys.stderr, flush=True)
         try:
             llm = load_decoder(path, dtype, device, kv_cache_dtype=kv_cache_dtype)
-            served = start_engine(llm, load_tokenizer(path), name, start=False,
+            tokenizer = load_tokenizer(path)
+            draft_model = None if draft is None else _draft_model(draft, tokenizer, llm, dtype)
+            served = start_engine(llm, tokenizer, name, start=False, draft=draft_model,
                                   adapters=named_adapters, max_loaded_adapters=max_loaded_adapters,
                                   max_batch_size=max_batch_size, max_queue=max_queue, kv_cache_tokens=kv_cache_tokens,
                                   speculate=speculate, num_speculative_tokens=num_speculative_tokens)

@@ -20,6 +20,7 @@ each row's proposal (possibly shorter, even empty) and, for a sampling draft, q 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -92,7 +93,13 @@ class NgramProposer:
 
 
 class DraftProposer:
-    """A draft model proposing k tokens per step from its own KV cache (same vocabulary and device as the target)."""
+    """A draft model proposing k tokens per step from its own KV cache (same vocabulary and device as the target).
+
+    Offline (`speculative_tokens`) its rows are the batch's rows, opened by `start`. In the serving engine its rows
+    follow the engine's slots (llmkit/serve/kv.py, `SlotTable.follow`): `open_rows` makes one per slot, and the slot
+    table tells it when a slot's tokens are cut back (`keep`: a request takes over a slot with a shorter shared
+    prefix) or copied from another slot (`share_prefix`), and when the rows grow (`grow`). Invariant: row r holds
+    the draft's keys/values of the first `lengths[r]` tokens of its sequence (the slot's tokens), never more."""
 
     name = "draft"
 
@@ -107,40 +114,58 @@ class DraftProposer:
             raise LlmkitError(f"the draft model is on {draft_device}, the target on {target_device}; load both on one "
                               "device (e.g. --device cuda places both)")
         self.model, self.device = draft.eval(), draft_device
+        self.context = draft.config.max_seq_len
         self.cache: RowKVCache | None = None
         self.lengths: list[int] = []  # tokens of each row stored in the draft's cache
 
     def start(self, prompts: list[list[int]], capacity: int) -> None:
         config = self.model.config
-        if capacity > config.max_seq_len:
-            raise LlmkitError(f"the draft model {config.name} holds {config.max_seq_len:,} tokens of context; this "
+        if capacity > self.context:
+            raise LlmkitError(f"the draft model {config.name} holds {self.context:,} tokens of context; this "
                               f"generation needs up to {capacity:,}: shorten the prompt or ask for fewer tokens")
-        dtype, device = self.model.kv_cache_dtype_device()
-        self.cache = RowKVCache(config, len(prompts), capacity, dtype, device)
-        self.lengths = [0] * len(prompts)
+        self.open_rows(len(prompts), capacity)
         # The prompts are not fed now: the first `propose` feeds every token the draft has not seen, in one forward.
+
+    def open_rows(self, n_rows: int, capacity: int) -> None:
+        """An empty cache of `n_rows` rows of `capacity` slots (at most the draft's context)."""
+        dtype, device = self.model.kv_cache_dtype_device()
+        self.cache = RowKVCache(self.model.config, n_rows, min(capacity, self.context), dtype, device)
+        self.lengths = [0] * n_rows
+
+    def grow(self, capacity: int) -> None:
+        """Make every row hold `capacity` slots (at most the draft's context), keeping what is stored."""
+        self.cache.grow(min(capacity, self.context))
+
+    def share_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `target`'s sequence now starts with row `source`'s first `length` tokens: copy the keys/values the
+        draft holds for them past what `target` already holds (the rest is fed by the next `catch_up`)."""
+        start, end = self.lengths[target], min(length, self.lengths[source])
+        if end > start:
+            self.cache.copy_slots(source, target, start, end)
+            self.lengths[target] = end
 
     def propose(
         self, active: list[int], sequences: list[list[int]], counts: list[int], settings: SamplingSettings,
         seen: torch.Tensor | None, generator: torch.Generator | None,
     ) -> tuple[list[list[int]], torch.Tensor | None]:
+        return self.draft_tokens(active, sequences, counts, shared_draw(settings, seen, generator))
+
+    def draft_tokens(
+        self, active: list[int], sequences: Sequence[list[int]] | Mapping[int, list[int]], counts: list[int],
+        draw: TokenDraw,
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
+        """`propose` with the choice of each proposed token left to `draw` (one sampling setting for the whole batch
+        offline; each request's own in the serving engine). `sequences[row]` is the row's prompt + output so far."""
         k = max(counts)
         if k == 0:
             return [[] for _ in active], None
-        logits = self._catch_up(active, sequences)  # (A, V): the next token's logits for each row
-        seen = None if seen is None else seen.clone()
+        logits = self.catch_up(active, sequences)  # (A, V): the next token's logits for each row
         proposals, probabilities = [], []
         for j in range(k):
-            processed = process_logits(logits, settings, seen)  # (A, V)
-            if settings.greedy:
-                tokens = processed.argmax(dim=-1)  # (A,)
-            else:
-                q = processed.softmax(dim=-1)
-                tokens = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-                probabilities.append(q)
+            tokens, q = draw(logits)  # (A,), (A, V) or None
             proposals.append(tokens)
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
+            if q is not None:
+                probabilities.append(q)
             if j < k - 1:
                 view = self.cache.rows(active, [self.lengths[row] for row in active])
                 logits = self.model(tokens[:, None], cache=view)[:, -1]  # (A, V)
@@ -150,10 +175,11 @@ class DraftProposer:
         q = torch.stack(probabilities, dim=1) if probabilities else None  # (A, k, V)
         return [row_ids[:count] for row_ids, count in zip(ids, counts)], q
 
-    def _catch_up(self, active: list[int], sequences: list[list[int]]) -> torch.Tensor:
-        """Feed each row's tokens the draft has not seen (the whole prompt at first, then the last step's corrected
-        or bonus token, and the last proposal when all were accepted) in one right-padded forward; the logits (A, V)
-        after each row's last token. Padding lands in slots past the row's end, which the next forward overwrites."""
+    def catch_up(self, active: list[int], sequences: Sequence[list[int]] | Mapping[int, list[int]]) -> torch.Tensor:
+        """Feed each row's tokens the draft has not seen (the whole prompt at first, or a prefill chunk, then the
+        last step's corrected or bonus token, and the last proposal when all were accepted) in one right-padded
+        forward; the logits (A, V) after each row's last token. Padding lands in slots past the row's end, which the
+        next forward overwrites."""
         missing = [sequences[row][self.lengths[row] :] for row in active]
         width = max(len(tokens) for tokens in missing)
         ids = torch.tensor([tokens + [tokens[-1]] * (width - len(tokens)) for tokens in missing], device=self.device)
@@ -167,3 +193,27 @@ class DraftProposer:
 
     def keep(self, row: int, length: int) -> None:
         self.lengths[row] = min(self.lengths[row], length)
+
+
+TokenDraw = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""Picks each row's next proposed token from the draft's logits (A, V): the tokens (A,) and the distribution q (A, V)
+each was drawn from (None when every row is greedy: q is one-hot)."""
+
+
+def shared_draw(settings: SamplingSettings, seen: torch.Tensor | None, generator: torch.Generator | None) -> TokenDraw:
+    """Every row drawn with one `settings` and one `generator`; `seen` (A, V), the repetition penalty's tokens,
+    copied and extended with each proposed token."""
+    seen = None if seen is None else seen.clone()
+
+    def draw(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        processed = process_logits(logits, settings, seen)  # (A, V)
+        if settings.greedy:
+            tokens, q = processed.argmax(dim=-1), None  # (A,)
+        else:
+            q = processed.softmax(dim=-1)
+            tokens = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        return tokens, q
+
+    return draw

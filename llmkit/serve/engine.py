@@ -17,8 +17,9 @@ LoRA adapter (`Request.adapter`). Requests for different adapters share one deco
 model's LoRA layers which adapter each row uses (llmkit.peft.multi_lora.batch_adapters). An adapter loads when its
 first request is admitted; a request whose adapter finds no room (every loaded adapter in use) waits.
 
-Speculative decoding (`speculate="ngram"`, llmkit/serve/speculation.py): a decode step feeds each row its pending
-token and up to `num_speculative_tokens` tokens proposed by prompt lookup, and emits every token the row accepts,
+Speculative decoding (`speculate="ngram"` or `draft=model`, llmkit/serve/speculation.py): a decode step feeds each
+row its pending token and up to `num_speculative_tokens` tokens proposed by prompt lookup or by a draft model (whose
+KV cache has a row per slot, prefilled chunk by chunk with the target's), and emits every token the row accepts,
 each as its own event; greedy output is the same as without it, sampled output has the same distribution.
 
 Here: the caller's side and the scheduling (step, admission, emitting, finishing); the checks of settings and
@@ -84,7 +85,7 @@ class Engine:
     def __init__(
         self, model: torch.nn.Module, *, max_batch_size: int = 8, kv_cache_tokens: int | None = None,
         max_queue: int = 64, prefill_chunk: int = 256, prefix_cache: bool = True, adapters: Any = None,
-        speculate: str | None = None, num_speculative_tokens: int = 5,
+        speculate: str | None = None, num_speculative_tokens: int = 5, draft: torch.nn.Module | None = None,
     ) -> None:
         check_engine_settings(model.config, max_batch_size, max_queue, prefill_chunk)
         self.model = model.eval()
@@ -95,10 +96,13 @@ class Engine:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.prefix_cache = prefix_cache
         self.adapters = adapters  # an AdapterRegistry (llmkit.serve.adapters) over this model, or None
-        self.speculator = None if speculate is None else Speculator(speculate, num_speculative_tokens)
+        self.speculator = (None if speculate is None and draft is None
+                           else Speculator(speculate, num_speculative_tokens, draft, model))
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run_between_steps
         self.device = model.activation_dtype_device()[1]
         self.slots = SlotTable(model, max_batch_size, min(self.context, self.kv_cache_tokens))
+        if self.speculator is not None and self.speculator.draft is not None:
+            self.slots.follow(self.speculator.draft)  # the draft's cache: a row per slot, following its tokens
         self._lock = threading.Condition()
         self._waiting: deque[tuple[Request, RequestHandle]] = deque()
         self._running: list[ActiveRequest] = []
@@ -331,6 +335,8 @@ class Engine:
         logits = prefill_logits(self.model, self.slots, seq, chunk, self.device, self.adapters)  # (1, 1, V)
         seq.slot.tokens.extend(chunk)
         seq.prefilled += n_tokens
+        if self.speculator is not None:
+            self.speculator.prefilled(seq)
         if seq.prefilled == len(seq.request.prompt_ids):
             self._emit(seq, seq.choose(logits[0, -1]))
 
@@ -340,16 +346,16 @@ class Engine:
         the loaded case) the forward reads the cache as one slice instead of gathering every layer's keys/values
         (llmkit.nn.attention.RowCacheView)."""
         seqs = sorted(seqs, key=lambda seq: seq.slot.row)
-        proposals = ([[] for _ in seqs] if self.speculator is None
-                     else self.speculator.propose(seqs, self.slots.cache.capacity))
+        proposals, qs = (([[] for _ in seqs], [None] * len(seqs)) if self.speculator is None
+                         else self.speculator.propose(seqs, self.slots.cache.capacity))
         logits = decode_logits(self.model, self.slots, seqs, proposals, self.device, self.adapters)  # (B, 1 + width, V)
         plain = [seq.plain_greedy and not proposal for seq, proposal in zip(seqs, proposals)]
         greedy = logits[:, 0].argmax(-1).tolist() if any(plain) else None
-        for row, (seq, proposal) in enumerate(zip(seqs, proposals)):
+        for row, (seq, proposal, q) in enumerate(zip(seqs, proposals, qs)):
             seq.slot.tokens.append(seq.pending)
             try:
                 if proposal:
-                    self._emit_run(seq, self.speculator.verify(seq, logits[row], proposal))
+                    self._emit_run(seq, self.speculator.verify(seq, logits[row], proposal, q))
                     continue
                 if plain[row]:
                     seq.record(greedy[row])
@@ -365,6 +371,7 @@ class Engine:
         """Emit a speculative step's tokens (accepted proposal + the token after it) one event each, until one
         ends the request. The accepted ones' keys/values were computed in this step's forward: the slot holds them."""
         seq.slot.tokens.extend(tokens[:-1])
+        self.speculator.keep(seq)  # the draft's row: back to the accepted tokens
         for token in tokens:
             seq.record(token)
             self._emit(seq, TokenEvent(token))

@@ -14,17 +14,37 @@ prefill chunk, so requests with the same prompt that arrive together, such as Op
 once), and prefills only the rest. The `kv_key` names the weights that computed a slot's keys/values (None: the
 base model; a LoRA adapter's load, see llmkit/serve/adapters.py): an adapter on q/k/v/o changes them, so slots of
 different keys never share a prefix.
+
+A follower (`SlotTable.follow`: a draft model's cache, llmkit.generate.proposers.DraftProposer) keeps one row per
+slot of its own keys/values for the same tokens. The table tells it what happens to the slots' tokens: a slot taken
+over keeps only the shared prefix (`keep`), a prefix copied between slots is copied in its rows too (`share_prefix`),
+and the rows grow together (`grow`). What the follower computes for those tokens, and when, is its own business.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from llmkit.nn.attention import RowKVCache
 
 GROWTH_QUANTUM = 256  # rows grow in multiples of this many slots
+
+
+class RowFollower(Protocol):
+    """A second cache with one row per slot, over the same tokens (a draft model's: llmkit.generate.proposers)."""
+
+    def open_rows(self, n_rows: int, capacity: int) -> None: ...
+
+    def grow(self, capacity: int) -> None: ...
+
+    def keep(self, row: int, length: int) -> None:
+        """Row `row`'s first `length` tokens stay; anything stored past them is no longer its tokens'."""
+
+    def share_prefix(self, source: int, target: int, length: int) -> None:
+        """Row `target` now starts with row `source`'s first `length` tokens."""
 
 
 @dataclass
@@ -58,6 +78,12 @@ class SlotTable:
         self.cache = RowKVCache(model.config, n_slots, min(GROWTH_QUANTUM, max_row_tokens), dtype, device)
         self.slots = [Slot(row) for row in range(n_slots)]
         self.clock = 0
+        self.follower: RowFollower | None = None
+
+    def follow(self, follower: RowFollower) -> None:
+        """Give `follower` one row per slot, as long as the slots' rows, and keep it told of their tokens."""
+        follower.open_rows(len(self.slots), self.cache.capacity)
+        self.follower = follower
 
     def acquire(self, prompt: list[int], needed_tokens: int, reuse_prefix: bool = True,
                 kv_key: str | None = None) -> tuple[Slot, int]:
@@ -72,6 +98,8 @@ class SlotTable:
             if self._shared(best, prompt, kv_key) > 0:
                 reused, target = self._shared(best, prompt, kv_key), best
         target.tokens = prompt[:reused]
+        if self.follower is not None:
+            self.follower.keep(target.row, reused)
         target.busy = True
         target.kv_key = kv_key
         return target, reused
@@ -86,6 +114,8 @@ class SlotTable:
         if source is slot or shared <= done:
             return 0
         self.cache.copy_slots(source.row, slot.row, done, shared)
+        if self.follower is not None:
+            self.follower.share_prefix(source.row, slot.row, shared)
         slot.tokens = prompt[:shared]
         return shared - done
 
@@ -113,3 +143,5 @@ class SlotTable:
         if needed_tokens > self.cache.capacity:
             quanta = -(-needed_tokens // GROWTH_QUANTUM)
             self.cache.grow(min(max(quanta * GROWTH_QUANTUM, 2 * self.cache.capacity), self.max_row_tokens))
+            if self.follower is not None:
+                self.follower.grow(self.cache.capacity)
