@@ -4,6 +4,7 @@
     python benchmarks/train.py --models smollm2-135m --steps 8 --compile --plot docs/train.png
     python benchmarks/train.py --ablation --steps 2 --warmup 1  # one row per speed lever (LEVERS), vs transformers fp32
     python benchmarks/train.py --ablation --recompute --models smollm2-135m  # activation checkpointing modes
+    python benchmarks/train.py --ablation --models smollm2-135m --levers "ckpt=mlp +loss_chunk" +compile  # some rows
 
 llmkit runs its real training loop, `llmkit.train.loop.train` (causal_lm_loss, fused AdamW with weight-decay
 groups, clipping at 1.0, a run directory in a temporary folder, evaluation off, checkpoint only at the end);
@@ -428,6 +429,8 @@ def main() -> None:
                         help="one row per speed lever (LEVERS) instead of the fp32 / --compile comparison")
     parser.add_argument("--recompute", action="store_true",
                         help="with --ablation: one row per activation-checkpointing mode (RECOMPUTE_LEVERS) instead")
+    parser.add_argument("--levers", nargs="+", default=None, choices=list(ALL_LEVERS), metavar="LEVER",
+                        help="with --ablation: only these rows (names from LEVERS / RECOMPUTE_LEVERS), two per group")
     args = parser.parse_args()
 
     import transformers
@@ -473,6 +476,8 @@ def run_ablation(args: argparse.Namespace, steps: int) -> None:
     """Each LEVER_GROUPS group in lockstep with transformers fp32; prints the ablation table as groups finish (a
     failing group is reported and the others still run)."""
     rows, groups = [], RECOMPUTE_GROUPS if args.recompute else LEVER_GROUPS
+    if args.levers:  # two per group beside transformers: 3 processes' RSS at most
+        groups = [tuple(args.levers[i:i + 2]) for i in range(0, len(args.levers), 2)]
     for preset in args.models:
         losses = in_child(check_parity, preset, args.threads, args.batch_size, args.seq_len)
         print(f"{preset}: first-step loss llmkit {losses['llmkit']:.6f}, transformers {losses['transformers']:.6f} "
