@@ -499,7 +499,8 @@ def run_ablation(args: argparse.Namespace, steps: int) -> None:
                     raise SystemExit(f"{preset} {lever}: first-step loss differs from transformers' by {gap:.2e}")
                 rows.append((preset, lever, result, baseline, load, gap))
                 print(f"{preset} {lever}: {result['tokens_per_s']:.0f} tok/s vs transformers "
-                      f"{baseline['tokens_per_s']:.0f} (mean load {load:.2f}; first-step loss gap {gap:.1e}, "
+                      f"{baseline['tokens_per_s']:.0f}, peak RSS {result['peak_rss_mb']:,.0f} vs "
+                      f"{baseline['peak_rss_mb']:,.0f} MB (mean load {load:.2f}; first-step loss gap {gap:.1e}, "
                       f"first step {result['first_step_s']:.0f} s)", flush=True)
     print(f"\n| model | lever | llmkit tok/s | transformers fp32 tok/s | ratio | llmkit peak RSS MB | "
           f"transformers peak RSS MB | RSS ratio | load |\n|{' --- |' * 9}")
