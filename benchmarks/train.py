@@ -3,6 +3,8 @@
     python benchmarks/train.py                          # gpt2 (124M) and smollm2-135m, fp32, 2 threads, 4 x 256
     python benchmarks/train.py --models smollm2-135m --steps 8 --compile --plot docs/train.png
     python benchmarks/train.py --ablation --steps 2 --warmup 1  # one row per speed lever (LEVERS), vs transformers fp32
+    python benchmarks/train.py --ablation --recompute --models smollm2-135m  # activation checkpointing modes
+    python benchmarks/train.py --ablation --models smollm2-135m --levers "ckpt=mlp +loss_chunk" +compile  # some rows
 
 llmkit runs its real training loop, `llmkit.train.loop.train` (causal_lm_loss, fused AdamW with weight-decay
 groups, clipping at 1.0, a run directory in a temporary folder, evaluation off, checkpoint only at the end);
@@ -19,6 +21,8 @@ RSS is its own); the first --warmup steps are not timed, the table gives the med
 --ablation times llmkit once per speed lever of TrainSettings (LEVERS: plain, +fused projections, +chunked LM head
 and loss, +bf16-mixed, +compile, all of them), each group of levers in lockstep with transformers fp32 (the same
 baseline, re-run beside each group so a busy spell of the machine hits both): tokens/s, ratio and peak RSS per row.
+With --recompute it times the activation-checkpointing modes instead (RECOMPUTE_LEVERS: none / attention / mlp / full,
+each with and without the chunked LM head, in fp32 and bf16-mixed), two modes per group beside transformers fp32.
 """
 
 from __future__ import annotations
@@ -58,6 +62,24 @@ LEVERS = {
     "all": dict(fused_projections=True, loss_chunk=LOSS_CHUNK, precision="bf16-mixed", compile=True),
 }
 LEVER_GROUPS = [("plain", "+fused", "+loss_chunk"), ("+bf16-mixed", "+compile", "all")]  # 4 processes' RSS at most
+RECOMPUTE_MODES = ("none", "attention", "mlp", "full")  # --train.activation_checkpointing
+
+
+def recompute_lever(mode: str, loss_chunk: int, precision: str) -> str:
+    """The --recompute row name of one activation-checkpointing mode with the chunked head and precision."""
+    return " ".join([f"ckpt={mode}"] + (["+loss_chunk"] if loss_chunk else []) +
+                    ([f"+{precision}"] if precision != "fp32" else []))
+
+
+# --ablation --recompute: each mode x (plain head, chunked head) x (fp32, bf16-mixed); two modes per group (3
+# processes of ~4.5 GB for SmolLM2 beside transformers)
+RECOMPUTE_LEVERS = {recompute_lever(mode, chunk, precision): dict(activation_checkpointing=mode, loss_chunk=chunk,
+                                                                  precision=precision)
+                    for precision in ("fp32", "bf16-mixed") for chunk in (0, LOSS_CHUNK) for mode in RECOMPUTE_MODES}
+RECOMPUTE_GROUPS = [tuple(recompute_lever(mode, chunk, precision) for mode in pair)
+                    for precision in ("fp32", "bf16-mixed") for chunk in (0, LOSS_CHUNK)
+                    for pair in (RECOMPUTE_MODES[:2], RECOMPUTE_MODES[2:])]
+ALL_LEVERS = {**LEVERS, **RECOMPUTE_LEVERS}
 
 
 # --------------------------------------------------------------------------- shared inputs
@@ -213,11 +235,11 @@ def gated_train(model: torch.nn.Module, objective, step_batch, gate: StepGate, s
 
 def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_len: int, steps: int, warmup: int,
                precision: str, compile: bool, loop: str, prepare=None, make_batches=random_batches,  # noqa: ANN001
-               fused_projections: bool = False, loss_chunk: int = 0) -> dict:
+               fused_projections: bool = False, loss_chunk: int = 0, activation_checkpointing: str = "none") -> dict:
     """llmkit.train.loop.train (loop="train"), or the same pieces in a bare loop (loop="bare") to measure its overhead;
     `prepare(model) -> model`, when given, changes the model first (benchmarks/peft_speed.py applies LoRA);
-    `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch; `fused_projections` and
-    `loss_chunk` are TrainSettings' levers (train loop only)."""
+    `make_batches(vocab_size, steps, batch_size, seq_len)` gives each step's batch; `fused_projections`, `loss_chunk`
+    and `activation_checkpointing` are TrainSettings' levers (train loop only)."""
     from llmkit.train.loop import clip_gradients
     from llmkit.train.objectives import causal_lm_loss, causal_lm_objective
     from llmkit.train.optim import build_optimizer
@@ -235,6 +257,7 @@ def run_llmkit(gate: StepGate, preset: str, threads: int, batch_size: int, seq_l
         settings = TrainSettings(max_steps=steps, batch_size=batch_size, lr=LR, schedule="constant", warmup_steps=0,
                                  weight_decay=WEIGHT_DECAY, betas=BETAS, grad_clip=GRAD_CLIP, precision=precision,
                                  compile=compile, fused_projections=fused_projections, loss_chunk=loss_chunk,
+                                 activation_checkpointing=activation_checkpointing,
                                  eval_every=0, log_every=1, checkpoint_every=steps + 1, keep_last=1, resume="never",
                                  device="cpu")
         timed = gated_train(model, causal_lm_objective(loss_chunk), step_batches.__getitem__, gate, settings)
@@ -327,8 +350,8 @@ def in_child(fn, *args) -> dict:  # noqa: ANN001
 
 def run_lever(gate: StepGate, lever: str, preset: str, threads: int, batch_size: int, seq_len: int, steps: int,
               warmup: int) -> dict:
-    """llmkit's training loop with one LEVERS entry's settings (fp32, eager and plain unless the lever says)."""
-    fields = dict(LEVERS[lever])
+    """llmkit's training loop with one ALL_LEVERS entry's settings (fp32, eager and plain unless the lever says)."""
+    fields = dict(ALL_LEVERS[lever])
     precision, compile = fields.pop("precision", "fp32"), fields.pop("compile", False)
     return run_llmkit(gate, preset, threads, batch_size, seq_len, steps, warmup, precision, compile, "train", **fields)
 
@@ -404,6 +427,10 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write a bar chart PNG here")
     parser.add_argument("--ablation", action="store_true",
                         help="one row per speed lever (LEVERS) instead of the fp32 / --compile comparison")
+    parser.add_argument("--recompute", action="store_true",
+                        help="with --ablation: one row per activation-checkpointing mode (RECOMPUTE_LEVERS) instead")
+    parser.add_argument("--levers", nargs="+", default=None, choices=list(ALL_LEVERS), metavar="LEVER",
+                        help="with --ablation: only these rows (names from LEVERS / RECOMPUTE_LEVERS), two per group")
     args = parser.parse_args()
 
     import transformers
@@ -448,12 +475,14 @@ def main() -> None:
 def run_ablation(args: argparse.Namespace, steps: int) -> None:
     """Each LEVER_GROUPS group in lockstep with transformers fp32; prints the ablation table as groups finish (a
     failing group is reported and the others still run)."""
-    rows = []
+    rows, groups = [], RECOMPUTE_GROUPS if args.recompute else LEVER_GROUPS
+    if args.levers:  # two per group beside transformers: 3 processes' RSS at most
+        groups = [tuple(args.levers[i:i + 2]) for i in range(0, len(args.levers), 2)]
     for preset in args.models:
         losses = in_child(check_parity, preset, args.threads, args.batch_size, args.seq_len)
         print(f"{preset}: first-step loss llmkit {losses['llmkit']:.6f}, transformers {losses['transformers']:.6f} "
               f"(agree to {LOSS_TOLERANCE:g})", flush=True)
-        for group in LEVER_GROUPS:
+        for group in groups:
             shape = (preset, args.threads, args.batch_size, args.seq_len, steps, args.warmup)
             engines = {"transformers": ("transformers", shape + ("fp32", False))}
             engines.update({lever: (run_lever, (lever,) + shape) for lever in group})
@@ -464,13 +493,14 @@ def run_ablation(args: argparse.Namespace, steps: int) -> None:
                 continue
             baseline = results.pop("transformers")
             for lever, result in results.items():
-                eager_fp32 = LEVERS[lever].get("precision", "fp32") == "fp32" and not LEVERS[lever].get("compile")
+                eager_fp32 = ALL_LEVERS[lever].get("precision", "fp32") == "fp32" and not ALL_LEVERS[lever].get("compile")
                 gap = abs(result["losses"][0] - baseline["losses"][0])
                 if eager_fp32 and gap > LOSS_TOLERANCE:
                     raise SystemExit(f"{preset} {lever}: first-step loss differs from transformers' by {gap:.2e}")
                 rows.append((preset, lever, result, baseline, load, gap))
                 print(f"{preset} {lever}: {result['tokens_per_s']:.0f} tok/s vs transformers "
-                      f"{baseline['tokens_per_s']:.0f} (mean load {load:.2f}; first-step loss gap {gap:.1e}, "
+                      f"{baseline['tokens_per_s']:.0f}, peak RSS {result['peak_rss_mb']:,.0f} vs "
+                      f"{baseline['peak_rss_mb']:,.0f} MB (mean load {load:.2f}; first-step loss gap {gap:.1e}, "
                       f"first step {result['first_step_s']:.0f} s)", flush=True)
     print(f"\n| model | lever | llmkit tok/s | transformers fp32 tok/s | ratio | llmkit peak RSS MB | "
           f"transformers peak RSS MB | RSS ratio | load |\n|{' --- |' * 9}")

@@ -34,14 +34,22 @@ class Block(nn.Module):
         self.mlp_adapter: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        x = x + self.attention_branch(x, context)
+        return x + self.mlp_branch(x)
+
+    # Each residual branch is its own method so selective activation checkpointing (llmkit/train/recompute.py) can
+    # recompute one of them, norm included, from the residual stream x alone.
+    def attention_branch(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         h = self.attn(self.attn_norm(x), context)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + self.attn_adapter(h)
+        return self.attn_adapter(h)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         h = self.mlp(self.mlp_norm(x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + self.mlp_adapter(h)
+        return self.mlp_adapter(h)
 
 
 class PostNormBlock(Block):
@@ -49,8 +57,14 @@ class PostNormBlock(Block):
     Same parts and parameter names as `Block`; only where the norms sit differs."""
 
     def forward(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn_adapter(self.attn(x, context)))
-        return self.mlp_norm(x + self.mlp_adapter(self.mlp(x)))
+        x = self.attn_norm(x + self.attention_branch(x, context))
+        return self.mlp_norm(x + self.mlp_branch(x))
+
+    def attention_branch(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        return self.attn_adapter(self.attn(x, context))
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_adapter(self.mlp(x))
 
 
 def build_mlp(config: Config) -> nn.Module:
@@ -92,9 +106,20 @@ class CrossAttentionBlock(nn.Module):
         self, x: torch.Tensor, context: AttentionContext, cross_context: AttentionContext,
         encoder_keys_values: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), context)
-        x = x + self.cross_attn(self.cross_attn_norm(x), cross_context, encoder_keys_values)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attention_branch(x, context)
+        x = x + self.cross_attention_branch(x, cross_context, encoder_keys_values)
+        return x + self.mlp_branch(x)
+
+    def attention_branch(self, x: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), context)
+
+    def cross_attention_branch(
+        self, x: torch.Tensor, cross_context: AttentionContext, encoder_keys_values: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        return self.cross_attn(self.cross_attn_norm(x), cross_context, encoder_keys_values)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
 
 def build_cross_attention_block(config: Config, layer_index: int) -> CrossAttentionBlock:

@@ -99,8 +99,7 @@ def train(
     model.to(cluster.device)
     if settings.fused_projections:  # after .to(): moving a model gives each part its own storage again
         fuse_projections(model)
-    if settings.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    enable_activation_checkpointing(model, settings.activation_checkpointing)  # none (false): nothing
     dtype = compute_dtype(settings.precision)
     model = wrap_model(model, cluster, param_dtype=dtype if dtype != torch.float32 else None)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, settings.betas, optimizer=settings.optimizer)

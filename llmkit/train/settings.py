@@ -11,6 +11,9 @@ from llmkit.estimate import FUSED_BACKWARD_OPTIMIZERS, OPTIMIZERS, OptimizerName
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+# what activation checkpointing recomputes in each block (llmkit/train/recompute.py); true means full, false none
+Recompute = Literal["none", "full", "attention", "mlp"]
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "full", "attention", "mlp")
 
 
 @dataclass
@@ -34,7 +37,10 @@ class TrainSettings:
         grad_clip: largest global gradient norm (null turns clipping off; adalomo normalises its updates instead).
         precision: fp32, bf16-mixed (autocast; fastest on recent GPUs) or fp16-mixed (with loss scaling).
         compile: torch.compile the model (slow first steps, faster after).
-        activation_checkpointing: recompute each block in the backward pass: much less memory, ~30% more compute.
+        activation_checkpointing: what each block recomputes in the backward pass instead of keeping: full (the
+            whole block: least memory, ~30% more compute; true means full), attention (its attention branch, norm
+            included), mlp (its MLP branch, norm included: most of a block's activations for less recompute than
+            full) or none (false).
         fused_projections: run q/k/v and gate/up as one matrix product each in forward and backward (names,
             optimizer groups and checkpoints unchanged; a LoRA- or quantization-wrapped projection keeps its own).
         loss_chunk: tokens per chunk of the fused LM head + cross-entropy (0: the plain head): the (tokens x vocab)
@@ -64,7 +70,7 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     precision: Precision = "fp32"
     compile: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Recompute = False
     fused_projections: bool = False
     loss_chunk: int = 0
     distributed: Strategy = "auto"
@@ -83,14 +89,30 @@ AT_LEAST_ONE = ("max_steps", "batch_size", "accumulation_steps", "log_every", "c
 AT_LEAST_ZERO = ("warmup_steps", "eval_every", "keep_last", "loss_chunk")
 
 
+def recompute_mode(setting: bool | str, flag: str = "--train.activation_checkpointing") -> str:
+    """The activation-checkpointing mode a setting names: true (the older boolean flag) is full, false is none.
+
+    Raises:
+        LlmkitError: a value that is not a boolean or one of RECOMPUTE_MODES.
+    """
+    if isinstance(setting, bool):
+        return "full" if setting else "none"
+    if setting not in RECOMPUTE_MODES:
+        raise LlmkitError(f"{flag} {setting!r} is unknown; choose one of {', '.join(RECOMPUTE_MODES)} (true means "
+                          "full, false none)")
+    return setting
+
+
 def check_settings(settings: TrainSettings, prefix: str = "--train.") -> None:
     """Refuse impossible settings before any work, in one line naming the flag (as the CLI spells it) and the fix.
 
     Raises:
-        LlmkitError: a count below its minimum, a learning rate that is not positive, a warmup longer than the
-            run, betas outside [0, 1), min_lr_ratio outside [0, 1] (above 1 the "decay" makes the learning rate
-            rise), a negative weight decay, or a gradient-clipping norm that is not positive.
+        LlmkitError: an unknown activation-checkpointing mode, a count below its minimum, a learning rate that is
+            not positive, a warmup longer than the run, betas outside [0, 1), min_lr_ratio outside [0, 1] (above 1
+            the "decay" makes the learning rate rise), a negative weight decay, or a gradient-clipping norm that is
+            not positive.
     """
+    recompute_mode(settings.activation_checkpointing, f"{prefix}activation_checkpointing")
     for name in AT_LEAST_ONE:
         if getattr(settings, name) < 1:
             raise LlmkitError(f"{prefix}{name}={getattr(settings, name)} must be at least 1")
