@@ -33,6 +33,7 @@ namespace {
 
 constexpr int kBlock = 32;
 constexpr int kMaxRows = 16;
+constexpr int kPrefetchBytes = 4096;  // how far ahead of the block being read to ask for memory
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -113,6 +114,7 @@ inline void output_row(const uint8_t* row, const Activations& a, int64_t r0, int
   for (int r = 0; r < kRows; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), extra[r] = 0.f;
   auto step = [&](int64_t b, __m256* sums) {
     const uint8_t* block = row + b * block_bytes<kKind>();
+    _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);  // rows follow each other
     const float d = half_at(block);
     // signed codes (Q4_0: q - 8, Q8_0: q) multiply as |q| times x with q's sign: the same products, with the
     // unsigned operand on the left as the instructions want; Q4_1's codes are unsigned already
