@@ -57,6 +57,16 @@ def test_a_fused_model_saves_and_loads_unchanged(tmp_path):
     assert torch.equal(loaded.blocks[1].mlp.up_proj.weight_blocks, model.blocks[1].mlp.up_proj.weight_blocks)
 
 
+def test_parts_given_new_buffers_by_a_move_run_on_their_own():
+    model = fuse_quantized_projections(quantize(tiny_decoder(), "q8_0"))
+    expected = decode_logits(model)
+    model.to(torch.float32)  # buffers stay packed and are re-assigned: the parts no longer live in the fused matrix
+    attn = model.blocks[0].attn
+    attn.k_proj.weight_blocks = attn.k_proj.weight_blocks.clone()
+    assert not vars(attn)[FUSED_CALLABLE].covers(attn)
+    assert torch.equal(decode_logits(model), expected)
+
+
 def test_parts_on_other_kernels_are_left_alone():
     model = fuse_quantized_projections(quantize(tiny_decoder(), "int8"))
     assert FUSED_CALLABLE not in vars(model.blocks[0].attn)

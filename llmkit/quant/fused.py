@@ -37,8 +37,15 @@ class FusedBlocks:
         self.layer = QuantLinear(packed, bias)
 
     def covers(self, module: nn.Module) -> bool:
-        """Whether `module` still holds the parts this product was built from."""
-        return all(getattr(module, name) is part for name, part in zip(self.names, self.parts))
+        """Whether `module` still holds the parts this product was built from, their bytes still in the fused
+        matrix (`model.to(...)` gives the parts new buffers). While torch.compile traces, only the identities are
+        checked: dynamo cannot trace storage pointers (as llmkit.nn.fused's check)."""
+        if not all(getattr(module, name) is part for name, part in zip(self.names, self.parts)):
+            return False
+        if torch.compiler.is_compiling():
+            return True
+        storage = self.layer.weight_blocks.untyped_storage().data_ptr()
+        return all(part.weight_blocks.untyped_storage().data_ptr() == storage for part in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)  # (..., sum of out)

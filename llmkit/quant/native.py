@@ -60,9 +60,13 @@ def native_kernels_available() -> bool:
 
 
 def _built_before(name: str) -> bool:
-    from torch.utils.cpp_extension import _get_build_directory
+    """Whether torch's extension cache already holds this build (only to decide whether to announce a build)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: absent in some torch version?
 
-    return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 (then the build message is printed, nothing else changes)
+        return False
 
 
 def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, scheme: str, out_features: int) -> torch.Tensor:
