@@ -301,6 +301,7 @@ def constrained_ids(
         seen = seen_tokens(input_ids, model.config.vocab_size) if settings.repetition_penalty != 1.0 else None
         cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
         logits = model(input_ids, cache=cache, last_token_only=True)[:, -1]  # (1, V)
+        forward_one = decode_step(model)  # compiled where `compile_decode_step` was applied
         for _ in range(max_new_tokens):
             if seen is not None:
                 logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
@@ -313,5 +314,5 @@ def constrained_ids(
                 break
             if seen is not None:
                 seen[0, token] = True
-            logits = decode_step(model)(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
+            logits = forward_one(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
     return new_ids
