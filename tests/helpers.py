@@ -163,3 +163,13 @@ class ScriptedModel:
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+
+def int8_activation_bound(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """(rows, out) bound on |x W_hat^T - y| when the kernel rounds each block of 32 of x to int8 (llama.cpp's Q8_0
+    activations): |x - dx qx| <= dx / 2 per value, dx = max|x_block| / 127 (x 1 + 2^-10 for its fp16 rounding), so
+    the error is at most sum over blocks of max|x_block| / 254 (1 + 2^-10) ||w_block||_1."""
+    rows, out_features = x.numel() // w_hat.shape[1], w_hat.shape[0]
+    amax = x.double().reshape(rows, -1, 32).abs().amax(-1)  # (rows, blocks)
+    w_l1 = w_hat.double().reshape(out_features, -1, 32).abs().sum(-1)  # (out, blocks)
+    return (amax / 254 * (1 + 2**-10)) @ w_l1.T

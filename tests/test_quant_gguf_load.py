@@ -26,6 +26,7 @@ from llmkit.quant.formats import FORMATS, GGUF_FORMATS, get_format
 from llmkit.quant.gguf_load import load_gguf_quantized, tensor_type_counts, weight_bytes
 from llmkit.quant.linear import KERNEL_MAX_ROWS
 from llmkit.quant.tinygemm import from_tinygemm
+from tests.helpers import int8_activation_bound
 from tests.test_checkpoints_gguf_export import IDS, llama_cpp_permute, make_model, tokenizer  # noqa: F401 (fixture)
 
 BF16 = 2.0**-8  # one bf16 rounding moves a value by at most 2^-8 of it (see tests/test_quant_linear.py)
@@ -110,7 +111,9 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
     linear = torch.nn.Linear(512, 128, bias=True)
     packed = get_format(scheme).quantize(linear.weight, None)
     layer = QuantLinear(packed, linear.bias)
-    assert layer.kernel == {"q6_k": "dequantize", "f16": "half", "bf16": "half"}.get(scheme, "int4pack")
+    fallback = {"q6_k": "dequantize", "f16": "half", "bf16": "half"}.get(scheme, "int4pack")  # without a compiler
+    native_kernel = "gguf_float" if scheme in ("f16", "bf16") else "gguf"
+    assert layer.kernel == (native_kernel if native.native_kernels_available() else fallback)
     w_hat = get_format(scheme).dequantize(packed)
     if scheme in ("q4_k", "q5_k", "q6_k", "q5_0", "q5_1"):  # bit for bit what llama.cpp's reference computes
         reference = gguf.quants.dequantize(packed.tensors["blocks"].numpy(), GGML[scheme.upper()])
@@ -119,8 +122,12 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
     x = torch.randn(rows, 512)
     with torch.no_grad():
         y = layer(x)
-    if rows <= layer.kernel_rows:
-        # int4pack: bf16 x, scales and y (tests/test_quant_linear.py); half: x and y rounded to f16 (2^-11) or bf16
+    if rows <= layer.kernel_rows and layer.kernel == "gguf":  # x rounded to int8 per block of 32
+        reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
+        assert bool(((y.double() - reference).abs() <= int8_activation_bound(x, w_hat) + 1e-5).all())
+    elif rows <= layer.kernel_rows:
+        # int4pack: bf16 x, scales and y (tests/test_quant_linear.py); half: x and y rounded to f16 (2^-11) or bf16;
+        # gguf_float: fp32 products of the exact weights (well inside this)
         reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
         scale = F.linear(x.double().abs(), w_hat.double().abs()) + reference.abs() + linear.bias.double().abs()
         assert bool(((y.double() - reference).abs() <= 2 * BF16 * scale).all())
@@ -128,8 +135,9 @@ def test_gguf_only_formats_equal_f_linear_of_the_dequantized_weight(scheme, rows
         assert torch.allclose(y, F.linear(x, w_hat, linear.bias), rtol=0, atol=1e-5)
 
 
-def test_q4_k_runs_as_group_32_int4_with_only_the_bf16_rounding_of_scale_and_zero():
+def test_q4_k_runs_as_group_32_int4_with_only_the_bf16_rounding_of_scale_and_zero(monkeypatch):
     # per 32-value sub-block j: w = d sc_j q - dmin m_j = (q - 8) s + z' with s = d sc_j, z' = 8 d sc_j - dmin m_j
+    monkeypatch.setattr(native, "native_kernels_available", lambda: False)  # the path without a C++ compiler
     torch.manual_seed(0)
     packed = get_format("q4_k").quantize(torch.randn(128, 512), None)
     reference = torch.from_numpy(gguf.quants.dequantize(packed.tensors["blocks"].numpy(), GGML.Q4_K)).view(128, 512)
@@ -175,9 +183,11 @@ def test_int4_kernel_layers_give_back_the_canonical_bytes(scheme, monkeypatch):
 def test_layers_take_the_gguf_kernels_and_the_head_keeps_float_activations(tmp_path, tokenizer, tied):  # noqa: F811
     path = export_gguf(make_model("llama", tie_embeddings=tied), tmp_path / "tiny.gguf", tokenizer, "q8_0")
     model = load_gguf_quantized(path)
-    layer = "gguf" if native.native_kernels_available() else "int4pack"
+    built = native.native_kernels_available()
+    layer = "gguf" if built else "int4pack"
     assert model.blocks[0].attn.q_proj.kernel == layer and model.blocks[1].mlp.down_proj.kernel == layer
-    assert model.lm_head.kernel == "int4pack"  # bf16 activations, not int8 (QuantLinear's docstring)
+    # float activations on the head, not int8 (QuantLinear's docstring): fp32 where the kernels built, else bf16
+    assert model.lm_head.kernel == ("gguf_float" if built else "int4pack")
     assert (model.lm_head is model.embed.table) == tied
 
 

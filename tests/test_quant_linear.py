@@ -10,11 +10,14 @@ from llmkit.quant import affine, native
 from llmkit.quant.formats import FORMATS, get_format
 from llmkit.quant.linear import QuantLinear, kernel_for
 from llmkit.quant.tinygemm import codes_of, from_tinygemm, kernel_weight, to_tinygemm
+from tests.helpers import int8_activation_bound
 
-NATIVE = "gguf" if native.native_kernels_available() else "int4pack"  # llmkit's kernels where they build (no compiler)
+BUILT = native.native_kernels_available()  # llmkit's kernels where they build, else (no compiler) aten's or dequantize
+NATIVE = "gguf" if BUILT else "int4pack"
 KERNELS = {"int8": "int8pack", "int4": "int4pack", "int4_asym": "int4pack", "q4_0": NATIVE, "q4_1": NATIVE,
-           "q8_0": NATIVE, "nf4": "dequantize", "q5_0": "int4pack", "q5_1": "int4pack", "q4_k": "int4pack",
-           "q5_k": "int4pack", "q6_k": "dequantize", "f16": "half", "bf16": "half"}
+           "q8_0": NATIVE, "nf4": "dequantize", "q5_0": NATIVE, "q5_1": NATIVE, "q4_k": NATIVE,
+           "q5_k": NATIVE, "q6_k": "gguf" if BUILT else "dequantize", "f16": "gguf_float" if BUILT else "half",
+           "bf16": "gguf_float" if BUILT else "half"}
 BF16 = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it
 
 
@@ -43,10 +46,8 @@ def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dt
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], 128)
     reference = F.linear(x.double(), w_hat.double(), linear.bias.double())
     fast_path = x.numel() // 256 <= layer.kernel_rows
-    if fast_path and layer.kernel == "gguf":  # int8 activations per block of 32: tests/test_quant_native.py's bound
-        amax = x.double().reshape(-1, 8, 32).abs().amax(-1)  # (rows, blocks)
-        w_l1 = w_hat.double().view(128, 8, 32).abs().sum(-1)  # (out, blocks)
-        bound = (amax / 254 * (1 + 2**-10)) @ w_l1.T + 2 * BF16 * reference.abs().reshape(-1, 128) + 1e-5
+    if fast_path and layer.kernel == "gguf":  # int8 activations per block of 32 (tests/helpers.py)
+        bound = int8_activation_bound(x, w_hat) + 2 * BF16 * reference.abs().reshape(-1, 128) + 1e-5
         assert bool(((y.double() - reference).abs().reshape(-1, 128) <= bound).all())
     elif fast_path or dtype == torch.bfloat16:
         # bf16 rounds x, the kernel's scales and y: |y - y_ref| <= 2^-8 (|x| |W_hat|^T + |y_ref|) (+ bias in bf16)

@@ -1,7 +1,9 @@
-"""llmkit's GGUF block kernels (llmkit/quant/native.py, kernels/gguf_cpu.cpp) against the same math written out in
-PyTorch: activations quantized per block of 32 as llama.cpp's Q8_0 (fp16 scale, round half to even), integer block
-dot products scaled by d dx (+ m dx sum qx for Q4_1); and the layer that uses them against F.linear of the
-dequantized weight within the error of int8 activations."""
+"""llmkit's GGUF kernels (llmkit/quant/native.py, kernels/) against the same math written out in PyTorch: activations
+quantized per block of 32 as llama.cpp's Q8_0 (fp16 scale, round half to even), each block's products summed with the
+weights of the format's own dequantizer (bit-exact with gguf.quants, tests/test_quant_gguf_load.py); the float-
+activation kernel against F.linear of the dequantized weight; the layers that use them against F.linear within the
+error of int8 activations; and the AVX2 and plain C++ builds against the native one (the CI machine may lack the
+instructions this one has)."""
 
 from __future__ import annotations
 
@@ -11,72 +13,136 @@ import torch.nn.functional as F
 
 from llmkit.quant import QuantLinear, native
 from llmkit.quant.formats import get_format
-from llmkit.quant.gguf_blocks import block_fields
+from tests.helpers import int8_activation_bound
 
 pytestmark = pytest.mark.skipif(not native.native_kernels_available(),
                                 reason="the GGUF CPU kernels did not build here (no C++ compiler)")
 
-SCHEMES = ["q4_0", "q4_1", "q8_0"]
+INT8_SCHEMES = list(native.INT8_KINDS)  # q4_0 q4_1 q8_0 q5_0 q5_1 q4_k q5_k q6_k
+FLOAT_SCHEMES = list(native.FLOAT_KINDS)  # q8_0 f16 bf16
+
+
+def weight_tensor(packed) -> torch.Tensor:  # noqa: ANN001 (a QuantizedWeight)
+    return packed.tensors["blocks"] if "blocks" in packed.tensors else packed.tensors["weight"]
 
 
 def reference(x: torch.Tensor, packed) -> torch.Tensor:  # noqa: ANN001 (a QuantizedWeight)
-    """y (rows, out) of the kernel's math in float64 from the same integers and fp16-rounded scales."""
+    """y (rows, out) of the kernel's math in float64: x rounded per block of 32 exactly as the kernel rounds it (fp32
+    scale and reciprocal, round half to even, dx stored as fp16), times the dequantizer's weights."""
     rows, width = x.shape
     blocks = x.view(rows, width // 32, 32)
-    dx = (blocks.abs().amax(-1) / 127).half().double()  # (rows, nb) as llama.cpp stores it
-    inverse = torch.where(dx > 0, 1 / (blocks.abs().amax(-1).double() / 127), torch.zeros_like(dx))
-    qx = torch.round(blocks.double() * inverse[..., None])  # round half to even, as the kernel's nearbyint
-    d, q, m = block_fields(packed)  # (out, nb), (out, nb, 32), (out, nb) or None
-    q = q.double() - (8 if packed.scheme == "q4_0" else 0)
-    dots = torch.einsum("onj,rnj->ron", q, qx)  # (rows, out, nb) exact integer sums
-    y = (dots * d.double()[None] * dx[:, None]).sum(-1)
-    if m is not None:
-        y = y + (m.double()[None] * (dx * qx.sum(-1))[:, None]).sum(-1)
-    return y
+    d = blocks.abs().amax(-1) / 127  # (rows, nb) fp32
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    qx = torch.round(blocks * inverse[..., None]).double()
+    w_hat = get_format(packed.scheme).dequantize(packed, torch.float64).view(packed.shape[0], width // 32, 32)
+    return torch.einsum("onj,rnj,rn->ro", w_hat, qx, d.half().double())
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+def random_weight(scheme: str, out_features: int = 96, in_features: int = 512) -> torch.Tensor:
+    return torch.randn(out_features, in_features) * torch.linspace(0.2, 3, in_features)  # blocks of different scales
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])  # every row group size the kernel unrolls
 def test_kernel_equals_the_written_out_block_math(scheme, rows):
     torch.manual_seed(rows)
-    weight = torch.randn(96, 512)
-    packed = get_format(scheme).quantize(weight, None)
-    x = torch.randn(rows, 512) * torch.linspace(0.1, 4, 512)  # blocks of different scales
+    packed = get_format(scheme).quantize(random_weight(scheme), None)
+    x = torch.randn(rows, 512) * torch.linspace(0.1, 4, 512)
     x[0, :32] = 0  # an all-zero block: dx = 0
     y = native.gguf_matmul(x, packed.tensors["blocks"], scheme, 96)
     expected = reference(x, packed)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     # the same integers and scales; the kernel sums in float32 (vector lanes, then across blocks)
-    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+# 200: a half-precision width that is not a multiple of 32 (Q8_0's blocks need one)
+@pytest.mark.parametrize(("scheme", "in_features"), [("q8_0", 512), ("f16", 512), ("f16", 200), ("bf16", 512),
+                                                      ("bf16", 200)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+def test_float_kernel_equals_f_linear_of_the_dequantized_weight(scheme, in_features, rows):
+    torch.manual_seed(rows)
+    packed = get_format(scheme).quantize(random_weight(scheme, 80, in_features), None)
+    x = torch.randn(rows, in_features)
+    y = native.float_matmul(x, weight_tensor(packed), scheme, 80)
+    expected = F.linear(x.double(), get_format(scheme).dequantize(packed, torch.float64))
+    # float32 products of the exact weights: only the summation order differs from F.linear
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
 def test_layer_takes_the_kernel_and_stays_within_int8_activation_error(scheme):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 128, bias=True)
-    layer = QuantLinear.from_linear(linear, scheme)
+    linear = torch.nn.Linear(512, 128, bias=True)
+    layer = QuantLinear.from_linear(linear, scheme) if scheme in ("q4_0", "q4_1", "q8_0") else QuantLinear(
+        get_format(scheme).quantize(linear.weight, None), linear.bias)
     assert layer.kernel == "gguf"
     # it holds the file's blocks and nothing else: RAM = the GGUF bytes
     assert {name for name, _ in layer.named_buffers()} == {"weight_blocks"}
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 512)
     w_hat = layer.dequantized_weight()
     with torch.no_grad():
         y = layer(x)
     exact = F.linear(x.double(), w_hat.double(), linear.bias.double())
-    # |x - dx qx| <= dx / 2 per value, dx = max|x_block| / 127 (x 1 + 2^-10 for its fp16 rounding)
-    amax = x.view(3, 8, 32).abs().amax(-1).double()  # (rows, blocks)
-    w_l1 = w_hat.view(128, 8, 32).abs().sum(-1).double()  # (out, blocks)
-    bound = (amax / 254 * (1 + 2**-10)) @ w_l1.T + 1e-5
-    assert bool(((y.double() - exact).abs() <= bound).all())
+    assert bool(((y.double() - exact).abs() <= int8_activation_bound(x, w_hat) + 1e-5).all())
 
 
-def test_fallback_without_the_kernels_is_the_int4_path(monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
+def test_head_and_half_layers_take_the_float_kernel(scheme):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    packed = get_format(scheme).quantize(linear.weight, None)
+    layer = QuantLinear(packed, int8_activations=scheme in ("f16", "bf16"))  # a Q8_0 head asks for float x
+    assert layer.kernel == "gguf_float"
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (1, 1, 64)
+    assert torch.allclose(y, F.linear(x, get_format(scheme).dequantize(packed)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_q6_k_head_takes_int8_activations_rather_than_dequantizing_per_call():
+    packed = get_format("q6_k").quantize(torch.randn(64, 256), None)
+    assert QuantLinear(packed, int8_activations=False).kernel == "gguf"
+
+
+def test_fallback_without_the_kernels(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(native, "native_kernels_available", lambda: False)
-    layer = QuantLinear.from_linear(torch.nn.Linear(256, 128), "q4_0")
-    assert layer.kernel == "int4pack"
+    assert QuantLinear.from_linear(torch.nn.Linear(256, 128), "q4_0").kernel == "int4pack"
+    assert QuantLinear(get_format("q6_k").quantize(torch.randn(64, 256), None)).kernel == "dequantize"
+    assert QuantLinear(get_format("f16").quantize(torch.randn(64, 256), None)).kernel == "half"
 
 
-def test_kernel_refuses_more_rows_than_it_unrolls():
+def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
     packed = get_format("q8_0").quantize(torch.randn(64, 64), None)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         native.gguf_matmul(torch.randn(17, 64), packed.tensors["blocks"], "q8_0", 64)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        native.float_matmul(torch.randn(17, 64), packed.tensors["blocks"], "q8_0", 64)
+    with pytest.raises(RuntimeError, match="expected"):  # blocks of another format than the kind says
+        native.gguf_matmul(torch.randn(1, 64), packed.tensors["blocks"], "q4_0", 64)
+
+
+VARIANTS = {"llmkit_gguf_avx2": ["-O2", "-march=haswell"], "llmkit_gguf_plain": ["-O2", "-march=x86-64"]}
+
+
+@pytest.fixture(scope="module")
+def variant_builds() -> dict[str, list[str]]:
+    for ops, flags in VARIANTS.items():
+        native.build(flags, ops)
+    return VARIANTS
+
+
+@pytest.mark.slow
+def test_avx2_and_plain_builds_equal_the_native_one(variant_builds):
+    # this machine has AVX512-VNNI; a CI machine without it runs the AVX2 path, one without AVX2 the plain C++
+    torch.manual_seed(0)
+    for scheme in INT8_SCHEMES + [f"float {s}" for s in FLOAT_SCHEMES]:
+        name = scheme.removeprefix("float ")
+        packed = get_format(name).quantize(random_weight(name, 64, 512), None)
+        x = torch.randn(5, 512)
+        run = native.float_matmul if scheme.startswith("float") else native.gguf_matmul
+        y = run(x, weight_tensor(packed), name, 64)
+        for ops in variant_builds:
+            z = run(x, weight_tensor(packed), name, 64, ops=ops)
+            assert torch.allclose(z, y, rtol=1e-5, atol=1e-5 * y.abs().max().item()), (ops, scheme)

@@ -94,19 +94,24 @@ def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 def kernel_for(packed: QuantizedWeight, int8_activations: bool = True) -> str:
-    """"gguf", "int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes for few rows
-    ("gguf": llmkit's own kernels on the file's blocks, quant/native.py, where they build on this machine and the
-    layer accepts activations rounded to int8 per block)."""
-    if packed.scheme in native.KINDS and int8_activations and native.native_kernels_available():
+    """"gguf", "gguf_float", "int8pack", "int4pack", "half" or "dequantize": the path a layer of this format takes
+    for few rows. "gguf" / "gguf_float": llmkit's own kernels on the file's bytes (quant/native.py, where they build
+    on this machine), with x rounded to int8 per block of 32 / with float32 x. `int8_activations=False` (the LM head)
+    asks for float activations: the float kernel where the format has one, else aten's bf16-activation kernel, and
+    int8 activations only where the alternative is dequantizing the whole matrix per call (Q6_K)."""
+    scheme = packed.scheme
+    native_ok = (scheme in native.INT8_KINDS or scheme in native.FLOAT_KINDS) and native.native_kernels_available()
+    if native_ok and scheme in native.FLOAT_KINDS and (scheme in HALF_SCHEMES or not int8_activations):
+        return "gguf_float"
+    if native_ok and scheme in native.INT8_KINDS and int8_activations:
         return "gguf"
-    if packed.scheme == "int8":
+    if scheme == "int8":
         return "int8pack"
-    if packed.scheme in HALF_SCHEMES:
+    if scheme in HALF_SCHEMES:
         return "half"
-    if packed.scheme in affine.AFFINE_SCHEMES and (packed.scheme not in ("int4", "int4_asym")
-                                                    or packed.group_size in KERNEL_GROUPS):
+    if scheme in affine.AFFINE_SCHEMES and (scheme not in ("int4", "int4_asym") or packed.group_size in KERNEL_GROUPS):
         return "int4pack"
-    return "dequantize"
+    return "gguf" if native_ok and scheme in native.INT8_KINDS else "dequantize"
 
 
 class QuantLinear(nn.Module):
@@ -149,7 +154,7 @@ class QuantLinear(nn.Module):
     @property
     def kernel_rows(self) -> int:
         """Most rows per call that take the kernel path (0: this format always dequantizes)."""
-        if self.kernel == "gguf":
+        if self.kernel in ("gguf", "gguf_float"):
             return min(KERNEL_MAX_ROWS, native.MAX_ROWS)
         return 0 if self.kernel == "dequantize" else KERNEL_MAX_ROWS
 
@@ -205,6 +210,9 @@ class QuantLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         if self.kernel == "gguf":
             y = native.gguf_matmul(flat, self.weight_blocks, self.scheme, self.out_features)
+        elif self.kernel == "gguf_float":
+            weight = self.weight_weight if self.scheme in HALF_SCHEMES else self.weight_blocks
+            y = native.float_matmul(flat, weight, self.scheme, self.out_features)
         elif self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
         elif self.kernel == "half":

@@ -1,19 +1,27 @@
-"""llmkit's own CPU kernels for GGUF's Q4_0, Q4_1 and Q8_0 blocks (llmkit/quant/kernels/gguf_cpu.cpp): a layer keeps
-the file's block bytes, byte for byte, and multiplies from them directly.
+"""llmkit's own CPU kernels for GGUF's block formats (llmkit/quant/kernels/): a layer keeps the file's block bytes,
+byte for byte, and multiplies from them directly.
 
-    y = x W^T,  W in blocks of 32 inputs:  Q4_0  w = d (q - 8),  Q4_1  w = d q + m,  Q8_0  w = d q
+Two products (the formats' layouts and the math: kernels/gguf_formats.h):
 
-Each row of x is quantized per block of 32 to int8 (dx = fp16(max|x| / 127), qx = round(x / dx): llama.cpp's Q8_0
-activations), so a block's contribution is d dx sum_j q_j qx_j (+ m dx sum_j qx_j for Q4_1): 32 integer products
-per block and row, one AVX512-VNNI `vpdpbusd` (or AVX2 `vpmaddubsw` + `vpmaddwd`) per block, the weight block read
-once for every row of x (up to 16 rows per call, the decode and speculative-verification sizes). Against aten's int4
-kernel (quant/tinygemm.py), which these formats took before: no split of 8-bit codes into two 4-bit halves, no bf16
-scale/offset copies (RAM = the file's bytes), activations rounded as llama.cpp rounds them. Measured in
-docs/quantization.md.
+- `gguf_matmul`, int8 activations (gguf_cpu.cpp), for Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K. Every
+  format decodes into sub-blocks of 32 values w_j = s_(j/16) q_j + m; each row of x is quantized per block of 32
+  to int8 (dx = fp16(max|x| / 127), qx = round(x / dx): llama.cpp's Q8_0 activations), so a sub-block's
+  contribution is dx (s_0 sum_(j<16) q_j qx_j + s_1 sum_(j>=16) q_j qx_j) + m dx sum_j qx_j: 32 integer products
+  per sub-block and row, one AVX512-VNNI `vpdpbusd` (or AVX2 `vpmaddubsw` + `vpmaddwd`), the weight block decoded
+  once for every row of x (up to 16 rows per call, the decode and speculative-verification sizes).
+- `float_matmul`, float32 activations (float_cpu.cpp), for Q8_0 blocks and F16/BF16 matrices: the weights are
+  widened to float32 in registers, block by block, and multiplied with x as it is, so the result is F.linear of
+  the dequantized weight up to the order of the sums. For the LM head (int8 activations there moved SmolLM2's
+  logits enough to flip an answer) and for half-precision layers.
 
-The C++ source is compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension.load`,
-`-O3 -march=native`; ~15 s once, cached by torch under ~/.cache/torch_extensions). Where that fails (no compiler)
-the formats fall back to aten's int4 kernel with a one-line warning; LLMKIT_NATIVE_KERNELS=0 asks for that fallback.
+Against aten's int4 kernel (quant/tinygemm.py), which these formats took before: no split of 5- and 8-bit codes into
+two 4-bit halves, no bf16 scale/offset copies (RAM = the file's bytes), Q6_K no longer dequantized per call, and
+activations rounded as llama.cpp rounds them. Measured in docs/quantization.md.
+
+The C++ sources are compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension.load`,
+`-O3 -march=native`; ~30 s once, cached by torch under ~/.cache/torch_extensions). Where that fails (no compiler)
+the formats fall back to aten's kernels or dequantize per call, with a one-line warning; LLMKIT_NATIVE_KERNELS=0
+asks for that fallback.
 """
 
 from __future__ import annotations
@@ -27,10 +35,36 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "kernels" / "gguf_cpu.cpp"
-KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # the kernel's `kind` argument per scheme
-MAX_ROWS = 16  # rows of x per call (the kernel's kMaxRows)
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = [KERNELS / "gguf_cpu.cpp", KERNELS / "float_cpu.cpp"]
+HEADERS = [KERNELS / "gguf_formats.h"]
+# the kernels' `kind` arguments per scheme (the order of the Kind enums in the C++ files)
+INT8_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}
+FLOAT_KINDS = {"q8_0": 0, "f16": 1, "bf16": 2}
+MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
 FLAGS = ["-O3", "-march=native"]
+OPS = "llmkit_gguf"  # the torch op namespace
+
+
+def build(flags: list[str] = FLAGS, ops: str = OPS) -> None:
+    """Compile and load the kernels with these compiler flags as the torch ops `ops`::matmul / ::matmul_float (the
+    tests build other instruction sets under other names); raises what the build raises."""
+    from torch.utils.cpp_extension import load
+
+    source_bytes = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    name = f"{ops}_" + hashlib.sha256(source_bytes + " ".join(flags).encode()).hexdigest()[:12]
+    if not _built_before(name):
+        print("llmkit: building its GGUF CPU kernels (once per machine, ~30 s)...", file=sys.stderr, flush=True)
+    load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=[*flags, f"-DLLMKIT_OPS={ops}"],
+         extra_include_paths=[str(KERNELS)], is_python_module=False, verbose=False)
+
+    @torch.library.register_fake(f"{ops}::matmul")
+    def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:  # torch.compile
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake(f"{ops}::matmul_float")
+    def _(x: torch.Tensor, weight: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
 
 
 @functools.cache
@@ -38,24 +72,14 @@ def native_kernels_available() -> bool:
     """Whether the GGUF block kernels are built and loaded (building them on the first call)."""
     if os.environ.get("LLMKIT_NATIVE_KERNELS", "1") == "0":
         return False
-    from torch.utils.cpp_extension import load
-
-    name = "llmkit_gguf_" + hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
-    if not _built_before(name):
-        print("llmkit: building its GGUF CPU kernels (once per machine, ~15 s)...", file=sys.stderr, flush=True)
     try:
-        load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False, verbose=False)
-    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: the fallback path still works)
+        build()
+    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: the fallback paths still work)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"llmkit: could not build the GGUF CPU kernels ({reason}); Q4_0/Q4_1/Q8_0 layers use aten's "
-                      "int4 kernel instead (install a C++ compiler, e.g. `apt install g++`, for the faster path)",
-                      stacklevel=2)
+        warnings.warn(f"llmkit: could not build the GGUF CPU kernels ({reason}); GGUF layers use aten's kernels or "
+                      "dequantize per call instead (install a C++ compiler, e.g. `apt install g++`, for the faster "
+                      "path)", stacklevel=2)
         return False
-
-    @torch.library.register_fake("llmkit_gguf::matmul")
-    def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:  # torch.compile
-        return x.new_empty(x.shape[0], out_features)
-
     return True
 
 
@@ -69,7 +93,14 @@ def _built_before(name: str) -> bool:
         return False
 
 
-def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, scheme: str, out_features: int) -> torch.Tensor:
-    """y (rows, out_features) float32 = x (rows, in) W^T for W in `scheme`'s GGUF blocks (out_features, in / 32 *
-    block bytes) uint8; at most MAX_ROWS rows, x cast to float32."""
-    return torch.ops.llmkit_gguf.matmul(x.float(), blocks, KINDS[scheme], out_features)
+def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, scheme: str, out_features: int, ops: str = OPS) -> torch.Tensor:
+    """y (rows, out_features) float32 = x (rows, in) W^T for W in `scheme`'s GGUF blocks (out_features, bytes per
+    row) uint8, x rounded to int8 per block of 32; at most MAX_ROWS rows, x cast to float32."""
+    return getattr(torch.ops, ops).matmul(x.float(), blocks, INT8_KINDS[scheme], out_features)
+
+
+def float_matmul(x: torch.Tensor, weight: torch.Tensor, scheme: str, out_features: int,
+                 ops: str = OPS) -> torch.Tensor:
+    """y (rows, out_features) float32 = x (rows, in) W^T in float32 for W a Q8_0 block matrix (uint8) or an F16/BF16
+    matrix (out_features, in); at most MAX_ROWS rows, x cast to float32."""
+    return getattr(torch.ops, ops).matmul_float(x.float(), weight, FLOAT_KINDS[scheme], out_features)
