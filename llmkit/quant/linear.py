@@ -30,16 +30,18 @@ greedy answer to "What is the capital of France?" (`llmkit chat`) turned from "T
 "L'Etoile, la Marseillaise, ..." (tests/test_quant_gguf_load.py's slow test); raising it needs that quality question
 settled first (e.g. bf16 only for the serving engine's prefill, or an fp32-activation kernel).
 
-So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> q4_0, q4_1 and q8_0 layers take llmkit's own kernels on the
-file's blocks with int8 activations (quant/native.py; measured per layer in docs/quantization.md), where they build;
-the rest, and those formats in an LM head or without a compiler, take the aten
-weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu`
-for every format with an affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4,
-int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces
-in one call (quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation variants are 5-30x slower than
-fp32 here. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the fastest there.
-f16/bf16 matrices multiply in their own half type for few rows (x cast to it, as llama.cpp's F16 path casts
-activations to f16). q6_k (16-value sub-blocks: no group-32 view) and nf4 (a code book) dequantize per call.
+So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> every GGUF block format (q4_0, q4_1, q8_0, q5_0, q5_1, q4_k,
+q5_k, q6_k) takes llmkit's own kernels on the file's blocks with int8 activations ("gguf", quant/native.py; measured
+in docs/quantization.md), and f16/bf16 matrices and an LM head in q8_0 its float-activation kernel ("gguf_float"),
+where they build. Without a compiler, and for the llmkit-only formats, the aten weight-only kernels with bf16
+activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for every format with an
+affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4, int4_asym, q4_0, q4_1, q4_k
+(exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces in one call
+(quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation variants are 5-30x slower than fp32 here;
+f16/bf16 then multiply in their own half type (x cast to it), q6_k dequantizes per call. nf4 (a code book) always
+dequantizes. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the fastest there.
+
+The measurements below chose the aten paths before llmkit had its own kernels; they stand for the fallback.
 
 Per-block-scaled int8 (q8_0) in one call: options measured (1 row, 2 threads, ms per call, best of 5; load average
 3.5-7 on the 2-core VM, so indicative; benchmarks/quant_linear.py):
@@ -119,11 +121,11 @@ class QuantLinear(nn.Module):
     4-bit kernel codes in tinygemm layout as `weight_int4pack` plus the extras of quant/affine.py that rebuild the
     format's bytes); `bias` a frozen parameter.
 
-    `int8_activations=False` keeps a Q4_0/Q4_1/Q8_0 layer off llmkit's GGUF kernels, which round each block of x to
-    int8 (as llama.cpp does): the LM head passes it. Its logits decide the token directly, and int8 activations moved
-    them by ~0.1, enough to flip SmolLM2's first answer to "What is the capital of France?" (a 0.08 margin) where
-    aten's bf16-activation kernel keeps fp32's choice; llama-quantize keeps the output matrix at higher precision
-    for the same reason."""
+    `int8_activations=False` asks for float activations instead of llmkit's int8 ones (which round each block of x
+    to int8, as llama.cpp does): the LM head passes it. Its logits decide the token directly, and int8 activations
+    moved them by ~0.1, enough to flip SmolLM2's first answer to "What is the capital of France?" (a 0.08 margin);
+    llama-quantize keeps the output matrix at higher precision for the same reason. A q8_0 head then takes the
+    float32 kernel, 4-bit affine ones aten's bf16 kernel, q6_k still int8 (`kernel_for`)."""
 
     def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None, int8_activations: bool = True) -> None:
         super().__init__()
