@@ -10,7 +10,7 @@ from helpers import tiny_decoder
 
 from llmkit.nn.fused import FUSED_CALLABLE
 from llmkit.quant import QuantLinear, load_quantized, native, quantize, save_quantized
-from llmkit.quant.fused import fuse_quantized_projections
+from llmkit.quant.fused import fuse_quantized_projections, kernel_buffer
 
 pytestmark = pytest.mark.skipif(not native.native_kernels_available(),
                                 reason="the GGUF CPU kernels did not build here (no C++ compiler)")
@@ -33,9 +33,12 @@ def test_fused_product_equals_the_parts_bit_for_bit(scheme):
     assert FUSED_CALLABLE in vars(attn) and FUSED_CALLABLE in vars(mlp)
     # every output row is computed from its own bytes and the same int8 activations: identical numbers
     assert torch.equal(decode_logits(model), expected)
-    fused = vars(attn)[FUSED_CALLABLE].layer.weight_blocks
+    layer = vars(attn)[FUSED_CALLABLE].layer
+    buffer = kernel_buffer(layer)  # the file's blocks, or their 8-row regrouping (q4_0, q4_1, q8_0)
+    assert buffer == ("weight_x8" if scheme in native.X8_SCHEMES else "weight_blocks")
+    fused = getattr(layer, buffer)
     for part in (attn.q_proj, attn.k_proj, attn.v_proj):  # views into the concatenation: no byte held twice
-        assert part.weight_blocks.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+        assert getattr(part, buffer).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
 
 
 def test_a_replaced_part_runs_on_its_own_again():
@@ -54,7 +57,8 @@ def test_a_fused_model_saves_and_loads_unchanged(tmp_path):
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")
     assert torch.equal(decode_logits(loaded), decode_logits(model))
-    assert torch.equal(loaded.blocks[1].mlp.up_proj.weight_blocks, model.blocks[1].mlp.up_proj.weight_blocks)
+    up, loaded_up = model.blocks[1].mlp.up_proj, loaded.blocks[1].mlp.up_proj
+    assert torch.equal(loaded_up.packed.tensors["blocks"], up.packed.tensors["blocks"])
 
 
 def test_parts_given_new_buffers_by_a_move_run_on_their_own():
@@ -62,7 +66,8 @@ def test_parts_given_new_buffers_by_a_move_run_on_their_own():
     expected = decode_logits(model)
     model.to(torch.float32)  # buffers stay packed and are re-assigned: the parts no longer live in the fused matrix
     attn = model.blocks[0].attn
-    attn.k_proj.weight_blocks = attn.k_proj.weight_blocks.clone()
+    buffer = kernel_buffer(attn.k_proj)
+    setattr(attn.k_proj, buffer, getattr(attn.k_proj, buffer).clone())
     assert not vars(attn)[FUSED_CALLABLE].covers(attn)
     assert torch.equal(decode_logits(model), expected)
 

@@ -56,6 +56,31 @@ def test_kernel_equals_the_written_out_block_math(scheme, rows):
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("scheme", native.X8_SCHEMES)
+@pytest.mark.parametrize("out_features", [96, 83])  # 83: a last group of 3 rows and 5 zero rows
+def test_eight_row_layout_is_a_lossless_reordering(scheme, out_features):
+    torch.manual_seed(out_features)
+    blocks = get_format(scheme).quantize(random_weight(scheme, out_features, 256), None).tensors["blocks"]
+    regrouped = native.to_x8(blocks, scheme)
+    assert regrouped.shape == (-(-out_features // 8), blocks.shape[1] * 8)
+    assert torch.equal(native.from_x8(regrouped, scheme, out_features), blocks)
+    rows = torch.tensor([0, out_features - 1, 7, 8, 40, 40])
+    assert torch.equal(native.x8_rows(regrouped, scheme, rows), blocks[rows])
+
+
+@pytest.mark.parametrize("scheme", native.X8_SCHEMES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_eight_row_kernel_equals_the_written_out_block_math(scheme, rows):
+    torch.manual_seed(rows)
+    packed = get_format(scheme).quantize(random_weight(scheme, 83), None)
+    x = torch.randn(rows, 512) * torch.linspace(0.1, 4, 512)
+    x[0, :32] = 0
+    y = native.x8_matmul(x, native.to_x8(packed.tensors["blocks"], scheme), scheme, 83)
+    expected = reference(x, packed)
+    assert y.shape == (rows, 83)
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 # 200: a half-precision width that is not a multiple of 32 (Q8_0's blocks need one)
 @pytest.mark.parametrize(("scheme", "in_features"), [("q8_0", 512), ("f16", 512), ("f16", 200), ("bf16", 512),
                                                       ("bf16", 200)])
@@ -77,8 +102,10 @@ def test_layer_takes_the_kernel_and_stays_within_int8_activation_error(scheme):
     layer = QuantLinear.from_linear(linear, scheme) if scheme in ("q4_0", "q4_1", "q8_0") else QuantLinear(
         get_format(scheme).quantize(linear.weight, None), linear.bias)
     assert layer.kernel == "gguf"
-    # it holds the file's blocks and nothing else: RAM = the GGUF bytes
-    assert {name for name, _ in layer.named_buffers()} == {"weight_blocks"}
+    # it holds the file's blocks (q4_0, q4_1, q8_0: regrouped 8 rows at a time) and nothing else: RAM = the GGUF bytes
+    (name, buffer), = layer.named_buffers()
+    assert name == ("weight_x8" if scheme in native.X8_SCHEMES else "weight_blocks")
+    assert buffer.numel() == get_format(scheme).quantize(linear.weight, None).nbytes
     x = torch.randn(3, 512)
     w_hat = layer.dequantized_weight()
     with torch.no_grad():
@@ -121,6 +148,8 @@ def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
         native.float_matmul(torch.randn(17, 64), packed.tensors["blocks"], "q8_0", 64)
     with pytest.raises(RuntimeError, match="expected"):  # blocks of another format than the kind says
         native.gguf_matmul(torch.randn(1, 64), packed.tensors["blocks"], "q4_0", 64)
+    with pytest.raises(RuntimeError, match="expected"):
+        native.x8_matmul(torch.randn(1, 64), native.to_x8(packed.tensors["blocks"], "q8_0"), "q4_1", 64)
 
 
 VARIANTS = {"llmkit_gguf_avx2": ["-O2", "-march=haswell"], "llmkit_gguf_plain": ["-O2", "-march=x86-64"]}
@@ -137,12 +166,13 @@ def variant_builds() -> dict[str, list[str]]:
 def test_avx2_and_plain_builds_equal_the_native_one(variant_builds):
     # this machine has AVX512-VNNI; a CI machine without it runs the AVX2 path, one without AVX2 the plain C++
     torch.manual_seed(0)
-    for scheme in INT8_SCHEMES + [f"float {s}" for s in FLOAT_SCHEMES]:
-        name = scheme.removeprefix("float ")
-        packed = get_format(name).quantize(random_weight(name, 64, 512), None)
+    runs = ([(native.gguf_matmul, s) for s in INT8_SCHEMES] + [(native.float_matmul, s) for s in FLOAT_SCHEMES]
+            + [(native.x8_matmul, s) for s in native.X8_SCHEMES])
+    for run, scheme in runs:
+        packed = get_format(scheme).quantize(random_weight(scheme, 83, 512), None)
+        weight = native.to_x8(packed.tensors["blocks"], scheme) if run is native.x8_matmul else weight_tensor(packed)
         x = torch.randn(5, 512)
-        run = native.float_matmul if scheme.startswith("float") else native.gguf_matmul
-        y = run(x, weight_tensor(packed), name, 64)
+        y = run(x, weight, scheme, 83)
         for ops in variant_builds:
-            z = run(x, weight_tensor(packed), name, 64, ops=ops)
-            assert torch.allclose(z, y, rtol=1e-5, atol=1e-5 * y.abs().max().item()), (ops, scheme)
+            z = run(x, weight, scheme, 83, ops=ops)
+            assert torch.allclose(z, y, rtol=1e-5, atol=1e-5 * y.abs().max().item()), (ops, run.__name__, scheme)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmkit.nn.fused import FUSED_CALLABLE
+from llmkit.quant import native
 from llmkit.quant.linear import QuantLinear
 from llmkit.quant.packed import QuantizedWeight
 
@@ -28,12 +29,18 @@ class FusedBlocks:
         self.names = names
         self.parts = [getattr(module, name) for name in names]
         first = self.parts[0]
-        sizes = [part.out_features for part in self.parts]
-        blocks = torch.cat([part.weight_blocks for part in self.parts])  # (sum of out, bytes per row)
-        for part, rows in zip(self.parts, blocks.split(sizes)):
-            part.weight_blocks = rows  # a view: the parts' bytes live in the concatenation
+        self.buffer = kernel_buffer(first)
+        # the parts' bytes along the rows (blocks: one row per output row; regrouped: one row per 8 output rows,
+        # which every part fills, can_fuse_blocks)
+        per_row = native.GROUP if self.buffer == "weight_x8" else 1
+        sizes = [part.out_features // per_row for part in self.parts]
+        rows = torch.cat([getattr(part, self.buffer) for part in self.parts])
+        for part, view in zip(self.parts, rows.split(sizes)):
+            setattr(part, self.buffer, view)  # a view: the parts' bytes live in the concatenation
         bias = None if first.bias is None else torch.cat([part.bias for part in self.parts])
-        packed = QuantizedWeight(first.scheme, (sum(sizes), first.in_features), first.group_size, {"blocks": blocks})
+        out_features = sum(part.out_features for part in self.parts)
+        key = "blocks_x8" if self.buffer == "weight_x8" else "blocks"
+        packed = QuantizedWeight(first.scheme, (out_features, first.in_features), first.group_size, {key: rows})
         self.layer = QuantLinear(packed, bias)
 
     def covers(self, module: nn.Module) -> bool:
@@ -44,18 +51,27 @@ class FusedBlocks:
             return False
         if torch.compiler.is_compiling():
             return True
-        storage = self.layer.weight_blocks.untyped_storage().data_ptr()
-        return all(part.weight_blocks.untyped_storage().data_ptr() == storage for part in self.parts)
+        storage = getattr(self.layer, self.buffer).untyped_storage().data_ptr()
+        return all(getattr(part, self.buffer).untyped_storage().data_ptr() == storage for part in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)  # (..., sum of out)
 
 
+def kernel_buffer(layer: QuantLinear) -> str:
+    """The buffer llmkit's GGUF kernel reads: the file's blocks, or their 8-row regrouping (native.to_x8)."""
+    return "weight_x8" if "weight_x8" in layer._buffers else "weight_blocks"
+
+
 def can_fuse_blocks(parts: list[nn.Module]) -> bool:
-    """QuantLinears on llmkit's GGUF kernels with one scheme and input width, and a bias on all or none."""
-    return (all(isinstance(part, QuantLinear) and part.kernel == "gguf" for part in parts)
-            and len({(part.scheme, part.in_features) for part in parts}) == 1
-            and len({part.bias is None for part in parts}) == 1)
+    """QuantLinears on llmkit's GGUF kernels with one scheme, layout and input width, a bias on all or none, and (when
+    regrouped 8 rows at a time) output rows that fill whole groups."""
+    if not all(isinstance(part, QuantLinear) and part.kernel == "gguf" for part in parts):
+        return False
+    layouts = {kernel_buffer(part) for part in parts}
+    return (len({(part.scheme, part.in_features) for part in parts}) == 1 and len(layouts) == 1
+            and len({part.bias is None for part in parts}) == 1
+            and (layouts != {"weight_x8"} or all(part.out_features % native.GROUP == 0 for part in parts)))
 
 
 def fuse_quantized_projections(model: nn.Module) -> nn.Module:

@@ -145,6 +145,13 @@ class QuantLinear(nn.Module):
             self._extras = tuple(view.extras)
             # (pieces * in / group, out padded to 64, 2): scale and offset per group as the kernel reads them, bf16
             self.register_buffer("kernel_scales", scales, persistent=False)  # (derived, not saved)
+        elif self.kernel == "gguf" and self.scheme in native.X8_SCHEMES:
+            # the file's blocks regrouped 8 rows at a time for the 8-row kernel (native.to_x8: the same bytes, another
+            # order); a fused product passes its parts' regrouped bytes as they are ("blocks_x8", quant/fused.py)
+            x8 = packed.tensors.get("blocks_x8")
+            self.register_buffer("weight_x8", x8 if x8 is not None else native.to_x8(packed.tensors["blocks"],
+                                                                                      self.scheme))
+            self._extras = ()
         else:
             for name, tensor in packed.tensors.items():
                 self.register_buffer(f"weight_{name}", tensor)
@@ -177,6 +184,8 @@ class QuantLinear(nn.Module):
         extras = {name: getattr(self, f"weight_{name}") for name in self._extras}
         if self.kernel == "int4pack":
             return self._joined(from_tinygemm(self.weight_int4pack)[:self.out_features], extras)
+        if "weight_x8" in self._buffers:
+            extras = {"blocks": native.from_x8(self.weight_x8, self.scheme, self.out_features)}
         return QuantizedWeight(self.scheme, (self.out_features, self.in_features), self.group_size, extras)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -190,6 +199,9 @@ class QuantLinear(nn.Module):
         extras = {name: getattr(self, f"weight_{name}")[rows] for name in self._extras}
         if self.kernel == "int4pack":
             packed = self._joined(tinygemm_rows(self.weight_int4pack, rows), extras)
+        elif "weight_x8" in self._buffers:
+            packed = QuantizedWeight(self.scheme, (len(rows), self.in_features), self.group_size,
+                                     {"blocks": native.x8_rows(self.weight_x8, self.scheme, rows)})
         elif self.scheme == "nf4":  # blocks and double-quantized scales run over the flattened weight
             return self.dequantized_weight(dtype)[rows]
         else:  # every other format stores one row of packed values (and scales) per output row
@@ -210,7 +222,9 @@ class QuantLinear(nn.Module):
         """The few-row path (CPU, no gradient): the aten weight-only kernel of `self.kernel` on the packed weight."""
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
-        if self.kernel == "gguf":
+        if self.kernel == "gguf" and "weight_x8" in self._buffers:
+            y = native.x8_matmul(flat, self.weight_x8, self.scheme, self.out_features)
+        elif self.kernel == "gguf":
             y = native.gguf_matmul(flat, self.weight_blocks, self.scheme, self.out_features)
         elif self.kernel == "gguf_float":
             weight = self.weight_weight if self.scheme in HALF_SCHEMES else self.weight_blocks

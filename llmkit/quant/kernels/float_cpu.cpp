@@ -48,13 +48,6 @@ inline float weight_at(const uint8_t* row, int64_t j) {  // w_j of a row (the pl
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int kKind>
 inline const uint8_t* block_at(const uint8_t* row, int64_t b) { return row + b * (kKind == kQ8_0 ? 34 : 64); }
 

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "activations.h"
 #include "gguf_formats.h"
 
 #ifndef LLMKIT_OPS
@@ -35,53 +36,7 @@ using namespace llmkit;
 constexpr int kMaxRows = 16;
 constexpr int kPrefetchBytes = 4096;  // how far ahead of the block being read to ask for memory
 
-struct Activations {  // rows of x quantized per block of 32: int8 codes, scales dx, and dx sum(qx) (the min terms)
-  std::vector<int8_t> codes;
-  std::vector<float> scales;
-  std::vector<float> scaled_sums;
-};
-
-Activations quantize_rows(const float* x, int64_t rows, int64_t k) {
-  const int64_t blocks = k / kSub;
-  Activations a{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks), std::vector<float>(rows * blocks)};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* v = x + r * k + b * kSub;
-      float amax = 0.f;
-      for (int j = 0; j < kSub; ++j) amax = std::max(amax, std::fabs(v[j]));
-      const float d = amax / 127.f;
-      const float inverse = d != 0.f ? 1.f / d : 0.f;
-      int8_t* q = a.codes.data() + r * k + b * kSub;
-      int32_t sum = 0;
-      for (int j = 0; j < kSub; ++j) {
-        q[j] = static_cast<int8_t>(std::nearbyint(v[j] * inverse));
-        sum += q[j];
-      }
-      const float dx = static_cast<float>(c10::Half(d));  // rounded to fp16, as llama.cpp's Q8_0 blocks store it
-      a.scales[r * blocks + b] = dx;
-      a.scaled_sums[r * blocks + b] = dx * sum;
-    }
-  }
-  return a;
-}
-
 #if defined(__AVX2__)
-// sum_j u_j s_j of 32 unsigned and 32 signed bytes, as 8 int32 lanes (lane i: bytes 4i .. 4i + 3)
-inline __m256i dot_u8_s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // y[r] for rows r0 .. r0 + kRows of one output row (its blocks at `row`); two accumulator sets take alternate
 // sub-blocks to hide the FMA latency.
 template <class F, int kRows>
@@ -106,7 +61,7 @@ inline void output_row(const uint8_t* row, const Activations& a, int64_t r0, int
         __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.codes.data() + at * kSub));
         if (!F::kUnsigned) v = _mm256_sign_epi8(v, subs[s].q);
         const __m256 scale = _mm256_mul_ps(subs[s].scale, _mm256_set1_ps(a.scales[at]));
-        sums[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot_u8_s8(u, v)), sums[r]);
+        sums[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot_u8_s8(_mm256_setzero_si256(), u, v)), sums[r]);
         if (F::kUnsigned) extra[r] += subs[s].min * a.scaled_sums[at];
       }
     }
@@ -208,6 +163,7 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t ki
 LLMKIT_LIBRARY(LLMKIT_OPS, m) {
   m.def("matmul(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");
   m.def("matmul_float(Tensor x, Tensor weight, int kind, int out_features) -> Tensor");  // float_cpu.cpp
+  m.def("matmul_x8(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");  // gguf_x8.cpp
 }
 
 LLMKIT_LIBRARY_IMPL(LLMKIT_OPS, m) {

@@ -168,6 +168,23 @@ struct Q6_K {
 };
 
 #if defined(__AVX2__)
+// acc + sum_j u_j s_j of 32 unsigned and 32 signed bytes, as 8 int32 lanes (lane i: bytes 4i .. 4i + 3); AVX2's
+// pairwise int16 sums cannot saturate here: |u| <= 128 and |s| <= 127 in every use
+inline __m256i dot_u8_s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 struct SimdSub {  // a SubBlock in registers: 32 codes, the scale of each int32 lane of a dot product
   __m256i q;      // (lanes 0-3 sum values 0-15, lanes 4-7 values 16-31), the min
   __m256 scale;

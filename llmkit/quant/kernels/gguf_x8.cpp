@@ -1,0 +1,179 @@
+// Q4_0, Q4_1 and Q8_0 products from blocks regrouped eight output rows at a time (llmkit/quant/native.py's `to_x8`
+// writes this layout from the file's and `from_x8` gives the file's back), int8 activations as in gguf_cpu.cpp.
+//
+// Per group of 8 output rows and block of 32 inputs, the bytes are the 8 rows' scales side by side, then their codes
+// interleaved 4 inputs at a time:
+//
+//   Q4_0  144 bytes = d[8] (fp16) | 4 chunks of 32 bytes: chunk c = row 0's nibble bytes 4c..4c+3, row 1's, ... row 7's
+//   Q4_1  160 bytes = d[8] | m[8] | the same 4 chunks
+//   Q8_0  272 bytes = d[8] | 8 chunks of 32 bytes: chunk c = row 0's codes 4c..4c+3, row 1's, ... row 7's
+//
+// (a nibble byte j holds inputs j and j + 16, so the low nibbles of chunk c are inputs 4c..4c+3 and the high ones
+// 16+4c..16+4c+3). One register of codes then holds, in int32 lane i, row i's four codes of four consecutive inputs,
+// and one vpdpbusd with those four x codes broadcast to every lane adds four products to each of the 8 rows' sums:
+// 8 instructions per block for 8 rows, the scales applied once per block as one vector of 8 (no horizontal sums).
+// Q4_0's codes run unsigned and the offset is taken out per block: sum (q - 8) qx = sum q qx - 8 sum qx.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "activations.h"
+#include "gguf_formats.h"
+
+#ifndef LLMKIT_OPS
+#define LLMKIT_OPS llmkit_gguf
+#endif
+#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
+namespace {
+
+using namespace llmkit;
+
+constexpr int kMaxRows = 16;
+constexpr int kGroup = 8;  // output rows per group
+constexpr int kPrefetchBytes = 4096;
+
+enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0 };  // native.py's INT8_KINDS for these three
+
+template <int kKind>
+constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : 272; }
+
+template <int kKind>
+constexpr int codes_at() { return kKind == kQ4_1 ? 32 : 16; }  // where the chunks start in a group's block
+
+// code of output row i (0..7) at input j (0..31) of one group's block (the plain path and the definition)
+template <int kKind>
+inline int code_at(const uint8_t* block, int i, int j) {
+  const uint8_t* chunks = block + codes_at<kKind>();
+  if (kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
+  const int at = j % 16;  // the nibble byte that holds input j
+  const uint8_t byte = chunks[(at / 4) * 32 + 4 * i + at % 4];
+  return j < 16 ? byte & 0xF : byte >> 4;
+}
+
+#if defined(__AVX2__) && defined(__F16C__)
+// y[r, 8g .. 8g + 7] for rows r0 .. r0 + kRows of x and one group of 8 output rows
+template <int kKind, int kRows>
+inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, int64_t k, float* y, int64_t n,
+                       int64_t valid) {
+  const int64_t blocks = k / kSub;
+  __m256 acc[kRows];
+  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = group + b * group_bytes<kKind>();
+    _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));  // 8 rows' scales
+    __m256i w[8];  // w[c]: lane i = row i's codes of inputs 4c .. 4c + 3 (Q4: unsigned; Q8_0: |q|)
+    __m256i sign[8];  // Q8_0: the codes themselves, whose signs go onto x
+    const __m256 m = kKind == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)))
+                                    : _mm256_setzero_ps();  // Q4_1: 8 rows' minimums
+    const uint8_t* chunks = block + codes_at<kKind>();
+    if (kKind == kQ8_0) {
+      for (int c = 0; c < 8; ++c) sign[c] = load32(chunks + 32 * c), w[c] = _mm256_abs_epi8(sign[c]);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m256i bytes = load32(chunks + 32 * c);
+        w[c] = _mm256_and_si256(bytes, low_mask);
+        w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t at = (r0 + r) * blocks + b;
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes.data() + at * kSub);  // 8 groups of 4 codes
+      __m256i sums = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        __m256i x = _mm256_set1_epi32(x4[c]);
+        if (kKind == kQ8_0) x = _mm256_sign_epi8(x, sign[c]);
+        sums = dot_u8_s8(sums, w[c], x);
+      }
+      if (kKind == kQ4_0) sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(8 * a.sums[at]));
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.scales[at])), _mm256_cvtepi32_ps(sums), acc[r]);
+      if (kKind == kQ4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.scaled_sums[at]), acc[r]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float* out = y + (r0 + r) * n;
+    if (valid == kGroup) {
+      _mm256_storeu_ps(out, acc[r]);
+    } else {  // the last group of a matrix whose rows are not a multiple of 8 (its padding rows are dropped)
+      alignas(32) float lanes[kGroup];
+      _mm256_store_ps(lanes, acc[r]);
+      for (int64_t i = 0; i < valid; ++i) out[i] = lanes[i];
+    }
+  }
+}
+#endif
+
+template <int kKind>
+void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, int64_t k, float* y, int64_t n,
+                      int64_t valid) {
+  const int64_t blocks = k / kSub;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < valid; ++i) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* block = group + b * group_bytes<kKind>();
+        const int64_t at = r * blocks + b;
+        const int8_t* x = a.codes.data() + at * kSub;
+        int32_t dot = 0;
+        for (int j = 0; j < kSub; ++j) dot += (code_at<kKind>(block, i, j) - (kKind == kQ4_0 ? 8 : 0)) * x[j];
+        acc += half_at(block + 2 * i) * a.scales[at] * dot;
+        if (kKind == kQ4_1) acc += half_at(block + 16 + 2 * i) * a.scaled_sums[at];
+      }
+      y[r * n + i] = acc;
+    }
+  }
+}
+
+template <int kKind>
+void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int64_t n, int64_t k) {
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  const int64_t bytes_per_group = k / kSub * group_bytes<kKind>();
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* group = w + g * bytes_per_group;
+      const int64_t valid = std::min<int64_t>(kGroup, n - g * kGroup);
+      float* out = y + g * kGroup;
+#if defined(__AVX2__) && defined(__F16C__)
+      int64_t r0 = 0;  // rows of x in groups of up to 4, the weights decoded once per group of them
+      for (; r0 + 4 <= rows; r0 += 4) group_rows<kKind, 4>(group, a, r0, k, out, n, valid);
+      switch (rows - r0) {
+        case 3: group_rows<kKind, 3>(group, a, r0, k, out, n, valid); break;
+        case 2: group_rows<kKind, 2>(group, a, r0, k, out, n, valid); break;
+        case 1: group_rows<kKind, 1>(group, a, r0, k, out, n, valid); break;
+        default: break;
+      }
+#else
+      group_rows_plain<kKind>(group, a, rows, k, out, n, valid);
+#endif
+    }
+  });
+}
+
+at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "matmul_x8: x must be a 2-D float32 tensor");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "matmul_x8: at most ", kMaxRows, " rows per call");
+  TORCH_CHECK(x.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
+  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), k = xc.size(1);
+  const int64_t groups = (out_features + kGroup - 1) / kGroup;
+  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272);
+  TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
+  at::Tensor y = at::empty({rows, out_features}, xc.options());
+  const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  if (kind == kQ4_0) x8_rows<kQ4_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  else if (kind == kQ4_1) x8_rows<kQ4_1>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  else x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  return y;
+}
+
+}  // namespace
+
+LLMKIT_LIBRARY_IMPL(LLMKIT_OPS, m) {
+  m.impl("matmul_x8", &x8_matmul);
+}
