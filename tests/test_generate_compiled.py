@@ -10,7 +10,8 @@ from helpers import cli_status, tiny_decoder
 import llmkit.generate.compiled as compiled
 from llmkit.errors import LlmkitError
 from llmkit.generate import compile_decode_step, decode_step, generate_tokens
-from llmkit.quant import quantize
+from llmkit.quant import native, quantize
+from llmkit.quant.fused import fuse_quantized_projections
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8]]
 
@@ -69,6 +70,17 @@ def test_compiled_step_matches_eager_int4() -> None:
     # both sides run the same int4 kernel on bf16 activations; inductor fuses the float ops around it differently
     torch.testing.assert_close(compiled_logits, eager, atol=2e-2, rtol=2e-2)
     assert greedy(model, PROMPTS) == greedy(quantize(tiny_decoder(seed=1), "int4", group_size=32), PROMPTS)
+
+
+@pytest.mark.skipif(not native.native_kernels_available(), reason="llmkit's GGUF kernels did not build here")
+def test_compiled_step_traces_through_the_gguf_kernels() -> None:
+    # Q4_0 on the 8-row kernel, q/k/v and gate/up fused (what load_decoder gives a Q4_0 GGUF): custom ops in the graph
+    model = fuse_quantized_projections(quantize(tiny_decoder(seed=1), "q4_0"))
+    compile_decode_step(model)
+    eager, compiled_logits = step_logits(model, decode_step(model))
+    torch.testing.assert_close(compiled_logits, eager, atol=1e-4, rtol=1e-4)  # the same kernel on float32 x
+    reference = fuse_quantized_projections(quantize(tiny_decoder(seed=1), "q4_0"))
+    assert greedy(model, PROMPTS) == greedy(reference, PROMPTS)
 
 
 def test_eager_model_steps_itself() -> None:
