@@ -35,17 +35,16 @@ from pathlib import Path
 
 import torch
 
-from llmkit.quant import gguf_blocks
-
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = [KERNELS / "gguf_cpu.cpp", KERNELS / "float_cpu.cpp", KERNELS / "gguf_x8.cpp"]
 HEADERS = [KERNELS / "gguf_formats.h", KERNELS / "activations.h"]
 # the kernels' `kind` arguments per scheme (the order of the Kind enums in the C++ files)
 INT8_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}
 FLOAT_KINDS = {"q8_0": 0, "f16": 1, "bf16": 2}
-X8_SCHEMES = ("q4_0", "q4_1", "q8_0")  # formats the 8-row kernel (gguf_x8.cpp) runs, in the layout `to_x8` writes
+X8_SCHEMES = ("q4_0", "q4_1", "q8_0", "q5_0")  # formats the 8-row kernel (gguf_x8.cpp) runs, in `to_x8`'s layout
 GROUP = 8  # output rows per group in that layout
-SCALES = {"q4_0": 1, "q4_1": 2, "q8_0": 1}  # fp16 scales at the head of a block (d; Q4_1: d and m)
+X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q5_0": 22}  # bytes per block of 32 in the file
+X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,), "q5_0": (2, 4)}  # header bytes before the codes: d, m, qh
 MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
 FLAGS = ["-O3", "-march=native"]
 OPS = "llmkit_gguf"  # the torch op namespace
@@ -123,35 +122,41 @@ def x8_matmul(x: torch.Tensor, blocks_x8: torch.Tensor, scheme: str, out_feature
 
 def to_x8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
     """A matrix's GGUF blocks (out, bytes per row) -> the 8-row layout (ceil(out / 8), bytes per row * 8) that
-    gguf_x8.cpp reads: per group of 8 rows and block of 32 inputs, the 8 rows' fp16 scales (Q4_1: then their
-    minimums), then their codes interleaved 4 bytes at a time (chunk c = each row's code bytes 4c .. 4c + 3). Rows
-    past `out` are zero (scale 0: they add nothing, and the kernel drops them). A lossless reordering: `from_x8`."""
+    gguf_x8.cpp reads: per group of 8 rows and block of 32 inputs, each header field of the 8 rows side by side (the
+    fp16 scale d; Q4_1: then the minimums m; Q5_0: then the 32 high bits), then their codes interleaved 4 bytes at a
+    time (chunk c = each row's code bytes 4c .. 4c + 3). Rows past `out` are zero (scale 0: they add nothing, and
+    the kernel drops them). A lossless reordering: `from_x8`."""
     out_features = blocks.shape[0]
-    block_bytes = gguf_blocks.BLOCK_BYTES[scheme]
-    head = 2 * SCALES[scheme]
     groups = -(-out_features // GROUP)
     padded = blocks.new_zeros(groups * GROUP, blocks.shape[1])
     padded[:out_features] = blocks
-    raw = padded.view(groups, GROUP, -1, block_bytes).transpose(1, 2)  # (groups, n_blocks, 8 rows, bytes)
-    scales = raw[..., :head].reshape(*raw.shape[:2], GROUP, SCALES[scheme], 2).transpose(2, 3)  # (g, nb, s, 8, 2)
-    codes = raw[..., head:].reshape(*raw.shape[:2], GROUP, -1, 4).transpose(2, 3)  # (g, nb, chunks, 8 rows, 4)
-    return torch.cat([scales.reshape(*raw.shape[:2], -1), codes.reshape(*raw.shape[:2], -1)], -1).reshape(groups, -1)
+    raw = padded.view(groups, GROUP, -1, X8_BLOCK_BYTES[scheme]).transpose(1, 2)  # (groups, n_blocks, 8 rows, bytes)
+    parts, at = [], 0
+    for size, piece in _x8_fields(scheme):
+        field = raw[..., at:at + size].reshape(groups, raw.shape[1], GROUP, size // piece, piece)
+        parts.append(field.transpose(2, 3).reshape(groups, raw.shape[1], -1))  # pieces major, then rows
+        at += size
+    return torch.cat(parts, -1).reshape(groups, -1)
+
+
+def _x8_fields(scheme: str) -> list[tuple[int, int]]:
+    """(bytes, piece) per field of a block: the header fields whole, then the codes in pieces of 4 bytes."""
+    header = X8_FIELDS[scheme]
+    return [(size, size) for size in header] + [(X8_BLOCK_BYTES[scheme] - sum(header), 4)]
 
 
 def from_x8(blocks_x8: torch.Tensor, scheme: str, out_features: int) -> torch.Tensor:
     """Inverse of `to_x8`: the file's blocks (out_features, bytes per row) of the groups given (a row gather passes
     only the groups it needs, with out_features = 8 per group)."""
-    block_bytes = gguf_blocks.BLOCK_BYTES[scheme]
-    head = 2 * SCALES[scheme]
-    groups = blocks_x8.shape[0]
+    groups, block_bytes = blocks_x8.shape[0], X8_BLOCK_BYTES[scheme]
     raw = blocks_x8.view(groups, -1, GROUP * block_bytes)  # (groups, n_blocks, 8 * bytes)
-    scales = raw[..., :GROUP * head].reshape(groups, -1, SCALES[scheme], GROUP, 2).transpose(2, 3)
-    codes = raw[..., GROUP * head:].reshape(groups, raw.shape[1], -1, GROUP, 4).transpose(2, 3)  # (g, nb, 8, c, 4)
-    rows = torch.cat([scales.reshape(groups, raw.shape[1], GROUP, head),
-                      codes.reshape(groups, raw.shape[1], GROUP, -1)], -1)  # (g, nb, 8 rows, bytes)
+    parts, at = [], 0
+    for size, piece in _x8_fields(scheme):
+        field = raw[..., GROUP * at:GROUP * (at + size)].reshape(groups, raw.shape[1], size // piece, GROUP, piece)
+        parts.append(field.transpose(2, 3).reshape(groups, raw.shape[1], GROUP, size))  # (g, nb, 8 rows, size)
+        at += size
+    rows = torch.cat(parts, -1)  # (g, nb, 8 rows, bytes)
     return rows.transpose(1, 2).reshape(groups * GROUP, -1)[:out_features]
-
-
 def x8_rows(blocks_x8: torch.Tensor, scheme: str, rows: torch.Tensor) -> torch.Tensor:
     """The file's blocks of the given output rows (len(rows), bytes per row), unpacking only their groups."""
     groups = from_x8(blocks_x8[rows // GROUP], scheme, len(rows) * GROUP)  # (len(rows) * 8, bytes)

@@ -1,4 +1,4 @@
-// Q4_0, Q4_1 and Q8_0 products from blocks regrouped eight output rows at a time (llmkit/quant/native.py's `to_x8`
+// Q4_0, Q4_1, Q8_0 and Q5_0 products from blocks regrouped eight output rows at a time (llmkit/quant/native.py's `to_x8`
 // writes this layout from the file's and `from_x8` gives the file's back), int8 activations as in gguf_cpu.cpp.
 //
 // Per group of 8 output rows and block of 32 inputs, the bytes are the 8 rows' scales side by side, then their codes
@@ -7,12 +7,13 @@
 //   Q4_0  144 bytes = d[8] (fp16) | 4 chunks of 32 bytes: chunk c = row 0's nibble bytes 4c..4c+3, row 1's, ... row 7's
 //   Q4_1  160 bytes = d[8] | m[8] | the same 4 chunks
 //   Q8_0  272 bytes = d[8] | 8 chunks of 32 bytes: chunk c = row 0's codes 4c..4c+3, row 1's, ... row 7's
+//   Q5_0  176 bytes = d[8] | qh[8] (each row's 32 fifth bits) | the 4 nibble chunks
 //
 // (a nibble byte j holds inputs j and j + 16, so the low nibbles of chunk c are inputs 4c..4c+3 and the high ones
 // 16+4c..16+4c+3). One register of codes then holds, in int32 lane i, row i's four codes of four consecutive inputs,
 // and one vpdpbusd with those four x codes broadcast to every lane adds four products to each of the 8 rows' sums:
 // 8 instructions per block for 8 rows, the scales applied once per block as one vector of 8 (no horizontal sums).
-// Q4_0's codes run unsigned and the offset is taken out per block: sum (q - 8) qx = sum q qx - 8 sum qx.
+// Q4_0's and Q5_0's codes run unsigned and the offset is taken out per block: sum (q - o) qx = sum q qx - o sum qx.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -34,13 +35,16 @@ constexpr int kMaxRows = 16;
 constexpr int kGroup = 8;  // output rows per group
 constexpr int kPrefetchBytes = 4096;
 
-enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0 };  // native.py's INT8_KINDS for these three
+enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0 };  // native.py's INT8_KINDS for these four
 
 template <int kKind>
-constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : 272; }
+constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : kKind == kQ8_0 ? 272 : 176; }
 
 template <int kKind>
-constexpr int codes_at() { return kKind == kQ4_1 ? 32 : 16; }  // where the chunks start in a group's block
+constexpr int codes_at() { return kKind == kQ4_1 ? 32 : kKind == kQ5_0 ? 48 : 16; }  // where the chunks start
+
+template <int kKind>
+constexpr int offset() { return kKind == kQ4_0 ? 8 : kKind == kQ5_0 ? 16 : 0; }  // w = d (q - offset) (+ m)
 
 // code of output row i (0..7) at input j (0..31) of one group's block (the plain path and the definition)
 template <int kKind>
@@ -49,7 +53,11 @@ inline int code_at(const uint8_t* block, int i, int j) {
   if (kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
   const int at = j % 16;  // the nibble byte that holds input j
   const uint8_t byte = chunks[(at / 4) * 32 + 4 * i + at % 4];
-  return j < 16 ? byte & 0xF : byte >> 4;
+  const int nibble = j < 16 ? byte & 0xF : byte >> 4;
+  if (kKind != kQ5_0) return nibble;
+  uint32_t qh;
+  std::memcpy(&qh, block + 16 + 4 * i, 4);
+  return nibble | (((qh >> j) & 1) << 4);
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -78,6 +86,22 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
         w[c] = _mm256_and_si256(bytes, low_mask);
         w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
       }
+      if (kKind == kQ5_0) {  // lane i's byte t of w[c] gets 16 where bit 4c + t of row i's qh is set (w[c + 4]: 16 + 4c + t)
+        const __m256i qh = load32(block + 16);
+        const __m256i bit = _mm256_set1_epi32(0x08040201);
+        // shuffle controls: every byte of a 32-bit lane takes that lane's byte 0 (resp. 2)
+        const __m256i low_byte = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
+                                                  0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+        const __m256i third_byte = _mm256_add_epi8(low_byte, _mm256_set1_epi8(2));
+        for (int c = 0; c < 4; ++c) {
+          const __m256i bits = _mm256_srli_epi32(qh, 4 * c);  // inputs 4c.. in bits 0-3, 16 + 4c.. in bits 16-19
+          const __m256i low = _mm256_shuffle_epi8(bits, low_byte), high = _mm256_shuffle_epi8(bits, third_byte);
+          w[c] = _mm256_or_si256(w[c], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(low, bit), bit),
+                                                        _mm256_set1_epi8(16)));
+          w[c + 4] = _mm256_or_si256(w[c + 4], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(high, bit), bit),
+                                                                _mm256_set1_epi8(16)));
+        }
+      }
     }
     for (int r = 0; r < kRows; ++r) {
       const int64_t at = (r0 + r) * blocks + b;
@@ -88,7 +112,7 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
         if (kKind == kQ8_0) x = _mm256_sign_epi8(x, sign[c]);
         sums = dot_u8_s8(sums, w[c], x);
       }
-      if (kKind == kQ4_0) sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(8 * a.sums[at]));
+      if (offset<kKind>()) sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset<kKind>() * a.sums[at]));
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.scales[at])), _mm256_cvtepi32_ps(sums), acc[r]);
       if (kKind == kQ4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.scaled_sums[at]), acc[r]);
     }
@@ -118,7 +142,7 @@ void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, 
         const int64_t at = r * blocks + b;
         const int8_t* x = a.codes.data() + at * kSub;
         int32_t dot = 0;
-        for (int j = 0; j < kSub; ++j) dot += (code_at<kKind>(block, i, j) - (kKind == kQ4_0 ? 8 : 0)) * x[j];
+        for (int j = 0; j < kSub; ++j) dot += (code_at<kKind>(block, i, j) - offset<kKind>()) * x[j];
         acc += half_at(block + 2 * i) * a.scales[at] * dot;
         if (kKind == kQ4_1) acc += half_at(block + 16 + 2 * i) * a.scaled_sums[at];
       }
@@ -157,18 +181,19 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   TORCH_CHECK(x.size(0) <= kMaxRows, "matmul_x8: at most ", kMaxRows, " rows per call");
   TORCH_CHECK(x.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
-  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
+  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ5_0, "matmul_x8: unknown kind ", kind);
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
   const int64_t groups = (out_features + kGroup - 1) / kGroup;
-  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272);
+  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : kind == kQ8_0 ? 272 : 176);
   TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   if (kind == kQ4_0) x8_rows<kQ4_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
   else if (kind == kQ4_1) x8_rows<kQ4_1>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  else x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  else if (kind == kQ8_0) x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  else x8_rows<kQ5_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
   return y;
 }
 
