@@ -152,7 +152,7 @@ def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
         native.x8_matmul(torch.randn(1, 64), native.to_x8(packed.tensors["blocks"], "q8_0"), "q4_1", 64)
 
 
-VARIANTS = {"llmkit_gguf_avx2": ["-O2", "-march=haswell"], "llmkit_gguf_plain": ["-O2", "-march=x86-64"]}
+VARIANTS = {"llmkit_gguf_avx2": ["-O1", "-march=haswell"], "llmkit_gguf_plain": ["-O1", "-march=x86-64"]}
 
 
 @pytest.fixture(scope="module")

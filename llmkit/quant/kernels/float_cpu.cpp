@@ -11,7 +11,8 @@
 // Each weight block of 32 is turned into four 8-float vectors once and multiplied with every row of x (rows in
 // groups of up to 2, four accumulators each to hide the FMA latency); output rows are split over torch's threads.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>

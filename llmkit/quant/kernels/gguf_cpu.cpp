@@ -13,7 +13,8 @@
 // vpmaddwd), else plain C++. Output rows are split over torch's intra-op threads (at::parallel_for).
 // float_cpu.cpp holds the float-activation products (Q8_0, F16, BF16) and registers them beside this one.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -15,7 +15,8 @@
 // 8 instructions per block for 8 rows, the scales applied once per block as one vector of 8 (no horizontal sums).
 // Q4_0's and Q5_0's codes run unsigned and the offset is taken out per block: sum (q - o) qx = sum q qx - o sum qx.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
