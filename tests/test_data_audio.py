@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from llmkit.data.audio import load_audio, log_mel_spectrogram, mel_filters, read_wav, resample
+from llmkit.data.audio import (
+    apply_feature_norm,
+    load_audio,
+    log_mel_spectrogram,
+    mel_filters,
+    normalize_utterance,
+    read_wav,
+    resample,
+    warp_mel_frequencies,
+)
 from llmkit.data.fsdd import (
     ARCHIVE,
     DIGIT_WORDS,
@@ -124,3 +133,53 @@ def test_digit_batches_are_reproducible_by_position():
     assert not torch.equal(first["input_features"], other["input_features"])
     words = [tokenizer.decode(row[:1].tolist()) for row in first["labels"]]
     assert set(words) <= set(DIGIT_WORDS) and set(first["labels"][:, 1].tolist()) == {tokenizer.eos_id}
+
+
+def tone(hz: float, seconds: float = 1.0) -> torch.Tensor:
+    t = torch.arange(int(16000 * seconds)) / 16000
+    return 0.3 * torch.sin(2 * math.pi * hz * t)
+
+
+def test_vocal_tract_warp_keeps_shape_is_identity_at_one_and_moves_a_tone_the_right_way():
+    """Warping by alpha moves a 1 kHz tone's energy to the mel channel a (1 kHz x alpha) tone has: up for alpha > 1,
+    down for alpha < 1 (below the warp's knee, f -> alpha f exactly); alpha 1 changes nothing."""
+    features = log_mel_spectrogram(torch.stack([tone(1000.0)] * 3), n_frames=100)  # (3, 80, 100)
+    alphas = torch.tensor([0.9, 1.0, 1.15])
+    warped = warp_mel_frequencies(features, alphas)
+    assert warped.shape == features.shape
+    torch.testing.assert_close(warped[1], features[1], rtol=0, atol=1e-6)
+    peak = lambda x: int(x.mean(dim=-1).argmax())  # noqa: E731  the loudest mel channel
+    for b, alpha in enumerate(alphas.tolist()):
+        expected = peak(log_mel_spectrogram(tone(1000.0 * alpha), n_frames=100)[0])
+        assert abs(peak(warped[b]) - expected) <= 1, (alpha, peak(warped[b]), expected)
+    assert peak(warped[0]) < peak(features[0]) < peak(warped[2])
+    # the warp is monotone and maps 8 kHz to 8 kHz, so no channel reads past the spectrum's edge
+    ramp = torch.arange(80.0)[None, :, None].expand(2, 80, 3)  # each channel holds its own index
+    read = warp_mel_frequencies(ramp, torch.tensor([0.85, 1.2]))[:, :, 0]  # (2, 80): the index each channel reads
+    assert (read.diff(dim=1) >= 0).all() and read.min() >= 0 and read.max() <= 79
+    assert read[0, -1] > 78.9 and read[1, -1] > 78  # near the top both warps read the top channels
+
+
+def test_utterance_normalisation_removes_channel_colouring_and_gain(recording):
+    """Each channel's mean over the clip is 0 and the clip's deviation 1; a constant per-channel offset (another
+    microphone's colouring, in the log domain) or a scale leaves the result unchanged. Whisper's default is kept."""
+    features = log_mel_spectrogram(load_audio(recording), n_frames=100)  # (1, 80, 100)
+    normal = normalize_utterance(features)
+    assert normal.mean(dim=-1).abs().max() < 1e-5 and abs(normal.std().item() - 1) < 1e-4
+    coloured = 1.7 * features + torch.linspace(-0.5, 0.5, 80)[None, :, None]
+    torch.testing.assert_close(normalize_utterance(coloured), normal, rtol=0, atol=1e-4)
+    assert apply_feature_norm(features, "whisper") is features
+    with pytest.raises(LlmkitError, match="feature_norm 'cmvn' is not one of"):
+        apply_feature_norm(features, "cmvn")
+
+
+def test_digit_batches_apply_the_feature_norm_last_and_warp_only_when_asked():
+    recordings = load_recordings(("george",), max_per_speaker=10)
+    tokenizer = digit_tokenizer()
+    plain = DigitBatches(recordings, tokenizer, 80, 100)(0, 4)["input_features"]
+    torch.testing.assert_close(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.0)(0, 4)["input_features"],
+                               plain)
+    assert not torch.equal(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.1)(0, 4)["input_features"], plain)
+    normal = DigitBatches(recordings, tokenizer, 80, 100, feature_norm="utterance", max_warp=0.1)(0, 4)
+    assert normal["input_features"].mean(dim=-1).abs().max() < 1e-4  # normalised after masks and warp
+    assert torch.allclose(normal["input_features"].flatten(1).std(dim=1), torch.ones(4), atol=1e-4)
