@@ -28,6 +28,7 @@ from llmkit.data.fsdd import (
     TRAIN_SPEAKERS,
     DigitBatches,
     digit_tokenizer,
+    features,
     fsdd_dir,
     load_recordings,
 )
@@ -161,13 +162,23 @@ def test_vocal_tract_warp_keeps_shape_is_identity_at_one_and_moves_a_tone_the_ri
 
 
 def test_utterance_normalisation_removes_channel_colouring_and_gain(recording):
-    """Each channel's mean over the clip is 0 and the clip's deviation 1; a constant per-channel offset (another
-    microphone's colouring, in the log domain) or a scale leaves the result unchanged. Whisper's default is kept."""
-    features = log_mel_spectrogram(load_audio(recording), n_frames=100)  # (1, 80, 100)
+    """Over the frames with audio, each channel's mean is 0 and the clip's deviation 1, and padding is 0; a constant
+    per-channel offset (another microphone's colouring, in the log domain) or a scale leaves the result unchanged.
+    Whisper's features stay as they are by default."""
+    samples = load_audio(recording)
+    audio_frames = samples.shape[0] // 160 - 1
+    features = log_mel_spectrogram(samples, n_frames=audio_frames + 40)  # (1, 80, frames): 40 frames of padding
     normal = normalize_utterance(features)
-    assert normal.mean(dim=-1).abs().max() < 1e-5 and abs(normal.std().item() - 1) < 1e-4
-    coloured = 1.7 * features + torch.linspace(-0.5, 0.5, 80)[None, :, None]
-    torch.testing.assert_close(normalize_utterance(coloured), normal, rtol=0, atol=1e-4)
+    padding = normal[..., audio_frames + 3 :]  # (the STFT windows of the last 3 frames straddle the end)
+    assert padding.abs().max() == 0  # frames of digital silence (the padding, and any inside the WAV) become 0
+    has_audio = normal.abs().amax(dim=1, keepdim=True) > 0  # (1, 1, frames)
+    assert has_audio.sum() > 0.9 * audio_frames
+    assert (normal.sum(dim=-1) / has_audio.sum()).abs().max() < 1e-5  # channel means over the audio frames
+    assert abs((normal.pow(2).sum() / (80 * has_audio.sum())).sqrt().item() - 1) < 1e-4
+    unpadded = features[..., has_audio[0, 0]]  # (1, 80, frames with audio)
+    coloured = 1.7 * unpadded + torch.linspace(-0.5, 0.5, 80)[None, :, None]
+    torch.testing.assert_close(normalize_utterance(coloured), normalize_utterance(unpadded), rtol=0, atol=1e-4)
+    assert (normalize_utterance(unpadded) - normal[..., has_audio[0, 0]]).abs().max() < 1e-4  # padding is left out
     assert apply_feature_norm(features, "whisper") is features
     with pytest.raises(LlmkitError, match="feature_norm 'cmvn' is not one of"):
         apply_feature_norm(features, "cmvn")
@@ -180,6 +191,10 @@ def test_digit_batches_apply_the_feature_norm_last_and_warp_only_when_asked():
     torch.testing.assert_close(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.0)(0, 4)["input_features"],
                                plain)
     assert not torch.equal(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.1)(0, 4)["input_features"], plain)
-    normal = DigitBatches(recordings, tokenizer, 80, 100, feature_norm="utterance", max_warp=0.1)(0, 4)
-    assert normal["input_features"].mean(dim=-1).abs().max() < 1e-4  # normalised after masks and warp
-    assert torch.allclose(normal["input_features"].flatten(1).std(dim=1), torch.ones(4), atol=1e-4)
+    clean = DigitBatches(recordings, tokenizer, 80, 100, augmented=False, feature_norm="utterance")(0, 4)
+    picks = torch.randint(len(recordings), (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = normalize_utterance(features([recordings[i].samples for i in picks], 80, 100))
+    torch.testing.assert_close(clean["input_features"], expected)
+    augmented = DigitBatches(recordings, tokenizer, 80, 100, feature_norm="utterance", max_warp=0.1)(0, 4)
+    assert augmented["input_features"].shape == (4, 80, 100)  # normalised, then masked (no tilt: it would undo it)
+    assert augmented["input_features"].abs().amax().item() < 20

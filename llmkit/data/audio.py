@@ -126,16 +126,21 @@ FEATURE_NORMS = ("whisper", "utterance")  # Config.feature_norm: Whisper's featu
 
 
 def normalize_utterance(features: torch.Tensor) -> torch.Tensor:
-    """Per-utterance normalisation of log-mel features (B, n_mels, frames), cepstral-mean-style: each channel minus
-    its mean over the clip's frames, then the whole clip divided by its standard deviation.
+    """Per-utterance normalisation of log-mel features (B, n_mels, frames), cepstral-mean-style, over the frames
+    that hold audio: each channel minus its mean over them, the clip divided by their standard deviation, and the
+    padding (frames of digital silence, all at the clip's floor) set to 0, the mean.
 
     A microphone or a vocal tract colours the spectrum by a (nearly) constant gain per frequency, which is a constant
     per channel in the log domain: subtracting each channel's mean removes it (the classic cepstral mean
-    normalisation, Atal 1974, done on log-mel channels), and the one scale makes loud and quiet voices alike. This
-    leaves Whisper's feature definition, so a model trained on it says so in its config (feature_norm="utterance")."""
-    centred = features - features.mean(dim=-1, keepdim=True)  # (B, n_mels, frames)
-    scale = centred.flatten(1).std(dim=1).clamp(min=1e-5)  # (B,)
-    return centred / scale[:, None, None]
+    normalisation, Atal 1974, done on log-mel channels), and the one scale makes loud and quiet voices alike. The
+    statistics leave the padding out, or a short clip's would be mostly silence. This leaves Whisper's feature
+    definition, so a model trained on it says so in its config (feature_norm="utterance")."""
+    floor = features.amin(dim=(1, 2), keepdim=True)  # (B, 1, 1): the clip's floor, where padding lies
+    audio = (features.amax(dim=1, keepdim=True) > floor + 1e-6).float()  # (B, 1, frames): 1 where a frame has audio
+    count = audio.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
+    centred = (features - (features * audio).sum(dim=-1, keepdim=True) / count) * audio  # (B, n_mels, frames)
+    variance = centred.pow(2).sum(dim=(1, 2), keepdim=True) / (count * features.shape[1])  # (B, 1, 1)
+    return centred / variance.sqrt().clamp(min=1e-5)
 
 
 def apply_feature_norm(features: torch.Tensor, feature_norm: str) -> torch.Tensor:

@@ -108,17 +108,17 @@ def augment(samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def spec_augment(features: torch.Tensor, generator: torch.Generator, n_masks: int = 2, max_mels: int = 10,
-                 max_frames: int = 10) -> torch.Tensor:
+                 max_frames: int = 10, tilt: bool = True) -> torch.Tensor:
     """SpecAugment (Park et al. 2019) of log-mel features (B, n_mels, frames), after a random spectral tilt (random
-    equalisation): each clip gets `n_masks` bands of up to
+    equalisation; `tilt` False leaves it out): each clip gets `n_masks` bands of up to
     `max_mels` channels and `n_masks` spans of up to `max_frames` frames set to its mean, so the model cannot lean on
     one formant region or one instant -- what differs most between voices."""
     B, n_mels, n_frames = features.shape
     # a random tilt and bow across the mel channels, up to +-10 dB at the ends (log10 power / 4: 0.25): another
     # microphone or vocal tract colours the spectrum so
     channels = torch.linspace(-1.0, 1.0, n_mels)
-    tilt, bow = (torch.rand(2, B, 1, generator=generator) * 2 - 1) * 0.25
-    out = features + (tilt * channels + bow * (channels**2 - 1 / 3))[:, :, None]  # (B, n_mels, 1) broadcast
+    slope, bow = (torch.rand(2, B, 1, generator=generator) * 2 - 1) * 0.25 * tilt
+    out = features + (slope * channels + bow * (channels**2 - 1 / 3))[:, :, None]  # (B, n_mels, 1) broadcast
     draw = lambda high: int(torch.randint(high, (), generator=generator))
     for b in range(B):
         mean = out[b].mean()
@@ -161,7 +161,8 @@ class DigitBatches:
     """The training loop's batch source over `recordings`: batch(position, batch_size, rank, world) draws
     batch_size recordings with a generator seeded by (seed, position, rank), augments them and returns
     {"input_features": (B, n_mels, n_frames), "labels": (B, 2)}. `max_warp` bounds the vocal-tract warp (0: none);
-    `feature_norm` is the model's (Config.feature_norm), applied last, after the augmentations."""
+    `feature_norm` is the model's (Config.feature_norm): "utterance" normalises each clip after the warp and before
+    SpecAugment's masks, without the spectral tilt (the normalisation removes any tilt: that is its point)."""
 
     def __init__(self, recordings: list[Recording], tokenizer: Tokenizer, n_mels: int, n_frames: int,
                  seed: int = 0, augmented: bool = True, max_warp: float = 0.0, feature_norm: str = "whisper") -> None:
@@ -178,6 +179,9 @@ class DigitBatches:
         clips = [augment(r.samples, generator) if self.augmented else r.samples for r in chosen]
         inputs = whisper_features(clips, self.n_mels, self.n_frames)  # (B, n_mels, n_frames)
         if self.augmented:
-            inputs = spec_augment(vocal_tract_warp(inputs, generator, self.max_warp), generator)
-        return {"input_features": apply_feature_norm(inputs, self.feature_norm),
+            inputs = vocal_tract_warp(inputs, generator, self.max_warp)
+        inputs = apply_feature_norm(inputs, self.feature_norm)
+        if self.augmented:
+            inputs = spec_augment(inputs, generator, tilt=self.feature_norm == "whisper")
+        return {"input_features": inputs,
                 "labels": digit_labels([r.digit for r in chosen], self.tokenizer)}
