@@ -23,7 +23,7 @@ def speech_train(
     n_heads: int = 4,
     n_mels: int = 80,
     n_frames: int = 100,
-    feature_norm: Literal["whisper", "utterance"] = "utterance",
+    feature_norm: Literal["whisper", "utterance"] = "whisper",
     vtlp: float = 0.0,
     validation_speaker: str | None = None,
     data: str | None = None,
@@ -36,8 +36,8 @@ def speech_train(
              llmkit speech train --validation_speaker nicolas --train.max_steps 800   (choose settings: 3 voices train)
 
     Trains on 2,000 real recordings by 4 speakers of the Free Spoken Digit Dataset (../shared/data/
-    free_spoken_digits), augmented on the fly (speed, gain, shift, noise, SpecAugment), each clip's features normalised
-    (--feature_norm), through the one training loop with the
+    free_spoken_digits), augmented on the fly (speed, gain, shift, noise, SpecAugment), through the one training
+    loop with the
     seq2seq cross-entropy; then transcribes the 1,000 recordings of the 2 held-out speakers (lucas, theo) greedily and
     prints the digit accuracy. OUTPUT holds checkpoints/step-N/ (a complete model with its tokenizer: try `llmkit
     speech transcribe --model OUTPUT/checkpoints/step-N --files "[a.wav]"`), metrics, loss.png and heldout.json.
@@ -49,9 +49,9 @@ def speech_train(
         n_heads: attention heads.
         n_mels: log-mel channels (Whisper: 80).
         n_frames: 10 ms feature frames per clip (100 = 1 s; FSDD clips are 0.1-2.3 s, 99% under 1 s).
-        feature_norm: utterance (each clip's log-mel channel means over its audio frames removed and its variance
-            made 1: chosen on validation voices, docs/multimodal.md) or whisper (Whisper's features as they are);
-            saved in the model's config, so transcribe applies it too.
+        feature_norm: whisper (Whisper's log-mel features as they are) or utterance (each clip's channel means over
+            its audio frames removed and its variance made 1: best on the training voices, worse on lucas; see
+            docs/multimodal.md); saved in the model's config, so transcribe applies it too.
         vtlp: vocal-tract-length perturbation: each training clip's frequency axis stretched by a factor drawn from
             1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
