@@ -104,7 +104,11 @@ def main() -> None:
               f"{row['ms_per_recording']:.1f} | {ratio} |")
     print(f"(llmkit on the free LM's {len(subset)} recordings: {ours_on_subset:.1%})")
     if args.output:
-        Path(args.output).write_text(json.dumps({"model": model_dir, "rows": rows}, indent=2) + "\n")
+        run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_1min": round(os.getloadavg()[0], 2),
+               "machine": platform.machine(), "threads": 1}
+        Path(args.output).write_text(json.dumps({"model": model_dir, "feature_norm": model.config.feature_norm,
+                                                 "parameters": model.num_parameters(), **run, "rows": rows},
+                                                indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ MIXER_FIELDS = ("mixer", "mixer_pattern", "hyena_order", "hyena_filter_dim", "sh
 # Fields added after native config.json files were first written: a file without one ran with its default, which
 # leaves the network as it was (full causal attention, no QK-norm, no sandwich norms).
 LATER_FIELDS = ("qk_norm", "post_norms", "sliding_window", "layer_types", "rope_local_theta", "n_mels", "n_audio_ctx",
-                "image_size", "patch_size", "n_channels", "patch_bias", *MIXER_FIELDS)
+                "feature_norm", "image_size", "patch_size", "n_channels", "patch_bias", *MIXER_FIELDS)
 
 
 @dataclass
@@ -134,6 +134,9 @@ class Config:
     # layers, n_decoder_layers and decoder_start_id above apply; max_seq_len is the decoder's learned positions
     n_mels: int = 80  # log-mel channels of the input features (Whisper: 80; large-v3: 128)
     n_audio_ctx: int = 1500  # encoder positions = input frames / 2 (the stem's stride); Whisper: 1500 (30 s of audio)
+    # the features as the model reads them (llmkit/data/audio.py): Whisper's log-mel as they are, or each clip's
+    # normalised (channel means removed, unit variance: `normalize_utterance`); transcription applies what this says
+    feature_norm: Literal["whisper", "utterance"] = "whisper"
 
     # --- mixture of experts (nn/moe.py): every block's FFN becomes n_experts FFNs behind a router; 0 = dense
     n_experts: int = 0

@@ -87,6 +87,29 @@ def test_native_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+def test_utterance_normalisation_is_saved_and_applied_by_transcribe(tmp_path, monkeypatch):
+    """feature_norm="utterance" survives a native save and load, transcribe feeds the model normalised features (and
+    Whisper's as they are for the default), and HF export refuses it: Whisper's config.json cannot say it."""
+    import llmkit.generate.seq2seq as seq2seq
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.speech import transcribe
+
+    seen = []
+    generate = seq2seq.generate_seq2seq
+    monkeypatch.setattr(seq2seq, "generate_seq2seq", lambda model, inputs, *a, **k: (
+        seen.append(inputs), generate(model, inputs, *a, **k))[1])
+    clip = torch.sin(torch.arange(8000) / 7.0) * torch.linspace(0.0, 0.5, 8000)
+    for norm in ("utterance", "whisper"):
+        save_model(random_speech_model(feature_norm=norm), tmp_path / norm, tokenizer=digit_tokenizer())
+        loaded = load_model(tmp_path / norm, arch="speech")
+        assert loaded.config.feature_norm == norm
+        transcribe(loaded, load_tokenizer(tmp_path / norm), [clip])
+    channel_means = [inputs.mean(dim=-1).abs().max().item() for inputs in seen]
+    assert channel_means[0] < 1e-4 and channel_means[1] > 0.1
+    with pytest.raises(LlmkitError, match="no way to say feature_norm='utterance'"):
+        export_hf(random_speech_model(feature_norm="utterance"), tmp_path / "hf", tokenizer=digit_tokenizer())
+
+
 def test_a_whisper_config_llmkit_cannot_compute_is_refused(tmp_path):
     reference = tiny_whisper()
     reference.config.activation_function = "relu"
@@ -125,3 +148,13 @@ def test_transcribe_runs_an_exported_model_and_names_bad_inputs(tmp_path, capsys
         code, err = cli_status(capsys, "speech", "transcribe", "--model", str(model), "--files", f"[{files}]")
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith("error: ") and __import__("re").search(message, err), err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--vtlp", "1.5"], r"--vtlp 1.5 must be in \[0, 1\)"),
+    (["--validation_speaker", "theo"], "--validation_speaker theo is not a training speaker; pick one of george"),
+    (["--n_frames", "99"], "--n_frames 99 must be an even number"),
+])
+def test_speech_train_names_a_bad_flag_before_reading_any_audio(tmp_path, capsys, flags, message):
+    code, err = cli_status(capsys, "speech", "train", "--output", str(tmp_path / "run"), *flags)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and __import__("re").search(message, err)

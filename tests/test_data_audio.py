@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from llmkit.data.audio import load_audio, log_mel_spectrogram, mel_filters, read_wav, resample
+from llmkit.data.audio import (
+    apply_feature_norm,
+    load_audio,
+    log_mel_spectrogram,
+    mel_filters,
+    normalize_utterance,
+    read_wav,
+    resample,
+    warp_mel_frequencies,
+)
 from llmkit.data.fsdd import (
     ARCHIVE,
     DIGIT_WORDS,
@@ -19,6 +28,7 @@ from llmkit.data.fsdd import (
     TRAIN_SPEAKERS,
     DigitBatches,
     digit_tokenizer,
+    features,
     fsdd_dir,
     load_recordings,
 )
@@ -124,3 +134,67 @@ def test_digit_batches_are_reproducible_by_position():
     assert not torch.equal(first["input_features"], other["input_features"])
     words = [tokenizer.decode(row[:1].tolist()) for row in first["labels"]]
     assert set(words) <= set(DIGIT_WORDS) and set(first["labels"][:, 1].tolist()) == {tokenizer.eos_id}
+
+
+def tone(hz: float, seconds: float = 1.0) -> torch.Tensor:
+    t = torch.arange(int(16000 * seconds)) / 16000
+    return 0.3 * torch.sin(2 * math.pi * hz * t)
+
+
+def test_vocal_tract_warp_keeps_shape_is_identity_at_one_and_moves_a_tone_the_right_way():
+    """Warping by alpha moves a 1 kHz tone's energy to the mel channel a (1 kHz x alpha) tone has: up for alpha > 1,
+    down for alpha < 1 (below the warp's knee, f -> alpha f exactly); alpha 1 changes nothing."""
+    features = log_mel_spectrogram(torch.stack([tone(1000.0)] * 3), n_frames=100)  # (3, 80, 100)
+    alphas = torch.tensor([0.9, 1.0, 1.15])
+    warped = warp_mel_frequencies(features, alphas)
+    assert warped.shape == features.shape
+    torch.testing.assert_close(warped[1], features[1], rtol=0, atol=1e-6)
+    peak = lambda x: int(x.mean(dim=-1).argmax())  # noqa: E731  the loudest mel channel
+    for b, alpha in enumerate(alphas.tolist()):
+        expected = peak(log_mel_spectrogram(tone(1000.0 * alpha), n_frames=100)[0])
+        assert abs(peak(warped[b]) - expected) <= 1, (alpha, peak(warped[b]), expected)
+    assert peak(warped[0]) < peak(features[0]) < peak(warped[2])
+    # the warp is monotone and maps 8 kHz to 8 kHz, so no channel reads past the spectrum's edge
+    ramp = torch.arange(80.0)[None, :, None].expand(2, 80, 3)  # each channel holds its own index
+    read = warp_mel_frequencies(ramp, torch.tensor([0.85, 1.2]))[:, :, 0]  # (2, 80): the index each channel reads
+    assert (read.diff(dim=1) >= 0).all() and read.min() >= 0 and read.max() <= 79
+    assert read[0, -1] > 78.9 and read[1, -1] > 78  # near the top both warps read the top channels
+
+
+def test_utterance_normalisation_removes_channel_colouring_and_gain(recording):
+    """Over the frames with audio, each channel's mean is 0 and the clip's deviation 1, and padding is 0; a constant
+    per-channel offset (another microphone's colouring, in the log domain) or a scale leaves the result unchanged.
+    Whisper's features stay as they are by default."""
+    samples = load_audio(recording)
+    audio_frames = samples.shape[0] // 160 - 1
+    features = log_mel_spectrogram(samples, n_frames=audio_frames + 40)  # (1, 80, frames): 40 frames of padding
+    normal = normalize_utterance(features)
+    padding = normal[..., audio_frames + 3 :]  # (the STFT windows of the last 3 frames straddle the end)
+    assert padding.abs().max() == 0  # frames of digital silence (the padding, and any inside the WAV) become 0
+    has_audio = normal.abs().amax(dim=1, keepdim=True) > 0  # (1, 1, frames)
+    assert has_audio.sum() > 0.9 * audio_frames
+    assert (normal.sum(dim=-1) / has_audio.sum()).abs().max() < 1e-5  # channel means over the audio frames
+    assert abs((normal.pow(2).sum() / (80 * has_audio.sum())).sqrt().item() - 1) < 1e-4
+    unpadded = features[..., has_audio[0, 0]]  # (1, 80, frames with audio)
+    coloured = 1.7 * unpadded + torch.linspace(-0.5, 0.5, 80)[None, :, None]
+    torch.testing.assert_close(normalize_utterance(coloured), normalize_utterance(unpadded), rtol=0, atol=1e-4)
+    assert (normalize_utterance(unpadded) - normal[..., has_audio[0, 0]]).abs().max() < 1e-4  # padding is left out
+    assert apply_feature_norm(features, "whisper") is features
+    with pytest.raises(LlmkitError, match="feature_norm 'cmvn' is not one of"):
+        apply_feature_norm(features, "cmvn")
+
+
+def test_digit_batches_apply_the_feature_norm_last_and_warp_only_when_asked():
+    recordings = load_recordings(("george",), max_per_speaker=10)
+    tokenizer = digit_tokenizer()
+    plain = DigitBatches(recordings, tokenizer, 80, 100)(0, 4)["input_features"]
+    torch.testing.assert_close(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.0)(0, 4)["input_features"],
+                               plain)
+    assert not torch.equal(DigitBatches(recordings, tokenizer, 80, 100, max_warp=0.1)(0, 4)["input_features"], plain)
+    clean = DigitBatches(recordings, tokenizer, 80, 100, augmented=False, feature_norm="utterance")(0, 4)
+    picks = torch.randint(len(recordings), (4,), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = normalize_utterance(features([recordings[i].samples for i in picks], 80, 100))
+    torch.testing.assert_close(clean["input_features"], expected)
+    augmented = DigitBatches(recordings, tokenizer, 80, 100, feature_norm="utterance", max_warp=0.1)(0, 4)
+    assert augmented["input_features"].shape == (4, 80, 100)  # normalised, then masked (no tilt: it would undo it)
+    assert augmented["input_features"].abs().amax().item() < 20

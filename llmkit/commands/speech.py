@@ -3,7 +3,7 @@ Spoken Digit Dataset, and transcription of WAV files with it or with an imported
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from llmkit.commands.common import Device
 from llmkit.train.settings import TrainSettings
@@ -23,6 +23,9 @@ def speech_train(
     n_heads: int = 4,
     n_mels: int = 80,
     n_frames: int = 100,
+    feature_norm: Literal["whisper", "utterance"] = "whisper",
+    vtlp: float = 0.0,
+    validation_speaker: str | None = None,
     data: str | None = None,
     train: TrainSettings = SPEECH_DEFAULTS,
 ) -> Any:
@@ -30,9 +33,11 @@ def speech_train(
 
     Example: llmkit speech train                                  (FSDD, 1.0M parameters, ~15 minutes on a 2-core CPU)
              llmkit speech train --train.max_steps 3000 --d_model 192 --output runs/digits-big
+             llmkit speech train --validation_speaker nicolas --train.max_steps 800   (choose settings: 3 voices train)
 
     Trains on 2,000 real recordings by 4 speakers of the Free Spoken Digit Dataset (../shared/data/
-    free_spoken_digits), augmented on the fly (speed, gain, shift, noise), through the one training loop with the
+    free_spoken_digits), augmented on the fly (speed, gain, shift, noise, SpecAugment), through the one training
+    loop with the
     seq2seq cross-entropy; then transcribes the 1,000 recordings of the 2 held-out speakers (lucas, theo) greedily and
     prints the digit accuracy. OUTPUT holds checkpoints/step-N/ (a complete model with its tokenizer: try `llmkit
     speech transcribe --model OUTPUT/checkpoints/step-N --files "[a.wav]"`), metrics, loss.png and heldout.json.
@@ -44,6 +49,13 @@ def speech_train(
         n_heads: attention heads.
         n_mels: log-mel channels (Whisper: 80).
         n_frames: 10 ms feature frames per clip (100 = 1 s; FSDD clips are 0.1-2.3 s, 99% under 1 s).
+        feature_norm: whisper (Whisper's log-mel features as they are) or utterance (each clip's channel means over
+            its audio frames removed and its variance made 1: best on the training voices, worse on lucas; see
+            docs/multimodal.md); saved in the model's config, so transcribe applies it too.
+        vtlp: vocal-tract-length perturbation: each training clip's frequency axis stretched by a factor drawn from
+            1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
+        validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
+            (trains on the other three): for choosing settings without looking at the held-out speakers.
         data: the FSDD folder (default: free_spoken_digits in the shared data, $LLMKIT_SHARED_DATA).
         train: training settings (steps, batch size, learning rate, device, ...).
     """
@@ -69,12 +81,19 @@ def speech_train(
     check_settings(train)
     if n_frames < 2 or n_frames % 2:
         raise LlmkitError(f"--n_frames {n_frames} must be an even number >= 2 (the stem halves it)")
+    if not 0 <= vtlp < 1:
+        raise LlmkitError(f"--vtlp {vtlp} must be in [0, 1) (0.1 warps frequencies by 0.9-1.1; 0 turns it off)")
+    if validation_speaker is not None and validation_speaker not in TRAIN_SPEAKERS:
+        raise LlmkitError(f"--validation_speaker {validation_speaker} is not a training speaker; pick one of "
+                          f"{', '.join(TRAIN_SPEAKERS)}")
+    train_speakers = tuple(s for s in TRAIN_SPEAKERS if s != validation_speaker)
+    report_speakers = HELD_OUT_SPEAKERS if validation_speaker is None else (validation_speaker,)
     tokenizer = digit_tokenizer()
     try:
         config = Config(name="speech-digits", arch="speech", vocab_size=tokenizer.vocab_size, n_layers=n_layers,
                         n_decoder_layers=n_layers, n_heads=n_heads, d_model=d_model, d_ff=4 * d_model, max_seq_len=8,
                         norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
-                        position="learned", n_mels=n_mels, n_audio_ctx=n_frames // 2,
+                        position="learned", n_mels=n_mels, n_audio_ctx=n_frames // 2, feature_norm=feature_norm,
                         decoder_start_id=tokenizer.token_to_id(START_OF_TRANSCRIPT), eos_id=tokenizer.eos_id)
     except LlmkitError as error:
         raise LlmkitError(f"--d_model/--n_heads/--n_layers/--n_mels: {error}") from None
@@ -82,20 +101,22 @@ def speech_train(
 
     torch.manual_seed(train.seed)
     model = SpeechModel(config)
-    print(f"reading FSDD: training speakers {', '.join(TRAIN_SPEAKERS)}; held out {', '.join(HELD_OUT_SPEAKERS)}")
-    recordings = load_recordings(TRAIN_SPEAKERS, data)
+    kind = "held-out" if validation_speaker is None else "validation"
+    print(f"reading FSDD: training speakers {', '.join(train_speakers)}; {kind} {', '.join(report_speakers)}")
+    recordings = load_recordings(train_speakers, data)
     print(f"{config.name}: {model.num_parameters():,} parameters; {len(recordings):,} training recordings")
-    batches = DigitBatches(recordings, tokenizer, n_mels, n_frames, seed=train.seed)
+    batches = DigitBatches(recordings, tokenizer, n_mels, n_frames, seed=train.seed, max_warp=vtlp,
+                           feature_norm=feature_norm)
     result = train_loop(model, seq2seq_loss, batches, train, output, tokenizer=tokenizer)
     model.eval()
-    held_out = load_recordings(HELD_OUT_SPEAKERS, data)
+    held_out = load_recordings(report_speakers, data)
     accuracy = digit_accuracy(model, tokenizer, held_out)
-    report = {"speakers": list(HELD_OUT_SPEAKERS), "recordings": len(held_out), "accuracy": accuracy["all"],
-              "per_speaker": {s: accuracy[s] for s in HELD_OUT_SPEAKERS}, "steps": result.steps,
-              "checkpoint": str(result.checkpoint)}
+    report = {"kind": kind, "speakers": list(report_speakers), "recordings": len(held_out),
+              "accuracy": accuracy["all"], "per_speaker": {s: accuracy[s] for s in report_speakers},
+              "steps": result.steps, "checkpoint": str(result.checkpoint)}
     atomic_write_text(Path(output) / HELD_OUT_FILE, json.dumps(report, indent=2) + "\n")
-    print(f"held-out digit accuracy ({' + '.join(HELD_OUT_SPEAKERS)}, {len(held_out):,} recordings): "
-          f"{accuracy['all']:.1%}  (" + ", ".join(f"{s} {accuracy[s]:.1%}" for s in HELD_OUT_SPEAKERS) + ")")
+    print(f"{kind} digit accuracy ({' + '.join(report_speakers)}, {len(held_out):,} recordings): "
+          f"{accuracy['all']:.1%}  (" + ", ".join(f"{s} {accuracy[s]:.1%}" for s in report_speakers) + ")")
     print(f"model: {result.checkpoint}  (llmkit speech transcribe --model {result.checkpoint} --files \"[a.wav]\")")
     if result.plot is not None:
         print(f"loss curve: {result.plot}")
@@ -180,7 +201,7 @@ def transcribe(model: Any, tokenizer: Any, clips: list[Any], max_new_tokens: int
     texts = []
     for start in range(0, len(clips), batch_size):
         chunk = clips[start : start + batch_size]
-        inputs = features(chunk, config.n_mels, 2 * config.n_audio_ctx).to(device)  # (B, n_mels, frames)
+        inputs = features(chunk, config.n_mels, 2 * config.n_audio_ctx, config.feature_norm).to(device)  # (B, M, frames)
         prompts = torch.tensor([prompt] * len(chunk), device=device)  # (B, P)
         new = generate_seq2seq(model, inputs, max_new_tokens, stop_ids=stop_ids, decoder_prompt=prompts,
                                pad_id=next(iter(stop_ids)))

@@ -120,3 +120,67 @@ def log_mel_spectrogram(samples: torch.Tensor, n_mels: int = 80, n_frames: int =
     log_spec = mel.clamp(min=1e-10).log10()
     peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1): per clip
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+
+FEATURE_NORMS = ("whisper", "utterance")  # Config.feature_norm: Whisper's features as they are, or normalised per clip
+
+
+def normalize_utterance(features: torch.Tensor) -> torch.Tensor:
+    """Per-utterance normalisation of log-mel features (B, n_mels, frames), cepstral-mean-style, over the frames
+    that hold audio: each channel minus its mean over them, the clip divided by their standard deviation, and the
+    padding (frames of digital silence, all at the clip's floor) set to 0, the mean.
+
+    A microphone or a vocal tract colours the spectrum by a (nearly) constant gain per frequency, which is a constant
+    per channel in the log domain: subtracting each channel's mean removes it (the classic cepstral mean
+    normalisation, Atal 1974, done on log-mel channels), and the one scale makes loud and quiet voices alike. The
+    statistics leave the padding out, or a short clip's would be mostly silence. This leaves Whisper's feature
+    definition, so a model trained on it says so in its config (feature_norm="utterance")."""
+    floor = features.amin(dim=(1, 2), keepdim=True)  # (B, 1, 1): the clip's floor, where padding lies
+    audio = (features.amax(dim=1, keepdim=True) > floor + 1e-6).float()  # (B, 1, frames): 1 where a frame has audio
+    count = audio.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
+    centred = (features - (features * audio).sum(dim=-1, keepdim=True) / count) * audio  # (B, n_mels, frames)
+    variance = centred.pow(2).sum(dim=(1, 2), keepdim=True) / (count * features.shape[1])  # (B, 1, 1)
+    return centred / variance.sqrt().clamp(min=1e-5)
+
+
+def apply_feature_norm(features: torch.Tensor, feature_norm: str) -> torch.Tensor:
+    """Log-mel features (B, n_mels, frames) as a model with `feature_norm` (Config.feature_norm) reads them."""
+    if feature_norm == "whisper":
+        return features
+    if feature_norm == "utterance":
+        return normalize_utterance(features)
+    raise LlmkitError(f"feature_norm {feature_norm!r} is not one of {list(FEATURE_NORMS)}")
+
+
+def warp_mel_frequencies(features: torch.Tensor, alphas: torch.Tensor, cutoff: float = 0.8) -> torch.Tensor:
+    """Vocal-tract-length perturbation (Jaitly & Hinton 2013) of log-mel features (B, n_mels, frames): clip b's
+    spectrum is stretched along frequency by alphas[b] (> 1 moves formants up, as a shorter vocal tract does;
+    1 leaves it as it is), tempo and pitch contour untouched.
+
+    Jaitly & Hinton's piecewise-linear warp, applied to the mel channels' centre frequencies f (Hz, Nyquist F):
+    the output at f reads the input at
+        f / alpha                                          for f <= f0 = cutoff * F * min(alpha, 1) / alpha
+        f0 / alpha + (f - f0) * (F - f0 / alpha) / (F - f0)  above (so F maps to F: no channel reads past the top)
+    and the input between channels is interpolated linearly in the mel-channel index."""
+    B, n_mels, _ = features.shape
+    edges = mel_to_hz(torch.linspace(0.0, float(hz_to_mel(torch.tensor(MEL_MAX_HZ))), n_mels + 2))
+    centres = edges[1:-1]  # (M,) Hz
+    alpha = alphas.float().reshape(B, 1)  # (B, 1)
+    knee = cutoff * MEL_MAX_HZ * alpha.clamp(max=1.0) / alpha  # (B, 1)
+    below = centres[None] / alpha  # (B, M)
+    above = knee / alpha + (centres[None] - knee) * (MEL_MAX_HZ - knee / alpha) / (MEL_MAX_HZ - knee)
+    source_hz = torch.where(centres[None] <= knee, below, above)  # (B, M)
+    # fractional channel index of each source frequency: channel m sits at centres[m]
+    position = torch.cat([torch.zeros(1), torch.arange(n_mels, dtype=torch.float32), torch.full((1,), n_mels - 1.0)])
+    index = _interp(source_hz, edges, position).clamp(0, n_mels - 1)  # (B, M)
+    low = index.floor().long().clamp(max=n_mels - 2)  # (B, M)
+    weight = (index - low)[:, :, None]  # (B, M, 1)
+    take = lambda i: features.gather(1, i[:, :, None].expand(-1, -1, features.shape[2]))  # (B, M, frames)
+    return take(low) * (1 - weight) + take(low + 1) * weight
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp for increasing `xp` (K,), values `fp` (K,), at any `x`: piecewise linear, clamped at the ends."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.shape[0] - 1)
+    x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    return y0 + (y1 - y0) * ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)

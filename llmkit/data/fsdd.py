@@ -8,8 +8,10 @@ the training set also has.
 
 Training batches (`DigitBatches`) are drawn at random from the position the loop gives, so a resumed run sees the
 same batches; each recording is augmented (speed 0.8-1.25x, gain, a shift in time, light noise) before its log-mel
-features, which are then masked in bands and spans (SpecAugment): four voices are few, and these are the variations
-a new voice brings.
+features, which are then warped along frequency (vocal-tract-length perturbation), tilted and masked in bands and
+spans (SpecAugment): four voices are few, and these are the variations a new voice brings. A model with
+feature_norm="utterance" reads every clip's features normalised (llmkit.data.audio.normalize_utterance), in training
+and in transcription alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.data.audio import SAMPLE_RATE, load_audio, log_mel_spectrogram
+from llmkit.data.audio import SAMPLE_RATE, apply_feature_norm, load_audio, log_mel_spectrogram, warp_mel_frequencies
 from llmkit.data.batch import Batch
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
@@ -106,17 +108,17 @@ def augment(samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def spec_augment(features: torch.Tensor, generator: torch.Generator, n_masks: int = 2, max_mels: int = 10,
-                 max_frames: int = 10) -> torch.Tensor:
+                 max_frames: int = 10, tilt: bool = True) -> torch.Tensor:
     """SpecAugment (Park et al. 2019) of log-mel features (B, n_mels, frames), after a random spectral tilt (random
-    equalisation): each clip gets `n_masks` bands of up to
+    equalisation; `tilt` False leaves it out): each clip gets `n_masks` bands of up to
     `max_mels` channels and `n_masks` spans of up to `max_frames` frames set to its mean, so the model cannot lean on
     one formant region or one instant -- what differs most between voices."""
     B, n_mels, n_frames = features.shape
     # a random tilt and bow across the mel channels, up to +-10 dB at the ends (log10 power / 4: 0.25): another
     # microphone or vocal tract colours the spectrum so
     channels = torch.linspace(-1.0, 1.0, n_mels)
-    tilt, bow = (torch.rand(2, B, 1, generator=generator) * 2 - 1) * 0.25
-    out = features + (tilt * channels + bow * (channels**2 - 1 / 3))[:, :, None]  # (B, n_mels, 1) broadcast
+    slope, bow = (torch.rand(2, B, 1, generator=generator) * 2 - 1) * 0.25 * tilt
+    out = features + (slope * channels + bow * (channels**2 - 1 / 3))[:, :, None]  # (B, n_mels, 1) broadcast
     draw = lambda high: int(torch.randint(high, (), generator=generator))
     for b in range(B):
         mean = out[b].mean()
@@ -128,11 +130,26 @@ def spec_augment(features: torch.Tensor, generator: torch.Generator, n_masks: in
     return out
 
 
-def features(recordings: list[torch.Tensor], n_mels: int, n_frames: int) -> torch.Tensor:
-    """Log-mel features (B, n_mels, n_frames) of 16 kHz clips of any lengths (each padded or cut to n_frames)."""
+def features(recordings: list[torch.Tensor], n_mels: int, n_frames: int, feature_norm: str = "whisper") -> torch.Tensor:
+    """Log-mel features (B, n_mels, n_frames) of 16 kHz clips of any lengths (each padded or cut to n_frames), as a
+    model with `feature_norm` (Config.feature_norm) reads them."""
+    return apply_feature_norm(whisper_features(recordings, n_mels, n_frames), feature_norm)
+
+
+def whisper_features(recordings: list[torch.Tensor], n_mels: int, n_frames: int) -> torch.Tensor:
+    """Whisper's log-mel features (B, n_mels, n_frames) of 16 kHz clips, each padded or cut to n_frames."""
     length = n_frames * 160
     padded = torch.stack([torch.nn.functional.pad(x[:length], (0, max(0, length - x.shape[0]))) for x in recordings])
     return log_mel_spectrogram(padded, n_mels, n_frames)
+
+
+def vocal_tract_warp(features: torch.Tensor, generator: torch.Generator, max_warp: float) -> torch.Tensor:
+    """Vocal-tract-length perturbation of features (B, n_mels, frames): each clip's frequency axis stretched by a
+    factor drawn uniformly from 1 - max_warp .. 1 + max_warp (Jaitly & Hinton 2013 draw 0.9-1.1); 0 is a no-op."""
+    if max_warp == 0:
+        return features
+    alphas = 1 + (torch.rand(features.shape[0], generator=generator) * 2 - 1) * max_warp  # (B,)
+    return warp_mel_frequencies(features, alphas)
 
 
 def digit_labels(digits: list[int], tokenizer: Tokenizer) -> torch.Tensor:
@@ -143,20 +160,28 @@ def digit_labels(digits: list[int], tokenizer: Tokenizer) -> torch.Tensor:
 class DigitBatches:
     """The training loop's batch source over `recordings`: batch(position, batch_size, rank, world) draws
     batch_size recordings with a generator seeded by (seed, position, rank), augments them and returns
-    {"input_features": (B, n_mels, n_frames), "labels": (B, 2)}."""
+    {"input_features": (B, n_mels, n_frames), "labels": (B, 2)}. `max_warp` bounds the vocal-tract warp (0: none);
+    `feature_norm` is the model's (Config.feature_norm): "utterance" normalises each clip after the warp and before
+    SpecAugment's masks, without the spectral tilt (the normalisation removes any tilt: that is its point)."""
 
     def __init__(self, recordings: list[Recording], tokenizer: Tokenizer, n_mels: int, n_frames: int,
-                 seed: int = 0, augmented: bool = True) -> None:
+                 seed: int = 0, augmented: bool = True, max_warp: float = 0.0, feature_norm: str = "whisper") -> None:
         if not recordings:
             raise LlmkitError("no recordings to train on; check the FSDD speakers")
         self.recordings, self.tokenizer = recordings, tokenizer
         self.n_mels, self.n_frames, self.seed, self.augmented = n_mels, n_frames, seed, augmented
+        self.max_warp, self.feature_norm = max_warp, feature_norm
 
     def __call__(self, position: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + position * 101 + rank)
         picks = torch.randint(len(self.recordings), (batch_size,), generator=generator).tolist()
         chosen = [self.recordings[i] for i in picks]
         clips = [augment(r.samples, generator) if self.augmented else r.samples for r in chosen]
-        inputs = features(clips, self.n_mels, self.n_frames)
-        return {"input_features": spec_augment(inputs, generator) if self.augmented else inputs,
+        inputs = whisper_features(clips, self.n_mels, self.n_frames)  # (B, n_mels, n_frames)
+        if self.augmented:
+            inputs = vocal_tract_warp(inputs, generator, self.max_warp)
+        inputs = apply_feature_norm(inputs, self.feature_norm)
+        if self.augmented:
+            inputs = spec_augment(inputs, generator, tilt=self.feature_norm == "whisper")
+        return {"input_features": inputs,
                 "labels": digit_labels([r.digit for r in chosen], self.tokenizer)}
