@@ -255,11 +255,10 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     added, held = map(int, result.stdout.strip().splitlines()[-1].split())
     print(f"SmolLM2 Q4_1 file {file_bytes / 2**20:.1f} MiB; loaded quantized: tensors {held / 2**20:.1f} MiB, RSS "
           f"added {added / 2**20:.1f} MiB (fp32 load: ~531 MiB)")
-    # the tensors: llmkit's GGUF kernels (quant/native.py) keep the layers' Q4_1 blocks as they are; the tied Q8_0
-    # head/table runs through aten's int4 kernel as two 4-bit pieces with bf16 scale/offset pairs (10.5 bits per
-    # 8.5-bit weight; QuantLinear's docstring says why the head does not take int8 activations): measured 1.08x.
-    # Without a compiler every layer takes the int4 kernel with bf16 copies of its scales: measured 1.19x
-    assert held <= (1.1 if native.native_kernels_available() else 1.2) * file_bytes
+    # the tensors: llmkit's GGUF kernels (quant/native.py) keep the layers' Q4_1 blocks (regrouped 8 rows at a time,
+    # the same bytes) and the tied Q8_0 head/table's blocks as they are: measured 0.98x (the file also holds the
+    # vocabulary). Without a compiler every layer takes aten's int4 kernel with bf16 copies of its scales: 1.19x
+    assert held <= (1.0 if native.native_kernels_available() else 1.2) * file_bytes
     # the process: measured 1.48x (1.39x before the head's split pieces), the rest being freed header/layout
     # temporaries that stay resident in the heap (pymalloc arenas, glibc fragmentation) after malloc_trim; the bound
     # holds that figure, not the 1.2x goal
