@@ -46,7 +46,8 @@ GROUP = 8  # output rows per group in that layout
 X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q5_0": 22}  # bytes per block of 32 in the file
 X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,), "q5_0": (2, 4)}  # header bytes before the codes: d, m, qh
 MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
-FLAGS = ["-O3", "-march=native"]
+# -fopenmp: at::parallel_for is a header template over OpenMP pragmas; without it the kernels run on one thread
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
 OPS = "llmkit_gguf"  # the torch op namespace
 
 
@@ -60,7 +61,8 @@ def build(flags: list[str] = FLAGS, ops: str = OPS) -> None:
     if not _built_before(name):
         print("llmkit: building its GGUF CPU kernels (once per machine, ~30 s)...", file=sys.stderr, flush=True)
     load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=[*flags, f"-DLLMKIT_OPS={ops}"],
-         extra_include_paths=[str(KERNELS)], is_python_module=False, verbose=False)
+         extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], extra_include_paths=[str(KERNELS)],
+         is_python_module=False, verbose=False)
 
     @torch.library.register_fake(f"{ops}::matmul")
     def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:  # torch.compile

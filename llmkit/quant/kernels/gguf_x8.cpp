@@ -34,7 +34,8 @@ using namespace llmkit;
 
 constexpr int kMaxRows = 16;
 constexpr int kGroup = 8;  // output rows per group
-constexpr int kPrefetchBytes = 4096;
+// how far ahead to ask for memory: 8 KiB streamed 18-20 GB/s with 2 threads here, 1-2 KiB 13-16 (2026-12-06)
+constexpr int kPrefetchBytes = 8192;
 
 enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0 };  // native.py's INT8_KINDS for these four
 
