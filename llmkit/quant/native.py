@@ -41,10 +41,10 @@ HEADERS = [KERNELS / "gguf_formats.h", KERNELS / "activations.h"]
 # the kernels' `kind` arguments per scheme (the order of the Kind enums in the C++ files)
 INT8_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}
 FLOAT_KINDS = {"q8_0": 0, "f16": 1, "bf16": 2}
-X8_SCHEMES = ("q4_0", "q4_1", "q8_0", "q5_0")  # formats the 8-row kernel (gguf_x8.cpp) runs, in `to_x8`'s layout
+X8_SCHEMES = ("q4_0", "q4_1", "q8_0")  # formats the 8-row kernel (gguf_x8.cpp) runs, in `to_x8`'s layout
 GROUP = 8  # output rows per group in that layout
-X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q5_0": 22}  # bytes per block of 32 in the file
-X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,), "q5_0": (2, 4)}  # header bytes before the codes: d, m, qh
+X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}  # bytes per block of 32 in the file
+X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,)}  # header bytes before the codes: d (Q4_1: and m)
 MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
 # -fopenmp: at::parallel_for is a header template over OpenMP pragmas; without it the kernels run on one thread
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -125,7 +125,7 @@ def x8_matmul(x: torch.Tensor, blocks_x8: torch.Tensor, scheme: str, out_feature
 def to_x8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
     """A matrix's GGUF blocks (out, bytes per row) -> the 8-row layout (ceil(out / 8), bytes per row * 8) that
     gguf_x8.cpp reads: per group of 8 rows and block of 32 inputs, each header field of the 8 rows side by side (the
-    fp16 scale d; Q4_1: then the minimums m; Q5_0: then the 32 high bits), then their codes interleaved 4 bytes at a
+    fp16 scale d; Q4_1: then the minimums m), then their codes interleaved 4 bytes at a
     time (chunk c = each row's code bytes 4c .. 4c + 3). Rows past `out` are zero (scale 0: they add nothing, and
     the kernel drops them). A lossless reordering: `from_x8`."""
     out_features = blocks.shape[0]

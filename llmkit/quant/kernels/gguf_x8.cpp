@@ -1,4 +1,4 @@
-// Q4_0, Q4_1, Q8_0 and Q5_0 products from blocks regrouped eight output rows at a time (llmkit/quant/native.py's `to_x8`
+// Q4_0, Q4_1 and Q8_0 products from blocks regrouped eight output rows at a time (llmkit/quant/native.py's `to_x8`
 // writes this layout from the file's and `from_x8` gives the file's back), int8 activations as in gguf_cpu.cpp.
 //
 // Per group of 8 output rows and block of 32 inputs, the bytes are the 8 rows' scales side by side, then their codes
@@ -7,13 +7,14 @@
 //   Q4_0  144 bytes = d[8] (fp16) | 4 chunks of 32 bytes: chunk c = row 0's nibble bytes 4c..4c+3, row 1's, ... row 7's
 //   Q4_1  160 bytes = d[8] | m[8] | the same 4 chunks
 //   Q8_0  272 bytes = d[8] | 8 chunks of 32 bytes: chunk c = row 0's codes 4c..4c+3, row 1's, ... row 7's
-//   Q5_0  176 bytes = d[8] | qh[8] (each row's 32 fifth bits) | the 4 nibble chunks
 //
 // (a nibble byte j holds inputs j and j + 16, so the low nibbles of chunk c are inputs 4c..4c+3 and the high ones
 // 16+4c..16+4c+3). One register of codes then holds, in int32 lane i, row i's four codes of four consecutive inputs,
 // and one vpdpbusd with those four x codes broadcast to every lane adds four products to each of the 8 rows' sums:
 // 8 instructions per block for 8 rows, the scales applied once per block as one vector of 8 (no horizontal sums).
-// Q4_0's and Q5_0's codes run unsigned and the offset is taken out per block: sum (q - o) qx = sum q qx - o sum qx.
+// Q4_0's codes run unsigned and the offset is taken out per block: sum (q - 8) qx = sum q qx - 8 sum qx.
+// (Q5_0 took this path too, 10% faster on Gemma 3, but its sums in this order flipped a near-tie of Gemma's greedy
+// continuation against llama.cpp's, whose per-row order the row kernel keeps: it stays there.)
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,16 +38,16 @@ constexpr int kGroup = 8;  // output rows per group
 // how far ahead to ask for memory: 8 KiB streamed 18-20 GB/s with 2 threads here, 1-2 KiB 13-16 (2026-12-06)
 constexpr int kPrefetchBytes = 8192;
 
-enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0 };  // native.py's INT8_KINDS for these four
+enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0 };  // native.py's INT8_KINDS for these three
 
 template <int kKind>
-constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : kKind == kQ8_0 ? 272 : 176; }
+constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : 272; }
 
 template <int kKind>
-constexpr int codes_at() { return kKind == kQ4_1 ? 32 : kKind == kQ5_0 ? 48 : 16; }  // where the chunks start
+constexpr int codes_at() { return kKind == kQ4_1 ? 32 : 16; }  // where the chunks start in a group's block
 
 template <int kKind>
-constexpr int offset() { return kKind == kQ4_0 ? 8 : kKind == kQ5_0 ? 16 : 0; }  // w = d (q - offset) (+ m)
+constexpr int offset() { return kKind == kQ4_0 ? 8 : 0; }  // w = d (q - offset) (+ m)
 
 // code of output row i (0..7) at input j (0..31) of one group's block (the plain path and the definition)
 template <int kKind>
@@ -55,11 +56,7 @@ inline int code_at(const uint8_t* block, int i, int j) {
   if (kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
   const int at = j % 16;  // the nibble byte that holds input j
   const uint8_t byte = chunks[(at / 4) * 32 + 4 * i + at % 4];
-  const int nibble = j < 16 ? byte & 0xF : byte >> 4;
-  if (kKind != kQ5_0) return nibble;
-  uint32_t qh;
-  std::memcpy(&qh, block + 16 + 4 * i, 4);
-  return nibble | (((qh >> j) & 1) << 4);
+  return j < 16 ? byte & 0xF : byte >> 4;
 }
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -87,22 +84,6 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
         const __m256i bytes = load32(chunks + 32 * c);
         w[c] = _mm256_and_si256(bytes, low_mask);
         w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask);
-      }
-      if (kKind == kQ5_0) {  // lane i's byte t of w[c] gets 16 where bit 4c + t of row i's qh is set (w[c + 4]: 16 + 4c + t)
-        const __m256i qh = load32(block + 16);
-        const __m256i bit = _mm256_set1_epi32(0x08040201);
-        // shuffle controls: every byte of a 32-bit lane takes that lane's byte 0 (resp. 2)
-        const __m256i low_byte = _mm256_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
-                                                  0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
-        const __m256i third_byte = _mm256_add_epi8(low_byte, _mm256_set1_epi8(2));
-        for (int c = 0; c < 4; ++c) {
-          const __m256i bits = _mm256_srli_epi32(qh, 4 * c);  // inputs 4c.. in bits 0-3, 16 + 4c.. in bits 16-19
-          const __m256i low = _mm256_shuffle_epi8(bits, low_byte), high = _mm256_shuffle_epi8(bits, third_byte);
-          w[c] = _mm256_or_si256(w[c], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(low, bit), bit),
-                                                        _mm256_set1_epi8(16)));
-          w[c + 4] = _mm256_or_si256(w[c + 4], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(high, bit), bit),
-                                                                _mm256_set1_epi8(16)));
-        }
       }
     }
     for (int r = 0; r < kRows; ++r) {
@@ -183,19 +164,18 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   TORCH_CHECK(x.size(0) <= kMaxRows, "matmul_x8: at most ", kMaxRows, " rows per call");
   TORCH_CHECK(x.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
-  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ5_0, "matmul_x8: unknown kind ", kind);
+  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
   const int64_t groups = (out_features + kGroup - 1) / kGroup;
-  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : kind == kQ8_0 ? 272 : 176);
+  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272);
   TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   if (kind == kQ4_0) x8_rows<kQ4_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
   else if (kind == kQ4_1) x8_rows<kQ4_1>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  else if (kind == kQ8_0) x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  else x8_rows<kQ5_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  else x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
   return y;
 }
 
