@@ -18,6 +18,8 @@ from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, s
 from llmkit.checkpoints.gguf_export import export_gguf, gguf_pre
 from llmkit.data.tokenizer_train import train_tokenizer
 from llmkit.models.decoder import Decoder
+from llmkit.quant import pack_gguf
+from llmkit.quant.gguf_load import load_gguf_quantized
 from llmkit.tokenizer import Tokenizer
 from tests.helpers import cli_status, run_cli, tiny_decoder
 
@@ -158,6 +160,41 @@ def test_export_matches_llama_cpp_layout_transformers_and_llmkit(tmp_path, token
             assert torch.equal(state_dict[name], model.state_dict()[name]), name
     assert loaded.config.tie_embeddings == model.config.tie_embeddings
     assert loaded.config.qkv_bias == model.config.qkv_bias
+
+
+@pytest.mark.parametrize("d_model", [256, 64])  # 64: rows that are not whole 256-value super-blocks
+def test_q4_k_m_is_llama_quantizes_mix_and_reads_back(tmp_path, tokenizer, d_model):
+    model = make_model("tied", d_model=d_model, n_heads=4, n_kv_heads=2, d_ff=512, n_layers=8)
+    with pytest.raises(LlmkitError, match="pack=llmkit.quant.pack_gguf"):  # gguf.quants cannot write K-quants
+        export_gguf(model, tmp_path / "no.gguf", tokenizer, "q4_k_m")
+    path = export_gguf(model, tmp_path / "tiny.Q4_K_M.gguf", tokenizer, "q4_k_m", pack=pack_gguf)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    types = {tensor.name: tensor.tensor_type for tensor in reader.tensors}
+    # llama-quantize: Q6_K for the (tied) head and for attn_v / ffn_down in layers 0, 3, 6, 7 of 8 (the first and last
+    # eighth, every third between); Q4_K elsewhere; rows of 64 fall back to Q5_0 (Q4_K) and Q8_0 (Q6_K)
+    k4, k6 = (Q.Q4_K, Q.Q6_K) if d_model == 256 else (Q.Q5_0, Q.Q8_0)
+    assert types["token_embd.weight"] == k6 and types["blk.0.attn_norm.weight"] == Q.F32
+    for layer in range(8):
+        more = layer in (0, 3, 6, 7)
+        assert types[f"blk.{layer}.attn_v.weight"] == (k6 if more else k4)
+        assert types[f"blk.{layer}.ffn_down.weight"] == (Q.Q6_K if more else Q.Q4_K)  # rows of d_ff = 512
+        assert types[f"blk.{layer}.attn_q.weight"] == types[f"blk.{layer}.ffn_up.weight"] == k4
+    # gguf.quants' own dequantizer (llama.cpp's reference in numpy) reads every block back near the weights
+    for tensor in reader.tensors:
+        if tensor.tensor_type in (Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.Q8_0):
+            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+            assert np.isfinite(values).all() and np.abs(values).max() < 10, tensor.name
+    # transformers' GGUF loader and llmkit's importer read the same weights: the same logits; the packed load runs
+    # the K-quant blocks on llmkit's kernels within int8-activation error of them
+    theirs = transformers_logits(path, IDS)
+    with torch.no_grad():
+        ours = load_model(path)(IDS)
+        original = model(IDS)
+        packed = load_gguf_quantized(path)(IDS)
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert 0 < (ours - original).abs().max() <= 0.5  # 4-6 bit weights: close to the float model, not equal
+    assert (packed - ours).abs().max() <= 0.1
 
 
 def test_tokenizer_and_metadata_survive(tmp_path, tokenizer):

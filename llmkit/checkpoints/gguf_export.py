@@ -9,14 +9,20 @@ Storage types (`--quant`), as llama.cpp's convert_hf_to_gguf.py and llama-quanti
     q8_0              blocks of 32 int8 + one fp16 scale d:             w = d * q         (8.5 bits/weight)
     q4_0              blocks of 32 4-bit q in [0, 15] + fp16 d:          w = d * (q - 8)   (4.5 bits/weight)
     q4_1              blocks of 32 4-bit q + fp16 scale d and min m:     w = d * q + m     (5 bits/weight)
+    q4_k_m            llama-quantize's Q4_K_M mix: Q4_K super-blocks of 256 (4.5 bits/weight) for most matrices,
+                      Q6_K (6.5625) for the LM head and for attn_v / ffn_down in the layers `use_more_bits` picks
+                      (the first and last eighth and every third between); a matrix whose rows are not a multiple
+                      of 256 values falls back as llama.cpp's does: Q4_K -> Q5_0, Q6_K -> Q8_0
 1-D tensors (norm weights, biases, rope_freqs) stay F32 whatever the type: they are tiny and llama.cpp's kernels
 read them as F32. The token embedding is quantized like the other matrices. The LM head (`output`, or the token
 embedding when the head is tied to it) is where llama-quantize spends more bits at 4-bit types: Q6_K, or Q8_0 when
-the row width is not a multiple of the K-quant super-block (256; SmolLM2's 576 is not). The `gguf` package cannot
-write Q6_K, so at q4_0/q4_1 that tensor is Q8_0 here (`HEAD_TYPES`), which is what llama.cpp wrote for SmolLM2.
+the row width is not a multiple of the K-quant super-block (256; SmolLM2's 576 is not). At q4_0/q4_1 that tensor is
+Q8_0 here (`HEAD_TYPES`), which is what llama.cpp wrote for SmolLM2; at q4_k_m it follows the mix above.
 
 Blocks are packed by `gguf.quants.quantize`, the reference implementation of llama.cpp's packers in numpy (bit for
-bit the bytes llama.cpp writes for Q8_0/Q4_0/Q4_1).
+bit the bytes llama.cpp writes for Q8_0/Q4_0/Q4_1/Q5_0). The K-quants the `gguf` package cannot write are packed by
+the `pack` function the caller passes (`llmkit.quant.pack_gguf`: llama.cpp's quantizers with their scale search,
+llmkit/quant/kquants.py), since quantization sits above checkpoints in llmkit's import order.
 
 The tokenizer is written as GGUF's byte-level BPE ("gpt2" model): the vocabulary padded to the embedding's rows
 with "[PADn]" tokens (type UNUSED, as llama.cpp's converter pads), token types (CONTROL for special added tokens,
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +58,16 @@ from llmkit.nn.position import rope_inverse_frequencies
 from llmkit.tokenizer import Tokenizer
 
 Q = GGMLQuantizationType
-QUANT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}  # --quant -> storage
+QUANT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+               "q4_k_m": Q.Q4_K}  # --quant -> storage (q4_k_m: of most matrices; `tensor_type` has the mix)
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}  # general.file_type
-HEAD_TYPES = {"q4_0": Q.Q8_0, "q4_1": Q.Q8_0}  # the LM head at 4-bit types (llama.cpp: Q6_K, else Q8_0; see above)
-BLOCK_VALUES = 32  # values per block of Q8_0 / Q4_0 / Q4_1, along each row
+              "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+              "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M}  # general.file_type
+HEAD_TYPES = {"q4_0": Q.Q8_0, "q4_1": Q.Q8_0, "q4_k_m": Q.Q6_K}  # the LM head (llama.cpp: Q6_K, else Q8_0; above)
+BLOCK_VALUES = 32  # values per block of Q8_0 / Q4_0 / Q4_1 / Q5_0, along each row
+SUPER_BLOCK_VALUES = 256  # values per K-quant super-block
+K_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}  # llama-quantize's type for rows that are not whole super-blocks
+K_TYPES = (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # types the gguf package cannot write: `export_gguf`'s `pack` does
 
 # metadata keys the importer does not read (the others are shared with llmkit.checkpoints.gguf / llmkit.tokenizer)
 MODEL_NAME_KEY = "general.name"
@@ -95,12 +107,23 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama-quantize's choice of the layers whose attn_v and ffn_down get Q6_K in a Q4_K_M file: the first and last
+    eighth of the layers, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
 def tensor_type(name: str, array: np.ndarray, quant: str, config: Config) -> Q:
-    """Storage type of one GGUF tensor: F32 for 1-D tensors, the head's type for the LM head, else --quant's."""
+    """Storage type of one GGUF tensor: F32 for 1-D tensors, the head's type for the LM head, q4_k_m's mix, else
+    --quant's."""
     if array.ndim == 1:
         return Q.F32
     head = name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings)
     qtype = HEAD_TYPES.get(quant, QUANT_TYPES[quant]) if head else QUANT_TYPES[quant]
+    if quant == "q4_k_m" and name.startswith("blk.") and name.endswith((".attn_v.weight", ".ffn_down.weight")):
+        qtype = Q.Q6_K if use_more_bits(int(name.split(".")[1]), config.n_layers) else qtype
+    if qtype in K_FALLBACK and array.shape[-1] % SUPER_BLOCK_VALUES:
+        qtype = K_FALLBACK[qtype]
     if qtype not in (Q.F32, Q.F16) and array.shape[-1] % BLOCK_VALUES:
         raise LlmkitError(f"tensor {name} has rows of {array.shape[-1]} values, not a multiple of {qtype.name}'s "
                           f"{BLOCK_VALUES}-value blocks; export this model with --quant f16 or --quant f32")
@@ -243,9 +266,12 @@ def _add(writer: GGUFWriter, key: str, value: Any) -> None:
         writer.add_array(key, value)  # strings, or token types (ints: INT32 as llama.cpp writes them)
 
 
-def export_gguf(model: nn.Module, path: str | Path, tokenizer: Tokenizer, quant: str = "f16") -> Path:
+def export_gguf(model: nn.Module, path: str | Path, tokenizer: Tokenizer, quant: str = "f16",
+                pack: Callable[[np.ndarray, Q], np.ndarray] | None = None) -> Path:
     """Write `model` (a llama-family Decoder) and `tokenizer` as one GGUF file at `path`, its matrices stored as
-    `quant` (f32, f16, q8_0, q4_0, q4_1); written to a temporary name and renamed, so `path` is never half-written.
+    `quant` (f32, f16, q8_0, q4_0, q4_1, q4_k_m); written to a temporary name and renamed, so `path` is never
+    half-written. `pack` (array (rows, in) float32, type) -> blocks (rows, bytes) uint8 packs the block types; the
+    default, gguf.quants.quantize, cannot write K-quants: q4_k_m needs `llmkit.quant.pack_gguf`.
 
     Raises:
         LlmkitError: unknown `quant`, a model GGUF has no architecture for, a non-byte-level tokenizer, or a row
@@ -260,6 +286,11 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Tokenizer, quant:
     arch = gguf_architecture(config)
     metadata = {**model_metadata(config, arch, quant), **tokenizer_metadata(tokenizer, config)}
     tensors = gguf_tensors(model, arch, quant)  # every tensor checked before the file is opened
+    if pack is None:
+        if any(qtype in K_TYPES for _, _, qtype in tensors):
+            raise LlmkitError(f"--quant {quant} stores K-quant blocks, which gguf.quants cannot write: pass "
+                              "pack=llmkit.quant.pack_gguf to export_gguf (`llmkit convert` does)")
+        pack = gguf.quants.quantize
 
     def write(tmp: Path) -> None:
         writer = GGUFWriter(str(tmp), arch)
@@ -271,7 +302,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer: Tokenizer, quant:
             elif qtype == Q.F16:
                 writer.add_tensor(name, array.astype(np.float16))
             else:
-                blocks = gguf.quants.quantize(array, qtype)  # (rows, bytes) uint8, llama.cpp's packing
+                blocks = pack(array, qtype)  # (rows, bytes) uint8, llama.cpp's packing
                 writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

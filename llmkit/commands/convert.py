@@ -13,7 +13,7 @@ def convert(
     output: str,
     to: Literal["native", "hf", "gguf"] = "native",
     overwrite: bool = False,
-    quant: Literal["f32", "f16", "q8_0", "q4_0", "q4_1"] | None = None,
+    quant: Literal["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k_m"] | None = None,
 ) -> None:
     """Convert a model between formats: GGUF or Hugging Face -> llmkit, llmkit/GGUF -> Hugging Face, or any
     llama-family decoder -> a GGUF file llama.cpp runs. Every family converts to and from Hugging Face: decoders,
@@ -23,6 +23,7 @@ def convert(
              llmkit convert --model smollm2/ --output smollm2-hf/ --to hf
              llmkit convert --model my-bert/ --output my-bert-hf/ --to hf   # BertForMaskedLM etc., T5 alike
              llmkit convert --model smollm2/ --output smollm2.Q8_0.gguf --to gguf --quant q8_0
+             llmkit convert --model smollm2/ --output smollm2.Q4_K_M.gguf --to gguf --quant q4_k_m
 
     OUTPUT must be a new or empty directory (another model's files are never replaced unless you pass --overwrite),
     and neither the input model nor a folder inside it.
@@ -34,8 +35,10 @@ def convert(
             (one file that llama.cpp runs).
         overwrite: replace the files of a directory that already holds some (files convert does not write are kept),
             or the --to gguf file.
-        quant: with --to gguf, how matrices are stored: f32, f16 (default), q8_0, q4_0 or q4_1 (norms and biases stay
-            f32; at q4_0/q4_1 the LM head is q8_0). --to gguf writes one file, OUTPUT.gguf.
+        quant: with --to gguf, how matrices are stored: f32, f16 (default), q8_0, q4_0, q4_1 or q4_k_m (norms and
+            biases stay f32; at q4_0/q4_1 the LM head is q8_0; q4_k_m is llama-quantize's mix: Q4_K, Q6_K for the
+            head and some attn_v/ffn_down, Q5_0/Q8_0 for rows that are not whole 256-value super-blocks). --to gguf
+            writes one file, OUTPUT.gguf.
     """
     if to == "gguf":
         _convert_to_gguf(model, output, quant or "f16", overwrite)
@@ -67,6 +70,7 @@ def _convert_to_gguf(model: str, output: str, quant: str, overwrite: bool) -> No
     from llmkit.checkpoints.gguf_export import export_gguf, gguf_architecture
     from llmkit.commands.common import refuse_existing_file
     from llmkit.errors import LlmkitError
+    from llmkit.quant import pack_gguf
 
     if Path(output).suffix.lower() != ".gguf":
         raise LlmkitError(f"--output {output} must be a .gguf file name with --to gguf (e.g. model.{quant.upper()}.gguf)")
@@ -77,6 +81,6 @@ def _convert_to_gguf(model: str, output: str, quant: str, overwrite: bool) -> No
     gguf_architecture(load_config(model))  # refuse an encoder or an unsupported family before reading weights
     config, state_dict = load_weights(model)
     network = build_model(config, state_dict, source=model)
-    path = export_gguf(network, output, load_tokenizer(model), quant)
+    path = export_gguf(network, output, load_tokenizer(model), quant, pack=pack_gguf)
     print(f"wrote {config.name} ({network.num_parameters():,} parameters) to {path} (GGUF {quant}, "
           f"{path.stat().st_size / 1e6:,.1f} MB)")

@@ -64,6 +64,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from llmkit.errors import LlmkitError
 from llmkit.quant.kquant_search import F32, GROUP_MAX_EPS, min_scale_search, round_clamp, seq_sum, symmetric_scale_search
@@ -306,3 +308,13 @@ def dequantize_q6_k(data: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> 
 
 QUANTIZE = {"q4_k": quantize_q4_k, "q5_k": quantize_q5_k, "q6_k": quantize_q6_k}
 DEQUANTIZE = {"q4_k": dequantize_q4_k, "q5_k": dequantize_q5_k, "q6_k": dequantize_q6_k}
+
+
+def pack_gguf(weight: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """(rows, in) float32 -> (rows, bytes) uint8 blocks of GGUF type `qtype` as llama.cpp writes them: the K-quants
+    here (the `gguf` package cannot write them), every other type by gguf.quants.quantize. The `pack` that
+    llmkit.checkpoints.export_gguf takes."""
+    name = qtype.name.lower()
+    if name in QUANTIZE:
+        return QUANTIZE[name](weight)
+    return gguf_quants.quantize(weight, qtype)
