@@ -99,6 +99,28 @@ def test_cli_quantize_then_generate_perplexity_info(tmp_path, capsys):
     assert code == 2 and "--group_size" in err
 
 
+def test_cli_quantize_to_k_quants_checks_every_width_first(tmp_path, capsys):
+    # K-quant super-blocks of 256 inputs: a model whose projections all take 256-multiples quantizes and runs packed
+    save_model(tiny_decoder(d_model=256, n_heads=4, n_kv_heads=2, d_ff=512), tmp_path / "wide", byte_tokenizer())
+    code, stdout, err = run_cli(capsys, "quantize", "--model", str(tmp_path / "wide"), "--scheme", "q4_k",
+                                "--output", str(tmp_path / "wide-q4_k"), "--perplexity_tokens", "100")
+    assert code == 0, err
+    assert "-> q4_k" in stdout and "perplexity on 100 tokens" in stdout
+    model = load_quantized(tmp_path / "wide-q4_k")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and {layer.scheme for layer in layers} == {"q4_k"}
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    float_model = load_model(tmp_path / "wide")
+    with torch.no_grad():
+        assert (model(ids) - float_model(ids)).abs().max() < 0.5  # 4.5-bit weights: near, not equal
+    # 64-wide rows (tiny_decoder's default d_model) are not whole super-blocks: refused before anything is written
+    save_model(tiny_decoder(), tmp_path / "narrow", byte_tokenizer())
+    code, _, err = run_cli(capsys, "quantize", "--model", str(tmp_path / "narrow"), "--scheme", "q6_k",
+                           "--output", str(tmp_path / "narrow-q6_k"))
+    assert code == 2 and "multiple of 256" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "narrow-q6_k").exists()
+
+
 MEASURE_RSS = """
 import sys, tempfile
 from llmkit import Config

@@ -7,7 +7,8 @@ from typing import Literal
 
 from llmkit.commands.common import model_path
 
-Scheme = Literal["int8", "int4", "int4_asym", "q8_0", "q4_0", "q4_1", "nf4", "gptq", "awq"]  # FORMATS + calibrated
+Scheme = Literal["int8", "int4", "int4_asym", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "nf4", "gptq",
+                 "awq"]  # FORMATS, GGUF's K-quants, calibrated
 CALIBRATED = ("gptq", "awq")  # calibrated 4-bit methods: they write int4_asym
 DEFAULT_OUTPUT = "quantized"  # without --output: ./quantized/<model name>-<scheme>
 DEMO_TOKENS = 2048  # perplexity before/after on the first tokens of the built-in Tiny Shakespeare
@@ -29,13 +30,17 @@ def quantize(
     Example: llmkit quantize                                   (SmolLM2 to int8 in ./quantized/, perplexity before/after)
              llmkit quantize --model my_model/ --scheme int4 --group_size 32 --output my_model_int4/
              llmkit quantize --scheme q4_0 --perplexity_tokens 0   (skip the perplexity check)
+             llmkit quantize --model my_model/ --scheme q4_k        (rows must be multiples of 256 values)
              llmkit quantize --scheme gptq --group_size 64 --calibration my_text.txt --n_sequences 32
 
     The attention and MLP projections (q/k/v/o, gate/up/down) are replaced by packed integers plus scales; the
     embedding, norms and (unless --head) the LM head stay float. The output loads in llmkit generate, chat,
     perplexity, evaluate and info, and stays quantized in memory. Schemes: int8 (per output channel), int4 and
     int4_asym (groups of --group_size inputs: 32, 64 or 128; default 32), q8_0 / q4_0 / q4_1 (llama.cpp's GGUF
-    blocks of 32), nf4 (QLoRA's 4-bit NormalFloat, blocks of 64). gptq and awq are calibrated 4-bit: they run
+    blocks of 32), q4_k / q5_k / q6_k (llama.cpp's K-quant super-blocks of 256 inputs, with its scale search; every
+    projection's input width must be a multiple of 256: SmolLM2's 576 is not, so for it use q4_0 here or
+    `llmkit convert --to gguf --quant q4_k_m`, which falls back per tensor as llama.cpp does), nf4 (QLoRA's 4-bit
+    NormalFloat, blocks of 64). gptq and awq are calibrated 4-bit: they run
     --n_sequences windows of a text (--calibration, default the built-in Tiny Shakespeare after the 2,048 tokens the
     perplexity check scores) through the model block by block, and write int4_asym with --group_size (default 128).
     GPTQ rounds each weight column and spreads the error over the columns not yet rounded; AWQ scales salient input

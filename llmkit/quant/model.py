@@ -60,9 +60,10 @@ def quantize(
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets and name != HEAD]
     if not found:
         raise LlmkitError(f"no linear layer named {list(targets)} in the model; pass targets that name its layers")
-    for _, linear in found:  # check every shape before changing anything
-        if fmt.groups and linear.in_features % (group_size or fmt.groups[0]):
-            fmt.quantize(torch.zeros(1, linear.in_features), group_size)  # raises naming --group_size and the fix
+    for width in sorted({linear.in_features for _, linear in found}):  # every shape checked before anything changes
+        # raises naming --group_size (grouped formats) or the format's block (GGUF formats: rows are whole blocks)
+        if not fmt.groups or width % (group_size or fmt.groups[0]):
+            fmt.quantize(torch.zeros(1, width), group_size)
     with torch.no_grad():
         for name, linear in found:
             parent, _, attribute = name.rpartition(".")
