@@ -19,16 +19,10 @@
 
 #include "gguf_formats.h"
 
-#ifndef LLMKIT_OPS
-#define LLMKIT_OPS llmkit_gguf
-#endif
-#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
-
 namespace {
 
 using namespace llmkit;
 
-constexpr int kMaxRows = 16;
 constexpr int kPrefetchBytes = 4096;
 
 enum FloatKind : int64_t { kQ8_0, kF16, kBF16 };

@@ -24,17 +24,10 @@
 #include "activations.h"
 #include "gguf_formats.h"
 
-#ifndef LLMKIT_OPS
-#define LLMKIT_OPS llmkit_gguf  // the op namespace (the tests build other instruction sets under other names)
-#endif
-#define LLMKIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
-
 namespace {
 
 using namespace llmkit;
 
-constexpr int kMaxRows = 16;
 constexpr int kPrefetchBytes = 4096;  // how far ahead of the block being read to ask for memory
 
 #if defined(__AVX2__)

@@ -34,9 +34,17 @@
 #include <immintrin.h>
 #endif
 
+// shared by the kernel files: the torch op namespace (the tests build other instruction sets under other names)
+#ifndef LLMKIT_OPS
+#define LLMKIT_OPS llmkit_gguf
+#endif
+#define LLMKIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // (an indirection, so LLMKIT_OPS is expanded first)
+#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
+
 namespace llmkit {
 
 constexpr int kSub = 32;  // values per sub-block: the unit of every integer dot product
+constexpr int kMaxRows = 16;  // rows of x per call (decode, speculative verification): native.MAX_ROWS
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;

@@ -24,16 +24,10 @@
 #include "activations.h"
 #include "gguf_formats.h"
 
-#ifndef LLMKIT_OPS
-#define LLMKIT_OPS llmkit_gguf
-#endif
-#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
-
 namespace {
 
 using namespace llmkit;
 
-constexpr int kMaxRows = 16;
 constexpr int kGroup = 8;  // output rows per group
 // how far ahead to ask for memory: 8 KiB streamed 18-20 GB/s with 2 threads here, 1-2 KiB 13-16 (2026-12-06)
 constexpr int kPrefetchBytes = 8192;
