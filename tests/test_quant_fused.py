@@ -56,7 +56,9 @@ def test_a_fused_model_saves_and_loads_unchanged(tmp_path):
     model = fuse_quantized_projections(quantize(tiny_decoder(), "q4_0"))
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")
-    assert torch.equal(decode_logits(loaded), decode_logits(model))
+    # the quantized layers give the same numbers; the float LM head's one-row product may sum in another order when
+    # its reloaded weight sits at another alignment (seen with torch's AVX2 GEMV): a float rounding, no more
+    torch.testing.assert_close(decode_logits(loaded), decode_logits(model), rtol=0, atol=1e-6)
     up, loaded_up = model.blocks[1].mlp.up_proj, loaded.blocks[1].mlp.up_proj
     assert torch.equal(loaded_up.packed.tensors["blocks"], up.packed.tensors["blocks"])
 

@@ -29,6 +29,19 @@ def test_tinygemm_layout_equals_aten_packer(shape):
     assert torch.equal(from_tinygemm(packed), codes.to(torch.uint8))
 
 
+def test_unknown_int4_layout_dequantizes_instead(monkeypatch):
+    """Where aten's int4 packer uses a layout llmkit does not know (layout_tile() == 0), int4 layers dequantize per
+    call rather than feed the kernel wrongly ordered codes, and still equal F.linear."""
+    monkeypatch.setattr("llmkit.quant.linear.layout_tile", lambda: 0)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    layer = QuantLinear.from_linear(linear, "int4", 32)
+    assert layer.kernel == "dequantize"
+    x = torch.randn(1, 128)
+    expected = F.linear(x, layer.dequantized_weight(), linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scheme", list(FORMATS))
 @pytest.mark.parametrize("rows", [1, 40, 200])  # 200: over every kernel_rows, the dequantize path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.nn import decode_kernels
 
 COMPILED_STEP = "compiled_decode_step"  # the attribute `compile_decode_step` sets on a model
 
@@ -37,6 +38,7 @@ def compile_decode_step(model: nn.Module) -> nn.Module:
     if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         raise LlmkitError("--compile needs a C++ compiler on the CPU (TorchInductor builds the decode step as C++): "
                           "install one (e.g. `apt install g++`) or run without --compile")
+    decode_kernels.available()  # build llmkit's decode ops now, not inside the trace
     # the bound forward, not the module: a compiled module set as an attribute would become its own submodule
     object.__setattr__(model, COMPILED_STEP, torch.compile(model.forward, dynamic=True))
     return model

@@ -31,6 +31,7 @@ from torch import nn
 
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.nn import decode_kernels
 from llmkit.nn.fused import fused_product
 from llmkit.nn.linear import Linear
 from llmkit.nn.norm import RMSNorm
@@ -356,6 +357,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset) if config.qk_norm else None
         self.sliding = layer_index in config.local_layers  # takes the context's sliding-window part
+        self.window = config.sliding_window if self.sliding else 0
 
     def forward(
         self, x: torch.Tensor, context: AttentionContext, keys_values: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -365,6 +367,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if self.sliding:
             context = context.local
+        if keys_values is None and self.decodes_natively(x, context):
+            q, k, v = self.project_qkv(x, context)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
+            cache = context.cache
+            y = decode_kernels.decode_attention(
+                q, k, v, cache.keys[self.layer_index], cache.values[self.layer_index], context.start,
+                cache.valid if cache.has_padding else None, self.window,
+                self.scale if self.scale is not None else self.head_dim**-0.5)  # (B, 1, H * D)
+            return self.o_proj(y)
         if keys_values is None:
             q, k, v = self.project_qkv(x, context)
         else:
@@ -382,6 +392,13 @@ class Attention(nn.Module):
             y = attend(q.to(k.dtype), k, v, mask, context.is_causal, self.scale).to(q.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+    def decodes_natively(self, x: torch.Tensor, context: AttentionContext) -> bool:
+        """Whether this forward takes `decode_kernels.decode_attention`: one new token per row into a `KVCache`,
+        float32 activations on the CPU at inference, and a mask that only padding or the sliding window makes (the
+        kernel applies both itself; ALiBi's float bias and the reference kernel keep the general path)."""
+        return (x.shape[1] == 1 and isinstance(context.cache, KVCache) and context.kernel == "sdpa"
+                and (context.mask is None or context.mask.dtype == torch.bool) and decode_kernels.applies(x))
 
     def project_qkv(self, x: torch.Tensor, context: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x (B, T, C), queries and keys rotated when the

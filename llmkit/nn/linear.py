@@ -100,7 +100,8 @@ def use_column_major_weights(model: nn.Module) -> nn.Module:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether `PackedWeight` can pack this weight: a 2-D bfloat16 CPU tensor, with oneDNN built in."""
+    """Whether `PackedWeight` can pack this weight: a 2-D bfloat16 CPU tensor, with oneDNN built in and a CPU its
+    bfloat16 path runs on (AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU oneDNN refuses to reorder)."""
     return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

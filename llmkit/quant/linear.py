@@ -80,7 +80,15 @@ from torch import nn
 from llmkit.quant import affine, native
 from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
-from llmkit.quant.tinygemm import KERNEL_GROUPS, codes_of, from_tinygemm, int4_matmul, kernel_weight, tinygemm_rows
+from llmkit.quant.tinygemm import (
+    KERNEL_GROUPS,
+    codes_of,
+    from_tinygemm,
+    int4_matmul,
+    kernel_weight,
+    layout_tile,
+    tinygemm_rows,
+)
 
 KERNEL_MAX_ROWS = 16  # most rows per call that take the kernels (decode); why not the measured 128: module docstring
 SPLIT_SCHEMES = ("q8_0", "q5_0", "q5_1", "q5_k")  # codes wider than 4 bits: two 4-bit pieces (tinygemm.py)
@@ -111,7 +119,8 @@ def kernel_for(packed: QuantizedWeight, int8_activations: bool = True) -> str:
         return "int8pack"
     if scheme in HALF_SCHEMES:
         return "half"
-    if scheme in affine.AFFINE_SCHEMES and (scheme not in ("int4", "int4_asym") or packed.group_size in KERNEL_GROUPS):
+    if (scheme in affine.AFFINE_SCHEMES and (scheme not in ("int4", "int4_asym") or packed.group_size in KERNEL_GROUPS)
+            and layout_tile()):
         return "int4pack"
     return "gguf" if native_ok and scheme in native.INT8_KINDS else "dequantize"
 
@@ -220,24 +229,31 @@ class QuantLinear(nn.Module):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The few-row path (CPU, no gradient): the aten weight-only kernel of `self.kernel` on the packed weight."""
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
-        if self.kernel == "gguf" and "weight_x8" in self._buffers:
-            y = native.x8_matmul(flat, self.weight_x8, self.scheme, self.out_features)
-        elif self.kernel == "gguf":
-            y = native.gguf_matmul(flat, self.weight_blocks, self.scheme, self.out_features)
-        elif self.kernel == "gguf_float":
-            weight = self.weight_weight if self.scheme in HALF_SCHEMES else self.weight_blocks
-            y = native.float_matmul(flat, weight, self.scheme, self.out_features)
-        elif self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
-        elif self.kernel == "half":
-            y = F.linear(flat.to(self.weight_weight.dtype), self.weight_weight)
+        if self.kernel in ("gguf", "gguf_float"):  # llmkit's kernels: float32 (..., in) -> (..., out), no reshapes
+            y = self.native_product(x if x.dtype == torch.float32 else x.float())
         else:
-            y = int4_matmul(flat, self.weight_int4pack, self.kernel_group, self.kernel_scales, self.pieces,
-                            self.out_features)
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            flat = x.reshape(x.numel() // self.in_features, self.in_features)
+            if self.kernel == "int8pack":
+                y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight_qweight, self.kernel_scales)
+            elif self.kernel == "half":
+                y = F.linear(flat.to(self.weight_weight.dtype), self.weight_weight)
+            else:
+                y = int4_matmul(flat, self.weight_int4pack, self.kernel_group, self.kernel_scales, self.pieces,
+                                self.out_features)
+            y = y.view(*x.shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def native_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) float32 W^T on llmkit's GGUF kernels (quant/native.py): the 8-row layout where the layer holds
+        it, else the file's blocks (int8 activations), or float32 activations (`gguf_float`)."""
+        if self.kernel == "gguf_float":
+            weight = self.weight_weight if self.scheme in HALF_SCHEMES else self.weight_blocks
+            return native.float_matmul(x, weight, self.scheme, self.out_features)
+        if "weight_x8" in self._buffers:
+            return native.x8_matmul(x, self.weight_x8, self.scheme, self.out_features)
+        return native.gguf_matmul(x, self.weight_blocks, self.scheme, self.out_features)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
         # model.to(dtype) must not cast packed scales (fp32/fp16/bf16 by format): buffers only change device.

@@ -32,13 +32,13 @@ asks for that fallback.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from llmkit.extensions import FLAGS, build_failure, build_ops
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = [KERNELS / "gguf_cpu.cpp", KERNELS / "float_cpu.cpp", KERNELS / "gguf_x8.cpp"]
@@ -51,35 +51,25 @@ GROUP = 8  # output rows per group in that layout
 X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}  # bytes per block of 32 in the file
 X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,)}  # header bytes before the codes: d (Q4_1: and m)
 MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
-# -fopenmp: at::parallel_for is a header template over OpenMP pragmas; without it the kernels run on one thread
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
 OPS = "llmkit_gguf"  # the torch op namespace
 
 
 def build(flags: list[str] = FLAGS, ops: str = OPS) -> None:
-    """Compile and load the kernels with these compiler flags as the torch ops `ops`::matmul / ::matmul_float (the
-    tests build other instruction sets under other names); raises what the build raises."""
-    from torch.utils.cpp_extension import load
-
-    source_bytes = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    name = f"{ops}_" + hashlib.sha256(source_bytes + " ".join(flags).encode()).hexdigest()[:12]
-    if not _built_before(name):
-        print("llmkit: building its GGUF CPU kernels (once per machine, ~30 s)...", file=sys.stderr, flush=True)
-    load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=[*flags, f"-DLLMKIT_OPS={ops}"],
-         extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], extra_include_paths=[str(KERNELS)],
-         is_python_module=False, verbose=False)
+    """Compile and load the kernels with these compiler flags as the torch ops `ops`::matmul / ::matmul_float /
+    ::matmul_x8 (the tests build other instruction sets under other names); raises what the build raises."""
+    build_ops(ops, SOURCES, HEADERS, flags, what="GGUF CPU kernels")
 
     @torch.library.register_fake(f"{ops}::matmul")
     def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:  # torch.compile
-        return x.new_empty(x.shape[0], out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake(f"{ops}::matmul_float")
     def _(x: torch.Tensor, weight: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake(f"{ops}::matmul_x8")
     def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:
-        return x.new_empty(x.shape[0], out_features)
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 @functools.cache
@@ -90,41 +80,30 @@ def native_kernels_available() -> bool:
     try:
         build()
     except Exception as error:  # noqa: BLE001 (no compiler, a failed build: the fallback paths still work)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"llmkit: could not build the GGUF CPU kernels ({reason}); GGUF layers use aten's kernels or "
-                      "dequantize per call instead (install a C++ compiler, e.g. `apt install g++`, for the faster "
-                      "path)", stacklevel=2)
+        warnings.warn(f"llmkit: could not build the GGUF CPU kernels ({build_failure(error)}); GGUF layers use "
+                      "aten's kernels or dequantize per call instead (install a C++ compiler, e.g. `apt install g++`, "
+                      "for the faster path)", stacklevel=2)
         return False
     return True
 
 
-def _built_before(name: str) -> bool:
-    """Whether torch's extension cache already holds this build (only to decide whether to announce a build)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory  # private: absent in some torch version?
-
-        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
-    except Exception:  # noqa: BLE001 (then the build message is printed, nothing else changes)
-        return False
-
-
 def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, scheme: str, out_features: int, ops: str = OPS) -> torch.Tensor:
-    """y (rows, out_features) float32 = x (rows, in) W^T for W in `scheme`'s GGUF blocks (out_features, bytes per
-    row) uint8, x rounded to int8 per block of 32; at most MAX_ROWS rows, x cast to float32."""
-    return getattr(torch.ops, ops).matmul(x.float(), blocks, INT8_KINDS[scheme], out_features)
+    """y (..., out_features) = x (..., in) W^T, float32, for W in `scheme`'s GGUF blocks (out_features, bytes per
+    row) uint8, x rounded to int8 per block of 32; at most MAX_ROWS rows."""
+    return getattr(torch.ops, ops).matmul(x, blocks, INT8_KINDS[scheme], out_features)
 
 
 def float_matmul(x: torch.Tensor, weight: torch.Tensor, scheme: str, out_features: int,
                  ops: str = OPS) -> torch.Tensor:
-    """y (rows, out_features) float32 = x (rows, in) W^T in float32 for W a Q8_0 block matrix (uint8) or an F16/BF16
-    matrix (out_features, in); at most MAX_ROWS rows, x cast to float32."""
-    return getattr(torch.ops, ops).matmul_float(x.float(), weight, FLOAT_KINDS[scheme], out_features)
+    """y (..., out_features) = x (..., in) W^T in float32 for W a Q8_0 block matrix (uint8) or an F16/BF16 matrix
+    (out_features, in); at most MAX_ROWS rows."""
+    return getattr(torch.ops, ops).matmul_float(x, weight, FLOAT_KINDS[scheme], out_features)
 
 
 def x8_matmul(x: torch.Tensor, blocks_x8: torch.Tensor, scheme: str, out_features: int, ops: str = OPS) -> torch.Tensor:
     """`gguf_matmul` from the 8-row layout of `to_x8` (q4_0, q4_1, q8_0): the same products, summed in another
     order."""
-    return getattr(torch.ops, ops).matmul_x8(x.float(), blocks_x8, INT8_KINDS[scheme], out_features)
+    return getattr(torch.ops, ops).matmul_x8(x, blocks_x8, INT8_KINDS[scheme], out_features)
 
 
 def to_x8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -15,42 +15,61 @@ Exact up to the bf16 rounding of x, of the two scale/offset pairs and of y (the 
 weight is dequantized to memory. Cost: 4 bits per code per piece (8 bits for a split weight, what int8 takes) plus 2
 bf16 per group and piece. Measured against the alternatives in quant/linear.py's docstring.
 
-Layout: rows in tiles of 64, byte [tile, k, j] = u(64 tile + j, k) | u(64 tile + 32 + j, k) << 4 (equal to
-aten._convert_weight_to_int4pack_for_cpu, tested). Output rows are padded with zero codes and zero scales to a
-multiple of 64 (the kernel's tile), and the padding is cut from y.
+Layout: rows in tiles of T, byte [tile, k, j] = u(T tile + j, k) | u(T tile + T/2 + j, k) << 4, where T depends on
+the instruction set torch's CPU kernels picked at run time: 64 with AVX-512, 32 with AVX2 (`layout_tile` asks
+aten._convert_weight_to_int4pack_for_cpu once; tests hold the packer equal to it). Output rows are padded with zero
+codes and zero scales to a multiple of 64 (a whole number of tiles either way), and the padding is cut from y.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from llmkit.quant.affine import AffineBlocks
 
-TILE = 64  # output rows per tile of the tinygemm int4 layout
+ROW_PADDING = 64  # output rows are padded to a multiple of this (the largest tile)
 KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+
+
+@functools.cache
+def layout_tile() -> int:
+    """Output rows per tile of aten's CPU int4pack layout on this machine (64 where torch runs AVX-512 kernels, 32
+    with AVX2), found by packing a probe with aten's own packer; 0 when no known layout matches (then layers do not
+    take the int4 kernel: `kernel_for`)."""
+    probe = torch.randint(0, 16, (ROW_PADDING, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return next((tile for tile in (64, 32) if torch.equal(_pack(probe.to(torch.uint8), tile), packed)), 0)
+
+
+def _pack(codes: torch.Tensor, tile: int) -> torch.Tensor:
+    out_features, in_features = codes.shape
+    tiles = codes.view(out_features // tile, 2, tile // 2, in_features)  # (tiles, half, j, in)
+    return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().view(out_features, in_features // 2)
 
 
 def to_tinygemm(codes: torch.Tensor) -> torch.Tensor:
     """(out, in) uint8 codes 0..15, out % 64 == 0 -> (out, in / 2) uint8 in aten's CPU int4pack layout."""
-    out_features, in_features = codes.shape
-    tiles = codes.to(torch.uint8).view(out_features // TILE, 2, TILE // 2, in_features)  # (tiles, half, j, in)
-    return (tiles[:, 0] | (tiles[:, 1] << 4)).transpose(1, 2).contiguous().view(out_features, in_features // 2)
+    return _pack(codes.to(torch.uint8), layout_tile())
 
 
 def from_tinygemm(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `to_tinygemm`: (out, in / 2) uint8 -> (out, in) uint8 codes."""
+    tile = layout_tile()
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    tiles = packed.view(out_features // TILE, in_features, TILE // 2).transpose(1, 2)  # (tiles, j, in)
+    tiles = packed.view(out_features // tile, in_features, tile // 2).transpose(1, 2)  # (tiles, j, in)
     return torch.stack([tiles & 0xF, tiles >> 4], dim=1).reshape(out_features, in_features)
 
 
 def tinygemm_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Codes (len(rows), in) uint8 of the given output rows of a weight in tinygemm layout, without unpacking the
-    rest: row r sits in tile r // 64, column j = r % 32 of it, low nibble for r % 64 < 32 and high nibble otherwise."""
+    rest: row r sits in tile r // T, column j = r % (T / 2) of it, low nibble in the tile's first half."""
+    tile = layout_tile()
     in_features = packed.shape[1] * 2
-    tiles = packed.view(-1, in_features, TILE // 2)  # (tiles, in, j)
-    picked = tiles[rows // TILE, :, rows % (TILE // 2)]  # (n, in)
-    shift = ((rows % TILE) // (TILE // 2) * 4).to(torch.uint8)[:, None]
+    tiles = packed.view(-1, in_features, tile // 2)  # (tiles, in, j)
+    picked = tiles[rows // tile, :, rows % (tile // 2)]  # (n, in)
+    shift = ((rows % tile) // (tile // 2) * 4).to(torch.uint8)[:, None]
     return (picked >> shift) & 0xF
 
 
@@ -63,7 +82,7 @@ def kernel_weight(view: AffineBlocks, pieces: int) -> tuple[torch.Tensor, torch.
     """(codes in tinygemm layout (out_padded, pieces * in / 2) uint8, scales bf16 (pieces * in / group, out_padded,
     2)) of an affine view, as one 4-bit piece (codes 0..15) or two (module docstring)."""
     out_features = view.codes.shape[0]
-    padded = -(-out_features // TILE) * TILE
+    padded = -(-out_features // ROW_PADDING) * ROW_PADDING
     if pieces == 1:
         codes, steps, offsets = view.codes, [view.step], [view.offset + 8 * view.step]
     else:

@@ -104,10 +104,8 @@ void float_rows(const uint8_t* w, const float* x, float* y, int64_t rows, int64_
 }
 
 at::Tensor float_matmul(const at::Tensor& x, const at::Tensor& weight, int64_t kind, int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "matmul_float: x must be a 2-D float32 tensor");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "matmul_float: at most ", kMaxRows, " rows per call");
+  const at::Tensor xc = as_rows(x, "matmul_float");
   TORCH_CHECK(weight.is_contiguous(), "matmul_float: the weight must be contiguous");
-  const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
   const auto expected = kind == kQ8_0 ? at::kByte : kind == kF16 ? at::kHalf : at::kBFloat16;
   TORCH_CHECK(kind >= kQ8_0 && kind <= kBF16 && weight.scalar_type() == expected, "matmul_float: kind ", kind,
@@ -121,7 +119,7 @@ at::Tensor float_matmul(const at::Tensor& x, const at::Tensor& weight, int64_t k
   if (kind == kQ8_0) float_rows<kQ8_0>(w, xc.data_ptr<float>(), y.data_ptr<float>(), rows, out_features, k);
   else if (kind == kF16) float_rows<kF16>(w, xc.data_ptr<float>(), y.data_ptr<float>(), rows, out_features, k);
   else float_rows<kBF16>(w, xc.data_ptr<float>(), y.data_ptr<float>(), rows, out_features, k);
-  return y;
+  return y.view(rows_shape(x, out_features));
 }
 
 }  // namespace

@@ -130,11 +130,9 @@ void run(const at::Tensor& blocks, const Activations& a, at::Tensor& y, int64_t 
 }
 
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gguf_matmul: x must be a 2-D float32 tensor");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "gguf_matmul: at most ", kMaxRows, " rows per call");
-  TORCH_CHECK(x.size(1) % kSub == 0, "gguf_matmul: the input width must be a multiple of 32");
+  const at::Tensor xc = as_rows(x, "gguf_matmul");
+  TORCH_CHECK(xc.size(1) % kSub == 0, "gguf_matmul: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "gguf_matmul: blocks must be contiguous uint8");
-  const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
@@ -149,7 +147,7 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t ki
     case kQ6_K: run<Q6_K>(blocks, a, y, rows, k); break;
     default: TORCH_CHECK(false, "gguf_matmul: unknown kind ", kind);
   }
-  return y;
+  return y.view(rows_shape(x, out_features));
 }
 
 }  // namespace

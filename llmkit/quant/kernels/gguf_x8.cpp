@@ -154,12 +154,10 @@ void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int
 }
 
 at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, int64_t out_features) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "matmul_x8: x must be a 2-D float32 tensor");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "matmul_x8: at most ", kMaxRows, " rows per call");
-  TORCH_CHECK(x.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
+  const at::Tensor xc = as_rows(x, "matmul_x8");
+  TORCH_CHECK(xc.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
   TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
-  const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), k = xc.size(1);
   const int64_t groups = (out_features + kGroup - 1) / kGroup;
   const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272);
@@ -170,7 +168,7 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   if (kind == kQ4_0) x8_rows<kQ4_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
   else if (kind == kQ4_1) x8_rows<kQ4_1>(w, a, y.data_ptr<float>(), rows, out_features, k);
   else x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  return y;
+  return y.view(rows_shape(x, out_features));
 }
 
 }  // namespace

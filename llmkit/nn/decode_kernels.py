@@ -1,0 +1,87 @@
+"""Native ops for a decoder's one-token step on the CPU (kernels/decode_cpu.cpp): RMSNorm and attention over the KV
+cache, each one call.
+
+Eager PyTorch spends a decode step of a small model mostly in op dispatch: `F.rms_norm` in float32 runs as ~10 aten
+ops on the CPU (pow, mean, add, rsqrt, mul, ...), and a cached attention layer as ~20 (slicing the cache to write the
+new key and value, slicing it again to read, the dtype casts around a bfloat16 cache, SDPA, the transposes back).
+At SmolLM2-135M's size, with 61 norms and 30 attention layers per token, that is ~1,100 of the step's ~1,500 ops.
+Here each is one op:
+
+- `rms_norm(x, weight, eps, offset)` = x / sqrt(mean(x^2) + eps) * (offset + weight), squares summed in double
+  (as llama.cpp's ggml sums them).
+- `decode_attention(...)`: stores the token's key and value in the cache (float32, bfloat16 or float16) and returns
+  softmax(scale q K^T) V over the slots the query may see (left padding and a sliding window respected), grouped-
+  query heads sharing one read of their key/value head, the slots split in chunks over the threads and the chunks'
+  softmax statistics combined exactly (flash-decoding; the math in the C++ file).
+
+Both are used only where they apply: float32 activations on the CPU without autograd (inference), one new token
+per row for attention. `torch.compile` traces them as custom ops (fake tensors below). Where the build fails (no
+C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from llmkit.extensions import build_failure, build_ops
+
+SOURCE = Path(__file__).parent / "kernels" / "decode_cpu.cpp"
+OPS = "llmkit_nn"
+
+
+_built: bool | None = None  # None: not tried yet
+
+
+def available() -> bool:
+    """Whether the decode ops are built and loaded (building them on the first call). A module global rather than a
+    functools.cache, so torch.compile reads it as a constant instead of tracing into the build."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
+    if os.environ.get("LLMKIT_NATIVE_KERNELS", "1") == "0":
+        return False
+    try:
+        build_ops(OPS, [SOURCE], what="decode kernels")
+    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: PyTorch's ops still work)
+        warnings.warn(f"llmkit: could not build its decode kernels ({build_failure(error)}); norms and attention use "
+                      "PyTorch's ops (install a C++ compiler, e.g. `apt install g++`, for the faster path)", stacklevel=3)
+        return False
+
+    @torch.library.register_fake(f"{OPS}::rms_norm")
+    def _(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:  # torch.compile
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(f"{OPS}::decode_attention")
+    def _(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          slot: int, valid: torch.Tensor | None, window: int, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
+
+    return True
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the decode ops serve activations `x`: float32 on the CPU, no autograd, the ops built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x (..., C) / sqrt(mean(x^2) + eps) * (offset + weight), float32 in and out (see `applies`)."""
+    return torch.ops.llmkit_nn.rms_norm(x, weight, eps, offset)
+
+
+def decode_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot: int, valid: torch.Tensor | None, window: int, scale: float,
+) -> torch.Tensor:
+    """One new token per row: writes k_new, v_new (B, Hkv, 1, D) into cache slot `slot` of k_cache, v_cache
+    (B, Hkv, S, D) and returns attention of q (B, H, 1, D) over slots 0..slot as (B, 1, H * D) float32. `valid`
+    (B, S) bool hides left-padding keys (None: all real); `window` > 0 limits a query to its last `window` slots."""
+    return torch.ops.llmkit_nn.decode_attention(q, k_new, v_new, k_cache, v_cache, slot, valid, window, scale)

@@ -1,0 +1,172 @@
+"""llmkit/nn/decode_kernels.py: the native RMSNorm and one-token attention equal PyTorch's ops (float64 references
+for the kernels alone; the decoder's own SDPA path for whole models, padding, sliding windows and bfloat16 caches);
+the models take them only where they apply and still decode when they are switched off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkit import Config
+from llmkit.generate import SamplingSettings, generate_tokens
+from llmkit.models.decoder import Decoder
+from llmkit.nn import decode_kernels
+from llmkit.nn.attention import Attention
+
+pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="llmkit's decode kernels did not build here")
+
+
+def test_rms_norm_matches_float64_reference() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 576) * 3
+    weight = torch.randn(576)
+    for offset in (0.0, 1.0):
+        expected = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+                    * (offset + weight.double())).float()
+        got = decode_kernels.rms_norm(x, weight, 1e-5, offset)
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+    odd = torch.randn(2, 37)  # a width that is not a multiple of the vector length
+    torch.testing.assert_close(decode_kernels.rms_norm(odd, torch.ones(37), 1e-6, 0.0),
+                               F.rms_norm(odd, (37,), eps=1e-6), rtol=2e-6, atol=2e-6)
+
+
+def reference_attention(q, keys, values, slot, valid, window, scale):  # noqa: ANN001, ANN201
+    """float64 softmax(scale q K^T) V over the slots a one-token query may see; q (B, H, 1, D), caches (B, Hkv, S, D)."""
+    B, H, _, D = q.shape
+    group = H // keys.shape[1]
+    k = keys[:, :, : slot + 1].double().repeat_interleave(group, 1)  # (B, H, S', D)
+    v = values[:, :, : slot + 1].double().repeat_interleave(group, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale  # (B, H, 1, S')
+    s = torch.arange(slot + 1)
+    seen = torch.ones(B, slot + 1, dtype=torch.bool) if valid is None else valid[:, : slot + 1].clone()
+    seen[:, slot] = True
+    if window:
+        seen &= (slot - s < window)[None]
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, 1, H * D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "slot", "window", "padded"),
+                         [(9, 3, 200, 0, False), (4, 1, 150, 64, False), (2, 2, 0, 0, False), (6, 2, 70, 0, True),
+                          (4, 2, 130, 32, True)])
+def test_decode_attention_matches_reference(dtype, heads, kv_heads, slot, window, padded) -> None:  # noqa: ANN001
+    torch.manual_seed(slot + heads)
+    B, D, S = 2, 64, 256
+    keys = torch.randn(B, kv_heads, S, D).to(dtype)
+    values = torch.randn(B, kv_heads, S, D).to(dtype)
+    q = torch.randn(B, heads, 1, D)
+    k_new, v_new = torch.randn(B, kv_heads, 1, D), torch.randn(B, kv_heads, 1, D)
+    valid = None
+    if padded:
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[1, :40] = False  # row 1 is left-padded
+    before_k, before_v = keys.clone(), values.clone()
+    out = decode_kernels.decode_attention(q, k_new, v_new, keys, values, slot, valid, window, D**-0.5)
+    # the new key and value took their slot, rounded to the cache's dtype; nothing else moved
+    assert torch.equal(keys[:, :, slot], k_new[:, :, 0].to(dtype))
+    assert torch.equal(values[:, :, slot], v_new[:, :, 0].to(dtype))
+    keys[:, :, slot], values[:, :, slot] = before_k[:, :, slot], before_v[:, :, slot]
+    assert torch.equal(keys, before_k) and torch.equal(values, before_v)
+    keys[:, :, slot], values[:, :, slot] = k_new[:, :, 0].to(dtype), v_new[:, :, 0].to(dtype)
+    expected = reference_attention(q, keys, values, slot, valid, window, D**-0.5)
+    assert out.shape == (B, 1, heads * D) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reads_strided_queries() -> None:
+    """q, k and v come out of the fused projection as views with gaps between heads and rows."""
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 1, 8 * 64)  # (B, T, (H + 2 Hkv) D) with H = 4, Hkv = 2
+    q, k, v = qkv.view(2, 1, 8, 64).transpose(1, 2).split([4, 2, 2], dim=1)  # views, not copies
+    keys, values = torch.zeros(2, 2, 16, 64), torch.zeros(2, 2, 16, 64)
+    out = decode_kernels.decode_attention(q, k, v, keys, values, 0, None, 0, 0.125)
+    # a single slot: the output is its value, for every query head of the group
+    torch.testing.assert_close(out.view(2, 4, 64), v.repeat_interleave(2, 1)[:, :, 0], rtol=1e-6, atol=1e-6)
+
+
+def tiny_config(**overrides) -> Config:  # noqa: ANN003
+    fields = dict(name="tiny", vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96,
+                  max_seq_len=128)
+    return Config(**{**fields, **overrides})
+
+
+def decode_logits(model: Decoder, prompt: torch.Tensor, steps: int, attention_mask=None) -> torch.Tensor:  # noqa: ANN001
+    """Prefill then `steps` one-token forwards of fixed ids; their logits (B, steps, vocab)."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+    logits = []
+    with torch.inference_mode():
+        model(prompt, cache, attention_mask=attention_mask)
+        mask = attention_mask
+        for i in range(steps):
+            token = torch.full((prompt.shape[0], 1), 3 + i)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(token)], 1)
+            logits.append(model(token, cache, attention_mask=None if mask is None else mask[:, -1:])[:, -1])
+    return torch.stack(logits, 1)
+
+
+GEMMA3_LIKE = {"sliding_window": 8, "layer_types": ("local", "global", "local"), "qk_norm": True, "post_norms": True,
+               "rope_local_theta": 10000.0, "norm_offset": 1.0}
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA3_LIKE], ids=["llama", "gemma3-like"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+def test_decoder_steps_equal_pytorch_path(monkeypatch, overrides, kv_dtype) -> None:  # noqa: ANN001
+    """A whole decoder's one-token steps (left padding, a sliding window past its length, a bfloat16 cache) give the
+    logits of the PyTorch path, which the decode ops replace."""
+    torch.manual_seed(0)
+    model = Decoder(tiny_config(**overrides)).eval()
+    model.kv_dtype = kv_dtype
+    prompt = torch.randint(0, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    calls = {"attention": 0, "norm": 0}
+    for name in ("decode_attention", "rms_norm"):
+        original = getattr(decode_kernels, name)
+
+        def counted(*args, _original=original, _key="attention" if "attention" in name else "norm"):  # noqa: ANN002, ANN202
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(decode_kernels, name, counted)
+    native = decode_logits(model, prompt, 10, mask)
+    assert calls["attention"] == 10 * 3 and calls["norm"] > 0  # every step's every layer took the op
+    monkeypatch.setattr(decode_kernels, "applies", lambda x: False)
+    reference = decode_logits(model, prompt, 10, mask)
+    # the PyTorch path attends in bfloat16 with a bfloat16 cache (q and the probabilities rounded too); the kernel
+    # reads the cache's bfloat16 values into float32 arithmetic: they differ by bfloat16's rounding, not more
+    tolerance = 1e-4 if kv_dtype is None else 2e-3
+    torch.testing.assert_close(native, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_ops_stay_out_of_training_and_prefill(monkeypatch) -> None:  # noqa: ANN001
+    """With autograd on, or several new tokens, the PyTorch path runs (the ops have no backward)."""
+    monkeypatch.setattr(decode_kernels, "decode_attention", lambda *a: pytest.fail("decode_attention used"))
+    model = Decoder(tiny_config())
+    attention = model.blocks[0].attn
+    assert isinstance(attention, Attention)
+    loss = model(torch.randint(0, 97, (2, 9))).sum()  # training forward: no cache, grad on
+    loss.backward()
+    assert model.blocks[0].attn_norm.weight.grad is not None
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        model(torch.randint(0, 97, (1, 5)), cache)  # a prefill of 5 tokens
+
+
+def test_generation_without_native_ops(monkeypatch) -> None:  # noqa: ANN001
+    """LLMKIT_NATIVE_KERNELS=0 (or no compiler) keeps PyTorch's ops: greedy tokens are the same."""
+    torch.manual_seed(2)
+    model = Decoder(tiny_config()).eval()
+    prompt = [[5, 9, 11, 2]]
+
+    def greedy() -> list[int]:
+        with torch.inference_mode():
+            return [int(step[0]) for step in generate_tokens(model, prompt, max_new_tokens=12,
+                                                             settings=SamplingSettings(), stop_ids=set())]
+
+    native = greedy()
+    monkeypatch.setattr(decode_kernels, "available", lambda: False)
+    assert greedy() == native
