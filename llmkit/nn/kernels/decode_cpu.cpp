@@ -116,27 +116,118 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  int64_t d = 0;
-  float sum = 0.f;
 #ifdef LLMKIT_SIMD
-  __m256 acc = _mm256_setzero_ps();
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
-  sum = hsum(acc);
+// e^x for 8 floats: x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial (relative error ~1e-7), times
+// 2^n through the exponent bits; x below -87.3 (a masked score minus the maximum) gives 0
+inline __m256 exp8(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.3f);
+  const __m256 below = _mm256_cmp_ps(x, low, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(below, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
 #endif
-  for (; d < D; ++d) sum += q[d] * widen(k[d]);
-  return sum;
+
+constexpr int64_t kMaxGroup = 8;  // query heads handled together against one key/value row
+
+// scores[h][s - s0] = scale q_h . k_s for the G (<= kMaxGroup) query heads at `queries` (stride qs), slots s0..s1.
+// Head by head, four key rows at a time: four independent FMA chains (one would wait on the FMA latency), and one
+// horizontal reduction for the four sums (the chunk's keys stay in L1 across the heads of the group)
+template <typename T>
+void group_scores(const float* queries, int64_t qs, int64_t G, const T* keys, int64_t s0, int64_t s1, int64_t D,
+                  float scale, float* scores) {
+  for (int64_t h = 0; h < G; ++h) {
+    const float* qh = queries + h * qs;
+    float* out = scores + h * kChunk - s0;
+    int64_t s = s0;
+#ifdef LLMKIT_SIMD
+    if (D % 8 == 0) {
+      for (; s + 4 <= s1; s += 4) {
+        const T* k = keys + s * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + d);
+          a0 = _mm256_fmadd_ps(qv, load8(k + d), a0);
+          a1 = _mm256_fmadd_ps(qv, load8(k + D + d), a1);
+          a2 = _mm256_fmadd_ps(qv, load8(k + 2 * D + d), a2);
+          a3 = _mm256_fmadd_ps(qv, load8(k + 3 * D + d), a3);
+        }
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // (0 1 2 3 | 0 1 2 3)
+        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+        _mm_storeu_ps(out + s, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+      }
+    }
+#endif
+    for (; s < s1; ++s) {
+      const T* k = keys + s * D;
+      float sum = 0.f;
+      for (int64_t d = 0; d < D; ++d) sum += qh[d] * widen(k[d]);
+      out[s] = scale * sum;
+    }
+  }
 }
 
-template <typename T>
-inline void axpy(float* acc, float p, const T* v, int64_t D) {  // acc += p v
-  int64_t d = 0;
+// p = exp(row - m) in place over n scores (0 where a score is -inf); returns their sum
+inline float exponentiate(float* row, int64_t n, float m) {
+  int64_t s = 0;
+  float l = 0.f;
 #ifdef LLMKIT_SIMD
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(v + d), _mm256_loadu_ps(acc + d)));
+  __m256 sum = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(m);
+  for (; s + 8 <= n; s += 8) {
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + s), mv));
+    _mm256_storeu_ps(row + s, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  l = hsum(sum);
 #endif
-  for (; d < D; ++d) acc[d] += p * widen(v[d]);
+  for (; s < n; ++s) {
+    row[s] = std::exp(row[s] - m);  // exp(-inf) = 0
+    l += row[s];
+  }
+  return l;
+}
+
+// acc[h] += sum_s p[h][s] v_s over slots s0..s1 for the G heads (acc rows `stride` floats apart): per head, up to
+// 64 output values in 8 registers, each slot one broadcast of p and 8 independent FMAs
+template <typename T>
+void group_values(const float* p, int64_t G, const T* values, int64_t s0, int64_t s1, int64_t D, float* acc,
+                  int64_t stride) {
+  for (int64_t h = 0; h < G; ++h) {
+    const float* ph = p + h * kChunk - s0;
+    float* ah = acc + h * stride;
+    int64_t d0 = 0;
+#ifdef LLMKIT_SIMD
+    for (; d0 + 8 <= D; d0 += 64) {
+      const int64_t vectors = std::min<int64_t>(8, (D - d0) / 8);
+      __m256 r[8];
+      for (int64_t j = 0; j < vectors; ++j) r[j] = _mm256_loadu_ps(ah + d0 + 8 * j);
+      for (int64_t s = s0; s < s1; ++s) {
+        const __m256 pv = _mm256_set1_ps(ph[s]);
+        const T* v = values + s * D + d0;
+        for (int64_t j = 0; j < vectors; ++j) r[j] = _mm256_fmadd_ps(pv, load8(v + 8 * j), r[j]);
+      }
+      for (int64_t j = 0; j < vectors; ++j) _mm256_storeu_ps(ah + d0 + 8 * j, r[j]);
+      if (vectors < 8) {
+        d0 += 8 * vectors;
+        break;
+      }
+    }
+#endif
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t d = d0; d < D; ++d) ah[d] += ph[s] * widen(values[s * D + d]);
+  }
 }
 
 template <typename T>
@@ -166,35 +257,30 @@ void attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_ne
   std::vector<float> partial(B * Hkv * n_chunks * G * stats);
   constexpr float kMinus = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, B * Hkv * n_chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(G * kChunk);
+    std::vector<float> scores(kMaxGroup * kChunk);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t c = task % n_chunks, bh = task / n_chunks, b = bh / Hkv, g = bh % Hkv;
-      const int64_t s0 = first + c * kChunk, s1 = std::min(s0 + kChunk, slot + 1);
+      const int64_t s0 = first + c * kChunk, s1 = std::min(s0 + kChunk, slot + 1), n = s1 - s0;
       const T* keys = kc + (b * Hkv + g) * S * D;
       const T* values = vc + (b * Hkv + g) * S * D;
-      const float* queries = pq + b * q.stride(0) + g * G * q.stride(1);
-      for (int64_t s = s0; s < s1; ++s) {
-        const bool seen = s == slot || valid == nullptr || valid[b * valid_stride + s];
-        for (int64_t h = 0; h < G; ++h)
-          scores[h * kChunk + s - s0] = seen ? scale * dot(queries + h * q.stride(1), keys + s * D, D) : kMinus;
-      }
-      for (int64_t h = 0; h < G; ++h) {
-        float* stat = partial.data() + (task * G + h) * stats;  // m, l, acc
-        float* row = scores.data() + h * kChunk;
-        float m = kMinus;
-        for (int64_t s = 0; s < s1 - s0; ++s) m = std::max(m, row[s]);
-        float l = 0.f;
-        std::fill(stat + 2, stat + stats, 0.f);
-        if (m != kMinus) {
-          for (int64_t s = 0; s < s1 - s0; ++s) {
-            if (row[s] == kMinus) continue;
-            const float p = std::exp(row[s] - m);
-            l += p;
-            axpy(stat + 2, p, values + (s0 + s) * D, D);
-          }
+      for (int64_t h0 = 0; h0 < G; h0 += kMaxGroup) {  // query heads h0.. of the group, at most kMaxGroup at once
+        const int64_t heads = std::min(kMaxGroup, G - h0);
+        const float* queries = pq + b * q.stride(0) + (g * G + h0) * q.stride(1);
+        group_scores(queries, q.stride(1), heads, keys, s0, s1, D, scale, scores.data());
+        if (valid != nullptr)  // left padding: hidden keys (the query's own slot stays seen)
+          for (int64_t s = s0; s < s1; ++s)
+            if (s != slot && !valid[b * valid_stride + s])
+              for (int64_t h = 0; h < heads; ++h) scores[h * kChunk + s - s0] = kMinus;
+        float* stat = partial.data() + (task * G + h0) * stats;  // m, l, acc per head
+        for (int64_t h = 0; h < heads; ++h) {
+          float* row = scores.data() + h * kChunk;
+          const float m = *std::max_element(row, row + n);
+          std::fill(stat + h * stats + 2, stat + (h + 1) * stats, 0.f);
+          stat[h * stats] = m;
+          stat[h * stats + 1] = m == kMinus ? 0.f : exponentiate(row, n, m);
+          if (m == kMinus) std::fill(row, row + n, 0.f);  // a chunk of padding only: adds nothing
         }
-        stat[0] = m;
-        stat[1] = l;
+        group_values(scores.data(), heads, values, s0, s1, D, stat + 2, stats);
       }
     }
   });
