@@ -10,6 +10,7 @@ import torch
 from llmkit.checkpoints import load_model, load_weights, save_model
 from llmkit.checkpoints.hf import export_hf
 from llmkit.config import Config
+from llmkit.data.audio import apply_feature_norm
 from llmkit.data.fsdd import digit_tokenizer
 from llmkit.errors import LlmkitError
 from llmkit.models.speech import SpeechModel
@@ -88,8 +89,9 @@ def test_native_checkpoint_round_trip(tmp_path):
 
 
 def test_utterance_normalisation_is_saved_and_applied_by_transcribe(tmp_path, monkeypatch):
-    """feature_norm="utterance" survives a native save and load, transcribe feeds the model normalised features (and
-    Whisper's as they are for the default), and HF export refuses it: Whisper's config.json cannot say it."""
+    """feature_norm="utterance" and "speech" survive a native save and load, transcribe feeds the model features
+    normalised as the config says (and Whisper's as they are for the default), and HF export refuses both: Whisper's
+    config.json cannot say them."""
     import llmkit.generate.seq2seq as seq2seq
     from llmkit.checkpoints import load_tokenizer
     from llmkit.commands.speech import transcribe
@@ -99,15 +101,19 @@ def test_utterance_normalisation_is_saved_and_applied_by_transcribe(tmp_path, mo
     monkeypatch.setattr(seq2seq, "generate_seq2seq", lambda model, inputs, *a, **k: (
         seen.append(inputs), generate(model, inputs, *a, **k))[1])
     clip = torch.sin(torch.arange(8000) / 7.0) * torch.linspace(0.0, 0.5, 8000)
-    for norm in ("utterance", "whisper"):
+    for norm in ("utterance", "whisper", "speech"):
         save_model(random_speech_model(feature_norm=norm), tmp_path / norm, tokenizer=digit_tokenizer())
         loaded = load_model(tmp_path / norm, arch="speech")
         assert loaded.config.feature_norm == norm
         transcribe(loaded, load_tokenizer(tmp_path / norm), [clip])
     channel_means = [inputs.mean(dim=-1).abs().max().item() for inputs in seen]
     assert channel_means[0] < 1e-4 and channel_means[1] > 0.1
-    with pytest.raises(LlmkitError, match="no way to say feature_norm='utterance'"):
-        export_hf(random_speech_model(feature_norm="utterance"), tmp_path / "hf", tokenizer=digit_tokenizer())
+    # the clip fades in from silence: its first frames fall below the speech gate, so "speech" differs from "utterance"
+    torch.testing.assert_close(seen[2], apply_feature_norm(seen[1], "speech"))
+    assert (seen[2] - seen[0]).abs().max() > 0.1
+    for norm in ("utterance", "speech"):
+        with pytest.raises(LlmkitError, match=f"no way to say feature_norm='{norm}'"):
+            export_hf(random_speech_model(feature_norm=norm), tmp_path / "hf", tokenizer=digit_tokenizer())
 
 
 def test_a_whisper_config_llmkit_cannot_compute_is_refused(tmp_path):

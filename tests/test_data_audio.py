@@ -19,6 +19,7 @@ from llmkit.data.audio import (
     normalize_utterance,
     read_wav,
     resample,
+    speech_frames,
     warp_mel_frequencies,
 )
 from llmkit.data.fsdd import (
@@ -182,6 +183,51 @@ def test_utterance_normalisation_removes_channel_colouring_and_gain(recording):
     assert apply_feature_norm(features, "whisper") is features
     with pytest.raises(LlmkitError, match="feature_norm 'cmvn' is not one of"):
         apply_feature_norm(features, "cmvn")
+
+
+def test_speech_gate_leaves_out_a_quiet_pause_so_the_statistics_ignore_it(recording):
+    """A real recording followed by 0.5 s of quiet noise (60 dB below its peak amplitude, a pause with room noise):
+    the energy gate keeps the word's frames and none of the pause's, so the word's normalised features are what they
+    are without the pause ("speech"), while statistics over all audio frames ("utterance") move by whole units."""
+    samples = load_audio(recording)
+    words = samples.shape[0] // 160 - 3  # frames whose STFT window lies inside the recording
+    pause = torch.randn(8000, generator=torch.Generator().manual_seed(0)) * samples.abs().max() * 10 ** (-60 / 20)
+    alone = log_mel_spectrogram(samples, n_frames=words + 70)  # (1, 80, frames)
+    paused = log_mel_spectrogram(torch.cat([samples, pause]), n_frames=words + 70)
+    gate = speech_frames(paused)  # (1, 1, frames)
+    assert gate[0, 0, words + 5 :].sum() == 0  # the pause: audio, not speech
+    assert normal_audio_frames(paused) > words + 50 and gate.sum() > 0.8 * words
+    assert gate[0, 0, paused.mean(dim=1)[0].argmax()] == 1  # the loudest frame always passes
+    torch.testing.assert_close(gate[..., :words], speech_frames(alone)[..., :words], rtol=0, atol=0)
+    speech = lambda x: apply_feature_norm(x, "speech")[..., :words]  # noqa: E731
+    utterance = lambda x: apply_feature_norm(x, "utterance")[..., :words]  # noqa: E731
+    assert (speech(paused) - speech(alone)).abs().max() < 0.1
+    assert (utterance(paused) - utterance(alone)).abs().max() > 1.0
+    with pytest.raises(LlmkitError, match="speech gate 0 dB must be positive"):
+        speech_frames(paused, gate_db=0)
+
+
+def normal_audio_frames(features: torch.Tensor) -> int:
+    """Frames of one clip's features (1, n_mels, frames) above its floor (not padding)."""
+    return int((features.amax(dim=1) > features.amin() + 1e-6).sum())
+
+
+def test_speech_normalisation_ignores_channel_colouring_and_gain(recording):
+    """A per-channel offset (a microphone's colouring in the log domain) plus a gain moves every frame's level
+    alike, so the gate keeps the same frames and the normalised features stay as they are; over the speech frames
+    each channel's mean is 0 and the deviation 1."""
+    samples = load_audio(recording)
+    features = log_mel_spectrogram(samples, n_frames=samples.shape[0] // 160 - 3)  # (1, 80, frames): no padding
+    coloured = features + 0.3 + torch.linspace(-0.5, 0.5, 80)[None, :, None]  # +12 dB gain and a +-20 dB tilt
+    torch.testing.assert_close(apply_feature_norm(coloured, "speech"), apply_feature_norm(features, "speech"),
+                               rtol=0, atol=1e-4)
+    gate = speech_frames(features, gate_db=10.0)  # a narrow gate, so that this clear recording has frames left out
+    assert torch.equal(speech_frames(coloured, gate_db=10.0), gate) and 0 < gate.sum() < features.shape[-1] - 5
+    normal = normalize_utterance(features, gate)
+    torch.testing.assert_close(normalize_utterance(coloured, gate), normal, rtol=0, atol=1e-4)
+    chosen = normal * gate  # (1, 80, frames): the speech frames only
+    assert (chosen.sum(dim=-1) / gate.sum()).abs().max() < 1e-5
+    assert abs((chosen.pow(2).sum() / (80 * gate.sum())).sqrt().item() - 1) < 1e-4
 
 
 def test_digit_batches_apply_the_feature_norm_last_and_warp_only_when_asked():

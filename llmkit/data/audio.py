@@ -122,25 +122,62 @@ def log_mel_spectrogram(samples: torch.Tensor, n_mels: int = 80, n_frames: int =
     return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
 
-FEATURE_NORMS = ("whisper", "utterance")  # Config.feature_norm: Whisper's features as they are, or normalised per clip
+# Config.feature_norm: Whisper's features as they are, or normalised per clip with statistics over its audio frames
+# ("utterance") or over its speech frames only ("speech")
+FEATURE_NORMS = ("whisper", "utterance", "speech")
+SPEECH_GATE_DB = 30.0  # "speech": a frame is speech when its level is within this many dB of the clip's loudest
+DB_PER_FEATURE_UNIT = 40.0  # a unit of Whisper's features is 4 log10 units of power: 40 dB
 
 
-def normalize_utterance(features: torch.Tensor) -> torch.Tensor:
-    """Per-utterance normalisation of log-mel features (B, n_mels, frames), cepstral-mean-style, over the frames
-    that hold audio: each channel minus its mean over them, the clip divided by their standard deviation, and the
-    padding (frames of digital silence, all at the clip's floor) set to 0, the mean.
+def audio_frames(features: torch.Tensor) -> torch.Tensor:
+    """(B, 1, frames): 1.0 where a frame of log-mel features (B, n_mels, frames) holds audio, 0.0 for digital
+    silence (the padding), which sits exactly at the clip's floor in every channel."""
+    floor = features.amin(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+    return (features.amax(dim=1, keepdim=True) > floor + 1e-6).float()
+
+
+def frame_levels_db(features: torch.Tensor) -> torch.Tensor:
+    """Each frame's level in dB (B, 1, frames) from Whisper log-mel features (B, n_mels, frames): the mean over the
+    channels of the log power, i.e. 10 log10 of the geometric mean of the channel powers (MFCC's c0, the classic
+    energy term, up to a scale). A gain or a per-channel offset (a microphone's colouring) shifts every frame's
+    level by the same amount, so levels relative to the clip's loudest frame do not move."""
+    return DB_PER_FEATURE_UNIT * features.mean(dim=1, keepdim=True)
+
+
+def speech_frames(features: torch.Tensor, gate_db: float | None = None) -> torch.Tensor:
+    """(B, 1, frames): 1.0 where a frame of log-mel features (B, n_mels, frames) is speech by an energy gate (a
+    simple voice-activity detector): it holds audio and its level (`frame_levels_db`) lies within `gate_db`
+    (default SPEECH_GATE_DB) of the clip's loudest frame. Pauses, breaths and room noise between and around the
+    words fall below the gate; the loudest frame always passes, so no clip with audio is left empty."""
+    gate = SPEECH_GATE_DB if gate_db is None else gate_db
+    if gate <= 0:
+        raise LlmkitError(f"speech gate {gate} dB must be positive (frames within it of the loudest count as speech)")
+    audio = audio_frames(features)  # (B, 1, frames)
+    levels = frame_levels_db(features).masked_fill(audio == 0, -math.inf)  # (B, 1, frames)
+    return audio * (levels >= levels.amax(dim=-1, keepdim=True) - gate).float()
+
+
+def normalize_utterance(features: torch.Tensor, statistics_frames: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-utterance normalisation of log-mel features (B, n_mels, frames), cepstral-mean-style: each channel minus
+    its mean over the clip's `statistics_frames` (B, 1, frames) (default: its audio frames), the clip divided by
+    their standard deviation; every audio frame is normalised so, and the padding (frames of digital silence, all at
+    the clip's floor) set to 0, the mean.
+
+        x[c, t] <- (x[c, t] - mean_{t in S} x[c, t]) / std_{t in S, c}(x - mean)      (S: the statistics frames)
 
     A microphone or a vocal tract colours the spectrum by a (nearly) constant gain per frequency, which is a constant
     per channel in the log domain: subtracting each channel's mean removes it (the classic cepstral mean
     normalisation, Atal 1974, done on log-mel channels), and the one scale makes loud and quiet voices alike. The
-    statistics leave the padding out, or a short clip's would be mostly silence. This leaves Whisper's feature
-    definition, so a model trained on it says so in its config (feature_norm="utterance")."""
-    floor = features.amin(dim=(1, 2), keepdim=True)  # (B, 1, 1): the clip's floor, where padding lies
-    audio = (features.amax(dim=1, keepdim=True) > floor + 1e-6).float()  # (B, 1, frames): 1 where a frame has audio
-    count = audio.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
-    centred = (features - (features * audio).sum(dim=-1, keepdim=True) / count) * audio  # (B, n_mels, frames)
-    variance = centred.pow(2).sum(dim=(1, 2), keepdim=True) / (count * features.shape[1])  # (B, 1, 1)
-    return centred / variance.sqrt().clamp(min=1e-5)
+    statistics leave the padding out, or a short clip's would be mostly silence; with S = `speech_frames` they
+    leave the pauses out too, so a speaker with long, quiet pauses gets the same statistics for his words as one who
+    pauses little. This leaves Whisper's feature definition, so a model trained on it says so in its config
+    (feature_norm="utterance" or "speech")."""
+    audio = audio_frames(features)  # (B, 1, frames)
+    chosen = audio if statistics_frames is None else statistics_frames * audio  # (B, 1, frames)
+    count = chosen.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1, 1)
+    mean = (features * chosen).sum(dim=-1, keepdim=True) / count  # (B, n_mels, 1)
+    variance = ((features - mean) * chosen).pow(2).sum(dim=(1, 2), keepdim=True) / (count * features.shape[1])
+    return (features - mean) * audio / variance.sqrt().clamp(min=1e-5)  # (B, n_mels, frames)
 
 
 def apply_feature_norm(features: torch.Tensor, feature_norm: str) -> torch.Tensor:
@@ -149,6 +186,8 @@ def apply_feature_norm(features: torch.Tensor, feature_norm: str) -> torch.Tenso
         return features
     if feature_norm == "utterance":
         return normalize_utterance(features)
+    if feature_norm == "speech":
+        return normalize_utterance(features, speech_frames(features))
     raise LlmkitError(f"feature_norm {feature_norm!r} is not one of {list(FEATURE_NORMS)}")
 
 

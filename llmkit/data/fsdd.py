@@ -10,8 +10,8 @@ Training batches (`DigitBatches`) are drawn at random from the position the loop
 same batches; each recording is augmented (speed 0.8-1.25x, gain, a shift in time, light noise) before its log-mel
 features, which are then warped along frequency (vocal-tract-length perturbation), tilted and masked in bands and
 spans (SpecAugment): four voices are few, and these are the variations a new voice brings. A model with
-feature_norm="utterance" reads every clip's features normalised (llmkit.data.audio.normalize_utterance), in training
-and in transcription alike.
+feature_norm="utterance" or "speech" reads every clip's features normalised (llmkit.data.audio.normalize_utterance,
+with statistics over its audio or its speech frames), in training and in transcription alike.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ class DigitBatches:
     """The training loop's batch source over `recordings`: batch(position, batch_size, rank, world) draws
     batch_size recordings with a generator seeded by (seed, position, rank), augments them and returns
     {"input_features": (B, n_mels, n_frames), "labels": (B, 2)}. `max_warp` bounds the vocal-tract warp (0: none);
-    `feature_norm` is the model's (Config.feature_norm): "utterance" normalises each clip after the warp and before
-    SpecAugment's masks, without the spectral tilt (the normalisation removes any tilt: that is its point)."""
+    `feature_norm` is the model's (Config.feature_norm): "utterance" and "speech" normalise each clip after the warp and
+    before SpecAugment's masks, without the spectral tilt (the normalisation removes any tilt: that is its point)."""
 
     def __init__(self, recordings: list[Recording], tokenizer: Tokenizer, n_mels: int, n_frames: int,
                  seed: int = 0, augmented: bool = True, max_warp: float = 0.0, feature_norm: str = "whisper") -> None:
