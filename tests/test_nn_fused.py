@@ -262,7 +262,8 @@ def test_smollm2_decodes_the_same_prepared_and_unprepared():
     unfuse_projections(model).to(torch.bfloat16)
     expected_logits, expected_tokens = decode_logits(model, ids, 4), greedy(model)
     pack_bfloat16_weights(fuse_projections(model))
-    assert count_packed_products(model, ids) == 30 * 4 + 1
+    packs = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # an AVX2-only CPU: nothing packs (can_pack), same logits
+    assert count_packed_products(model, ids) == (30 * 4 + 1 if packs else 0)
     # bf16 logits of magnitude ~20 are spaced 0.125 apart: a different blocking of the sums may move one step
     torch.testing.assert_close(decode_logits(model, ids, 4).float(), expected_logits.float(), atol=0.25, rtol=0.02)
     assert greedy(model) == expected_tokens
