@@ -170,3 +170,20 @@ def test_generation_without_native_ops(monkeypatch) -> None:  # noqa: ANN001
     native = greedy()
     monkeypatch.setattr(decode_kernels, "available", lambda: False)
     assert greedy() == native
+
+
+def test_full_sequences_and_autocast_keep_pytorch_ops(monkeypatch) -> None:  # noqa: ANN001
+    """A full-sequence forward gives bit-identical logits with and without autograd (DPO's cached reference
+    log-probabilities and PPO's zero KL at step 0 rest on it), and decode steps under bfloat16 autocast run (the ops
+    take float32 projections only)."""
+    torch.manual_seed(3)
+    model = Decoder(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        inference = model(ids)
+    assert torch.equal(model(ids).detach(), inference)
+    monkeypatch.setattr(decode_kernels, "decode_attention", lambda *a: pytest.fail("decode_attention under autocast"))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(1, 8)
+        model(ids[:1, :4], cache)
+        assert model(ids[:1, 4:5], cache).shape == (1, 1, 97)

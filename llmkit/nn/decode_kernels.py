@@ -14,9 +14,9 @@ Here each is one op:
   query heads sharing one read of their key/value head, the slots split in chunks over the threads and the chunks'
   softmax statistics combined exactly (flash-decoding; the math in the C++ file).
 
-Both are used only where they apply: float32 activations on the CPU without autograd (inference), one new token
-per row for attention. `torch.compile` traces them as custom ops (fake tensors below). Where the build fails (no
-C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their PyTorch path.
+Both are used only where they apply (`applies`): decode steps (one new token per row) with float32 activations on
+the CPU, without autograd or autocast. `torch.compile` traces them as custom ops (fake tensors below). Where the
+build fails (no C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their PyTorch path.
 """
 
 from __future__ import annotations
@@ -68,8 +68,14 @@ def _build() -> bool:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether the decode ops serve activations `x`: float32 on the CPU, no autograd, the ops built."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and available()
+    """Whether the decode ops serve activations `x`: one token per row (x (..., 1, C): a decode step), float32 on the
+    CPU, no autograd and no autocast, the ops built.
+
+    Only decode steps: a full-sequence forward keeps PyTorch's ops even at inference, so that the same sequence gives
+    bit-identical numbers with and without autograd (DPO's cached reference log-probabilities, PPO's "KL exactly 0
+    at step 0" rest on that). Under autocast the projections return bfloat16, which the ops do not take."""
+    return (x.dim() >= 2 and x.shape[-2] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and available())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
