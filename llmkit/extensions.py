@@ -9,7 +9,9 @@ op, so a machine without a compiler still runs, only slower.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +34,21 @@ def build_ops(ops: str, sources: Sequence[Path], headers: Sequence[Path] = (), f
     load(name=name, sources=[str(path) for path in sources], extra_cflags=[*flags, f"-DLLMKIT_OPS={ops}"],
          extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], extra_include_paths=include_paths,
          is_python_module=False, verbose=False)
+
+
+def try_build_ops(ops: str, sources: Sequence[Path], headers: Sequence[Path] = (), what: str = "kernels",
+                  fallback: str = "PyTorch's ops") -> bool:
+    """`build_ops` where it can be done: False, after a one-line warning naming `fallback` (what runs instead), when
+    the build fails (no compiler), and False without a build when LLMKIT_NATIVE_KERNELS=0 asks for the fallback."""
+    if os.environ.get("LLMKIT_NATIVE_KERNELS", "1") == "0":
+        return False
+    try:
+        build_ops(ops, sources, headers, what=what)
+    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: the fallback paths still work)
+        warnings.warn(f"llmkit: could not build its {what} ({build_failure(error)}); {fallback} instead (install a "
+                      "C++ compiler, e.g. `apt install g++`, for the faster path)", stacklevel=3)
+        return False
+    return True
 
 
 def build_failure(error: Exception) -> str:

@@ -21,13 +21,11 @@ build fails (no C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
 
 import torch
 
-from llmkit.extensions import build_failure, build_ops
+from llmkit.extensions import try_build_ops
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_cpu.cpp"
 OPS = "llmkit_nn"
@@ -46,13 +44,7 @@ def available() -> bool:
 
 
 def _build() -> bool:
-    if os.environ.get("LLMKIT_NATIVE_KERNELS", "1") == "0":
-        return False
-    try:
-        build_ops(OPS, [SOURCE], what="decode kernels")
-    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: PyTorch's ops still work)
-        warnings.warn(f"llmkit: could not build its decode kernels ({build_failure(error)}); norms and attention use "
-                      "PyTorch's ops (install a C++ compiler, e.g. `apt install g++`, for the faster path)", stacklevel=3)
+    if not try_build_ops(OPS, [SOURCE], what="decode kernels", fallback="norms and attention use PyTorch's ops"):
         return False
 
     @torch.library.register_fake(f"{OPS}::rms_norm")

@@ -32,13 +32,11 @@ asks for that fallback.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from pathlib import Path
 
 import torch
 
-from llmkit.extensions import FLAGS, build_failure, build_ops
+from llmkit.extensions import FLAGS, build_ops, try_build_ops
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = [KERNELS / "gguf_cpu.cpp", KERNELS / "float_cpu.cpp", KERNELS / "gguf_x8.cpp"]
@@ -58,9 +56,14 @@ def build(flags: list[str] = FLAGS, ops: str = OPS) -> None:
     """Compile and load the kernels with these compiler flags as the torch ops `ops`::matmul / ::matmul_float /
     ::matmul_x8 (the tests build other instruction sets under other names); raises what the build raises."""
     build_ops(ops, SOURCES, HEADERS, flags, what="GGUF CPU kernels")
+    register_fakes(ops)
+
+
+def register_fakes(ops: str) -> None:
+    """The ops' output shapes for torch.compile's fake tensors."""
 
     @torch.library.register_fake(f"{ops}::matmul")
-    def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:  # torch.compile
+    def _(x: torch.Tensor, blocks: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake(f"{ops}::matmul_float")
@@ -75,15 +78,10 @@ def build(flags: list[str] = FLAGS, ops: str = OPS) -> None:
 @functools.cache
 def native_kernels_available() -> bool:
     """Whether the GGUF block kernels are built and loaded (building them on the first call)."""
-    if os.environ.get("LLMKIT_NATIVE_KERNELS", "1") == "0":
+    if not try_build_ops(OPS, SOURCES, HEADERS, what="GGUF CPU kernels",
+                         fallback="GGUF layers use aten's kernels or dequantize per call"):
         return False
-    try:
-        build()
-    except Exception as error:  # noqa: BLE001 (no compiler, a failed build: the fallback paths still work)
-        warnings.warn(f"llmkit: could not build the GGUF CPU kernels ({build_failure(error)}); GGUF layers use "
-                      "aten's kernels or dequantize per call instead (install a C++ compiler, e.g. `apt install g++`, "
-                      "for the faster path)", stacklevel=2)
-        return False
+    register_fakes(OPS)
     return True
 
 
