@@ -347,7 +347,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 
 LLMKIT_LIBRARY(LLMKIT_OPS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, int slot, "
+  m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt slot, "
         "Tensor? valid, int window, float scale) -> Tensor");
 }
 
