@@ -21,6 +21,10 @@ generation uses it. Guards on the inputs and the KV cache stay (its length is a 
 graph). Dynamo keeps its graphs per code object, and with the module guards gone two models of one class (a float
 and a quantized decoder) would share them: so each compiled step traces its own copy of the forward's code. A model
 changed afterwards (cast, re-quantized, adapters merged) must be compiled again.
+
+The graph's wrapper, which calls its ~130 generated kernels and ~150 external ops (llmkit's matrix and attention
+kernels) in turn, is generated as C++ (inductor's `cpp_wrapper`) rather than Python: ~5% of a quantized SmolLM2 step
+(8.6 vs 9.1 ms, interleaved A/B on the 2-core AVX2 VM, 2026-12-06), for a longer first compilation.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def compile_decode_step(model: nn.Module) -> nn.Module:
     decode_kernels.available()  # build llmkit's decode ops now, not inside the trace
     # the bound forward, not the module: a compiled module set as an attribute would become its own submodule
     step = torch.compile(own_code(model.forward), dynamic=True,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
     object.__setattr__(model, COMPILED_STEP, step)
     return model
 
