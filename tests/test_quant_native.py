@@ -81,6 +81,22 @@ def test_eight_row_kernel_equals_the_written_out_block_math(scheme, rows):
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("code", [0x00, 0xFF])
+def test_eight_row_kernel_holds_the_largest_4_bit_sums(scheme, code):
+    # every code 0 or 15 and every activation code +-127: the largest integer sums per block (AVX2 adds the 8 chunks'
+    # pair sums in int16 before widening: 8 x 2 x 15 x 127 = 30,480 must not wrap)
+    packed = get_format(scheme).quantize(random_weight(scheme, 16, 256), None)
+    blocks = packed.tensors["blocks"].clone().view(16, -1, 18 if scheme == "q4_0" else 20)
+    blocks[..., -16:] = code
+    packed.tensors["blocks"] = blocks.view(16, -1)
+    x = torch.ones(2, 256)
+    x[1, ::2] = -1
+    y = native.x8_matmul(x, native.to_x8(packed.tensors["blocks"], scheme), scheme, 16)
+    expected = reference(x, packed)
+    assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
 # 200: a half-precision width that is not a multiple of 32 (Q8_0's blocks need one)
 @pytest.mark.parametrize(("scheme", "in_features"), [("q8_0", 512), ("f16", 512), ("f16", 200), ("bf16", 512),
                                                       ("bf16", 200)])

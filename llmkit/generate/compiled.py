@@ -54,8 +54,8 @@ def compile_decode_step(model: nn.Module) -> nn.Module:
                           "install one (e.g. `apt install g++`) or run without --compile")
     decode_kernels.available()  # build llmkit's decode ops now, not inside the trace
     # the bound forward, not the module: a compiled module set as an attribute would become its own submodule
-    step = torch.compile(own_code(model.forward), dynamic=True,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True}
+    step = torch.compile(own_code(model.forward), dynamic=True, options=options)
     object.__setattr__(model, COMPILED_STEP, step)
     return model
 

@@ -84,6 +84,14 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
       const int64_t at = (r0 + r) * blocks + b;
       const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes.data() + at * kSub);  // 8 groups of 4 codes
       __m256i sums = _mm256_setzero_si256();
+#if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+      if (kKind != kQ8_0) {  // AVX2: 4-bit codes (<= 15) times int8 (|x| <= 127) sum to <= 3,810 per int16 pair, so
+        __m256i pairs = _mm256_setzero_si256();  // the 8 chunks' pair sums add up in int16 (<= 30,480) and widen once
+        for (int c = 0; c < 8; ++c)
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(x4[c])));
+        sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+      } else
+#endif
       for (int c = 0; c < 8; ++c) {
         __m256i x = _mm256_set1_epi32(x4[c]);
         if (kKind == kQ8_0) x = _mm256_sign_epi8(x, sign[c]);
