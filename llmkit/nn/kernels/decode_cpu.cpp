@@ -142,39 +142,57 @@ inline __m256 exp8(__m256 x) {
 constexpr int64_t kMaxGroup = 8;  // query heads handled together against one key/value row
 
 // scores[h][s - s0] = scale q_h . k_s for the G (<= kMaxGroup) query heads at `queries` (stride qs), slots s0..s1.
-// Head by head, four key rows at a time: four independent FMA chains (one would wait on the FMA latency), and one
-// horizontal reduction for the four sums (the chunk's keys stay in L1 across the heads of the group)
+// Up to three heads at once against four key rows at a time: each key vector is loaded (and widened from bfloat16 or
+// float16) once for the heads, 12 independent FMA chains, one horizontal reduction per head for its four sums.
+template <typename T, int kHeads>
+void scores_of_heads(const float* queries, int64_t qs, const T* keys, int64_t s0, int64_t s1, int64_t D, float scale,
+                     float* scores) {
+  int64_t s = s0;
+#ifdef LLMKIT_SIMD
+  if (D % 8 == 0) {
+    for (; s + 4 <= s1; s += 4) {
+      const T* k = keys + s * D;
+      __m256 a[kHeads][4];
+      for (int h = 0; h < kHeads; ++h)
+        for (int j = 0; j < 4; ++j) a[h][j] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 k0 = load8(k + d), k1 = load8(k + D + d), k2 = load8(k + 2 * D + d), k3 = load8(k + 3 * D + d);
+        for (int h = 0; h < kHeads; ++h) {
+          const __m256 qv = _mm256_loadu_ps(queries + h * qs + d);
+          a[h][0] = _mm256_fmadd_ps(qv, k0, a[h][0]);
+          a[h][1] = _mm256_fmadd_ps(qv, k1, a[h][1]);
+          a[h][2] = _mm256_fmadd_ps(qv, k2, a[h][2]);
+          a[h][3] = _mm256_fmadd_ps(qv, k3, a[h][3]);
+        }
+      }
+      for (int h = 0; h < kHeads; ++h) {
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));  // keys 0-3
+        _mm_storeu_ps(scores + h * kChunk + s - s0, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+      }
+    }
+  }
+#endif
+  for (; s < s1; ++s) {
+    const T* k = keys + s * D;
+    for (int h = 0; h < kHeads; ++h) {
+      const float* qh = queries + h * qs;
+      float sum = 0.f;
+      for (int64_t d = 0; d < D; ++d) sum += qh[d] * widen(k[d]);
+      scores[h * kChunk + s - s0] = scale * sum;
+    }
+  }
+}
+
 template <typename T>
 void group_scores(const float* queries, int64_t qs, int64_t G, const T* keys, int64_t s0, int64_t s1, int64_t D,
                   float scale, float* scores) {
-  for (int64_t h = 0; h < G; ++h) {
+  for (int64_t h = 0; h < G;) {
     const float* qh = queries + h * qs;
-    float* out = scores + h * kChunk - s0;
-    int64_t s = s0;
-#ifdef LLMKIT_SIMD
-    if (D % 8 == 0) {
-      for (; s + 4 <= s1; s += 4) {
-        const T* k = keys + s * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(qh + d);
-          a0 = _mm256_fmadd_ps(qv, load8(k + d), a0);
-          a1 = _mm256_fmadd_ps(qv, load8(k + D + d), a1);
-          a2 = _mm256_fmadd_ps(qv, load8(k + 2 * D + d), a2);
-          a3 = _mm256_fmadd_ps(qv, load8(k + 3 * D + d), a3);
-        }
-        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // (0 1 2 3 | 0 1 2 3)
-        const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
-        _mm_storeu_ps(out + s, _mm_mul_ps(sums, _mm_set1_ps(scale)));
-      }
-    }
-#endif
-    for (; s < s1; ++s) {
-      const T* k = keys + s * D;
-      float sum = 0.f;
-      for (int64_t d = 0; d < D; ++d) sum += qh[d] * widen(k[d]);
-      out[s] = scale * sum;
-    }
+    float* out = scores + h * kChunk;
+    if (G - h >= 3) scores_of_heads<T, 3>(qh, qs, keys, s0, s1, D, scale, out), h += 3;
+    else if (G - h == 2) scores_of_heads<T, 2>(qh, qs, keys, s0, s1, D, scale, out), h += 2;
+    else scores_of_heads<T, 1>(qh, qs, keys, s0, s1, D, scale, out), h += 1;
   }
 }
 
@@ -199,34 +217,46 @@ inline float exponentiate(float* row, int64_t n, float m) {
   return l;
 }
 
-// acc[h] += sum_s p[h][s] v_s over slots s0..s1 for the G heads (acc rows `stride` floats apart): per head, up to
-// 64 output values in 8 registers, each slot one broadcast of p and 8 independent FMAs
+// acc[h] += sum_s p[h][s] v_s over slots s0..s1 for up to three heads (p rows kChunk apart, acc rows `stride` floats
+// apart): 32 output values at a time, each value vector loaded (and widened) once per slot for the heads, one
+// broadcast of p per head and 4 independent FMAs
+template <typename T, int kHeads>
+void values_of_heads(const float* p, const T* values, int64_t s0, int64_t s1, int64_t D, float* acc, int64_t stride) {
+  int64_t d0 = 0;
+#ifdef LLMKIT_SIMD
+  for (; d0 + 32 <= D; d0 += 32) {
+    __m256 r[kHeads][4];
+    for (int h = 0; h < kHeads; ++h)
+      for (int j = 0; j < 4; ++j) r[h][j] = _mm256_loadu_ps(acc + h * stride + d0 + 8 * j);
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* v = values + s * D + d0;
+      const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+      for (int h = 0; h < kHeads; ++h) {
+        const __m256 pv = _mm256_set1_ps(p[h * kChunk + s - s0]);
+        r[h][0] = _mm256_fmadd_ps(pv, v0, r[h][0]);
+        r[h][1] = _mm256_fmadd_ps(pv, v1, r[h][1]);
+        r[h][2] = _mm256_fmadd_ps(pv, v2, r[h][2]);
+        r[h][3] = _mm256_fmadd_ps(pv, v3, r[h][3]);
+      }
+    }
+    for (int h = 0; h < kHeads; ++h)
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(acc + h * stride + d0 + 8 * j, r[h][j]);
+  }
+#endif
+  for (int h = 0; h < kHeads; ++h)
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t d = d0; d < D; ++d) acc[h * stride + d] += p[h * kChunk + s - s0] * widen(values[s * D + d]);
+}
+
 template <typename T>
 void group_values(const float* p, int64_t G, const T* values, int64_t s0, int64_t s1, int64_t D, float* acc,
                   int64_t stride) {
-  for (int64_t h = 0; h < G; ++h) {
-    const float* ph = p + h * kChunk - s0;
+  for (int64_t h = 0; h < G;) {
+    const float* ph = p + h * kChunk;
     float* ah = acc + h * stride;
-    int64_t d0 = 0;
-#ifdef LLMKIT_SIMD
-    for (; d0 + 8 <= D; d0 += 64) {
-      const int64_t vectors = std::min<int64_t>(8, (D - d0) / 8);
-      __m256 r[8];
-      for (int64_t j = 0; j < vectors; ++j) r[j] = _mm256_loadu_ps(ah + d0 + 8 * j);
-      for (int64_t s = s0; s < s1; ++s) {
-        const __m256 pv = _mm256_set1_ps(ph[s]);
-        const T* v = values + s * D + d0;
-        for (int64_t j = 0; j < vectors; ++j) r[j] = _mm256_fmadd_ps(pv, load8(v + 8 * j), r[j]);
-      }
-      for (int64_t j = 0; j < vectors; ++j) _mm256_storeu_ps(ah + d0 + 8 * j, r[j]);
-      if (vectors < 8) {
-        d0 += 8 * vectors;
-        break;
-      }
-    }
-#endif
-    for (int64_t s = s0; s < s1; ++s)
-      for (int64_t d = d0; d < D; ++d) ah[d] += ph[s] * widen(values[s * D + d]);
+    if (G - h >= 3) values_of_heads<T, 3>(ph, values, s0, s1, D, ah, stride), h += 3;
+    else if (G - h == 2) values_of_heads<T, 2>(ph, values, s0, s1, D, ah, stride), h += 2;
+    else values_of_heads<T, 1>(ph, values, s0, s1, D, ah, stride), h += 1;
   }
 }
 
