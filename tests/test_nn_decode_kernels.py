@@ -32,6 +32,48 @@ def test_rms_norm_matches_float64_reference() -> None:
                                F.rms_norm(odd, (37,), eps=1e-6), rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize(("rows", "in_features", "out_features"), [(1, 576, 960), (3, 200, 37), (16, 1536, 576),
+                                                                     (1, 12, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64_reference(rows, in_features, out_features, bias) -> None:  # noqa: ANN001
+    # widths that split unevenly into slabs and rows of 8, outputs that are not a multiple of the vector length
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features).t().contiguous().t()  # column-major, as the loaders keep it
+    b = torch.randn(out_features) if bias else None
+    x = torch.randn(rows, 1, in_features)
+    expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
+    got = decode_kernels.linear(x, weight, b)
+    assert got.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+def test_linear_takes_decode_steps_of_column_major_weights(monkeypatch) -> None:  # noqa: ANN001
+    """A decoder whose weights are column-major (what load_model and load_decoder keep) runs its decode-step
+    products on the op, eagerly and inside a compiled step, with the logits of F.linear."""
+    from llmkit.generate import compile_decode_step, decode_step
+    from llmkit.nn.linear import use_column_major_weights
+
+    torch.manual_seed(4)
+    model = use_column_major_weights(Decoder(tiny_config()).eval())
+    prompt = torch.randint(0, 97, (2, 6))
+    calls = []
+    original = decode_kernels.linear
+    monkeypatch.setattr(decode_kernels, "linear", lambda *a: calls.append(1) or original(*a))
+    native = decode_logits(model, prompt, 4)
+    assert len(calls) >= 4 * 3 * 3  # each step: at least q/k/v-or-fused, o and the MLP in every layer
+    monkeypatch.setattr(decode_kernels, "applies", lambda x: False)
+    reference = decode_logits(model, prompt, 4)
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    compile_decode_step(model)
+    step = decode_step(model)
+    cache = model.new_cache(2, 10)
+    with torch.inference_mode():
+        model(prompt, cache)
+        compiled = torch.stack([step(torch.full((2, 1), 3 + i), cache=cache)[:, -1] for i in range(4)], 1)
+    torch.testing.assert_close(compiled, native, rtol=1e-4, atol=1e-4)
+
+
 def reference_attention(q, keys, values, slot, valid, window, scale):  # noqa: ANN001, ANN201
     """float64 softmax(scale q K^T) V over the slots a one-token query may see; q (B, H, 1, D), caches (B, Hkv, S, D)."""
     B, H, _, D = q.shape

@@ -8,7 +8,9 @@ S contiguous slabs along the input axis, and
     y = x W^T = sum_s x[s-th input slice] @ W^T[s-th slab]
 
 is one batched matmul over S slabs that the threads share, then a sum over s. Same numbers up to
-summation order; prefill and training (many rows) use the ordinary `F.linear`. float32 only: the
+summation order; prefill and training (many rows) use the ordinary `F.linear`. In a decode step (one new token per
+row, `decode_kernels.applies`) llmkit's native op does the same split in one call, also inside torch.compile's
+graph; the batched matmul is the path where the native ops are not built. float32 only: the
 CPU bf16/fp16 matrix-vector kernels are no faster split (measured in docs/benchmarks.md).
 
 bfloat16 one-row products take another path: `F.linear`'s bf16 matrix-vector kernel runs at ~6 GB/s on one thread
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmkit.nn import decode_kernels
 
 
 class Linear(nn.Linear):
@@ -65,6 +69,9 @@ def linear(
     """F.linear, computed as a thread-parallel sum of slab products for a single float32 row on CPU, or from the
     oneDNN-packed copy `packed` of a bfloat16 weight for a single row."""
     out_features, in_features = weight.shape
+    if (weight.dtype == torch.float32 and weight.stride() == (1, out_features)
+            and x.numel() <= decode_kernels.MAX_ROWS * in_features and decode_kernels.applies(x)):
+        return decode_kernels.linear(x, weight, bias)  # a decode step, eager or compiled: llmkit's slab kernel
     if torch.compiler.is_compiling():  # inductor plans its own product (and cannot trace get_num_threads)
         return F.linear(x, weight, bias)
     if packed is not None and x.numel() == in_features and not torch.is_grad_enabled() and packed.is_current():
