@@ -24,7 +24,7 @@ def decode_logits(model: torch.nn.Module, steps: int = 4) -> torch.Tensor:
         return torch.cat([model(torch.tensor([[t]]), cache=cache)[:, -1] for t in range(9, 9 + steps)])
 
 
-@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1", "q8_0", "f16", "bf16"])
 def test_fused_product_equals_the_parts_bit_for_bit(scheme):
     model = quantize(tiny_decoder(), scheme)
     expected = decode_logits(model)
@@ -34,8 +34,9 @@ def test_fused_product_equals_the_parts_bit_for_bit(scheme):
     # every output row is computed from its own bytes and the same int8 activations: identical numbers
     assert torch.equal(decode_logits(model), expected)
     layer = vars(attn)[FUSED_CALLABLE].layer
-    buffer = kernel_buffer(layer)  # the file's blocks, or their 8-row regrouping (q4_0, q4_1, q8_0)
-    assert buffer == ("weight_x8" if scheme in native.X8_SCHEMES else "weight_blocks")
+    buffer = kernel_buffer(layer)  # the file's blocks, their 8-row regrouping (q4_0, q4_1, q8_0), or a half matrix
+    assert buffer == ("weight_x8" if scheme in native.X8_SCHEMES else "weight_weight" if scheme in ("f16", "bf16")
+                      else "weight_blocks")
     fused = getattr(layer, buffer)
     for part in (attn.q_proj, attn.k_proj, attn.v_proj):  # views into the concatenation: no byte held twice
         assert getattr(part, buffer).untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()

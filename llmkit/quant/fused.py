@@ -1,5 +1,5 @@
 """One product for q/k/v and one for gate/up where every part is a QuantLinear on llmkit's GGUF kernels (quant/native.py):
-the float counterpart of llmkit.nn.fused for quantized decoders.
+the float counterpart of llmkit.nn.fused for quantized (and F16/BF16 GGUF) decoders.
 
 A GGUF block matrix is its rows' bytes one after another, so the parts' blocks concatenated along the rows are the
 blocks of [W_q; W_k; W_v] (or [W_gate; W_up]) and one kernel call gives [q | k | v]: 7 quantized products per
@@ -17,7 +17,7 @@ from torch import nn
 
 from llmkit.nn.fused import FUSED_CALLABLE
 from llmkit.quant import native
-from llmkit.quant.linear import QuantLinear
+from llmkit.quant.linear import HALF_SCHEMES, QuantLinear
 from llmkit.quant.packed import QuantizedWeight
 
 
@@ -39,7 +39,7 @@ class FusedBlocks:
             setattr(part, self.buffer, view)  # a view: the parts' bytes live in the concatenation
         bias = None if first.bias is None else torch.cat([part.bias for part in self.parts])
         out_features = sum(part.out_features for part in self.parts)
-        key = "blocks_x8" if self.buffer == "weight_x8" else "blocks"
+        key = {"weight_x8": "blocks_x8", "weight_blocks": "blocks", "weight_weight": "weight"}[self.buffer]
         packed = QuantizedWeight(first.scheme, (out_features, first.in_features), first.group_size, {key: rows})
         self.layer = QuantLinear(packed, bias)
 
@@ -59,14 +59,19 @@ class FusedBlocks:
 
 
 def kernel_buffer(layer: QuantLinear) -> str:
-    """The buffer llmkit's GGUF kernel reads: the file's blocks, or their 8-row regrouping (native.to_x8)."""
-    return "weight_x8" if "weight_x8" in layer._buffers else "weight_blocks"
+    """The buffer llmkit's GGUF kernel reads: the file's blocks, their 8-row regrouping (native.to_x8), or an F16/BF16
+    matrix (the float kernel's)."""
+    if "weight_x8" in layer._buffers:
+        return "weight_x8"
+    return "weight_weight" if layer.scheme in HALF_SCHEMES else "weight_blocks"
 
 
 def can_fuse_blocks(parts: list[nn.Module]) -> bool:
-    """QuantLinears on llmkit's GGUF kernels with one scheme, layout and input width, a bias on all or none, and (when
-    regrouped 8 rows at a time) output rows that fill whole groups."""
-    if not all(isinstance(part, QuantLinear) and part.kernel == "gguf" for part in parts):
+    """QuantLinears on llmkit's GGUF kernels (int8-activation blocks, or F16/BF16 matrices on the float kernel) with
+    one scheme, layout and input width, a bias on all or none, and (when regrouped 8 rows at a time) output rows that
+    fill whole groups."""
+    if not all(isinstance(part, QuantLinear) and (part.kernel == "gguf" or (
+            part.kernel == "gguf_float" and part.scheme in HALF_SCHEMES)) for part in parts):
         return False
     layouts = {kernel_buffer(part) for part in parts}
     return (len({(part.scheme, part.in_features) for part in parts}) == 1 and len(layouts) == 1
