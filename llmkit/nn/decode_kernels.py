@@ -18,7 +18,7 @@ Here each is one op:
   query heads sharing one read of their key/value head, the slots split in chunks over the threads and the chunks'
   softmax statistics combined exactly (flash-decoding; the math in the C++ file).
 
-Both are used only where they apply (`applies`): decode steps (one new token per row) with float32 activations on
+All three are used only where they apply (`applies`): decode steps (one new token per row) with float32 activations on
 the CPU, without autograd or autocast. `torch.compile` traces them as custom ops (fake tensors below). Where the
 build fails (no C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their PyTorch path.
 """
