@@ -1,5 +1,5 @@
-// Two ops of a decoder's one-token step on the CPU (llmkit/nn/decode_kernels.py), each one call where the eager
-// PyTorch step issues ten to twenty small ops:
+// Three ops of a decoder's one-token step on the CPU (llmkit/nn/decode_kernels.py), each one call where the eager
+// PyTorch step issues several small ops (ten to twenty for the norm and the attention):
 //
 //   rms_norm(x, weight, eps, offset)    y = x / sqrt(mean(x^2) + eps) * (offset + weight), x (rows, C) float32;
 //                                       the squares summed in double, as ggml's rms_norm sums them
