@@ -437,6 +437,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
   const int64_t rows = xc.size(0);
   TORCH_CHECK(rows <= kLinearMaxRows, "linear: at most ", kLinearMaxRows, " rows per call");
   const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / 16));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == n), "linear: bias must be float32 (out)");
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor partials = at::zeros({slabs, rows, n}, xc.options());
   const float* pw = weight_t.data_ptr<float>();
   const float* px = xc.data_ptr<float>();
@@ -446,9 +449,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
       slab_product(pw, px, rows, k, n, s * k / slabs, (s + 1) * k / slabs, pp + s * rows * n);
   });
   // y = the first partial + the others (+ bias), in place: no tensor ops (each a dispatch of a few microseconds)
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
-  TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == n), "linear: bias must be float32 (out)");
   for (int64_t i = 0; i < rows * n; ++i) {
     float sum = pp[i];
     for (int64_t s = 1; s < slabs; ++s) sum += pp[s * rows * n + i];
