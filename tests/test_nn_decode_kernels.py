@@ -35,16 +35,39 @@ def test_rms_norm_matches_float64_reference() -> None:
 @pytest.mark.parametrize(("rows", "in_features", "out_features"), [(1, 576, 960), (3, 200, 37), (16, 1536, 576),
                                                                      (1, 12, 5)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_float64_reference(rows, in_features, out_features, bias) -> None:  # noqa: ANN001
-    # widths that split unevenly into slabs and rows of 8, outputs that are not a multiple of the vector length
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_linear_matches_float64_reference(rows, in_features, out_features, bias, dtype) -> None:  # noqa: ANN001
+    # widths that split unevenly into slabs and rows of 8, outputs that are not a multiple of the vector length;
+    # half weights are widened exactly, so the reference is the float64 product of the same half values
     torch.manual_seed(rows)
-    weight = torch.randn(out_features, in_features).t().contiguous().t()  # column-major, as the loaders keep it
+    weight = torch.randn(out_features, in_features).to(dtype).t().contiguous().t()  # column-major, as kept
     b = torch.randn(out_features) if bias else None
     x = torch.randn(rows, 1, in_features)
     expected = F.linear(x.double(), weight.double(), None if b is None else b.double()).float()
     got = decode_kernels.linear(x, weight, b)
-    assert got.shape == (rows, 1, out_features)
+    assert got.shape == (rows, 1, out_features) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * in_features**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_reads_column_blocks_and_wide_outputs(dtype) -> None:  # noqa: ANN001
+    """A fused product's part is a block of columns of a wider column-major matrix (row stride > its width); more
+    outputs than one tile (4,096) take several tiles; a narrow matrix fetches its next rows ahead."""
+    torch.manual_seed(0)
+    fused = torch.randn(4200 + 96, 64).to(dtype).t().contiguous().t()  # (out, in) column-major
+    x = torch.randn(2, 1, 64)
+    for part in fused.split([4200, 64, 32]):  # column blocks: W^T views with row stride 4,296
+        expected = F.linear(x.double(), part.double()).float()
+        torch.testing.assert_close(decode_kernels.linear(x, part, None), expected, rtol=1e-5, atol=1e-4)
+    narrow = torch.randn(40, 576).to(dtype).t().contiguous().t()  # 8 rows of W^T = 8 x 40 values: fetched ahead
+    x = torch.randn(2, 1, 576)
+    torch.testing.assert_close(decode_kernels.linear(x, narrow, None), F.linear(x.double(), narrow.double()).float(),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_linear_refuses_a_row_major_weight() -> None:
+    with pytest.raises(RuntimeError, match="unit stride along out"):
+        torch.ops.llmkit_nn.linear(torch.randn(1, 64), torch.randn(32, 64).t(), None)  # W^T with stride (1, 64)
 
 
 def test_linear_takes_decode_steps_of_column_major_weights(monkeypatch) -> None:  # noqa: ANN001

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmkit.nn import decode_kernels
 from llmkit.quant import QuantLinear, native
 from llmkit.quant.formats import get_format
 from tests.helpers import int8_activation_bound
@@ -19,12 +20,6 @@ pytestmark = pytest.mark.skipif(not native.native_kernels_available(),
                                 reason="the GGUF CPU kernels did not build here (no C++ compiler)")
 
 INT8_SCHEMES = list(native.INT8_KINDS)  # q4_0 q4_1 q8_0 q5_0 q5_1 q4_k q5_k q6_k
-FLOAT_SCHEMES = list(native.FLOAT_KINDS)  # q8_0 f16 bf16
-
-
-def weight_tensor(packed) -> torch.Tensor:  # noqa: ANN001 (a QuantizedWeight)
-    return packed.tensors["blocks"] if "blocks" in packed.tensors else packed.tensors["weight"]
-
 
 def reference(x: torch.Tensor, packed) -> torch.Tensor:  # noqa: ANN001 (a QuantizedWeight)
     """y (rows, out) of the kernel's math in float64: x rounded per block of 32 exactly as the kernel rounds it (fp32
@@ -97,16 +92,13 @@ def test_eight_row_kernel_holds_the_largest_4_bit_sums(scheme, code):
     assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
-# 200: a half-precision width that is not a multiple of 32 (Q8_0's blocks need one)
-@pytest.mark.parametrize(("scheme", "in_features"), [("q8_0", 512), ("f16", 512), ("f16", 200), ("bf16", 512),
-                                                      ("bf16", 200)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 16])
-def test_float_kernel_equals_f_linear_of_the_dequantized_weight(scheme, in_features, rows):
+def test_float_kernel_equals_f_linear_of_the_dequantized_weight(rows):
     torch.manual_seed(rows)
-    packed = get_format(scheme).quantize(random_weight(scheme, 80, in_features), None)
-    x = torch.randn(rows, in_features)
-    y = native.float_matmul(x, weight_tensor(packed), scheme, 80)
-    expected = F.linear(x.double(), get_format(scheme).dequantize(packed, torch.float64))
+    packed = get_format("q8_0").quantize(random_weight("q8_0", 80, 512), None)
+    x = torch.randn(rows, 512)
+    y = native.float_matmul(x, packed.tensors["blocks"], 80)
+    expected = F.linear(x.double(), get_format("q8_0").dequantize(packed, torch.float64))
     # float32 products of the exact weights: only the summation order differs from F.linear
     assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
@@ -130,18 +122,25 @@ def test_layer_takes_the_kernel_and_stays_within_int8_activation_error(scheme):
     assert bool(((y.double() - exact).abs() <= int8_activation_bound(x, w_hat) + 1e-5).all())
 
 
-@pytest.mark.parametrize("scheme", FLOAT_SCHEMES)
-def test_head_and_half_layers_take_the_float_kernel(scheme):
+# 200: a half-precision width that is not a multiple of 32 (Q8_0's blocks need one)
+@pytest.mark.parametrize(("scheme", "in_features"), [("q8_0", 256), ("f16", 256), ("f16", 200), ("bf16", 256),
+                                                      ("bf16", 200)])
+def test_head_and_half_layers_take_the_float_kernel(scheme, in_features):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 64, bias=False)
+    linear = torch.nn.Linear(in_features, 64, bias=True)
     packed = get_format(scheme).quantize(linear.weight, None)
-    layer = QuantLinear(packed, int8_activations=scheme in ("f16", "bf16"))  # a Q8_0 head asks for float x
+    layer = QuantLinear(packed, linear.bias, int8_activations=scheme in ("f16", "bf16"))  # a Q8_0 head: float x
     assert layer.kernel == "gguf_float"
-    x = torch.randn(1, 1, 256)
-    with torch.no_grad():
-        y = layer(x)
-    assert y.shape == (1, 1, 64)
-    assert torch.allclose(y, F.linear(x, get_format(scheme).dequantize(packed)), rtol=1e-5, atol=1e-5)
+    if scheme != "q8_0":  # kept column-major for the decode linear op, handed back as the same values
+        assert layer.weight_weight.t().is_contiguous()
+        assert torch.equal(layer.packed.tensors["weight"], packed.tensors["weight"])
+    for rows in (1, 3):
+        x = torch.randn(rows, 1, in_features)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (rows, 1, 64)
+        expected = F.linear(x.double(), get_format(scheme).dequantize(packed, torch.float64), linear.bias.double())
+        assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_q6_k_head_takes_int8_activations_rather_than_dequantizing_per_call():
@@ -151,6 +150,7 @@ def test_a_q6_k_head_takes_int8_activations_rather_than_dequantizing_per_call():
 
 def test_fallback_without_the_kernels(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(native, "native_kernels_available", lambda: False)
+    monkeypatch.setattr(decode_kernels, "available", lambda: False)
     assert QuantLinear.from_linear(torch.nn.Linear(256, 128), "q4_0").kernel == "int4pack"
     assert QuantLinear(get_format("q6_k").quantize(torch.randn(64, 256), None)).kernel == "dequantize"
     assert QuantLinear(get_format("f16").quantize(torch.randn(64, 256), None)).kernel == "half"
@@ -161,7 +161,7 @@ def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
     with pytest.raises(RuntimeError, match="at most 16 rows"):
         native.gguf_matmul(torch.randn(17, 64), packed.tensors["blocks"], "q8_0", 64)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
-        native.float_matmul(torch.randn(17, 64), packed.tensors["blocks"], "q8_0", 64)
+        native.float_matmul(torch.randn(17, 64), packed.tensors["blocks"], 64)
     with pytest.raises(RuntimeError, match="expected"):  # blocks of another format than the kind says
         native.gguf_matmul(torch.randn(1, 64), packed.tensors["blocks"], "q4_0", 64)
     with pytest.raises(RuntimeError, match="expected"):
@@ -182,11 +182,15 @@ def variant_builds() -> dict[str, list[str]]:
 def test_avx2_and_plain_builds_equal_the_native_one(variant_builds):
     # this machine has AVX512-VNNI; a CI machine without it runs the AVX2 path, one without AVX2 the plain C++
     torch.manual_seed(0)
-    runs = ([(native.gguf_matmul, s) for s in INT8_SCHEMES] + [(native.float_matmul, s) for s in FLOAT_SCHEMES]
+    def float_matmul(x, blocks, scheme, out_features, ops=native.OPS):  # noqa: ANN001, ANN202 (the others' signature)
+        return native.float_matmul(x, blocks, out_features, ops=ops)
+
+    runs = ([(native.gguf_matmul, s) for s in INT8_SCHEMES] + [(float_matmul, "q8_0")]
             + [(native.x8_matmul, s) for s in native.X8_SCHEMES])
     for run, scheme in runs:
         packed = get_format(scheme).quantize(random_weight(scheme, 83, 512), None)
-        weight = native.to_x8(packed.tensors["blocks"], scheme) if run is native.x8_matmul else weight_tensor(packed)
+        weight = packed.tensors["blocks"]
+        weight = native.to_x8(weight, scheme) if run is native.x8_matmul else weight
         x = torch.randn(5, 512)
         y = run(x, weight, scheme, 83)
         for ops in variant_builds:

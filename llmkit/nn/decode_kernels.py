@@ -9,10 +9,12 @@ Here each is one op:
 
 - `rms_norm(x, weight, eps, offset)` = x / sqrt(mean(x^2) + eps) * (offset + weight), squares summed in double
   (as llama.cpp's ggml sums them).
-- `linear(x, weight, bias)`: x W^T + b from a float32 weight stored column-major (`nn.linear.use_column_major_weights`,
+- `linear(x, weight, bias)`: x W^T + b from a weight stored column-major (`nn.linear.use_column_major_weights`,
   what the loaders do), its rows split in one contiguous slab per thread, each streamed front to back into a partial
   product, the partials summed: 24-33 GB/s over SmolLM2's matrices with 2 threads where F.linear's GEMV reads 14-19
-  (and torch.compile could not trace the slab split `nn.linear` does with torch ops).
+  (and torch.compile could not trace the slab split `nn.linear` does with torch ops). float16/bfloat16 weights
+  (F16/BF16 GGUF layers, quant.QuantLinear) are widened as they stream: 20-37 GB/s where the row-major half kernel
+  read 16-26.
 - `decode_attention(...)`: stores the token's key and value in the cache (float32, bfloat16 or float16) and returns
   softmax(scale q K^T) V over the slots the query may see (left padding and a sliding window respected), grouped-
   query heads sharing one read of their key/value head, the slots split in chunks over the threads and the chunks'
@@ -87,8 +89,8 @@ MAX_ROWS = 16  # rows of x per `linear` call (the kernel's kLinearMaxRows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., in) W^T + b for a float32 weight (out, in) stored column-major (weight.t() contiguous), at most
-    MAX_ROWS rows of x (see `applies`)."""
+    """x (..., in) W^T + b, float32, for a weight (out, in) in float32, float16 or bfloat16 stored column-major
+    (weight.t() contiguous, or a block of columns of such a matrix), at most MAX_ROWS rows of x (see `applies`)."""
     return torch.ops.llmkit_nn.linear(x, weight.t(), bias)
 
 

@@ -2,12 +2,12 @@
 the float counterpart of llmkit.nn.fused for quantized (and F16/BF16 GGUF) decoders.
 
 A GGUF block matrix is its rows' bytes one after another, so the parts' blocks concatenated along the rows are the
-blocks of [W_q; W_k; W_v] (or [W_gate; W_up]) and one kernel call gives [q | k | v]: 7 quantized products per
-SmolLM2 block become 4, and the narrow k and v (192 rows) stop being calls of their own. The parts' buffers become
-row views of the concatenation, so no byte is held twice; names, `packed`, checkpoints and adapters see the parts as
-before. The product is used while the module still holds those very parts (`FusedBlocks.covers`): a part that
-PEFT wraps or a transformation replaces is run on its own again, as `llmkit.nn.fused.fused_product` does for float
-parts.
+blocks of [W_q; W_k; W_v] (or [W_gate; W_up]) and one kernel call gives [q | k | v] (F16/BF16 matrices, kept
+column-major, are joined along their columns instead): 7 quantized products per SmolLM2 block become 4, and the narrow
+k and v (192 rows) stop being calls of their own. The parts' buffers become row views of the concatenation, so no byte
+is held twice; names, `packed`, checkpoints and adapters see the parts as before. The product is used while the module
+still holds those very parts (`FusedBlocks.covers`): a part that PEFT wraps or a transformation replaces is run on its
+own again, as `llmkit.nn.fused.fused_product` does for float parts.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ class FusedBlocks:
         # which every part fills, can_fuse_blocks)
         per_row = native.GROUP if self.buffer == "weight_x8" else 1
         sizes = [part.out_features // per_row for part in self.parts]
-        rows = torch.cat([getattr(part, self.buffer) for part in self.parts])
+        if self.buffer == "weight_weight":  # F16/BF16 matrices kept column-major: [W_q; W_k; W_v]^T's columns
+            rows = torch.cat([part.weight_weight.t() for part in self.parts], dim=1).t()
+        else:
+            rows = torch.cat([getattr(part, self.buffer) for part in self.parts])
         for part, view in zip(self.parts, rows.split(sizes)):
             setattr(part, self.buffer, view)  # a view: the parts' bytes live in the concatenation
         bias = None if first.bias is None else torch.cat([part.bias for part in self.parts])

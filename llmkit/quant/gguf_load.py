@@ -120,9 +120,8 @@ def load_gguf_quantized(path: str | Path, dtype: str | torch.dtype = "float32", 
 
     with torch.device("meta"):
         model = Decoder(config)
-    for name, weight in packed.items():
-        if name == EMBED:
-            continue
+    for name in [name for name in packed if name != EMBED]:
+        weight = packed.pop(name)  # let go as each layer is built (an F16 layer keeps a column-major copy)
         module = name.removesuffix(".weight")
         parent, _, attribute = module.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attribute,

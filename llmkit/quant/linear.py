@@ -30,16 +30,18 @@ greedy answer to "What is the capital of France?" (`llmkit chat`) turned from "T
 "L'Etoile, la Marseillaise, ..." (tests/test_quant_gguf_load.py's slow test); raising it needs that quality question
 settled first (e.g. bf16 only for the serving engine's prefill, or an fp32-activation kernel).
 
-So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> every GGUF block format (q4_0, q4_1, q8_0, q5_0, q5_1, q4_k,
-q5_k, q6_k) takes llmkit's own kernels on the file's blocks with int8 activations ("gguf", quant/native.py; measured
-in docs/quantization.md), and f16/bf16 matrices and an LM head in q8_0 its float-activation kernel ("gguf_float"),
-where they build. Without a compiler, and for the llmkit-only formats, the aten weight-only kernels with bf16
-activations: `torch._weight_int8pack_mm` for int8, `aten._weight_int4pack_mm_for_cpu` for every format with an
-affine block view (quant/affine.py: w = s q + z per block of 32 or more inputs): int4, int4_asym, q4_0, q4_1, q4_k
-(exactly group-32 int4: s = d sc_j, z = -dmin m_j), and, split into two 4-bit pieces in one call
-(quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation variants are 5-30x slower than fp32 here;
-f16/bf16 then multiply in their own half type (x cast to it), q6_k dequantizes per call. nf4 (a code book) always
-dequantizes. Many rows (prefill, scoring) -> dequantize to the activations' dtype and one F.linear, the fastest there.
+So: few rows (decode, <= KERNEL_MAX_ROWS) on CPU -> every GGUF block format (q4_0, q4_1, q8_0, q5_0, q5_1, q4_k, q5_k,
+q6_k) takes llmkit's own kernels on the file's blocks with int8 activations ("gguf", quant/native.py; measured in
+docs/quantization.md), and f16/bf16 matrices and an LM head in q8_0 a float32-activation kernel ("gguf_float":
+quant/native.py's for Q8_0; for f16/bf16 the decode linear op of llmkit.nn.decode_kernels, which streams the matrix
+kept column-major in slabs, one per thread, widening the halves as it reads), where they build. Without a compiler,
+and for the llmkit-only formats, the aten weight-only kernels with bf16 activations: `torch._weight_int8pack_mm` for
+int8, `aten._weight_int4pack_mm_for_cpu` for every format with an affine block view (quant/affine.py: w = s q + z per
+block of 32 or more inputs): int4, int4_asym, q4_0, q4_1, q4_k (exactly group-32 int4: s = d sc_j, z = -dmin m_j),
+and, split into two 4-bit pieces in one call (quant/tinygemm.py), q8_0, q5_0, q5_1 and q5_k. Their fp32-activation
+variants are 5-30x slower than fp32 here; f16/bf16 then multiply in their own half type (x cast to it), q6_k
+dequantizes per call. nf4 (a code book) always dequantizes. Many rows (prefill, scoring) -> dequantize to the
+activations' dtype and one F.linear, the fastest there.
 
 The measurements below chose the aten paths before llmkit had its own kernels; they stand for the fallback.
 
@@ -77,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmkit.nn import decode_kernels
 from llmkit.quant import affine, native
 from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
@@ -97,10 +100,17 @@ HALF_SCHEMES = ("f16", "bf16")  # few rows: activations cast to the weight's hal
 
 def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     """`tensor`, copied when its data is not 64-byte aligned and contiguous: safetensors hands out tensors at any
-    offset of the file, and aten's int8 weight-only kernel segfaulted here on such a weight."""
-    if tensor.is_contiguous() and tensor.data_ptr() % alignment == 0:
+    offset of the file, and aten's int8 weight-only kernel segfaulted here on such a weight. A column-major matrix
+    (`is_column_major`: a fused product's F16/BF16 columns) is kept as it is."""
+    if (tensor.is_contiguous() or is_column_major(tensor)) and tensor.data_ptr() % alignment == 0:
         return tensor
     return tensor.contiguous().clone()
+
+
+def is_column_major(weight: torch.Tensor) -> bool:
+    """Whether a matrix (out, in) is stored column-major with unit stride along out (weight.t() contiguous, or a
+    block of columns of such a matrix: what decode_kernels.linear reads)."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) >= weight.shape[0]
 
 
 def kernel_for(packed: QuantizedWeight, int8_activations: bool = True) -> str:
@@ -110,8 +120,10 @@ def kernel_for(packed: QuantizedWeight, int8_activations: bool = True) -> str:
     asks for float activations: the float kernel where the format has one, else aten's bf16-activation kernel, and
     int8 activations only where the alternative is dequantizing the whole matrix per call (Q6_K)."""
     scheme = packed.scheme
-    native_ok = (scheme in native.INT8_KINDS or scheme in native.FLOAT_KINDS) and native.native_kernels_available()
-    if native_ok and scheme in native.FLOAT_KINDS and (scheme in HALF_SCHEMES or not int8_activations):
+    if scheme in HALF_SCHEMES and decode_kernels.available():
+        return "gguf_float"
+    native_ok = (scheme in native.INT8_KINDS or scheme in native.FLOAT_SCHEMES) and native.native_kernels_available()
+    if native_ok and scheme in native.FLOAT_SCHEMES and not int8_activations:
         return "gguf_float"
     if native_ok and scheme in native.INT8_KINDS and int8_activations:
         return "gguf"
@@ -161,6 +173,12 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight_x8", x8 if x8 is not None else native.to_x8(packed.tensors["blocks"],
                                                                                       self.scheme))
             self._extras = ()
+        elif self.kernel == "gguf_float" and self.scheme in HALF_SCHEMES:
+            # column-major (weight.t() contiguous), what the decode linear op streams; a fused product passes its
+            # parts' column blocks of one such matrix as they are (quant/fused.py)
+            weight = packed.tensors["weight"]
+            self.register_buffer("weight_weight", weight if is_column_major(weight) else weight.t().contiguous().t())
+            self._extras = ("weight",)
         else:
             for name, tensor in packed.tensors.items():
                 self.register_buffer(f"weight_{name}", tensor)
@@ -195,9 +213,13 @@ class QuantLinear(nn.Module):
             return self._joined(from_tinygemm(self.weight_int4pack)[:self.out_features], extras)
         if "weight_x8" in self._buffers:
             extras = {"blocks": native.from_x8(self.weight_x8, self.scheme, self.out_features)}
+        if self.scheme in HALF_SCHEMES:  # row-major as the format (and the file) lays it out: a copy when kept
+            extras = {"weight": self.weight_weight.contiguous()}  # column-major for the decode linear op
         return QuantizedWeight(self.scheme, (self.out_features, self.in_features), self.group_size, extras)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scheme in HALF_SCHEMES:  # the values as they are (no row-major copy first): one cast
+            return self.weight_weight.to(dtype)  # (out, in)
         return get_format(self.scheme).dequantize(self.packed, dtype)  # (out, in)
 
     def dequantized_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -247,10 +269,12 @@ class QuantLinear(nn.Module):
 
     def native_product(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) float32 W^T on llmkit's GGUF kernels (quant/native.py): the 8-row layout where the layer holds
-        it, else the file's blocks (int8 activations), or float32 activations (`gguf_float`)."""
+        it, else the file's blocks (int8 activations), or float32 activations (`gguf_float`: Q8_0 blocks, or an
+        F16/BF16 matrix kept column-major on the decode linear op)."""
         if self.kernel == "gguf_float":
-            weight = self.weight_weight if self.scheme in HALF_SCHEMES else self.weight_blocks
-            return native.float_matmul(x, weight, self.scheme, self.out_features)
+            if self.scheme in HALF_SCHEMES:
+                return decode_kernels.linear(x, self.weight_weight, None)
+            return native.float_matmul(x, self.weight_blocks, self.out_features)
         if "weight_x8" in self._buffers:
             return native.x8_matmul(x, self.weight_x8, self.scheme, self.out_features)
         return native.gguf_matmul(x, self.weight_blocks, self.scheme, self.out_features)

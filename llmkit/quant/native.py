@@ -13,10 +13,10 @@ Three products (the formats' layouts and the math: kernels/gguf_formats.h):
   a time (`to_x8`; QuantLinear keeps its layers so): one `vpdpbusd` with 4 x codes broadcast adds 4 products to 8
   rows' sums at once, the scales applied as a vector of 8, no horizontal sums (1.8-3x the row kernel's speed on
   hot caches).
-- `float_matmul`, float32 activations (float_cpu.cpp), for Q8_0 blocks and F16/BF16 matrices: the weights are
-  widened to float32 in registers, block by block, and multiplied with x as it is, so the result is F.linear of
-  the dequantized weight up to the order of the sums. For the LM head (int8 activations there moved SmolLM2's
-  logits enough to flip an answer) and for half-precision layers.
+- `float_matmul`, float32 activations (float_cpu.cpp), for Q8_0 blocks: the weights are widened to float32 in
+  registers, block by block, and multiplied with x as it is, so the result is F.linear of the dequantized weight up
+  to the order of the sums. For the LM head (int8 activations there moved SmolLM2's logits enough to flip an
+  answer). F16/BF16 matrices take llmkit.nn.decode_kernels.linear, kept column-major (QuantLinear).
 
 Against aten's int4 kernel (quant/tinygemm.py), which these formats took before: no split of 5- and 8-bit codes into
 two 4-bit halves, no bf16 scale/offset copies (RAM = the file's bytes), Q6_K no longer dequantized per call, and
@@ -43,7 +43,7 @@ SOURCES = [KERNELS / "gguf_cpu.cpp", KERNELS / "float_cpu.cpp", KERNELS / "gguf_
 HEADERS = [KERNELS / "gguf_formats.h", KERNELS / "activations.h"]
 # the kernels' `kind` arguments per scheme (the order of the Kind enums in the C++ files)
 INT8_KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q5_0": 3, "q5_1": 4, "q4_k": 5, "q5_k": 6, "q6_k": 7}
-FLOAT_KINDS = {"q8_0": 0, "f16": 1, "bf16": 2}
+FLOAT_SCHEMES = ("q8_0",)  # formats with a float32-activation kernel (float_cpu.cpp)
 X8_SCHEMES = ("q4_0", "q4_1", "q8_0")  # formats the 8-row kernel (gguf_x8.cpp) runs, in `to_x8`'s layout
 GROUP = 8  # output rows per group in that layout
 X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}  # bytes per block of 32 in the file
@@ -67,7 +67,7 @@ def register_fakes(ops: str) -> None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake(f"{ops}::matmul_float")
-    def _(x: torch.Tensor, weight: torch.Tensor, kind: int, out_features: int) -> torch.Tensor:
+    def _(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake(f"{ops}::matmul_x8")
@@ -91,11 +91,10 @@ def gguf_matmul(x: torch.Tensor, blocks: torch.Tensor, scheme: str, out_features
     return getattr(torch.ops, ops).matmul(x, blocks, INT8_KINDS[scheme], out_features)
 
 
-def float_matmul(x: torch.Tensor, weight: torch.Tensor, scheme: str, out_features: int,
-                 ops: str = OPS) -> torch.Tensor:
-    """y (..., out_features) = x (..., in) W^T in float32 for W a Q8_0 block matrix (uint8) or an F16/BF16 matrix
-    (out_features, in); at most MAX_ROWS rows."""
-    return getattr(torch.ops, ops).matmul_float(x, weight, FLOAT_KINDS[scheme], out_features)
+def float_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int, ops: str = OPS) -> torch.Tensor:
+    """y (..., out_features) = x (..., in) W^T in float32 for W a Q8_0 block matrix (out_features, bytes per row)
+    uint8; at most MAX_ROWS rows."""
+    return getattr(torch.ops, ops).matmul_float(x, blocks, out_features)
 
 
 def x8_matmul(x: torch.Tensor, blocks_x8: torch.Tensor, scheme: str, out_features: int, ops: str = OPS) -> torch.Tensor:

@@ -8,7 +8,7 @@
 //                                       dtype: float32, bfloat16 or float16) and returns its attention output
 //                                       softmax(scale q K^T) V over the slots it may see, (B, 1, H * D) float32
 //   linear(x, weight_t, bias)           y = x W^T + b for a few rows of x (a decode step: one per sequence), from
-//                                       the float32 weight's transpose W^T (in, out), contiguous
+//                                       the weight's transpose W^T (in, out), float32, float16 or bfloat16
 //
 // A query sees slot s <= slot when valid[b, s] (left padding hides keys; the query always sees itself) and, for a
 // sliding-window layer (window > 0), slot - s < window. Grouped-query attention: query head h reads key/value head
@@ -378,61 +378,92 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
 
 // ---- linear ----
 //
-// The weight arrives column-major, as W^T (in, out) contiguous (llmkit/nn/linear.py's use_column_major_weights), and
-// its rows are split in one slab per thread: each thread streams its slab front to back (the fastest way to read
-// memory here: 37 GB/s over SmolLM2's tied head vs 15 for F.linear's GEMV, 2 threads) into its own partial product,
+// The weight arrives column-major, as W^T (in, out) with unit stride along out (llmkit/nn/linear.py's
+// use_column_major_weights; or a block of columns of a wider such matrix: quant/fused.py's parts), float32 or a
+// float16/bfloat16 matrix widened as it is read. Its rows are split in one slab per thread: each thread streams its
+// slab front to back (the fastest way to read memory here: 37 GB/s over SmolLM2's tied head vs 15 for F.linear's
+// GEMV, 2 threads) into its own partial product,
 //
 //   y = x W^T = sum_s x[:, slab s] W^T[slab s, :],
 //
-// and the partials are summed at the end. Within a slab, eight rows of W^T at a time are applied to a tile of 256
-// outputs for every row of x (the tile's weights stay in L1 across the rows).
+// and the partials are summed at the end. Within a slab, eight rows of W^T at a time are applied to a tile of up to
+// kTile outputs for every row of x (the tile's weights stay in L1 across the rows).
 
 constexpr int64_t kLinearMaxRows = 16;  // rows of x per call: the batch of a decode step
 constexpr int64_t kTile = 4096;  // outputs per tile
+constexpr int64_t kPass = 8;  // rows of W^T per pass over a tile
+constexpr int64_t kFetchBytes = 16384;  // passes at most this long fetch the next one ahead (slab_product)
 
-// partial (R, N) += x[:, j0:j1] W^T[j0:j1, :]
-void slab_product(const float* wt, const float* x, int64_t rows, int64_t k, int64_t n, int64_t j0, int64_t j1,
+// A weight of W^T as float32: float32 as it is, float16 and bfloat16 widened (8 at a time where SIMD is built).
+inline float widen(float w) { return w; }
+inline float widen(c10::Half w) { return static_cast<float>(w); }
+inline float widen(c10::BFloat16 w) { return static_cast<float>(w); }
+#ifdef LLMKIT_SIMD
+inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 widen8(const c10::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline __m256 widen8(const c10::BFloat16* w) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// partial (R, N) += x[:, j0:j1] W^T[j0:j1, :], row j of W^T at wt + j * ld
+template <typename T>
+void slab_product(const T* wt, int64_t ld, const float* x, int64_t rows, int64_t k, int64_t n, int64_t j0, int64_t j1,
                   float* partial) {
+  constexpr int64_t kBytes = sizeof(T);
   for (int64_t o0 = 0; o0 < n; o0 += kTile) {
     const int64_t o1 = std::min(o0 + kTile, n);
+    // A short pass (a narrow matrix: F16 q/k/v, o and down of SmolLM2) is eight short streams, on which the
+    // hardware prefetcher barely ramps up: the first row of x fetches the next pass's weights as it goes, in step
+    // (kPass * 8 weights per 8 outputs). F16 576x576 16 -> 20 GB/s; longer passes gain nothing or lose (they evict).
+    const bool fetch_ahead = o1 - o0 == n && ld == n && kPass * n * kBytes <= kFetchBytes;
     int64_t j = j0;
-    for (; j + 8 <= j1; j += 8) {
-      const float* w0 = wt + j * n;
+    for (; j + kPass <= j1; j += kPass) {
+      const T* w0 = wt + j * ld;
       for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * k + j;
         float* p = partial + r * n;
         int64_t o = o0;
 #ifdef LLMKIT_SIMD
-        __m256 xs[8];
-        for (int i = 0; i < 8; ++i) xs[i] = _mm256_set1_ps(xr[i]);
+        const char* next = reinterpret_cast<const char*>(w0 + kPass * ld);
+        const bool fetch = fetch_ahead && r == 0;
+        __m256 xs[kPass];
+        for (int i = 0; i < kPass; ++i) xs[i] = _mm256_set1_ps(xr[i]);
         for (; o + 8 <= o1; o += 8) {
-          __m256 a = _mm256_fmadd_ps(xs[0], _mm256_loadu_ps(w0 + o), _mm256_loadu_ps(p + o));
-          __m256 b = _mm256_mul_ps(xs[1], _mm256_loadu_ps(w0 + n + o));
-          for (int i = 2; i < 8; i += 2) {
-            a = _mm256_fmadd_ps(xs[i], _mm256_loadu_ps(w0 + i * n + o), a);
-            b = _mm256_fmadd_ps(xs[i + 1], _mm256_loadu_ps(w0 + (i + 1) * n + o), b);
+          if (fetch)
+            for (int64_t line = 0; line < kPass * 8 * kBytes; line += 64)
+              _mm_prefetch(next + (o - o0) * kPass * kBytes + line, _MM_HINT_T0);
+          __m256 a = _mm256_fmadd_ps(xs[0], widen8(w0 + o), _mm256_loadu_ps(p + o));
+          __m256 b = _mm256_mul_ps(xs[1], widen8(w0 + ld + o));
+          for (int i = 2; i < kPass; i += 2) {
+            a = _mm256_fmadd_ps(xs[i], widen8(w0 + i * ld + o), a);
+            b = _mm256_fmadd_ps(xs[i + 1], widen8(w0 + (i + 1) * ld + o), b);
           }
           _mm256_storeu_ps(p + o, _mm256_add_ps(a, b));
         }
 #endif
         for (; o < o1; ++o) {
           float sum = p[o];
-          for (int i = 0; i < 8; ++i) sum += xr[i] * w0[i * n + o];
+          for (int i = 0; i < kPass; ++i) sum += xr[i] * widen(w0[i * ld + o]);
           p[o] = sum;
         }
       }
     }
-    for (; j < j1; ++j)  // the slab's last rows when its length is not a multiple of 8
+    for (; j < j1; ++j)  // the slab's last rows when its length is not a multiple of kPass
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t o = o0; o < o1; ++o) partial[r * n + o] += x[r * k + j] * wt[j * n + o];
+        for (int64_t o = o0; o < o1; ++o) partial[r * n + o] += x[r * k + j] * widen(wt[j * ld + o]);
   }
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat && weight_t.dim() == 2 &&
-                  weight_t.is_contiguous() && x.size(-1) == weight_t.size(0),
-              "linear: float32 x (..., in) and the weight's transpose (in, out), contiguous float32");
-  const int64_t k = weight_t.size(0), n = weight_t.size(1);
+  const auto type = weight_t.scalar_type();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16) &&
+                  weight_t.dim() == 2 && x.size(-1) == weight_t.size(0) &&
+                  (weight_t.size(1) <= 1 || weight_t.stride(1) == 1) && weight_t.stride(0) >= weight_t.size(1),
+              "linear: float32 x (..., in) and the weight's transpose (in, out) in float32, float16 or bfloat16, "
+              "unit stride along out");
+  const int64_t k = weight_t.size(0), n = weight_t.size(1), ld = weight_t.stride(0);
   const at::Tensor xc = x.contiguous().view({-1, k});
   const int64_t rows = xc.size(0);
   TORCH_CHECK(rows <= kLinearMaxRows, "linear: at most ", kLinearMaxRows, " rows per call");
@@ -441,12 +472,16 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
   TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == n), "linear: bias must be float32 (out)");
   const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
   at::Tensor partials = at::zeros({slabs, rows, n}, xc.options());
-  const float* pw = weight_t.data_ptr<float>();
   const float* px = xc.data_ptr<float>();
   float* pp = partials.data_ptr<float>();
   at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      slab_product(pw, px, rows, k, n, s * k / slabs, (s + 1) * k / slabs, pp + s * rows * n);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t j0 = s * k / slabs, j1 = (s + 1) * k / slabs;
+      float* partial = pp + s * rows * n;
+      if (type == at::kFloat) slab_product(weight_t.data_ptr<float>(), ld, px, rows, k, n, j0, j1, partial);
+      else if (type == at::kHalf) slab_product(weight_t.data_ptr<c10::Half>(), ld, px, rows, k, n, j0, j1, partial);
+      else slab_product(weight_t.data_ptr<c10::BFloat16>(), ld, px, rows, k, n, j0, j1, partial);
+    }
   });
   // y = the first partial + the others (+ bias), in place: no tensor ops (each a dispatch of a few microseconds)
   for (int64_t i = 0; i < rows * n; ++i) {

@@ -154,7 +154,7 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t ki
 
 LLMKIT_LIBRARY(LLMKIT_OPS, m) {
   m.def("matmul(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");
-  m.def("matmul_float(Tensor x, Tensor weight, int kind, int out_features) -> Tensor");  // float_cpu.cpp
+  m.def("matmul_float(Tensor x, Tensor blocks, int out_features) -> Tensor");  // float_cpu.cpp (Q8_0)
   m.def("matmul_x8(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");  // gguf_x8.cpp
 }
 
