@@ -136,9 +136,8 @@ class Config:
     n_audio_ctx: int = 1500  # encoder positions = input frames / 2 (the stem's stride); Whisper: 1500 (30 s of audio)
     # the features as the model reads them (llmkit/data/audio.py): Whisper's log-mel as they are, or each clip's
     # normalised (channel means removed, unit variance: `normalize_utterance`) with statistics over its audio frames
-    # ("utterance") or its speech frames only ("speech": an energy gate; "speech_only": and the frames outside the
-    # gate set to 0); transcription applies what this says
-    feature_norm: Literal["whisper", "utterance", "speech", "speech_only"] = "whisper"
+    # ("utterance") or its speech frames only ("speech": an energy gate); transcription applies what this says
+    feature_norm: Literal["whisper", "utterance", "speech"] = "whisper"
 
     # --- mixture of experts (nn/moe.py): every block's FFN becomes n_experts FFNs behind a router; 0 = dense
     n_experts: int = 0

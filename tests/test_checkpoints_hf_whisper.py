@@ -111,7 +111,7 @@ def test_utterance_normalisation_is_saved_and_applied_by_transcribe(tmp_path, mo
     # the clip fades in from silence: its first frames fall below the speech gate, so "speech" differs from "utterance"
     torch.testing.assert_close(seen[2], apply_feature_norm(seen[1], "speech"))
     assert (seen[2] - seen[0]).abs().max() > 0.1
-    for norm in ("utterance", "speech", "speech_only"):
+    for norm in ("utterance", "speech"):
         with pytest.raises(LlmkitError, match=f"no way to say feature_norm='{norm}'"):
             export_hf(random_speech_model(feature_norm=norm), tmp_path / "hf", tokenizer=digit_tokenizer())
 

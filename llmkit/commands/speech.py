@@ -23,7 +23,7 @@ def speech_train(
     n_heads: int = 4,
     n_mels: int = 80,
     n_frames: int = 100,
-    feature_norm: Literal["whisper", "utterance", "speech", "speech_only"] = "whisper",
+    feature_norm: Literal["whisper", "utterance", "speech"] = "whisper",
     vtlp: float = 0.0,
     validation_speaker: str | None = None,
     data: str | None = None,
@@ -52,9 +52,8 @@ def speech_train(
         feature_norm: whisper (Whisper's log-mel features as they are), utterance (each clip's channel means over
             its audio frames removed and its variance made 1: best on the training voices, worse on lucas) or speech
             (the same with statistics over the clip's speech frames only, those within 30 dB of its loudest: best
-            on the training voices; held out 77.4% against whisper's 83.5%) or speech_only (speech, with the frames
-            outside the gate set to 0); see docs/multimodal.md. Saved in the model's config, so transcribe applies
-            it too.
+            on the training voices; held out 77.4% against whisper's 83.5%); see docs/multimodal.md. Saved in the
+            model's config, so transcribe applies it too.
         vtlp: vocal-tract-length perturbation: each training clip's frequency axis stretched by a factor drawn from
             1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo

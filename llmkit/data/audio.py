@@ -123,8 +123,8 @@ def log_mel_spectrogram(samples: torch.Tensor, n_mels: int = 80, n_frames: int =
 
 
 # Config.feature_norm: Whisper's features as they are, or normalised per clip with statistics over its audio frames
-# ("utterance") or over its speech frames only ("speech"; "speech_only" also blanks the frames outside the gate)
-FEATURE_NORMS = ("whisper", "utterance", "speech", "speech_only")
+# ("utterance") or over its speech frames only ("speech")
+FEATURE_NORMS = ("whisper", "utterance", "speech")
 SPEECH_GATE_DB = 30.0  # "speech": a frame is speech when its level is within this many dB of the clip's loudest
 DB_PER_FEATURE_UNIT = 40.0  # a unit of Whisper's features is 4 log10 units of power: 40 dB
 
@@ -186,12 +186,8 @@ def apply_feature_norm(features: torch.Tensor, feature_norm: str) -> torch.Tenso
         return features
     if feature_norm == "utterance":
         return normalize_utterance(features)
-    if feature_norm in ("speech", "speech_only"):
-        speech = speech_frames(features)  # (B, 1, frames)
-        normal = normalize_utterance(features, speech)
-        # speech_only: the pauses, breaths and noise the gate leaves out are set to 0 (the mean, as the padding is),
-        # so a speaker's long, quiet pauses reach the model as the silence every voice's padding is
-        return normal * speech if feature_norm == "speech_only" else normal
+    if feature_norm == "speech":
+        return normalize_utterance(features, speech_frames(features))
     raise LlmkitError(f"feature_norm {feature_norm!r} is not one of {list(FEATURE_NORMS)}")
 
 
