@@ -17,15 +17,17 @@ from pathlib import Path
 
 # -fopenmp: at::parallel_for is a header template over OpenMP pragmas; without it the kernels run on one thread
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
+SHARED_HEADER = Path(__file__).parent / "kernels" / "llmkit_ops.h"  # what every op file includes: namespace, shapes
 
 
 def build_ops(ops: str, sources: Sequence[Path], headers: Sequence[Path] = (), flags: Sequence[str] = FLAGS,
               what: str = "kernels") -> None:
-    """Compile `sources` (including `headers`, which are hashed with them) and load them; their TORCH_LIBRARY
-    registers namespace `ops` (passed to the compiler as the macro LLMKIT_OPS). Announces a first build on stderr
-    (`what` names it); raises what the build raises."""
+    """Compile `sources` (including `headers` and SHARED_HEADER, which are hashed with them) and load them; their
+    TORCH_LIBRARY registers namespace `ops` (passed to the compiler as the macro LLMKIT_OPS). Announces a first
+    build on stderr (`what` names it); raises what the build raises."""
     from torch.utils.cpp_extension import load
 
+    headers = [*headers, SHARED_HEADER]
     source_bytes = b"".join(Path(path).read_bytes() for path in [*sources, *headers])
     name = f"{ops}_" + hashlib.sha256(source_bytes + " ".join(flags).encode()).hexdigest()[:12]
     if not _built_before(name):

@@ -31,6 +31,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "llmkit_ops.h"  // llmkit/kernels: the op namespace, as_rows, rows_shape
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -42,11 +44,6 @@
 #define LLMKIT_SIMD 1
 #endif
 
-#ifndef LLMKIT_OPS
-#define LLMKIT_OPS llmkit_nn
-#endif
-#define LLMKIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // (an indirection, so LLMKIT_OPS is expanded first)
-#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
 
 namespace {
 
@@ -464,9 +461,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
               "linear: float32 x (..., in) and the weight's transpose (in, out) in float32, float16 or bfloat16, "
               "unit stride along out");
   const int64_t k = weight_t.size(0), n = weight_t.size(1), ld = weight_t.stride(0);
-  const at::Tensor xc = x.contiguous().view({-1, k});
+  const at::Tensor xc = llmkit::as_rows(x, kLinearMaxRows, "linear");
   const int64_t rows = xc.size(0);
-  TORCH_CHECK(rows <= kLinearMaxRows, "linear: at most ", kLinearMaxRows, " rows per call");
   const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k / 16));
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.scalar_type() == at::kFloat && b.numel() == n), "linear: bias must be float32 (out)");
@@ -489,9 +485,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
     for (int64_t s = 1; s < slabs; ++s) sum += pp[s * rows * n + i];
     pp[i] = pb != nullptr ? sum + pb[i % n] : sum;
   }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  return partials.view({-1}).narrow(0, 0, rows * n).view(shape);
+  return partials.view({-1}).narrow(0, 0, rows * n).view(llmkit::rows_shape(x, n));
 }
 
 }  // namespace

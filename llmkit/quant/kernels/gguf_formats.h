@@ -25,6 +25,8 @@
 
 #pragma once
 
+#include "llmkit_ops.h"  // llmkit/kernels: the op namespace, as_rows, rows_shape
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 
@@ -36,32 +38,13 @@
 #include <immintrin.h>
 #endif
 
-// shared by the kernel files: the torch op namespace (the tests build other instruction sets under other names)
-#ifndef LLMKIT_OPS
-#define LLMKIT_OPS llmkit_gguf
-#endif
-#define LLMKIT_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // (an indirection, so LLMKIT_OPS is expanded first)
-#define LLMKIT_LIBRARY_IMPL(ns, m) TORCH_LIBRARY_IMPL(ns, CPU, m)
-
 namespace llmkit {
 
 constexpr int kSub = 32;  // values per sub-block: the unit of every integer dot product
 constexpr int kMaxRows = 16;  // rows of x per call (decode, speculative verification): native.MAX_ROWS
 
-// x (..., k) float32 as the contiguous matrix of its rows (rows, k): the kernels take x of any rank, as F.linear
-// does, and return (..., out_features) (`rows_shape`), so a caller reshapes nothing
-inline at::Tensor as_rows(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, op, ": x must be a float32 tensor (..., in)");
-  const at::Tensor rows = x.contiguous().view({-1, x.size(-1)});
-  TORCH_CHECK(rows.size(0) <= kMaxRows, op, ": at most ", kMaxRows, " rows per call");
-  return rows;
-}
-
-inline std::vector<int64_t> rows_shape(const at::Tensor& x, int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return shape;
-}
+// x (..., k) float32 as the rows the kernels take (at most kMaxRows)
+inline at::Tensor as_rows(const at::Tensor& x, const char* op) { return as_rows(x, kMaxRows, op); }
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
