@@ -141,6 +141,31 @@ def test_decode_attention_matches_reference(dtype, heads, kv_heads, slot, window
     torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rotary", [64, 32])  # 32: partial rotary, the last 32 channels pass through
+@pytest.mark.parametrize("rows_of_tables", [2, 1])  # per-row positions (left padding), or one shared table
+def test_decode_attention_rotates_query_and_key_as_apply_rope(rotary, rows_of_tables) -> None:  # noqa: ANN001
+    """With cos/sin the op rotates q and the new key itself: the same output and cache as rotating them first with
+    nn.position.apply_rope and calling the op without tables."""
+    from llmkit.nn.position import apply_rope, rope_cos_sin, rope_inverse_frequencies
+
+    torch.manual_seed(rotary + rows_of_tables)
+    B, H, Hkv, D, S, slot = 2, 6, 2, 64, 32, 17
+    positions = torch.tensor([[slot], [slot - 5]])[:rows_of_tables]  # (rows, 1)
+    cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(rotary, 10000.0, None), torch.float32)  # (rows,1,1,R)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D)
+    q, k, v = qkv.view(B, 1, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)  # strided views
+    caches = [torch.randn(B, Hkv, S, D) for _ in range(2)]
+    rotated_caches = [c.clone() for c in caches]
+    out = decode_kernels.decode_attention(q, k, v, *caches, slot, None, 0, D**-0.5, cos, sin)
+    expected = decode_kernels.decode_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, *rotated_caches,
+                                               slot, None, 0, D**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0], rotated_caches[0], rtol=1e-6, atol=1e-6)  # the stored key is rotated
+    assert torch.equal(caches[1], rotated_caches[1])
+    with pytest.raises(RuntimeError, match="cos and sin must be float32"):
+        decode_kernels.decode_attention(q, k, v, *caches, slot, None, 0, D**-0.5, cos.double(), sin.double())
+
+
 def test_decode_attention_reads_strided_queries() -> None:
     """q, k and v come out of the fused projection as views with gaps between heads and rows."""
     torch.manual_seed(1)

@@ -373,12 +373,13 @@ class Attention(nn.Module):
         if self.sliding:
             context = context.local
         if keys_values is None and self.decodes_natively(x, context):
-            q, k, v = self.project_qkv(x, context)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
+            q, k, v = self.project_qkv(x, context, rotate=False)  # (B, H, 1, D), (B, Hkv, 1, D) x 2
             cache = context.cache
             y = decode_kernels.decode_attention(
                 q, k, v, cache.keys[self.layer_index], cache.values[self.layer_index], context.start,
                 cache.valid if cache.has_padding else None, self.window,
-                self.scale if self.scale is not None else self.head_dim**-0.5)  # (B, 1, H * D)
+                self.scale if self.scale is not None else self.head_dim**-0.5,
+                context.cos, context.sin)  # (B, 1, H * D), q and k rotated in the op
             return self.o_proj(y)
         if keys_values is None:
             q, k, v = self.project_qkv(x, context)
@@ -405,15 +406,20 @@ class Attention(nn.Module):
 
     def decodes_natively(self, x: torch.Tensor, context: AttentionContext) -> bool:
         """Whether this forward takes `decode_kernels.decode_attention`: one new token per row into a `KVCache`,
-        float32 activations on the CPU at inference, and a mask that only padding or the sliding window makes (the
-        kernel applies both itself; ALiBi's float bias and the reference kernel keep the general path)."""
+        float32 activations (and rotary tables) on the CPU at inference, and a mask that only padding or the sliding
+        window makes (the kernel applies both itself; ALiBi's float bias and the reference kernel keep the general
+        path)."""
         return (x.shape[1] == 1 and isinstance(context.cache, KVCache) and context.kernel == "sdpa"
-                and (context.mask is None or context.mask.dtype == torch.bool) and decode_kernels.applies(x))
+                and (context.mask is None or context.mask.dtype == torch.bool)
+                and (context.cos is None or context.cos.dtype == torch.float32) and decode_kernels.applies(x))
 
-    def project_qkv(self, x: torch.Tensor, context: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(
+        self, x: torch.Tensor, context: AttentionContext, rotate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x (B, T, C), queries and keys rotated when the
-        context has rotary tables. Where `fuse_projections` joined q/k/v: one product, and one rotation of queries and
-        keys together (they sit side by side in its output). QK-norm (Gemma 3) normalises q and k before the rotation."""
+        context has rotary tables (unless `rotate` is False: the native decode op rotates them itself). Where
+        `fuse_projections` joined q/k/v: one product, and one rotation of queries and keys together (they sit side by
+        side in its output). QK-norm (Gemma 3) normalises q and k before the rotation."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
         qkv = fused_product(self, x)  # (B, T, (H + 2 Hkv) * D) or None
@@ -421,14 +427,14 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, T, H, self.head_dim).transpose(1, 2)  # (B, H, T, D)
             q = q if self.q_norm is None else self.q_norm(q)
             k, v = self.project_keys_values(x)  # (B, Hkv, T, D), k normalised when QK-norm is on
-            if context.cos is not None:
+            if context.cos is not None and rotate:
                 q, k = apply_rope(q, context.cos, context.sin), apply_rope(k, context.cos, context.sin)
             return q, k, v
         qkv = qkv.view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
         if self.q_norm is not None:  # QK-norm: each part its own RMSNorm before the rotation
             qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
-        if context.cos is not None:
+        if context.cos is not None and rotate:
             qk = apply_rope(qk, context.cos, context.sin)
         return qk[:, :H], qk[:, H:], v
 

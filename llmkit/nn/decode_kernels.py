@@ -15,7 +15,8 @@ Here each is one op:
   (and torch.compile could not trace the slab split `nn.linear` does with torch ops). float16/bfloat16 weights
   (F16/BF16 GGUF layers, quant.QuantLinear) are widened as they stream: 20-37 GB/s where the row-major half kernel
   read 16-26.
-- `decode_attention(...)`: stores the token's key and value in the cache (float32, bfloat16 or float16) and returns
+- `decode_attention(...)`: rotates the token's query and key by RoPE (the ~10 small ops per layer of
+  `nn.position.apply_rope` on q and k), stores its key and value in the cache (float32, bfloat16 or float16) and returns
   softmax(scale q K^T) V over the slots the query may see (left padding and a sliding window respected), grouped-
   query heads sharing one read of their key/value head, the slots split in chunks over the threads and the chunks'
   softmax statistics combined exactly (flash-decoding; the math in the C++ file).
@@ -63,7 +64,8 @@ def _build() -> bool:
 
     @torch.library.register_fake(f"{OPS}::decode_attention")
     def _(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-          slot: int, valid: torch.Tensor | None, window: int, scale: float) -> torch.Tensor:
+          slot: int, valid: torch.Tensor | None, window: int, scale: float, cos: torch.Tensor | None,
+          sin: torch.Tensor | None) -> torch.Tensor:
         return q.new_empty(q.shape[0], 1, q.shape[1] * q.shape[3])
 
     return True
@@ -96,9 +98,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def decode_attention(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot: int, valid: torch.Tensor | None, window: int, scale: float,
+    slot: int, valid: torch.Tensor | None, window: int, scale: float, cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One new token per row: writes k_new, v_new (B, Hkv, 1, D) into cache slot `slot` of k_cache, v_cache
-    (B, Hkv, S, D) and returns attention of q (B, H, 1, D) over slots 0..slot as (B, 1, H * D) float32. `valid`
-    (B, S) bool hides left-padding keys (None: all real); `window` > 0 limits a query to its last `window` slots."""
-    return torch.ops.llmkit_nn.decode_attention(q, k_new, v_new, k_cache, v_cache, slot, valid, window, scale)
+    """One new token per row: rotates q (B, H, 1, D) and k_new (B, Hkv, 1, D) by RoPE when `cos`, `sin` (B or 1,
+    1, 1, R) are given (`nn.position.apply_rope`'s rotate-half layout, the first R channels), writes k_new, v_new into
+    cache slot `slot` of k_cache, v_cache (B, Hkv, S, D) and returns attention of q over slots 0..slot as (B, 1,
+    H * D) float32. `valid` (B, S) bool hides left-padding keys (None: all real); `window` > 0 limits a query to its
+    last `window` slots."""
+    return torch.ops.llmkit_nn.decode_attention(q, k_new, v_new, k_cache, v_cache, slot, valid, window, scale, cos,
+                                                sin)

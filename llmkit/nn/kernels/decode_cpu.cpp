@@ -3,9 +3,10 @@
 //
 //   rms_norm(x, weight, eps, offset)    y = x / sqrt(mean(x^2) + eps) * (offset + weight), x (rows, C) float32;
 //                                       the squares summed in double, as ggml's rms_norm sums them
-//   decode_attention(q, k_new, v_new, k_cache, v_cache, slot, valid, window, scale)
-//                                       writes the new token's keys/values into cache slot `slot` (in the cache's
-//                                       dtype: float32, bfloat16 or float16) and returns its attention output
+//   decode_attention(q, k_new, v_new, k_cache, v_cache, slot, valid, window, scale, cos, sin)
+//                                       rotates q and the new keys by RoPE when cos/sin are given, writes the new
+//                                       token's keys/values into cache slot `slot` (in the cache's dtype: float32,
+//                                       bfloat16 or float16) and returns its attention output
 //                                       softmax(scale q K^T) V over the slots it may see, (B, 1, H * D) float32
 //   linear(x, weight_t, bias)           y = x W^T + b for a few rows of x (a decode step: one per sequence), from
 //                                       the weight's transpose W^T (in, out), float32, float16 or bfloat16
@@ -260,26 +261,61 @@ void group_values(const float* p, int64_t G, const T* values, int64_t s0, int64_
   }
 }
 
+// RoPE of one head's vector x (D values, stride `step`) into y: channel pairs (i, i + R/2) rotated by the position's
+// angles ("rotate half": y = x cos + [-x2, x1] sin over the first R channels, as nn/position.py's apply_rope), the
+// channels from R on copied (partial rotary); cos/sin hold the R values of the row's position
+inline void rotate(const float* x, int64_t step, const float* cos, const float* sin, int64_t R, int64_t D, float* y) {
+  const int64_t half = R / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i * step], x2 = x[(i + half) * step];
+    y[i] = x1 * cos[i] - x2 * sin[i];
+    y[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+  }
+  for (int64_t d = R; d < D; ++d) y[d] = x[d * step];
+}
+
+// The rotary tables of a decode step: cos, sin float32 (B or 1, 1, 1, R); R = 0 without them
+struct Rotary {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t row_stride = 0, R = 0;
+};
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
             at::Tensor& v_cache, int64_t slot, const bool* valid, int64_t valid_stride, int64_t window, float scale,
-            at::Tensor& out) {
+            const Rotary& rope, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), G = H / Hkv;
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const float* pq = q.data_ptr<float>();
-  // the new token's keys and values into their slot, rounded to the cache's dtype as a tensor copy rounds them
+  int64_t q_row = q.stride(0), q_head = q.stride(1);
+  std::vector<float> rotated_q, key(D);
+  if (rope.R > 0) {  // the queries rotated once, (B, H, D) contiguous
+    rotated_q.resize(B * H * D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        rotate(pq + b * q.stride(0) + h * q.stride(1), 1, rope.cos + b * rope.row_stride,
+               rope.sin + b * rope.row_stride, rope.R, D, rotated_q.data() + (b * H + h) * D);
+    pq = rotated_q.data(), q_row = H * D, q_head = D;
+  }
+  // the new token's keys (rotated) and values into their slot, rounded to the cache's dtype as a tensor copy
+  // rounds them
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h) {
       const float* kn = k_new.data_ptr<float>() + b * k_new.stride(0) + h * k_new.stride(1);
       const float* vn = v_new.data_ptr<float>() + b * v_new.stride(0) + h * v_new.stride(1);
       T* kd = kc + ((b * Hkv + h) * S + slot) * D;
       T* vd = vc + ((b * Hkv + h) * S + slot) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        kd[d] = static_cast<T>(kn[d * k_new.stride(3)]);
-        vd[d] = static_cast<T>(vn[d * v_new.stride(3)]);
+      if (rope.R > 0) {
+        rotate(kn, k_new.stride(3), rope.cos + b * rope.row_stride, rope.sin + b * rope.row_stride, rope.R, D,
+               key.data());
+        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(key[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(kn[d * k_new.stride(3)]);
       }
+      for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vn[d * v_new.stride(3)]);
     }
   const int64_t first = window > 0 ? std::max<int64_t>(0, slot - window + 1) : 0;
   const int64_t n_chunks = (slot + 1 - first + kChunk - 1) / kChunk;
@@ -295,8 +331,8 @@ void attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_ne
       const T* values = vc + (b * Hkv + g) * S * D;
       for (int64_t h0 = 0; h0 < G; h0 += kMaxGroup) {  // query heads h0.. of the group, at most kMaxGroup at once
         const int64_t heads = std::min(kMaxGroup, G - h0);
-        const float* queries = pq + b * q.stride(0) + (g * G + h0) * q.stride(1);
-        group_scores(queries, q.stride(1), heads, keys, s0, s1, D, scale, scores.data());
+        const float* queries = pq + b * q_row + (g * G + h0) * q_head;
+        group_scores(queries, q_head, heads, keys, s0, s1, D, scale, scores.data());
         if (valid != nullptr)  // left padding: hidden keys (the query's own slot stays seen)
           for (int64_t s = s0; s < s1; ++s)
             if (s != slot && !valid[b * valid_stride + s])
@@ -337,7 +373,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_ne
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
                             at::Tensor& v_cache, int64_t slot, const c10::optional<at::Tensor>& valid, int64_t window,
-                            double scale) {
+                            double scale, const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kFloat && q.stride(3) == 1,
               "decode_attention: q must be float32 (B, H, 1, D) with unit stride along D");
   TORCH_CHECK(k_new.scalar_type() == at::kFloat && v_new.scalar_type() == at::kFloat && k_new.dim() == 4 &&
@@ -360,14 +396,28 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     pv = valid->data_ptr<bool>();
     valid_stride = valid->stride(0);
   }
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "decode_attention: cos and sin come together");
+  Rotary rope;
+  at::Tensor cos_rows, sin_rows;
+  if (cos.has_value()) {
+    TORCH_CHECK(cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat && cos->sizes() == sin->sizes() &&
+                    cos->dim() == 4 && (cos->size(0) == B || cos->size(0) == 1) && cos->size(2) == 1 &&
+                    cos->size(3) % 2 == 0 && cos->size(3) <= D,
+                "decode_attention: cos and sin must be float32 (B, 1, 1, R), R even and at most D");
+    cos_rows = cos->contiguous(), sin_rows = sin->contiguous();
+    rope.cos = cos_rows.data_ptr<float>(), rope.sin = sin_rows.data_ptr<float>();
+    rope.R = cos->size(3), rope.row_stride = cos->size(0) == 1 ? 0 : rope.R;
+  }
   at::Tensor out = at::empty({B, 1, H * D}, q.options());
   const float s = static_cast<float>(scale);
   switch (k_cache.scalar_type()) {
-    case at::kFloat: attend<float>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, out); break;
+    case at::kFloat: attend<float>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, rope, out); break;
     case at::kBFloat16:
-      attend<c10::BFloat16>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, out);
+      attend<c10::BFloat16>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, rope, out);
       break;
-    case at::kHalf: attend<c10::Half>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, out); break;
+    case at::kHalf:
+      attend<c10::Half>(q, k_new, v_new, k_cache, v_cache, slot, pv, valid_stride, window, s, rope, out);
+      break;
     default: TORCH_CHECK(false, "decode_attention: a float32, bfloat16 or float16 cache");
   }
   return out;
@@ -493,7 +543,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const c10::op
 LLMKIT_LIBRARY(LLMKIT_OPS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, SymInt slot, "
-        "Tensor? valid, int window, float scale) -> Tensor");
+        "Tensor? valid, int window, float scale, Tensor? cos, Tensor? sin) -> Tensor");
   m.def("linear(Tensor x, Tensor weight_t, Tensor? bias) -> Tensor");
 }
 
