@@ -37,12 +37,14 @@ from llmkit.memory import peak_rss_mb
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
 # llmkit's configurations (--variants): the default load_decoder path, its decode step compiled
-# (llmkit.generate.compile_decode_step), that with a bfloat16 KV cache, and the default with llmkit's GGUF kernels
-# switched off (aten's int4 kernel for Q4_0/Q4_1/Q8_0, as before llmkit/quant/native.py)
+# (llmkit.generate.compile_decode_step), that with a bfloat16 KV cache (and with int8 prompts as well:
+# llmkit.quant.set_int8_prefill), and the default with llmkit's GGUF kernels switched off (aten's int4 kernel for
+# Q4_0/Q4_1/Q8_0, as before llmkit/quant/native.py)
 VARIANTS = {
     "llmkit": {},
     "compiled": {"compile": True},
     "compiled+bf16kv": {"compile": True, "kv_cache_dtype": "bfloat16"},
+    "compiled+bf16kv+int8prefill": {"compile": True, "kv_cache_dtype": "bfloat16", "int8_prefill": True},
     "aten-int4": {"native_kernels": False},
 }
 
@@ -105,7 +107,8 @@ def run_llmkit(path: str, threads: int, ids: list[int], n_new: int, variant: str
     from llmkit.generate import SamplingSettings, compile_decode_step, generate_tokens
 
     torch.set_num_threads(threads)
-    model = load_decoder(Path(path), kv_cache_dtype=settings.get("kv_cache_dtype"))
+    model = load_decoder(Path(path), kv_cache_dtype=settings.get("kv_cache_dtype"),
+                         int8_prefill=settings.get("int8_prefill", False))
     if settings.get("compile"):
         compile_decode_step(model)
 

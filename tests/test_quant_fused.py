@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_decoder
+from helpers import int8_activation_bound, tiny_decoder
 
 from llmkit.nn.fused import FUSED_CALLABLE
 from llmkit.quant import QuantLinear, load_quantized, native, quantize, save_quantized
@@ -78,3 +78,35 @@ def test_parts_given_new_buffers_by_a_move_run_on_their_own():
 def test_parts_on_other_kernels_are_left_alone():
     model = fuse_quantized_projections(quantize(tiny_decoder(), "int8"))
     assert FUSED_CALLABLE not in vars(model.blocks[0].attn)
+
+
+def test_int8_prefill_runs_prompts_on_the_eight_row_kernel_under_inference_mode_only(tmp_path, capsys):
+    """set_int8_prefill: a prompt's rows through a q4_0 layer give the 8-row kernel's int8-activation numbers under
+    inference mode; without it (and under no_grad alone, as DPO/PPO score) the dequantized float32 product."""
+    from llmkit.commands.common import load_decoder
+    from llmkit.quant import set_int8_prefill
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 64), "q4_0")
+    x = torch.randn(40, 256)  # more rows than a decode step's kernel path takes
+    w_hat = layer.dequantized_weight()
+    exact = torch.nn.functional.linear(x, w_hat, layer.bias)
+    kernel = native.x8_matmul(x, layer.weight_x8, "q4_0", 64) + layer.bias
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), exact, rtol=0, atol=1e-5)  # default: float32 prompts
+    model = fuse_quantized_projections(quantize(tiny_decoder(), "q4_0"))
+    model.lm_head = layer  # one layer outside the blocks, to count
+    fused = [vars(m)[FUSED_CALLABLE].layer for m in model.modules() if FUSED_CALLABLE in vars(m)]
+    parts = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert set_int8_prefill(model) == len(parts) + len(fused) and all(f.int8_prefill for f in fused)
+    with torch.inference_mode():
+        y = layer(x)
+    assert torch.equal(y, kernel) and not torch.allclose(y, exact, rtol=0, atol=1e-5)
+    assert bool(((y - exact).abs() <= int8_activation_bound(x, w_hat) + 1e-5).all())
+    with torch.no_grad():
+        assert torch.allclose(layer(x), exact, rtol=0, atol=1e-5)
+    # a model with no 8-row layers: none set, and load_decoder says so on stderr
+    save_quantized(quantize(tiny_decoder(), "int8"), tmp_path / "int8")  # aten's int8 kernel: no 8-row layout
+    loaded = load_decoder(tmp_path / "int8", int8_prefill=True)
+    assert not any(getattr(m, "int8_prefill", False) for m in loaded.modules())
+    assert "--int8_prefill: " in capsys.readouterr().err

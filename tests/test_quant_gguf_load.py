@@ -277,3 +277,9 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     assert isinstance(load_decoder(path).embed, QuantEmbedding)  # the verbs' default
     code, out, _ = run_cli(capsys, "chat", "--message", "What is the capital of France?", "--max_new_tokens", "30")
     assert code == 0 and "Paris" in out
+    # --int8_prefill: the prompt's rows with int8 activations too, as llama.cpp processes a prompt. llama.cpp's greedy
+    # answer on this file and chat template is "L'Étoile, la Marseillaise, la femme, ..." (llama-cpp-python 0.3.36,
+    # create_chat_completion at temperature 0, 2026-12-06): the first tokens agree, where float32 prompts say Paris
+    code, out, _ = run_cli(capsys, "chat", "--message", "What is the capital of France?", "--max_new_tokens", "12",
+                           "--int8_prefill", "true")
+    assert code == 0 and "L'Étoile, la Mars" in out

@@ -73,6 +73,7 @@ def chat(
     seed: int | None = None,
     compile: bool = False,
     kv_cache_dtype: Dtype | None = None,
+    int8_prefill: bool = False,
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> None:
@@ -102,6 +103,9 @@ def chat(
         kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
+        int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
+            prompt: ~1.7x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
+            capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
     """
@@ -113,7 +117,7 @@ def chat(
     messages: list[dict[str, str]] = [{"role": "system", "content": checked_text(system, "--system")}] if system else []
     path = model_path(model)
     settings = _settings(temperature, top_k, top_p, repetition_penalty, seed)
-    llm = load_decoder(path, dtype, device, kv_cache_dtype=kv_cache_dtype)
+    llm = load_decoder(path, dtype, device, kv_cache_dtype=kv_cache_dtype, int8_prefill=int8_prefill)
     if adapter:
         llm = with_adapter(llm, adapter, path)
     if compile:
@@ -186,6 +190,7 @@ def generate(
     adaptive_speculation: bool = False,
     compile: bool = False,
     kv_cache_dtype: Dtype | None = None,
+    int8_prefill: bool = False,
     dtype: Dtype = "float32",
     device: Device = "auto",
 ) -> None:
@@ -225,6 +230,9 @@ def generate(
         kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
+        int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
+            prompt: ~1.7x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
+            capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.
     """
@@ -250,7 +258,7 @@ def generate(
     if compile and (draft is not None or speculate is not None or adapters):
         raise LlmkitError("--compile compiles the plain one-token decode step; --draft, --speculate and --adapters "
                           "run other steps: drop --compile or those flags")
-    llm = load_decoder(path, dtype, device, kv_cache_dtype=kv_cache_dtype)
+    llm = load_decoder(path, dtype, device, kv_cache_dtype=kv_cache_dtype, int8_prefill=int8_prefill)
     if adapter:
         llm = with_adapter(llm, adapter, path)
     if compile:

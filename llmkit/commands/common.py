@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ def model_path(model: str | None) -> Path:
 
 
 def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noqa: ANN201 (a Decoder)
-                 weights: GgufWeights = "quantized", kv_cache_dtype: str | None = None):
+                 weights: GgufWeights = "quantized", kv_cache_dtype: str | None = None, int8_prefill: bool = False):
     """The decoder at `path` for the verbs that run one: a quantized llmkit checkpoint through llmkit.quant (it stays
     packed); a .gguf whose matrices are quantized through llmkit.quant.load_gguf_quantized (the file's blocks kept:
     ~1/4 of the fp32 RAM and, measured on SmolLM2 Q4_1, 1.9x the fp32 decode speed on one thread; weights="float"
@@ -27,7 +28,9 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     product each, float ones by llmkit.nn.fused, quantized ones on llmkit's GGUF kernels by llmkit.quant.fused;
     names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
     oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"). `kv_cache_dtype` (None:
-    `dtype`) is the dtype its KV caches take (Decoder.kv_dtype)."""
+    `dtype`) is the dtype its KV caches take (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
+    Q8_0 layers with int8 activations (llmkit.quant.set_int8_prefill); a model without such layers says so on
+    stderr and runs as before."""
     from llmkit.device import resolve_dtype
     from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights
     from llmkit.quant.fused import fuse_quantized_projections
@@ -36,6 +39,12 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     model = pack_bfloat16_weights(fuse_projections(fuse_quantized_projections(model)))
     if kv_cache_dtype is not None:
         model.kv_dtype = resolve_dtype(kv_cache_dtype)
+    if int8_prefill:
+        from llmkit.quant import set_int8_prefill
+
+        if not set_int8_prefill(model):
+            print(f"llmkit: --int8_prefill: {path} has no Q4_0/Q4_1/Q8_0 layers on llmkit's kernels; its prompts run "
+                  "as without it", file=sys.stderr)
     return model
 
 

@@ -9,9 +9,10 @@ from llmkit.quant.calibration import calibration_batches
 from llmkit.quant.formats import FORMATS, dequantize_weight, quantize_weight
 from llmkit.quant.gptq import gptq
 from llmkit.quant.kquants import pack_gguf
-from llmkit.quant.linear import QuantLinear
+from llmkit.quant.linear import QuantLinear, set_int8_prefill
 from llmkit.quant.model import dequantize, is_quantized_dir, load_quantized, quantize, save_quantized
 from llmkit.quant.packed import QuantizedWeight
 
 __all__ = ["FORMATS", "QuantLinear", "QuantizedWeight", "awq", "calibration_batches", "dequantize", "dequantize_weight",
-           "gptq", "is_quantized_dir", "load_quantized", "pack_gguf", "quantize", "quantize_weight", "save_quantized"]
+           "gptq", "is_quantized_dir", "load_quantized", "pack_gguf", "quantize", "quantize_weight", "save_quantized",
+           "set_int8_prefill"]

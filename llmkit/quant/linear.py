@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmkit.nn import decode_kernels
+from llmkit.nn.fused import FUSED_CALLABLE
 from llmkit.quant import affine, native
 from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
@@ -148,6 +149,8 @@ class QuantLinear(nn.Module):
     llama-quantize keeps the output matrix at higher precision for the same reason. A q8_0 head then takes the
     float32 kernel, 4-bit affine ones aten's bf16 kernel, q6_k still int8 (`kernel_for`)."""
 
+    int8_prefill = False  # set_int8_prefill: a prompt's many rows on the 8-row kernel too (int8 activations)
+
     def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None, int8_activations: bool = True) -> None:
         super().__init__()
         packed = QuantizedWeight(packed.scheme, packed.shape, packed.group_size,
@@ -189,7 +192,8 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel_rows(self) -> int:
-        """Most rows per call that take the kernel path (0: this format always dequantizes)."""
+        """Most rows per call that take the kernel path (0: this format always dequantizes; `set_int8_prefill` lifts
+        the limit for the 8-row layout under inference mode)."""
         if self.kernel in ("gguf", "gguf_float"):
             return min(KERNEL_MAX_ROWS, native.MAX_ROWS)
         return 0 if self.kernel == "dequantize" else KERNEL_MAX_ROWS
@@ -241,8 +245,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        fast = (rows <= self.kernel_rows and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad))
+        fast = ((rows <= self.kernel_rows or (self.int8_prefill and torch.is_inference_mode_enabled()))
+                and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
         return self.kernel_forward(x) if fast else self.dequantize_forward(x)
 
     def dequantize_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,3 +297,24 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme}, group_size={self.group_size}, kernel={self.kernel}")
 
+
+def set_int8_prefill(model: nn.Module, enabled: bool = True) -> int:
+    """Let the model's Q4_0/Q4_1/Q8_0 layers on the 8-row kernel (and their fused q/k/v and gate/up products) run a
+    prompt's rows with int8 activations too, under inference mode (generation's prefill, evaluation), as llama.cpp
+    processes a prompt; returns how many layers it set.
+
+    Off by default: those layers otherwise dequantize their blocks and run one float32 GEMM for more than
+    KERNEL_MAX_ROWS rows, which gives the dequantized model's numbers. int8 prompts run 1.3-3.6x faster per product
+    (512 rows, SmolLM2's matrices, 2 threads; SmolLM2 Q4_0 prefill ~430 -> ~740 tok/s) and answer as llama.cpp
+    does: on SmolLM2-135M-Instruct's Q4_1 file, "What is the capital of France?" gets llama.cpp's "L'Étoile, la
+    Mars..." where the float32 prompt gives "Paris" (a 0.08 logit margin in fp32). Never under no_grad alone, so a
+    sequence scored with and without autograd (DPO's reference log-probabilities, PPO's first KL) is computed the
+    same way."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layers += [fused.layer for m in model.modules() if (fused := getattr(m, FUSED_CALLABLE, None)) is not None]
+    count = 0
+    for layer in layers:
+        if "weight_x8" in layer._buffers:
+            layer.int8_prefill = enabled
+            count += 1
+    return count

@@ -12,7 +12,7 @@ Three products (the formats' layouts and the math: kernels/gguf_formats.h):
 - `x8_matmul` (gguf_x8.cpp), the same products for Q4_0, Q4_1 and Q8_0 from the blocks regrouped 8 output rows at
   a time (`to_x8`; QuantLinear keeps its layers so): one `vpdpbusd` with 4 x codes broadcast adds 4 products to 8
   rows' sums at once, the scales applied as a vector of 8, no horizontal sums (1.8-3x the row kernel's speed on
-  hot caches).
+  hot caches). It takes any number of rows: QuantLinear runs a prompt through it too under inference mode.
 - `float_matmul`, float32 activations (float_cpu.cpp), for Q8_0 blocks: the weights are widened to float32 in
   registers, block by block, and multiplied with x as it is, so the result is F.linear of the dequantized weight up
   to the order of the sums. For the LM head (int8 activations there moved SmolLM2's logits enough to flip an
@@ -48,7 +48,7 @@ X8_SCHEMES = ("q4_0", "q4_1", "q8_0")  # formats the 8-row kernel (gguf_x8.cpp) 
 GROUP = 8  # output rows per group in that layout
 X8_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}  # bytes per block of 32 in the file
 X8_FIELDS = {"q4_0": (2,), "q4_1": (2, 2), "q8_0": (2,)}  # header bytes before the codes: d (Q4_1: and m)
-MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows)
+MAX_ROWS = 16  # rows of x per call (the kernels' kMaxRows; the 8-row kernel takes any number)
 OPS = "llmkit_gguf"  # the torch op namespace
 
 

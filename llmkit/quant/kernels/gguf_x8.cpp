@@ -13,6 +13,8 @@
 // and one vpdpbusd with those four x codes broadcast to every lane adds four products to each of the 8 rows' sums:
 // 8 instructions per block for 8 rows, the scales applied once per block as one vector of 8 (no horizontal sums).
 // Q4_0's codes run unsigned and the offset is taken out per block: sum (q - 8) qx = sum q qx - 8 sum qx.
+// It takes any number of rows of x: a prompt's too (prefill), where it runs 1.3-3.6x faster than dequantizing the
+// matrix and one float32 GEMM (512 rows, SmolLM2's matrices, 2 threads on the AVX2 VM), as llama.cpp's int8 path does.
 // (Q5_0 took this path too, 10% faster on Gemma 3, but its sums in this order flipped a near-tie of Gemma's greedy
 // continuation against llama.cpp's, whose per-row order the row kernel keeps: it stays there.)
 
@@ -20,6 +22,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "activations.h"
 #include "gguf_formats.h"
@@ -162,7 +166,8 @@ void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int
 }
 
 at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, int64_t out_features) {
-  const at::Tensor xc = as_rows(x, "matmul_x8");
+  // any number of rows: decode steps (1-16) and prefill (the whole prompt), each group's weights decoded once per 4
+  const at::Tensor xc = llmkit::as_rows(x, std::numeric_limits<int64_t>::max(), "matmul_x8");
   TORCH_CHECK(xc.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
   TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
