@@ -441,20 +441,8 @@ constexpr int64_t kTile = 4096;  // outputs per tile
 constexpr int64_t kPass = 8;  // rows of W^T per pass over a tile
 constexpr int64_t kFetchBytes = 16384;  // passes at most this long fetch the next one ahead (slab_product)
 
-// A weight of W^T as float32: float32 as it is, float16 and bfloat16 widened (8 at a time where SIMD is built).
-inline float widen(float w) { return w; }
-inline float widen(c10::Half w) { return static_cast<float>(w); }
-inline float widen(c10::BFloat16 w) { return static_cast<float>(w); }
-#ifdef LLMKIT_SIMD
-inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 widen8(const c10::Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
-inline __m256 widen8(const c10::BFloat16* w) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-#endif
-
-// partial (R, N) += x[:, j0:j1] W^T[j0:j1, :], row j of W^T at wt + j * ld
+// partial (R, N) += x[:, j0:j1] W^T[j0:j1, :], row j of W^T at wt + j * ld (float16/bfloat16 weights widened to
+// float32 as they are read: attention's widen / load8)
 template <typename T>
 void slab_product(const T* wt, int64_t ld, const float* x, int64_t rows, int64_t k, int64_t n, int64_t j0, int64_t j1,
                   float* partial) {
@@ -481,11 +469,11 @@ void slab_product(const T* wt, int64_t ld, const float* x, int64_t rows, int64_t
           if (fetch)
             for (int64_t line = 0; line < kPass * 8 * kBytes; line += 64)
               _mm_prefetch(next + (o - o0) * kPass * kBytes + line, _MM_HINT_T0);
-          __m256 a = _mm256_fmadd_ps(xs[0], widen8(w0 + o), _mm256_loadu_ps(p + o));
-          __m256 b = _mm256_mul_ps(xs[1], widen8(w0 + ld + o));
+          __m256 a = _mm256_fmadd_ps(xs[0], load8(w0 + o), _mm256_loadu_ps(p + o));
+          __m256 b = _mm256_mul_ps(xs[1], load8(w0 + ld + o));
           for (int i = 2; i < kPass; i += 2) {
-            a = _mm256_fmadd_ps(xs[i], widen8(w0 + i * ld + o), a);
-            b = _mm256_fmadd_ps(xs[i + 1], widen8(w0 + (i + 1) * ld + o), b);
+            a = _mm256_fmadd_ps(xs[i], load8(w0 + i * ld + o), a);
+            b = _mm256_fmadd_ps(xs[i + 1], load8(w0 + (i + 1) * ld + o), b);
           }
           _mm256_storeu_ps(p + o, _mm256_add_ps(a, b));
         }
