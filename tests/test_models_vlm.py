@@ -163,6 +163,12 @@ def test_vlm_batches_label_only_captions() -> None:
     prompt = few_shot_ids(tokenizer, [3], marker_id=256)
     assert prompt.count(256) == 2 and tokenizer.decode([t for t in prompt if t != 256]).endswith("What digit is this?")
     assert encode_interleaved(tokenizer, "a<image>b", 256, 3) == [97, 256, 256, 256, 98]
+    # a tokenizer with BOS starts every row and prompt with it (whatever its add_bos rule): no image at position 0
+    with_bos = byte_tokenizer(specials=["<s>"], bos_id=256, eos_id=0, pad_id=0)
+    batch = VLMBatches(images8, labels, with_bos, marker_id=257, max_shots=2)(0, 4)
+    assert batch["input_ids"][:, 0].tolist() == [256] * 4 and batch["input_ids"][:, 1].tolist() == [257] * 4
+    assert (batch["labels"][:, 0] == IGNORE_INDEX).all()
+    assert few_shot_ids(with_bos, [3], marker_id=257)[:2] == [256, 257]
     assert digit_named(" this is a handwritten 7.") == 7 and digit_named("it is three") == 3 and digit_named("no") is None
 
 

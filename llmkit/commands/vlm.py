@@ -25,13 +25,13 @@ MAX_CAPTION_TOKENS = 10
 
 
 def vlm_train(
-    style: Literal["flamingo", "llava"] = "flamingo",
+    style: Literal["flamingo", "llava"] = "llava",
     output: str | None = None,
     model: str | None = None,
     vision: str | None = None,
-    steps: int = 60,
+    steps: int = 400,
     batch_size: int = 8,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     n_latents: int = 8,
     resampler_layers: int = 1,
     cross_attn_every: int = 6,
@@ -44,9 +44,9 @@ def vlm_train(
 ) -> dict[str, Any]:
     """Train a vision-language model to caption scikit-learn's handwritten digits ("this is a handwritten 3.").
 
-    Example: llmkit vlm train                               (Flamingo on SmolLM2-135M-Instruct, a few minutes)
-             llmkit vlm train --style llava --steps 100 --output runs/llava
-             llmkit vlm ask --model runs/llava/model --image three.png
+    Example: llmkit vlm train                               (LLaVA-style on SmolLM2-135M-Instruct, ~7 minutes)
+             llmkit vlm train --style flamingo --steps 100 --output runs/flamingo
+             llmkit vlm ask --image three.png
 
     The language model and the ViT stay frozen; only the new parts train (Flamingo: a Perceiver resampler, gated
     cross-attention layers before every CROSS_ATTN_EVERY-th block and the <image> embedding; LLaVA: the projector),
@@ -57,7 +57,7 @@ def vlm_train(
 
     Args:
         style: flamingo (resampler + gated cross-attention) or llava (projector to the LM's embeddings).
-        output: run directory (default: ~/.cache/llmkit/vlm/STYLE-digits, which `vlm ask` reads).
+        output: run directory (default: ~/.cache/llmkit/vlm/STYLE-digits; `vlm ask` reads the llava one).
         model: the frozen language model (any llmkit, Hugging Face or .gguf decoder; default SmolLM2-135M-Instruct).
         vision: an llmkit ViT directory (what `llmkit vision train` writes; default: that run's model if present,
             else a ViT trained here for VISION_STEPS steps into OUTPUT/vision).
@@ -284,16 +284,16 @@ def vlm_ask(
 ) -> dict[str, Any]:
     """Ask a vision-language model about an image; Flamingo can first see captioned examples (in-context learning).
 
-    Example: llmkit vlm ask                                  (a held-out digit, the Flamingo model `vlm train` wrote)
-             llmkit vlm ask --model runs/llava/model --image three.png --prompt "What digit is this?"
-             llmkit vlm ask --image three.png --shots 4
+    Example: llmkit vlm ask                                  (a held-out digit, the LLaVA model `vlm train` wrote)
+             llmkit vlm ask --image three.png --prompt "What digit is this?"
+             llmkit vlm ask --model runs/flamingo/model --image three.png --shots 4
 
     Images are preprocessed as the ViT's directory says (8x8 grey, light ink on dark, like scikit-learn's digits).
 
     Args:
         image: an image file (PNG, JPEG, ...); default: the first held-out digit.
         prompt: the text after the image.
-        model: a `vlm train` model directory (default: the Flamingo one `llmkit vlm train` writes).
+        model: a `vlm train` model directory (default: the LLaVA one `llmkit vlm train` writes).
         shots: Flamingo: captioned training digits shown before the image (in-context examples).
         max_new_tokens: most tokens generated.
         device: auto, cpu, cuda or cuda:N.
@@ -310,7 +310,7 @@ def vlm_ask(
         raise LlmkitError(f"--shots={shots} must be 0 or more")
     if max_new_tokens < 1:
         raise LlmkitError(f"--max_new_tokens={max_new_tokens} must be at least 1")
-    directory = Path(model) if model is not None else builtin_run_dir(BUILTIN_RUN.format(style="flamingo")) / MODEL_DIR
+    directory = Path(model) if model is not None else builtin_run_dir(BUILTIN_RUN.format(style="llava")) / MODEL_DIR
     if model is None and not directory.is_dir():
         raise LlmkitError(f"--model not given and {directory} does not exist; run `llmkit vlm train` first (a few "
                           "minutes) or pass --model DIR")

@@ -7,7 +7,11 @@ its marker expanded to the `tokens_per_image` placeholders the projected feature
 tokens only (the captioning loss); the marker and the question count for nothing.
 
 Text is encoded piece by piece (around each marker, question and caption apart), so a prompt encodes to exactly the
-tokens training saw before the caption.
+tokens training saw before the caption. Every row and prompt starts with the tokenizer's BOS token when it has one,
+whatever its `add_bos` rule: a causal LM's first position is its *attention sink* (Xiao et al. 2023, "Efficient
+Streaming Language Models with Attention Sinks"), which later tokens attend to heavily but read little from, so an
+image placed there is barely seen. Measured on frozen SmolLM2-135M-Instruct (2026-12-06): LLaVA's projector with
+the image at position 0 stayed at chance (10% held-out digits after 200 steps); one BOS first, 67% by step 200.
 """
 
 from __future__ import annotations
@@ -50,10 +54,15 @@ def shot_ids(tokenizer: Tokenizer, digit: int | None, marker_id: int, tokens_per
     return prompt + caption, [False] * len(prompt) + [True] * len(caption)
 
 
+def row_start(tokenizer: Tokenizer) -> list[int]:
+    """What every row and prompt starts with: [BOS] when the tokenizer has one (see the module docstring), else []."""
+    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
 def few_shot_ids(tokenizer: Tokenizer, shot_digits: Sequence[int], marker_id: int, tokens_per_image: int = 1,
                  question: str = QUESTION) -> list[int]:
-    """A prompt: a captioned shot per digit in `shot_digits`, then the query image's marker and question."""
-    ids: list[int] = []
+    """A prompt: BOS, a captioned shot per digit in `shot_digits`, then the query image's marker and question."""
+    ids = row_start(tokenizer)
     for digit in [*shot_digits, None]:
         ids += shot_ids(tokenizer, digit, marker_id, tokens_per_image, question)[0]
     return ids
@@ -101,8 +110,9 @@ class VLMBatches:
         shots = torch.randint(len(self.labels), (batch_size, n_shots), generator=generator)
         index = torch.cat([shots, torch.tensor(queries)[:, None]], dim=1)  # (B, M)
         rows, targets = [], []
+        start_ids = row_start(self.tokenizer)
         for row in index.tolist():
-            ids, is_caption = [], []
+            ids, is_caption = list(start_ids), [False] * len(start_ids)
             for image in row:
                 shot, caption_mask = shot_ids(self.tokenizer, int(self.labels[image]), self.marker_id,
                                               self.tokens_per_image)
