@@ -10,8 +10,8 @@ Text is encoded piece by piece (around each marker, question and caption apart),
 tokens training saw before the caption. Every row and prompt starts with the tokenizer's BOS token when it has one,
 whatever its `add_bos` rule: a causal LM's first position is its *attention sink* (Xiao et al. 2023, "Efficient
 Streaming Language Models with Attention Sinks"), which later tokens attend to heavily but read little from, so an
-image placed there is barely seen. Measured on frozen SmolLM2-135M-Instruct (2026-12-06): LLaVA's projector with
-the image at position 0 stayed at chance (10% held-out digits after 200 steps); one BOS first, 67% by step 200.
+image placed there is barely seen. Measured on frozen SmolLM2-135M-Instruct (2026-12-06; LLaVA's projector, loss on the
+digit token, lr 1e-3, 150 steps): the image at position 0, 26% of held-out digits; one BOS first, 75%.
 """
 
 from __future__ import annotations
