@@ -266,6 +266,12 @@ class Tokenizer:
         return {token_id for token_id, token in self.backend.get_added_tokens_decoder().items() if token.special}
 
     @property
+    def bos_prefix(self) -> list[int]:
+        """[BOS] when the tokenizer has one, else []: what a row starts with whatever `add_bos` says (CLIP's caption
+        rows; a VLM's rows, where it keeps the image off the LM's first position, see data/vlm_data.py)."""
+        return [] if self.bos_id is None else [self.bos_id]
+
+    @property
     def stop_ids(self) -> set[int]:
         """EOS plus end-of-turn tokens (<|im_end|>, <|eot_id|>, ...): generation stops at any of them."""
         found = {self.backend.token_to_id(text) for text in END_OF_TURN_TOKENS}

@@ -82,6 +82,34 @@ def test_resampler_gives_a_fixed_number_of_tokens() -> None:
         assert resampler(torch.randn(3, n_features, 16)).shape == (3, 5, config.d_model)
 
 
+def test_resampler_tokens_are_pooled_image_features() -> None:
+    """No constant path before the final norm (models/vlm.py): the latents' keys and values are the features only,
+    the projection has no bias, so scaling the features by c scales what the latents attend over and a feature set
+    made of one repeated vector gives the same tokens as that single vector."""
+    config = tiny_decoder().config
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(config, vision_width=16, n_latents=4, n_layers=1)
+    assert resampler.input_proj.bias is None
+    one = torch.randn(2, 1, 16)
+    torch.testing.assert_close(resampler(one.expand(2, 6, 16)), resampler(one), rtol=1e-5, atol=1e-5)
+    different = resampler(torch.randn(2, 6, 16))
+    assert (different[0] - different[1]).abs().max() > 1e-3  # two images, two sets of tokens
+
+
+def test_flamingo_gates_learn_at_their_own_rate() -> None:
+    from llmkit.models.vlm import GATE_LR_SCALE
+    from llmkit.train.optim import build_optimizer
+
+    model, _ = flamingo(every=1)
+    optimizer = build_optimizer(model, lr=1e-3)
+    gates = {id(p) for layer in model.gated_layers() for p in (layer.gated.attn_gate, layer.gated.mlp_gate)}
+    for group in optimizer.param_groups:
+        in_group = {id(p) for p in group["params"]}
+        assert not in_group or in_group <= gates or not in_group & gates
+        assert group["lr"] == pytest.approx(1e-3 * (GATE_LR_SCALE if in_group and in_group <= gates else 1.0))
+    assert gates <= {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
 def test_media_mask_attends_only_to_the_latest_preceding_image() -> None:
     marker = 99
     ids = torch.tensor([[1, 2, marker, 3, 4, marker, 5, 6]])

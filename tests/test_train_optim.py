@@ -66,6 +66,24 @@ def test_scheduler_drives_the_optimizer_learning_rate():
     assert seen == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
 
 
+def test_lr_scaled_parameters_get_their_own_group_that_the_schedule_scales_alike():
+    model = Decoder(Config.from_name("tiny-llama"))
+    model.final_norm.weight.lr_scale = 10.0  # a no-decay parameter at 10x the learning rate
+    optimizer = build_optimizer(model, lr=1e-3)
+    scaled = [group for group in optimizer.param_groups if group["params"] == [model.final_norm.weight]]
+    assert len(scaled) == 1 and scaled[0]["weight_decay"] == 0.0
+    assert all(model.final_norm.weight is not p for group in optimizer.param_groups[:2] for p in group["params"])
+    scheduler = build_scheduler(optimizer, "linear", warmup_steps=2, max_steps=4, min_lr_ratio=0.0)
+    seen = []
+    for _ in range(3):
+        seen += [optimizer.param_groups[0]["lr"], scaled[0]["lr"]]
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([5e-4, 5e-3, 1e-3, 1e-2, 1e-3, 1e-2])
+    with pytest.raises(LlmkitError, match="lr_scale=10.0: pass lr"):
+        parameter_groups(model, 0.1)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(schedule="exponential", warmup_steps=0, max_steps=10), "unknown learning-rate schedule 'exponential'"),
     (dict(schedule="cosine", warmup_steps=20, max_steps=10), "warmup_steps=20 must be between 0 and max_steps=10"),

@@ -89,8 +89,7 @@ def encode_captions(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int,
     for text in texts:
         if not text.strip():
             raise LlmkitError(f"{flag}: a caption is empty; give words for each one")
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        ids = bos + tokenizer.encode(text, add_bos=False) + [tokenizer.eos_id]
+        ids = tokenizer.bos_prefix + tokenizer.encode(text, add_bos=False) + [tokenizer.eos_id]
         if len(ids) > max_tokens:
             raise LlmkitError(f"{flag}: {text!r} is {len(ids)} tokens with EOS; the text tower takes {max_tokens}: "
                               "shorten it")

@@ -54,15 +54,10 @@ def shot_ids(tokenizer: Tokenizer, digit: int | None, marker_id: int, tokens_per
     return prompt + caption, [False] * len(prompt) + [True] * len(caption)
 
 
-def row_start(tokenizer: Tokenizer) -> list[int]:
-    """What every row and prompt starts with: [BOS] when the tokenizer has one (see the module docstring), else []."""
-    return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-
-
 def few_shot_ids(tokenizer: Tokenizer, shot_digits: Sequence[int], marker_id: int, tokens_per_image: int = 1,
                  question: str = QUESTION) -> list[int]:
     """A prompt: BOS, a captioned shot per digit in `shot_digits`, then the query image's marker and question."""
-    ids = row_start(tokenizer)
+    ids = tokenizer.bos_prefix
     for digit in [*shot_digits, None]:
         ids += shot_ids(tokenizer, digit, marker_id, tokens_per_image, question)[0]
     return ids
@@ -110,7 +105,7 @@ class VLMBatches:
         shots = torch.randint(len(self.labels), (batch_size, n_shots), generator=generator)
         index = torch.cat([shots, torch.tensor(queries)[:, None]], dim=1)  # (B, M)
         rows, targets = [], []
-        start_ids = row_start(self.tokenizer)
+        start_ids = self.tokenizer.bos_prefix
         for row in index.tolist():
             ids, is_caption = list(start_ids), [False] * len(start_ids)
             for image in row:

@@ -16,17 +16,31 @@ from llmkit.train.settings import Schedule
 NO_DECAY_NAMES = ("embed", "pos_embed")  # embeddings are lookup tables: decaying them only shrinks rare tokens
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay; norms, biases and embeddings do not. Frozen parameters are left out."""
-    decay, no_decay = [], []
+LR_SCALE = "lr_scale"  # a Parameter attribute: that parameter learns at the run's lr x this (default 1)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases and embeddings do not. Frozen parameters are left out. A parameter
+    carrying an `lr_scale` attribute (LR_SCALE; Flamingo's tanh gates, models/vlm.py) goes in a group of its own whose
+    learning rate is `lr` x lr_scale; the schedule then scales every group alike."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         is_embedding = name.split(".")[0] in NO_DECAY_NAMES
-        (no_decay if parameter.ndim < 2 or is_embedding else decay).append(parameter)
-    if not decay and not no_decay:
+        scale = float(getattr(parameter, LR_SCALE, 1.0))
+        groups.setdefault((parameter.ndim >= 2 and not is_embedding, scale), []).append(parameter)
+    if not any(groups.values()):
         raise LlmkitError("the model has no trainable parameters; unfreeze some (or check the fine-tuning method)")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    result = []
+    for (decays, scale), parameters in groups.items():
+        group = {"params": parameters, "weight_decay": weight_decay if decays else 0.0}
+        if scale != 1.0:
+            if lr is None:
+                raise LlmkitError(f"a parameter has {LR_SCALE}={scale}: pass lr to parameter_groups")
+            group["lr"] = lr * scale
+        result.append(group)
+    return result
 
 
 def build_optimizer(
@@ -36,7 +50,7 @@ def build_optimizer(
     """The named optimizer over `parameter_groups`: torch's AdamW (the fused kernel when every parameter sits on a
     device that has one), or one of llmkit.train.optimizers (adamw-8bit, adamw-4bit, lomo, adalomo). LOMO and
     AdaLomo hook into the parameters: from here on, every backward pass updates the weights."""
-    groups = parameter_groups(model, weight_decay)
+    groups = parameter_groups(model, weight_decay, lr)
     if optimizer == "adamw":
         devices = {p.device.type for group in groups for p in group["params"]}
         fused = devices <= {"cuda", "cpu"} and not _has_dtensor(groups)
