@@ -16,7 +16,7 @@ Flamingo (Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot L
   visual tokens that do not depend on the image, and with a frozen LM and a few hundred steps the optimiser takes
   them (a constant lowers the caption loss at once, by shifting the LM's prior over digits), until the tokens are
   the same for every image (across-image std / rms 0.78 at initialisation, 0.0008 after 300 steps) and the model
-  stays at chance. Without them the latents can only pool image features (docs/multimodal.md has the runs).
+  stays at chance. Without them the attention can only pool image features (docs/multimodal.md has the runs).
   Gated cross-attention dense layer, before a frozen block, on that block's input y:
 
       y = y + tanh(alpha_xattn) * xattn(q = y, kv = visual tokens),    y = y + tanh(alpha_dense) * ffw(y)
