@@ -84,8 +84,8 @@ def test_resampler_gives_a_fixed_number_of_tokens() -> None:
 
 def test_resampler_tokens_are_pooled_image_features() -> None:
     """No constant path before the final norm (models/vlm.py): the latents' keys and values are the features only,
-    the projection has no bias, so scaling the features by c scales what the latents attend over and a feature set
-    made of one repeated vector gives the same tokens as that single vector."""
+    the projection has no bias, so a feature set made of one repeated vector gives the same tokens as that single
+    vector (with the latents among the keys and values, repeating the vector would shift the attention's weights)."""
     config = tiny_decoder().config
     torch.manual_seed(0)
     resampler = PerceiverResampler(config, vision_width=16, n_latents=4, n_layers=1)

@@ -70,7 +70,8 @@ def test_lr_scaled_parameters_get_their_own_group_that_the_schedule_scales_alike
     model = Decoder(Config.from_name("tiny-llama"))
     model.final_norm.weight.lr_scale = 10.0  # a no-decay parameter at 10x the learning rate
     optimizer = build_optimizer(model, lr=1e-3)
-    scaled = [group for group in optimizer.param_groups if group["params"] == [model.final_norm.weight]]
+    scaled = [group for group in optimizer.param_groups
+              if len(group["params"]) == 1 and group["params"][0] is model.final_norm.weight]
     assert len(scaled) == 1 and scaled[0]["weight_decay"] == 0.0
     assert all(model.final_norm.weight is not p for group in optimizer.param_groups[:2] for p in group["params"])
     scheduler = build_scheduler(optimizer, "linear", warmup_steps=2, max_steps=4, min_lr_ratio=0.0)

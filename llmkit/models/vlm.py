@@ -60,8 +60,8 @@ from llmkit.nn.mlp import MLP_CLASSES
 from llmkit.nn.norm import build_norm
 
 Style = Literal["flamingo", "llava"]
-GATE_LR_SCALE = 10.0  # the tanh gates' learning rate, x the run's (module docstring)
 Projector = Literal["linear", "mlp"]
+GATE_LR_SCALE = 10.0  # the tanh gates' learning rate, x the run's (module docstring)
 
 
 @dataclass
