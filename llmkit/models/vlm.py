@@ -11,12 +11,13 @@ Flamingo (Alayrac et al. 2022, "Flamingo: a Visual Language Model for Few-Shot L
 
       z = z + attn(q = z, kv = x),    z = z + ffw(z)
 
-  turn any number N of features into exactly L visual tokens. Two measured departures from the paper, which also
-  puts the latents in the keys and values (kv = [x; z]) and projects the features with a bias: both are ways to write
-  visual tokens that do not depend on the image, and with a frozen LM and a few hundred steps the optimiser takes
-  them (a constant lowers the caption loss at once, by shifting the LM's prior over digits), until the tokens are
-  the same for every image (across-image std / rms 0.78 at initialisation, 0.0008 after 300 steps) and the model
-  stays at chance. Without them the attention can only pool image features (docs/multimodal.md has the runs).
+  turn any number N of features into exactly L visual tokens. Two measured changes: the paper also puts the latents
+  in the keys and values (kv = [x; z]), and llmkit's projection of the features had a bias until 2c47bbc. Both are
+  ways to write visual tokens that do not depend on the image, and with a frozen LM and a few hundred steps the
+  optimiser takes them (a constant lowers the caption loss at once, by shifting the LM's prior over digits), until
+  the tokens are the same for every image (across-image std / rms 0.78 at initialisation, 0.0008 after 300 steps at
+  lr 3e-3, 3e-9 after 150 at lr 1e-3) and the model stays at chance. Without them the attention can only pool image
+  features (docs/multimodal.md has the runs).
   Gated cross-attention dense layer, before a frozen block, on that block's input y:
 
       y = y + tanh(alpha_xattn) * xattn(q = y, kv = visual tokens),    y = y + tanh(alpha_dense) * ffw(y)
