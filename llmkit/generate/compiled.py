@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from llmkit.errors import LlmkitError
+from llmkit.generate.native_step import native_decode_step
 from llmkit.nn import decode_kernels
 
 COMPILED_STEP = "compiled_decode_step"  # the attribute `compile_decode_step` sets on a model
@@ -71,5 +72,9 @@ def own_code(method: types.MethodType) -> types.MethodType:
 
 def decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     """The callable a decode loop feeds one token per row: the compiled step where `compile_decode_step` gave the
-    model one, else the model itself."""
-    return getattr(model, COMPILED_STEP, model)
+    model one, else llmkit's native step where it applies (llmkit/generate/native_step.py), else the model itself.
+    Asked once per decode loop: the native step describes the model as it is then."""
+    compiled = getattr(model, COMPILED_STEP, None)
+    if compiled is not None:
+        return compiled
+    return native_decode_step(model) or model

@@ -29,6 +29,7 @@ build fails (no C++ compiler) or LLMKIT_NATIVE_KERNELS=0, the callers keep their
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -94,6 +95,31 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """x (..., in) W^T + b, float32, for a weight (out, in) in float32, float16 or bfloat16 stored column-major
     (weight.t() contiguous, or a block of columns of such a matrix), at most MAX_ROWS rows of x (see `applies`)."""
     return torch.ops.llmkit_nn.linear(x, weight.t(), bias)
+
+
+class DecodeProduct(NamedTuple):
+    """One matrix product of a decode step as a layer runs it on llmkit's kernels, for llmkit's whole-step op
+    (llmkit/generate/native_step.py), which calls the same op on the same tensors without the layer's Python:
+    y = op(x, weight, ...) (+ bias). Layers describe themselves (`Linear.decode_product`, QuantLinear's, and
+    `llmkit.nn.fused.decode_products` for a fused group); None where a layer's one-token forward takes another
+    path."""
+
+    op: str  # the torch op's qualified name: "llmkit_nn::linear" or one of llmkit.quant.native's GGUF ops
+    weight: torch.Tensor  # what the op takes: W^T (in, out) column-major for `linear`, the block bytes for GGUF ops
+    bias: torch.Tensor | None  # (out,) float32, added to the op's output
+    kind: int  # the GGUF ops' format code (0 for `linear`)
+    out_features: int
+
+
+def column_major_product(weight: torch.Tensor, bias: torch.Tensor | None) -> DecodeProduct | None:
+    """The `linear` op's product for a weight (out, in) stored column-major in float32 (or float16/bfloat16: GGUF's
+    F16/BF16 layers) on the CPU, with a float32 bias or none; None for any other weight."""
+    out_features = weight.shape[0]
+    if (weight.dim() != 2 or weight.device.type != "cpu" or out_features < 2 or weight.stride(0) != 1
+            or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    return DecodeProduct(f"{OPS}::linear", weight.t(), bias, 0, out_features)
 
 
 def decode_attention(

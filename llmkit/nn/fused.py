@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmkit.nn.linear import Linear, PackedWeight, can_pack, linear
+from llmkit.nn.decode_kernels import DecodeProduct
+from llmkit.nn.linear import Linear, PackedWeight, can_pack, float_product, linear
 
 FUSED_WEIGHT = "fused_weight"  # buffer names on the fusing module (not saved: the parts hold the values)
 FUSED_BIAS = "fused_bias"
@@ -135,6 +136,22 @@ def fused_product(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             sizes = tuple(part.weight.shape[0] for part in parts)
             return FusedLinear.apply(x, weight, getattr(module, FUSED_BIAS), sizes, *parameters)
     return linear(x, weight, getattr(module, FUSED_BIAS), getattr(module, FUSED_PACKED, None))
+
+
+def decode_products(module: nn.Module) -> list[DecodeProduct] | None:
+    """The products `fused_product` and the parts run for `module`'s FUSED_PROJECTIONS in a one-token step on
+    llmkit's kernels, their outputs side by side: [the fused product] where the module is fused, else each part's;
+    None where one of them runs another path (for llmkit's whole-step op, llmkit/generate/native_step.py)."""
+    quantized = getattr(module, FUSED_CALLABLE, None)
+    if quantized is not None and quantized.covers(module):
+        product = quantized.decode_product()
+        return None if product is None else [product]
+    weight = getattr(module, FUSED_WEIGHT, None)
+    if weight is not None and _still_fused(module, weight):
+        product = float_product(weight, getattr(module, FUSED_BIAS))
+        return None if product is None else [product]
+    parts = [getattr(getattr(module, name), "decode_product", lambda: None)() for name in type(module).FUSED_PROJECTIONS]
+    return None if any(part is None for part in parts) else parts
 
 
 class FusedLinear(torch.autograd.Function):

@@ -37,6 +37,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
 
+    def decode_product(self) -> decode_kernels.DecodeProduct | None:
+        """The product a one-token forward runs on llmkit's slab op (`linear` below): a float32 column-major weight
+        (what the loaders store); None for any other weight, or a subclass (its forward may do more)."""
+        return float_product(self.weight, self.bias) if type(self) is Linear else None
+
 
 class PackedWeight:
     """A bfloat16 weight (out, in) reordered by oneDNN for one-row products, valid while the tensors it was made
@@ -94,6 +99,14 @@ def linear(
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], out_features)
+
+
+def float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> decode_kernels.DecodeProduct | None:
+    """What `linear` runs for one row of x on weight (out, in) where that is llmkit's slab op (float32, column-major
+    as a whole: the condition `linear` tests); None where it takes another path."""
+    if weight.dtype != torch.float32 or weight.stride() != (1, weight.shape[0]):
+        return None
+    return decode_kernels.column_major_product(weight, bias)
 
 
 def use_column_major_weights(model: nn.Module) -> nn.Module:

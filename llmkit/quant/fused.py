@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmkit.nn.decode_kernels import DecodeProduct
 from llmkit.nn.fused import FUSED_CALLABLE
 from llmkit.quant import native
 from llmkit.quant.linear import HALF_SCHEMES, QuantLinear
@@ -59,6 +60,10 @@ class FusedBlocks:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)  # (..., sum of out)
+
+    def decode_product(self) -> DecodeProduct | None:
+        """The one product's description for llmkit's whole-step decode op (QuantLinear.decode_product)."""
+        return self.layer.decode_product()
 
 
 def kernel_buffer(layer: QuantLinear) -> str:

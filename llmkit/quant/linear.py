@@ -283,6 +283,23 @@ class QuantLinear(nn.Module):
             return native.x8_matmul(x, self.weight_x8, self.scheme, self.out_features)
         return native.gguf_matmul(x, self.weight_blocks, self.scheme, self.out_features)
 
+    def decode_product(self) -> decode_kernels.DecodeProduct | None:
+        """The product `native_product` runs (plus the bias), described for llmkit's whole-step decode op
+        (llmkit.nn.decode_kernels.DecodeProduct); None for the formats on aten's kernels or dequantized per call."""
+        bias = self.bias
+        if self.kernel not in ("gguf", "gguf_float") or (bias is not None and bias.dtype != torch.float32):
+            return None
+        if self.kernel == "gguf_float" and self.scheme in HALF_SCHEMES:
+            return decode_kernels.column_major_product(self.weight_weight, bias)
+        if self.kernel == "gguf_float":
+            return decode_kernels.DecodeProduct(f"{native.OPS}::matmul_float", self.weight_blocks, bias, 0,
+                                                self.out_features)
+        kind = native.INT8_KINDS[self.scheme]
+        if "weight_x8" in self._buffers:
+            return decode_kernels.DecodeProduct(f"{native.OPS}::matmul_x8", self.weight_x8, bias, kind,
+                                                self.out_features)
+        return decode_kernels.DecodeProduct(f"{native.OPS}::matmul", self.weight_blocks, bias, kind, self.out_features)
+
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
         # model.to(dtype) must not cast packed scales (fp32/fp16/bf16 by format): buffers only change device.
         saved = {name: buf for name, buf in self._buffers.items() if buf is not None}
