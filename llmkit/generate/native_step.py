@@ -14,12 +14,14 @@ included) with RoPE attention and a SwiGLU or GeGLU MLP, every projection on llm
 stored column-major, GGUF blocks, F16/BF16 GGUF matrices), float32 activations on the CPU, a `KVCache` and at most
 16 rows. Anything else, a LoRA-wrapped projection, a MoE or a bfloat16 model among them, keeps the module path
 (`plan` says why), as does any call outside a decode loop's conditions (`NativeDecodeStep.__call__`). The C++ is
-compiled on first use like llmkit's other kernels (llmkit/extensions.py); LLMKIT_NATIVE_KERNELS=0 turns it off.
+compiled on first use like llmkit's other kernels (llmkit/extensions.py); LLMKIT_NATIVE_STEP=0 turns the step off
+(the modules then run as before, for a comparison), LLMKIT_NATIVE_KERNELS=0 all of llmkit's kernels.
 `torch.compile`'s step (llmkit/generate/compiled.py), where asked for, takes precedence.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,7 +52,7 @@ def available() -> bool:
     """Whether the step op is built and loaded (building it, and llmkit's decode ops it calls, on the first call)."""
     global _built
     if _built is None:
-        _built = decode_kernels.available() and try_build_ops(
+        _built = os.environ.get("LLMKIT_NATIVE_STEP", "1") != "0" and decode_kernels.available() and try_build_ops(
             OPS, [SOURCE], what="decode step", fallback="decode steps run module by module")
     return _built
 
