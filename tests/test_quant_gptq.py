@@ -172,22 +172,22 @@ def test_cli_calibration_flags_need_a_calibrated_scheme(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_on_smollm2_blocks_gptq_and_awq_beat_round_to_nearest_at_group_64():
+def test_on_smollm2_blocks_gptq_and_awq_beat_round_to_nearest_at_group_64(smollm2_float, smollm2_tokenizer):
     """Real weights, kept under a minute: SmolLM2's first 3 blocks (the whole 30-block run takes 13 min per method on
     this 2-core VM; its perplexities are in docs/quantization.md). Judged by the error of the last block's output on
     held-out text (the 2,048 tokens calibration never sees) against the unquantized blocks.
-    SmolLM2's shipped weights are Q4_1: every figure re-rounds weights that already sit on a 4-bit grid."""
+    SmolLM2's shipped weights are Q4_1: every figure re-rounds weights that already sit on a 4-bit grid.
+    Each method gets its own deep copy of the session's fp32 load (the weights a fresh load_model gives)."""
+    import copy
     from dataclasses import replace
 
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
     from llmkit.data.sources import builtin_corpus_path
     from llmkit.quant import awq, quantize
 
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
+    tokenizer = smollm2_tokenizer
 
     def first_blocks():  # noqa: ANN202
-        model = load_model(path)
+        model = copy.deepcopy(smollm2_float)
         model.blocks = model.blocks[:3]
         model.config = replace(model.config, n_layers=3)
         return model
