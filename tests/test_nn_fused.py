@@ -242,13 +242,11 @@ def test_a_copy_of_a_packed_model_runs_unpacked_with_the_same_outputs():
 
 
 @pytest.mark.slow
-def test_smollm2_decodes_the_same_prepared_and_unprepared():
+def test_smollm2_decodes_the_same_prepared_and_unprepared(smollm2_float, smollm2_tokenizer):
     """Real weights: SmolLM2-135M-Instruct as load_model gives it vs fused (fp32) and fused + packed (bf16), as
-    load_decoder prepares it for generation: the same greedy tokens, logits within rounding."""
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
-
-    path = default_model_path()
-    model, tokenizer = load_model(path), load_tokenizer(path)
+    load_decoder prepares it for generation: the same greedy tokens, logits within rounding. (A deep copy of the
+    session's load_model: this test fuses and casts it in place.)"""
+    model, tokenizer = copy.deepcopy(smollm2_float), smollm2_tokenizer
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
     prompt = ids[0].tolist()
 
