@@ -242,19 +242,19 @@ def test_scorer_keeps_only_the_ids_later_windows_read(model: Decoder) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_matches_transformers() -> None:
+def test_smollm2_perplexity_matches_transformers(smollm2_float, smollm2_tokenizer) -> None:
     """SmolLM2-135M-Instruct on the first ~2,048 tokens of tinyshakespeare, context 512, stride 512: llmkit vs the
     transformers model's own logits on the same ids and the same windows."""
     from transformers import AutoModelForCausalLM
 
-    from llmkit.checkpoints import default_model_path, load_model, load_tokenizer
+    from llmkit.checkpoints import default_model_path
 
     path = default_model_path()
-    tokenizer = load_tokenizer(path)
+    tokenizer = smollm2_tokenizer
     text = shakespeare_text()[:8000]
     ids = tokenizer.encode(text)[:2048]
     assert len(ids) == 2048
-    result = perplexity(load_model(path), tokenizer, text, window=512, stride=512, batch_size=2, max_tokens=2048)
+    result = perplexity(smollm2_float, tokenizer, text, window=512, stride=512, batch_size=2, max_tokens=2048)
 
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     nll_sum, n_tokens = 0.0, 0
@@ -272,13 +272,12 @@ def test_smollm2_perplexity_matches_transformers() -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_in_pieces_equals_the_whole_text(tmp_path: Path) -> None:
+def test_smollm2_tokenizer_in_pieces_equals_the_whole_text(tmp_path: Path, smollm2_tokenizer) -> None:
     """SmolLM2's real tokenizer (GPT-2-style byte-level BPE, 49k merges) over 40,000 characters of tinyshakespeare
     read in 997-byte pieces gives the ids and spans of one encode of the whole text."""
-    from llmkit.checkpoints import default_model_path, load_tokenizer
     from llmkit.eval.text_stream import file_pieces, text_tokens
 
-    tokenizer = load_tokenizer(default_model_path())
+    tokenizer = smollm2_tokenizer
     text = shakespeare_text()[:40000] + " naïve café — 日本語 🎭"
     path = tmp_path / "text.txt"
     path.write_text(text, encoding="utf-8")
