@@ -239,11 +239,11 @@ print((proc_status_kib("VmRSS") - before) * 1024, weight_bytes(model))
 
 
 @pytest.mark.slow
-def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
+def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys, smollm2_float, smollm2_tokenizer):
     import subprocess
     import sys
 
-    from llmkit.checkpoints import default_model_path, load_tokenizer
+    from llmkit.checkpoints import default_model_path
     from llmkit.data.sources import builtin_corpus_path
     from llmkit.eval.perplexity import file_perplexity
     from tests.helpers import run_cli
@@ -264,12 +264,12 @@ def test_smollm2_q4_1_loaded_quantized_ram_perplexity_and_chat(capsys):
     # holds that figure, not the 1.2x goal
     assert added <= 1.55 * file_bytes
 
-    smol_tokenizer = load_tokenizer(path)
+    smol_tokenizer = smollm2_tokenizer  # load_tokenizer(path), and smollm2_float is load_model(path): session fixtures
 
     def ppl(model):  # noqa: ANN001, ANN202
         return file_perplexity(model, smol_tokenizer, builtin_corpus_path(), max_tokens=2048).perplexity
 
-    quantized_ppl, float_ppl = ppl(load_gguf_quantized(path)), ppl(load_model(path))
+    quantized_ppl, float_ppl = ppl(load_gguf_quantized(path)), ppl(smollm2_float)
     print(f"perplexity, 2,048 tokens of Tiny Shakespeare: quantized load {quantized_ppl:.3f}, fp32 {float_ppl:.3f}")
     # scoring runs many rows per call: the layers dequantize the same blocks to fp32, so the two agree closely
     assert abs(quantized_ppl / float_ppl - 1) < 0.01
