@@ -337,13 +337,13 @@ def greedy(model: Decoder, ids: list[int], steps: int = 20) -> list[int]:
 
 
 @pytest.mark.slow
-def test_smollm2_round_trip(tmp_path, capsys):
+def test_smollm2_round_trip(tmp_path, capsys, smollm2_float, smollm2_tokenizer):
     source = default_model_path()
-    original, tokenizer = load_model(source), load_tokenizer(source)
+    original, tokenizer = smollm2_float, smollm2_tokenizer  # load_model(source), load_tokenizer(source), read once
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of "
                                                                                           "France?"}]))
     expected = greedy(original, prompt)
-    source_fields = gguf.GGUFReader(source).fields
+    source_reader = gguf.GGUFReader(source)  # parsing the 49k-token vocabulary takes seconds: once
     sizes = {}
     for quant in ("q8_0", "f16"):
         path = export_gguf(original, tmp_path / f"smollm2.{quant}.gguf", tokenizer, quant)
@@ -355,14 +355,14 @@ def test_smollm2_round_trip(tmp_path, capsys):
                     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
                     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "general.name",
                     "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
-            assert fields[key].contents() == source_fields[key].contents(), key
+            assert fields[key].contents() == source_reader.fields[key].contents(), key
         assert load_tokenizer(path).chat_template == tokenizer.chat_template
     # Q4_1 of the imported Q4_1 weights: every tensor equals the file llama.cpp wrote, byte for byte (types, the Q/K
     # row order, the Q8_0 token embedding, the blocks re-packed from their own dequantized values)
     path = export_gguf(original, tmp_path / "smollm2.q4_1.gguf", tokenizer, "q4_1")
     sizes["q4_1"] = path.stat().st_size
     written = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
-    for tensor in gguf.GGUFReader(source).tensors:
+    for tensor in source_reader.tensors:
         assert written[tensor.name].tensor_type == tensor.tensor_type, tensor.name
         assert np.array_equal(np.asarray(written[tensor.name].data), np.asarray(tensor.data)), tensor.name
     assert len(written) == 272
