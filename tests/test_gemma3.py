@@ -19,6 +19,7 @@ from llmkit.checkpoints.gguf import load_gguf
 from llmkit.checkpoints.hf import export_hf, load_hf
 from llmkit.checkpoints.hf_config import config_from_hf
 from llmkit.generate.decode import generate, generate_tokens
+from llmkit.generate.native_step import NativeDecodeStep, plan
 from llmkit.models.decoder import Decoder
 from llmkit.quant.gguf_load import load_gguf_quantized, weight_bytes
 from llmkit.quant.linear import QuantLinear
@@ -356,6 +357,28 @@ def test_real_gemma3_continues_coherently_with_quantized_weights(real_quantized,
     schemes = {module.scheme for module in real_quantized.modules() if isinstance(module, QuantLinear)}
     assert schemes == {"q4_k", "q5_0", "q6_k", "q8_0"}
     assert weight_bytes(real_quantized) <= 1.2 * gemma3_gguf.stat().st_size
+
+
+@pytest.mark.slow
+def test_real_gemma3_native_step_equals_the_modules(real_quantized):
+    """The native decode step (llmkit/generate/native_step.py) covers Gemma 3's blocks as the file loads them (Q4_K,
+    Q5_0, Q6_K, Q8_0 products, one per projection; QK-norm, sandwich norms, sliding-window layers with their own RoPE
+    base, scaled embeddings): the modules' logits and KV cache, bit for bit."""
+    program, why = plan(real_quantized)
+    assert program is not None, why
+    step = NativeDecodeStep(real_quantized, program)
+    prompt = torch.tensor([[2, 818, 5279, 529, 7001, 563]])  # <bos> The capital of France is
+    results = []
+    with torch.inference_mode():
+        for forward in (real_quantized, step):
+            cache = real_quantized.new_cache(1, 12)
+            real_quantized(prompt, cache=cache)
+            logits = [forward(torch.tensor([[token]]), cache=cache) for token in (506, 5279, 529, 506)]
+            results.append((torch.cat(logits, dim=1), cache))
+    (eager, eager_cache), (native, native_cache) = results
+    assert torch.equal(native, eager)
+    assert all(torch.equal(a, b) for a, b in zip(native_cache.keys + native_cache.values,
+                                                 eager_cache.keys + eager_cache.values))
 
 
 @pytest.mark.slow
