@@ -99,7 +99,8 @@ def chat(
         repetition_penalty: >1 discourages tokens already in the conversation.
         seed: random seed, for reproducible sampling.
         compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
-            CPU): faster tokens after a one-time compilation of tens of seconds at the first reply.
+            CPU) after a one-time compilation of tens of seconds at the first reply: fewer launches per token on a
+            GPU; on a CPU llmkit's native decode step is about as fast without it (docs/benchmarks.md).
         kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
@@ -226,7 +227,8 @@ def generate(
         adaptive_speculation: grow a row's proposal by 2 after a step that accepts all of it, shrink it by 1 after a
             rejection (between 1 and twice --num_speculative_tokens).
         compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
-            CPU): faster tokens after a one-time compilation of tens of seconds at the first token.
+            CPU) after a one-time compilation of tens of seconds at the first token: fewer launches per token on a
+            GPU; on a CPU llmkit's native decode step is about as fast without it (docs/benchmarks.md).
         kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
