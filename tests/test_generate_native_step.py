@@ -45,6 +45,11 @@ def float_model(variant: str, fused: bool = True) -> torch.nn.Module:
     return fuse_projections(model) if fused else model
 
 
+def hooked(model: torch.nn.Module) -> torch.nn.Module:
+    model.blocks[1].mlp.register_forward_hook(lambda module, inputs, output: output * 2)
+    return model
+
+
 def steps(model: torch.nn.Module, step, prompts: list[list[int]], n_steps: int = 6):  # noqa: ANN001, ANN201
     """Logits (B, n_steps, V) of `n_steps` fixed tokens fed by `step` after the prompts' prefill, and the cache."""
     longest = max(map(len, prompts))
@@ -127,6 +132,7 @@ def test_a_call_outside_the_program_runs_the_model() -> None:
     (lambda: use_column_major_weights(tiny_decoder("tiny-moe")), "MLP"),
     (lambda: use_column_major_weights(tiny_decoder("tiny-gpt2")), "positions"),
     (lambda: quantize(float_model("llama", fused=False), "int4", group_size=32), "projection"),  # aten's kernel
+    (lambda: hooked(float_model("llama")), "hooks on blocks.1.mlp"),  # a hook would not fire: keep the modules
 ])
 def test_models_it_does_not_cover_keep_the_module_path(make, reason: str) -> None:  # noqa: ANN001
     model = make()

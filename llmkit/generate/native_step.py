@@ -12,10 +12,10 @@ builds them) and the LM head stay in Python: a handful of ops per token.
 It applies to a plain `Decoder` whose blocks are pre-norm RMSNorm blocks (Gemma 2/3's sandwich norms and QK-norm
 included) with RoPE attention and a SwiGLU or GeGLU MLP, every projection on llmkit's decode kernels (float32 weights
 stored column-major, GGUF blocks, F16/BF16 GGUF matrices), float32 activations on the CPU, a `KVCache` and at most
-16 rows. Anything else, a LoRA-wrapped projection, a MoE or a bfloat16 model among them, keeps the module path
-(`plan` says why), as does any call outside a decode loop's conditions (`NativeDecodeStep.__call__`). The C++ is
-compiled on first use like llmkit's other kernels (llmkit/extensions.py); LLMKIT_NATIVE_STEP=0 turns the step off
-(the modules then run as before, for a comparison), LLMKIT_NATIVE_KERNELS=0 all of llmkit's kernels.
+16 rows, no forward hooks. Anything else, a LoRA-wrapped projection, a MoE or a bfloat16 model among them, keeps the
+module path (`plan` says why), as does any call outside a decode loop's conditions (`NativeDecodeStep.__call__`). The
+C++ is compiled on first use like llmkit's other kernels (llmkit/extensions.py); LLMKIT_NATIVE_STEP=0 turns the step
+off (the modules then run as before, for a comparison), LLMKIT_NATIVE_KERNELS=0 all of llmkit's kernels.
 `torch.compile`'s step (llmkit/generate/compiled.py), where asked for, takes precedence.
 """
 
@@ -75,6 +75,10 @@ def plan(model: nn.Module) -> tuple[torch.ScriptObject | None, str]:
     for failed, reason in reasons:
         if failed:
             return None, reason
+    hooked = [name or "the model" for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if hooked or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None, f"forward hooks on {', '.join(hooked) or 'every module'} (the native step calls no module)"
     eps, offset = config.norm_eps, config.norm_offset
     scale = model.blocks[0].attn.scale
     program = torch.classes.llmkit_step.DecodeProgram(
@@ -102,8 +106,7 @@ def _add_block(program: torch.ScriptObject, block: nn.Module, eps: float, offset
                 DOWN: _single(block.mlp.down_proj)}
     if any(parts is None or any(part.op not in KERNELS for part in parts) for parts in products.values()):
         return "a projection that does not run on llmkit's decode kernels"
-    program.add_layer(*[None if norm is None else norm.weight for norm in norms], attn.window,
-                      attn.sliding and attn.window > 0)
+    program.add_layer(*[None if norm is None else norm.weight for norm in norms], attn.window, attn.sliding)
     for role, parts in products.items():
         for part in parts:
             program.add_product(role, KERNELS[part.op], part.weight, part.bias, part.kind, part.out_features)
