@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from llmkit.nn import decode_kernels
 from llmkit.quant import QuantLinear, native
@@ -59,8 +61,33 @@ def test_eight_row_layout_is_a_lossless_reordering(scheme, out_features):
     regrouped = native.to_x8(blocks, scheme)
     assert regrouped.shape == (-(-out_features // 8), blocks.shape[1] * 8)
     assert torch.equal(native.from_x8(regrouped, scheme, out_features), blocks)
-    rows = torch.tensor([0, out_features - 1, 7, 8, 40, 40])
-    assert torch.equal(native.x8_rows(regrouped, scheme, rows), blocks[rows])
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_dequantize_equals_gguf_bit_for_bit(scheme):
+    torch.manual_seed(3)
+    packed = get_format(scheme).quantize(random_weight(scheme, 83, 512), None)  # 83: a last group of 3 rows
+    blocks = packed.tensors["blocks"]
+    expected = torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[scheme.upper()]))
+    values = native.dequantize(blocks, scheme, 83)
+    assert values.dtype == torch.float32 and values.shape == (83, 512)
+    assert torch.equal(values, expected.view(83, 512))
+    assert torch.equal(values, get_format(scheme).dequantize(packed))
+    if scheme in native.X8_SCHEMES:
+        assert torch.equal(native.dequantize_x8(native.to_x8(blocks, scheme), scheme, 83), values)
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "q6_k"])  # the 8-row layout (two) and the file's blocks
+def test_many_rows_and_lookups_use_the_exact_dequantized_weight(scheme):
+    torch.manual_seed(4)
+    layer = QuantLinear(get_format(scheme).quantize(random_weight(scheme, 96, 512), None), torch.randn(96))
+    assert ("weight_x8" in layer._buffers) == (scheme in native.X8_SCHEMES)
+    weight = get_format(scheme).dequantize(layer.packed)  # torch's dequantizer on the file's bytes
+    x = torch.randn(2, 20, 512)  # 40 rows: more than the kernels take, so one F.linear with the widened matrix
+    assert torch.equal(layer(x), F.linear(x, weight, layer.bias))
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), weight.bfloat16())
+    rows = torch.tensor([0, 95, 7, 8, 40, 40])
+    assert torch.equal(layer.dequantized_rows(rows), weight[rows])
 
 
 @pytest.mark.parametrize("scheme", native.X8_SCHEMES)
@@ -166,6 +193,10 @@ def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
         native.gguf_matmul(torch.randn(1, 64), packed.tensors["blocks"], "q4_0", 64)
     with pytest.raises(RuntimeError, match="expected"):
         native.x8_matmul(torch.randn(1, 64), native.to_x8(packed.tensors["blocks"], "q8_0"), "q4_1", 64)
+    with pytest.raises(RuntimeError, match="not a whole number of 18-byte blocks"):  # 68 bytes per row
+        native.dequantize(packed.tensors["blocks"], "q4_0", 64)
+    with pytest.raises(RuntimeError, match="do not hold 65 rows"):
+        native.dequantize_x8(native.to_x8(packed.tensors["blocks"], "q8_0"), "q8_0", 65)
 
 
 VARIANTS = {"llmkit_gguf_avx2": ["-O1", "-march=haswell"], "llmkit_gguf_plain": ["-O1", "-march=x86-64"]}
@@ -196,3 +227,11 @@ def test_avx2_and_plain_builds_equal_the_native_one(variant_builds):
         for ops in variant_builds:
             z = run(x, weight, scheme, 83, ops=ops)
             assert torch.allclose(z, y, rtol=1e-5, atol=1e-5 * y.abs().max().item()), (ops, run.__name__, scheme)
+    for scheme in INT8_SCHEMES:  # widening is exact in every build
+        blocks = get_format(scheme).quantize(random_weight(scheme, 83, 512), None).tensors["blocks"]
+        values = native.dequantize(blocks, scheme, 83)
+        for ops in variant_builds:
+            assert torch.equal(native.dequantize(blocks, scheme, 83, ops=ops), values), (ops, scheme)
+            if scheme in native.X8_SCHEMES:
+                regrouped = native.to_x8(blocks, scheme)
+                assert torch.equal(native.dequantize_x8(regrouped, scheme, 83, ops=ops), values), (ops, scheme)

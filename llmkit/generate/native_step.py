@@ -32,7 +32,7 @@ from llmkit.models.decoder import Decoder
 from llmkit.nn import decode_kernels
 from llmkit.nn.attention import Attention, KVCache, causal_context
 from llmkit.nn.block import Block
-from llmkit.nn.fused import decode_products
+from llmkit.nn.fused import decode_products, layer_product
 from llmkit.nn.mlp import GeGLU, SwiGLU
 from llmkit.nn.norm import RMSNorm
 
@@ -114,7 +114,7 @@ def _add_block(program: torch.ScriptObject, block: nn.Module, eps: float, offset
 
 
 def _single(layer: nn.Module) -> list[decode_kernels.DecodeProduct] | None:
-    product = getattr(layer, "decode_product", lambda: None)()
+    product = layer_product(layer)
     return None if product is None else [product]
 
 

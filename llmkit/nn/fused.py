@@ -150,8 +150,14 @@ def decode_products(module: nn.Module) -> list[DecodeProduct] | None:
     if weight is not None and _still_fused(module, weight):
         product = float_product(weight, getattr(module, FUSED_BIAS))
         return None if product is None else [product]
-    parts = [getattr(getattr(module, name), "decode_product", lambda: None)() for name in type(module).FUSED_PROJECTIONS]
+    parts = [layer_product(getattr(module, name)) for name in type(module).FUSED_PROJECTIONS]
     return None if any(part is None for part in parts) else parts
+
+
+def layer_product(layer: nn.Module) -> DecodeProduct | None:
+    """The one product a projection runs in a one-token step on llmkit's kernels (its `decode_product`), or None
+    where it runs another path (a wrapper, aten's kernels, a module that cannot say)."""
+    return getattr(layer, "decode_product", lambda: None)()
 
 
 class FusedLinear(torch.autograd.Function):

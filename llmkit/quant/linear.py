@@ -224,19 +224,30 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.scheme in HALF_SCHEMES:  # the values as they are (no row-major copy first): one cast
             return self.weight_weight.to(dtype)  # (out, in)
+        if self._native_blocks():  # widened in C++, one pass (native.dequantize)
+            if "weight_x8" in self._buffers:
+                return native.dequantize_x8(self.weight_x8, self.scheme, self.out_features).to(dtype)
+            return native.dequantize(self.weight_blocks, self.scheme, self.out_features).to(dtype)
         return get_format(self.scheme).dequantize(self.packed, dtype)  # (out, in)
+
+    def _native_blocks(self) -> bool:
+        """Whether the layer holds GGUF blocks for llmkit's CPU kernels, on the CPU (elsewhere: torch's ops)."""
+        blocks = self._buffers.get("weight_x8", self._buffers.get("weight_blocks"))
+        return self.kernel in ("gguf", "gguf_float") and blocks is not None and blocks.device.type == "cpu"
 
     def dequantized_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W_hat[rows] (len(rows), in), dequantizing only those rows (blocks run along a row, so a row's packed
         bytes are the row alone): what an embedding lookup into a quantized table needs. Equal to
         dequantized_weight()[rows]."""
         rows = rows.reshape(-1)
+        if self._native_blocks() and "weight_x8" in self._buffers:  # the rows' groups of 8 widened, rows picked
+            values = native.dequantize_x8(self.weight_x8[rows // native.GROUP], self.scheme, len(rows) * native.GROUP)
+            return values.view(len(rows), native.GROUP, -1)[torch.arange(len(rows)), rows % native.GROUP].to(dtype)
+        if self._native_blocks():
+            return native.dequantize(self.weight_blocks[rows], self.scheme, len(rows)).to(dtype)
         extras = {name: getattr(self, f"weight_{name}")[rows] for name in self._extras}
         if self.kernel == "int4pack":
             packed = self._joined(tinygemm_rows(self.weight_int4pack, rows), extras)
-        elif "weight_x8" in self._buffers:
-            packed = QuantizedWeight(self.scheme, (len(rows), self.in_features), self.group_size,
-                                     {"blocks": native.x8_rows(self.weight_x8, self.scheme, rows)})
         elif self.scheme == "nf4":  # blocks and double-quantized scales run over the flattened weight
             return self.dequantized_weight(dtype)[rows]
         else:  # every other format stores one row of packed values (and scales) per output row

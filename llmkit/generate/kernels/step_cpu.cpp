@@ -177,6 +177,5 @@ LLMKIT_LIBRARY(LLMKIT_OPS, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t>())
       .def("add_layer", &DecodeProgram::add_layer)
       .def("add_product", &DecodeProgram::add_product)
-      .def("n_layers", &DecodeProgram::n_layers)
       .def("step", &DecodeProgram::step);
 }

@@ -156,6 +156,8 @@ LLMKIT_LIBRARY(LLMKIT_OPS, m) {
   m.def("matmul(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");
   m.def("matmul_float(Tensor x, Tensor blocks, int out_features) -> Tensor");  // float_cpu.cpp (Q8_0)
   m.def("matmul_x8(Tensor x, Tensor blocks, int kind, int out_features) -> Tensor");  // gguf_x8.cpp
+  m.def("dequantize(Tensor blocks, int kind, int out_features) -> Tensor");  // dequantize_cpu.cpp
+  m.def("dequantize_x8(Tensor blocks, int kind, int out_features) -> Tensor");  // dequantize_cpu.cpp
 }
 
 LLMKIT_LIBRARY_IMPL(LLMKIT_OPS, m) {
