@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
@@ -27,6 +26,7 @@ from tokenizers.models import BPE
 
 from llmkit.chat_template import render_chat_template
 from llmkit.errors import LlmkitError
+from llmkit.gguf_file import GgufFile
 from llmkit.io import atomic_write_text, read_json_object
 
 # Hugging Face tokenizer directory files.
@@ -440,13 +440,13 @@ def _existing(path: str | Path) -> Path:
 def _read_gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a GGUF file as Python values."""
     try:
-        reader = gguf.GGUFReader(path)
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as error:  # gguf raises ValueError, struct.error, IndexError... on a bad file
+        fields = GgufFile(path).fields
+        return {key: value for key, value in fields.items() if key.startswith("tokenizer.")}
+    except (ValueError, OSError) as error:  # not GGUF, truncated, corrupt (llmkit.gguf_file), unreadable
         raise LlmkitError(
             f"{path} is not a readable GGUF file ({type(error).__name__}: {error}): "
             "download it again or pass a Hugging Face directory with tokenizer.json"
-        ) from error
+        ) from None
 
 
 def _byte_level_backend(tokens: list[str], merges: list[str], pre: str, path: Path) -> tuple[BackendTokenizer, bool]:

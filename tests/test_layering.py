@@ -17,8 +17,8 @@ PACKAGE_DIR = Path(llmkit.__file__).parent
 # DESIGN.md: config -> nn -> models -> tokenizer -> (data, checkpoints) -> (train, peft, quant, distill, generate,
 # eval) -> (align, serve, apps) -> commands -> cli. Below config sit the leaf helpers every layer may use.
 LAYERS: list[set[str]] = [
-    {"errors", "io", "memory", "device", "extensions"},  # leaf helpers: errors, atomic files, process memory,
-    # device/dtype names, building C++ kernels
+    {"errors", "io", "memory", "device", "extensions", "gguf_file"},  # leaf helpers: errors, atomic files, process
+    # memory, device/dtype names, building C++ kernels, reading a GGUF file's header
     {"config", "config_checks", "config_types", "presets", ""},  # "" is the root package, which exports Config
     {"nn"},
     {"models"},

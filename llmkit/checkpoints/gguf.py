@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from llmkit.checkpoints.hf_config import build_config
 from llmkit.config import Config, RopeScaling
 from llmkit.errors import LlmkitError
+from llmkit.gguf_file import GgufFile, GgufTensor
 from llmkit.models.decoder import Decoder
 from llmkit.nn.position import rope_inverse_frequencies
 
@@ -99,7 +99,7 @@ ARCHITECTURES = {"llama": Architecture(permuted_qk=True), "qwen2": Architecture(
                  "gemma3": Architecture(permuted_qk=False, norm_offset=1.0)}
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
+def open_gguf(path: str | Path) -> GgufFile:
     """Memory-map a GGUF file; a missing, foreign, truncated or corrupt file becomes one `LlmkitError`."""
     path = Path(path)
     if not path.exists():
@@ -107,7 +107,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
     if not path.is_file():
         raise LlmkitError(f"{path} is not a file; pass the .gguf file itself")
     try:
-        return GGUFReader(path)
+        return GgufFile(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as error:
         raise LlmkitError(
             f"{path} is not a readable GGUF file ({type(error).__name__}: {error}); it is truncated, corrupt or not "
@@ -115,21 +115,20 @@ def open_gguf(path: str | Path) -> GGUFReader:
         ) from None
 
 
-def _source(reader: GGUFReader) -> Path:
-    return Path(reader.data.filename)
+def _source(reader: GgufFile) -> Path:
+    return reader.path
 
 
-def _metadata(reader: GGUFReader, key: str, default: Any = ...) -> Any:
+def _metadata(reader: GgufFile, key: str, default: Any = ...) -> Any:
     """One metadata value; a missing required key names the file and the key."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in reader.fields:
         if default is ...:
             raise LlmkitError(
                 f"{_source(reader)} has no metadata key {key!r}; the file is incomplete: re-convert it with "
                 "llama.cpp's convert_hf_to_gguf.py or re-download it"
             )
         return default
-    return field.contents()
+    return reader.fields[key]
 
 
 def _float(value: Any) -> float:
@@ -137,13 +136,13 @@ def _float(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def _bad_type(reader: GGUFReader, key: str, value: Any, wanted: str) -> LlmkitError:
+def _bad_type(reader: GgufFile, key: str, value: Any, wanted: str) -> LlmkitError:
     return LlmkitError(f"{_source(reader)}: metadata {key}={value!r} is a {type(value).__name__}, but it must be "
                        f"{wanted}; the file was written by a broken converter: re-convert it with llama.cpp's "
                        "convert_hf_to_gguf.py or re-download it")
 
 
-def _int_metadata(reader: GGUFReader, key: str, default: Any = ..., per_layer: bool = False) -> Any:
+def _int_metadata(reader: GgufFile, key: str, default: Any = ..., per_layer: bool = False) -> Any:
     """An integer metadata value (or `default`). With `per_layer`, an array with one value per layer (what
     variable-head GGUFs store) is accepted when every layer has the same value."""
     value = _metadata(reader, key, default)
@@ -161,7 +160,7 @@ def _int_metadata(reader: GGUFReader, key: str, default: Any = ..., per_layer: b
     return value
 
 
-def _float_metadata(reader: GGUFReader, key: str, default: Any = ...) -> Any:
+def _float_metadata(reader: GgufFile, key: str, default: Any = ...) -> Any:
     """A float metadata value as the decimal it was written from (or `default`)."""
     value = _metadata(reader, key, default)
     if value is default:
@@ -171,7 +170,7 @@ def _float_metadata(reader: GGUFReader, key: str, default: Any = ...) -> Any:
     return _float(value)
 
 
-def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) -> RopeScaling | None:
+def _rope_scaling(reader: GgufFile, arch: str, head_dim: int, theta: float) -> RopeScaling | None:
     """Linear scaling from metadata, or Llama 3 scaling recognised from the rope_freqs tensor."""
     kind = _metadata(reader, f"{arch}.{ROPE_SCALING_TYPE_KEY}", None)
     factor = _float_metadata(reader, f"{arch}.{ROPE_SCALING_FACTOR_KEY}", None)
@@ -205,9 +204,9 @@ def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, theta: float) ->
     return scaling
 
 
-def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
+def config_from_gguf(reader_or_path: GgufFile | str | Path) -> Config:
     """An llmkit `Config` from a GGUF file's metadata (architectures: see `ARCHITECTURES`)."""
-    reader = reader_or_path if isinstance(reader_or_path, GGUFReader) else open_gguf(reader_or_path)
+    reader = reader_or_path if isinstance(reader_or_path, GgufFile) else open_gguf(reader_or_path)
     source = _source(reader)
     arch = _metadata(reader, ARCHITECTURE_KEY)
     if arch not in ARCHITECTURES:
@@ -230,7 +229,7 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
         tokens = reader.fields.get(TOKENS_KEY)
         if tokens is None:
             raise LlmkitError(f"{source} has neither {arch}.{VOCAB_SIZE_KEY} nor {TOKENS_KEY}; re-convert the file")
-        vocab_size = len(tokens.data)
+        vocab_size = len(tokens)
     theta = _float_metadata(reader, f"{arch}.{ROPE_BASE_KEY}", 10000.0)
     names = {t.name for t in reader.tensors}
     keys = {"n_layers": BLOCK_COUNT_KEY, "n_heads": HEAD_COUNT_KEY, "n_kv_heads": HEAD_COUNT_KV_KEY,
@@ -267,7 +266,7 @@ def config_from_gguf(reader_or_path: GGUFReader | str | Path) -> Config:
     return build_config(source, {field: f"{arch}.{key}" for field, key in keys.items()}, **fields)
 
 
-def _gemma3_fields(reader: GGUFReader, fields: dict[str, Any]) -> dict[str, Any]:
+def _gemma3_fields(reader: GgufFile, fields: dict[str, Any]) -> dict[str, Any]:
     """What Gemma 3 changes from the Llama fields: GeGLU (tanh), embeddings times sqrt(d), (1 + w) norms, QK-norm,
     sandwich norms, sliding-window local layers (window from the file; pattern, local RoPE base and attention scale
     from llama.cpp's constants). A RoPE scaling in the file applies to the global layers only, as in llama.cpp."""
@@ -312,11 +311,11 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return interleaved.swapaxes(1, 2).reshape(weight.shape)  # (H, pair, D/2, ...) -> (rows, ...)
 
 
-def numpy_shape(tensor: ReaderTensor) -> tuple[int, ...]:
+def numpy_shape(tensor: GgufTensor) -> tuple[int, ...]:
     return tuple(int(dim) for dim in reversed(tensor.shape))  # ggml lists dims innermost first
 
 
-def dequantized_tensor(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
+def dequantized_tensor(reader: GgufFile, tensor: GgufTensor) -> np.ndarray:
     """A tensor's values as float32 in numpy order, as llmkit's model holds them (a Gemma norm weight without the
     converter's +1); unsupported types name the tensor and the fix."""
     try:
@@ -344,7 +343,7 @@ def _shape_facts(config: Config, arch: str) -> str:
             f"heads={config.n_heads}/{config.n_kv_heads}, head_dim={config.head_dim}, vocab={config.vocab_size}")
 
 
-def checked_tensors(reader: GGUFReader, config: Config) -> Iterator[tuple[str, ReaderTensor]]:
+def checked_tensors(reader: GgufFile, config: Config) -> Iterator[tuple[str, GgufTensor]]:
     """(llmkit name, tensor) for every tensor of the file that the Decoder `config` describes, each checked against
     the metadata (name and shape); raises naming the first missing tensor once all are seen. `rope_freqs` is skipped
     (read into config.rope_scaling). Shared by `load_gguf` and llmkit.quant's loader, which keeps blocks packed."""
@@ -384,7 +383,7 @@ def checked_tensors(reader: GGUFReader, config: Config) -> Iterator[tuple[str, R
         )
 
 
-def permuted_heads(reader: GGUFReader, config: Config, name: str) -> int | None:
+def permuted_heads(reader: GgufFile, config: Config, name: str) -> int | None:
     """The head count whose Q/K row order llama.cpp interleaved in tensor `name` (llmkit name), or None when its
     rows are in Hugging Face order already. `unpermute_rows` with it restores them; it moves whole rows only, so it
     applies equally to dequantized values and to a block-quantized tensor's rows of bytes (blocks run along the

@@ -53,6 +53,7 @@ from llmkit.checkpoints import gguf as gg  # the importer: its names and keys, i
 from llmkit.checkpoints.gguf import gguf_name
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
+from llmkit.gguf_file import GgufFile
 from llmkit.io import atomic_write
 from llmkit.nn.position import rope_inverse_frequencies
 from llmkit.tokenizer import Tokenizer
@@ -159,12 +160,12 @@ def _pre_tokenizer_json(pre_tokenizer: Any) -> Any:
 
 def source_gguf_fields(tokenizer: Tokenizer) -> dict[str, Any]:
     """The metadata llmkit's Tokenizer does not keep (pre-tokenizer name, unknown-token id), read from the GGUF file
-    the tokenizer came from ({} for other sources). One read: parsing a 49k-token vocabulary takes seconds."""
+    the tokenizer came from ({} for other sources)."""
     source = Path(tokenizer.source) if tokenizer.source else None
     if source is None or source.suffix.lower() != ".gguf" or not source.is_file():
         return {}
-    fields = gguf.GGUFReader(source).fields
-    return {key: fields[key].contents() for key in (tk.GGUF_PRE, UNK_ID_KEY) if key in fields}
+    fields = GgufFile(source).fields
+    return {key: fields[key] for key in (tk.GGUF_PRE, UNK_ID_KEY) if key in fields}
 
 
 def gguf_pre(tokenizer: Tokenizer, source_fields: dict[str, Any] | None = None) -> str:

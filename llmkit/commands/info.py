@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmkit.commands.common import model_path
+from llmkit.gguf_file import GgufFile
 
 
 def info(model: str | None = None) -> None:
@@ -37,7 +38,7 @@ def info(model: str | None = None) -> None:
             print(format_gguf_types(reader))
 
 
-def format_gguf_types(reader) -> str:  # noqa: ANN001 (an open gguf.GGUFReader)
+def format_gguf_types(reader: GgufFile) -> str:
     """Tensors per GGUF type and their bytes, from the file's header (no weights are read). chat/generate/evaluate
     keep the quantized types as they are stored, so the weights take about these bytes in RAM."""
     from llmkit.quant.gguf_load import FLOAT_TYPES, tensor_type_counts

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GGML
-from gguf import GGUFReader
 
 from llmkit.checkpoints.gguf import (
     checked_tensors,
@@ -42,6 +41,7 @@ from llmkit.checkpoints.gguf import (
 )
 from llmkit.device import resolve_device, resolve_dtype
 from llmkit.errors import LlmkitError
+from llmkit.gguf_file import GgufFile, GgufTensor
 from llmkit.memory import release_freed_memory
 from llmkit.models.decoder import Decoder
 from llmkit.nn.linear import use_column_major_weights
@@ -67,10 +67,9 @@ def is_quantized_gguf(path: str | Path) -> bool:
     return any(t.tensor_type not in FLOAT_TYPES and len(t.shape) == 2 for t in reader.tensors)
 
 
-def tensor_type_counts(source: str | Path | GGUFReader) -> dict[str, tuple[int, int]]:
-    """GGUF type name -> (number of tensors, bytes in the file), for `llmkit info` (a reader already open is reused:
-    parsing the header of a 49k-token vocabulary takes seconds)."""
-    reader = source if isinstance(source, GGUFReader) else open_gguf(source)
+def tensor_type_counts(source: str | Path | GgufFile) -> dict[str, tuple[int, int]]:
+    """GGUF type name -> (number of tensors, bytes in the file), for `llmkit info` (a file already open is reused)."""
+    reader = source if isinstance(source, GgufFile) else open_gguf(source)
     counts, sizes = Counter(), Counter()
     for tensor in reader.tensors:
         counts[tensor.tensor_type.name] += 1
@@ -78,7 +77,7 @@ def tensor_type_counts(source: str | Path | GGUFReader) -> dict[str, tuple[int, 
     return {name: (counts[name], sizes[name]) for name in sorted(counts, key=lambda n: -sizes[n])}
 
 
-def _packed_weight(source: Path, tensor, heads: int | None) -> QuantizedWeight:  # noqa: ANN001 (ReaderTensor)
+def _packed_weight(source: Path, tensor: GgufTensor, heads: int | None) -> QuantizedWeight:
     """The file's bytes of a 2-D tensor as a QuantizedWeight (rows un-interleaved when `heads` is given); copied out
     of the memory map, so the file can be closed."""
     if tensor.tensor_type not in TYPE_SCHEMES:
