@@ -5,11 +5,22 @@ train, evaluate, use, ship. Anything the CLI does, Python does with the same nam
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from llmkit.errors import LlmkitError
+
+# OpenMP (torch's libgomp) lets a thread that waits at a barrier spin ~300,000 times before it sleeps. Beside another
+# process that does the same (a second llmkit, a test run) on a 2-core machine, each of a decode step's ~150 parallel
+# regions then waits for a thread the scheduler has given away: SmolLM2 Q4_0 decoded 0.8 tok/s there instead of ~95.
+# With a spin of 10,000 it decodes ~43 tok/s there (100,000: 1.1); on an idle machine Q4_0 and F16 decode as fast as
+# before and F32 ~10% slower (docs/benchmarks.md, 2026-12-07). libgomp reads this once, when torch loads it, so it is
+# set here, before any verb imports torch; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is left alone.
+OPENMP_SPIN_COUNT = "10000"
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 # verb -> "module:function" under llmkit.commands (a dict is a verb group: `llmkit tokenizer train`). Modules are
 # imported only when their verb runs or its help is shown, so `llmkit chat` never builds the other verbs' parsers.

@@ -36,6 +36,23 @@ def test_help_never_imports_torch():
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(("environment", "spin_count"), [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                                          ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_cli_shortens_openmp_spinning_unless_the_user_chose(environment, spin_count):
+    """The CLI sets GOMP_SPINCOUNT before torch loads libgomp (which reads it once), unless the user set it or a
+    wait policy; a fresh interpreter, as the setting only takes before torch is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    script = ("import os, sys\nimport llmkit.cli\nimport torch\n"
+              "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**env, **environment})
+    assert result.stdout.split() == [str(spin_count), "True"], result.stderr
+
+
 def test_info_on_a_preset(capsys):
     code, out, _ = run_cli(capsys, "info", "--model", "gpt2")
     assert code == 0
