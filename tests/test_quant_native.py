@@ -197,6 +197,15 @@ def test_kernels_refuse_more_rows_than_they_unroll_and_mismatched_bytes():
         native.dequantize(packed.tensors["blocks"], "q4_0", 64)
     with pytest.raises(RuntimeError, match="do not hold 65 rows"):
         native.dequantize_x8(native.to_x8(packed.tensors["blocks"], "q8_0"), "q8_0", 65)
+    ops = getattr(torch.ops, native.OPS)  # a kind outside native.INT8_KINDS (or outside the 8-row layout's three)
+    with pytest.raises(RuntimeError, match="gguf_matmul: unknown kind 8"):
+        ops.matmul(torch.randn(1, 64), packed.tensors["blocks"], 8, 64)
+    with pytest.raises(RuntimeError, match="dequantize: unknown kind -1"):
+        ops.dequantize(packed.tensors["blocks"], -1, 64)
+    with pytest.raises(RuntimeError, match=r"matmul_x8: unknown kind 3 for the 8-row layout"):  # q5_0
+        ops.matmul_x8(torch.randn(1, 64), native.to_x8(packed.tensors["blocks"], "q8_0"), 3, 64)
+    with pytest.raises(RuntimeError, match=r"dequantize_x8: unknown kind 7 for the 8-row layout"):  # q6_k
+        ops.dequantize_x8(native.to_x8(packed.tensors["blocks"], "q8_0"), 7, 64)
 
 
 VARIANTS = {"llmkit_gguf_avx2": ["-O1", "-march=haswell"], "llmkit_gguf_plain": ["-O1", "-march=x86-64"]}

@@ -23,9 +23,6 @@ namespace {
 
 using namespace llmkit;
 
-// the `kind` argument: the order of native.py's INT8_KINDS (gguf_cpu.cpp's Kind)
-enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0, kQ5_1, kQ4_K, kQ5_K, kQ6_K };
-
 // 32 values of one sub-block into `out`
 inline void write_sub(const SubBlock& s, float* out) {
   for (int j = 0; j < kSub; ++j) out[j] = s.scale[j / 16] * static_cast<float>(s.q[j]) + s.min;
@@ -72,25 +69,15 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t kind, int64_t out_featur
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 2 &&
                   blocks.size(0) == out_features,
               "dequantize: blocks must be contiguous uint8 (out_features, bytes per row)");
-  static constexpr int kValues[] = {32, 32, 32, 32, 32, 256, 256, 256};
-  static constexpr int kBytes[] = {18, 20, 34, 22, 24, 144, 176, 210};
-  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ6_K, "dequantize: unknown kind ", kind);
-  TORCH_CHECK(blocks.size(1) % kBytes[kind] == 0, "dequantize: ", blocks.size(1), " bytes per row is not a whole ",
-              "number of ", kBytes[kind], "-byte blocks");
-  const int64_t k = blocks.size(1) / kBytes[kind] * kValues[kind];
-  at::Tensor y = at::empty({out_features, k}, blocks.options().dtype(at::kFloat));
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  float* out = y.data_ptr<float>();
-  switch (kind) {
-    case kQ4_0: rows_of<Q4_0>(w, out, out_features, k); break;
-    case kQ4_1: rows_of<Q4_1>(w, out, out_features, k); break;
-    case kQ8_0: rows_of<Q8_0>(w, out, out_features, k); break;
-    case kQ5_0: rows_of<Q5_0>(w, out, out_features, k); break;
-    case kQ5_1: rows_of<Q5_1>(w, out, out_features, k); break;
-    case kQ4_K: rows_of<Q4_K>(w, out, out_features, k); break;
-    case kQ5_K: rows_of<Q5_K>(w, out, out_features, k); break;
-    default: rows_of<Q6_K>(w, out, out_features, k); break;
-  }
+  at::Tensor y;
+  with_format(kind, "dequantize", [&](auto format) {
+    using F = decltype(format);
+    TORCH_CHECK(blocks.size(1) % F::kBytes == 0, "dequantize: ", blocks.size(1), " bytes per row is not a whole ",
+                "number of ", F::kBytes, "-byte blocks");
+    const int64_t k = blocks.size(1) / F::kBytes * F::kValues;
+    y = at::empty({out_features, k}, blocks.options().dtype(at::kFloat));
+    rows_of<F>(blocks.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features, k);
+  });
   return y;
 }
 
@@ -140,17 +127,17 @@ void groups_of(const uint8_t* w, float* y, int64_t n, int64_t k) {
 at::Tensor dequantize_x8(const at::Tensor& blocks, int64_t kind, int64_t out_features) {
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() == 2,
               "dequantize_x8: blocks must be contiguous uint8 (groups, bytes per group)");
-  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "dequantize_x8: unknown kind ", kind);
-  const int64_t group_bytes = kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272;
-  TORCH_CHECK(blocks.size(0) == (out_features + kGroup - 1) / kGroup && blocks.size(1) % group_bytes == 0,
-              "dequantize_x8: ", blocks.size(0), " groups of ", blocks.size(1), " bytes do not hold ", out_features,
-              " rows");
-  const int64_t k = blocks.size(1) / group_bytes * kSub;
-  at::Tensor y = at::empty({out_features, k}, blocks.options().dtype(at::kFloat));
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  if (kind == kQ4_0) groups_of<Q4_0>(w, y.data_ptr<float>(), out_features, k);
-  else if (kind == kQ4_1) groups_of<Q4_1>(w, y.data_ptr<float>(), out_features, k);
-  else groups_of<Q8_0>(w, y.data_ptr<float>(), out_features, k);
+  at::Tensor y;
+  with_x8_format(kind, "dequantize_x8", [&](auto format) {
+    using F = decltype(format);
+    constexpr int64_t kGroupBytes = kGroup * F::kBytes;
+    TORCH_CHECK(blocks.size(0) == (out_features + kGroup - 1) / kGroup && blocks.size(1) % kGroupBytes == 0,
+                "dequantize_x8: ", blocks.size(0), " groups of ", blocks.size(1), " bytes do not hold ", out_features,
+                " rows");
+    const int64_t k = blocks.size(1) / kGroupBytes * kSub;
+    y = at::empty({out_features, k}, blocks.options().dtype(at::kFloat));
+    groups_of<F>(blocks.data_ptr<uint8_t>(), y.data_ptr<float>(), out_features, k);
+  });
   return y;
 }
 

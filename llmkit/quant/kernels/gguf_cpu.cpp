@@ -117,9 +117,6 @@ void block_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, 
   });
 }
 
-// the `kind` argument: the order of native.py's INT8_KINDS
-enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0, kQ5_1, kQ4_K, kQ5_K, kQ6_K };
-
 template <class F>
 void run(const at::Tensor& blocks, const Activations& a, at::Tensor& y, int64_t rows, int64_t k) {
   const int64_t n = y.size(1);
@@ -136,17 +133,7 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t ki
   const int64_t rows = xc.size(0), k = xc.size(1);
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
-  switch (kind) {
-    case kQ4_0: run<Q4_0>(blocks, a, y, rows, k); break;
-    case kQ4_1: run<Q4_1>(blocks, a, y, rows, k); break;
-    case kQ8_0: run<Q8_0>(blocks, a, y, rows, k); break;
-    case kQ5_0: run<Q5_0>(blocks, a, y, rows, k); break;
-    case kQ5_1: run<Q5_1>(blocks, a, y, rows, k); break;
-    case kQ4_K: run<Q4_K>(blocks, a, y, rows, k); break;
-    case kQ5_K: run<Q5_K>(blocks, a, y, rows, k); break;
-    case kQ6_K: run<Q6_K>(blocks, a, y, rows, k); break;
-    default: TORCH_CHECK(false, "gguf_matmul: unknown kind ", kind);
-  }
+  with_format(kind, "gguf_matmul", [&](auto format) { run<decltype(format)>(blocks, a, y, rows, k); });
   return y.view(rows_shape(x, out_features));
 }
 

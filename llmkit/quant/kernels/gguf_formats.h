@@ -76,7 +76,11 @@ inline void k_scale_min(const uint8_t* p, int s, int* scale, int* min) {
   }
 }
 
+// the `kind` argument of the ops: the order of native.py's INT8_KINDS
+enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0, kQ5_0, kQ5_1, kQ4_K, kQ5_K, kQ6_K };
+
 struct Q4_0 {
+  static constexpr Kind kKind = kQ4_0;
   static constexpr int kValues = 32, kBytes = 18;
   static constexpr bool kUnsigned = false;  // signed codes, no min term
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -87,6 +91,7 @@ struct Q4_0 {
 };
 
 struct Q4_1 {
+  static constexpr Kind kKind = kQ4_1;
   static constexpr int kValues = 32, kBytes = 20;
   static constexpr bool kUnsigned = true;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -96,6 +101,7 @@ struct Q4_1 {
 };
 
 struct Q8_0 {
+  static constexpr Kind kKind = kQ8_0;
   static constexpr int kValues = 32, kBytes = 34;
   static constexpr bool kUnsigned = false;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -114,6 +120,7 @@ inline void q5_codes(const uint8_t* qh_bytes, const uint8_t* qs, int offset, Sub
 }
 
 struct Q5_0 {
+  static constexpr Kind kKind = kQ5_0;
   static constexpr int kValues = 32, kBytes = 22;
   static constexpr bool kUnsigned = false;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -123,6 +130,7 @@ struct Q5_0 {
 };
 
 struct Q5_1 {
+  static constexpr Kind kKind = kQ5_1;
   static constexpr int kValues = 32, kBytes = 24;
   static constexpr bool kUnsigned = true;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -133,6 +141,7 @@ struct Q5_1 {
 
 template <bool kFiveBit>
 struct KQuant {  // Q4_K (kFiveBit false) and Q5_K
+  static constexpr Kind kKind = kFiveBit ? kQ5_K : kQ4_K;
   static constexpr int kValues = 256, kBytes = kFiveBit ? 176 : 144;
   static constexpr bool kUnsigned = true;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -155,6 +164,7 @@ using Q4_K = KQuant<false>;
 using Q5_K = KQuant<true>;
 
 struct Q6_K {
+  static constexpr Kind kKind = kQ6_K;
   static constexpr int kValues = 256, kBytes = 210;
   static constexpr bool kUnsigned = false;
   static void decode(const uint8_t* b, SubBlock* s) {
@@ -174,6 +184,34 @@ struct Q6_K {
     }
   }
 };
+
+// fn(F{}) with F the format `kind` names (fn is a generic lambda: [&](auto format) { using F = decltype(format); });
+// an unknown kind is an error naming `op`
+template <class Fn>
+void with_format(int64_t kind, const char* op, Fn&& fn) {
+  switch (kind) {
+    case kQ4_0: fn(Q4_0{}); break;
+    case kQ4_1: fn(Q4_1{}); break;
+    case kQ8_0: fn(Q8_0{}); break;
+    case kQ5_0: fn(Q5_0{}); break;
+    case kQ5_1: fn(Q5_1{}); break;
+    case kQ4_K: fn(Q4_K{}); break;
+    case kQ5_K: fn(Q5_K{}); break;
+    case kQ6_K: fn(Q6_K{}); break;
+    default: TORCH_CHECK(false, op, ": unknown kind ", kind);
+  }
+}
+
+// the same for the three formats of the 8-row layout (gguf_x8.cpp)
+template <class Fn>
+void with_x8_format(int64_t kind, const char* op, Fn&& fn) {
+  switch (kind) {
+    case kQ4_0: fn(Q4_0{}); break;
+    case kQ4_1: fn(Q4_1{}); break;
+    case kQ8_0: fn(Q8_0{}); break;
+    default: TORCH_CHECK(false, op, ": unknown kind ", kind, " for the 8-row layout (q4_0, q4_1, q8_0 only)");
+  }
+}
 
 #if defined(__AVX2__)
 // acc + sum_j u_j s_j of 32 unsigned and 32 signed bytes, as 8 int32 lanes (lane i: bytes 4i .. 4i + 3); AVX2's

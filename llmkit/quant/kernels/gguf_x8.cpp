@@ -36,22 +36,20 @@ constexpr int kGroup = 8;  // output rows per group
 // how far ahead to ask for memory: 8 KiB streamed 18-20 GB/s with 2 threads here, 1-2 KiB 13-16 (2026-12-06)
 constexpr int kPrefetchBytes = 8192;
 
-enum Kind : int64_t { kQ4_0, kQ4_1, kQ8_0 };  // native.py's INT8_KINDS for these three
+template <class F>
+constexpr int64_t group_bytes() { return kGroup * F::kBytes; }
 
-template <int kKind>
-constexpr int64_t group_bytes() { return kKind == kQ4_0 ? 144 : kKind == kQ4_1 ? 160 : 272; }
+template <class F>
+constexpr int codes_at() { return F::kUnsigned ? 32 : 16; }  // where the chunks start in a group's block
 
-template <int kKind>
-constexpr int codes_at() { return kKind == kQ4_1 ? 32 : 16; }  // where the chunks start in a group's block
-
-template <int kKind>
-constexpr int offset() { return kKind == kQ4_0 ? 8 : 0; }  // w = d (q - offset) (+ m)
+template <class F>
+constexpr int offset() { return F::kKind == kQ4_0 ? 8 : 0; }  // w = d (q - offset) (+ m)
 
 // code of output row i (0..7) at input j (0..31) of one group's block (the plain path and the definition)
-template <int kKind>
+template <class F>
 inline int code_at(const uint8_t* block, int i, int j) {
-  const uint8_t* chunks = block + codes_at<kKind>();
-  if (kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
+  const uint8_t* chunks = block + codes_at<F>();
+  if (F::kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
   const int at = j % 16;  // the nibble byte that holds input j
   const uint8_t byte = chunks[(at / 4) * 32 + 4 * i + at % 4];
   return j < 16 ? byte & 0xF : byte >> 4;
@@ -59,7 +57,7 @@ inline int code_at(const uint8_t* block, int i, int j) {
 
 #if defined(__AVX2__) && defined(__F16C__)
 // y[r, 8g .. 8g + 7] for rows r0 .. r0 + kRows of x and one group of 8 output rows
-template <int kKind, int kRows>
+template <class F, int kRows>
 inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, int64_t k, float* y, int64_t n,
                        int64_t valid) {
   const int64_t blocks = k / kSub;
@@ -67,15 +65,16 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = group + b * group_bytes<kKind>();
+    const uint8_t* block = group + b * group_bytes<F>();
     _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));  // 8 rows' scales
     __m256i w[8];  // w[c]: lane i = row i's codes of inputs 4c .. 4c + 3 (Q4: unsigned; Q8_0: |q|)
     __m256i sign[8];  // Q8_0: the codes themselves, whose signs go onto x
-    const __m256 m = kKind == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)))
-                                    : _mm256_setzero_ps();  // Q4_1: 8 rows' minimums
-    const uint8_t* chunks = block + codes_at<kKind>();
-    if (kKind == kQ8_0) {
+    const __m256 m = F::kKind == kQ4_1  // Q4_1: 8 rows' minimums
+                         ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)))
+                         : _mm256_setzero_ps();
+    const uint8_t* chunks = block + codes_at<F>();
+    if (F::kKind == kQ8_0) {
       for (int c = 0; c < 8; ++c) sign[c] = load32(chunks + 32 * c), w[c] = _mm256_abs_epi8(sign[c]);
     } else {
       for (int c = 0; c < 4; ++c) {
@@ -89,7 +88,7 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
       const int32_t* x4 = reinterpret_cast<const int32_t*>(a.codes.data() + at * kSub);  // 8 groups of 4 codes
       __m256i sums = _mm256_setzero_si256();
 #if !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
-      if (kKind != kQ8_0) {  // AVX2: 4-bit codes (<= 15) times int8 (|x| <= 127) sum to <= 3,810 per int16 pair, so
+      if (F::kKind != kQ8_0) {  // AVX2: 4-bit codes (<= 15) times int8 (|x| <= 127) sum to <= 3,810 per int16 pair, so
         __m256i pairs = _mm256_setzero_si256();  // the 8 chunks' pair sums add up in int16 (<= 30,480) and widen once
         for (int c = 0; c < 8; ++c)
           pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(x4[c])));
@@ -98,12 +97,12 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
 #endif
       for (int c = 0; c < 8; ++c) {
         __m256i x = _mm256_set1_epi32(x4[c]);
-        if (kKind == kQ8_0) x = _mm256_sign_epi8(x, sign[c]);
+        if (F::kKind == kQ8_0) x = _mm256_sign_epi8(x, sign[c]);
         sums = dot_u8_s8(sums, w[c], x);
       }
-      if (offset<kKind>()) sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset<kKind>() * a.sums[at]));
+      if (offset<F>()) sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(offset<F>() * a.sums[at]));
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.scales[at])), _mm256_cvtepi32_ps(sums), acc[r]);
-      if (kKind == kQ4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.scaled_sums[at]), acc[r]);
+      if (F::kKind == kQ4_1) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.scaled_sums[at]), acc[r]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
@@ -119,7 +118,7 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
 }
 #endif
 
-template <int kKind>
+template <class F>
 void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, int64_t k, float* y, int64_t n,
                       int64_t valid) {
   const int64_t blocks = k / kSub;
@@ -127,23 +126,23 @@ void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, 
     for (int64_t i = 0; i < valid; ++i) {
       float acc = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = group + b * group_bytes<kKind>();
+        const uint8_t* block = group + b * group_bytes<F>();
         const int64_t at = r * blocks + b;
         const int8_t* x = a.codes.data() + at * kSub;
         int32_t dot = 0;
-        for (int j = 0; j < kSub; ++j) dot += (code_at<kKind>(block, i, j) - offset<kKind>()) * x[j];
+        for (int j = 0; j < kSub; ++j) dot += (code_at<F>(block, i, j) - offset<F>()) * x[j];
         acc += half_at(block + 2 * i) * a.scales[at] * dot;
-        if (kKind == kQ4_1) acc += half_at(block + 16 + 2 * i) * a.scaled_sums[at];
+        if (F::kKind == kQ4_1) acc += half_at(block + 16 + 2 * i) * a.scaled_sums[at];
       }
       y[r * n + i] = acc;
     }
   }
 }
 
-template <int kKind>
+template <class F>
 void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int64_t n, int64_t k) {
   const int64_t groups = (n + kGroup - 1) / kGroup;
-  const int64_t bytes_per_group = k / kSub * group_bytes<kKind>();
+  const int64_t bytes_per_group = k / kSub * group_bytes<F>();
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* group = w + g * bytes_per_group;
@@ -151,15 +150,15 @@ void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int
       float* out = y + g * kGroup;
 #if defined(__AVX2__) && defined(__F16C__)
       int64_t r0 = 0;  // rows of x in groups of up to 4, the weights decoded once per group of them
-      for (; r0 + 4 <= rows; r0 += 4) group_rows<kKind, 4>(group, a, r0, k, out, n, valid);
+      for (; r0 + 4 <= rows; r0 += 4) group_rows<F, 4>(group, a, r0, k, out, n, valid);
       switch (rows - r0) {
-        case 3: group_rows<kKind, 3>(group, a, r0, k, out, n, valid); break;
-        case 2: group_rows<kKind, 2>(group, a, r0, k, out, n, valid); break;
-        case 1: group_rows<kKind, 1>(group, a, r0, k, out, n, valid); break;
+        case 3: group_rows<F, 3>(group, a, r0, k, out, n, valid); break;
+        case 2: group_rows<F, 2>(group, a, r0, k, out, n, valid); break;
+        case 1: group_rows<F, 1>(group, a, r0, k, out, n, valid); break;
         default: break;
       }
 #else
-      group_rows_plain<kKind>(group, a, rows, k, out, n, valid);
+      group_rows_plain<F>(group, a, rows, k, out, n, valid);
 #endif
     }
   });
@@ -170,17 +169,15 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   const at::Tensor xc = llmkit::as_rows(x, std::numeric_limits<int64_t>::max(), "matmul_x8");
   TORCH_CHECK(xc.size(1) % kSub == 0, "matmul_x8: the input width must be a multiple of 32");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous(), "matmul_x8: blocks must be contiguous uint8");
-  TORCH_CHECK(kind >= kQ4_0 && kind <= kQ8_0, "matmul_x8: unknown kind ", kind);
   const int64_t rows = xc.size(0), k = xc.size(1);
-  const int64_t groups = (out_features + kGroup - 1) / kGroup;
-  const int64_t expected = groups * (k / kSub) * (kind == kQ4_0 ? 144 : kind == kQ4_1 ? 160 : 272);
-  TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
   at::Tensor y = at::empty({rows, out_features}, xc.options());
-  const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  if (kind == kQ4_0) x8_rows<kQ4_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  else if (kind == kQ4_1) x8_rows<kQ4_1>(w, a, y.data_ptr<float>(), rows, out_features, k);
-  else x8_rows<kQ8_0>(w, a, y.data_ptr<float>(), rows, out_features, k);
+  with_x8_format(kind, "matmul_x8", [&](auto format) {
+    using F = decltype(format);
+    const int64_t expected = (out_features + kGroup - 1) / kGroup * (k / kSub) * group_bytes<F>();
+    TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
+    const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
+    x8_rows<F>(blocks.data_ptr<uint8_t>(), a, y.data_ptr<float>(), rows, out_features, k);
+  });
   return y.view(rows_shape(x, out_features));
 }
 
