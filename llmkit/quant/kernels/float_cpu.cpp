@@ -5,8 +5,9 @@
 //   holding W in float32. For a Q8_0 LM head (its logits choose the token: no int8 rounding of x). F16/BF16
 //   matrices take the decode linear op of llmkit/nn/kernels/decode_cpu.cpp instead, kept column-major.
 //
-// Each weight block of 32 is turned into four 8-float vectors once and multiplied with every row of x (rows in
-// groups of up to 2, four accumulators each to hide the FMA latency); output rows are split over torch's threads.
+// Each weight block of 32 is turned into four 8-float vectors (AVX-512: two 16-float ones) once and multiplied with
+// every row of x (rows in groups of up to 2, four (two) accumulators each to hide the FMA latency); output rows are
+// split over torch's threads.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,7 +29,31 @@ inline float weight_at(const uint8_t* row, int64_t j) {  // w_j of a row (the pl
   return half_at(block) * static_cast<float>(reinterpret_cast<const int8_t*>(block + 2)[j % kSub]);
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__)
+// AVX-512: a block's 32 weights as two 16-float vectors, two accumulators per row of x (SmolLM2's and Gemma 3's Q8_0
+// heads streamed 7-17% faster than with the 8-float path on the Zen 4 VM, 2026-12-07)
+template <int kRows>
+inline void output_row(const uint8_t* row, const float* x, int64_t r0, int64_t k, float* y, int64_t n) {
+  __m512 acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t blocks = k / kSub;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = row + b * kBlockBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512 d = _mm512_set1_ps(half_at(block));
+    __m512 w[2];
+    for (int i = 0; i < 2; ++i) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + 16 * i));
+      w[i] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const float* v = x + (r0 + r) * k + b * kSub;
+      for (int i = 0; i < 2; ++i) acc[r][i] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(v + 16 * i), acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) y[(r0 + r) * n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 inline void weights(const uint8_t* block, __m256* w) {  // the block's 32 weights as 4 x 8 floats
   const __m256 d = _mm256_set1_ps(half_at(block));
   for (int i = 0; i < 4; ++i) {
