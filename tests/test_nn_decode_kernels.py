@@ -65,6 +65,26 @@ def test_linear_reads_column_blocks_and_wide_outputs(dtype) -> None:  # noqa: AN
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_linear_of_the_avx2_and_plain_builds_matches_float64_reference() -> None:
+    """The op compiled for an AVX2-only CPU and for plain x86-64 (a CI machine may lack the AVX-512 path this one
+    takes), on narrow and wide outputs and each weight dtype, against the same reference as the native build."""
+    from llmkit.extensions import build_ops
+
+    builds = {"llmkit_nn_avx2": ["-O1", "-march=haswell"], "llmkit_nn_plain": ["-O1", "-march=x86-64"]}
+    for ops, flags in builds.items():
+        build_ops(ops, [decode_kernels.SOURCE], flags=flags, what=f"decode kernels ({ops})")
+    torch.manual_seed(0)
+    for out_features, in_features in [(576, 1536), (1536, 576), (37, 200), (4200, 64)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            weight = torch.randn(out_features, in_features).to(dtype).t().contiguous().t()
+            x, b = torch.randn(3, 1, in_features), torch.randn(out_features)
+            expected = F.linear(x.double(), weight.double(), b.double()).float()
+            for ops in builds:
+                got = getattr(torch.ops, ops).linear(x, weight.t(), b)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * in_features**0.5, msg=ops)
+
+
 def test_linear_refuses_a_row_major_weight() -> None:
     with pytest.raises(RuntimeError, match="unit stride along out"):
         torch.ops.llmkit_nn.linear(torch.randn(1, 64), torch.randn(32, 64).t(), None)  # W^T with stride (1, 64)

@@ -109,6 +109,22 @@ inline __m256 load8<c10::Half>(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+#if defined(__AVX512F__)
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -463,6 +479,24 @@ void slab_product(const T* wt, int64_t ld, const float* x, int64_t rows, int64_t
 #ifdef LLMKIT_SIMD
         const char* next = reinterpret_cast<const char*>(w0 + kPass * ld);
         const bool fetch = fetch_ahead && r == 0;
+#if defined(__AVX512F__)
+        // 16 outputs at a time: half the loop's overhead per weight (a pass over SmolLM2's F16 down product,
+        // 576 outputs, streamed ~40% faster on the Zen 4 VM, the 1536-output ones 5-15%)
+        __m512 zs[kPass];
+        for (int i = 0; i < kPass; ++i) zs[i] = _mm512_set1_ps(xr[i]);
+        for (; o + 16 <= o1; o += 16) {
+          if (fetch)
+            for (int64_t line = 0; line < kPass * 16 * kBytes; line += 64)
+              _mm_prefetch(next + (o - o0) * kPass * kBytes + line, _MM_HINT_T0);
+          __m512 a = _mm512_fmadd_ps(zs[0], load16(w0 + o), _mm512_loadu_ps(p + o));
+          __m512 b = _mm512_mul_ps(zs[1], load16(w0 + ld + o));
+          for (int i = 2; i < kPass; i += 2) {
+            a = _mm512_fmadd_ps(zs[i], load16(w0 + i * ld + o), a);
+            b = _mm512_fmadd_ps(zs[i + 1], load16(w0 + (i + 1) * ld + o), b);
+          }
+          _mm512_storeu_ps(p + o, _mm512_add_ps(a, b));
+        }
+#endif
         __m256 xs[kPass];
         for (int i = 0; i < kPass; ++i) xs[i] = _mm256_set1_ps(xr[i]);
         for (; o + 8 <= o1; o += 8) {
