@@ -66,9 +66,11 @@ def test_linear_reads_column_blocks_and_wide_outputs(dtype) -> None:  # noqa: AN
 
 
 @pytest.mark.slow
-def test_linear_of_the_avx2_and_plain_builds_matches_float64_reference() -> None:
-    """The op compiled for an AVX2-only CPU and for plain x86-64 (a CI machine may lack the AVX-512 path this one
-    takes), on narrow and wide outputs and each weight dtype, against the same reference as the native build."""
+def test_avx2_and_plain_builds_equal_the_native_one() -> None:
+    """`linear` and `decode_attention` compiled for an AVX2-only CPU and for plain x86-64 (a CI machine may lack the
+    AVX-512 paths this one takes): linear on narrow and wide outputs and each weight dtype against the float64
+    reference the native build meets; attention (GQA, a float32 and a bfloat16 cache, heads of 64 and 48) against
+    the native build."""
     from llmkit.extensions import build_ops
 
     builds = {"llmkit_nn_avx2": ["-O1", "-march=haswell"], "llmkit_nn_plain": ["-O1", "-march=x86-64"]}
@@ -83,6 +85,18 @@ def test_linear_of_the_avx2_and_plain_builds_matches_float64_reference() -> None
             for ops in builds:
                 got = getattr(torch.ops, ops).linear(x, weight.t(), b)
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * in_features**0.5, msg=ops)
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim in (64, 48):
+            q = torch.randn(2, 9, 1, head_dim)
+            new = (torch.randn(2, 3, 1, head_dim), torch.randn(2, 3, 1, head_dim))  # the token's key and value
+            caches = (torch.randn(2, 3, 300, head_dim).to(dtype), torch.randn(2, 3, 300, head_dim).to(dtype))
+            rope = (torch.randn(2, 1, 1, head_dim), torch.randn(2, 1, 1, head_dim))
+            outputs = {ops: getattr(torch.ops, ops).decode_attention(q, *new, *(c.clone() for c in caches), 250, None,
+                                                                     0, head_dim**-0.5, *rope)
+                       for ops in [decode_kernels.OPS, *builds]}
+            for ops in builds:
+                torch.testing.assert_close(outputs[ops], outputs[decode_kernels.OPS], rtol=1e-5, atol=1e-6,
+                                           msg=f"{ops} {dtype} {head_dim}")
 
 
 def test_linear_refuses_a_row_major_weight() -> None:
