@@ -240,7 +240,7 @@ inline float exponentiate(float* row, int64_t n, float m) {
 template <typename T, int kHeads>
 void values_of_heads(const float* p, const T* values, int64_t s0, int64_t s1, int64_t D, float* acc, int64_t stride) {
   int64_t d0 = 0;
-#if defined(__AVX512F__)
+#if defined(LLMKIT_SIMD) && defined(__AVX512F__)  // load16 lives with load8
   // AVX-512: 64 values at a time, so a head of 64 (SmolLM2's, Llama's) reads each value row in one pass instead of
   // two strided ones (SmolLM2's attention at 300-1,500 cached slots 10-30% faster on the Zen 4 VM); each value's sum
   // still runs over the slots in order
