@@ -81,9 +81,8 @@ at::Tensor dequantize(const at::Tensor& blocks, int64_t kind, int64_t out_featur
   return y;
 }
 
-// The regrouped layout (gguf_x8.cpp's header): per group of 8 rows and block of 32 inputs, the 8 rows' d (Q4_1:
-// then their m), then the code bytes interleaved 4 at a time, chunk c = row i's code bytes 4c .. 4c + 3 at 4 i.
-constexpr int kGroup = 8;
+// The regrouped layout (gguf_formats.h's kX8Group; gguf_x8.cpp's header): chunk c of a group's block holds row i's
+// code bytes 4c .. 4c + 3 at 4 i.
 
 // One row's block in the file's bytes (F's layout) from a group's block: its d (and m), then its code bytes, 4 at a
 // time from each chunk. The regrouping is a reordering of bytes, so the row's values then decode as in the file.
@@ -92,23 +91,23 @@ inline void file_block(const uint8_t* group_block, int i, uint8_t* out) {
   constexpr int kHeader = F::kUnsigned ? 4 : 2;  // d (Q4_1: d, m)
   constexpr int kChunks = (F::kBytes - kHeader) / 4;
   std::memcpy(out, group_block + 2 * i, 2);
-  if (F::kUnsigned) std::memcpy(out + 2, group_block + 2 * kGroup + 2 * i, 2);
-  const uint8_t* chunks = group_block + kHeader * kGroup;
+  if (F::kUnsigned) std::memcpy(out + 2, group_block + 2 * kX8Group + 2 * i, 2);
+  const uint8_t* chunks = group_block + x8_codes_at<F>();
   for (int c = 0; c < kChunks; ++c) std::memcpy(out + kHeader + 4 * c, chunks + 32 * c + 4 * i, 4);
 }
 
 template <class F>
 void groups_of(const uint8_t* w, float* y, int64_t n, int64_t k) {
-  constexpr int64_t kGroupBytes = kGroup * F::kBytes;
+  constexpr int64_t kGroupBytes = x8_group_bytes<F>();
   const int64_t blocks = k / kSub;
-  at::parallel_for(0, (n + kGroup - 1) / kGroup, 2, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (n + kX8Group - 1) / kX8Group, 2, [&](int64_t begin, int64_t end) {
     uint8_t block[F::kBytes];
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t valid = std::min<int64_t>(kGroup, n - g * kGroup);  // the last group's padding rows are dropped
+      const int64_t valid = std::min<int64_t>(kX8Group, n - g * kX8Group);  // the last group's padding rows are dropped
       for (int64_t b = 0; b < blocks; ++b) {
         for (int i = 0; i < valid; ++i) {
           file_block<F>(w + (g * blocks + b) * kGroupBytes, i, block);
-          float* out = y + (g * kGroup + i) * k + b * kSub;
+          float* out = y + (g * kX8Group + i) * k + b * kSub;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
           SimdSub sub;
           decode_simd<F>(block, &sub);
@@ -130,8 +129,8 @@ at::Tensor dequantize_x8(const at::Tensor& blocks, int64_t kind, int64_t out_fea
   at::Tensor y;
   with_x8_format(kind, "dequantize_x8", [&](auto format) {
     using F = decltype(format);
-    constexpr int64_t kGroupBytes = kGroup * F::kBytes;
-    TORCH_CHECK(blocks.size(0) == (out_features + kGroup - 1) / kGroup && blocks.size(1) % kGroupBytes == 0,
+    constexpr int64_t kGroupBytes = x8_group_bytes<F>();
+    TORCH_CHECK(blocks.size(0) == (out_features + kX8Group - 1) / kX8Group && blocks.size(1) % kGroupBytes == 0,
                 "dequantize_x8: ", blocks.size(0), " groups of ", blocks.size(1), " bytes do not hold ", out_features,
                 " rows");
     const int64_t k = blocks.size(1) / kGroupBytes * kSub;

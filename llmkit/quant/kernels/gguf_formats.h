@@ -202,7 +202,15 @@ void with_format(int64_t kind, const char* op, Fn&& fn) {
   }
 }
 
-// the same for the three formats of the 8-row layout (gguf_x8.cpp)
+// The 8-row layout (gguf_x8.cpp; native.py's to_x8 writes it): per group of kX8Group output rows and block of 32
+// inputs, the rows' d (Q4_1: then their m) side by side, then their code bytes interleaved 4 at a time
+constexpr int kX8Group = 8;
+template <class F>
+constexpr int64_t x8_group_bytes() { return kX8Group * F::kBytes; }
+template <class F>
+constexpr int x8_codes_at() { return F::kUnsigned ? 32 : 16; }  // where the code chunks start in a group's block
+
+// with_format for the three formats of the 8-row layout
 template <class Fn>
 void with_x8_format(int64_t kind, const char* op, Fn&& fn) {
   switch (kind) {

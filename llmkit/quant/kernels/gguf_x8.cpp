@@ -32,15 +32,8 @@ namespace {
 
 using namespace llmkit;
 
-constexpr int kGroup = 8;  // output rows per group
 // how far ahead to ask for memory: 8 KiB streamed 18-20 GB/s with 2 threads here, 1-2 KiB 13-16 (2026-12-06)
 constexpr int kPrefetchBytes = 8192;
-
-template <class F>
-constexpr int64_t group_bytes() { return kGroup * F::kBytes; }
-
-template <class F>
-constexpr int codes_at() { return F::kUnsigned ? 32 : 16; }  // where the chunks start in a group's block
 
 template <class F>
 constexpr int offset() { return F::kKind == kQ4_0 ? 8 : 0; }  // w = d (q - offset) (+ m)
@@ -48,7 +41,7 @@ constexpr int offset() { return F::kKind == kQ4_0 ? 8 : 0; }  // w = d (q - offs
 // code of output row i (0..7) at input j (0..31) of one group's block (the plain path and the definition)
 template <class F>
 inline int code_at(const uint8_t* block, int i, int j) {
-  const uint8_t* chunks = block + codes_at<F>();
+  const uint8_t* chunks = block + x8_codes_at<F>();
   if (F::kKind == kQ8_0) return reinterpret_cast<const int8_t*>(chunks)[(j / 4) * 32 + 4 * i + j % 4];
   const int at = j % 16;  // the nibble byte that holds input j
   const uint8_t byte = chunks[(at / 4) * 32 + 4 * i + at % 4];
@@ -65,7 +58,7 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
   for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = group + b * group_bytes<F>();
+    const uint8_t* block = group + b * x8_group_bytes<F>();
     _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes, _MM_HINT_T0);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));  // 8 rows' scales
     __m256i w[8];  // w[c]: lane i = row i's codes of inputs 4c .. 4c + 3 (Q4: unsigned; Q8_0: |q|)
@@ -73,7 +66,7 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
     const __m256 m = F::kKind == kQ4_1  // Q4_1: 8 rows' minimums
                          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)))
                          : _mm256_setzero_ps();
-    const uint8_t* chunks = block + codes_at<F>();
+    const uint8_t* chunks = block + x8_codes_at<F>();
     if (F::kKind == kQ8_0) {
       for (int c = 0; c < 8; ++c) sign[c] = load32(chunks + 32 * c), w[c] = _mm256_abs_epi8(sign[c]);
     } else {
@@ -107,10 +100,10 @@ inline void group_rows(const uint8_t* group, const Activations& a, int64_t r0, i
   }
   for (int r = 0; r < kRows; ++r) {
     float* out = y + (r0 + r) * n;
-    if (valid == kGroup) {
+    if (valid == kX8Group) {
       _mm256_storeu_ps(out, acc[r]);
     } else {  // the last group of a matrix whose rows are not a multiple of 8 (its padding rows are dropped)
-      alignas(32) float lanes[kGroup];
+      alignas(32) float lanes[kX8Group];
       _mm256_store_ps(lanes, acc[r]);
       for (int64_t i = 0; i < valid; ++i) out[i] = lanes[i];
     }
@@ -126,7 +119,7 @@ void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, 
     for (int64_t i = 0; i < valid; ++i) {
       float acc = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = group + b * group_bytes<F>();
+        const uint8_t* block = group + b * x8_group_bytes<F>();
         const int64_t at = r * blocks + b;
         const int8_t* x = a.codes.data() + at * kSub;
         int32_t dot = 0;
@@ -141,13 +134,13 @@ void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, 
 
 template <class F>
 void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int64_t n, int64_t k) {
-  const int64_t groups = (n + kGroup - 1) / kGroup;
-  const int64_t bytes_per_group = k / kSub * group_bytes<F>();
+  const int64_t groups = (n + kX8Group - 1) / kX8Group;
+  const int64_t bytes_per_group = k / kSub * x8_group_bytes<F>();
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* group = w + g * bytes_per_group;
-      const int64_t valid = std::min<int64_t>(kGroup, n - g * kGroup);
-      float* out = y + g * kGroup;
+      const int64_t valid = std::min<int64_t>(kX8Group, n - g * kX8Group);
+      float* out = y + g * kX8Group;
 #if defined(__AVX2__) && defined(__F16C__)
       int64_t r0 = 0;  // rows of x in groups of up to 4, the weights decoded once per group of them
       for (; r0 + 4 <= rows; r0 += 4) group_rows<F, 4>(group, a, r0, k, out, n, valid);
@@ -173,7 +166,7 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   with_x8_format(kind, "matmul_x8", [&](auto format) {
     using F = decltype(format);
-    const int64_t expected = (out_features + kGroup - 1) / kGroup * (k / kSub) * group_bytes<F>();
+    const int64_t expected = (out_features + kX8Group - 1) / kX8Group * (k / kSub) * x8_group_bytes<F>();
     TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
     const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
     x8_rows<F>(blocks.data_ptr<uint8_t>(), a, y.data_ptr<float>(), rows, out_features, k);
