@@ -11,10 +11,13 @@ import torch
 from llmkit.config import Config
 from llmkit.errors import LlmkitError
 from llmkit.models.seq2seq import Seq2Seq
+from llmkit.train.metrics import CROSS_ENTROPY
 from llmkit.train.objectives import (
     IGNORE_INDEX,
+    loss_label,
     random_spans_noise_mask,
     seq2seq_loss,
+    seq2seq_objective,
     shift_right,
     span_corruption_batch,
     token_cross_entropy,
@@ -133,3 +136,27 @@ def test_errors_name_the_setting_and_fix() -> None:
         span_corruption_batch(tokens[:, :1], SENTINELS)
     with pytest.raises(LlmkitError, match="leave 1 kept tokens for 9 spans"):
         random_spans_noise_mask(10, 0.9, 1.0)
+
+
+def test_label_smoothing_mixes_cross_entropy_with_the_uniform_target() -> None:
+    """(1 - e) CE + e mean_v(-log p_v) per label, written out by hand; ignored labels stay out; 0 is plain CE."""
+    torch.manual_seed(0)
+    model = Seq2Seq(Config.from_name("mini-t5", vocab_size=300, n_layers=1, n_decoder_layers=1, d_model=32, d_ff=48,
+                                     decoder_start_id=7))
+    batch = span_corruption_batch(torch.randint(101, 300, (3, 40)), SENTINELS, torch.Generator().manual_seed(0),
+                                  eos_id=EOS)
+    batch["labels"][0, -3:] = IGNORE_INDEX  # a shorter target in the batch
+    log_p = model(batch["input_ids"], shift_right(batch["labels"], 7)).float().log_softmax(-1)  # (B, T, V)
+    kept = batch["labels"] != IGNORE_INDEX
+    nll = -log_p[kept].gather(1, batch["labels"][kept][:, None]).squeeze(1)  # (N,)
+    uniform = -log_p[kept].mean(-1)  # (N,)
+    smoothed = seq2seq_objective(0.1)
+    loss = smoothed(model, batch)
+    assert torch.allclose(loss.total, (0.9 * nll + 0.1 * uniform).sum(), rtol=1e-5)
+    assert loss.tokens == kept.sum()
+    assert not torch.allclose(loss.total, nll.sum(), rtol=1e-3)  # it is not the plain loss
+    assert loss_label(smoothed).startswith("label-smoothed") and loss_label(seq2seq_objective(0.0)) == CROSS_ENTROPY
+    assert seq2seq_objective(0.0) is seq2seq_loss
+    for bad in (-0.1, 1.0):
+        with pytest.raises(LlmkitError, match="label_smoothing"):
+            seq2seq_objective(bad)

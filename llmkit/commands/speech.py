@@ -25,6 +25,7 @@ def speech_train(
     n_frames: int = 100,
     feature_norm: Literal["whisper", "utterance", "speech"] = "whisper",
     vtlp: float = 0.0,
+    label_smoothing: float = 0.0,
     validation_speaker: str | None = None,
     data: str | None = None,
     train: TrainSettings = SPEECH_DEFAULTS,
@@ -56,6 +57,8 @@ def speech_train(
             model's config, so transcribe applies it too.
         vtlp: vocal-tract-length perturbation: each training clip's frequency axis stretched by a factor drawn from
             1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
+        label_smoothing: train against (1 - e) one-hot + e uniform over the vocabulary (Szegedy et al. 2016); 0
+            turns it off.
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
             (trains on the other three): for choosing settings without looking at the held-out speakers.
         data: the FSDD folder (default: free_spoken_digits in the shared data, $LLMKIT_SHARED_DATA).
@@ -77,10 +80,11 @@ def speech_train(
     from llmkit.io import atomic_write_text
     from llmkit.models.speech import SpeechModel
     from llmkit.train.loop import train as train_loop
-    from llmkit.train.objectives import seq2seq_loss
+    from llmkit.train.objectives import seq2seq_objective
     from llmkit.train.settings import check_settings
 
     check_settings(train)
+    objective = seq2seq_objective(label_smoothing)  # checks the value before any data is read
     if n_frames < 2 or n_frames % 2:
         raise LlmkitError(f"--n_frames {n_frames} must be an even number >= 2 (the stem halves it)")
     if not 0 <= vtlp < 1:
@@ -109,7 +113,7 @@ def speech_train(
     print(f"{config.name}: {model.num_parameters():,} parameters; {len(recordings):,} training recordings")
     batches = DigitBatches(recordings, tokenizer, n_mels, n_frames, seed=train.seed, max_warp=vtlp,
                            feature_norm=feature_norm)
-    result = train_loop(model, seq2seq_loss, batches, train, output, tokenizer=tokenizer)
+    result = train_loop(model, objective, batches, train, output, tokenizer=tokenizer)
     model.eval()
     held_out = load_recordings(report_speakers, data)
     accuracy = digit_accuracy(model, tokenizer, held_out)

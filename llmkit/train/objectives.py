@@ -135,12 +135,13 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean"
+    logits: torch.Tensor, labels: torch.Tensor, reduction: Literal["mean", "sum"] = "mean", label_smoothing: float = 0.0
 ) -> torch.Tensor:
     """Cross-entropy of logits (B, T, V) against labels (B, T), mean or sum over the labels that are not
-    IGNORE_INDEX; float32 whatever the autocast dtype."""
+    IGNORE_INDEX (label-smoothed by `label_smoothing`, see `seq2seq_objective`); float32 whatever the autocast
+    dtype."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+                           reduction=reduction, label_smoothing=label_smoothing)
 
 
 # --------------------------------------------------------------------------- masked language modelling (BERT)
@@ -277,10 +278,11 @@ def shift_right(labels: torch.Tensor, decoder_start_id: int) -> torch.Tensor:
     return shifted.masked_fill(shifted == IGNORE_INDEX, decoder_start_id)
 
 
-def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+def seq2seq_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> TokenLoss:
     """Summed cross-entropy of an encoder-decoder (models.seq2seq.Seq2Seq) predicting `labels` from `input_ids` (a
     speech model, models.speech.SpeechModel: from `input_features`), decoder inputs being the labels shifted right
-    (`decoder_input_ids`, or made here from the config's start id)."""
+    (`decoder_input_ids`, or made here from the config's start id). `label_smoothing` e > 0 trains against
+    (1 - e) one-hot + e / V uniform (`seq2seq_objective`)."""
     decoder_input_ids = batch.get("decoder_input_ids")
     if decoder_input_ids is None:
         from llmkit.train.distributed import unwrap
@@ -292,7 +294,31 @@ def seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
         decoder_input_ids = shift_right(batch["labels"], start)
     source = batch["input_features"] if "input_features" in batch else batch["input_ids"]
     logits = model(source, decoder_input_ids, attention_mask=batch.get("attention_mask"))  # (B, T, V)
-    return TokenLoss(token_cross_entropy(logits, batch["labels"], reduction="sum"), label_tokens(batch))
+    total = token_cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=label_smoothing)
+    return TokenLoss(total, label_tokens(batch))
+
+
+LABEL_SMOOTHED_CROSS_ENTROPY = "label-smoothed cross-entropy (nats/token)"
+
+
+def seq2seq_objective(label_smoothing: float = 0.0) -> Objective:
+    """`seq2seq_loss`, with label smoothing (Szegedy et al. 2016, "Rethinking the Inception Architecture") when
+    `label_smoothing` e > 0: the target of each token is (1 - e) on its label plus e / V on every one of the V ids,
+
+        loss = (1 - e) * CE(p, y) + e * mean_v(-log p_v),
+
+    which keeps the model from driving its logits' margins without bound on a small training set (Whisper-style
+    speech on four voices). The logged loss is then the smoothed one, not a cross-entropy (`loss_label`)."""
+    if not 0 <= label_smoothing < 1:
+        raise LlmkitError(f"label_smoothing={label_smoothing} must be in [0, 1) (0.1 is usual; 0 turns it off)")
+    if label_smoothing == 0:
+        return seq2seq_loss
+
+    def smoothed_seq2seq_loss(model: nn.Module, batch: Batch) -> TokenLoss:
+        return seq2seq_loss(model, batch, label_smoothing)
+
+    smoothed_seq2seq_loss.loss_label = LABEL_SMOOTHED_CROSS_ENTROPY
+    return smoothed_seq2seq_loss
 
 
 # --------------------------------------------------------------------------- images (ViT, CLIP)
