@@ -58,7 +58,7 @@ def speech_train(
         vtlp: vocal-tract-length perturbation: each training clip's frequency axis stretched by a factor drawn from
             1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
         label_smoothing: train against (1 - e) one-hot + e uniform over the vocabulary (Szegedy et al. 2016); 0
-            turns it off.
+            turns it off (0.1 lost to 0 on the training-voice screens: docs/multimodal.md).
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
             (trains on the other three): for choosing settings without looking at the held-out speakers.
         data: the FSDD folder (default: free_spoken_digits in the shared data, $LLMKIT_SHARED_DATA).
