@@ -3,6 +3,7 @@ vs pocketsphinx 5 (CMU Sphinx, its bundled en-us acoustic model), on the same re
 
     nice python benchmarks/speech_digits.py                                  # trains the default model first
     nice python benchmarks/speech_digits.py --model runs/speech-digits/checkpoints/step-00001200
+    nice python benchmarks/speech_digits.py --model runs/d5/member-*/checkpoints/step-00002000   # an ensemble
 
 Data: the Free Spoken Digit Dataset's 1,000 recordings by the two held-out speakers (lucas, theo; llmkit.data.fsdd),
 8 kHz resampled to 16 kHz (what both recognisers' models expect). A transcript counts when it is exactly the digit's
@@ -13,6 +14,9 @@ word ("seven"), case and surrounding space aside. pocketsphinx runs twice, so th
   its ratio compares llmkit's accuracy on that same subset;
 - digits: restricted to the ten words by a JSGF grammar (`<digit> = zero | one | ... | nine`), a closed vocabulary
   like llmkit's digit model has.
+
+With several --model directories (`llmkit speech train --ensemble K`) llmkit's row is their ensemble (the mean of
+their log-probabilities per token) and each model alone gets a row too.
 
 Columns: accuracy overall and per speaker, milliseconds per recording (one thread each, batch of 64 for llmkit,
 one utterance at a time for pocketsphinx), and llmkit's accuracy over each pocketsphinx variant's.
@@ -66,22 +70,27 @@ def score(texts: list[str], recordings: list, seconds: float) -> dict:  # noqa: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a trained speech model directory (default: train one with the defaults)")
+    parser.add_argument("--model", nargs="+", help="trained speech model directories, several for an ensemble "
+                        "(default: train one with the defaults)")
     parser.add_argument("--output", help="write the rows as JSON here too")
     parser.add_argument("--free_subset", type=int, default=200, help="recordings for pocketsphinx with its free LM")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = str(speech_train(output="runs/speech-digits")["checkpoint"])
-    model, tokenizer = load_model(model_dir, arch="speech"), load_tokenizer(model_dir)
+    model_dirs = args.model or [str(speech_train(output="runs/speech-digits")["checkpoint"])]
+    members = [load_model(model_dir, arch="speech") for model_dir in model_dirs]
+    model, tokenizer = members[0], load_tokenizer(model_dirs[0])
     recordings = load_recordings(HELD_OUT_SPEAKERS)
     clips = [r.samples for r in recordings]
 
     rows = {}
     started = time.perf_counter()
-    ours = transcribe(model, tokenizer, clips, max_new_tokens=4)
-    rows["llmkit (Whisper-style, trained here)"] = score(ours, recordings, time.perf_counter() - started)
+    ours = transcribe(members if len(members) > 1 else model, tokenizer, clips, max_new_tokens=4)
+    name = "llmkit (Whisper-style, trained here)" if len(members) == 1 else f"llmkit, ensemble of {len(members)}"
+    rows[name] = score(ours, recordings, time.perf_counter() - started)
+    for index, member in enumerate(members if len(members) > 1 else []):
+        started = time.perf_counter()
+        alone = transcribe(member, tokenizer, clips, max_new_tokens=4)
+        rows[f"llmkit, model {index + 1} alone"] = score(alone, recordings, time.perf_counter() - started)
     started = time.perf_counter()
     texts = pocketsphinx_transcripts(clips, "digits")
     rows["pocketsphinx, digit grammar"] = score(texts, recordings, time.perf_counter() - started)
@@ -93,8 +102,9 @@ def main() -> None:
     print("pocketsphinx free, first transcripts:", texts[:8])
     ours_on_subset = score(ours[::step][: args.free_subset], subset, 0.0)["accuracy"]
 
-    print(f"\nheld-out speakers {', '.join(HELD_OUT_SPEAKERS)}; model {model_dir} ({model.num_parameters():,} "
-          f"parameters); {platform.machine()}, 1 thread, load {os.getloadavg()[0]:.2f}\n")
+    print(f"\nheld-out speakers {', '.join(HELD_OUT_SPEAKERS)}; model {', '.join(model_dirs)} "
+          f"({len(members)} x {model.num_parameters():,} parameters); {platform.machine()}, 1 thread, "
+          f"load {os.getloadavg()[0]:.2f}\n")
     print("| recogniser | recordings | accuracy | lucas | theo | ms / recording | llmkit / this |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
@@ -106,7 +116,7 @@ def main() -> None:
     if args.output:
         run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_1min": round(os.getloadavg()[0], 2),
                "machine": platform.machine(), "threads": 1}
-        Path(args.output).write_text(json.dumps({"model": model_dir, "feature_norm": model.config.feature_norm,
+        Path(args.output).write_text(json.dumps({"model": model_dirs, "feature_norm": model.config.feature_norm,
                                                  "parameters": model.num_parameters(), **run, "rows": rows},
                                                 indent=2) + "\n")
 

@@ -164,3 +164,68 @@ def test_transcribe_runs_an_exported_model_and_names_bad_inputs(tmp_path, capsys
 def test_speech_train_names_a_bad_flag_before_reading_any_audio(tmp_path, capsys, flags, message):
     code, err = cli_status(capsys, "speech", "train", "--output", str(tmp_path / "run"), *flags)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and __import__("re").search(message, err)
+
+
+def test_transcribe_with_several_models_decodes_them_as_one_ensemble(tmp_path, capsys):
+    """--model "[a, b]": the transcript of the two models' ensemble (llmkit.generate.seq2seq), whichever order they
+    come in, though the two alone disagree; models that read other features, or an empty list, are one error line
+    each."""
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.speech import transcribe
+    from llmkit.data.audio import load_audio
+
+    # random models that answer "two" and "five" (seeds 0 and 2), and one reading normalised features
+    for name, seed, norm in (("a", 0, "whisper"), ("b", 2, "whisper"), ("c", 3, "utterance")):
+        save_model(random_speech_model(seed, feature_norm=norm), tmp_path / name, tokenizer=digit_tokenizer())
+    clips = [write_wav(tmp_path / f"{i}.wav", [int(6000 * ((j // (10 + 7 * i)) % 2) - 3000) for j in range(4000)])
+             for i in range(3)]
+    files = "[" + ", ".join(map(str, clips)) + "]"
+    tokenizer = load_tokenizer(tmp_path / "a")
+    audio = [load_audio(clip) for clip in clips]
+    members = [load_model(tmp_path / name, arch="speech") for name in ("a", "b")]
+    singles = [transcribe(member, tokenizer, audio, max_new_tokens=3) for member in members]
+    assert singles[0] != singles[1]
+    expected = "".join(f"{clip}\t{text}\n" for clip, text in zip(clips, transcribe(members, tokenizer, audio, 3)))
+    for first, second in (("a", "b"), ("b", "a")):  # symmetric; the first model alone would answer as it does alone
+        code, out, _ = run_cli(capsys, "speech", "transcribe", "--model", f"[{tmp_path / first}, {tmp_path / second}]",
+                               "--files", files, "--max_new_tokens", "3")
+        assert code == 0 and out == expected, out
+    for model, message in [(f"[{tmp_path / 'a'}, {tmp_path / 'c'}]", "must read the same features"),
+                           ("[]", "--model is an empty list")]:
+        code, err = cli_status(capsys, "speech", "transcribe", "--model", model, "--files", files)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_speech_train_ensemble_trains_one_member_per_seed_and_reports_their_ensemble(tmp_path, capsys):
+    """--ensemble 2 (a few steps of a tiny model, validated on one training voice): member-0/ and member-1/ are two
+    runs from seeds train.seed and train.seed + 1 with their own weights; heldout.json gives each member alone and
+    the ensemble's accuracy, which is the accuracy of the two loaded checkpoints decoded together; a second call
+    resumes: nothing retrains."""
+    import json
+
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.speech import digit_accuracy
+    from llmkit.data.fsdd import load_recordings
+    from llmkit.train.settings import TrainSettings
+
+    flags = ["speech", "train", "--output", str(tmp_path / "run"), "--ensemble", "2", "--validation_speaker", "george",
+             "--d_model", "32", "--n_layers", "1", "--train.max_steps", "3", "--train.batch_size", "8",
+             "--train.warmup_steps", "1"]
+    code, out, _ = run_cli(capsys, *flags)
+    assert code == 0, out
+    report = json.loads((tmp_path / "run" / "heldout.json").read_text())
+    seed = TrainSettings().seed
+    assert [m["seed"] for m in report["members"]] == [seed, seed + 1]
+    assert [m["checkpoint"] for m in report["members"]] == report["checkpoint"]
+    assert all(f"member-{k}" in path for k, path in enumerate(report["checkpoint"]))
+    members = [load_model(path, arch="speech") for path in report["checkpoint"]]
+    assert not torch.equal(members[0].embed.weight, members[1].embed.weight)
+    recordings = load_recordings(("george",))
+    together = digit_accuracy(members, load_tokenizer(report["checkpoint"][0]), recordings)
+    assert report["accuracy"] == together["all"] and report["per_speaker"] == {"george": together["george"]}
+    assert f"ensemble member 2/2: seed {seed + 1}" in out and "validation digit accuracy of the 2-model ensemble" in out
+    code, again, _ = run_cli(capsys, *flags)
+    assert code == 0 and again.count("already trained to step 3") == 2
+    assert json.loads((tmp_path / "run" / "heldout.json").read_text()) == report
+    code, err = cli_status(capsys, *flags[:4], "--ensemble", "0")
+    assert code == 2 and "--ensemble 0 must be at least 1" in err

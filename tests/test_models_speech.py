@@ -136,3 +136,33 @@ def test_a_short_training_run_on_real_recordings_learns_the_digits():
     accuracy = sum(word == DIGIT_WORDS[r.digit] for word, r in zip(words, recordings)) / len(recordings)
     assert first > 2.0 and digit_loss() < 1.0  # ln 10 = 2.30 is chance
     assert accuracy >= 0.5
+
+
+def test_an_ensemble_decodes_by_the_mean_of_its_members_log_probabilities(pair):
+    """Two members (the imported model and a second random one): greedy tokens equal a hand-written uncached loop
+    over the mean of their log-softmaxes; a list of one model decodes as that model; differing vocabularies or start
+    ids are refused."""
+    _, first = pair
+    config, state = first.config, first.state_dict()
+    torch.manual_seed(1)
+    second = SpeechModel(config).eval()
+    features = torch.randn(3, 16, 40)
+    prompt = torch.tensor([[START, 5]] * 3)
+    ours = generate_seq2seq([first, second], features, 8, decoder_prompt=prompt)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            scores = sum(m(features, ids)[:, -1].log_softmax(-1) for m in (first, second)) / 2  # (B, V)
+            ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours, ids[:, 2:])
+    alone = [generate_seq2seq(m, features, 8, decoder_prompt=prompt) for m in (first, second)]
+    assert not torch.equal(alone[0], alone[1])  # the members disagree, so the mean decides something
+    assert torch.equal(generate_seq2seq([first], features, 8, decoder_prompt=prompt), alone[0])
+    import dataclasses
+
+    other = SpeechModel(dataclasses.replace(config, vocab_size=config.vocab_size + 1)).eval()
+    with pytest.raises(LlmkitError, match="must share one vocabulary and decoder start id"):
+        generate_seq2seq([first, other], features, 2)
+    with pytest.raises(LlmkitError, match="empty list of models"):
+        generate_seq2seq([], features, 2)
+    assert torch.equal(first.state_dict()["embed.weight"], state["embed.weight"])  # the shared fixture is untouched

@@ -26,6 +26,7 @@ def speech_train(
     feature_norm: Literal["whisper", "utterance", "speech"] = "whisper",
     vtlp: float = 0.0,
     label_smoothing: float = 0.0,
+    ensemble: int = 1,
     validation_speaker: str | None = None,
     data: str | None = None,
     train: TrainSettings = SPEECH_DEFAULTS,
@@ -34,6 +35,7 @@ def speech_train(
 
     Example: llmkit speech train                                  (FSDD, 1.0M parameters, ~15 minutes on a 2-core CPU)
              llmkit speech train --train.max_steps 3000 --d_model 192 --output runs/digits-big
+             llmkit speech train --ensemble 5 --output runs/digits-5   (five seeds, transcribed as one: ~5x the time)
              llmkit speech train --validation_speaker nicolas --train.max_steps 800   (choose settings: 3 voices train)
 
     Trains on 2,000 real recordings by 4 speakers of the Free Spoken Digit Dataset (../shared/data/
@@ -59,6 +61,10 @@ def speech_train(
             1 - vtlp .. 1 + vtlp (Jaitly & Hinton 2013: 0.1); 0 turns it off.
         label_smoothing: train against (1 - e) one-hot + e uniform over the vocabulary (Szegedy et al. 2016); 0
             turns it off (0.1 lost to 0 on the training-voice screens: docs/multimodal.md).
+        ensemble: train this many models, from seeds train.seed, train.seed + 1, ... (OUTPUT/member-K/ each, each
+            resumable), and transcribe with all of them at once: the mean of their log-probabilities per token
+            (llmkit.generate.seq2seq). Models this small differ by up to 9 points from seed to seed on unheard voices;
+            their ensemble beats each of them (docs/multimodal.md). 1: one model in OUTPUT.
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
             (trains on the other three): for choosing settings without looking at the held-out speakers.
         data: the FSDD folder (default: free_spoken_digits in the shared data, $LLMKIT_SHARED_DATA).
@@ -85,6 +91,8 @@ def speech_train(
 
     check_settings(train)
     objective = seq2seq_objective(label_smoothing)  # checks the value before any data is read
+    if ensemble < 1:
+        raise LlmkitError(f"--ensemble {ensemble} must be at least 1 (1: one model; 5: five seeds transcribing as one)")
     if n_frames < 2 or n_frames % 2:
         raise LlmkitError(f"--n_frames {n_frames} must be an even number >= 2 (the stem halves it)")
     if not 0 <= vtlp < 1:
@@ -103,35 +111,55 @@ def speech_train(
                         decoder_start_id=tokenizer.token_to_id(START_OF_TRANSCRIPT), eos_id=tokenizer.eos_id)
     except LlmkitError as error:
         raise LlmkitError(f"--d_model/--n_heads/--n_layers/--n_mels: {error}") from None
+    import dataclasses
+
     import torch
 
-    torch.manual_seed(train.seed)
-    model = SpeechModel(config)
     kind = "held-out" if validation_speaker is None else "validation"
     print(f"reading FSDD: training speakers {', '.join(train_speakers)}; {kind} {', '.join(report_speakers)}")
     recordings = load_recordings(train_speakers, data)
-    print(f"{config.name}: {model.num_parameters():,} parameters; {len(recordings):,} training recordings")
-    batches = DigitBatches(recordings, tokenizer, n_mels, n_frames, seed=train.seed, max_warp=vtlp,
-                           feature_norm=feature_norm)
-    result = train_loop(model, objective, batches, train, output, tokenizer=tokenizer)
-    model.eval()
+    members, results = [], []
+    for member in range(ensemble):
+        seed = train.seed + member
+        run_dir = Path(output) if ensemble == 1 else Path(output) / f"member-{member}"
+        torch.manual_seed(seed)
+        model = SpeechModel(config)
+        if ensemble > 1:
+            print(f"ensemble member {member + 1}/{ensemble}: seed {seed}, {run_dir}")
+        print(f"{config.name}: {model.num_parameters():,} parameters; {len(recordings):,} training recordings")
+        batches = DigitBatches(recordings, tokenizer, n_mels, n_frames, seed=seed, max_warp=vtlp,
+                               feature_norm=feature_norm)
+        results.append(train_loop(model, objective, batches, dataclasses.replace(train, seed=seed), str(run_dir),
+                                  tokenizer=tokenizer))
+        members.append(model.eval())
     held_out = load_recordings(report_speakers, data)
-    accuracy = digit_accuracy(model, tokenizer, held_out)
+    accuracy = digit_accuracy(members, tokenizer, held_out)
     report = {"kind": kind, "speakers": list(report_speakers), "recordings": len(held_out),
               "accuracy": accuracy["all"], "per_speaker": {s: accuracy[s] for s in report_speakers},
-              "steps": result.steps, "checkpoint": str(result.checkpoint)}
+              "steps": results[0].steps, "checkpoint": str(results[0].checkpoint)}
+    line = lambda a: f"{a['all']:.1%}  (" + ", ".join(f"{s} {a[s]:.1%}" for s in report_speakers) + ")"  # noqa: E731
+    if ensemble > 1:
+        report["checkpoint"] = [str(result.checkpoint) for result in results]
+        report["members"] = []
+        for member, (model, result) in enumerate(zip(members, results, strict=True)):
+            alone = digit_accuracy(model, tokenizer, held_out)
+            report["members"].append({"seed": train.seed + member, "checkpoint": str(result.checkpoint),
+                                      "accuracy": alone["all"], "per_speaker": {s: alone[s] for s in report_speakers}})
+            print(f"member {member + 1} (seed {train.seed + member}) alone: {line(alone)}")
     atomic_write_text(Path(output) / HELD_OUT_FILE, json.dumps(report, indent=2) + "\n")
-    print(f"{kind} digit accuracy ({' + '.join(report_speakers)}, {len(held_out):,} recordings): "
-          f"{accuracy['all']:.1%}  (" + ", ".join(f"{s} {accuracy[s]:.1%}" for s in report_speakers) + ")")
-    print(f"model: {result.checkpoint}  (llmkit speech transcribe --model {result.checkpoint} --files \"[a.wav]\")")
-    if result.plot is not None:
-        print(f"loss curve: {result.plot}")
+    what = "" if ensemble == 1 else f" of the {ensemble}-model ensemble"
+    print(f"{kind} digit accuracy{what} ({' + '.join(report_speakers)}, {len(held_out):,} recordings): {line(accuracy)}")
+    models = str(results[0].checkpoint) if ensemble == 1 else "[" + ", ".join(str(r.checkpoint) for r in results) + "]"
+    print(f"model: {models}  (llmkit speech transcribe --model \"{models}\" --files \"[a.wav]\")")
+    for result in results:
+        if result.plot is not None:
+            print(f"loss curve: {result.plot}")
     return report
 
 
 def speech_transcribe(
     files: list[str],
-    model: str,
+    model: str | list[str],
     max_new_tokens: int = 64,
     device: Device = "cpu",
 ) -> Any:
@@ -139,6 +167,7 @@ def speech_transcribe(
 
     Example: llmkit speech transcribe --model runs/speech-digits/checkpoints/step-00002000 --files "[7_theo_0.wav]"
              llmkit speech transcribe --model whisper-tiny.en/ --files "[talk.wav, note.wav]"
+             llmkit speech transcribe --model "[runs/d5/member-0/checkpoints/step-00002000, ...]" --files "[a.wav]"
 
     Audio at any sample rate is resampled to 16 kHz and turned into Whisper's log-mel features over the model's
     window (30 s for Whisper, 1 s for the digit model); longer audio is cut. The decoder starts from
@@ -148,7 +177,8 @@ def speech_transcribe(
     Args:
         files: WAV files to transcribe.
         model: a speech model directory: llmkit (`llmkit speech train`) or Hugging Face WhisperForConditionalGeneration
-            with its tokenizer.json.
+            with its tokenizer.json; or a list of them (one vocabulary and feature setup), an ensemble transcribing
+            with the mean of their log-probabilities (`llmkit speech train --ensemble K` prints the list).
         max_new_tokens: most tokens per transcript.
         device: cpu, cuda, cuda:N or auto.
     """
@@ -170,15 +200,24 @@ def speech_transcribe(
             clips.append(load_audio(file))
         except LlmkitError as error:
             raise LlmkitError(f"--files: {error}") from None
-    if not Path(model).exists():
-        raise LlmkitError(f"--model {model} does not exist; pass a speech model directory (from `llmkit speech "
-                          "train`, or a Hugging Face Whisper folder)")
+    paths = [model] if isinstance(model, str) else list(model)
+    if not paths:
+        raise LlmkitError("--model is an empty list; pass a speech model directory, or several for an ensemble")
+    networks = []
+    for path in paths:
+        if not Path(path).exists():
+            raise LlmkitError(f"--model {path} does not exist; pass a speech model directory (from `llmkit speech "
+                              "train`, or a Hugging Face Whisper folder)")
+        try:
+            networks.append(load_model(path, device=device, arch="speech"))
+        except LlmkitError as error:
+            raise LlmkitError(f"--model: {error}") from None
+    tokenizer = load_tokenizer(paths[0])
     try:
-        network = load_model(model, device=device, arch="speech")
+        network = networks[0] if len(networks) == 1 else networks
+        texts = transcribe(network, tokenizer, clips, max_new_tokens)
     except LlmkitError as error:
         raise LlmkitError(f"--model: {error}") from None
-    tokenizer = load_tokenizer(model)
-    texts = transcribe(network, tokenizer, clips, max_new_tokens)
     for file, text in zip(files, texts, strict=True):
         print(f"{file}\t{text}")
     return texts
@@ -193,17 +232,24 @@ def decoder_prompt(tokenizer: Any, config: Any) -> list[int]:
 
 def transcribe(model: Any, tokenizer: Any, clips: list[Any], max_new_tokens: int = 64,
                batch_size: int = 64) -> list[str]:
-    """Greedy transcripts of 16 kHz clips (each a (N,) tensor) by a SpeechModel, `batch_size` clips per forward."""
+    """Greedy transcripts of 16 kHz clips (each a (N,) tensor) by a SpeechModel, or by a list of them as one ensemble
+    (llmkit.generate.seq2seq; they must read the same features), `batch_size` clips per forward."""
     import torch
 
     from llmkit.data.fsdd import features
+    from llmkit.errors import LlmkitError
     from llmkit.generate.seq2seq import generate_seq2seq
 
-    config = model.config
+    members = model if isinstance(model, list) else [model]
+    config = members[0].config
+    setups = {(m.config.n_mels, m.config.n_audio_ctx, m.config.feature_norm) for m in members}
+    if len(setups) > 1:
+        raise LlmkitError(f"an ensemble's models must read the same features, not (n_mels, n_audio_ctx, feature_norm) "
+                          f"{' and '.join(map(str, sorted(setups)))}")
     prompt = decoder_prompt(tokenizer, config)
-    max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt))
+    max_new_tokens = min(max_new_tokens, min(m.config.max_seq_len for m in members) - len(prompt))
     stop_ids = {i for i in (config.eos_id, tokenizer.eos_id) if i is not None}
-    device = model.embed.weight.device
+    device = members[0].embed.weight.device
     texts = []
     for start in range(0, len(clips), batch_size):
         chunk = clips[start : start + batch_size]
@@ -216,8 +262,8 @@ def transcribe(model: Any, tokenizer: Any, clips: list[Any], max_new_tokens: int
 
 
 def digit_accuracy(model: Any, tokenizer: Any, recordings: list[Any]) -> dict[str, float]:
-    """Share of `recordings` (llmkit.data.fsdd.Recording) whose transcript is exactly their digit's word: over all
-    ("all") and per speaker."""
+    """Share of `recordings` (llmkit.data.fsdd.Recording) whose transcript by `model` (or a list of models: one
+    ensemble) is exactly their digit's word: over all ("all") and per speaker."""
     from llmkit.data.fsdd import DIGIT_WORDS
 
     texts = transcribe(model, tokenizer, [r.samples for r in recordings], max_new_tokens=4)
