@@ -63,8 +63,8 @@ def speech_train(
             turns it off (0.1 lost to 0 on the training-voice screens: docs/multimodal.md).
         ensemble: train this many models, from seeds train.seed, train.seed + 1, ... (OUTPUT/member-K/ each, each
             resumable), and transcribe with all of them at once: the mean of their log-probabilities per token
-            (llmkit.generate.seq2seq). Models this small differ by up to 9 points from seed to seed on unheard voices;
-            their ensemble beats each of them (docs/multimodal.md). 1: one model in OUTPUT.
+            (llmkit.generate.seq2seq). Models this small differ by up to 24 points from seed to seed on unheard voices;
+            their ensemble beats their mean by 6-12 points (docs/multimodal.md). 1: one model in OUTPUT.
         validation_speaker: one of the four training speakers to hold out and report on instead of lucas and theo
             (trains on the other three): for choosing settings without looking at the held-out speakers.
         data: the FSDD folder (default: free_spoken_digits in the shared data, $LLMKIT_SHARED_DATA).
