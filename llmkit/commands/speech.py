@@ -137,7 +137,10 @@ def speech_train(
     report = {"kind": kind, "speakers": list(report_speakers), "recordings": len(held_out),
               "accuracy": accuracy["all"], "per_speaker": {s: accuracy[s] for s in report_speakers},
               "steps": results[0].steps, "checkpoint": str(results[0].checkpoint)}
-    line = lambda a: f"{a['all']:.1%}  (" + ", ".join(f"{s} {a[s]:.1%}" for s in report_speakers) + ")"  # noqa: E731
+
+    def line(scores: dict[str, float]) -> str:  # "84.3%  (lucas 79.6%, theo 89.0%)"
+        return f"{scores['all']:.1%}  (" + ", ".join(f"{s} {scores[s]:.1%}" for s in report_speakers) + ")"
+
     if ensemble > 1:
         report["checkpoint"] = [str(result.checkpoint) for result in results]
         report["members"] = []

@@ -5,8 +5,8 @@ adds one target token per step through the decoder's self-attention KV cache.
 An ensemble (several models with one vocabulary, e.g. the same recipe trained from different seeds) decodes as one
 model whose next-token scores are the mean of its members' log-probabilities, each member with its own encoder
 states and cache: log p(y_t) = mean_m log p_m(y_t | y_<t, x) up to a constant (a product of experts; greedy takes its
-argmax). Small models trained on few voices differ a lot from seed to seed, and their average errs less than any of
-them (docs/multimodal.md, "Speech")."""
+argmax). Small models trained on few voices differ a lot from seed to seed, and their average errs far less than a
+typical one of them (docs/multimodal.md, "Speech")."""
 
 from __future__ import annotations
 
