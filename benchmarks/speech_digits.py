@@ -84,7 +84,7 @@ def main() -> None:
 
     rows = {}
     started = time.perf_counter()
-    ours = transcribe(members if len(members) > 1 else model, tokenizer, clips, max_new_tokens=4)
+    ours = transcribe(members, tokenizer, clips, max_new_tokens=4)  # a list of one decodes as that model
     name = "llmkit (Whisper-style, trained here)" if len(members) == 1 else f"llmkit, ensemble of {len(members)}"
     rows[name] = score(ours, recordings, time.perf_counter() - started)
     for index, member in enumerate(members if len(members) > 1 else []):

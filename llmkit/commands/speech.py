@@ -217,8 +217,7 @@ def speech_transcribe(
             raise LlmkitError(f"--model: {error}") from None
     tokenizer = load_tokenizer(paths[0])
     try:
-        network = networks[0] if len(networks) == 1 else networks
-        texts = transcribe(network, tokenizer, clips, max_new_tokens)
+        texts = transcribe(networks, tokenizer, clips, max_new_tokens)  # a list of one decodes as that model
     except LlmkitError as error:
         raise LlmkitError(f"--model: {error}") from None
     for file, text in zip(files, texts, strict=True):
