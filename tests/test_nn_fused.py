@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmkit.generate import SamplingSettings, generate_tokens
-from llmkit.nn.fused import FUSED_WEIGHT, fuse_projections, pack_bfloat16_weights, unfuse_projections
+from llmkit.nn.fused import (
+    FUSED_WEIGHT,
+    fuse_projections,
+    pack_bfloat16_weights,
+    unfuse_projections,
+    use_onednn_for_prompts,
+)
 from llmkit.nn.linear import use_column_major_weights
 from llmkit.peft.lora import apply_lora, merge_and_unload
 from llmkit.peft.settings import LoraSettings
@@ -265,3 +271,28 @@ def test_smollm2_decodes_the_same_prepared_and_unprepared(smollm2_float, smollm2
     # bf16 logits of magnitude ~20 are spaced 0.125 apart: a different blocking of the sums may move one step
     torch.testing.assert_close(decode_logits(model, ids, 4).float(), expected_logits.float(), atol=0.25, rtol=0.02)
     assert greedy(model) == expected_tokens
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("variant", ["llama-tied", "qwen2-bias", "gpt2"])
+def test_onednn_prompts_run_every_many_row_product_on_onednn(variant, monkeypatch):
+    """use_onednn_for_prompts (what load_decoder does): a prompt's products, fused and not, and the tied head over
+    every position, go to oneDNN under inference mode with the model's logits within float32 rounding; decode
+    steps and forwards under no_grad keep their paths (bit for bit)."""
+    import llmkit.nn.linear as linear_module
+
+    plain, fused = model_pair(variant)
+    use_onednn_for_prompts(fused)
+    calls = []
+    real = linear_module.prompt_product
+    monkeypatch.setattr(linear_module, "prompt_product", lambda *args: calls.append(1) or real(*args))
+    ids = torch.randint(0, 256, (2, 9))
+    expected, got = decode_logits(plain, ids, 3), decode_logits(fused, ids, 3)
+    n_layers = len(fused.blocks)
+    per_layer = {"gpt2": 4, "llama-tied": 4, "qwen2-bias": 4}[variant]  # qkv, o, (gate|up) or fc, down or proj
+    assert len(calls) == n_layers * per_layer + 1  # + the head over the prompt (decode steps: none)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    with torch.no_grad():
+        fused(ids)
+    assert calls == []

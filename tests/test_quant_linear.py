@@ -71,6 +71,31 @@ def test_quant_linear_equals_f_linear_of_the_dequantized_weight(scheme, rows, dt
         assert torch.allclose(y, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("scheme", ["q4_0", "q8_0", "f16", "int8"])
+def test_dequantized_prompt_product_on_onednn(scheme, monkeypatch):
+    """With onednn_prompts (load_decoder's use_onednn_for_prompts) a prompt's rows under inference mode multiply the
+    dequantized weight on oneDNN: F.linear's float32 numbers up to the order of the sums; under no_grad, F.linear."""
+    import llmkit.nn.linear as linear_module
+
+    calls = []
+    real = linear_module.prompt_product
+    monkeypatch.setattr(linear_module, "prompt_product", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr("llmkit.quant.linear.prompt_product", linear_module.prompt_product)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128, bias=True)
+    layer = QuantLinear.from_linear(linear, scheme)
+    layer.onednn_prompts = True
+    x = torch.randn(2, 100, 256)  # over every kernel_rows: the dequantize path
+    expected = F.linear(x, layer.dequantized_weight(), linear.bias)
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected) and calls == []
+    with torch.inference_mode():
+        y = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+
+
 def test_kernel_choice_by_format():
     for scheme, kernel in KERNELS.items():
         # 96 output rows: not a multiple of the int4 kernel's tile of 64, which pads them

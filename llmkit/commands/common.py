@@ -27,16 +27,17 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     of the activations and float tensors. For the decode loop, q/k/v and gate/up projections are fused (one
     product each, float ones by llmkit.nn.fused, quantized ones on llmkit's GGUF kernels by llmkit.quant.fused;
     names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
-    oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"). `kv_cache_dtype` (None:
+    oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"); a prompt's float32
+    products run on oneDNN (llmkit.nn.fused.use_onednn_for_prompts: 1.1-1.4x MKL's GEMM). `kv_cache_dtype` (None:
     `dtype`) is the dtype its KV caches take (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
     Q8_0 layers with int8 activations (llmkit.quant.set_int8_prefill); a model without such layers says so on
     stderr and runs as before."""
     from llmkit.device import resolve_dtype
-    from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights
+    from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights, use_onednn_for_prompts
     from llmkit.quant.fused import fuse_quantized_projections
 
     model = _load_unfused_decoder(path, dtype, device, weights)
-    model = pack_bfloat16_weights(fuse_projections(fuse_quantized_projections(model)))
+    model = use_onednn_for_prompts(pack_bfloat16_weights(fuse_projections(fuse_quantized_projections(model))))
     if kv_cache_dtype is not None:
         model.kv_dtype = resolve_dtype(kv_cache_dtype)
     if int8_prefill:

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from llmkit.commands.common import Device
 from llmkit.train.settings import TrainSettings
 
-# ~15 minutes for the 1.0M-parameter digit model on the shared 2-core CPU under load (docs/multimodal.md, "## Speech")
+# 2,000 steps of the 1.0M-parameter digit model: ~2.5 minutes on an idle 2-core Zen 4 VM (2 threads), ~15 on an older
+# 2-core VM under load (docs/multimodal.md, "## Speech")
 SPEECH_DEFAULTS = TrainSettings(max_steps=2000, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.05,
                                 eval_every=0, checkpoint_every=400, log_every=50, device="cpu")
 # Whisper's task tokens after <|startoftranscript|>: English, transcribe, no timestamps (when the vocabulary has them)
@@ -33,7 +34,7 @@ def speech_train(
 ) -> Any:
     """Train a small Whisper-style model to transcribe spoken digits; report accuracy on two unheard speakers.
 
-    Example: llmkit speech train                                  (FSDD, 1.0M parameters, ~15 minutes on a 2-core CPU)
+    Example: llmkit speech train                                  (FSDD, 1.0M parameters, 3-15 minutes on a 2-core CPU)
              llmkit speech train --train.max_steps 3000 --d_model 192 --output runs/digits-big
              llmkit speech train --ensemble 5 --output runs/digits-5   (five seeds, transcribed as one: ~5x the time)
              llmkit speech train --validation_speaker nicolas --train.max_steps 800   (choose settings: 3 voices train)

@@ -38,6 +38,7 @@ class Decoder(nn.Module):
         # A tied head reuses embed.weight (GPT-2, SmolLM2): one matrix, no copy to keep in sync.
         self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         self.head_packed: PackedWeight | None = None  # oneDNN copy of a tied bf16 head (llmkit.nn.fused, inference)
+        self.onednn_prompts = False  # a tied head's many-row products on oneDNN (llmkit.nn.fused.use_onednn_for_prompts)
         # Position tables follow from the config, so checkpoints leave them out; None where the scheme has none.
         tables = position_inputs(config)
         self.register_buffer("inv_freq", tables.get("inv_freq"), persistent=False)  # RoPE speeds (rope_dim / 2,)
@@ -139,7 +140,9 @@ class Decoder(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab) of hidden states (..., C): final norm, then the LM head (tied or not)."""
         x = self.final_norm(x)
-        return self.lm_head(x) if self.lm_head is not None else linear(x, self.embed.weight, packed=self.head_packed)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return linear(x, self.embed.weight, packed=self.head_packed, onednn_prompts=self.onednn_prompts)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `max_len` tokens per row, on this model's device and in `kv_dtype` (default: the

@@ -81,6 +81,7 @@ from torch import nn
 
 from llmkit.nn import decode_kernels
 from llmkit.nn.fused import FUSED_CALLABLE
+from llmkit.nn.linear import prompt_product, prompt_product_applies
 from llmkit.quant import affine, native
 from llmkit.quant.formats import get_format
 from llmkit.quant.packed import QuantizedWeight
@@ -150,6 +151,7 @@ class QuantLinear(nn.Module):
     float32 kernel, 4-bit affine ones aten's bf16 kernel, q6_k still int8 (`kernel_for`)."""
 
     int8_prefill = False  # set_int8_prefill: a prompt's many rows on the 8-row kernel too (int8 activations)
+    onednn_prompts = False  # llmkit.nn.fused.use_onednn_for_prompts: the dequantized product on oneDNN
 
     def __init__(self, packed: QuantizedWeight, bias: torch.Tensor | None = None, int8_activations: bool = True) -> None:
         super().__init__()
@@ -261,8 +263,12 @@ class QuantLinear(nn.Module):
         return self.kernel_forward(x) if fast else self.dequantize_forward(x)
 
     def dequantize_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The many-row path: dequantize the whole weight to x's dtype, one F.linear (exact in x's dtype)."""
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """The many-row path: dequantize the whole weight to x's dtype, one F.linear (exact in x's dtype; on oneDNN
+        under inference mode where `onednn_prompts` is set)."""
+        weight, bias = self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        if self.onednn_prompts and prompt_product_applies(x, weight):
+            return prompt_product(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The few-row path (CPU, no gradient): the aten weight-only kernel of `self.kernel` on the packed weight."""

@@ -100,7 +100,7 @@ template <class F>
 void groups_of(const uint8_t* w, float* y, int64_t n, int64_t k) {
   constexpr int64_t kGroupBytes = x8_group_bytes<F>();
   const int64_t blocks = k / kSub;
-  at::parallel_for(0, (n + kX8Group - 1) / kX8Group, 2, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x8_groups(n), 2, [&](int64_t begin, int64_t end) {
     uint8_t block[F::kBytes];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t valid = std::min<int64_t>(kX8Group, n - g * kX8Group);  // the last group's padding rows are dropped
@@ -130,7 +130,7 @@ at::Tensor dequantize_x8(const at::Tensor& blocks, int64_t kind, int64_t out_fea
   with_x8_format(kind, "dequantize_x8", [&](auto format) {
     using F = decltype(format);
     constexpr int64_t kGroupBytes = x8_group_bytes<F>();
-    TORCH_CHECK(blocks.size(0) == (out_features + kX8Group - 1) / kX8Group && blocks.size(1) % kGroupBytes == 0,
+    TORCH_CHECK(blocks.size(0) == x8_groups(out_features) && blocks.size(1) % kGroupBytes == 0,
                 "dequantize_x8: ", blocks.size(0), " groups of ", blocks.size(1), " bytes do not hold ", out_features,
                 " rows");
     const int64_t k = blocks.size(1) / kGroupBytes * kSub;

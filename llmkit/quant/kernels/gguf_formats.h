@@ -205,6 +205,7 @@ void with_format(int64_t kind, const char* op, Fn&& fn) {
 // The 8-row layout (gguf_x8.cpp; native.py's to_x8 writes it): per group of kX8Group output rows and block of 32
 // inputs, the rows' d (Q4_1: then their m) side by side, then their code bytes interleaved 4 at a time
 constexpr int kX8Group = 8;
+constexpr int64_t x8_groups(int64_t rows) { return (rows + kX8Group - 1) / kX8Group; }  // the last one padded
 template <class F>
 constexpr int64_t x8_group_bytes() { return kX8Group * F::kBytes; }
 template <class F>

@@ -134,7 +134,7 @@ void group_rows_plain(const uint8_t* group, const Activations& a, int64_t rows, 
 
 template <class F>
 void x8_rows(const uint8_t* w, const Activations& a, float* y, int64_t rows, int64_t n, int64_t k) {
-  const int64_t groups = (n + kX8Group - 1) / kX8Group;
+  const int64_t groups = x8_groups(n);
   const int64_t bytes_per_group = k / kSub * x8_group_bytes<F>();
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -166,7 +166,7 @@ at::Tensor x8_matmul(const at::Tensor& x, const at::Tensor& blocks, int64_t kind
   at::Tensor y = at::empty({rows, out_features}, xc.options());
   with_x8_format(kind, "matmul_x8", [&](auto format) {
     using F = decltype(format);
-    const int64_t expected = (out_features + kX8Group - 1) / kX8Group * (k / kSub) * x8_group_bytes<F>();
+    const int64_t expected = x8_groups(out_features) * (k / kSub) * x8_group_bytes<F>();
     TORCH_CHECK(blocks.numel() == expected, "matmul_x8: blocks hold ", blocks.numel(), " bytes, expected ", expected);
     const Activations a = quantize_rows(xc.data_ptr<float>(), rows, k);
     x8_rows<F>(blocks.data_ptr<uint8_t>(), a, y.data_ptr<float>(), rows, out_features, k);
