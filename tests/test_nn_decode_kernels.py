@@ -237,7 +237,7 @@ GEMMA3_LIKE = {"sliding_window": 8, "layer_types": ("local", "global", "local"),
 
 
 @pytest.mark.parametrize("overrides", [{}, GEMMA3_LIKE], ids=["llama", "gemma3-like"])
-@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.float16])
 def test_decoder_steps_equal_pytorch_path(monkeypatch, overrides, kv_dtype) -> None:  # noqa: ANN001
     """A whole decoder's one-token steps (left padding, a sliding window past its length, a bfloat16 cache) give the
     logits of the PyTorch path, which the decode ops replace."""
@@ -262,8 +262,27 @@ def test_decoder_steps_equal_pytorch_path(monkeypatch, overrides, kv_dtype) -> N
     reference = decode_logits(model, prompt, 10, mask)
     # both read the bfloat16 cache's values into float32 arithmetic, except on AVX512-BF16/AMX CPUs, where the
     # PyTorch path attends in bfloat16 (q and the probabilities rounded too): bfloat16's rounding, not more
-    tolerance = 1e-4 if kv_dtype is None or not FAST_HALF_ATTENTION_ON_CPU else 2e-3
+    tolerance = 1e-4 if kv_dtype not in FAST_HALF_ATTENTION_ON_CPU else 2e-3
     torch.testing.assert_close(native, reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_prefill_attends_in_a_half_cache_dtype_only_where_the_cpu_is_fast_in_it(monkeypatch, kv_dtype, fast) -> None:  # noqa: ANN001
+    """A prompt over a half-precision cache attends in the cache's dtype only where FAST_HALF_ATTENTION_ON_CPU lists
+    it (bfloat16 with AVX512-BF16/AMX, float16 with AMX-FP16), else in float32 over the values widened."""
+    import llmkit.nn.attention as attention
+
+    monkeypatch.setattr(attention, "FAST_HALF_ATTENTION_ON_CPU", frozenset([kv_dtype] if fast else []))
+    seen = []
+    real = attention.sdpa_attention
+    monkeypatch.setattr(attention, "sdpa_attention",
+                        lambda q, k, *rest: seen.append((q.dtype, k.dtype)) or real(q, k, *rest))
+    model = Decoder(tiny_config()).eval()
+    model.kv_dtype = kv_dtype
+    with torch.inference_mode():
+        model(torch.randint(0, 97, (1, 6)), model.new_cache(1, 8))
+    assert seen and set(seen) == {(kv_dtype, kv_dtype) if fast else (torch.float32, torch.float32)}
 
 
 def test_ops_stay_out_of_training_and_prefill(monkeypatch) -> None:  # noqa: ANN001

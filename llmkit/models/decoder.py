@@ -48,7 +48,8 @@ class Decoder(nn.Module):
         # The KV cache's dtype when it differs from the activations' (None: the same): a bfloat16 cache halves the
         # bytes each decode step reads and holds; attention then runs in bfloat16 on GPUs and on CPUs with
         # AVX512-BF16/AMX (2-3x faster than float32 there), over the values widened to float32 on other CPUs
-        # (nn.attention.FAST_HALF_ATTENTION_ON_CPU). llama.cpp keeps its cache in float16 by default.
+        # (nn.attention.FAST_HALF_ATTENTION_ON_CPU; float16 likewise, in float16 only with AMX-FP16). llama.cpp keeps
+        # its cache in float16 by default.
         self.kv_dtype: torch.dtype | None = None
         if not self.embed.weight.is_meta:  # meta = shapes only: checkpoint loading assigns the real weights
             self._init_weights()

@@ -40,9 +40,14 @@ from llmkit.nn.position import alibi_bias, apply_rope, rope_cos_sin
 AttentionKernel = Literal["sdpa", "reference"]
 
 
-# Whether this CPU runs bfloat16 attention faster than float32 (AVX512-BF16 or AMX: 2-3x, measured on such a Xeon);
-# without them torch's bfloat16 SDPA is ~6x slower than float32's. A constant, so torch.compile reads it as one.
-FAST_HALF_ATTENTION_ON_CPU = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+# The half dtypes this CPU runs attention in faster than in float32: bfloat16 with AVX512-BF16 or AMX (2-3x, measured
+# on such a Xeon; without them torch's bfloat16 SDPA is ~6x slower than float32's), float16 only with AMX-FP16 (a
+# float16 cache's 512-token prefill attending in float16 ran at 490 tok/s against 590 over the values widened to
+# float32, SmolLM2 F16 on the Zen 4 VM: AVX512-BF16, no float16 arithmetic). A constant, so torch.compile reads it as
+# one.
+FAST_HALF_ATTENTION_ON_CPU = frozenset(
+    ([torch.bfloat16] if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else [])
+    + ([torch.float16] if torch.cpu._is_amx_fp16_supported() else []))
 
 
 class KVCache:
@@ -392,12 +397,12 @@ class Attention(nn.Module):
         attend = reference_attention if context.kernel == "reference" else sdpa_attention
         if k.dtype == q.dtype:
             y = attend(q, k, v, context.mask, context.is_causal, self.scale)
-        elif q.device.type == "cpu" and not FAST_HALF_ATTENTION_ON_CPU:  # a KV cache kept in another dtype
-            # (Decoder.kv_dtype) on a CPU without AVX512-BF16/AMX, where attention in bfloat16 has no fast path (SDPA
-            # over 541 bf16 keys: 706 us vs 112 in float32, AVX2): attend in the activations' dtype over the cache's
-            # values widened, as the native decode op does
+        elif q.device.type == "cpu" and k.dtype not in FAST_HALF_ATTENTION_ON_CPU:  # a KV cache kept in another
+            # dtype (Decoder.kv_dtype) on a CPU with no fast path for attention in it (bfloat16 SDPA over 541 keys:
+            # 706 us vs 112 in float32, AVX2): attend in the activations' dtype over the cache's values widened, as
+            # the native decode op does
             y = attend(q, k.to(q.dtype), v.to(q.dtype), context.mask, context.is_causal, self.scale)
-        else:  # on a GPU or an AVX512-BF16/AMX CPU: in the cache's dtype
+        else:  # on a GPU, or a CPU with a fast path for the cache's dtype: in that dtype
             mask = context.mask
             mask = mask.to(k.dtype) if mask is not None and mask.is_floating_point() else mask
             y = attend(q.to(k.dtype), k, v, mask, context.is_causal, self.scale).to(q.dtype)
