@@ -28,7 +28,7 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     product each, float ones by llmkit.nn.fused, quantized ones on llmkit's GGUF kernels by llmkit.quant.fused;
     names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
     oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"); a prompt's float32
-    products run on oneDNN (llmkit.nn.fused.use_onednn_for_prompts: 1.1-1.4x MKL's GEMM). `kv_cache_dtype` (None:
+    products run on oneDNN (llmkit.nn.fused.use_onednn_for_prompts: 1.1-4x MKL's GEMM here). `kv_cache_dtype` (None:
     `dtype`) is the dtype its KV caches take (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
     Q8_0 layers with int8 activations (llmkit.quant.set_int8_prefill); a model without such layers says so on
     stderr and runs as before."""

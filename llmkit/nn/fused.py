@@ -108,7 +108,7 @@ def pack_bfloat16_weights(model: nn.Module) -> nn.Module:
 
 def use_onednn_for_prompts(model: nn.Module) -> nn.Module:
     """Run the many-row products that `model` computes under inference mode on oneDNN (llmkit.nn.linear.
-    prompt_product: 1.1-1.4x MKL's float32 GEMM where measured): its `Linear`s, fused projections, tied head and
+    prompt_product: 1.1-4x MKL's float32 GEMM where measured): its `Linear`s, fused projections, tied head and
     quantized layers' dequantized products (every module with an `onednn_prompts` attribute, the modules holding a
     fused weight, and the quantized fused products' layers). What `load_decoder` does for the verbs that run a model;
     under autograd, or no_grad alone, every product stays F.linear. In place; returns the model."""

@@ -116,10 +116,10 @@ def prompt_product_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def prompt_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) W^T (+ b) on oneDNN's float32 matrix product, the weight as it is (row- or column-major, no
-    packed copy): a prompt's rows. Same float32 arithmetic as F.linear's MKL GEMM up to the order of the sums (their
-    errors against float64: ~1e-4 on sums of 576-1,536 unit products, ~2x MKL's), and 1.1-1.4x its speed on
-    SmolLM2's matrices for 17-512 rows on the Zen 4 VM, where MKL takes its AVX2 code path (docs/benchmarks.md,
-    "Quantized GGUF decode")."""
+    packed copy): a prompt's rows, or a speculative step's few. Same float32 arithmetic as F.linear's MKL GEMM up to
+    the order of the sums (their errors against float64: ~1e-4 on sums of 576-1,536 unit products, ~2x MKL's), and
+    on SmolLM2's matrices on the Zen 4 VM, where MKL takes its AVX2 code path, 1.1-1.6x its speed for 17-512 rows and
+    1.7-4x for 2-12 (docs/quantization.md, "Prompts on oneDNN")."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
