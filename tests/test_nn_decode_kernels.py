@@ -239,8 +239,8 @@ GEMMA3_LIKE = {"sliding_window": 8, "layer_types": ("local", "global", "local"),
 @pytest.mark.parametrize("overrides", [{}, GEMMA3_LIKE], ids=["llama", "gemma3-like"])
 @pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16, torch.float16])
 def test_decoder_steps_equal_pytorch_path(monkeypatch, overrides, kv_dtype) -> None:  # noqa: ANN001
-    """A whole decoder's one-token steps (left padding, a sliding window past its length, a bfloat16 cache) give the
-    logits of the PyTorch path, which the decode ops replace."""
+    """A whole decoder's one-token steps (left padding, a sliding window past its length, a bfloat16 or float16
+    cache) give the logits of the PyTorch path, which the decode ops replace."""
     torch.manual_seed(0)
     model = Decoder(tiny_config(**overrides)).eval()
     model.kv_dtype = kv_dtype
@@ -260,8 +260,9 @@ def test_decoder_steps_equal_pytorch_path(monkeypatch, overrides, kv_dtype) -> N
     assert calls["attention"] == 10 * 3 and calls["norm"] > 0  # every step's every layer took the op
     monkeypatch.setattr(decode_kernels, "applies", lambda x: False)
     reference = decode_logits(model, prompt, 10, mask)
-    # both read the bfloat16 cache's values into float32 arithmetic, except on AVX512-BF16/AMX CPUs, where the
-    # PyTorch path attends in bfloat16 (q and the probabilities rounded too): bfloat16's rounding, not more
+    # both read the half cache's values into float32 arithmetic, except on CPUs with a fast path for its dtype
+    # (FAST_HALF_ATTENTION_ON_CPU), where the PyTorch path attends in it (q and the probabilities rounded too): that
+    # dtype's rounding, not more
     tolerance = 1e-4 if kv_dtype not in FAST_HALF_ATTENTION_ON_CPU else 2e-3
     torch.testing.assert_close(native, reference, rtol=tolerance, atol=tolerance)
 
