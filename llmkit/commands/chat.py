@@ -105,7 +105,7 @@ def chat(
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
         int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
-            prompt: ~1.7x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
+            prompt: 1.1-1.3x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
             capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).
         dtype: weights' dtype (bfloat16 halves memory; float32 is fastest on most CPUs).
         device: auto, cpu, cuda or cuda:N.
@@ -233,7 +233,7 @@ def generate(
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
         int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
-            prompt: ~1.7x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
+            prompt: 1.1-1.3x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
             capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).
         dtype: weights' dtype.
         device: auto, cpu, cuda or cuda:N.

@@ -89,7 +89,7 @@ def serve(
         kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
             token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
             keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
-        int8_prefill: run prompts through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp does: ~1.7x
+        int8_prefill: run prompts through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp does: 1.1-1.3x
             faster prefill, answers as llama.cpp's (see `llmkit chat --help`).
         adapters: LoRA adapters to serve on the base, as NAME=DIRECTORY (llmkit finetune's OUTPUT/adapter or a PEFT
             LoRA directory); loaded at their first request. "[]" serves none yet but allows POST /v1/adapters.

@@ -339,7 +339,8 @@ def set_int8_prefill(model: nn.Module, enabled: bool = True) -> int:
 
     Off by default: those layers otherwise dequantize their blocks and run one float32 GEMM for more than
     KERNEL_MAX_ROWS rows, which gives the dequantized model's numbers. int8 prompts run 1.3-3.6x faster per product
-    (512 rows, SmolLM2's matrices, 2 threads; SmolLM2 Q4_0 prefill ~430 -> ~740 tok/s) and answer as llama.cpp
+    than MKL's GEMM (512 rows, SmolLM2's matrices, 2 threads, AVX2 VM; SmolLM2 Q4_0 prefill ~430 -> ~740 tok/s;
+    against the oneDNN GEMM that load_decoder's models use, Q4_0 prefill 618 -> 818 on the Zen 4 VM) and answer as llama.cpp
     does: on SmolLM2-135M-Instruct's Q4_1 file, "What is the capital of France?" gets llama.cpp's "L'Étoile, la
     Mars..." where the float32 prompt gives "Paris" (a 0.08 logit margin in fp32). Never under no_grad alone, so a
     sequence scored with and without autograd (DPO's reference log-probabilities, PPO's first KL) is computed the
