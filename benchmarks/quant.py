@@ -3,7 +3,7 @@ gguf --quant {f32,f16,q8_0,q4_0}`, a 512-token prompt (Tiny Shakespeare), 128 gr
 
     pip install -e ".[bench]"          # llama-cpp-python: builds llama.cpp from source (~12 minutes on 2 cores)
     python benchmarks/quant.py [--precisions f32,f16,q8_0,q4_0] [--rounds 3] [--threads 2] [--workdir DIR]
-                               [--variants llmkit,bf16kv,f16kv,int8prefill,modules,compiled,compiled+bf16kv,aten-int4]
+                               [--variants llmkit,bf16kv,f32kv,int8prefill,modules,compiled,compiled+bf16kv,aten-int4]
 
 Each (engine, precision) runs in its own fresh process (so its RSS is its own: peak VmHWM), one warm-up generation
 then one timed one; rounds interleave the engines and precisions. llmkit loads each file with `load_decoder` (what
@@ -37,7 +37,8 @@ from llmkit.memory import peak_rss_mb
 
 PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
 # llmkit's configurations (--variants): the default load_decoder path (its decode steps on llmkit's native step,
-# llmkit/generate/native_step.py), that with a bfloat16 or a float16 KV cache, that with int8 prompts (llmkit.quant.
+# llmkit/generate/native_step.py), that with a bfloat16 or a float32 KV cache (a GGUF file's
+# default is float16, as llama.cpp's: llmkit.commands.common.gguf_kv_cache_dtype), that with int8 prompts (llmkit.quant.
 # set_int8_prefill: a prompt's rows through the 8-row int8 kernel, as llama.cpp computes a prompt), the step run
 # module by module (LLMKIT_NATIVE_STEP=0, the default before the native step), the decode step compiled
 # (llmkit.generate.compile_decode_step), that with a bfloat16 KV cache (and with int8 prompts as well), and the
@@ -46,7 +47,7 @@ PRECISIONS = ("f32", "f16", "q8_0", "q4_0")
 VARIANTS = {
     "llmkit": {},
     "bf16kv": {"kv_cache_dtype": "bfloat16"},
-    "f16kv": {"kv_cache_dtype": "float16"},
+    "f32kv": {"kv_cache_dtype": "float32"},
     "int8prefill": {"int8_prefill": True},
     "modules": {"native_step": False},
     "compiled": {"compile": True},

@@ -225,6 +225,38 @@ def test_load_decoder_routes_quantized_gguf_and_info_reports_types(tmp_path, tok
     assert "Q4_0" in out and "14 tensors" in out and "loaded quantized" in out and "of weights" in out
 
 
+def test_gguf_files_keep_a_float16_kv_cache_by_default_as_llama_cpp_does(tmp_path, tokenizer):  # noqa: F811
+    """load_decoder gives a GGUF file run in float32 a float16 KV cache (llama.cpp's default) unless the user names
+    another; other checkpoints and other activation dtypes keep the activations' dtype. Decoding over it stays
+    within float16's rounding of the float32 cache's logits."""
+    from llmkit.checkpoints import save_model
+
+    q4 = export_gguf(make_model("tied"), tmp_path / "tiny.q4_0.gguf", tokenizer, "q4_0")
+    native_dir = tmp_path / "native"
+    save_model(make_model("tied"), native_dir)
+    model = load_decoder(q4)
+    assert model.kv_dtype == torch.float16 and model.new_cache(1, 8).keys[0].dtype == torch.float16
+    assert load_decoder(q4, weights="float").kv_dtype == torch.float16
+    assert load_decoder(q4, kv_cache_dtype="float32").kv_dtype == torch.float32
+    assert load_decoder(q4, dtype="bfloat16").kv_dtype is None
+    assert load_decoder(native_dir).kv_dtype is None
+
+    exact = load_decoder(q4, kv_cache_dtype="float32")
+    prompt = IDS[:, :5]  # (1, 5)
+
+    def step_logits(m):  # noqa: ANN001, ANN202 (a prompt, then four one-token steps over its cache)
+        with torch.inference_mode():
+            cache = m.new_cache(1, 16)
+            rows = [m(prompt, cache=cache)[:, -1]]
+            for i in range(5, 9):
+                rows.append(m(IDS[:, i : i + 1], cache=cache)[:, -1])
+        return torch.cat(rows)
+
+    half, full = step_logits(model), step_logits(exact)
+    # float16 keeps 11 significant bits: keys and values move by <= 2^-11 of themselves, logits by ~1e-3 here
+    assert 0 < (half - full).abs().max() < 5e-3
+
+
 MEASURE_GGUF_RSS = """
 import sys, torch
 from llmkit.memory import proc_status_kib, release_freed_memory

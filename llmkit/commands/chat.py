@@ -101,9 +101,10 @@ def chat(
         compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
             CPU) after a one-time compilation of tens of seconds at the first reply: fewer launches per token on a
             GPU; on a CPU llmkit's native decode step is about as fast without it (docs/benchmarks.md).
-        kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
-            token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
-            keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
+        kv_cache_dtype: dtype of the KV cache (default: float16 for a GGUF file at --dtype float32, as llama.cpp
+            keeps it; else --dtype's). float16 and bfloat16 halve its memory and the bytes each token reads, and
+            move the logits by their rounding of keys and values; float32 keeps them exact; bfloat16 attention runs
+            in bfloat16 on CPUs with AVX512-BF16/AMX (2-3x faster there).
         int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
             prompt: 1.1-1.3x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
             capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).
@@ -229,9 +230,10 @@ def generate(
         compile: compile the one-token decode step with torch.compile (TorchInductor; needs a C++ compiler on
             CPU) after a one-time compilation of tens of seconds at the first token: fewer launches per token on a
             GPU; on a CPU llmkit's native decode step is about as fast without it (docs/benchmarks.md).
-        kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
-            token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
-            keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
+        kv_cache_dtype: dtype of the KV cache (default: float16 for a GGUF file at --dtype float32, as llama.cpp
+            keeps it; else --dtype's). float16 and bfloat16 halve its memory and the bytes each token reads, and
+            move the logits by their rounding of keys and values; float32 keeps them exact; bfloat16 attention runs
+            in bfloat16 on CPUs with AVX512-BF16/AMX (2-3x faster there).
         int8_prefill: run the prompt through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp processes a
             prompt: 1.1-1.3x faster prefill; the answer then follows llama.cpp's (on SmolLM2's Q4_1 file "What is the
             capital of France?" starts "L'Étoile", as llama.cpp's does, where the default float32 prompt gives Paris).

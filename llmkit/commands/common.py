@@ -29,7 +29,8 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     names, adapters and checkpoints still see the separate projections) and bfloat16 matrices get a
     oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"); a prompt's float32
     products run on oneDNN (llmkit.nn.fused.use_onednn_for_prompts: 1.1-4x MKL's GEMM here). `kv_cache_dtype` (None:
-    `dtype`) is the dtype its KV caches take (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
+    `dtype`; float16 for a GGUF file run in float32: `gguf_kv_cache_dtype`) is the dtype its KV caches take
+    (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
     Q8_0 layers with int8 activations (llmkit.quant.set_int8_prefill); a model without such layers says so on
     stderr and runs as before."""
     from llmkit.device import resolve_dtype
@@ -38,6 +39,8 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
 
     model = _load_unfused_decoder(path, dtype, device, weights)
     model = use_onednn_for_prompts(pack_bfloat16_weights(fuse_projections(fuse_quantized_projections(model))))
+    if kv_cache_dtype is None:
+        kv_cache_dtype = gguf_kv_cache_dtype(path, dtype)
     if kv_cache_dtype is not None:
         model.kv_dtype = resolve_dtype(kv_cache_dtype)
     if int8_prefill:
@@ -47,6 +50,19 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
             print(f"llmkit: --int8_prefill: {path} has no Q4_0/Q4_1/Q8_0 layers on llmkit's kernels; its prompts run "
                   "as without it", file=sys.stderr)
     return model
+
+
+def gguf_kv_cache_dtype(path: Path, dtype: str) -> str | None:
+    """The KV cache's dtype when the user names none: float16 for a GGUF file run with float32 activations, what
+    llama.cpp keeps a GGUF model's cache in by default (half the memory and half the bytes each decode step reads:
+    measured 1.0-1.1x decode on SmolLM2, the same greedy tokens at F16 and F32; docs/quantization.md), else None
+    (the activations' dtype: a Hugging Face or llmkit checkpoint keeps transformers' float32 cache)."""
+    import torch
+
+    from llmkit.checkpoints import detect_format
+    from llmkit.device import resolve_dtype
+
+    return "float16" if resolve_dtype(dtype) == torch.float32 and detect_format(path) == "gguf" else None
 
 
 def _load_unfused_decoder(path: Path, dtype: str, device: str, weights: GgufWeights):  # noqa: ANN202 (a Decoder)

@@ -86,9 +86,10 @@ def serve(
         max_batch_size: most requests decoded together in one step (continuous batching).
         max_queue: most requests waiting for a batch slot; more get HTTP 429.
         kv_cache_tokens: KV-cache size in tokens, shared by all running requests (default: max_batch_size x context).
-        kv_cache_dtype: dtype of the KV cache (default: --dtype's). bfloat16 halves its memory and the bytes each
-            token reads, and attention then runs in bfloat16 (2-3x faster on CPUs with AVX512-BF16/AMX; llama.cpp
-            keeps its cache in float16 by default); the logits move by bfloat16's rounding of keys and values.
+        kv_cache_dtype: dtype of the KV cache (default: float16 for a GGUF file at --dtype float32, as llama.cpp
+            keeps it; else --dtype's). float16 and bfloat16 halve its memory and the bytes each token reads, and
+            move the logits by their rounding of keys and values; float32 keeps them exact; bfloat16 attention runs
+            in bfloat16 on CPUs with AVX512-BF16/AMX (2-3x faster there).
         int8_prefill: run prompts through Q4_0/Q4_1/Q8_0 layers with int8 activations, as llama.cpp does: 1.1-1.3x
             faster prefill, answers as llama.cpp's (see `llmkit chat --help`).
         adapters: LoRA adapters to serve on the base, as NAME=DIRECTORY (llmkit finetune's OUTPUT/adapter or a PEFT
