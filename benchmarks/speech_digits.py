@@ -4,6 +4,7 @@ vs pocketsphinx 5 (CMU Sphinx, its bundled en-us acoustic model), on the same re
     nice python benchmarks/speech_digits.py                                  # trains the default model first
     nice python benchmarks/speech_digits.py --model runs/speech-digits/checkpoints/step-00001200
     nice python benchmarks/speech_digits.py --model runs/d5/member-*/checkpoints/step-00002000   # an ensemble
+    nice python benchmarks/speech_digits.py --model ... --speeds 0.85 0.925 1.0 1.075 1.15      # test-time speeds
 
 Data: the Free Spoken Digit Dataset's 1,000 recordings by the two held-out speakers (lucas, theo; llmkit.data.fsdd),
 8 kHz resampled to 16 kHz (what both recognisers' models expect). A transcript counts when it is exactly the digit's
@@ -16,7 +17,9 @@ word ("seven"), case and surrounding space aside. pocketsphinx runs twice, so th
   like llmkit's digit model has.
 
 With several --model directories (`llmkit speech train --ensemble K`) llmkit's row is their ensemble (the mean of
-their log-probabilities per token) and each model alone gets a row too.
+their log-probabilities per token) and each model alone gets a row too. With several --speeds (test-time
+augmentation, `llmkit speech transcribe --speeds`) llmkit's row reads every clip at each speed, and a row reading
+the clips as recorded is added.
 
 Columns: accuracy overall and per speaker, milliseconds per recording (one thread each, batch of 64 for llmkit,
 one utterance at a time for pocketsphinx), and llmkit's accuracy over each pocketsphinx variant's.
@@ -74,6 +77,8 @@ def main() -> None:
                         "(default: train one with the defaults)")
     parser.add_argument("--output", help="write the rows as JSON here too")
     parser.add_argument("--free_subset", type=int, default=200, help="recordings for pocketsphinx with its free LM")
+    parser.add_argument("--speeds", nargs="+", type=float, default=[1.0],
+                        help="test-time speeds for llmkit's row (default: 1.0, the clips as recorded)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model_dirs = args.model or [str(speech_train(output="runs/speech-digits")["checkpoint"])]
@@ -84,9 +89,14 @@ def main() -> None:
 
     rows = {}
     started = time.perf_counter()
-    ours = transcribe(members, tokenizer, clips, max_new_tokens=4)  # a list of one decodes as that model
+    ours = transcribe(members, tokenizer, clips, max_new_tokens=4, speeds=args.speeds)  # a list of one: that model
     name = "llmkit (Whisper-style, trained here)" if len(members) == 1 else f"llmkit, ensemble of {len(members)}"
-    rows[name] = score(ours, recordings, time.perf_counter() - started)
+    tta = f", at speeds {', '.join(f'{speed:g}' for speed in args.speeds)}" if args.speeds != [1.0] else ""
+    rows[name + tta] = score(ours, recordings, time.perf_counter() - started)
+    if tta:
+        started = time.perf_counter()
+        recorded = transcribe(members, tokenizer, clips, max_new_tokens=4)
+        rows[f"{name}, clips as recorded"] = score(recorded, recordings, time.perf_counter() - started)
     for index, member in enumerate(members if len(members) > 1 else []):
         started = time.perf_counter()
         alone = transcribe(member, tokenizer, clips, max_new_tokens=4)
@@ -115,7 +125,7 @@ def main() -> None:
     print(f"(llmkit on the free LM's {len(subset)} recordings: {ours_on_subset:.1%})")
     if args.output:
         run = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_1min": round(os.getloadavg()[0], 2),
-               "machine": platform.machine(), "threads": 1}
+               "machine": platform.machine(), "threads": 1, "speeds": args.speeds}
         Path(args.output).write_text(json.dumps({"model": model_dirs, "feature_norm": model.config.feature_norm,
                                                  "parameters": model.num_parameters(), **run, "rows": rows},
                                                 indent=2) + "\n")

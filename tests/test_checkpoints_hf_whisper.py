@@ -99,7 +99,7 @@ def test_utterance_normalisation_is_saved_and_applied_by_transcribe(tmp_path, mo
     seen = []
     generate = seq2seq.generate_seq2seq
     monkeypatch.setattr(seq2seq, "generate_seq2seq", lambda model, inputs, *a, **k: (
-        seen.append(inputs), generate(model, inputs, *a, **k))[1])
+        seen.append(inputs[0]), generate(model, inputs, *a, **k))[1])  # one model, one speed: one input
     clip = torch.sin(torch.arange(8000) / 7.0) * torch.linspace(0.0, 0.5, 8000)
     for norm in ("utterance", "whisper", "speech"):
         save_model(random_speech_model(feature_norm=norm), tmp_path / norm, tokenizer=digit_tokenizer())
@@ -194,6 +194,49 @@ def test_transcribe_with_several_models_decodes_them_as_one_ensemble(tmp_path, c
                            ("[]", "--model is an empty list")]:
         code, err = cli_status(capsys, "speech", "transcribe", "--model", model, "--files", files)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_transcribe_at_several_speeds_decodes_the_copies_as_one_ensemble(tmp_path, capsys, monkeypatch):
+    """--speeds "[0.9, 1.1]": the model's transcript over the two speed copies of each clip decoded as one ensemble
+    (what transcribe computes: checked against generate_seq2seq on the copies' features); speeds (1.0,) is the
+    plain transcript; speeds outside [0.5, 2] or none are one error line."""
+    import llmkit.generate.seq2seq as seq2seq
+    from llmkit.checkpoints import load_tokenizer
+    from llmkit.commands.speech import decoder_prompt, transcribe
+    from llmkit.data.audio import change_speed, load_audio
+    from llmkit.data.fsdd import features
+    from llmkit.generate.seq2seq import generate_seq2seq
+
+    save_model(random_speech_model(0), tmp_path / "a", tokenizer=digit_tokenizer())
+    clips = [write_wav(tmp_path / f"{i}.wav", [int(6000 * ((j // (10 + 7 * i)) % 2) - 3000) for j in range(4000)])
+             for i in range(4)]
+    model, tokenizer = load_model(tmp_path / "a", arch="speech"), load_tokenizer(tmp_path / "a")
+    audio = [load_audio(clip) for clip in clips]
+    config = model.config
+    copies = [features([change_speed(x, speed) for x in audio], config.n_mels, 2 * config.n_audio_ctx,
+                       config.feature_norm) for speed in (0.9, 1.1)]
+    prompt = torch.tensor([decoder_prompt(tokenizer, config)] * len(audio))
+    new = generate_seq2seq([model, model], copies, 3, stop_ids={config.eos_id}, decoder_prompt=prompt,
+                           pad_id=config.eos_id)
+    expected = [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
+    seen = []
+    generate = seq2seq.generate_seq2seq
+    monkeypatch.setattr(seq2seq, "generate_seq2seq", lambda models, inputs, *a, **k: (
+        seen.append((models, inputs)), generate(models, inputs, *a, **k))[1])
+    assert transcribe(model, tokenizer, audio, 3, speeds=(0.9, 1.1)) == expected
+    (models, inputs), = seen  # what was decoded: the model once per speed, over that speed's copies
+    assert models == [model, model] and all(torch.equal(x, y) for x, y in zip(inputs, copies, strict=True))
+    plain = transcribe(model, tokenizer, audio, 3)
+    assert transcribe(model, tokenizer, audio, 3, speeds=(1.0,)) == plain
+    assert torch.equal(seen[1][1][0], features(audio, config.n_mels, 2 * config.n_audio_ctx, config.feature_norm))
+    files = "[" + ", ".join(map(str, clips)) + "]"
+    code, out, _ = run_cli(capsys, "speech", "transcribe", "--model", str(tmp_path / "a"), "--files", files,
+                           "--max_new_tokens", "3", "--speeds", "[0.9, 1.1]")
+    assert code == 0 and out == "".join(f"{clip}\t{text}\n" for clip, text in zip(clips, expected)), out
+    for speeds in ("[0.4, 1.0]", "[]"):
+        code, err = cli_status(capsys, "speech", "transcribe", "--model", str(tmp_path / "a"), "--files", files,
+                               "--speeds", speeds)
+        assert code == 2 and err.count("\n") == 1 and "must be a non-empty list of factors in [0.5, 2]" in err, err
 
 
 def test_speech_train_ensemble_trains_one_member_per_seed_and_reports_their_ensemble(tmp_path, capsys):

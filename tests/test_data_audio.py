@@ -13,6 +13,7 @@ import torch
 
 from llmkit.data.audio import (
     apply_feature_norm,
+    change_speed,
     load_audio,
     log_mel_spectrogram,
     mel_filters,
@@ -95,6 +96,23 @@ def test_resampling_8k_to_16k_keeps_a_tone(tmp_path):
     assert up.shape == (16000,)
     expected = 0.5 * np.sin(2 * math.pi * 440 * np.arange(16000) / 16000)
     assert np.abs(up.numpy()[400:-400] - expected[400:-400]).max() < 1e-3
+
+
+def test_a_speed_change_scales_length_and_pitch_together():
+    """x1.2 plays a 500 Hz tone as a 600 Hz one in 1/1.2 of the samples, x0.8 as a 400 Hz one in 1/0.8; x1 leaves
+    the samples as they are; a factor that is not positive is refused by name."""
+    from llmkit.errors import LlmkitError
+
+    tone = torch.sin(2 * math.pi * 500 * torch.arange(16000) / 16000)
+    assert torch.equal(change_speed(tone, 1.0), tone)
+    for factor in (1.2, 0.8):
+        out = change_speed(tone, factor)
+        assert out.shape == (round(16000 / factor),)
+        spectrum = torch.fft.rfft(out * torch.hann_window(out.shape[0])).abs()
+        peak_hz = float(spectrum.argmax()) * 16000 / out.shape[0]
+        assert abs(peak_hz - 500 * factor) < 2, (factor, peak_hz)
+    with pytest.raises(LlmkitError, match="speed factor 0 must be positive"):
+        change_speed(tone, 0)
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [

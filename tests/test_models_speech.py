@@ -166,3 +166,31 @@ def test_an_ensemble_decodes_by_the_mean_of_its_members_log_probabilities(pair):
     with pytest.raises(LlmkitError, match="empty list of models"):
         generate_seq2seq([], features, 2)
     assert torch.equal(first.state_dict()["embed.weight"], state["embed.weight"])  # the shared fixture is untouched
+
+
+def test_each_member_may_read_its_own_input(pair):
+    """One model over two inputs (test-time augmentation's speed copies): greedy tokens equal a hand-written
+    uncached loop over the mean of its log-softmaxes on each input; inputs that do not pair with the models are
+    refused."""
+    torch.manual_seed(0)
+    model = SpeechModel(pair[1].config).eval()
+    with torch.no_grad():  # larger weights than an initialised model's, so the decoder's choices follow its input
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(std=0.3)
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 16, 40), torch.randn(3, 16, 40)
+    prompt = torch.tensor([[START, 5]] * 3)
+    ours = generate_seq2seq([model, model], [a, b], 8, decoder_prompt=prompt)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            scores = (model(a, ids)[:, -1].log_softmax(-1) + model(b, ids)[:, -1].log_softmax(-1)) / 2  # (B, V)
+            ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours, ids[:, 2:])
+    alone = [generate_seq2seq(model, x, 8, decoder_prompt=prompt) for x in (a, b)]
+    assert not torch.equal(alone[0], alone[1]) and not torch.equal(ours, alone[0])  # both inputs count
+    with pytest.raises(LlmkitError, match="got 1 inputs with batch sizes \\[3\\] for 2 models"):
+        generate_seq2seq([model, model], [a], 2)
+    with pytest.raises(LlmkitError, match="batch sizes \\[2, 3\\] for 2 models"):
+        generate_seq2seq([model, model], [a, b[:2]], 2)

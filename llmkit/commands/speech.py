@@ -3,6 +3,7 @@ Spoken Digit Dataset, and transcription of WAV files with it or with an imported
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from llmkit.commands.common import Device
@@ -165,6 +166,7 @@ def speech_transcribe(
     files: list[str],
     model: str | list[str],
     max_new_tokens: int = 64,
+    speeds: tuple[float, ...] = (1.0,),
     device: Device = "cpu",
 ) -> Any:
     """Transcribe mono 16-bit WAV files with a speech model (llmkit's, or an imported Hugging Face Whisper).
@@ -172,6 +174,8 @@ def speech_transcribe(
     Example: llmkit speech transcribe --model runs/speech-digits/checkpoints/step-00002000 --files "[7_theo_0.wav]"
              llmkit speech transcribe --model whisper-tiny.en/ --files "[talk.wav, note.wav]"
              llmkit speech transcribe --model "[runs/d5/member-0/checkpoints/step-00002000, ...]" --files "[a.wav]"
+             llmkit speech transcribe --model runs/speech-digits/checkpoints/step-00002000 --files "[a.wav]" \\
+                 --speeds "[0.85, 0.925, 1.0, 1.075, 1.15]"
 
     Audio at any sample rate is resampled to 16 kHz and turned into Whisper's log-mel features over the model's
     window (30 s for Whisper, 1 s for the digit model); longer audio is cut. The decoder starts from
@@ -184,6 +188,10 @@ def speech_transcribe(
             with its tokenizer.json; or a list of them (one vocabulary and feature setup), an ensemble transcribing
             with the mean of their log-probabilities (`llmkit speech train --ensemble K` prints the list).
         max_new_tokens: most tokens per transcript.
+        speeds: test-time augmentation: each clip is also read at these speeds (pitch and tempo together, as
+            training varied them) and every (model, speed) pair decodes as one ensemble. 1.0 alone (the default)
+            reads the clip as recorded. Five speeds x0.85-1.15 cost 5x the time and moved the digit model's
+            held-out accuracy by +0.3..+3.5 points (docs/multimodal.md, "Test-time speeds").
         device: cpu, cuda, cuda:N or auto.
     """
     from pathlib import Path
@@ -196,6 +204,7 @@ def speech_transcribe(
         raise LlmkitError("--files is empty; pass the WAV files to transcribe, e.g. --files \"[a.wav, b.wav]\"")
     if max_new_tokens < 1:
         raise LlmkitError(f"--max_new_tokens {max_new_tokens} must be at least 1")
+    check_speeds(speeds)
     clips = []
     for file in files:
         if not Path(file).is_file():
@@ -218,7 +227,7 @@ def speech_transcribe(
             raise LlmkitError(f"--model: {error}") from None
     tokenizer = load_tokenizer(paths[0])
     try:
-        texts = transcribe(networks, tokenizer, clips, max_new_tokens)  # a list of one decodes as that model
+        texts = transcribe(networks, tokenizer, clips, max_new_tokens, speeds=speeds)  # a list of one: that model
     except LlmkitError as error:
         raise LlmkitError(f"--model: {error}") from None
     for file, text in zip(files, texts, strict=True):
@@ -234,15 +243,19 @@ def decoder_prompt(tokenizer: Any, config: Any) -> list[int]:
 
 
 def transcribe(model: Any, tokenizer: Any, clips: list[Any], max_new_tokens: int = 64,
-               batch_size: int = 64) -> list[str]:
+               batch_size: int = 64, speeds: Sequence[float] = (1.0,)) -> list[str]:
     """Greedy transcripts of 16 kHz clips (each a (N,) tensor) by a SpeechModel, or by a list of them as one ensemble
-    (llmkit.generate.seq2seq; they must read the same features), `batch_size` clips per forward."""
+    (llmkit.generate.seq2seq; they must read the same features), `batch_size` clips per forward. With several
+    `speeds`, test-time augmentation: every model reads every clip at each speed (llmkit.data.audio.change_speed),
+    and the (model, speed) pairs decode as one ensemble."""
     import torch
 
+    from llmkit.data.audio import change_speed
     from llmkit.data.fsdd import features
     from llmkit.errors import LlmkitError
     from llmkit.generate.seq2seq import generate_seq2seq
 
+    check_speeds(speeds)
     members = model if isinstance(model, list) else [model]
     config = members[0].config
     setups = {(m.config.n_mels, m.config.n_audio_ctx, m.config.feature_norm) for m in members}
@@ -256,20 +269,33 @@ def transcribe(model: Any, tokenizer: Any, clips: list[Any], max_new_tokens: int
     texts = []
     for start in range(0, len(clips), batch_size):
         chunk = clips[start : start + batch_size]
-        inputs = features(chunk, config.n_mels, 2 * config.n_audio_ctx, config.feature_norm).to(device)  # (B, M, frames)
+        copies = [features([clip if speed == 1.0 else change_speed(clip, speed) for clip in chunk], config.n_mels,
+                           2 * config.n_audio_ctx, config.feature_norm).to(device) for speed in speeds]  # (B, M, frames)
         prompts = torch.tensor([prompt] * len(chunk), device=device)  # (B, P)
-        new = generate_seq2seq(model, inputs, max_new_tokens, stop_ids=stop_ids, decoder_prompt=prompts,
-                               pad_id=next(iter(stop_ids)))
+        new = generate_seq2seq([m for _ in speeds for m in members], [x for x in copies for _ in members],
+                               max_new_tokens, stop_ids=stop_ids, decoder_prompt=prompts, pad_id=next(iter(stop_ids)))
         texts += [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
     return texts
 
 
-def digit_accuracy(model: Any, tokenizer: Any, recordings: list[Any]) -> dict[str, float]:
+def check_speeds(speeds: Sequence[float]) -> None:
+    """Test-time speeds must be a non-empty list of factors in [0.5, 2] (beyond, a digit sounds like another voice
+    entirely, or its 1 s window no longer holds it)."""
+    from llmkit.errors import LlmkitError
+
+    if not speeds or any(not 0.5 <= speed <= 2.0 for speed in speeds):
+        raise LlmkitError(f"--speeds {list(speeds)} must be a non-empty list of factors in [0.5, 2], e.g. "
+                          "\"[0.85, 0.925, 1.0, 1.075, 1.15]\" (1.0: the clip as recorded)")
+
+
+def digit_accuracy(model: Any, tokenizer: Any, recordings: list[Any],
+                   speeds: Sequence[float] = (1.0,)) -> dict[str, float]:
     """Share of `recordings` (llmkit.data.fsdd.Recording) whose transcript by `model` (or a list of models: one
-    ensemble) is exactly their digit's word: over all ("all") and per speaker."""
+    ensemble; with several `speeds`, test-time augmentation as in `transcribe`) is exactly their digit's word: over
+    all ("all") and per speaker."""
     from llmkit.data.fsdd import DIGIT_WORDS
 
-    texts = transcribe(model, tokenizer, [r.samples for r in recordings], max_new_tokens=4)
+    texts = transcribe(model, tokenizer, [r.samples for r in recordings], max_new_tokens=4, speeds=speeds)
     right = [text == DIGIT_WORDS[r.digit] for text, r in zip(texts, recordings, strict=True)]
     accuracy = {"all": sum(right) / len(right)}
     for speaker in sorted({r.speaker for r in recordings}):

@@ -68,6 +68,17 @@ def resample(samples: torch.Tensor, rate: int, target_rate: int = SAMPLE_RATE) -
     return torch.from_numpy(out).float()
 
 
+def change_speed(samples: torch.Tensor, factor: float) -> torch.Tensor:
+    """`samples` (N,) played `factor` times faster: pitch, formants and tempo move together (a tape run faster),
+    round(N / factor) samples by linear interpolation between neighbours. Training varies each clip's speed so
+    (llmkit.data.fsdd.augment); test-time augmentation reads a clip at several speeds (`llmkit speech transcribe
+    --speeds`)."""
+    if factor <= 0:
+        raise LlmkitError(f"speed factor {factor} must be positive, e.g. 0.9 (slower) or 1.1 (faster)")
+    length = max(2, round(samples.shape[0] / factor))
+    return torch.nn.functional.interpolate(samples[None, None], size=length, mode="linear", align_corners=True)[0, 0]
+
+
 def load_audio(source: str | Path | BinaryIO | bytes, name: str | None = None) -> torch.Tensor:
     """A mono 16-bit WAV as 16 kHz float samples (N,), what Whisper's features expect."""
     samples, rate = read_wav(source, name)

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from llmkit.data.audio import SAMPLE_RATE, apply_feature_norm, load_audio, log_mel_spectrogram, warp_mel_frequencies
+from llmkit.data.audio import (
+    SAMPLE_RATE,
+    apply_feature_norm,
+    change_speed,
+    load_audio,
+    log_mel_spectrogram,
+    warp_mel_frequencies,
+)
 from llmkit.data.batch import Batch
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
@@ -97,9 +104,7 @@ def augment(samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One random variant of 16 kHz `samples` (N,): speed x0.8-1.25 (pitch and tempo, linear interpolation), gain
     -20..+6 dB, up to 0.15 s of leading silence, on half the clips Gaussian noise 40-60 dB below full scale."""
     uniform = lambda low, high: low + (high - low) * float(torch.rand((), generator=generator))
-    speed = uniform(0.8, 1.25)
-    length = max(2, round(samples.shape[0] / speed))
-    x = torch.nn.functional.interpolate(samples[None, None], size=length, mode="linear", align_corners=True)[0, 0]
+    x = change_speed(samples, uniform(0.8, 1.25))
     x = x * 10 ** (uniform(-20.0, 6.0) / 20)  # FSDD voices lie 22-44 dB below full scale
     x = torch.cat([torch.zeros(int(uniform(0.0, 0.15) * SAMPLE_RATE)), x])
     if uniform(0.0, 1.0) < 0.5:  # half the clips stay clean, as the recordings to transcribe are
