@@ -30,9 +30,8 @@ def load_decoder(path: Path, dtype: str = "float32", device: str = "cpu",  # noq
     oneDNN-packed copy (llmkit.nn.fused; measured in docs/benchmarks.md, "Decode speed"); a prompt's float32
     products run on oneDNN (llmkit.nn.fused.use_onednn_for_prompts: 1.1-4x MKL's GEMM here). `kv_cache_dtype` (None:
     `dtype`; float16 for a GGUF file run in float32: `gguf_kv_cache_dtype`) is the dtype its KV caches take
-    (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/
-    Q8_0 layers with int8 activations (llmkit.quant.set_int8_prefill); a model without such layers says so on
-    stderr and runs as before."""
+    (Decoder.kv_dtype). `int8_prefill` runs prompts through the Q4_0/Q4_1/Q8_0 layers with int8 activations
+    (llmkit.quant.set_int8_prefill); a model without such layers says so on stderr and runs as before."""
     from llmkit.device import resolve_dtype
     from llmkit.nn.fused import fuse_projections, pack_bfloat16_weights, use_onednn_for_prompts
     from llmkit.quant.fused import fuse_quantized_projections
